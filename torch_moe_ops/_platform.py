@@ -1,0 +1,67 @@
+"""The one place that answers capability questions: GPU, Triton, interpreter, sm90, backend, debug.
+
+Everything reads the environment at call time so tests can flip switches with ``monkeypatch.setenv``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+#: Environment switches understood by the library.
+BACKEND_ENV = "TORCH_MOE_OPS_BACKEND"  # "reference" (default on CPU) or "triton" (CPU tensors via the interpreter)
+DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may synchronize)
+
+
+@functools.cache
+def has_triton() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def is_sm90(device: torch.device | int | None = None) -> bool:
+    """True on Hopper (compute capability 9.x)."""
+    return has_cuda() and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def cpu_backend() -> str:
+    """Which kernels back the CPU dispatch key: ``"reference"`` or ``"triton"`` (interpreter)."""
+    value = os.environ.get(BACKEND_ENV, "reference").strip().lower()
+    if value not in ("reference", "triton"):
+        raise ValueError(f"{BACKEND_ENV} must be 'reference' or 'triton', got {value!r}")
+    if value == "triton":
+        require_triton()
+        if not interpret_mode():
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton on CPU tensors needs TRITON_INTERPRET=1 set before torch_moe_ops is imported"
+            )
+    return value
+
+
+def debug_checks() -> bool:
+    """True when value checks (ids in range, ...) also run on CUDA inputs (they may synchronize)."""
+    return os.environ.get(DEBUG_ENV, "0") == "1"
+
+
+def require_triton() -> None:
+    if not has_triton():
+        raise RuntimeError("torch_moe_ops: this path needs Triton (pip install triton); it is not installed")
+
+
+def describe(device: torch.device | str | None = None) -> str:
+    """One line naming the device and the backend that serves it, for tables and logs."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} / triton"
+    return "cpu / " + ("triton-interpreter" if cpu_backend() == "triton" else "reference")

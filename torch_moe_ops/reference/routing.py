@@ -1,0 +1,57 @@
+"""Reference routing (spec §4): scoring, correction bias, grouped top-k, renormalize, scaling."""
+from __future__ import annotations
+
+import torch
+
+from .._spec import FLT_MAX
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, +-Inf -> +-FLT_MAX, in fp32 (spec §4.1)."""
+    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=FLT_MAX, neginf=-FLT_MAX)
+
+
+def score(x: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """fp32 scores in [0, 1]. A row of all -inf (all-NaN logits) scores 0 everywhere instead of NaN."""
+    if scoring_func == "sigmoid":
+        return torch.sigmoid(x)
+    row_max = x.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    e = torch.exp(x - row_max)
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim; ties go to the lower index."""
+    values, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], idx[..., :k]
+
+
+def topk_route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool = True,
+    scoring_func: str = "softmax",
+    num_expert_group: int = 0,
+    topk_group: int = 0,
+    e_score_correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] any float -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)."""
+    s = score(sanitize_logits(router_logits), scoring_func)
+    sel = s if e_score_correction_bias is None else s + e_score_correction_bias.float()
+    if num_expert_group > 0:
+        T, E = sel.shape
+        grouped = sel.view(T, num_expert_group, E // num_expert_group)
+        if e_score_correction_bias is None:
+            group_score = grouped.amax(-1)
+        else:
+            group_score = stable_topk(grouped, 2)[0].sum(-1)
+        _, keep = stable_topk(group_score, topk_group)
+        keep_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+        sel = grouped.masked_fill(~keep_mask[..., None], float("-inf")).view(T, E)
+    _, ids = stable_topk(sel, top_k)
+    weights = torch.gather(s, 1, ids)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
