@@ -1,0 +1,59 @@
+"""Collision-safe registration of ``moe::`` custom ops, and the CPU/CUDA kernel choice.
+
+``torch.library.custom_op`` silently replaces an op of the same qualified name, and ``moe`` is a popular
+namespace, so every definition first checks that the name is free (or ours) and fails loudly otherwise.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import _platform
+
+NAMESPACE = "moe"
+#: qualified name -> the CustomOpDef we registered.
+REGISTERED: dict[str, object] = {}
+
+
+def _existing_owner(qualname: str) -> str | None:
+    """Describe who registered ``qualname`` if it exists and is not ours, else None."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+    except RuntimeError:
+        return None
+    opdef = torch._library.custom_ops.OPDEFS.get(qualname)
+    fn = getattr(opdef, "_init_fn", None)
+    module = getattr(fn, "__module__", "") or ""
+    if module.startswith("torch_moe_ops"):
+        return None  # our own op (e.g. the module was reloaded)
+    if module:
+        return f"the Python module {module!r}"
+    dump = torch._C._dispatch_dump(qualname)
+    where = [line.split("registered at", 1)[1].strip() for line in dump.splitlines() if "registered at" in line]
+    return f"another library (registered at {where[0]})" if where else "another library"
+
+
+def define(name: str, schema: str, *, mutates_args=()) -> Callable:
+    """Decorator: ``custom_op("moe::<name>", schema=...)`` whose body is the CUDA kernel."""
+    qualname = f"{NAMESPACE}::{name}"
+
+    def wrap(fn):
+        owner = _existing_owner(qualname)
+        if owner is not None:
+            raise RuntimeError(
+                f"torch_moe_ops: the op {qualname} is already registered by {owner}; "
+                f"refusing to replace it (import torch_moe_ops before or instead of that library)"
+            )
+        if qualname in torch._library.custom_ops.OPDEFS:  # reload of our own module: reuse the op
+            return REGISTERED.setdefault(qualname, torch._library.custom_ops.OPDEFS[qualname])
+        op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args, device_types="cuda", schema=schema)
+        REGISTERED[qualname] = op
+        return op
+
+    return wrap
+
+
+def use_triton_on_cpu() -> bool:
+    """CPU kernels run the Triton launchers (interpreter) when TORCH_MOE_OPS_BACKEND=triton."""
+    return _platform.cpu_backend() == "triton"

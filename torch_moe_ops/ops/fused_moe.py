@@ -1,0 +1,260 @@
+"""``moe::fused_experts`` (spec §8) and ``moe::fused_moe`` (routing + fused experts in one op)."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._spec import EXPERT_SCHEMES, FP8_DTYPE, canonical_activation, cdiv
+from . import _checks as C
+from ._registry import define, use_triton_on_cpu
+from .quant import check_block_shape
+from .routing import check_routing, route
+
+_EXPERT_ARGS = (
+    "str activation=\"silu\", str quant_scheme=\"none\", Tensor? w13_scale=None, Tensor? w2_scale=None, "
+    "Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, "
+    "bool apply_router_weight_on_input=False, float activation_alpha=1.702, float activation_limit=0.0"
+)
+EXPERTS_SCHEMA = f"(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, {_EXPERT_ARGS}) -> Tensor"
+MOE_SCHEMA = (
+    "(Tensor hidden_states, Tensor router_logits, Tensor w13, Tensor w2, int top_k, bool renormalize=True, "
+    "str scoring_func=\"softmax\", int num_expert_group=0, int topk_group=0, Tensor? e_score_correction_bias=None, "
+    f"float routed_scaling_factor=1.0, {_EXPERT_ARGS}) -> Tensor"
+)
+
+
+def _check_scale(scale, name, scheme, shapes, expert_dim_name):
+    """``shapes``: the accepted shapes for ``scale``; returns it reshaped to ``[E, -1]`` (block: ``[E, nb, kb]``)."""
+    C.check(scale is not None, f"quant_scheme={scheme!r} needs {name} ({expert_dim_name})")
+    C.check_tensor(scale, name, dtypes=(torch.float32,), contiguous=True)
+    for shape in shapes:
+        if scale.dim() == len(shape) and all(a == b for a, b in zip(scale.shape, shape)):
+            return scale if scheme == "fp8_block" else scale.reshape(scale.shape[0], -1)
+    accepted = " or ".join(str(list(s)) for s in shapes)
+    raise ValueError(f"{name} must have shape {accepted} for quant_scheme={scheme!r}, got {list(scale.shape)}")
+
+
+def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
+                  w2_bias, block_shape, expert_map, activation_limit):
+    """Validate ``fused_experts`` arguments; returns (activation, w13_scale, w2_scale, block_shape) canonical."""
+    activation = canonical_activation(activation)
+    C.check(quant_scheme in EXPERT_SCHEMES, f"quant_scheme must be one of {tuple(EXPERT_SCHEMES)}, got {quant_scheme!r}")
+    C.check_tensor(x, "hidden_states", dim=2, dtypes=C.FLOAT_DTYPES, last_contiguous=True)
+    wdtype = {"none": (x.dtype,), "int8_w8a16": (torch.int8,)}.get(quant_scheme, (FP8_DTYPE,))
+    C.check_tensor(w13, "w13", dim=3, dtypes=wdtype, last_contiguous=True)
+    C.check_tensor(w2, "w2", dim=3, dtypes=wdtype, last_contiguous=True)
+    T, H = x.shape
+    E, N1, _ = w13.shape
+    I = w2.shape[2]
+    gated = not activation.endswith("_no_mul")
+    C.check(w13.shape[2] == H, f"w13 must be [E, N1, H={H}] (H from hidden_states), got {list(w13.shape)}")
+    C.check(w2.shape[0] == E and w2.shape[1] == H, f"w2 must be [E={E}, H={H}, I], got {list(w2.shape)}")
+    want = 2 * I if gated else I
+    C.check(N1 == want, f"w13 has {N1} rows but activation {activation!r} with w2's I={I} needs {want} "
+            f"({'[E, 2I, H] gated' if gated else '[E, I, H] non-gated'})")
+    C.check_tensor(topk_weights, "topk_weights", dim=2, dtypes=C.FLOAT_DTYPES, contiguous=True)
+    C.check_tensor(topk_ids, "topk_ids", dim=2, dtypes=C.INDEX_DTYPES, contiguous=True)
+    C.check_shape(topk_ids, "topk_ids", (T, topk_weights.shape[1]), " (like topk_weights, T from hidden_states)")
+    C.check_shape(topk_weights, "topk_weights", (T, topk_ids.shape[1]), " (T from hidden_states)")
+    C.check(activation_limit >= 0, f"activation_limit must be >= 0 (0 disables clamping), got {activation_limit}")
+    block_shape = check_block_shape(block_shape, quant_scheme)
+    if quant_scheme == "none":
+        C.check(w13_scale is None and w2_scale is None, "w13_scale/w2_scale given but quant_scheme='none' would ignore them")
+    elif quant_scheme == "fp8_tensor":
+        w13_scale = _check_scale(w13_scale, "w13_scale", quant_scheme, [(E, 2), (E, 1), (E,)] if gated else [(E, 1), (E,)], "[E, 2] gate/up or [E]")
+        w2_scale = _check_scale(w2_scale, "w2_scale", quant_scheme, [(E, 1), (E,)], "[E]")
+    elif quant_scheme in ("fp8_channel", "int8_w8a16"):
+        w13_scale = _check_scale(w13_scale, "w13_scale", quant_scheme, [(E, N1), (E, N1, 1)], f"[E, {N1}]")
+        w2_scale = _check_scale(w2_scale, "w2_scale", quant_scheme, [(E, H), (E, H, 1)], f"[E, {H}]")
+    else:
+        bn, bk = block_shape
+        w13_scale = _check_scale(w13_scale, "w13_scale", quant_scheme, [(E, cdiv(N1, bn), cdiv(H, bk))], "block scales")
+        w2_scale = _check_scale(w2_scale, "w2_scale", quant_scheme, [(E, cdiv(H, bn), cdiv(I, bk))], "block scales")
+    if w13_bias is not None:
+        C.check_tensor(w13_bias, "w13_bias", dim=2, dtypes=C.FLOAT_DTYPES, contiguous=True)
+        C.check_shape(w13_bias, "w13_bias", (E, N1))
+    if w2_bias is not None:
+        C.check_tensor(w2_bias, "w2_bias", dim=2, dtypes=C.FLOAT_DTYPES, contiguous=True)
+        C.check_shape(w2_bias, "w2_bias", (E, H))
+    if expert_map is not None:
+        C.check_tensor(expert_map, "expert_map", dim=1, dtypes=(torch.int32,), contiguous=True)
+    C.check_same_device(hidden_states=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
+                        w13_scale=w13_scale, w2_scale=w2_scale, w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
+    return activation, w13_scale, w2_scale, block_shape
+
+
+def check_expert_values(w13, topk_ids, expert_map):
+    """Ids in range (CPU always, CUDA in debug mode); a bad id never reaches a kernel as an address."""
+    num_global = expert_map.numel() if expert_map is not None else w13.shape[0]
+    C.check_ids_in_range(topk_ids, "topk_ids", 0, num_global)
+    if expert_map is not None:
+        C.check_ids_in_range(expert_map, "expert_map", -1, w13.shape[0])
+
+
+def experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
+            block_shape, expert_map, on_input, alpha, limit, on_triton):
+    activation, w13_scale, w2_scale, block_shape = check_experts(
+        x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
+        block_shape, expert_map, limit)
+    check_expert_values(w13, topk_ids, expert_map)
+    if on_triton:
+        from .._kernels import fused_experts as kernels
+
+        impl = kernels.fused_experts
+    else:
+        impl = reference.fused_experts
+    return impl(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
+                w2_bias, block_shape, expert_map, on_input, alpha, limit)
+
+
+@define("fused_experts", EXPERTS_SCHEMA)
+def _fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
+                   w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None, *,
+                   apply_router_weight_on_input=False, activation_alpha=1.702, activation_limit=0.0):
+    return experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
+                   w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
+                   activation_limit, on_triton=True)
+
+
+@_fused_experts.register_kernel("cpu")
+def _fused_experts_cpu(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
+                       w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None,
+                       *, apply_router_weight_on_input=False, activation_alpha=1.702, activation_limit=0.0):
+    return experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
+                   w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
+                   activation_limit, on_triton=use_triton_on_cpu())
+
+
+@_fused_experts.register_fake
+def _fused_experts_fake(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
+                        w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None,
+                        expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=1.702,
+                        activation_limit=0.0):
+    check_experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
+                  w13_bias, w2_bias, block_shape, expert_map, activation_limit)
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+
+
+def check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map):
+    check_routing(router_logits, top_k, scoring_func, G, kG, bias)
+    C.check(router_logits.dim() == 2 and router_logits.shape[0] == x.shape[0],
+            f"router_logits must be [T={x.shape[0]}, E] (T from hidden_states), got {list(router_logits.shape)}")
+    n_logical = expert_map.shape[0] if expert_map is not None else w13.shape[0]
+    C.check(router_logits.shape[1] == n_logical,
+            f"router_logits has {router_logits.shape[1]} experts but "
+            + (f"expert_map has {n_logical}" if expert_map is not None else f"w13 has E={n_logical}"))
+
+
+def moe(x, router_logits, w13, w2, top_k, renormalize, scoring_func, G, kG, bias, rsf, activation, quant_scheme,
+        w13_scale, w2_scale, w13_bias, w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton):
+    check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map)
+    weights, ids = route(router_logits, top_k, renormalize, scoring_func, G, kG, bias, rsf, on_triton)
+    return experts(x, w13, w2, weights, ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
+                   block_shape, expert_map, on_input, alpha, limit, on_triton)
+
+
+@define("fused_moe", MOE_SCHEMA)
+def _fused_moe(hidden_states, router_logits, w13, w2, top_k, renormalize=True, scoring_func="softmax",
+               num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
+               activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None,
+               block_shape=None, expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=1.702,
+               activation_limit=0.0):
+    return moe(hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,
+               e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale, w2_scale,
+               w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
+               activation_limit, on_triton=True)
+
+
+@_fused_moe.register_kernel("cpu")
+def _fused_moe_cpu(hidden_states, router_logits, w13, w2, top_k, renormalize=True, scoring_func="softmax",
+                   num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
+                   activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None,
+                   w2_bias=None, block_shape=None, expert_map=None, *, apply_router_weight_on_input=False,
+                   activation_alpha=1.702, activation_limit=0.0):
+    return moe(hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,
+               e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale, w2_scale,
+               w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
+               activation_limit, on_triton=use_triton_on_cpu())
+
+
+@_fused_moe.register_fake
+def _fused_moe_fake(hidden_states, router_logits, w13, w2, top_k, renormalize=True, scoring_func="softmax",
+                    num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
+                    activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None,
+                    w2_bias=None, block_shape=None, expert_map=None, *, apply_router_weight_on_input=False,
+                    activation_alpha=1.702, activation_limit=0.0):
+    check_moe(hidden_states, router_logits, w13, top_k, scoring_func, num_expert_group, topk_group,
+              e_score_correction_bias, expert_map)
+    T = hidden_states.shape[0]
+    fake_w = hidden_states.new_empty((T, top_k), dtype=torch.float32)
+    fake_ids = hidden_states.new_empty((T, top_k), dtype=torch.int32)
+    return _fused_experts_fake(hidden_states, w13, w2, fake_w, fake_ids, activation, quant_scheme, w13_scale,
+                               w2_scale, w13_bias, w2_bias, block_shape, expert_map,
+                               activation_limit=activation_limit)
+
+
+_EXPERTS_DOC = """
+        activation: silu (default), gelu, gelu_tanh, swigluoai (interleaved w13), or a ``*_no_mul`` form
+            (w13 is then [E, I, H]). ``relu2`` must be spelled ``relu2_no_mul``.
+        quant_scheme: ``none`` (w13/w2 in x's dtype), ``fp8_tensor``, ``fp8_channel``, ``fp8_block`` (fp8
+            e4m3fn weights; activations quantized per token, or per 1 x block_k group for fp8_block, inside
+            the op), ``int8_w8a16`` (int8 weights, bf16/fp16 activations).
+        w13_scale, w2_scale: fp32. fp8_tensor: w13 [E, 2] (gate, up; or [E]), w2 [E]. fp8_channel and
+            int8_w8a16: [E, N1] and [E, H]. fp8_block: [E, ceil(N1/bn), ceil(H/bk)] and
+            [E, ceil(H/bn), ceil(I/bk)].
+        w13_bias: [E, N1]; w2_bias: [E, H] (added after dequantization; the w2 bias is router-weighted).
+        block_shape: [bn, bk] for fp8_block (default [128, 128]).
+        expert_map: [E_global] int32 global -> local id (-1: another rank's expert, contributes zero).
+        apply_router_weight_on_input: scale the GEMM1 input by the router weight instead of the output.
+        activation_alpha, activation_limit: swigluoai's alpha and clamp limit; limit > 0 also clamps
+            silu/gelu gated activations (clamped swiglu).
+
+    Returns:
+        [T, H] in hidden_states' dtype (a fresh tensor).
+"""
+
+
+def fused_experts(
+    hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, *, activation: str = "silu", quant_scheme: str = "none",
+    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+    w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+    block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False, activation_alpha: float = 1.702, activation_limit: float = 0.0,
+) -> torch.Tensor:
+    return torch.ops.moe.fused_experts(
+        hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
+        w2_bias, block_shape, expert_map, apply_router_weight_on_input=apply_router_weight_on_input,
+        activation_alpha=activation_alpha, activation_limit=activation_limit)
+
+
+fused_experts.__doc__ = """Run the routed experts: ``out[t] = sum_j w_j * (f(x_t @ W13[e_j]^T + b13) @ W2[e_j]^T + b2)``.
+
+    Args:
+        hidden_states: [T, H] bf16/fp16/fp32, last dim contiguous.
+        w13: [E, 2I, H] gate rows then up rows (or [E, I, H] non-gated); w2: [E, H, I]. Last dim contiguous.
+        topk_weights: [T, k] fp32 router weights; topk_ids: [T, k] int32/int64 expert ids (global ids
+            when ``expert_map`` is given).""" + _EXPERTS_DOC
+
+
+def fused_moe(
+    hidden_states: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, *,
+    renormalize: bool = True, scoring_func: str = "softmax", num_expert_group: int = 0, topk_group: int = 0,
+    e_score_correction_bias: torch.Tensor | None = None, routed_scaling_factor: float = 1.0,
+    activation: str = "silu", quant_scheme: str = "none", w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None, w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+    block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False, activation_alpha: float = 1.702, activation_limit: float = 0.0,
+) -> torch.Tensor:
+    return torch.ops.moe.fused_moe(
+        hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,
+        e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
+        w2_bias, block_shape, expert_map, apply_router_weight_on_input=apply_router_weight_on_input,
+        activation_alpha=activation_alpha, activation_limit=activation_limit)
+
+
+fused_moe.__doc__ = """Route and run the experts in one op (``topk_route`` then ``fused_experts``).
+
+    Args:
+        hidden_states: [T, H]; router_logits: [T, E_logical] (E_logical = len(expert_map) or E).
+        w13, w2: as in ``fused_experts``. top_k and the routing keywords: as in ``topk_route``.""" + _EXPERTS_DOC
