@@ -1,0 +1,178 @@
+"""Tile configs for the grouped MoE GEMM: spec §8.1 heuristics, per-device tuned tables, interpreter tiles.
+
+Tuned tables live in ``torch_moe_ops/_kernels/tuned/*.json`` (written by ``benchmarks/tune.py``)::
+
+    {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
+     "entries": [{"E": 8, "N": 28672, "K": 4096, "scheme": "none",
+                  "configs": {"1": {"block_m": 16, "block_n": 64, "block_k": 128, "group_m": 1,
+                                    "num_warps": 4, "num_stages": 4}, "64": {...}}}]}
+
+An entry is keyed by ``(device name, E local, N, K, scheme key)`` (N, K of *this* GEMM: GEMM1 is
+``(2I or I, H)``, GEMM2 ``(H, I)``) and maps a token count T to a config. Lookup takes the entry of the
+smallest tuned T ≥ T, else the largest tuned T: a config tuned for more rows than we have is safe (at
+worst a little padding), while snapping down to a smaller-T config could pick tiny tiles for a large
+batch (spec §12.6). No table, or a config that the scheme cannot use, falls back to the heuristic.
+``block_m`` is also the alignment block size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .._platform import interpret_mode
+from .._spec import DEFAULT_BLOCK_SHAPE
+
+TUNED_DIR = Path(__file__).with_name("tuned")
+#: Extra directory of tuned JSON files (searched after the packaged one; its entries win on clashes).
+TUNED_DIR_ENV = "TORCH_MOE_OPS_TUNED_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration of ``_moe_gemm_kernel``; ``block_m`` doubles as the align block size."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TileConfig":
+        return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
+
+
+def scheme_key(quant_scheme: str, block_shape=None) -> str:
+    """Table key of a quant scheme: block fp8 carries its block shape (``fp8_block_128x128``)."""
+    if quant_scheme == "fp8_block":
+        bn, bk = block_shape or DEFAULT_BLOCK_SHAPE
+        return f"fp8_block_{bn}x{bk}"
+    return quant_scheme
+
+
+def _shrink_to(x: int, cap: int) -> int:
+    """Smallest power of two ≥ x (at least 16), capped at ``cap``: tiles never dwarf a tiny dim."""
+    p = 16
+    while p < cap and p < x:
+        p *= 2
+    return min(p, cap)
+
+
+def _fit_block_k(block_k: int, group_k: int) -> int:
+    """Largest power-of-two BLOCK_K ≤ block_k dividing the fp8 block's K size (spec §3)."""
+    while block_k > 16 and group_k % block_k:
+        block_k //= 2
+    if group_k % block_k:
+        raise ValueError(f"fp8 block K size {group_k} has no power-of-two divisor >= 16 to use as BLOCK_K")
+    return block_k
+
+
+def default_config(T: int, E: int, N: int, K: int, quant_scheme: str = "none", block_shape=None) -> TileConfig:
+    """Spec §8.1 heuristic for T tokens (sound for any shape; tiny N/K shrink the tiles)."""
+    if quant_scheme == "fp8_block":
+        group_k = (block_shape or DEFAULT_BLOCK_SHAPE)[1]
+        cfg = TileConfig(
+            block_m=16 if T <= 64 else 64,
+            block_n=128,
+            block_k=_fit_block_k(128, group_k),
+            group_m=1 if T <= 16 else 32,
+            num_warps=4,
+            num_stages=3,
+        )
+    else:
+        fp8 = quant_scheme in ("fp8_tensor", "fp8_channel")
+        cfg = TileConfig(
+            block_m=16 if T <= 32 else 32 if T <= 96 else 64 if T <= 512 else 128,
+            block_n=64 if T <= 64 else 128,
+            block_k=128 if (fp8 or T <= 64) else 64,
+            group_m=16 if T > 128 * E else 1,
+            num_warps=4 if T <= 128 else 8,
+            num_stages=4 if T <= 32 else 3,
+        )
+    block_k = _shrink_to(K, cfg.block_k)
+    if quant_scheme == "fp8_block":
+        block_k = _fit_block_k(block_k, (block_shape or DEFAULT_BLOCK_SHAPE)[1])
+    return dataclasses.replace(cfg, block_n=_shrink_to(N, cfg.block_n), block_k=block_k)
+
+
+def interpreter_config(quant_scheme: str = "none", block_shape=None) -> TileConfig:
+    """Small tiles for CPU interpreter runs (each program is simulated in NumPy: keep tiles tiny)."""
+    block_k = 32
+    if quant_scheme == "fp8_block":
+        block_k = _fit_block_k(32, (block_shape or DEFAULT_BLOCK_SHAPE)[1])
+    return TileConfig(block_m=16, block_n=32, block_k=block_k, group_m=1, num_warps=4, num_stages=1)
+
+
+def _tuned_files() -> list[Path]:
+    files = sorted(TUNED_DIR.glob("*.json")) if TUNED_DIR.is_dir() else []
+    extra = os.environ.get(TUNED_DIR_ENV)
+    if extra and Path(extra).is_dir():
+        files += sorted(Path(extra).glob("*.json"))
+    return files
+
+
+@functools.cache
+def _load_tables(files: tuple[Path, ...]) -> dict:
+    """{(device, E, N, K, scheme): {T: TileConfig}} from every tuned file (later files win)."""
+    tables: dict = {}
+    for path in files:
+        data = json.loads(path.read_text())
+        for entry in data.get("entries", []):
+            key = (data["device"], int(entry["E"]), int(entry["N"]), int(entry["K"]), entry["scheme"])
+            configs = {int(t): TileConfig.from_dict(c) for t, c in entry["configs"].items()}
+            tables.setdefault(key, {}).update(configs)
+    return tables
+
+
+def tuned_tables() -> dict:
+    return _load_tables(tuple(_tuned_files()))
+
+
+@functools.cache
+def device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def lookup_tuned(table: dict[int, TileConfig], T: int) -> TileConfig:
+    """The config of the smallest tuned T' ≥ T, else of the largest tuned T' (never a smaller-T config)."""
+    above = [t for t in table if t >= T]
+    return table[min(above)] if above else table[max(table)]
+
+
+def _usable(cfg: TileConfig, quant_scheme: str, block_shape) -> bool:
+    if quant_scheme == "fp8_block":
+        return (block_shape or DEFAULT_BLOCK_SHAPE)[1] % cfg.block_k == 0
+    return True
+
+
+def get_config(
+    T: int,
+    E: int,
+    N: int,
+    K: int,
+    quant_scheme: str = "none",
+    block_shape=None,
+    device: torch.device | None = None,
+) -> TileConfig:
+    """Config for one grouped GEMM of T tokens over E local experts with weights [E, N, K].
+
+    Order: interpreter tiles (CPU tensors / TRITON_INTERPRET=1) → tuned table of this device → §8.1
+    heuristic. Pure host logic on shapes: no device sync, same answer for the same shapes."""
+    if interpret_mode() or device is None or device.type != "cuda":
+        return interpreter_config(quant_scheme, block_shape)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    table = tuned_tables().get((device_name(index), E, N, K, scheme_key(quant_scheme, block_shape)))
+    if table:
+        cfg = lookup_tuned(table, T)
+        if _usable(cfg, quant_scheme, block_shape):
+            return cfg
+    return default_config(T, E, N, K, quant_scheme, block_shape)

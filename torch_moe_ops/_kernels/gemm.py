@@ -1,0 +1,207 @@
+"""Grouped MoE GEMM (spec §8 steps 3 and 5): rows gathered through ``sorted_ids``, one expert per BLOCK_M
+block, dequantization / bias / routing weight fused into the epilogue.
+
+Layout the kernel reads (one launch covers every expert):
+
+- ``sorted_ids [max_padded] int32``: pair indices j (``j = token·k + slot``) grouped by expert, each
+  expert's run padded to a multiple of BLOCK_M with the sentinel ``numel = T·k``.
+- ``expert_ids [cdiv(max_padded, BLOCK_M)] int32``: the local expert of each BLOCK_M block, −1 = store zeros.
+- ``num_post_pad [1] int32`` (device): programs with ``pid_m·BLOCK_M >= num_post_pad`` exit at once.
+- A row of pair j is ``j // A_DIV`` (``A_DIV = top_k`` for GEMM1 on ``x [T, K]``, 1 for GEMM2 on
+  ``[T·k, K]``); the output row is always j, so ``c`` is ``[T·k, N]``.
+- Weights ``[E, N, K]`` with K contiguous; every other stride may be padded.
+
+Token counts are runtime arguments in ``do_not_specialize`` (never constexpr), so a sweep over T compiles
+the kernel once; all offsets that scale with tokens or experts are int64 (``T·k·N > 2³¹`` is fine).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._platform import interpret_mode
+from .._spec import cdiv
+from .configs import TileConfig
+
+#: quant scheme -> the kernel's SCHEME constexpr.
+SCHEME_IDS = {"none": 0, "fp8_tensor": 1, "fp8_channel": 2, "fp8_block": 3, "int8_w8a16": 4}
+
+
+@triton.jit(do_not_specialize=["num_pid_m", "num_valid_tokens"])
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, topk_weights_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
+    N, K, num_pid_m, num_valid_tokens,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_biase, stride_biasn,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_DIV: tl.constexpr, SCHEME: tl.constexpr, TENSOR_SCALE_COLS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
+):
+    # GROUP_M swizzle: consecutive programs share a column band of B (one expert's weights) in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    num_post_pad = tl.load(num_post_pad_ptr)
+    if pid_m * BLOCK_M >= num_post_pad:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_token = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < num_post_pad, other=num_valid_tokens)
+    offs_token = offs_token.to(tl.int64)
+    mask_token = offs_token < num_valid_tokens
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+    mask_c = mask_token[:, None] & (offs_cn[None, :] < N)
+    if expert == -1:  # block of non-local pairs: their output rows must be exactly zero
+        tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=mask_c)
+        return
+
+    # Wrapping N instead of masking keeps the B loads unpredicated; the store is masked.
+    offs_bn = offs_cn % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = offs_token // A_DIV
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
+    if SCHEME == 3:
+        a_scale_ptrs = a_scale_ptr + a_rows * stride_asm
+        b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if SCHEME == 4:  # int8 weight-only: dequantize to the activation dtype in registers
+            b = b.to(a.dtype)
+        if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns (pitfalls §2)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if SCHEME == 3:  # 1 x GROUP_K activation groups and GROUP_N x GROUP_K weight blocks
+            kb = (kk * BLOCK_K) // GROUP_K
+            a_s = tl.load(a_scale_ptrs + kb * stride_ask, mask=mask_token, other=0.0)
+            b_s = tl.load(b_scale_ptrs + kb * stride_bsk)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        elif FP32_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue, all in fp32: dequantize, add bias, multiply by the routing weight, then downcast.
+    if SCHEME == 1 or SCHEME == 2:
+        a_s = tl.load(a_scale_ptr + a_rows * stride_asm, mask=mask_token, other=0.0)
+        if SCHEME == 2:
+            b_s = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
+            acc = acc * a_s[:, None] * b_s[None, :]
+        elif TENSOR_SCALE_COLS == 2:  # separate gate / up scales, looked up per column
+            if INTERLEAVED:
+                half = offs_bn % 2
+            else:
+                half = (offs_bn >= N // 2).to(tl.int32)
+            b_s = tl.load(b_scale_ptr + expert * stride_bse + half * stride_bsn)
+            acc = acc * a_s[:, None] * b_s[None, :]
+        else:
+            b_s = tl.load(b_scale_ptr + expert * stride_bse)
+            acc = acc * (a_s * b_s)[:, None]
+    elif SCHEME == 4:
+        b_s = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
+        acc = acc * b_s[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_biase + offs_bn * stride_biasn)
+        acc = acc + bias.to(tl.float32)[None, :]
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(topk_weights_ptr + offs_token, mask=mask_token, other=0.0)
+        acc = acc * w.to(tl.float32)[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+def gemm_grid_rows(num_slots: int, numel: int, block_m: int) -> int:
+    """Row blocks to launch: ``cdiv(max_padded, BM)`` trimmed to ``numel`` (spec §8 small-T path): every
+    block below ``num_post_pad`` holds at least one real pair, so at most ``numel`` blocks are ever used."""
+    return min(cdiv(num_slots, block_m), numel)
+
+
+def invoke_moe_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    c: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_post_pad: torch.Tensor,
+    *,
+    top_k: int,
+    config: TileConfig,
+    scheme: str = "none",
+    a_scale: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
+
+    a: [T or T·k, K] (x dtype, or fp8 e4m3fn for fp8 schemes), K contiguous.
+    w: [E, N, K] (x dtype, fp8 e4m3fn, or int8 for ``int8_w8a16``), K contiguous, other strides free.
+    c: [T·k, N] output in the compute dtype; rows of pairs not in ``sorted_ids`` are left untouched.
+    sorted_ids / expert_ids / num_post_pad: from ``align_block_size`` with ``block_size = config.block_m``.
+    a_scale: fp32 [rows(a), 1] (fp8_tensor / fp8_channel) or [rows(a), ceil(K/bk)] (fp8_block).
+    w_scale: fp32 [E, 1|2] (fp8_tensor), [E, N] (fp8_channel, int8_w8a16), [E, ceil(N/bn), ceil(K/bk)].
+    bias: [E, N] any float dtype, added after dequantization. topk_weights: [T, k] fp32, multiplied in
+    (fp32, before the downcast) when given. ``interleaved``: fp8_tensor ``[E, 2]`` halves are n % 2.
+    """
+    numel = c.shape[0]
+    N, K = w.shape[1], w.shape[2]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    num_pid_m = gemm_grid_rows(sorted_ids.numel(), numel, bm)
+    if num_pid_m == 0 or N == 0:
+        return c
+    scheme_id = SCHEME_IDS[scheme]
+    group_n, group_k = block_shape if scheme == "fp8_block" else (1, 1)
+    if scheme == "fp8_block" and group_k % bk:
+        raise ValueError(f"BLOCK_K={bk} must divide the fp8 block size {group_k}")
+    dummy = c  # never dereferenced: the constexpr flags prune every use
+    a_s = a_scale if a_scale is not None else dummy
+    w_s = w_scale if w_scale is not None else dummy
+    b_ = bias if bias is not None else dummy
+    tw = topk_weights.reshape(-1) if topk_weights is not None else dummy
+    a_s_strides = (a_s.stride(0), a_s.stride(1)) if a_scale is not None else (0, 0)
+    if w_scale is None:
+        w_s_strides = (0, 0, 0)
+    else:
+        w_s_strides = tuple(w_scale.stride()) + (0,) * (3 - w_scale.dim())
+    tensor_cols = w_scale.shape[1] if scheme == "fp8_tensor" and w_scale.dim() > 1 else 1
+    grid = (num_pid_m * cdiv(N, bn),)
+    _moe_gemm_kernel[grid](
+        a, w, c, a_s, w_s, b_, tw,
+        sorted_ids, expert_ids, num_post_pad,
+        N, K, num_pid_m, numel,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
+        *a_s_strides, *w_s_strides,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        GROUP_N=group_n, GROUP_K=group_k,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
+        A_DIV=top_k, SCHEME=scheme_id, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
+        HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=topk_weights is not None, EVEN_K=K % bk == 0,
+        UPCAST=interpret_mode() and a.dtype == torch.bfloat16,
+        FP32_IEEE=a.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return c

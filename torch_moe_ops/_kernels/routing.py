@@ -1,0 +1,158 @@
+"""Fused router top-k (spec §4): sanitize, score, correction bias, grouped top-k, renormalize, scale.
+
+One program handles ``BLOCK_T`` tokens. The expert axis is loaded as a 3-D tile ``[BLOCK_T, GP, GS]``
+(``GP = next_pow2(num_expert_group)``, ``GS = next_pow2(E / num_expert_group)``; plain top-k uses
+``GP = 1``), so group scores are plain reductions over the last axis and padded slots (experts past
+the group size, groups past ``G``) are masked. Selection packs each candidate into one int64 key
+``(order-preserving int32 of the fp32 score) << 32 | (65535 - expert)``, so a single ``max`` picks the
+largest score and, among equal scores, the LOWEST expert id (the reference's stable sort).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._spec import FLT_MAX
+
+_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the reference's clamp
+_LOW_MASK = tl.constexpr(65535)  # low 16 bits of a packed key hold (65535 - expert id)
+_KEY_MIN = tl.constexpr(-(2**63))  # removed / padded candidates: below every real score, -inf included
+_FLT_MAX = tl.constexpr(FLT_MAX)
+
+
+@triton.jit
+def _ordered_key(x):
+    """fp32 -> int32 with the same order (for non-NaN x; -inf maps above INT32_MIN)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _pack(x, idx):
+    """[...] fp32 scores, [...] int32 ids -> [...] int64 keys: max() = best score, ties -> lowest id."""
+    return (_ordered_key(x).to(tl.int64) << 32) + (65535 - idx).to(tl.int64)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _topk_route_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    T, stride_t, stride_e, rsf,
+    E: tl.constexpr, GROUP_SIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    TOP_K: tl.constexpr, K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
+):
+    """logits: [T, E] any float (strided) -> weights: [T, TOP_K] fp32, ids: [T, TOP_K] int32."""
+    pid = tl.program_id(0)
+    offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    mask_t = offs_t < T
+    offs_g = tl.arange(0, GP)
+    offs_j = tl.arange(0, GS)
+    col = offs_g[:, None] * GROUP_SIZE + offs_j[None, :]  # [GP, GS] expert id
+    mask_e = (offs_g[:, None] < NUM_GROUPS) & (offs_j[None, :] < GROUP_SIZE)
+    col3 = col[None, :, :]
+    mask3 = mask_t[:, None, None] & mask_e[None, :, :]
+
+    ptrs = logits_ptr + offs_t[:, None, None] * stride_t + col3.to(tl.int64) * stride_e
+    x = tl.load(ptrs, mask=mask3, other=0.0).to(tl.float32)
+    # NaN -> -inf, +-Inf -> +-FLT_MAX; then padded slots are -inf (score 0, never preferred).
+    is_nan = x != x
+    x = tl.where(x == float("inf"), _FLT_MAX, tl.where(x == float("-inf"), -_FLT_MAX, x))
+    x = tl.where(is_nan, float("-inf"), x)
+    x = tl.where(mask_e[None, :, :], x, float("-inf"))
+
+    if SIGMOID:
+        s = tl.sigmoid(x)
+    else:
+        row_max = tl.max(tl.max(x, axis=2), axis=1)
+        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # all-NaN row: scores 0, not NaN
+        ex = tl.exp(x - row_max[:, None, None])
+        denom = tl.maximum(tl.sum(tl.sum(ex, axis=2), axis=1), _TINY)
+        s = ex / denom[:, None, None]
+    s = tl.where(mask_e[None, :, :], s, 0.0)
+
+    sel = s
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + col, mask=mask_e, other=0.0).to(tl.float32)
+        sel = s + b[None, :, :]
+    sel = tl.where(mask_e[None, :, :], sel, float("-inf"))
+
+    if GROUPED:
+        gmax = tl.max(sel, axis=2)  # [BLOCK_T, GP]
+        if HAS_BIAS:  # group score = sum of the top-2 (the first max removed once, lowest index)
+            first = tl.min(tl.where(sel == gmax[:, :, None], offs_j[None, None, :], GS), axis=2)
+            rest = tl.where(offs_j[None, None, :] == first[:, :, None], float("-inf"), sel)
+            gscore = gmax + tl.max(rest, axis=2)
+        else:
+            gscore = gmax
+        gkey = _pack(gscore, offs_g[None, :])
+        gkey = tl.where(offs_g[None, :] < NUM_GROUPS, gkey, _KEY_MIN)
+        keep = tl.zeros([BLOCK_T, GP], dtype=tl.int1)
+        for _ in range(TOPK_GROUP):
+            best = tl.max(gkey, axis=1)
+            g = 65535 - (best & 65535).to(tl.int32)
+            hit = offs_g[None, :] == g[:, None]
+            keep = keep | hit
+            gkey = tl.where(hit, _KEY_MIN, gkey)
+        sel = tl.where(keep[:, :, None], sel, float("-inf"))
+
+    key = _pack(sel, col3)
+    key = tl.where(mask_e[None, :, :], key, _KEY_MIN)  # padding: below every real -inf
+    offs_k = tl.arange(0, K_P2)
+    w_acc = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    id_acc = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+    for i in range(TOP_K):
+        best = tl.max(tl.max(key, axis=2), axis=1)
+        e = 65535 - (best & 65535).to(tl.int32)
+        hit = col3 == e[:, None, None]
+        w = tl.sum(tl.sum(tl.where(hit, s, 0.0), axis=2), axis=1)  # unbiased score of the winner
+        key = tl.where(hit, _KEY_MIN, key)
+        w_acc = tl.where(offs_k[None, :] == i, w[:, None], w_acc)
+        id_acc = tl.where(offs_k[None, :] == i, e[:, None], id_acc)
+    if RENORMALIZE:
+        total = tl.maximum(tl.sum(w_acc, axis=1), _TINY)
+        w_acc = w_acc / total[:, None]
+    w_acc = w_acc * tl.cast(rsf, tl.float32)
+
+    out = offs_t[:, None] * TOP_K + offs_k[None, :]
+    mask_out = mask_t[:, None] & (offs_k[None, :] < TOP_K)
+    tl.store(weights_ptr + out, w_acc, mask=mask_out)
+    tl.store(ids_ptr + out, id_acc, mask=mask_out)
+
+
+def topk_route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool = True,
+    scoring_func: str = "softmax",
+    num_expert_group: int = 0,
+    topk_group: int = 0,
+    e_score_correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] bf16/fp16/fp32 (any strides) -> (topk_weights [T, k] fp32, topk_ids [T, k] int32).
+
+    Arguments are assumed validated (E <= 65535, k <= E, E % G == 0, E > G, topk_group <= G);
+    ``e_score_correction_bias``: [E] fp32 or None. One launch, grid ``cdiv(T, BLOCK_T)``; T is not specialized."""
+    T, E = router_logits.shape
+    dev = router_logits.device
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=dev)
+    ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
+    if T == 0:
+        return weights, ids
+    grouped = num_expert_group > 1  # G = 1 keeps its only group: the same as plain top-k
+    groups = num_expert_group if grouped else 1
+    group_size = E // groups
+    gp, gs = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
+    block_t = max(1, min(32, 2048 // (gp * gs)))
+    bias = e_score_correction_bias
+    grid = (triton.cdiv(T, block_t),)
+    _topk_route_kernel[grid](
+        router_logits, bias if bias is not None else weights, weights, ids,
+        T, router_logits.stride(0), router_logits.stride(1), float(routed_scaling_factor),
+        E=E, GROUP_SIZE=group_size, NUM_GROUPS=groups, TOPK_GROUP=topk_group if grouped else 1,
+        TOP_K=top_k, K_P2=triton.next_power_of_2(top_k), GP=gp, GS=gs, BLOCK_T=block_t,
+        SIGMOID=scoring_func == "sigmoid", HAS_BIAS=bias is not None, GROUPED=grouped,
+        RENORMALIZE=bool(renormalize), num_warps=4,
+    )
+    return weights, ids
