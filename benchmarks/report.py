@@ -1,0 +1,84 @@
+"""Turn a runner JSON into ``docs/performance.md`` (tables) and ``docs/performance.png`` (fraction of
+roofline vs T per shape): ``python -m benchmarks.report results.json``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def _fmt(ms):
+    return f"{ms:.3f}" if ms is not None else "—"
+
+
+def tables(result: dict) -> str:
+    cells = [c for c in result["cells"] if "T" in c]
+    providers = sorted({c["provider"] for c in cells}, key=lambda p: (not p.startswith("ours"), p))
+    by_key = defaultdict(dict)
+    for c in cells:
+        by_key[(c["shape"], c["scheme"], c["T"])][c["provider"]] = c
+    lines = ["| shape | scheme | T | roof ms | " + " | ".join(f"{p} ms" for p in providers)
+             + " | ours % of roof | ours TFLOP/s | ours vs grouped_mm |",
+             "|---|---|---|---|" + "---|" * len(providers) + "---|---|---|"]
+    for (shape, scheme, T), row in by_key.items():
+        ours = row.get("ours", {})
+        roof = next((c["roof_s"] * 1e3 for c in row.values() if "roof_s" in c), None)
+        cols = [_fmt(row[p].get("ms")) if p in row else "—" for p in providers]
+        vs = ours.get("speedup_vs_grouped_mm") or ours.get("speedup_vs_scaled_grouped_mm")
+        lines.append(f"| {shape} | {scheme} | {T} | {_fmt(roof)} | " + " | ".join(cols)
+                     + f" | {ours.get('frac_roof', 0) * 100:.0f}% | {ours.get('tflops', 0):.0f} | "
+                     + (f"{vs:.2f}x" if vs else "—") + " |")
+    quant = [c for c in result["cells"] if c.get("kind") == "quantize"]
+    if quant:
+        lines += ["", "Online quantization of a 1 G-element bf16 tensor `[8, 32768, 4096]` (`quantize_weight_into`):", "",
+                  "| scheme | ms | GB/s (2 B read + 1 B written per element) | % of copy bandwidth |", "|---|---|---|---|"]
+        lines += [f"| {c['scheme']} | {c['ms']:.3f} | {c['GBps']:.0f} | {c['frac_copy'] * 100:.0f}% |" for c in quant]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = defaultdict(list)
+    for c in result["cells"]:
+        if c.get("provider") == "ours" and "frac_roof" in c:
+            series[f"{c['shape']} {c['scheme']}"].append((c["T"], c["frac_roof"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel("% of roofline (ours, fused_experts)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"torch_moe_ops fused_experts on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("results")
+    p.add_argument("--md", default="docs/performance_tables.md")
+    p.add_argument("--png", default="docs/performance.png")
+    args = p.parse_args(argv)
+    result = json.load(open(args.results))
+    c = result["ceilings"]
+    head = (f"Device: {result['device']}, torch {result['torch']}, measured {result['time']}. Ceilings measured in "
+            f"the same run: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['bf16_TFLOPs']:.0f} TFLOP/s, fp8 "
+            f"{c.get('fp8_TFLOPs', 0):.0f} TFLOP/s. Command: `{result['command']}`.\n\n")
+    with open(args.md, "w") as f:
+        f.write(head + tables(result) + "\n")
+    plot(result, args.png)
+    print(f"wrote {args.md} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

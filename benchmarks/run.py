@@ -1,0 +1,161 @@
+"""One runner for every provider and shape: ``python -m benchmarks.run --out results.json``.
+
+Measures the device's copy bandwidth and bf16/fp8 matmul peaks in the same run, times every
+(shape, scheme, T, provider) cell with ``triton.testing.do_bench`` (median; CUDA-graph replay for graph
+providers), and writes JSON with the roofline, the fraction of roofline and the ratio to each peer."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.providers import REGISTRY
+from benchmarks.shapes import SHAPES, TOKENS, roofline_s
+
+import torch_moe_ops as moe
+from torch_moe_ops.demo import SCHEMES
+from torch_moe_ops.testing import random_moe_weights
+
+
+def do_bench_ms(fn, graph: bool) -> float:
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    if not graph:
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()  # warm-up on a side stream before capture (allocator, Triton JIT)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+
+
+def measure_ceilings() -> dict:
+    from triton.testing import do_bench
+
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    copy_ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: a @ a, return_mode="median")
+    out = {"copy_GBps": 2 * n / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+    try:
+        a8, b8 = a.to(torch.float8_e4m3fn), a.to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device="cuda")
+        f8_ms = do_bench(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16), return_mode="median")
+        out["fp8_TFLOPs"] = 2 * 8192**3 / f8_ms / 1e9
+    except Exception as exc:  # noqa: BLE001 - report, keep going
+        out["fp8_error"] = repr(exc)
+    del src, dst, a
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_quantize(ceilings: dict) -> list:
+    """Online quantization of a 1 G-element bf16 tensor [8, 32768, 4096] (read 2 B, write 1 B per element)."""
+    w = torch.randn(8, 32768, 4096, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for scheme, shards in (("fp8_channel", 1), ("fp8_block", 1), ("fp8_tensor", 2), ("int8_channel", 1)):
+        q, s = moe.quantize_weight(w, scheme, shards=shards)
+        ms = do_bench_ms(lambda: moe.quantize_weight_into(w, q, s, scheme, shards=shards), graph=False)
+        gbps = w.numel() * 3 / ms / 1e6
+        rows.append(dict(kind="quantize", scheme=scheme, numel=w.numel(), ms=ms, GBps=gbps,
+                         frac_copy=gbps / ceilings["copy_GBps"]))
+        print(f"quantize {scheme:<12} {ms:8.3f} ms {gbps:7.0f} GB/s ({100 * gbps / ceilings['copy_GBps']:.1f}% of copy)",
+              flush=True)
+        del q, s
+    del w
+    torch.cuda.empty_cache()
+    return rows
+
+
+def make_weights(shape, scheme):
+    w13, w2, b13, b2 = random_moe_weights(shape.E, shape.H, shape.I, gated=shape.n1 == 2 * shape.I,
+                                                      device="cuda", bias=shape.bias)
+    data = SimpleNamespace(w13=w13, w2=w2, b13=b13, b2=b2, q13=w13, q2=w2, s13=None, s2=None)
+    wscheme, shards = SCHEMES[scheme]
+    if wscheme is not None:
+        shards = 1 if shape.activation == "swigluoai" else shards
+        data.q13, data.s13 = moe.quantize_weight(w13, wscheme, shards=shards)
+        data.q2, data.s2 = moe.quantize_weight(w2, wscheme)
+        if scheme != "none" and shape.E * shape.n1 * shape.H > 2e9:
+            data.w13 = data.w2 = None  # the bf16 copies are not needed by fp8-only providers
+    return data
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    p.add_argument("--providers", default=",".join(REGISTRY))
+    p.add_argument("--schemes", default="", help="restrict schemes (default: each shape's own)")
+    p.add_argument("--out", default="benchmarks/results.json")
+    p.add_argument("--no-quant", action="store_true", help="skip the online-quantization bandwidth benchmark")
+    args = p.parse_args(argv)
+    ceilings = measure_ceilings()
+    print(json.dumps(ceilings), flush=True)
+    cells = [] if args.no_quant else bench_quantize(ceilings)
+    for key in [s for s in args.shapes.split(",") if s]:
+        shape = SHAPES[key]
+        for scheme in shape.schemes:
+            if args.schemes and scheme not in args.schemes.split(","):
+                continue
+            data = make_weights(shape, scheme)
+            peak = ceilings["bf16_TFLOPs"] if scheme in ("none", "int8_w8a16") else ceilings.get("fp8_TFLOPs", ceilings["bf16_TFLOPs"])
+            for T in map(int, args.tokens.split(",")):
+                torch.manual_seed(T)
+                x = (torch.randn(T, shape.H, device="cuda") * 0.1).to(torch.bfloat16)
+                logits = torch.randn(T, shape.E, device="cuda")
+                bias = torch.randn(shape.E, device="cuda") * 0.1 if shape.routing else None
+                w, ids = moe.topk_route(logits, shape.k, **shape.routing, e_score_correction_bias=bias)
+                case = SimpleNamespace(shape=shape, scheme=scheme, x=x, router_logits=logits, topk_weights=w,
+                                       topk_ids=ids, bias13=bias, **vars(data))
+                touched = int(torch.unique(ids).numel())
+                roof = roofline_s(shape, T, scheme, touched, ceilings["copy_GBps"] * 1e9, peak * 1e12)
+                for name in args.providers.split(","):
+                    prov = REGISTRY[name]
+                    fn = prov.build(case)
+                    if fn is None:
+                        continue
+                    try:
+                        ms = do_bench_ms(fn, prov.graph)
+                    except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, not fatal
+                        print(f"{shape.name} {scheme} T={T} {name}: FAILED {exc!r}"[:300], flush=True)
+                        cells.append(dict(shape=shape.name, scheme=scheme, T=T, provider=name, error=repr(exc)[:300]))
+                        continue
+                    cell = dict(shape=shape.name, scheme=scheme, T=T, provider=name, ms=ms, **roof,
+                                frac_roof=roof["roof_s"] * 1e3 / ms, tflops=roof["flops"] / ms / 1e9,
+                                experts_touched=touched)
+                    cells.append(cell)
+                    print(f"{shape.name:<14} {scheme:<11} T={T:<6} {name:<18} {ms:9.4f} ms "
+                          f"roof {roof['roof_s'] * 1e3:8.4f} ms ({cell['frac_roof'] * 100:5.1f}%) "
+                          f"{cell['tflops']:7.1f} TFLOP/s", flush=True)
+                torch.cuda.empty_cache()
+            del data
+            torch.cuda.empty_cache()
+    for cell in cells:  # ratios to each peer in the same (shape, scheme, T)
+        if cell.get("provider") not in ("ours", "ours_fused_moe") or "ms" not in cell:
+            continue
+        for other in cells:
+            if (other.get("shape"), other.get("scheme"), other.get("T")) == (cell["shape"], cell["scheme"], cell["T"]) \
+                    and not other.get("provider", "ours").startswith("ours") and "ms" in other:
+                cell[f"speedup_vs_{other['provider']}"] = other["ms"] / cell["ms"]
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings,
+              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "cells": cells}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}: {len(cells)} cells")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
