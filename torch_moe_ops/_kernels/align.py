@@ -16,8 +16,8 @@ contiguous chunks of ``per_prog`` pairs (a multiple of ``TILE``):
    counts[p, e] = pairs of expert e in chunks before p; totals[e] = pairs of expert e.
 3. ``_align_scatter_kernel`` (one program per chunk): every program recomputes the padded expert
    starts from totals (a cumsum over EB bins), writes expert_ids and the sentinels of its share of the
-   blocks, then scatters its pairs: each tile is sorted by key ``e*TILE + lane`` (lane order = pair
-   order), and a pair's slot is ``start[e] + counts[p, e] + earlier tiles' count + rank in the tile``.
+   blocks, then scatters its pairs: a pair's slot is ``start[e] + counts[p, e] + (pairs of e in the
+   chunk's earlier tiles) + (pairs of e in earlier lanes of its tile)``, so order follows j.
    Sentinel slots and pair slots are disjoint, so the programs never race.
 
 Small inputs (``numel <= _FUSED_MAX``) run all three phases in one program (``FUSED``): one launch.
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-_TILE = 1024  # pairs per sorted tile, multi-program path
-_TILE_FUSED = 256  # pairs per sorted tile, single-program path
+_TILE = 128  # pairs per scatter tile (the rank step is a [TILE, TILE] compare)
+_COUNT_TILE = 1024  # pairs per histogram tile in the count kernel; chunks are multiples of it
 _FUSED_MAX = 4096  # numel up to which one program does everything
 _MAX_PROGS = 1024  # upper bound on chunks (rows of the counts buffer)
 
@@ -88,13 +88,13 @@ def _align_scatter_kernel(
     ids_ptr, map_ptr, counts_ptr, totals_ptr, sorted_ptr, expert_ids_ptr, npp_ptr,
     numel, per_prog, blocks_per_prog, max_blocks, max_padded,
     E: tl.constexpr, EB: tl.constexpr, B: tl.constexpr, B_P2: tl.constexpr, NB: tl.constexpr,
-    TILE: tl.constexpr, LOG_EB: tl.constexpr, FUSED: tl.constexpr, HAS_MAP: tl.constexpr,
+    TILE: tl.constexpr, COUNT_TILE: tl.constexpr, LOG_EB: tl.constexpr, FUSED: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
     """Writes sorted_ids [max_padded], expert_ids [max_blocks], num_post_pad [1] (see the module doc)."""
     pid = tl.program_id(0)
     bins = tl.arange(0, EB)
     if FUSED:
-        totals = _chunk_histogram(ids_ptr, map_ptr, 0, per_prog, numel, E, EB, TILE, HAS_MAP)
+        totals = _chunk_histogram(ids_ptr, map_ptr, 0, per_prog, numel, E, EB, COUNT_TILE, HAS_MAP)
         prior = tl.zeros([EB], dtype=tl.int32)
     else:
         totals = tl.load(totals_ptr + bins)
@@ -126,22 +126,18 @@ def _align_scatter_kernel(
         mask_s = mask_b[:, None] & (tl.arange(0, B_P2)[None, :] < B) & (slots >= fe[:, None]) & (slots < max_padded)
         tl.store(sorted_ptr + slots, tl.zeros([NB, B_P2], dtype=tl.int32) + numel, mask=mask_s)
 
-    # Scatter this chunk's pairs, tile by tile, in ascending pair order inside each expert.
+    # Scatter this chunk's pairs, tile by tile, in ascending pair order inside each expert. The rank of
+    # a lane among equal experts of its tile is a [TILE, TILE] compare-and-count (no sort needed).
     base = starts + prior
     lanes = tl.arange(0, TILE)
     start = pid * per_prog
     for off in range(0, per_prog, TILE):
         j = start + off + lanes
         e = _local_ids(ids_ptr, map_ptr, j, j < numel, E, HAS_MAP)
-        hist = tl.histogram(e, EB)
-        key = tl.sort(e * TILE + lanes)  # by expert, then by lane (= pair order); dropped pairs last
-        e_s = key // TILE
-        lane_s = key % TILE
-        first = tl.cumsum(hist, axis=0) - hist  # tile-local start of each expert's segment
-        e_c = tl.minimum(e_s, EB - 1)
-        slot = tl.gather(base, e_c, 0) + (lanes - tl.gather(first, e_c, 0))
-        tl.store(sorted_ptr + slot, start + off + lane_s, mask=e_s < E)
-        base += hist
+        earlier = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
+        rank = tl.sum(earlier.to(tl.int32), axis=1)
+        tl.store(sorted_ptr + tl.gather(base, e, 0) + rank, j, mask=e < E)
+        base += tl.histogram(e, EB)
 
 
 def align_block_size(
@@ -166,25 +162,25 @@ def align_block_size(
     emap = expert_map if has_map else ids
     common = dict(E=E, EB=eb, B=B, B_P2=b_p2, NB=nb, LOG_EB=eb.bit_length() - 1, HAS_MAP=has_map)
     if numel <= _FUSED_MAX:
-        per_prog = max(1, triton.cdiv(numel, _TILE_FUSED)) * _TILE_FUSED
+        per_prog = max(1, triton.cdiv(numel, _TILE)) * _TILE
         _align_scatter_kernel[(1,)](
             ids, emap, sorted_ids, sorted_ids, sorted_ids, expert_ids, num_post_pad,
             numel, per_prog, max_blocks, max_blocks, max_padded,
-            TILE=_TILE_FUSED, FUSED=True, num_warps=4, **common,
+            TILE=_TILE, COUNT_TILE=_TILE, FUSED=True, num_warps=4, **common,
         )
         return sorted_ids, expert_ids, num_post_pad
-    nprog = min(triton.cdiv(numel, _TILE), _MAX_PROGS)
-    per_prog = triton.cdiv(triton.cdiv(numel, nprog), _TILE) * _TILE
+    nprog = min(triton.cdiv(numel, _COUNT_TILE), _MAX_PROGS)
+    per_prog = triton.cdiv(triton.cdiv(numel, nprog), _COUNT_TILE) * _COUNT_TILE
     nprog = triton.cdiv(numel, per_prog)
     counts = torch.empty((nprog, eb), dtype=torch.int32, device=dev)
     totals = torch.empty(eb, dtype=torch.int32, device=dev)
-    _align_count_kernel[(nprog,)](ids, emap, counts, numel, per_prog, E=E, EB=eb, TILE=_TILE,
+    _align_count_kernel[(nprog,)](ids, emap, counts, numel, per_prog, E=E, EB=eb, TILE=_COUNT_TILE,
                                   HAS_MAP=has_map, num_warps=4)
     be = min(eb, 128)
     _align_scan_kernel[(eb // be,)](counts, totals, nprog, EB=eb, BE=be, BP=32, num_warps=4)
     _align_scatter_kernel[(nprog,)](
         ids, emap, counts, totals, sorted_ids, expert_ids, num_post_pad,
         numel, per_prog, triton.cdiv(max_blocks, nprog), max_blocks, max_padded,
-        TILE=_TILE, FUSED=False, num_warps=8, **common,
+        TILE=_TILE, COUNT_TILE=_COUNT_TILE, FUSED=False, num_warps=8, **common,
     )
     return sorted_ids, expert_ids, num_post_pad

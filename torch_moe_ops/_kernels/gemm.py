@@ -39,7 +39,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_DIV: tl.constexpr, SCHEME: tl.constexpr, TENSOR_SCALE_COLS: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     # GROUP_M swizzle: consecutive programs share a column band of B (one expert's weights) in L2.
     pid = tl.program_id(0)
@@ -129,6 +129,10 @@ def _moe_gemm_kernel(
     if MUL_ROUTED_WEIGHT:
         w = tl.load(topk_weights_ptr + offs_token, mask=mask_token, other=0.0)
         acc = acc * w.to(tl.float32)[:, None]
+    if BF16_RTNE:  # interpreter only: its fp32 -> bf16 cast truncates; round to nearest even first
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        acc = bits.to(tl.float32, bitcast=True)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
@@ -202,6 +206,7 @@ def invoke_moe_gemm(
         HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=topk_weights is not None, EVEN_K=K % bk == 0,
         UPCAST=interpret_mode() and a.dtype == torch.bfloat16,
         FP32_IEEE=a.dtype == torch.float32,
+        BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
