@@ -1,5 +1,7 @@
 """torch-moe-ops: Mixture-of-Experts ops for ``torch.compile``, registered under ``torch.ops.moe``."""
 from . import reference
+from .layer import FusedMoE
+from .loading import LoadReport, finalize_loading, load_checkpoint, reload_weights
 from ._spec import ACTIVATIONS, EXPERT_SCHEMES, WEIGHT_SCHEMES
 from .ops import (
     OP_NAMES,
@@ -13,11 +15,20 @@ from .ops import (
     quantize_weight_into,
     topk_route,
 )
+from .quantization import Fp8Config, Int8WeightOnlyConfig, LoadError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "Fp8Config",
+    "FusedMoE",
+    "Int8WeightOnlyConfig",
+    "LoadError",
+    "LoadReport",
+    "finalize_loading",
+    "load_checkpoint",
+    "reload_weights",
     "EXPERT_SCHEMES",
     "OP_NAMES",
     "WEIGHT_SCHEMES",

@@ -1,0 +1,276 @@
+"""FusedMoE construction, forward paths and the weight_loader contract (spec §2, §3, §9, §11)."""
+import pytest
+import torch
+from torch import nn
+
+import torch_moe_ops
+from torch_moe_ops import reference
+from torch_moe_ops.layer import FusedMoE
+from torch_moe_ops.quantization import Fp8Config, Int8WeightOnlyConfig, LoadError
+from torch_moe_ops.testing import random_moe_weights, sqnr_db
+
+from ._helpers import QUANT_SCHEMES, SCHEMES
+
+E, K, H, I, T = 8, 2, 64, 48, 33
+
+
+def _inputs(T=T, E=E, H=H):
+    return torch.randn(T, H, dtype=torch.bfloat16) / 2, torch.randn(T, E)
+
+
+def _loaded(qc=None, *, w=None, **kw):
+    layer = FusedMoE(E, K, H, I, quant_config=qc, **kw)
+    w13, w2, b13, b2 = w if w is not None else random_moe_weights(E, H, I, gated=layer.gated, bias=layer.has_bias)
+    layer.load_weights(w13, w2, w13_bias=b13, w2_bias=b2)
+    return layer
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_parameters(scheme):
+    qc = SCHEMES[scheme]
+    layer = FusedMoE(E, K, H, I, quant_config=qc, has_bias=True, use_correction_bias=True)
+    params = dict(layer.named_parameters())
+    assert params["w13_weight"].shape == (E, 2 * I, H) and params["w2_weight"].shape == (E, H, I)
+    assert params["w13_bias"].shape == (E, 2 * I) and params["w2_bias"].shape == (E, H)
+    assert params["e_score_correction_bias"].dtype == torch.float32
+    assert not any(p.is_meta or p.requires_grad for p in params.values())
+    if qc is None:
+        assert params["w13_weight"].dtype == torch.bfloat16 and "w13_weight_scale" not in params
+        return
+    qdtype = torch.int8 if scheme.startswith("int8") else torch.float8_e4m3fn
+    assert params["w13_weight"].dtype == params["w2_weight"].dtype == qdtype
+    # quantized storage is real, on the target device, from construction; the full-precision weights are meta
+    assert params["w13_weight"].device.type == "cpu"
+    assert all(t.is_meta and t.dtype == torch.bfloat16 for t in layer.full_precision.values())
+    expected = {
+        "fp8_tensor": ((E, 2), (E,)),
+        "fp8_channel": ((E, 2 * I), (E, H)),
+        "fp8_block": ((E, 3, 2), (E, 2, 2)),  # ceil(96/32), ceil(64/32); ceil(64/32), ceil(48/32)
+        "int8_w8a16": ((E, 2 * I), (E, H)),
+    }[scheme]
+    assert (params["w13_weight_scale"].shape, params["w2_weight_scale"].shape) == expected
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_non_gated_allocates_i_rows(scheme):
+    layer = FusedMoE(E, K, H, I, quant_config=SCHEMES[scheme], activation="relu2_no_mul", has_bias=True)
+    assert layer.w13_weight.shape == (E, I, H) and layer.w13_bias.shape == (E, I)  # not 2I (spec §12.1)
+    if scheme == "fp8_tensor":
+        assert layer.w13_weight_scale.shape == (E, 1)
+    w13, w2, b13, b2 = random_moe_weights(E, H, I, gated=False, bias=True)
+    layer.load_weights(w13, w2, w13_bias=b13, w2_bias=b2)
+    x, logits = _inputs()
+    assert layer(x, logits).shape == (T, H)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_forward_matches_ops(scheme):
+    layer = _loaded(SCHEMES[scheme], has_bias=True)
+    x, logits = _inputs()
+    out = layer(x, logits)
+    expected = torch_moe_ops.fused_moe(
+        x, logits, layer.w13_weight, layer.w2_weight, K, quant_scheme=layer.quant_scheme,
+        w13_scale=layer.w13_weight_scale, w2_scale=layer.w2_weight_scale, w13_bias=layer.w13_bias,
+        w2_bias=layer.w2_bias, block_shape=layer.block_shape)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    weights, ids = layer.select_experts(logits)
+    torch.testing.assert_close(layer.forward_experts(x, weights, ids), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", list(QUANT_SCHEMES))
+def test_quantized_close_to_full_precision(scheme):
+    w = random_moe_weights(E, H, I)
+    x, logits = _inputs()
+    ref = _loaded(None, w=w)(x, logits).float()
+    out = _loaded(QUANT_SCHEMES[scheme], w=w)(x, logits).float()
+    assert sqnr_db(ref, out) > 20  # spec §13: quantized vs unquantized outputs > 20 dB
+
+
+def test_quantized_slots_equal_quantize_weight():
+    """Each expert's slot holds exactly what quantize_weight gives for that expert (gate/up scales apart)."""
+    w13, w2, _, _ = random_moe_weights(E, H, I)
+    for qc in QUANT_SCHEMES.values():
+        layer = _loaded(qc, w=(w13, w2, None, None))
+        shards = 2 if qc.weight_scheme == "fp8_tensor" else 1
+        q13, s13 = reference.quant.quantize_weight(w13, qc.weight_scheme, qc.kernel_block_shape, shards)
+        q2, s2 = reference.quant.quantize_weight(w2, qc.weight_scheme, qc.kernel_block_shape)
+        assert torch.equal(layer.w13_weight.view(torch.uint8), q13.view(torch.uint8))
+        assert torch.equal(layer.w2_weight.view(torch.uint8), q2.view(torch.uint8))
+        torch.testing.assert_close(layer.w13_weight_scale, s13.reshape(layer.w13_weight_scale.shape))
+        torch.testing.assert_close(layer.w2_weight_scale, s2.reshape(layer.w2_weight_scale.shape))
+
+
+def test_routing_options_reach_the_op():
+    kw = dict(scoring_func="sigmoid", num_expert_group=4, topk_group=2, use_correction_bias=True,
+              routed_scaling_factor=2.5, renormalize=True)
+    w13, w2, _, _ = random_moe_weights(E, H, I)
+    bias = torch.rand(E)
+    layer = FusedMoE(E, K, H, I, **kw)
+    layer.load_weights(w13, w2, e_score_correction_bias=bias)
+    x, logits = _inputs()
+    expected = torch_moe_ops.fused_moe(x, logits, w13, w2, K, renormalize=True, scoring_func="sigmoid",
+                                       num_expert_group=4, topk_group=2, e_score_correction_bias=bias,
+                                       routed_scaling_factor=2.5)
+    torch.testing.assert_close(layer(x, logits), expected, atol=0, rtol=0)
+
+
+def test_apply_router_weight_on_input():
+    w = random_moe_weights(E, H, I)
+    x, logits = _inputs()
+    layer = _loaded(None, w=w, apply_router_weight_on_input=True)
+    expected = torch_moe_ops.fused_moe(x, logits, w[0], w[1], K, apply_router_weight_on_input=True)
+    torch.testing.assert_close(layer(x, logits), expected, atol=0, rtol=0)
+
+
+def test_shared_experts_added_on_original_input():
+    shared = nn.Linear(H, H, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    layer = _loaded(None, shared_experts=shared)
+    x, logits = _inputs()
+    x_orig = torch.randn_like(x)
+    routed = torch_moe_ops.fused_moe(x, logits, layer.w13_weight, layer.w2_weight, K)
+    torch.testing.assert_close(layer(x, logits), routed + shared(x), atol=0, rtol=0)
+    torch.testing.assert_close(layer(x, logits, shared_experts_input=x_orig), routed + shared(x_orig), atol=0, rtol=0)
+    assert "shared_experts.weight" in dict(layer.named_parameters())
+
+
+@pytest.mark.parametrize("scheme", ["none", "fp8_tensor"])
+def test_swigluoai_interleaves_gate_and_up(scheme):
+    """w1/w3 shards land on even/odd rows; one fp8_tensor scale covers the interleaved w13."""
+    w1 = torch.randn(E, I, H) / 10
+    w3 = torch.randn(E, I, H) / 10
+    w2 = torch.randn(E, H, I) / 10
+    layer = FusedMoE(E, K, H, I, activation="swigluoai", quant_config=SCHEMES[scheme])
+    assert layer.activation_limit == 7.0
+    for e in range(E):
+        layer.weight_loader(layer.w13_weight, w1[e], "w1", e)
+        layer.weight_loader(layer.w13_weight, w3[e], "w3", e)
+        layer.weight_loader(layer.w2_weight, w2[e], "w2", e)
+    layer.finalize_loading()
+    interleaved = torch.stack([w1, w3], 2).reshape(E, 2 * I, H)
+    fused = FusedMoE(E, K, H, I, activation="swigluoai", quant_config=SCHEMES[scheme])
+    fused.load_weights(interleaved, w2)  # a fused gate_up checkpoint is already interleaved
+    assert torch.equal(layer.w13_weight.view(torch.uint8), fused.w13_weight.view(torch.uint8))
+    if scheme == "fp8_tensor":
+        assert layer.w13_weight_scale.shape == (E, 1)
+    x, logits = _inputs()
+    torch.testing.assert_close(layer(x, logits), fused(x, logits), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", list(QUANT_SCHEMES))
+def test_forward_refuses_unloaded_quantized_layer(scheme):
+    layer = FusedMoE(E, K, H, I, quant_config=QUANT_SCHEMES[scheme])
+    x, logits = _inputs()
+    with pytest.raises(RuntimeError, match="not loaded"):
+        layer(x, logits)
+
+
+def test_unquantized_layer_usable_without_loader():
+    layer = FusedMoE(E, K, H, I)
+    w13, w2, _, _ = random_moe_weights(E, H, I)
+    layer.w13_weight.copy_(w13)
+    layer.w2_weight.copy_(w2)
+    x, logits = _inputs()
+    torch.testing.assert_close(layer(x, logits), torch_moe_ops.fused_moe(x, logits, w13, w2, K), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- weight_loader
+def test_loader_accepts_names_meta_descriptors_and_3d():
+    w13, w2, _, _ = random_moe_weights(E, H, I)
+    qc = Fp8Config("channel")
+    a = FusedMoE(E, K, H, I, quant_config=qc)
+    a.weight_loader("w13_weight", w13, None, None)
+    a.weight_loader(a.full_precision["w2_weight"], w2, "w2", None, return_success=True)
+    a.finalize_loading()
+    b = FusedMoE(E, K, H, I, quant_config=qc)
+    b.weight_loader(b.w13_weight, w13[:, :I], "w1", None)  # all experts' gate at once
+    b.weight_loader(b.w13_weight, w13[:, I:], "w3", None)
+    for e in range(E):
+        assert b.weight_loader(b.w2_weight, w2[e], "w2", e, return_success=True) is True
+    b.finalize_loading()
+    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
+        assert torch.equal(getattr(a, name).view(torch.uint8), getattr(b, name).view(torch.uint8))
+
+
+@pytest.mark.parametrize("scheme", ["none", "fp8_block"])
+def test_loader_recognises_transposed_exports(scheme):
+    w13, w2, _, _ = random_moe_weights(E, H, I)
+    a, b = (FusedMoE(E, K, H, I, quant_config=SCHEMES[scheme]) for _ in range(2))
+    a.load_weights(w13, w2)
+    b.weight_loader(b.w13_weight, w13.transpose(1, 2).contiguous(), None, None)  # [E, H, 2I] (GPT-OSS style)
+    b.weight_loader(b.w2_weight, w2.transpose(1, 2).contiguous(), "w2", None)  # [E, I, H]
+    b.finalize_loading()
+    assert torch.equal(a.w13_weight.view(torch.uint8), b.w13_weight.view(torch.uint8))
+    assert torch.equal(a.w2_weight.view(torch.uint8), b.w2_weight.view(torch.uint8))
+
+
+def test_loader_square_shape_needs_explicit_transposed():
+    layer = FusedMoE(E, K, 32, 32)
+    w2 = torch.randn(32, 32)
+    layer.weight_loader(layer.w2_weight, w2, "w2", 0)
+    assert torch.equal(layer.w2_weight[0], w2.to(torch.bfloat16))  # ambiguous: taken as [out, in]
+    layer.weight_loader(layer.w2_weight, w2, "w2", 1, transposed=True)
+    assert torch.equal(layer.w2_weight[1], w2.t().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("scheme", ["none", "fp8_tensor"])
+def test_wrong_shape_names_param_expert_and_shard(scheme):
+    layer = FusedMoE(E, K, H, I, quant_config=SCHEMES[scheme])
+    layer.layer_name = "model.layers.3.mlp.experts"
+    with pytest.raises(ValueError, match=r"model.layers.3.mlp.experts: w13_weight expert 5 shard 'w3': expected shape \[48, 64\]"):
+        layer.weight_loader(layer.w13_weight, torch.randn(I + 1, H), "w3", 5)
+    with pytest.raises(ValueError, match=r"w2_weight expert 2 shard 'w2'.*got \[64, 47\]"):
+        layer.weight_loader(layer.w2_weight, torch.randn(H, I - 1), "w2", 2)
+    with pytest.raises(ValueError, match=r"E=8 first"):
+        layer.weight_loader(layer.w2_weight, torch.randn(E - 1, H, I), "w2", None)
+    assert layer.load_state == "fresh"  # a rejected tensor is not counted as loaded
+
+
+def test_loader_argument_errors():
+    layer = FusedMoE(E, K, H, I, quant_config=Fp8Config(), activation="silu_no_mul")
+    with pytest.raises(ValueError, match="no w3"):
+        layer.weight_loader(layer.w13_weight, torch.randn(I, H), "w3", 0)
+    with pytest.raises(ValueError, match="does not belong"):
+        layer.weight_loader(layer.w2_weight, torch.randn(H, I), "w1", 0)
+    with pytest.raises(ValueError, match="shard_id must be one of"):
+        layer.weight_loader(layer.w2_weight, torch.randn(H, I), "down", 0)
+    with pytest.raises(ValueError, match=r"expert_id must be an int in \[0, 8\)"):
+        layer.weight_loader(layer.w2_weight, torch.randn(H, I), "w2", 8)
+    with pytest.raises(ValueError, match="cannot load 'w13_bias'"):
+        layer.weight_loader("w13_bias", torch.randn(I), "w1", 0)
+    with pytest.raises(ValueError, match="param must be one of"):
+        layer.weight_loader(torch.empty(1), torch.randn(H, I), "w2", 0)
+    with pytest.raises(TypeError, match="pre-quantized"):
+        layer.weight_loader(layer.w2_weight, torch.randn(H, I).to(torch.float8_e4m3fn), "w2", 0)
+    with pytest.raises(LoadError, match="meta device"):
+        FusedMoE(E, K, H, I, device="meta").weight_loader("w2_weight", torch.randn(H, I), "w2", 0)
+
+
+def test_double_load_before_finalize_is_an_error():
+    layer = FusedMoE(E, K, H, I, quant_config=Fp8Config())
+    layer.weight_loader(layer.w13_weight, torch.randn(I, H), "w1", 3)
+    with pytest.raises(LoadError, match=r"w13_weight expert 3 shard 'w1' was loaded twice before finalize_loading"):
+        layer.weight_loader(layer.w13_weight, torch.randn(I, H), "w1", 3)
+    layer.weight_loader(layer.w2_weight, torch.randn(H, I), "w2", 3)
+    with pytest.raises(LoadError, match="loaded twice"):
+        layer.weight_loader(layer.w2_weight, torch.randn(H, I), "w2", 3)
+    w13, _, _, _ = random_moe_weights(E, H, I)
+    with pytest.raises(LoadError, match="loaded twice"):  # a fused gate_up overlapping a loaded gate
+        layer.weight_loader(layer.w13_weight, w13, None, None)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        Fp8Config("tensorwise")
+    with pytest.raises(ValueError, match="block_shape"):
+        Fp8Config("block", block_shape=(128,))
+    with pytest.raises(TypeError, match="quant_config must be"):
+        FusedMoE(E, K, H, I, quant_config="fp8")
+    with pytest.raises(ValueError, match="top_k"):
+        FusedMoE(E, E + 1, H, I)
+    with pytest.raises(ValueError, match="grouped top-k"):
+        FusedMoE(E, K, H, I, num_expert_group=3, topk_group=1)
+    with pytest.raises(ValueError, match="relu2_no_mul"):
+        FusedMoE(E, K, H, I, activation="relu2")
+    assert Fp8Config("block").kernel_block_shape == [128, 128] and Fp8Config().kernel_block_shape is None
+    assert Int8WeightOnlyConfig().expert_scheme == "int8_w8a16"
+    assert "quant_scheme='fp8_block'" in repr(FusedMoE(E, K, H, I, quant_config=Fp8Config("block")))

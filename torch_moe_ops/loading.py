@@ -1,0 +1,321 @@
+"""Checkpoint loading for models that contain ``FusedMoE`` layers (spec §10, §11).
+
+- ``load_checkpoint(model, source)``: maps Hugging Face names onto every ``FusedMoE`` (streaming, expert by
+  expert) and onto the model's other parameters; returns a ``LoadReport``.
+- ``finalize_loading(model)``: closes the load; raises listing every missing (layer, expert, shard).
+- ``reload_weights(model, source)``: RL weight sync into the same storage (every ``data_ptr`` kept).
+
+Recognised names (``P`` is the MoE block prefix, e.g. ``model.layers.3.mlp`` or ``…block_sparse_moe``):
+
+- ``P.experts.{e}.{w1|w3|w2}.{weight|bias}`` (Mixtral), ``P.experts.{e}.{gate_proj|up_proj|down_proj}.{weight|bias}``
+  (Qwen/DeepSeek; ``up_proj`` is ``w1`` for non-gated activations);
+- ``P.experts.gate_up_proj`` / ``P.experts.down_proj`` (fused [E, N1, H] / [E, H, I], optionally
+  ``.weight``; ``_bias`` / ``.bias`` for biases; transposed exports are recognised by shape);
+- ``P.gate.e_score_correction_bias`` -> ``FusedMoE.e_score_correction_bias`` (if the layer has one);
+- ``P.gate.weight`` (router), ``P.shared_expert(s).*``, ``P.shared_expert_gate.*`` and any other name: the
+  model parameter or buffer of that name (with or without a leading ``model.``), else the ``gate`` /
+  ``shared_expert*`` sibling of the matched ``FusedMoE`` (or inside it), else reported as ignored.
+
+``P`` is matched to a ``FusedMoE`` by module path (``P.experts`` or ``P``, either one a dotted suffix of
+the other), then by layer index (``layers.{L}``), then, when the model has a single ``FusedMoE``, to it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .layer import FusedMoE
+from .quantization.online import LoadError
+
+_EXPERT_RE = re.compile(r"^(?P<prefix>.+?)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
+                        r"\.(?P<kind>weight|bias)$")
+_FUSED_RE = re.compile(r"^(?P<prefix>.+?)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<suffix>\.weight|\.bias|_bias)?$")
+_BLOCK_CHILD_RE = re.compile(r"^(?P<prefix>.+?)\.(?P<child>gate|shared_experts?|shared_expert_gate)\.(?P<rest>.+)$")
+_LAYER_INDEX_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_SHARD = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2", "down_proj": "w2"}
+
+
+@dataclass
+class LoadReport:
+    """What ``load_checkpoint`` / ``reload_weights`` did with each checkpoint tensor."""
+
+    loaded: list[str] = field(default_factory=list)  #: checkpoint names that were loaded
+    ignored: dict[str, str] = field(default_factory=dict)  #: checkpoint name -> why it was not loaded
+    layers: dict[str, int] = field(default_factory=dict)  #: FusedMoE path -> tensors loaded into it
+    other: dict[str, str] = field(default_factory=dict)  #: checkpoint name -> model parameter it filled
+    nbytes: int = 0  #: bytes of checkpoint data loaded
+    layer_status: dict[str, str] = field(default_factory=dict)  #: after finalize: loaded|reloaded|unchanged
+
+    def __str__(self) -> str:
+        text = (f"loaded {len(self.loaded)} tensors ({self.nbytes / 2**20:.1f} MiB): "
+                f"{sum(self.layers.values())} into {len(self.layers)} FusedMoE layers, {len(self.other)} into other "
+                f"parameters; ignored {len(self.ignored)}")
+        if self.ignored:
+            shown = list(self.ignored.items())[:10]
+            text += ": " + "; ".join(f"{n} ({why})" for n, why in shown) + (" ..." if len(self.ignored) > 10 else "")
+        return text
+
+
+# ------------------------------------------------------------------------------------------ sources
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _safetensors_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors files in {path!r}")
+        return files
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return [path]
+    raise FileNotFoundError(f"{path!r} is neither a folder of .safetensors files nor a .safetensors file")
+
+
+def iter_checkpoint(source) -> tuple[Iterator[tuple[str, torch.Tensor]], int | None]:
+    """``(iterator of (name, tensor), count or None)`` for a folder / file path, a dict or an iterable.
+
+    Files are read one tensor at a time (memory-mapped), in natural name order across all files, so each
+    expert's shards arrive together and at most one expert is staged at a time."""
+    if isinstance(source, (str, os.PathLike)):
+        from safetensors import safe_open
+
+        handles = [safe_open(f, framework="pt", device="cpu") for f in _safetensors_files(os.fspath(source))]
+        index = {name: h for h in handles for name in h.keys()}
+        names = sorted(index, key=_natural_key)
+        return ((n, index[n].get_tensor(n)) for n in names), len(names)
+    if isinstance(source, dict):
+        return iter(source.items()), len(source)
+    count = len(source) if hasattr(source, "__len__") else None
+    return iter(source), count
+
+
+# ------------------------------------------------------------------------------------------ resolution
+class _Resolver:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = name_layers(model)
+        self.tensors = dict(model.named_parameters(remove_duplicate=False))
+        self.tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+        self._cache: dict[str, tuple[str, FusedMoE] | None] = {}
+        #: tensors a FusedMoE owns (not its shared_experts): filled only through its weight_loader
+        self.moe_owned = {id(p) for layer in self.layers.values() for p in layer.parameters(recurse=False)}
+
+    def layer(self, prefix: str) -> tuple[str, FusedMoE] | None:
+        if prefix not in self._cache:
+            self._cache[prefix] = self._find_layer(prefix)
+        return self._cache[prefix]
+
+    def _find_layer(self, prefix: str):
+        for cand in (prefix + ".experts", prefix):
+            if cand in self.layers:
+                return cand, self.layers[cand]
+        for cand in (prefix + ".experts", prefix):
+            c = cand.split(".")
+            hits = [p for p in self.layers if p and (_is_suffix(p.split("."), c) or _is_suffix(c, p.split(".")))]
+            if len(hits) == 1:
+                return hits[0], self.layers[hits[0]]
+        index = _LAYER_INDEX_RE.findall(prefix)
+        if index:
+            hits = [p for p in self.layers if index[-1] in _LAYER_INDEX_RE.findall(p)[-1:]]
+            if len(hits) == 1:
+                return hits[0], self.layers[hits[0]]
+        if len(self.layers) == 1:
+            return next(iter(self.layers.items()))
+        return None
+
+    def exact(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """The model tensor named ``name`` (also with a leading ``model.`` added or removed)."""
+        for cand in (name, name.removeprefix("model."), "model." + name):
+            if cand in self.tensors:
+                return cand, self.tensors[cand]
+        return None
+
+    def tensor(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """``exact(name)``, else a ``gate`` / ``shared_expert*`` child of an MoE block, looked up as a sibling
+        of the matched ``FusedMoE`` or inside it."""
+        found = self.exact(name)
+        m = None if found else _BLOCK_CHILD_RE.match(name)
+        if m is None or (hit := self.layer(m["prefix"])) is None:
+            return found
+        path = hit[0]
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        child = m["child"]
+        children = [child, "shared_experts", "shared_expert"] if child in ("shared_expert", "shared_experts") else [child]
+        for base in (parent, path):
+            for c in children:
+                cand = ".".join(p for p in (base, c, m["rest"]) if p)
+                if cand in self.tensors:
+                    return cand, self.tensors[cand]
+        return None
+
+
+def _is_suffix(short: list[str], long: list[str]) -> bool:
+    return 0 < len(short) <= len(long) and long[-len(short):] == short
+
+
+def name_layers(model: nn.Module) -> dict[str, FusedMoE]:
+    """Every ``FusedMoE`` in ``model`` by module path; sets ``layer.layer_name`` for error messages."""
+    layers = {}
+    for path, module in model.named_modules():
+        if isinstance(module, FusedMoE):
+            module.layer_name = path or type(model).__name__
+            layers[path] = module
+    return layers
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _load_one(res: _Resolver, name: str, tensor: torch.Tensor, report: LoadReport) -> None:
+    m = _EXPERT_RE.match(name)
+    f = None if m else _FUSED_RE.match(name)
+    if m or f:
+        hit = res.layer((m or f)["prefix"])
+        if hit is None:
+            report.ignored[name] = "no FusedMoE in the model matches this layer"
+            return
+        path, layer = hit
+        if m:
+            shard = _SHARD[m["proj"]]
+            if not layer.gated and m["proj"] in ("up_proj", "w1"):
+                shard = "w1"
+            elif not layer.gated and m["proj"] in ("gate_proj", "w3"):
+                report.ignored[name] = f"non-gated activation {layer.activation!r} has no gate projection"
+                return
+            is_bias, expert = m["kind"] == "bias", int(m["expert"])
+        else:
+            shard = "w2" if f["proj"] == "down_proj" else None
+            is_bias, expert = f["suffix"] in (".bias", "_bias"), None
+        target = ("w2" if shard == "w2" else "w13") + ("_bias" if is_bias else "_weight")
+        if getattr(layer, target) is None:
+            report.ignored[name] = f"{path} has no {target} (has_bias=False)"
+            return
+        layer.weight_loader(target, tensor, shard, expert, weight_name=name)
+        report.layers[path] = report.layers.get(path, 0) + 1
+    elif name.endswith(".e_score_correction_bias") and (hit := _correction_layer(res, name)) is not None:
+        path, layer = hit
+        layer.weight_loader("e_score_correction_bias", tensor, None, None, weight_name=name)
+        report.layers[path] = report.layers.get(path, 0) + 1
+    else:
+        found = res.tensor(name)
+        if found is None:
+            report.ignored[name] = "no matching parameter or buffer in the model"
+            return
+        target_name, target = found
+        if id(target) in res.moe_owned:
+            report.ignored[name] = (f"{target_name} belongs to a FusedMoE and is filled by its weight_loader "
+                                    "(a quantized state dict loads with model.load_state_dict)")
+            return
+        if target.is_meta:
+            report.ignored[name] = f"{target_name} is on the meta device"
+            return
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {name}: shape {list(tensor.shape)} does not match {target_name} "
+                             f"{list(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor)
+        report.other[name] = target_name
+    report.loaded.append(name)
+    report.nbytes += tensor.numel() * tensor.element_size()
+
+
+def _correction_layer(res: _Resolver, name: str):
+    """The ``FusedMoE`` that owns ``P.gate.e_score_correction_bias``, unless the model names another home."""
+    m = _BLOCK_CHILD_RE.match(name)
+    if m is None or m["child"] != "gate":
+        return None
+    direct = res.exact(name)
+    if direct is not None and not any(direct[1] is layer.e_score_correction_bias for layer in res.layers.values()):
+        return None
+    hit = res.layer(m["prefix"])
+    return hit if hit is not None and hit[1].use_correction_bias else None
+
+
+def load_checkpoint(model: nn.Module, source, *, progress: bool = True) -> LoadReport:
+    """Load a checkpoint into ``model`` (its ``FusedMoE`` layers stream and quantize expert by expert).
+
+    Args:
+        model: an ``nn.Module`` containing one or more ``FusedMoE`` (or a ``FusedMoE`` itself).
+        source: a folder of ``.safetensors`` files, one ``.safetensors`` file, a dict ``name -> tensor``, or an
+            iterable of ``(name, tensor)`` pairs (e.g. weights streamed from a trainer).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``LoadReport``: loaded names, ignored names with reasons, tensors per layer, bytes. Does not finalize:
+        call ``finalize_loading(model)`` after the last source. A shape mismatch, a tensor loaded twice or an
+        unusable dtype raises at once, naming the parameter, expert and shard.
+    """
+    from tqdm.auto import tqdm
+
+    res = _Resolver(model)
+    if not res.layers:
+        raise ValueError(f"{type(model).__name__} contains no torch_moe_ops.FusedMoE")
+    items, total = iter_checkpoint(source)
+    report = LoadReport()
+    with tqdm(items, total=total, desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
+        for name, tensor in bar:
+            _load_one(res, name, tensor, report)
+            del tensor
+    return report
+
+
+def finalize_loading(model: nn.Module, *, strict_reload: bool = True) -> dict[str, str]:
+    """Close the load (or reload) round of every ``FusedMoE`` in ``model``.
+
+    Raises ``LoadError`` listing every missing (layer, expert, shard) across all layers; a layer that raised
+    keeps its state (``layer.is_loaded`` stays False on a first load, and its forward refuses to run).
+    Afterwards checks that no parameter of ``model`` is on the meta device.
+
+    Returns:
+        ``{layer path: "loaded" | "reloaded" | "unchanged"}``.
+    """
+    layers = name_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} contains no torch_moe_ops.FusedMoE")
+    status, errors = {}, []
+    for path, layer in layers.items():
+        try:
+            status[path] = layer.finalize_loading(strict_reload=strict_reload)
+        except LoadError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise LoadError(f"{len(errors)} of {len(layers)} FusedMoE layers are incomplete:\n  " + "\n  ".join(errors))
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise LoadError(f"parameters still on the meta device after loading: {meta}")
+    return status
+
+
+def reload_weights(model: nn.Module, source, *, progress: bool = False, strict: bool = True) -> LoadReport:
+    """Reload weights into a finalized model in place (RL weight sync), expert by expert.
+
+    Every parameter keeps its ``data_ptr`` (each expert is re-quantized straight into its slot with
+    ``quantize_weight_into``), so compiled models and captured CUDA graphs see the new weights. Extra
+    memory is the same as a streaming load: one expert's staging. ``strict``: a layer that received some
+    weights must receive all of them (otherwise ``LoadError``); a layer that received none keeps its
+    weights and a warning names it.
+    """
+    layers = name_layers(model)
+    not_loaded = [p for p, layer in layers.items() if not layer.is_loaded]
+    if not_loaded:
+        raise LoadError(f"reload_weights needs finalized layers; not loaded yet: {not_loaded} "
+                        "(use load_checkpoint + finalize_loading first)")
+    rounds = {p: layer._streamer.rounds for p, layer in layers.items()}
+    report = load_checkpoint(model, source, progress=progress)
+    status = finalize_loading(model, strict_reload=strict)
+    for path, layer in layers.items():
+        status[path] = "reloaded" if layer._streamer.rounds > rounds[path] else "unchanged"
+    unchanged = [p for p, s in status.items() if s == "unchanged"]
+    if unchanged:
+        warnings.warn(f"reload_weights: no weights for {unchanged}; they keep their previous weights", stacklevel=2)
+    report.layer_status = status
+    return report
+
+
+__all__ = ["LoadReport", "finalize_loading", "iter_checkpoint", "load_checkpoint", "name_layers", "reload_weights"]
+
