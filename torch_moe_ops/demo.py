@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters", type=int, default=10, help="timed calls per scheme")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=4, help="layers of the pipeline checkpoint")
+    p.add_argument("--quant", default="fp8_channel", help="online scheme for the pipeline: fp8_tensor, fp8_channel, "
+                   "fp8_block, int8_w8a16 or none")
+    p.add_argument("--skip-ops", action="store_true", help="only the load/quantize/reload pipeline")
+    p.add_argument("--skip-pipeline", action="store_true", help="only the per-scheme op table")
 
 
 def _time_per_call(fn, iters: int, device: torch.device) -> float:
@@ -46,6 +51,15 @@ def _time_per_call(fn, iters: int, device: torch.device) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    rc = 0 if args.skip_ops else run_ops(args)
+    if not args.skip_pipeline:
+        from .demo_pipeline import run_pipeline
+
+        rc = rc or run_pipeline(args)
+    return rc
+
+
+def run_ops(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     E, k, H, I, T = args.experts, args.top_k, args.hidden, args.intermediate, args.tokens
