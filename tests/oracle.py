@@ -190,7 +190,8 @@ def dequantize_weight(q, scale, scheme, block_shape=None, interleaved=False):
     if scheme == "fp8_tensor":
         s = scale.reshape(E, -1)
         for c in range(s.shape[1]):
-            rows = slice(c, None, 2) if interleaved and s.shape[1] == 2 else slice(c * N // s.shape[1], (c + 1) * N // s.shape[1])
+            n = N // s.shape[1]
+            rows = slice(c, None, 2) if interleaved and s.shape[1] == 2 else slice(c * n, (c + 1) * n)
             full[:, rows, :] = s[:, c, None, None]
         return q.float() * full
     bn, bk = _block_dims(scheme, N, K, block_shape, 1)
@@ -233,8 +234,9 @@ SCHEMES = {"none": (None, None), "fp8_tensor": ("fp8_tensor", "fp8_token"),
 def fused_experts(x, w13, w2, topk_weights, topk_ids, activation_name="silu", quant_scheme="none", w13_scale=None,
                   w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None,
                   apply_router_weight_on_input=False, alpha=1.702, limit=0.0):
-    """out[t] = sum over slots s with a local expert e of  w * (f(q(x_t) @ W13[e]^T + b13[e]) -> q -> @ W2[e]^T + b2[e]),
-    the weight applied on the GEMM1 input instead when ``apply_router_weight_on_input``. fp32 [T, H]."""
+    """out[t] = sum over slots s with a local expert e of  w * (q(f(q(x_t) @ W13[e]^T + b13[e])) @ W2[e]^T + b2[e])
+    (q = dynamic activation quantization of the scheme), the weight applied on the GEMM1 input instead when
+    ``apply_router_weight_on_input``. fp32 [T, H]."""
     wscheme, ascheme = SCHEMES[quant_scheme]
     block_shape = tuple(block_shape or DEFAULT_BLOCK)
     if wscheme is None:

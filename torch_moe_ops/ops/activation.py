@@ -32,7 +32,7 @@ def act(x, activation, alpha, limit, on_triton):
 
         flat = x.reshape(-1, x.shape[-1])
         return kernels.act_and_mul(flat, activation, alpha, limit).view(act_out_shape(x, activation))
-    return reference.act_and_mul(x, activation, alpha, limit)
+    return reference.act_and_mul(x, activation, alpha, limit).contiguous()  # the fake is contiguous for any x layout
 
 
 @define("act_and_mul", ACT_SCHEMA)

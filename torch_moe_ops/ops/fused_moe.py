@@ -148,6 +148,10 @@ def check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_ma
 def moe(x, router_logits, w13, w2, top_k, renormalize, scoring_func, G, kG, bias, rsf, activation, quant_scheme,
         w13_scale, w2_scale, w13_bias, w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton):
     check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map)
+    # the expert arguments are checked before the routing kernel runs (placeholders stand in for its outputs)
+    check_experts(x, w13, w2, x.new_empty((x.shape[0], top_k), dtype=torch.float32),
+                  x.new_empty((x.shape[0], top_k), dtype=torch.int32), activation, quant_scheme, w13_scale, w2_scale,
+                  w13_bias, w2_bias, block_shape, expert_map, limit)
     weights, ids = route(router_logits, top_k, renormalize, scoring_func, G, kG, bias, rsf, on_triton)
     return experts(x, w13, w2, weights, ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
                    block_shape, expert_map, on_input, alpha, limit, on_triton)

@@ -40,6 +40,11 @@ def fused_experts(
     Scales must already have the canonical shapes (fp8_tensor: w13 [E, 1|2], w2 [E, 1])."""
     weight_scheme, act_scheme = EXPERT_SCHEMES[quant_scheme]
     block_shape = tuple(block_shape or DEFAULT_BLOCK_SHAPE)
+    w13_scheme = weight_scheme
+    if weight_scheme == "fp8_tensor" and activation == "swigluoai" and w13_scale.numel() == 2 * w13.shape[0]:
+        # interleaved rows g0, u0, g1, u1, ...: row n takes the gate (n even) or up (n odd) scale (spec §3)
+        w13_scale = w13_scale.reshape(-1, 2).repeat(1, w13.shape[1] // 2)
+        w13_scheme = "fp8_channel"
     group = block_shape[1]
     T, H = hidden_states.shape
     k = topk_ids.shape[1]
@@ -54,7 +59,7 @@ def fused_experts(
         a = hidden_states[tok].float()
         if apply_router_weight_on_input:
             a = a * route_w
-        h = fake_quantize_activation(a, act_scheme, group) @ _expert_weight(w13, w13_scale, e, weight_scheme, block_shape).T
+        h = fake_quantize_activation(a, act_scheme, group) @ _expert_weight(w13, w13_scale, e, w13_scheme, block_shape).T
         if w13_bias is not None:
             h = h + w13_bias[e].float()
         h = act_and_mul_fp32(h, activation, activation_alpha, activation_limit)
