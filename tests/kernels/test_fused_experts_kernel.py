@@ -22,16 +22,21 @@ from torch_moe_ops._kernels.gemm import invoke_moe_gemm  # noqa: E402
 from torch_moe_ops.reference.quant import quantize_weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Rows of GEMM1's buffer for dropped (non-local / out-of-range) pairs are never written; the activation
+# runs over their garbage and NumPy warns about overflow there. Those rows are never read again.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_SCHEME = {"fp8_tensor": "fp8_tensor", "fp8_channel": "fp8_channel", "fp8_block": "fp8_block",
                  "int8_w8a16": "int8_channel"}
-#: ||out - ref|| / ||ref|| bounds. Unquantized: one rounding of each intermediate to x's dtype (bf16 has
-#: 8 mantissa bits: ~2^-9 per element, a few of them in sequence). fp8 (3 mantissa bits, a step is 2^-3
-#: of the binade): kernel and reference re-quantize intermediates that differ by one rounding to x's
-#: dtype, so a few elements land one fp8 step apart; measured ~1e-2 for bf16, far below the ~4e-2 of
-#: the fp8 quantization itself, so a floor of 2.5e-2 still catches a wrong scale (>= 10 % off).
+#: ||out - ref|| / ||ref|| bounds. Unquantized: intermediates rounded to x's dtype (bf16 keeps 8 mantissa
+#: bits, ~1e-3 per rounding, a handful in sequence) against an fp32 reference: measured ~6e-3 for bf16.
+#: fp8 (e4m3, 3 mantissa bits: one step is 1/8 of a binade; the quantization itself costs ~6e-2 here):
+#: kernel and reference quantize x identically, but the kernel re-quantizes GEMM1's output after rounding
+#: it to x's dtype, so a few percent of elements land one fp8 step apart. Measured on 3 seeds x 3 schemes:
+#: bf16 1.0-1.5e-2, fp16 <= 4e-3, fp32 <= 2e-4. Floors at ~2x the worst seen (SQNR >= 32 dB for bf16)
+#: still catch any wrong scale or dropped term (a scale 10 % off alone gives ~1e-1).
 REL_TOL = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-4}
-REL_TOL_FP8 = {"bf16": 2.5e-2, "fp16": 2e-2, "fp32": 2e-2}
+REL_TOL_FP8 = {"bf16": 2.5e-2, "fp16": 1e-2, "fp32": 1e-3}
 
 
 def _routing(T, E_g, k, mode, gen):
@@ -75,36 +80,31 @@ def _run_case(T, E, k, H, I, activation="silu", dtype="bf16", scheme="none", rou
     b2 = torch.randn(E, H, generator=gen) / 10 if bias else None
 
     s13 = s2 = None
-    ref_scheme, ref_s13 = scheme, None
     block_shape = block if scheme == "fp8_block" else None
     if scheme != "none":
         ws = WEIGHT_SCHEME[scheme]
         shards = 2 if scheme == "fp8_tensor" and gated else 1
         if scheme == "fp8_tensor" and activation == "swigluoai":
-            # Interleaved gate/up rows: column half = n % 2. The reference's [E, 2] expansion assumes the
-            # halves layout, so compare against fp8_channel with the per-column expansion of the scale.
+            # Interleaved gate/up rows (g0, u0, g1, ...): scale column n % 2 (quantize_weight assumes halves).
             s13 = torch.stack([w13[:, 0::2].abs().amax((1, 2)), w13[:, 1::2].abs().amax((1, 2))], 1)
             s13 = s13.clamp_min(1e-4) / 448.0
-            ref_s13 = s13.repeat(1, I)
-            q13 = (w13 / ref_s13[:, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-            ref_scheme = "fp8_channel"
+            q13 = (w13 / s13.repeat(1, I)[:, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
         else:
             q13, s13 = quantize_weight(w13, ws, block_shape, shards)
         q2, s2 = quantize_weight(w2, ws, block_shape, 1)
         if strided:  # keep the padded strides on the quantized weights too
             q13 = torch.empty(E, N1 + 3, H + 128, dtype=q13.dtype)[:, :N1, :H].copy_(q13)
         w13_ref, w2_ref, w13, w2 = q13, q2, q13, q2
-        ref_s2 = s2.repeat(1, H) if ref_scheme != scheme else s2
     else:
-        w13_ref, w2_ref, ref_s2 = w13, w2, None
+        w13_ref, w2_ref = w13, w2
         w13, w2 = w13.to(dt), w2.to(dt)
 
     kwargs = dict(activation=activation, expert_map=expert_map, apply_router_weight_on_input=on_input,
                   activation_limit=limit, block_shape=block_shape)
+    # Quantized: the reference quantizes the same x values the kernel sees (x rounded to x's dtype).
     ref = reference.fused_experts(
-        x, w13_ref, w2_ref, topk_w, topk_ids, quant_scheme=ref_scheme,
-        w13_scale=ref_s13 if ref_s13 is not None else s13, w2_scale=ref_s2 if ref_s2 is not None else s2,
-        w13_bias=b13, w2_bias=b2, **kwargs)
+        x if scheme == "none" else x.to(dt).float(), w13_ref, w2_ref, topk_w, topk_ids, quant_scheme=scheme,
+        w13_scale=s13, w2_scale=s2, w13_bias=b13, w2_bias=b2, **kwargs)
 
     def dev(t):
         return t.to(DEVICE) if t is not None else None
@@ -128,7 +128,8 @@ CASES = [
     pytest.param((7, 4, 2, 40, 24), {"activation": "silu_no_mul"}, id="E4-k2-T7-H40-I24-silu_no_mul"),
     pytest.param((7, 3, 2, 40, 24), {"activation": "gelu_no_mul"}, id="E3-k2-T7-H40-I24-gelu_no_mul"),
     pytest.param((7, 4, 1, 40, 36), {"activation": "gelu_tanh_no_mul"}, id="E4-k1-T7-H40-I36-gelu_tanh_no_mul"),
-    pytest.param((7, 4, 2, 72, 24), {"activation": "relu2_no_mul", "dtype": "fp32"}, id="E4-k2-T7-H72-I24-relu2_no_mul"),
+    pytest.param((7, 4, 2, 72, 24), {"activation": "relu2_no_mul", "dtype": "fp32"},
+                 id="E4-k2-T7-H72-I24-relu2_no_mul"),
     pytest.param((7, 4, 2, 40, 24), {"activation": "swigluoai", "limit": 7.0, "bias": True, "w_scale": 1.0},
                  id="E4-k2-T7-H40-I24-swigluoai-L7-bias"),
     pytest.param((7, 4, 2, 40, 24), {"limit": 7.0, "w_scale": 1.0}, id="E4-k2-T7-H40-I24-silu-L7"),
@@ -149,8 +150,8 @@ CASES = [
     pytest.param((7, 4, 2, 40, 24), {"scheme": "fp8_channel", "ep": True, "bias": True},
                  id="E4-k2-T7-H40-I24-fp8_channel-ep-bias"),
     pytest.param((33, 4, 2, 72, 36), {"scheme": "fp8_block", "block": (32, 32)}, id="E4-k2-T33-H72-I36-fp8_block32"),
-    pytest.param((7, 3, 2, 40, 24), {"scheme": "fp8_block", "block": (16, 16), "dtype": "fp32", "on_input": True},
-                 id="E3-k2-T7-H40-I24-fp8_block16-on-input"),
+    pytest.param((7, 3, 2, 40, 24), {"scheme": "fp8_block", "block": (16, 32), "dtype": "fp32", "on_input": True},
+                 id="E3-k2-T7-H40-I24-fp8_block16x32-on-input"),
     pytest.param((7, 4, 1, 72, 36), {"scheme": "fp8_block", "block": (32, 32), "strided": True, "routing": "empty"},
                  id="E4-k1-T7-H72-I36-fp8_block32-strided-empty"),
     pytest.param((33, 4, 2, 40, 24), {"scheme": "int8_w8a16"}, id="E4-k2-T33-H40-I24-int8_w8a16"),
@@ -238,8 +239,43 @@ class TestFusedExpertsCuda:
                                       w13_scale=s13, w2_scale=s2)
         out = fused_experts(x, w13, w2, w, ids, quant_scheme=scheme, w13_scale=s13, w2_scale=s2)
         err = _rel_err(out, ref)
-        assert err < (REL_TOL_FP8["bf16"] if scheme.startswith("fp8") else REL_TOL["bf16"]), err
-        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+        if scheme.startswith("fp8"):  # spec §13: fp8 against the same-q reference, atol = rtol = 0.035
+            assert err < REL_TOL_FP8["bf16"], err
+            torch.testing.assert_close(out.float(), ref, atol=0.035, rtol=0.035)
+        else:
+            assert err < REL_TOL["bf16"], err
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+
+    def test_tuned_configs_compute_correctly(self):
+        """Every distinct tile config of the packaged tuned tables, on one small GEMM against torch."""
+        from torch_moe_ops._kernels.align import align_block_size
+        from torch_moe_ops._kernels.configs import tuned_tables
+        from torch_moe_ops.reference.quant import dequantize_activation, dequantize_weight, quantize_activation
+
+        T, E, k, N, K = 200, 4, 2, 384, 640
+        x, w, _, _, ids = self._inputs(T, E, k, K, N // 2)
+        w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / 10
+        seen = set()
+        for (_, _, _, _, skey), table in sorted(tuned_tables().items()):
+            scheme = "fp8_block" if skey.startswith("fp8_block") else skey
+            for cfg in table.values():
+                if (scheme, cfg) in seen:
+                    continue
+                seen.add((scheme, cfg))
+                a, a_s, w_q, w_s, bs = x, None, w, None, None
+                if scheme != "none":
+                    bs = (128, 128) if scheme == "fp8_block" else None
+                    a, a_s = quantize_activation(x, "fp8_group" if bs else "fp8_token", 128)
+                    w_q, w_s = quantize_weight(w.float(), WEIGHT_SCHEME[scheme], bs, 1)
+                c = torch.full((T * k, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+                invoke_moe_gemm(a, w_q, c, *align_block_size(ids, E, cfg.block_m), top_k=k, config=cfg,
+                                scheme=scheme, a_scale=a_s, w_scale=w_s, block_shape=bs)
+                a_ref = a.float() if a_s is None else dequantize_activation(a, a_s, 128)
+                w_ref = w_q.float() if w_s is None else dequantize_weight(w_q, w_s, WEIGHT_SCHEME[scheme], bs)
+                j = torch.arange(T * k, device="cuda")
+                ref = torch.einsum("jk,jnk->jn", a_ref[j // k], w_ref[ids.view(-1).long()])
+                assert _rel_err(c, ref) < 1e-2, (scheme, cfg)
+        assert seen or not tuned_tables()
 
     def test_int64_offsets(self):
         """T·k·N1 = 100000·6·4096 > 2³¹ in one GEMM1 launch."""
@@ -271,11 +307,11 @@ class TestFusedExpertsCuda:
 
         E, k, H, I = 4, 2, 256, 128
         _, w13, w2, _, _ = self._inputs(1, E, k, H, I)
-        # Tokens in one config bucket (same tiles): T must not enter any specialization key.
+        # Tokens in one heuristic bucket (33 < T <= 64: same tiles): T must not enter any specialization key.
         x, _, _, w, ids = self._inputs(33, E, k, H, I)
         fused_experts(x, w13, w2, w, ids)
         before = n_compiled()
-        for T in (34, 48, 64, 77, 96):
+        for T in (34, 48, 57, 64):
             x, _, _, w, ids = self._inputs(T, E, k, H, I)
             fused_experts(x, w13, w2, w, ids)
         assert n_compiled() == before

@@ -13,51 +13,11 @@ import dataclasses
 import torch
 
 from .._spec import DEFAULT_BLOCK_SHAPE, EXPERT_SCHEMES, canonical_activation
+from .activation import act_and_mul, act_and_quant, moe_sum
+from .align import align_block_size
 from .configs import get_config
 from .gemm import invoke_moe_gemm
-
-
-def _align_block_size():
-    try:
-        from .align import align_block_size
-    except ImportError:  # sibling kernel not written yet
-        from ..reference import align_block_size
-    return align_block_size
-
-
-def _act_and_mul(x, activation, alpha, limit):
-    try:
-        from .activation import act_and_mul
-    except ImportError:
-        from ..reference import act_and_mul
-    return act_and_mul(x, activation, alpha, limit)
-
-
-def _act_and_quant(x, activation, alpha, limit, scheme, group_size):
-    try:
-        from .activation import act_and_quant
-    except ImportError:
-        from ..reference import quantize_activation
-        from ..reference.activation import act_and_mul_fp32
-
-        return quantize_activation(act_and_mul_fp32(x, activation, alpha, limit), scheme, group_size)
-    return act_and_quant(x, activation, alpha, limit, scheme, group_size)
-
-
-def _quantize_activation(x, scheme, group_size):
-    try:
-        from .quant import quantize_activation
-    except ImportError:
-        from ..reference import quantize_activation
-    return quantize_activation(x, scheme, group_size)
-
-
-def _moe_sum(x):
-    try:
-        from .activation import moe_sum
-    except ImportError:
-        from ..reference import moe_sum
-    return moe_sum(x)
+from .quant import quantize_activation
 
 
 def fused_experts(
@@ -103,10 +63,11 @@ def fused_experts(
         return torch.zeros((T, H), dtype=x.dtype, device=device)
 
     # One BLOCK_M for both GEMMs: they share the alignment.
-    cfg1 = get_config(T, E, N1, H, quant_scheme, block_shape, device)
-    cfg2 = dataclasses.replace(get_config(T, E, H, I, quant_scheme, block_shape, device), block_m=cfg1.block_m)
+    cfg1 = get_config(T, E, N1, H, quant_scheme, block_shape, device, top_k=k)
+    cfg2 = get_config(T, E, H, I, quant_scheme, block_shape, device, top_k=k)
+    cfg2 = dataclasses.replace(cfg2, block_m=cfg1.block_m)
     num_experts = E if expert_map is None else expert_map.numel()
-    sorted_ids, expert_ids, num_post_pad = _align_block_size()(topk_ids, num_experts, cfg1.block_m, expert_map)
+    sorted_ids, expert_ids, num_post_pad = align_block_size(topk_ids, num_experts, cfg1.block_m, expert_map)
 
     if apply_router_weight_on_input:
         # Each pair gets its own weighted copy of its token: GEMM1 then reads row j, not j // k.
@@ -117,7 +78,7 @@ def fused_experts(
         a1, a1_rows_per_pair = x, k
     a1_scale = None
     if act_scheme is not None:
-        a1, a1_scale = _quantize_activation(a1, act_scheme, group_size)
+        a1, a1_scale = quantize_activation(a1, act_scheme, group_size)
 
     gemm_args = (sorted_ids, expert_ids, num_post_pad)
     c1 = torch.empty((numel, N1), dtype=x.dtype, device=device)
@@ -128,9 +89,9 @@ def fused_experts(
     )
     # Rows of c1 for dropped pairs are garbage; the activation maps them to garbage that GEMM2 never reads.
     if act_scheme is None:
-        a2, a2_scale = _act_and_mul(c1, activation, activation_alpha, activation_limit), None
+        a2, a2_scale = act_and_mul(c1, activation, activation_alpha, activation_limit), None
     else:
-        a2, a2_scale = _act_and_quant(c1, activation, activation_alpha, activation_limit, act_scheme, group_size)
+        a2, a2_scale = act_and_quant(c1, activation, activation_alpha, activation_limit, act_scheme, group_size)
 
     # Zero-filled: rows of dropped pairs are never written by GEMM2 and must sum to exactly 0.
     c3 = torch.zeros((numel, H), dtype=x.dtype, device=device)
@@ -141,4 +102,4 @@ def fused_experts(
     )
     if k == 1:  # [T, 1, H] is already the sum; c3 is a fresh tensor
         return c3
-    return _moe_sum(c3.view(T, k, H))
+    return moe_sum(c3.view(T, k, H))

@@ -87,11 +87,11 @@ def _moe_gemm_kernel(
             k_left = K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if SCHEME == 4:  # int8 weight-only: dequantize to the activation dtype in registers
-            b = b.to(a.dtype)
         if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns (pitfalls §2)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        elif SCHEME == 4:  # int8 weight-only: dequantize to the activation dtype in registers
+            b = b.to(a.dtype)
         if SCHEME == 3:  # 1 x GROUP_K activation groups and GROUP_N x GROUP_K weight blocks
             kb = (kk * BLOCK_K) // GROUP_K
             a_s = tl.load(a_scale_ptrs + kb * stride_ask, mask=mask_token, other=0.0)

@@ -1,0 +1,261 @@
+"""Tune the grouped MoE GEMM's tiles on this GPU and write the table ``_kernels/configs.py`` reads.
+
+For each token count T, every candidate TileConfig is timed with ``triton.testing.do_bench`` (median, on
+random uniform routing, weights far larger than L2 for real models) and the fastest is kept. ``--model``
+tunes both GEMMs of a layer: GEMM1 ``[E, N1, H]`` first, then GEMM2 ``[E, H, I]`` restricted to the
+BLOCK_M GEMM1 picked (both GEMMs share one alignment, so ``fused_experts`` forces GEMM1's BLOCK_M).
+
+Examples (GPU only)::
+
+    python benchmarks/tune.py --model mixtral --T 1 16 64 256 1024 4096 16384
+    python benchmarks/tune.py --E 8 --N 28672 --K 4096 --top-k 2 --scheme fp8_channel --T 64 1024
+    python benchmarks/tune.py --model deepseek-v3 --scheme fp8_block --space quick --T 64 1024
+
+The output (default ``torch_moe_ops/_kernels/tuned/<device>.json``) is merged into: entries of other
+shapes and token counts are kept; timings are stored next to the configs for the record.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch_moe_ops._spec import DEFAULT_BLOCK_SHAPE, EXPERT_SCHEMES  # noqa: E402
+from torch_moe_ops._kernels.configs import TUNED_DIR, TileConfig, default_config, scheme_key  # noqa: E402
+
+#: (E, top_k, H, I per partition) of common MoE layers.
+MODELS = {
+    "mixtral": (8, 2, 4096, 14336),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "gpt-oss-20b": (32, 4, 2880, 2880),
+    "deepseek-v3": (256, 8, 7168, 2048),
+}
+SMEM_BYTES = 227 * 1024  # H100 / H200 per-block shared memory limit
+
+
+def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: str, block_shape, space: str, block_m=None):
+    """Tile candidates worth timing for T tokens (pruned by rows per expert, shared memory and K)."""
+    rows_per_expert = max(1, T * top_k // E)
+    if block_m is None:  # the three largest BLOCK_M that one expert's rows can still fill halfway
+        bms = [b for b in (16, 32, 64, 128) if b <= max(16, 2 * rows_per_expert)][-3:]
+    else:
+        bms = [block_m]
+    quick = space == "quick"
+    fp8 = scheme.startswith("fp8")
+    few_rows = T * top_k <= 64  # decode: more, narrower column tiles keep every SM streaming weights
+    bns = ((32, 64, 128) if few_rows else (64, 128, 256)) if quick else (32, 64, 128, 256)
+    bks = (128,) if fp8 else ((64, 128) if quick else (32, 64, 128, 256))
+    if scheme == "fp8_block":
+        bks = tuple(b for b in (64, 128) if block_shape[1] % b == 0)
+    warps = (4, 8)
+    stages = (3, 4) if quick else (2, 3, 4, 5)
+    a_bytes = 1 if fp8 else 2
+    b_bytes = 1 if scheme != "none" else 2
+    out = []
+    for bm, bn, bk, nw, ns in itertools.product(bms, bns, bks, warps, stages):
+        if bk > max(32, 2 * K) or bn > max(32, 2 * N):
+            continue
+        if (bm * bk * a_bytes + bk * bn * b_bytes) * ns > SMEM_BYTES:
+            continue
+        # GROUP_M only matters once an expert spans several row blocks; 16 covers every real case
+        gm = 16 if rows_per_expert > bm else 1
+        if nw == 8 and bm * bn < 64 * 128:
+            continue
+        out.append(TileConfig(bm, bn, bk, gm, nw, ns))
+    default = default_config(T, E, N, K, scheme, block_shape, top_k=top_k)
+    if block_m is not None:
+        default = TileConfig(block_m, default.block_n, default.block_k, default.group_m, default.num_warps,
+                             default.num_stages)
+    if default not in out:
+        out.append(default)
+    return out, default
+
+
+class GemmProblem:
+    """Random inputs of one grouped GEMM (weights [E, N, K] quantized per ``scheme``) for T tokens."""
+
+    def __init__(self, T, E, N, K, top_k, a_div, scheme, block_shape, dtype=torch.bfloat16, seed=0):
+        from torch_moe_ops.reference.quant import quantize_weight
+
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.T, self.E, self.N, self.K, self.top_k, self.a_div = T, E, N, K, top_k, a_div
+        self.scheme, self.block_shape = scheme, block_shape
+        rows = T if a_div == top_k else T * top_k
+        weight_scheme, act_scheme = EXPERT_SCHEMES[scheme]
+        self.w_scale = None
+        if weight_scheme is None:
+            self.w = torch.randn(E, N, K, device="cuda", dtype=dtype, generator=gen) / 10
+        else:  # quantize expert by expert: an fp32 copy of a DeepSeek-size layer would not fit
+            shards = 2 if scheme == "fp8_tensor" and a_div > 1 else 1
+            parts = [quantize_weight(torch.randn(1, N, K, device="cuda", dtype=dtype, generator=gen) / 10,
+                                     weight_scheme, block_shape, shards) for _ in range(E)]
+            self.w = torch.cat([q for q, _ in parts])
+            self.w_scale = torch.cat([s for _, s in parts])
+        a = torch.randn(rows, K, device="cuda", dtype=dtype, generator=gen) / 10
+        self.a_scale = None
+        if act_scheme is not None:
+            from torch_moe_ops.reference.quant import quantize_activation
+
+            a, self.a_scale = quantize_activation(a, act_scheme, (block_shape or DEFAULT_BLOCK_SHAPE)[1])
+        self.a = a
+        logits = torch.randn(T, E, device="cuda", generator=gen)
+        self.topk_weights, ids = torch.softmax(logits, -1).topk(top_k, dim=-1)
+        self.topk_ids = ids.to(torch.int32)
+        self.c = torch.empty(T * top_k, N, device="cuda", dtype=dtype)
+        self._align = {}
+
+    def align(self, block_m):
+        if block_m not in self._align:
+            from torch_moe_ops._kernels.align import align_block_size
+
+            self._align[block_m] = align_block_size(self.topk_ids, self.E, block_m, None)
+        return self._align[block_m]
+
+    def run(self, cfg: TileConfig):
+        from torch_moe_ops._kernels.gemm import invoke_moe_gemm
+
+        invoke_moe_gemm(
+            self.a, self.w, self.c, *self.align(cfg.block_m), top_k=self.a_div, config=cfg, scheme=self.scheme,
+            a_scale=self.a_scale, w_scale=self.w_scale, block_shape=self.block_shape,
+            topk_weights=self.topk_weights if self.a_div == 1 else None,
+        )
+
+    def roofline_us(self, peak_tflops, bandwidth_gbs):
+        """max(bytes of touched experts / bandwidth, flops / peak) in µs, for the fraction of roof."""
+        touched = self.E * (1 - (1 - 1 / self.E) ** (self.T * self.top_k))  # expected, uniform routing
+        w_bytes = touched * self.N * self.K * self.w.element_size()
+        io_bytes = self.a.numel() * self.a.element_size() + self.c.numel() * self.c.element_size()
+        flops = 2 * self.T * self.top_k * self.N * self.K
+        return max((w_bytes + io_bytes) / (bandwidth_gbs * 1e3), flops / (peak_tflops * 1e6))
+
+
+def bench(fn, warmup_ms=25, rep_ms=100) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3  # µs
+
+
+def tune_gemm(problem: GemmProblem, cands, default, verbose=False):
+    """Time every candidate; returns (best config, best µs, default µs)."""
+    best, best_us = None, float("inf")
+    default_us = None
+    for cfg in cands:
+        try:
+            us = bench(lambda: problem.run(cfg))
+        except Exception as exc:  # out of resources for this tile: skip it
+            if verbose:
+                print(f"    skip {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
+            continue
+        if cfg == default:
+            default_us = us
+        if us < best_us:
+            best, best_us = cfg, us
+        if verbose:
+            print(f"    {us:9.1f} us  {cfg}")
+    return best, best_us, default_us
+
+
+def merge_into(path: Path, device: str, E: int, N: int, K: int, skey: str, results: dict):
+    data = json.loads(path.read_text()) if path.exists() else {"device": device, "entries": []}
+    import triton
+
+    data["device"], data["triton"], data["torch"] = device, triton.__version__, torch.__version__
+    data["written_by"] = "benchmarks/tune.py (do_bench median, uniform random routing, bf16 activations)"
+    entry = next((e for e in data["entries"] if (e["E"], e["N"], e["K"], e["scheme"]) == (E, N, K, skey)), None)
+    if entry is None:
+        entry = {"E": E, "N": N, "K": K, "scheme": skey, "configs": {}, "us": {}}
+        data["entries"].append(entry)
+    for T, (cfg, us) in results.items():
+        entry["configs"][str(T)] = cfg.to_dict()
+        entry.setdefault("us", {})[str(T)] = round(us, 2)
+    entry["configs"] = dict(sorted(entry["configs"].items(), key=lambda kv: int(kv[0])))
+    entry["us"] = dict(sorted(entry["us"].items(), key=lambda kv: int(kv[0])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_dumps(data))
+
+
+def _dumps(data: dict) -> str:
+    """JSON with one line per tuned T (diff-friendly, short)."""
+    head = {k: v for k, v in data.items() if k != "entries"}
+    lines = ["{", *(f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()), ' "entries": [']
+    for i, e in enumerate(data["entries"]):
+        lines.append(f'  {{"E": {e["E"]}, "N": {e["N"]}, "K": {e["K"]}, "scheme": {json.dumps(e["scheme"])},')
+        lines.append('   "configs": {')
+        cfgs = list(e["configs"].items())
+        for n, (t, c) in enumerate(cfgs):
+            lines.append(f"    {json.dumps(t)}: {json.dumps(c)}" + ("," if n < len(cfgs) - 1 else ""))
+        lines.append(f'   }}, "us": {json.dumps(e.get("us", {}))}}}' + ("," if i < len(data["entries"]) - 1 else ""))
+    lines += [" ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), help="tune both GEMMs of this layer (E, k, H, I preset)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: I per partition = I / tp")
+    p.add_argument("--E", type=int, help="local experts (single-GEMM mode)")
+    p.add_argument("--N", type=int, help="GEMM output width (single-GEMM mode)")
+    p.add_argument("--K", type=int, help="GEMM reduction size (single-GEMM mode)")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--gemm2", action="store_true", help="single-GEMM mode: A rows are pairs (top_k = 1 addressing)")
+    p.add_argument("--scheme", default="none", choices=sorted(EXPERT_SCHEMES))
+    p.add_argument("--block-shape", type=int, nargs=2, default=list(DEFAULT_BLOCK_SHAPE))
+    p.add_argument("--T", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
+    p.add_argument("--space", choices=("quick", "full"), default="quick")
+    p.add_argument("--out", type=Path, help="JSON file to merge into (default: tuned/<device>.json)")
+    p.add_argument("--peak-tflops", type=float, default=767.0, help="bf16 matmul ceiling for the roof column")
+    p.add_argument("--bandwidth", type=float, default=3029.0, help="copy bandwidth GB/s for the roof column")
+    p.add_argument("--dry-run", action="store_true", help="print, do not write the table")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        p.error("tuning needs a CUDA GPU")
+    block_shape = tuple(args.block_shape) if args.scheme == "fp8_block" else None
+    if args.model:
+        E, k, H, I = MODELS[args.model]
+        I //= args.tp
+        gemms = [("gemm1", E, 2 * I, H, k, k), ("gemm2", E, H, I, k, 1)]
+    else:
+        if None in (args.E, args.N, args.K):
+            p.error("give --model, or --E, --N and --K")
+        gemms = [("gemm", args.E, args.N, args.K, args.top_k, 1 if args.gemm2 else args.top_k)]
+    device = torch.cuda.get_device_name()
+    out = args.out or TUNED_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") + ".json")
+    skey = scheme_key(args.scheme, block_shape)
+    chosen_bm: dict[int, int] = {}
+    print(f"device: {device}; scheme {skey}; writing {out if not args.dry_run else '(dry run)'}")
+    for name, E, N, K, top_k, a_div in gemms:
+        results = {}
+        print(f"{name}: E={E} N={N} K={K} top_k={top_k}")
+        print(f"{'T':>7} {'best us':>9} {'default us':>10} {'roof %':>7}  config")
+        for T in args.T:
+            problem = GemmProblem(T, E, N, K, top_k, a_div, args.scheme, block_shape)
+            fixed_bm = chosen_bm.get(T) if name == "gemm2" else None
+            cands, default = candidates(T, top_k, E, N, K, args.scheme, block_shape, args.space, fixed_bm)
+            best, us, default_us = tune_gemm(problem, cands, default, args.verbose)
+            if best is None:
+                print(f"{T:>7} no candidate ran")
+                continue
+            if name == "gemm1":
+                chosen_bm[T] = best.block_m
+            results[T] = (best, us)
+            roof = problem.roofline_us(args.peak_tflops, args.bandwidth)
+            dflt = f"{default_us:10.1f}" if default_us is not None else f"{'-':>10}"
+            print(f"{T:>7} {us:9.1f} {dflt} {100 * roof / us:6.0f}%  {best}")
+            del problem
+            torch.cuda.empty_cache()
+            if not args.dry_run:  # after every T, so an interrupted sweep keeps what it measured
+                merge_into(out, device, E, N, K, skey, {T: results[T]})
+
+
+if __name__ == "__main__":
+    main()

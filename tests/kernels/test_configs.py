@@ -1,0 +1,121 @@
+"""Tile configs (``_kernels.configs``): spec §8.1 heuristics, tuned-table lookup (§12.6), interpreter tiles."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from torch_moe_ops._kernels import configs  # noqa: E402
+from torch_moe_ops._kernels.configs import TileConfig, default_config, get_config, lookup_tuned  # noqa: E402
+
+CUDA0 = torch.device("cuda", 0)
+
+
+def test_tile_config_is_frozen_and_round_trips():
+    cfg = TileConfig(64, 128, 64, 16, 8, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.block_m = 32
+    assert TileConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(
+    "T,expect",
+    [  # Mixtral: E=8, k=2, so rows per expert r = T/4; BLOCK_M ~ next_pow2(2r) in [16, 128]
+        pytest.param(1, TileConfig(16, 64, 128, 1, 4, 4), id="T1"),
+        pytest.param(32, TileConfig(16, 64, 128, 1, 4, 4), id="T32"),
+        pytest.param(64, TileConfig(32, 64, 128, 1, 4, 4), id="T64"),
+        pytest.param(96, TileConfig(64, 128, 128, 1, 4, 3), id="T96"),
+        pytest.param(512, TileConfig(128, 256, 64, 1, 8, 4), id="T512"),
+        pytest.param(4096, TileConfig(128, 256, 64, 16, 8, 4), id="T4096"),
+    ],
+)
+def test_default_heuristic_bf16(T, expect):
+    assert default_config(T, 8, 28672, 4096, "none", top_k=2) == expect
+
+
+def test_group_m_once_an_expert_spans_two_row_blocks():
+    assert default_config(256, 128, 1536, 2048, "none", top_k=8).group_m == 1  # 16 rows per expert
+    assert default_config(4096, 128, 1536, 2048, "none", top_k=8).group_m == 16  # 256 rows per expert
+
+
+def test_default_heuristic_fp8():
+    assert default_config(4096, 8, 28672, 4096, "fp8_channel", top_k=2).block_k == 128  # fp8 always BK 128
+    assert default_config(1, 128, 2048, 768, "fp8_channel", top_k=8).num_stages == 3
+    assert default_config(8, 256, 4096, 7168, "fp8_block", top_k=2) == TileConfig(16, 128, 128, 1, 4, 3)
+    assert default_config(1024, 256, 4096, 7168, "fp8_block", top_k=2) == TileConfig(64, 128, 128, 32, 4, 3)
+    # BLOCK_K must divide the block's K size
+    assert default_config(8, 4, 256, 256, "fp8_block", (64, 64), top_k=2).block_k == 64
+    assert default_config(8, 4, 256, 256, "fp8_block", (128, 96), top_k=2).block_k == 32
+    with pytest.raises(ValueError, match="BLOCK_K"):  # an fp8 dot needs K >= 32 on the GPU
+        default_config(8, 4, 256, 256, "fp8_block", (16, 16), top_k=2)
+
+
+def test_default_heuristic_shrinks_for_tiny_dims():
+    cfg = default_config(4096, 4, 40, 24, "none", top_k=2)
+    assert (cfg.block_n, cfg.block_k) == (64, 32)
+
+
+def test_interpreter_tiles(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = get_config(33, 4, 48, 40, "none", None, torch.device("cpu"), top_k=2)
+    assert cfg.block_m == 16 and cfg.block_n <= 32 and cfg.block_k <= 32
+    assert get_config(33, 4, 48, 40, "fp8_block", (16, 16), torch.device("cpu"), top_k=2).block_k == 16
+
+
+def test_lookup_picks_smallest_tuned_T_at_least_T():
+    table = {1: TileConfig(16, 64, 128), 64: TileConfig(32, 64, 128), 1024: TileConfig(128, 128, 64)}
+    assert lookup_tuned(table, 1) == table[1]
+    assert lookup_tuned(table, 2) == table[64]
+    assert lookup_tuned(table, 64) == table[64]
+    assert lookup_tuned(table, 65) == table[1024]
+    assert lookup_tuned(table, 100000) == table[1024]  # beyond the table: the largest, never a small-T one
+
+
+def _write_table(tmp_path, device, entries):
+    (tmp_path / "dev.json").write_text(json.dumps({"device": device, "entries": entries}))
+
+
+def test_get_config_reads_tuned_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(configs, "device_name", lambda index: "Fake GPU")
+    monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
+    small, big = TileConfig(16, 32, 256, 1, 4, 5), TileConfig(128, 256, 64, 8, 8, 4)
+    _write_table(tmp_path, "Fake GPU", [
+        {"E": 8, "N": 1024, "K": 512, "scheme": "none", "configs": {"16": small.to_dict(), "2048": big.to_dict()}},
+        {"E": 8, "N": 1024, "K": 512, "scheme": "fp8_block_128x128",
+         "configs": {"16": dataclasses.replace(small, block_k=256).to_dict()}},
+    ])
+    assert get_config(3, 8, 1024, 512, "none", None, CUDA0, top_k=2) == small
+    assert get_config(17, 8, 1024, 512, "none", None, CUDA0, top_k=2) == big
+    assert get_config(9999, 8, 1024, 512, "none", None, CUDA0, top_k=2) == big
+    # other shape, scheme or device: heuristic
+    assert get_config(3, 8, 1024, 256, "none", None, CUDA0, top_k=2) == default_config(3, 8, 1024, 256, top_k=2)
+    expect = default_config(3, 8, 1024, 512, "fp8_channel", top_k=2)
+    assert get_config(3, 8, 1024, 512, "fp8_channel", None, CUDA0, top_k=2) == expect
+    monkeypatch.setattr(configs, "device_name", lambda index: "Other GPU")
+    assert get_config(3, 8, 1024, 512, "none", None, CUDA0, top_k=2) == default_config(3, 8, 1024, 512, top_k=2)
+
+
+def test_get_config_rejects_unusable_tuned_entry(tmp_path, monkeypatch):
+    """A tuned BLOCK_K that does not divide the fp8 block falls back to the heuristic."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(configs, "device_name", lambda index: "Fake GPU")
+    monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
+    _write_table(tmp_path, "Fake GPU", [{"E": 8, "N": 1024, "K": 512, "scheme": "fp8_block_128x128",
+                                         "configs": {"16": TileConfig(16, 32, 256).to_dict()}}])
+    got = get_config(3, 8, 1024, 512, "fp8_block", (128, 128), CUDA0, top_k=2)
+    assert got == default_config(3, 8, 1024, 512, "fp8_block", (128, 128), top_k=2)
+
+
+def test_packaged_tables_parse():
+    for path in configs._tuned_files():
+        data = json.loads(path.read_text())
+        assert isinstance(data["device"], str)
+        for entry in data["entries"]:
+            for t, cfg in entry["configs"].items():
+                assert int(t) >= 1
+                TileConfig.from_dict(cfg)
