@@ -9,18 +9,20 @@ Layout (``E`` experts, block size ``B``, ``numel = T*k``, ``EB = next_pow2(E + 1
     num_post_pad [1] int32                sum of the padded run lengths
 
 Algorithm (deterministic, no atomics, no host sync, static sizes). The pairs are cut into ``nprog``
-contiguous chunks of ``per_prog`` pairs (a multiple of ``TILE``):
+contiguous chunks of ``per_prog`` pairs; program p of ``_align_scatter_kernel`` owns chunk p and a
+share of the blocks. It needs, per expert, the total count and the count in chunks before p:
 
-1. ``_align_count_kernel`` (one program per chunk): histogram of the chunk's local ids -> counts[p, :].
-2. ``_align_scan_kernel`` (one program per ``BE`` bins): exclusive prefix over chunks, in place, so
-   counts[p, e] = pairs of expert e in chunks before p; totals[e] = pairs of expert e.
-3. ``_align_scatter_kernel`` (one program per chunk): every program recomputes the padded expert
-   starts from totals (a cumsum over EB bins), writes expert_ids and the sentinels of its share of the
-   blocks, then scatters its pairs: a pair's slot is ``start[e] + counts[p, e] + (pairs of e in the
-   chunk's earlier tiles) + (pairs of e in earlier lanes of its tile)``, so order follows j.
-   Sentinel slots and pair slots are disjoint, so the programs never race.
+- small inputs (``numel <= _FUSED_MAX``, one launch): every program re-reads all pairs and builds both
+  histograms itself (``FUSED``);
+- large inputs: ``_align_count_kernel`` writes per-chunk histograms ``counts[e, p]`` and
+  ``_align_scan_kernel`` (one program per expert) turns each row into an exclusive prefix + total.
 
-Small inputs (``numel <= _FUSED_MAX``) run all three phases in one program (``FUSED``): one launch.
+The scatter program then computes the padded run starts (a cumsum over EB bins), writes expert_ids and
+the sentinels of its blocks (the expert of a block is a binary search over the run ends), and stores its
+pairs tile by tile: a pair's slot is ``start[e] + (pairs of e in earlier chunks and tiles) + (pairs of
+e in earlier lanes of the tile)``, the last term from one ``[TILE, TILE]`` compare-and-count. Per-expert
+running slots live in a small global scratch row (L1-resident; no register gathers). Sentinel slots and
+pair slots are disjoint, so programs never race.
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-_TILE = 128  # pairs per scatter tile (the rank step is a [TILE, TILE] compare)
-_COUNT_TILE = 1024  # pairs per histogram tile in the count kernel; chunks are multiples of it
-_FUSED_MAX = 4096  # numel up to which one program does everything
-_MAX_PROGS = 1024  # upper bound on chunks (rows of the counts buffer)
+_TILE = 32  # pairs per scatter tile: the in-tile rank is one [TILE, TILE] compare-and-count (H100: 32 beat 64/128)
+_COUNT_TILE = 256  # pairs per histogram step; chunks are multiples of it
+_TARGET_PROGS = 1024  # multi-program path: about this many chunks (columns of the counts buffer)
+_FUSED_MAX = 4096  # numel up to which each program re-reads all pairs instead of count + scan kernels
+_FUSED_PROGS = 32  # most programs on the fused path (they split the sentinel fill and the pairs)
+_SLOTS_PER_ITER = 4096  # sorted_ids slots (NB blocks of B) handled per iteration of the block loop
 
 
 @triton.jit
@@ -48,63 +52,73 @@ def _local_ids(ids_ptr, map_ptr, j, mask, E: tl.constexpr, HAS_MAP: tl.constexpr
 
 
 @triton.jit
-def _chunk_histogram(ids_ptr, map_ptr, start, per_prog, numel,
-                     E: tl.constexpr, EB: tl.constexpr, TILE: tl.constexpr, HAS_MAP: tl.constexpr):
-    hist = tl.zeros([EB], dtype=tl.int32)
+def _histograms(ids_ptr, map_ptr, lo, hi, split, numel,
+                E: tl.constexpr, EB: tl.constexpr, TILE: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Histograms [EB] of the local ids of pairs [lo, hi): all of them, and those before ``split``."""
+    total = tl.zeros([EB], dtype=tl.int32)
+    before = tl.zeros([EB], dtype=tl.int32)
     lanes = tl.arange(0, TILE)
-    for off in range(0, per_prog, TILE):
-        j = start + off + lanes
-        e = _local_ids(ids_ptr, map_ptr, j, j < numel, E, HAS_MAP)
-        hist += tl.histogram(e, EB)
-    return hist
+    for off in range(lo, hi, TILE):
+        j = off + lanes
+        e = _local_ids(ids_ptr, map_ptr, j, (j < numel) & (j < hi), E, HAS_MAP)
+        total += tl.histogram(e, EB)
+        before += tl.histogram(tl.where(j < split, e, E), EB)
+    return total, before
 
 
-@triton.jit(do_not_specialize=["numel", "per_prog"])
-def _align_count_kernel(ids_ptr, map_ptr, counts_ptr, numel, per_prog,
+@triton.jit(do_not_specialize=["numel", "per_prog", "nprog"])
+def _align_count_kernel(ids_ptr, map_ptr, counts_ptr, numel, per_prog, nprog,
                         E: tl.constexpr, EB: tl.constexpr, TILE: tl.constexpr, HAS_MAP: tl.constexpr):
-    """ids: [numel] int32/int64 -> counts: [nprog, EB] int32 (per-chunk histogram)."""
+    """ids: [numel] int32/int64 -> counts: [E, nprog] int32, column p = histogram of chunk p."""
     pid = tl.program_id(0)
-    hist = _chunk_histogram(ids_ptr, map_ptr, pid * per_prog, per_prog, numel, E, EB, TILE, HAS_MAP)
-    tl.store(counts_ptr + pid * EB + tl.arange(0, EB), hist)
+    lo = pid * per_prog
+    hist, _ = _histograms(ids_ptr, map_ptr, lo, lo + per_prog, lo, numel, E, EB, TILE, HAS_MAP)
+    bins = tl.arange(0, EB)
+    tl.store(counts_ptr + bins * nprog + pid, hist, mask=bins < E)
 
 
 @triton.jit(do_not_specialize=["nprog"])
-def _align_scan_kernel(counts_ptr, totals_ptr, nprog, EB: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr):
-    """counts: [nprog, EB] int32 -> in place exclusive prefix over chunks; totals: [EB] int32 column sums."""
-    cols = tl.program_id(0) * BE + tl.arange(0, BE)
-    carry = tl.zeros([BE], dtype=tl.int32)
+def _align_scan_kernel(counts_ptr, totals_ptr, nprog, BP: tl.constexpr):
+    """counts: [E, nprog] int32 -> in place exclusive prefix along each row; totals: [E] row sums."""
+    row = counts_ptr + tl.program_id(0).to(tl.int64) * nprog
+    carry = tl.zeros([], dtype=tl.int32)
     for p0 in range(0, nprog, BP):
-        rows = p0 + tl.arange(0, BP)
-        ptrs = counts_ptr + rows[:, None] * EB + cols[None, :]
-        mask = rows[:, None] < nprog
-        c = tl.load(ptrs, mask=mask, other=0)
-        tl.store(ptrs, tl.cumsum(c, axis=0) - c + carry[None, :], mask=mask)
+        offs = p0 + tl.arange(0, BP)
+        c = tl.load(row + offs, mask=offs < nprog, other=0)
+        tl.store(row + offs, tl.cumsum(c, axis=0) - c + carry, mask=offs < nprog)
         carry += tl.sum(c, axis=0)
-    tl.store(totals_ptr + cols, carry)
+    tl.store(totals_ptr + tl.program_id(0), carry)
 
 
-@triton.jit(do_not_specialize=["numel", "per_prog", "blocks_per_prog", "max_blocks", "max_padded"])
+@triton.jit(do_not_specialize=["numel", "per_prog", "nprog", "blocks_per_prog", "max_blocks", "max_padded"])
 def _align_scatter_kernel(
-    ids_ptr, map_ptr, counts_ptr, totals_ptr, sorted_ptr, expert_ids_ptr, npp_ptr,
-    numel, per_prog, blocks_per_prog, max_blocks, max_padded,
+    ids_ptr, map_ptr, counts_ptr, totals_ptr, scratch_ptr, sorted_ptr, expert_ids_ptr, npp_ptr,
+    numel, per_prog, nprog, blocks_per_prog, max_blocks, max_padded,
     E: tl.constexpr, EB: tl.constexpr, B: tl.constexpr, B_P2: tl.constexpr, NB: tl.constexpr,
-    TILE: tl.constexpr, COUNT_TILE: tl.constexpr, LOG_EB: tl.constexpr, FUSED: tl.constexpr, HAS_MAP: tl.constexpr,
+    TILE: tl.constexpr, COUNT_TILE: tl.constexpr, LOG_EB: tl.constexpr, FUSED: tl.constexpr,
+    HAS_MAP: tl.constexpr,
 ):
-    """Writes sorted_ids [max_padded], expert_ids [max_blocks], num_post_pad [1] (see the module doc)."""
+    """Writes sorted_ids [max_padded], expert_ids [max_blocks], num_post_pad [1] (see the module doc).
+    scratch: [nprog, 3, EB] int32 (per program: running slot, run end, end of real slots per expert)."""
     pid = tl.program_id(0)
     bins = tl.arange(0, EB)
+    real = bins < E
+    start = pid * per_prog
     if FUSED:
-        totals = _chunk_histogram(ids_ptr, map_ptr, 0, per_prog, numel, E, EB, COUNT_TILE, HAS_MAP)
-        prior = tl.zeros([EB], dtype=tl.int32)
+        totals, prior = _histograms(ids_ptr, map_ptr, 0, numel, start, numel, E, EB, COUNT_TILE, HAS_MAP)
     else:
-        totals = tl.load(totals_ptr + bins)
-        prior = tl.load(counts_ptr + pid * EB + bins)
-    padded = tl.where(bins < E, (totals + B - 1) // B * B, 0)
+        totals = tl.load(totals_ptr + bins, mask=real, other=0)
+        prior = tl.load(counts_ptr + bins * nprog + pid, mask=real, other=0)
+    padded = tl.where(real, (totals + B - 1) // B * B, 0)
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
-    fill_end = tl.where(bins < E, starts + totals, 0)  # slots >= fill_end in e's run are padding
+    row = scratch_ptr + pid.to(tl.int64) * (3 * EB)
+    tl.store(row + bins, starts + prior)
+    tl.store(row + EB + bins, ends)
+    tl.store(row + 2 * EB + bins, tl.where(real, starts + totals, 0))  # e == E (tail) -> 0
     if pid == 0:
         tl.store(npp_ptr, tl.sum(padded, axis=0))
+    tl.debug_barrier()  # the scratch row is read back below by other threads of this program
 
     # Block metadata and sentinels for this program's share of blocks.
     b_lo = pid * blocks_per_prog
@@ -117,27 +131,29 @@ def _align_scatter_kernel(
         e = tl.zeros([NB], dtype=tl.int32)
         for s in tl.static_range(LOG_EB - 1, -1, -1):
             cand = e + (1 << s)
-            idx = tl.minimum(cand - 1, EB - 1)
-            ok = (cand <= E) & (tl.gather(ends, idx, 0) <= bstart)
-            e = tl.where(ok, cand, e)
+            end = tl.load(row + EB + tl.minimum(cand - 1, EB - 1))
+            e = tl.where((cand <= E) & (end <= bstart), cand, e)
         tl.store(expert_ids_ptr + blocks, tl.where(e < E, e, -1), mask=mask_b)
-        fe = tl.gather(fill_end, e, 0)  # e == E (tail) -> 0: the whole block is sentinel
+        fill_end = tl.load(row + 2 * EB + e)  # slots at or past it in the block are padding
         slots = bstart[:, None] + tl.arange(0, B_P2)[None, :]
-        mask_s = mask_b[:, None] & (tl.arange(0, B_P2)[None, :] < B) & (slots >= fe[:, None]) & (slots < max_padded)
+        mask_s = mask_b[:, None] & (tl.arange(0, B_P2)[None, :] < B) & (slots >= fill_end[:, None]) & (slots < max_padded)
         tl.store(sorted_ptr + slots, tl.zeros([NB, B_P2], dtype=tl.int32) + numel, mask=mask_s)
 
-    # Scatter this chunk's pairs, tile by tile, in ascending pair order inside each expert. The rank of
-    # a lane among equal experts of its tile is a [TILE, TILE] compare-and-count (no sort needed).
-    base = starts + prior
+    # Scatter this chunk's pairs, tile by tile (ascending j inside each expert).
     lanes = tl.arange(0, TILE)
-    start = pid * per_prog
     for off in range(0, per_prog, TILE):
         j = start + off + lanes
-        e = _local_ids(ids_ptr, map_ptr, j, j < numel, E, HAS_MAP)
-        earlier = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
-        rank = tl.sum(earlier.to(tl.int32), axis=1)
-        tl.store(sorted_ptr + tl.gather(base, e, 0) + rank, j, mask=e < E)
-        base += tl.histogram(e, EB)
+        e = _local_ids(ids_ptr, map_ptr, j, (j < numel) & (off + lanes < per_prog), E, HAS_MAP)
+        # One reduction gives both the rank among equal lanes before i (low 16 bits) and their count.
+        same = e[:, None] == e[None, :]
+        packed = tl.sum(tl.where(same, tl.where(lanes[None, :] < lanes[:, None], 65537, 65536), 0), axis=1)
+        rank = packed & 0xFFFF
+        valid = e < E
+        slot = tl.load(row + e, mask=valid, other=0) + rank
+        tl.store(sorted_ptr + slot, j, mask=valid)
+        tl.debug_barrier()  # every lane read its expert's running slot before the last lane bumps it
+        tl.store(row + e, slot + 1, mask=valid & (rank == (packed >> 16) - 1))
+        tl.debug_barrier()
 
 
 def align_block_size(
@@ -157,30 +173,26 @@ def align_block_size(
     num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
     eb = triton.next_power_of_2(E + 1)
     b_p2 = triton.next_power_of_2(B)
-    nb = max(1, 4096 // b_p2)
     has_map = expert_map is not None
     emap = expert_map if has_map else ids
-    common = dict(E=E, EB=eb, B=B, B_P2=b_p2, NB=nb, LOG_EB=eb.bit_length() - 1, HAS_MAP=has_map)
-    if numel <= _FUSED_MAX:
-        per_prog = max(1, triton.cdiv(numel, _TILE)) * _TILE
-        _align_scatter_kernel[(1,)](
-            ids, emap, sorted_ids, sorted_ids, sorted_ids, expert_ids, num_post_pad,
-            numel, per_prog, max_blocks, max_blocks, max_padded,
-            TILE=_TILE, COUNT_TILE=_TILE, FUSED=True, num_warps=4, **common,
-        )
-        return sorted_ids, expert_ids, num_post_pad
-    nprog = min(triton.cdiv(numel, _COUNT_TILE), _MAX_PROGS)
-    per_prog = triton.cdiv(triton.cdiv(numel, nprog), _COUNT_TILE) * _COUNT_TILE
-    nprog = triton.cdiv(numel, per_prog)
-    counts = torch.empty((nprog, eb), dtype=torch.int32, device=dev)
-    totals = torch.empty(eb, dtype=torch.int32, device=dev)
-    _align_count_kernel[(nprog,)](ids, emap, counts, numel, per_prog, E=E, EB=eb, TILE=_COUNT_TILE,
-                                  HAS_MAP=has_map, num_warps=4)
-    be = min(eb, 128)
-    _align_scan_kernel[(eb // be,)](counts, totals, nprog, EB=eb, BE=be, BP=32, num_warps=4)
+    meta = dict(E=E, EB=eb, B=B, B_P2=b_p2, NB=max(1, _SLOTS_PER_ITER // b_p2), TILE=_TILE, COUNT_TILE=_COUNT_TILE,
+                LOG_EB=eb.bit_length() - 1, HAS_MAP=has_map, num_warps=4)
+    fused = numel <= _FUSED_MAX
+    if fused:
+        nprog = max(1, min(_FUSED_PROGS, triton.cdiv(max_blocks, 8)))  # also splits the sentinel fill
+        per_prog = triton.cdiv(triton.cdiv(max(numel, 1), nprog), _TILE) * _TILE
+        counts = totals = sorted_ids  # unused
+    else:
+        per_prog = triton.cdiv(triton.cdiv(numel, _TARGET_PROGS), _COUNT_TILE) * _COUNT_TILE
+        nprog = triton.cdiv(numel, per_prog)
+        counts = torch.empty((E, nprog), dtype=torch.int32, device=dev)
+        totals = torch.empty(E, dtype=torch.int32, device=dev)
+        _align_count_kernel[(nprog,)](ids, emap, counts, numel, per_prog, nprog, E=E, EB=eb, TILE=_COUNT_TILE,
+                                      HAS_MAP=has_map, num_warps=4)
+        _align_scan_kernel[(E,)](counts, totals, nprog, BP=1024, num_warps=4)
+    scratch = torch.empty((nprog, 3, eb), dtype=torch.int32, device=dev)
     _align_scatter_kernel[(nprog,)](
-        ids, emap, counts, totals, sorted_ids, expert_ids, num_post_pad,
-        numel, per_prog, triton.cdiv(max_blocks, nprog), max_blocks, max_padded,
-        TILE=_TILE, COUNT_TILE=_COUNT_TILE, FUSED=False, num_warps=8, **common,
+        ids, emap, counts, totals, scratch, sorted_ids, expert_ids, num_post_pad,
+        numel, per_prog, nprog, triton.cdiv(max_blocks, nprog), max_blocks, max_padded, FUSED=fused, **meta,
     )
     return sorted_ids, expert_ids, num_post_pad

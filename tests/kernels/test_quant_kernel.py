@@ -1,0 +1,140 @@
+"""Triton weight and activation quantization (``_kernels.quant``) against ``reference.quant`` (spec §3):
+q bit for bit, scales exactly. GPU, or CPU through the interpreter (with small shapes)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from torch_moe_ops._kernels import quant  # noqa: E402
+from torch_moe_ops._spec import FP8_MAX, INT8_MAX, SCALE_EPS  # noqa: E402
+from torch_moe_ops.reference import quant as ref_quant  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QDTYPES = {"fp8": torch.float8_e4m3fn, "u8": torch.uint8, "i8": torch.int8}
+
+
+def _compiled_variants(kernel) -> int:
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("the JIT cache is not observable here (TRITON_INTERPRET=1 compiles nothing)")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+def _bits(q: torch.Tensor) -> torch.Tensor:
+    return q.cpu().view(torch.uint8) if q.dtype != torch.int8 else q.cpu()
+
+
+def _weight(shape, dtype, pad: int = 0, zero_expert: bool = False) -> torch.Tensor:
+    """Weights (a view with rows padded by ``pad`` columns); optionally expert 1 (or row block) all zero."""
+    full = torch.randn(*shape[:-1], shape[-1] + pad) * 0.05
+    full[..., 0] = 3.0  # a few large entries so scales differ between rows
+    w = full.to(dtype).to(DEVICE)[..., : shape[-1]]
+    if zero_expert:
+        w[1 if w.dim() == 3 else slice(0, 40)] = 0
+    return w
+
+
+def _check_weight(w, scheme, qdtype, block_shape=None, shards=1, qpad=0):
+    want_q, want_s = ref_quant.quantize_weight(w.cpu(), scheme, block_shape, shards)
+    q = torch.empty(*w.shape[:-1], w.shape[-1] + qpad, dtype=qdtype, device=DEVICE)[..., : w.shape[-1]]
+    s = torch.full(want_s.shape, float("nan"), dtype=torch.float32, device=DEVICE)
+    quant.quantize_weight_into(w, q, s, scheme, block_shape, shards)
+    assert torch.equal(s.cpu(), want_s), "scales differ"
+    assert torch.equal(_bits(q), _bits(want_q)), "q differs"
+    return q, s
+
+
+# (shape, dtype, scheme, qdtype, block_shape, shards, pad, zero)
+CASES = [
+    pytest.param((3, 100, 70), "bf16", "fp8_channel", "fp8", None, 1, 0, False, id="E3-N100-K70-fp8_channel"),
+    pytest.param((2, 33, 257), "fp16", "fp8_channel", "u8", None, 1, 128, True, id="fp8_channel-u8-strided-zero"),
+    pytest.param((3, 100, 70), "fp32", "int8_channel", "i8", None, 1, 0, False, id="int8_channel-fp32"),
+    pytest.param((2, 40, 130), "bf16", "int8_channel", "i8", None, 1, 128, True, id="int8_channel-strided-zero"),
+    pytest.param((2, 300, 260), "bf16", "fp8_block", "fp8", None, 1, 0, False, id="fp8_block-128-partial-blocks"),
+    pytest.param((3, 100, 70), "fp16", "fp8_block", "u8", (32, 64), 1, 128, True, id="fp8_block-32x64-strided-zero"),
+    pytest.param((3, 100, 70), "bf16", "fp8_tensor", "fp8", None, 1, 0, False, id="fp8_tensor"),
+    pytest.param((3, 96, 70), "bf16", "fp8_tensor", "u8", None, 2, 128, True, id="fp8_tensor-2shards-strided-zero"),
+    pytest.param((100, 70), "bf16", "fp8_channel", "fp8", None, 1, 0, False, id="2d-fp8_channel"),
+    pytest.param((100, 70), "fp32", "fp8_tensor", "fp8", None, 2, 0, False, id="2d-fp8_tensor-2shards"),
+    pytest.param((130, 200), "bf16", "fp8_block", "fp8", None, 1, 64, True, id="2d-fp8_block-strided-zero"),
+    pytest.param((64, 96), "bf16", "int8_channel", "i8", None, 1, 0, True, id="2d-int8_channel-zero"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,scheme,qdtype,block_shape,shards,pad,zero", CASES)
+def test_quantize_weight_matches_reference(shape, dtype, scheme, qdtype, block_shape, shards, pad, zero):
+    w = _weight(shape, DTYPES[dtype], pad, zero)
+    _check_weight(w, scheme, QDTYPES[qdtype], block_shape, shards, qpad=pad)
+
+
+def test_quantize_weight_all_zero_gives_finite_scale():
+    qmax = {"fp8_channel": FP8_MAX, "int8_channel": INT8_MAX, "fp8_block": FP8_MAX, "fp8_tensor": FP8_MAX}
+    for scheme, q_dtype in (("fp8_channel", "fp8"), ("int8_channel", "i8"), ("fp8_block", "fp8"), ("fp8_tensor", "fp8")):
+        w = torch.zeros(2, 16, 48, dtype=torch.bfloat16, device=DEVICE)
+        q, s = _check_weight(w, scheme, QDTYPES[q_dtype])
+        assert (q.cpu().float() == 0).all()
+        assert torch.allclose(s.cpu(), torch.full_like(s.cpu(), SCALE_EPS / qmax[scheme]))
+
+
+@pytest.mark.parametrize("scheme,qdtype", [("fp8_channel", "fp8"), ("int8_channel", "i8")])
+def test_quantize_weight_long_rows_two_loops(monkeypatch, scheme, qdtype):
+    monkeypatch.setattr(quant, "_MAX_ROW", 64)  # rows longer than a register tile: amax loop + quant loop
+    _check_weight(_weight((2, 5, 300), torch.bfloat16, pad=16), scheme, QDTYPES[qdtype])
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_quantize_weight_fp8_tensor_many_chunks(monkeypatch, lag):
+    monkeypatch.setattr(quant, "_CHUNK", 512)  # several amax items per shard
+    monkeypatch.setattr(quant, "_LAG_SHARDS", lag)  # quantize items this many shards behind (capped)
+    _check_weight(_weight((3, 128, 80), torch.bfloat16, pad=32, zero_expert=True), "fp8_tensor", torch.float8_e4m3fn,
+                  shards=2)
+
+
+def test_int8_rounds_half_to_even():
+    # rows with amax 127 -> scale 1: q = round(x) exactly, x.5 goes to the even neighbour
+    row = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -127.0, 3.49, -3.51, 0.0])
+    w = row.repeat(4, 1).to(DEVICE)
+    q, _ = _check_weight(w, "int8_channel", torch.int8)
+    assert q[0].cpu().tolist() == [127, 0, 2, 2, 0, -2, -2, 126, -127, 3, -4, 0]
+
+
+# (T, K, dtype, scheme, group, row_pad)
+ACT_CASES = [
+    pytest.param(1, 64, "bf16", "fp8_token", 128, 0, id="T1-K64-token"),
+    pytest.param(7, 300, "fp16", "fp8_token", 128, 20, id="T7-K300-token-strided"),
+    pytest.param(33, 256, "fp32", "fp8_group", 128, 0, id="T33-K256-group128"),
+    pytest.param(9, 300, "bf16", "fp8_group", 128, 64, id="T9-K300-group128-partial-strided"),
+    pytest.param(5, 100, "bf16", "fp8_group", 32, 0, id="T5-K100-group32"),
+]
+
+
+@pytest.mark.parametrize("T,K,dtype,scheme,group,row_pad", ACT_CASES)
+def test_quantize_activation_matches_reference(T, K, dtype, scheme, group, row_pad):
+    x = (torch.randn(T, K + row_pad) * 3).to(DTYPES[dtype]).to(DEVICE)[:, :K]
+    x[T // 2] = 0  # all-zero token: finite scale, q = 0
+    q, s = quant.quantize_activation(x, scheme, group)
+    want_q, want_s = ref_quant.quantize_activation(x.cpu(), scheme, group)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == want_s.shape
+    assert torch.equal(s.cpu(), want_s)
+    assert torch.equal(_bits(q), _bits(want_q))
+    assert (q[T // 2].cpu().float() == 0).all() and torch.isfinite(s).all()
+
+
+def test_quantize_activation_token_sweep_adds_no_compilations():
+    from torch_moe_ops._kernels import activation
+
+    quant.quantize_activation(torch.randn(5, 256, device=DEVICE, dtype=torch.bfloat16), "fp8_token")
+    quant.quantize_activation(torch.randn(5, 256, device=DEVICE, dtype=torch.bfloat16), "fp8_group", 128)
+    before = _compiled_variants(activation._act_quant_kernel)
+    for T in (1, 2, 3, 17, 64):
+        x = torch.randn(T, 256, device=DEVICE, dtype=torch.bfloat16)
+        quant.quantize_activation(x, "fp8_token")
+        quant.quantize_activation(x, "fp8_group", 128)
+    assert _compiled_variants(activation._act_quant_kernel) == before
