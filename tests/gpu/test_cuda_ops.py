@@ -113,9 +113,11 @@ def test_opcheck_cuda(scheme):
     w, ids = moe.topk_route(logits, 2)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic",
              "test_aot_dispatch_static")
-    torch.library.opcheck(torch.ops.moe.fused_moe.default, (x, logits, q13, q2, 2), kw, test_utils=utils)
-    kw_pos = {n: v for n, v in kw.items()}
-    torch.library.opcheck(torch.ops.moe.fused_experts.default, (x, q13, q2, w, ids), kw_pos, test_utils=utils)
+    # test_schema compares every input with allclose, which has no Float8 kernel (pitfalls §3): skip it
+    # for the fp8-weight calls only.
+    fp8_utils = utils[1:] if q13.dtype == torch.float8_e4m3fn else utils
+    torch.library.opcheck(torch.ops.moe.fused_moe.default, (x, logits, q13, q2, 2), kw, test_utils=fp8_utils)
+    torch.library.opcheck(torch.ops.moe.fused_experts.default, (x, q13, q2, w, ids), kw, test_utils=fp8_utils)
     torch.library.opcheck(torch.ops.moe.topk_route.default, (logits, 2), test_utils=utils)
     torch.library.opcheck(torch.ops.moe.align_block_size.default, (ids, 8, 16), test_utils=utils)
     torch.library.opcheck(torch.ops.moe.act_and_mul.default, (torch.randn(9, 34, device=DEV),), test_utils=utils)
