@@ -91,6 +91,23 @@ def make_weights(shape, scheme):
     return data
 
 
+def _write(path: str, ceilings: dict, cells: list) -> None:
+    """Ratios to each peer in the same (shape, scheme, T), then the JSON (rewritten after every block, so a
+    run cut short still leaves its cells)."""
+    for cell in cells:  # ratios to each peer in the same (shape, scheme, T)
+        if cell.get("provider") not in ("ours", "ours_fused_moe") or "ms" not in cell:
+            continue
+        for other in cells:
+            if (other.get("shape"), other.get("scheme"), other.get("T")) == (cell["shape"], cell["scheme"], cell["T"]) \
+                    and not other.get("provider", "ours").startswith("ours") and "ms" in other:
+                cell[f"speedup_vs_{other['provider']}"] = other["ms"] / cell["ms"]
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings,
+              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "cells": cells}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -141,18 +158,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             del data
             torch.cuda.empty_cache()
-    for cell in cells:  # ratios to each peer in the same (shape, scheme, T)
-        if cell.get("provider") not in ("ours", "ours_fused_moe") or "ms" not in cell:
-            continue
-        for other in cells:
-            if (other.get("shape"), other.get("scheme"), other.get("T")) == (cell["shape"], cell["scheme"], cell["T"]) \
-                    and not other.get("provider", "ours").startswith("ours") and "ms" in other:
-                cell[f"speedup_vs_{other['provider']}"] = other["ms"] / cell["ms"]
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings,
-              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "cells": cells}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+            _write(args.out, ceilings, cells)
+    _write(args.out, ceilings, cells)
     print(f"wrote {args.out}: {len(cells)} cells")
     return 0
 
