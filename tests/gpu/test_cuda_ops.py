@@ -167,7 +167,8 @@ def test_no_triton_recompiles_across_T(scheme):
                                   torch.randn(T, E, device=DEV), q13, q2, k, **kw)
     with torch.inference_mode():
         for T in (1, 2, 3, 17, 64, 1000):
-            twin = next(t for t in range(T + 1, T + 200) if _configs(t, E, k, H, I, scheme) == _configs(T, E, k, H, I, scheme))
+            candidates = [*range(T + 1, T + 200), *range(T - 1, 0, -1)]
+            twin = next(t for t in candidates if _configs(t, E, k, H, I, scheme) == _configs(T, E, k, H, I, scheme))
             run(T)
             torch.cuda.synchronize()
             before = _jit_cache_entries()

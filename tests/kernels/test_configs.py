@@ -119,3 +119,11 @@ def test_packaged_tables_parse():
             for t, cfg in entry["configs"].items():
                 assert int(t) >= 1
                 TileConfig.from_dict(cfg)
+
+
+def test_fp8_block_k_floor_for_tiny_k():
+    """An fp8 tl.dot needs K >= 32 on the GPU: a tiny K keeps BLOCK_K = 32 and is masked instead."""
+    for scheme in ("fp8_tensor", "fp8_channel"):
+        assert default_config(1, 2, 8, 4, scheme, top_k=1).block_k == 32
+    assert default_config(1, 2, 8, 4, "fp8_block", (32, 32), top_k=1).block_k == 32
+    assert default_config(1, 2, 8, 4, "none", top_k=1).block_k == 16

@@ -33,8 +33,10 @@ def _weights(E, H, I, scheme, activation="silu", bias=False, dtype=torch.float16
         kw.update(w13_bias=b13, w2_bias=b2)
     if wscheme is None:
         return w13, w2, kw
-    shards = 1 if activation == "swigluoai" else shards
-    block = [16, 16] if scheme == "fp8_block" else None
+    shards = shards if gated and activation != "swigluoai" else 1  # gate/up scales only for the halves layout
+    # fp8 tl.dot needs K >= 32 on the GPU (configs raise a clear error for smaller K blocks); the interpreter
+    # takes 16, which keeps the CPU runs cheap.
+    block = ([32, 32] if torch.cuda.is_available() else [16, 16]) if scheme == "fp8_block" else None
     q13, s13 = moe.quantize_weight(w13, wscheme, shards=shards, block_shape=block)
     q2, s2 = moe.quantize_weight(w2, wscheme, block_shape=block)
     kw.update(quant_scheme=scheme, w13_scale=s13, w2_scale=s2, block_shape=block)
@@ -107,7 +109,12 @@ def test_fuzz_fused_moe_triton_vs_reference(T, E, k, H, I, scheme, activation):
     q13, q2, kw = _weights(E, H, I, scheme, activation=activation, dtype=dtype)
     x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
     logits = torch.randn(T, E, device=DEV)
-    out = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    out = moe.fused_moe(x, logits, q13, q2, k, **kw).float().cpu()
     ref = _ref(x, logits, q13, q2, k, kw)
     # fp8 with tiny K: a single re-quantization flip is a larger share of the signal, hence 20 dB there.
-    assert sqnr_db(ref, out.float().cpu()) > (30 if scheme in ("none", "int8_w8a16") else 20)
+    # Tiny H/I give outputs near fp16's subnormal range (~1e-7, spacing 6e-8), where SQNR measures the
+    # output format, not the kernel: such cases are judged by absolute error instead.
+    if ref.abs().max() > 1e-4:
+        assert sqnr_db(ref, out) > (30 if scheme in ("none", "int8_w8a16") else 20)
+    else:
+        assert (ref - out).abs().max() < 2e-6

@@ -73,7 +73,8 @@ def _fit_block_k(block_k: int, group_k: int, floor: int = 32) -> int:
     while block_k > floor and group_k % block_k:
         block_k //= 2
     if group_k % block_k:
-        raise ValueError(f"fp8 block K size {group_k} has no power-of-two divisor >= {floor} to use as BLOCK_K")
+        raise ValueError(f"block_shape[1] = {group_k}: fp8_block on the GPU needs a block K size with a power-of-two "
+                         f"divisor >= {floor} (an fp8 tl.dot needs K >= 32), e.g. 32, 64 or 128")
     return block_k
 
 
@@ -114,8 +115,10 @@ def default_config(
             tiles = dict(block_n=256, block_k=128 if fp8 else 64, num_warps=8, num_stages=4)
         cfg = TileConfig(block_m=block_m, group_m=16 if rows_per_expert > block_m else 1, **tiles)
     block_k = _shrink_to(K, cfg.block_k)
+    if quant_scheme in ("fp8_tensor", "fp8_channel"):
+        block_k = max(block_k, 32)  # an fp8 tl.dot needs K >= 32 on the GPU; a tiny K is masked instead
     if quant_scheme == "fp8_block":
-        block_k = _fit_block_k(block_k, (block_shape or DEFAULT_BLOCK_SHAPE)[1])
+        block_k = _fit_block_k(max(block_k, 32), (block_shape or DEFAULT_BLOCK_SHAPE)[1])
     return dataclasses.replace(cfg, block_n=_shrink_to(N, cfg.block_n), block_k=block_k)
 
 
