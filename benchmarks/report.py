@@ -65,7 +65,7 @@ def plot(result: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("results")
-    p.add_argument("--md", default="docs/performance_tables.md")
+    p.add_argument("--md", default="benchmarks/results/tables.md", help="the tables (paste into docs/performance.md)")
     p.add_argument("--png", default="docs/performance.png")
     args = p.parse_args(argv)
     result = json.load(open(args.results))
