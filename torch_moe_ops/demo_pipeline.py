@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 import torch
 from torch import nn
@@ -13,7 +12,9 @@ from . import _platform
 from .layer import FusedMoE
 from .loading import finalize_loading, load_checkpoint, reload_weights
 from .quantization import Fp8Config, Int8WeightOnlyConfig
+from .demo import _time_per_call as _time
 from .testing import sqnr_db
+
 
 QUANT_CONFIGS = {
     "fp8_tensor": Fp8Config("tensor"),
@@ -129,14 +130,3 @@ def run_pipeline(args) -> int:
               f"{len(moved)} of {len(ptrs)}; the compiled model ran the new weights without recompiling")
     return 0 if not moved and changed > 0 else 1
 
-
-def _time(fn, iters, device):
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
