@@ -52,10 +52,11 @@ def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, 
     want = 2 * I if gated else I
     C.check(N1 == want, f"w13 has {N1} rows but activation {activation!r} with w2's I={I} needs {want} "
             f"({'[E, 2I, H] gated' if gated else '[E, I, H] non-gated'})")
-    C.check_tensor(topk_weights, "topk_weights", dim=2, dtypes=C.FLOAT_DTYPES, contiguous=True)
-    C.check_tensor(topk_ids, "topk_ids", dim=2, dtypes=C.INDEX_DTYPES, contiguous=True)
-    C.check_shape(topk_ids, "topk_ids", (T, topk_weights.shape[1]), " (like topk_weights, T from hidden_states)")
-    C.check_shape(topk_weights, "topk_weights", (T, topk_ids.shape[1]), " (T from hidden_states)")
+    if topk_ids is not None:  # None: fused_moe, whose routing makes them
+        C.check_tensor(topk_weights, "topk_weights", dim=2, dtypes=C.FLOAT_DTYPES, contiguous=True)
+        C.check_tensor(topk_ids, "topk_ids", dim=2, dtypes=C.INDEX_DTYPES, contiguous=True)
+        C.check_shape(topk_ids, "topk_ids", (T, topk_weights.shape[1]), " (like topk_weights, T from hidden_states)")
+        C.check_shape(topk_weights, "topk_weights", (T, topk_ids.shape[1]), " (T from hidden_states)")
     C.check(activation_limit >= 0, f"activation_limit must be >= 0 (0 disables clamping), got {activation_limit}")
     block_shape = check_block_shape(block_shape, quant_scheme)
     if quant_scheme == "none":
@@ -148,9 +149,8 @@ def check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_ma
 def moe(x, router_logits, w13, w2, top_k, renormalize, scoring_func, G, kG, bias, rsf, activation, quant_scheme,
         w13_scale, w2_scale, w13_bias, w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton):
     check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map)
-    # the expert arguments are checked before the routing kernel runs (placeholders stand in for its outputs)
-    check_experts(x, w13, w2, x.new_empty((x.shape[0], top_k), dtype=torch.float32),
-                  x.new_empty((x.shape[0], top_k), dtype=torch.int32), activation, quant_scheme, w13_scale, w2_scale,
+    # the expert arguments are checked before the routing kernel runs
+    check_experts(x, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale,
                   w13_bias, w2_bias, block_shape, expert_map, limit)
     weights, ids = route(router_logits, top_k, renormalize, scoring_func, G, kG, bias, rsf, on_triton)
     return experts(x, w13, w2, weights, ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
@@ -189,12 +189,9 @@ def _fused_moe_fake(hidden_states, router_logits, w13, w2, top_k, renormalize=Tr
                     activation_alpha=1.702, activation_limit=0.0):
     check_moe(hidden_states, router_logits, w13, top_k, scoring_func, num_expert_group, topk_group,
               e_score_correction_bias, expert_map)
-    T = hidden_states.shape[0]
-    fake_w = hidden_states.new_empty((T, top_k), dtype=torch.float32)
-    fake_ids = hidden_states.new_empty((T, top_k), dtype=torch.int32)
-    return _fused_experts_fake(hidden_states, w13, w2, fake_w, fake_ids, activation, quant_scheme, w13_scale,
-                               w2_scale, w13_bias, w2_bias, block_shape, expert_map,
-                               activation_limit=activation_limit)
+    check_experts(hidden_states, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
+                  w2_bias, block_shape, expert_map, activation_limit)
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
 _EXPERTS_DOC = """
