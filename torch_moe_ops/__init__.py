@@ -1,5 +1,6 @@
 """torch-moe-ops: Mixture-of-Experts ops for ``torch.compile``, registered under ``torch.ops.moe``."""
 from . import reference
+from .distributed import ParallelConfig
 from .layer import FusedMoE
 from .loading import LoadReport, finalize_loading, load_checkpoint, reload_weights
 from ._spec import ACTIVATIONS, EXPERT_SCHEMES, WEIGHT_SCHEMES
@@ -24,6 +25,7 @@ __all__ = [
     "Fp8Config",
     "FusedMoE",
     "Int8WeightOnlyConfig",
+    "ParallelConfig",
     "LoadError",
     "LoadReport",
     "finalize_loading",

@@ -50,6 +50,10 @@ class FusedMoE(nn.Module):
         device: target device (default: ``torch.get_default_device()``).
         activation_alpha, activation_limit: swigluoai's alpha and clamp (limit defaults to 7.0 for
             swigluoai, 0 = off otherwise; > 0 clamps silu/gelu gates as well).
+        parallel: ``torch_moe_ops.ParallelConfig`` for tensor / expert parallelism over ``torch.distributed``
+            (see ``docs/distributed.md``). With it, ``num_experts`` is the number of logical experts and
+            ``intermediate_size`` the full (checkpoint) I; the layer holds only its local physical experts
+            (``num_local_experts``) and its ``I / tp_size`` slice (``intermediate_size``).
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -58,7 +62,7 @@ class FusedMoE(nn.Module):
                  num_expert_group: int = 0, topk_group: int = 0, use_correction_bias: bool = False,
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
                  shared_experts: nn.Module | None = None, device=None, activation_alpha: float = 1.702,
-                 activation_limit: float | None = None):
+                 activation_limit: float | None = None, parallel=None):
         super().__init__()
         for name, value in (("num_experts", num_experts), ("top_k", top_k), ("hidden_size", hidden_size),
                             ("intermediate_size", intermediate_size)):
@@ -93,8 +97,20 @@ class FusedMoE(nn.Module):
         self.gated = is_gated(self.activation)
         self.interleaved = self.activation == "swigluoai"
         self.layer_name = ""  #: module path, set by ``load_checkpoint`` / ``finalize_loading`` for messages
+        self.parallel = parallel
+        self.intermediate_size_full = intermediate_size
+        self.num_local_experts = num_experts
+        self.num_physical_experts = num_experts
+        if parallel is not None:
+            self._target_device = torch.device(device) if device is not None else torch.get_default_device()
 
-        E, H, I = num_experts, hidden_size, intermediate_size
+            # sets num_local_experts, num_physical_experts, intermediate_size (per TP partition) and the
+            # EP / EPLB buffers (expert_map, physical_to_logical, logical_to_physical, replica_count, ...)
+            if not hasattr(parallel, "setup_layer"):
+                raise TypeError(f"parallel must be a torch_moe_ops.ParallelConfig, got {type(parallel).__name__}")
+            parallel.setup_layer(self, quant_config)
+
+        E, H, I = self.num_local_experts, hidden_size, self.intermediate_size
         N1 = 2 * I if self.gated else I
         dev = torch.device(device) if device is not None else torch.get_default_device()
         qc = self.quant_config
@@ -129,11 +145,11 @@ class FusedMoE(nn.Module):
         else:
             self.register_parameter("w13_bias", None)
             self.register_parameter("w2_bias", None)
-        if use_correction_bias:
-            self.e_score_correction_bias = param(torch.zeros(E, dtype=torch.float32, device=dev))
+        self.shared_experts = shared_experts
+        if use_correction_bias:  # routing bias: one per logical expert, never sharded
+            self.e_score_correction_bias = param(torch.zeros(num_experts, dtype=torch.float32, device=dev))
         else:
             self.register_parameter("e_score_correction_bias", None)
-        self.shared_experts = shared_experts
         self._streamer = ExpertStreamer(required_keys(E, self.gated, has_bias, use_correction_bias), self.gated)
 
     # ---------------------------------------------------------------------------------------- forward
@@ -143,6 +159,11 @@ class FusedMoE(nn.Module):
 
         ``shared_experts_input`` (default ``hidden_states``) feeds ``shared_experts``; its output is added."""
         self._check_ready()
+        if self.parallel is not None:
+            out = self.parallel.forward(self, hidden_states, *self.select_experts(router_logits))
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(hidden_states if shared_experts_input is None else shared_experts_input)
+            return out
         out = torch.ops.moe.fused_moe(
             hidden_states, router_logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
             self.scoring_func, self.num_expert_group, self.topk_group, self.e_score_correction_bias,
@@ -163,8 +184,10 @@ class FusedMoE(nn.Module):
     def forward_experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor) -> torch.Tensor:
         """The modular form: hidden_states [T, H], topk_weights [T, k], topk_ids [T, k] -> [T, H]
-        (no routing and no shared experts)."""
+        (no routing and no shared experts). With ``parallel``, ``topk_ids`` are logical ids."""
         self._check_ready()
+        if self.parallel is not None:
+            return self.parallel.forward(self, hidden_states, topk_weights, topk_ids)
         return torch.ops.moe.fused_experts(
             hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation,
             self.quant_scheme, self.w13_weight_scale, self.w2_weight_scale, self.w13_bias, self.w2_bias,
@@ -283,6 +306,7 @@ class FusedMoE(nn.Module):
             raise LoadError(f"{self._where()}: the layer was created on the meta device; pass device= the target device")
         if name == CORRECTION:
             self._load_correction(loaded)
+            copied = True
         else:
             shard = self._check_shard(name, shard_id)
             if expert_id is None:
@@ -290,16 +314,41 @@ class FusedMoE(nn.Module):
                 if loaded.dim() != per_expert_dim + 1 or loaded.shape[0] != self.num_experts:
                     raise ValueError(f"{self._where()}: {name} shard {shard!r} for all experts (expert_id=None) must have "
                                      f"{per_expert_dim + 1} dims with E={self.num_experts} first, got {list(loaded.shape)}")
+                # an all-experts tensor is indexed by logical expert; it fills every local physical replica
+                copied = False
                 for e in range(self.num_experts):
-                    self._load_expert(name, loaded[e], shard, e, transposed)
+                    for p in self.physical_ids(e):
+                        copied |= self._load_physical(name, loaded[e], shard, p, transposed)
             else:
                 if hasattr(expert_id, "__index__") and not isinstance(expert_id, bool):
                     expert_id = expert_id.__index__()  # numpy / 0-dim integer ids
-                if not isinstance(expert_id, int) or not 0 <= expert_id < self.num_experts:
-                    raise ValueError(f"{self._where()}: expert_id must be an int in [0, {self.num_experts}), got {expert_id!r}")
-                self._load_expert(name, loaded, shard, expert_id, transposed)
+                n = self.num_physical_experts
+                if not isinstance(expert_id, int) or not 0 <= expert_id < n:
+                    raise ValueError(f"{self._where()}: expert_id must be an int in [0, {n}), got {expert_id!r}")
+                copied = self._load_physical(name, loaded, shard, expert_id, transposed)
         self._streamer.complete_round()
-        return True if return_success else None
+        return copied if return_success else None
+
+    def physical_ids(self, logical_id: int) -> list[int]:
+        """Global physical slots that hold logical expert ``logical_id`` (``[logical_id]`` without EPLB).
+        Checkpoint names address logical experts: load one tensor into each of these."""
+        if self.parallel is None:
+            return [logical_id]
+        if not isinstance(logical_id, int) or not 0 <= logical_id < self.num_experts:
+            raise ValueError(f"{self._where()}: logical expert id must be an int in [0, {self.num_experts}), "
+                             f"got {logical_id!r}")
+        return [p for p in self.logical_to_physical[logical_id].tolist() if p >= 0]
+
+    def _load_physical(self, name: str, t: torch.Tensor, shard: str, p: int, transposed) -> bool:
+        """Load into global physical slot ``p`` if this rank holds it; False (nothing copied) otherwise."""
+        if self.parallel is None:
+            self._load_expert(name, t, shard, p, transposed)
+            return True
+        local = self._local_ids[p]
+        if local < 0:
+            return False
+        self._load_expert(name, t, shard, local, transposed, physical=p)
+        return True
 
     def _resolve(self, param) -> str:
         if isinstance(param, str):
@@ -327,6 +376,14 @@ class FusedMoE(nn.Module):
                              "checkpoint's up_proj as w1)")
         return shard_id
 
+    def rebalance(self, new_logical_to_physical) -> None:
+        """EPLB: move experts (weights, scales, biases) so that physical slot ``p`` holds the logical expert
+        ``new_logical_to_physical`` assigns to it ([E_log, max_replicas], -1 padded). Collective: every rank of
+        the group calls it with the same table. Storage addresses are kept; load counters are reset."""
+        if self.parallel is None:
+            raise RuntimeError(f"{self._where()}: rebalance needs parallel=ParallelConfig(...)")
+        self.parallel.rebalance(self, new_logical_to_physical)
+
     def _load_correction(self, loaded: torch.Tensor) -> None:
         if tuple(loaded.shape) != (self.num_experts,):
             raise ValueError(f"{self._where()}: {CORRECTION} must have shape [{self.num_experts}], got {list(loaded.shape)}")
@@ -334,8 +391,8 @@ class FusedMoE(nn.Module):
         self.e_score_correction_bias.copy_(loaded)
 
     def _expected(self, name: str, shard: str) -> tuple:
-        I, H = self.intermediate_size, self.hidden_size
-        rows = {"w1": I, "w3": I, "w13": self.w13_weight.shape[1], "w2": H}[shard]
+        I, H = self.intermediate_size_full, self.hidden_size
+        rows = {"w1": I, "w3": I, "w13": I * (2 if self.gated else 1), "w2": H}[shard]
         if name in BIASES:
             return (rows,)
         return (rows, I if shard == "w2" else H)
@@ -361,9 +418,11 @@ class FusedMoE(nn.Module):
         I = self.intermediate_size
         return t[:I] if shard == "w1" else t[I:]
 
-    def _load_expert(self, name: str, t: torch.Tensor, shard: str, e: int, transposed) -> None:
-        where = f"{self._where()}: {name} expert {e} shard {shard!r}"
+    def _load_expert(self, name: str, t: torch.Tensor, shard: str, e: int, transposed, physical=None) -> None:
+        where = f"{self._where()}: {name} expert {e if physical is None else physical} shard {shard!r}"
         t = self._orient(t, self._expected(name, shard), transposed, where)
+        if self.parallel is not None and self.parallel.tp_size > 1:
+            t = self.parallel.narrow(self, name, t, shard)
         if shard == "w13":
             keys = [(name, e, s) for s in (("w1", "w3") if self.gated else ("w1",))]
         else:
@@ -417,6 +476,10 @@ class FusedMoE(nn.Module):
             parts.append(f"num_expert_group={self.num_expert_group}, topk_group={self.topk_group}")
         if self.use_correction_bias:
             parts.append("use_correction_bias=True")
+        if self.parallel is not None:
+            pc = self.parallel
+            parts.append(f"tp={pc.tp_rank}/{pc.tp_size}, ep={pc.ep_rank}/{pc.ep_size}, "
+                         f"local_experts={self.num_local_experts}, redundant={pc.num_redundant_experts}, mode={pc.mode!r}")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"routed_scaling_factor={self.routed_scaling_factor}")
         return ", ".join(parts)

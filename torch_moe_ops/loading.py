@@ -195,7 +195,11 @@ def _load_one(res: _Resolver, name: str, tensor: torch.Tensor, report: LoadRepor
         if getattr(layer, target) is None:
             report.ignored[name] = f"{path} has no {target} (has_bias=False)"
             return
-        layer.weight_loader(target, tensor, shard, expert, weight_name=name)
+        if expert is None:
+            layer.weight_loader(target, tensor, shard, None, weight_name=name)
+        else:  # checkpoint names address logical experts: fill every physical replica (those on this rank)
+            for p in layer.physical_ids(expert):
+                layer.weight_loader(target, tensor, shard, p, weight_name=name)
         report.layers[path] = report.layers.get(path, 0) + 1
     elif name.endswith(".e_score_correction_bias") and (hit := _correction_layer(res, name)) is not None:
         path, layer = hit
