@@ -337,7 +337,7 @@ class FusedMoE(nn.Module):
         if not isinstance(logical_id, int) or not 0 <= logical_id < self.num_experts:
             raise ValueError(f"{self._where()}: logical expert id must be an int in [0, {self.num_experts}), "
                              f"got {logical_id!r}")
-        return [p for p in self.logical_to_physical[logical_id].tolist() if p >= 0]
+        return [p for p in self.logical_to_physical[logical_id].tolist() if p >= 0]  # host-ok: loading-time lookup, not a forward path
 
     def _load_physical(self, name: str, t: torch.Tensor, shard: str, p: int, transposed) -> bool:
         """Load into global physical slot ``p`` if this rank holds it; False (nothing copied) otherwise."""

@@ -74,7 +74,7 @@ def all_to_all(layer, x, topk_weights, ids, group, ep):
     order = torch.argsort(dest, stable=True)
     send_counts = torch.zeros(ep, dtype=torch.int64, device=x.device).scatter_add_(0, dest, torch.ones_like(dest))
     recv_counts = fc.wait_tensor(fc.all_to_all_single(send_counts, None, None, group))
-    in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()  # host sync
+    in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()  # host-ok (all_to_all_single needs host split sizes); host sync
     for n in in_splits + out_splits:  # unbacked sizes under torch.compile
         torch._check_is_size(n)
     torch._check(sum(in_splits) == T * k)

@@ -23,9 +23,9 @@ def rebalance(layer, new_logical_to_physical) -> None:
     if l2p.shape[1] > layer.logical_to_physical.shape[1]:
         raise ValueError(f"rebalance: a logical expert has {l2p.shape[1]} replicas, more than 1 + "
                          f"num_redundant_experts = {layer.logical_to_physical.shape[1]}")
-    old_p2l = layer.physical_to_logical.cpu().tolist()
-    new_list = new_p2l.tolist()
-    owner = layer.expert_owner.cpu().tolist()
+    old_p2l = layer.physical_to_logical.cpu().tolist()  # host-ok: rebalance is a host-driven weight move
+    new_list = new_p2l.tolist()  # host-ok: rebalance
+    owner = layer.expert_owner.cpu().tolist()  # host-ok: rebalance
     local = layer._local_ids
     me = pc.ep_rank
     tensors = [getattr(layer, n) for n in _MOVED if getattr(layer, n, None) is not None]

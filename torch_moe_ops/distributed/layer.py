@@ -36,7 +36,7 @@ def setup_parallel(layer, pc: ParallelConfig, quant_config) -> None:
     layer.num_physical_experts = E_g
     layer.local_expert_range = (start, end)
     emap = placement.expert_map(E_g, ep, pc.ep_rank)
-    layer._local_ids = emap.tolist()  # host copy for the loader (placement never changes, only contents)
+    layer._local_ids = emap.tolist()  # host-ok (setup, once); host copy for the loader (placement never changes, only contents)
     p2l = placement.initial_physical_to_logical(E_log, R)
     l2p, count = placement.tables_from_physical_to_logical(p2l, E_log)
     padded = torch.full((E_log, R + 1), -1, dtype=torch.int32)  # fixed shape: rebalance writes in place

@@ -44,15 +44,15 @@ def initial_physical_to_logical(num_logical: int, num_redundant: int) -> torch.T
 def tables_from_physical_to_logical(p2l: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logical_to_physical [E_log, max_replicas] int32 padded -1, replica_count [E_log] int32)``; replicas in
     increasing physical order."""
-    p2l = p2l.to(torch.int64).cpu()
+    p2l = p2l.to(torch.int64).cpu()  # host-ok: placement tables are built on the host
     if p2l.numel() and (p2l.min() < 0 or p2l.max() >= num_logical):
-        raise ValueError(f"physical_to_logical entries must be in [0, {num_logical}), got {p2l.tolist()}")
+        raise ValueError(f"physical_to_logical entries must be in [0, {num_logical}), got {p2l.tolist()}")  # host-ok: error message
     count = torch.bincount(p2l, minlength=num_logical)
     if (count == 0).any():
-        raise ValueError(f"logical experts {torch.nonzero(count == 0).flatten().tolist()} have no physical slot")
+        raise ValueError(f"logical experts {torch.nonzero(count == 0).flatten().tolist()} have no physical slot")  # host-ok: error message
     l2p = torch.full((num_logical, int(count.max())), -1, dtype=torch.int32)
     fill = [0] * num_logical
-    for p, l in enumerate(p2l.tolist()):
+    for p, l in enumerate(p2l.tolist()):  # host-ok: host tables
         l2p[l, fill[l]] = p
         fill[l] += 1
     return l2p, count.to(torch.int32)
@@ -60,11 +60,11 @@ def tables_from_physical_to_logical(p2l: torch.Tensor, num_logical: int) -> tupl
 
 def physical_to_logical_from_table(l2p: torch.Tensor, num_physical: int) -> torch.Tensor:
     """Invert a ``logical_to_physical`` table; every physical slot must appear exactly once."""
-    l2p = torch.as_tensor(l2p).to(torch.int64).cpu()
+    l2p = torch.as_tensor(l2p).to(torch.int64).cpu()  # host-ok: host tables
     if l2p.dim() != 2:
         raise ValueError(f"logical_to_physical must be [E_log, max_replicas], got {list(l2p.shape)}")
     p2l = torch.full((num_physical,), -1, dtype=torch.int64)
-    for l, row in enumerate(l2p.tolist()):
+    for l, row in enumerate(l2p.tolist()):  # host-ok: host tables
         for p in row:
             if p < 0:
                 continue
@@ -74,7 +74,7 @@ def physical_to_logical_from_table(l2p: torch.Tensor, num_physical: int) -> torc
                 raise ValueError(f"logical_to_physical: physical slot {p} is used twice")
             p2l[p] = l
     if (p2l < 0).any():
-        raise ValueError(f"logical_to_physical leaves physical slots {torch.nonzero(p2l < 0).flatten().tolist()} unused")
+        raise ValueError(f"logical_to_physical leaves physical slots {torch.nonzero(p2l < 0).flatten().tolist()} unused")  # host-ok: error message
     return p2l
 
 
