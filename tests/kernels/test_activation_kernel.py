@@ -18,17 +18,13 @@ from torch_moe_ops.reference.quant import quantize_activation as ref_quantize_ac
 
 #: The interpreter evaluates exp() in numpy, which warns when exp(-x) overflows to inf (the math stays exact).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+from ._jit import compiled_variants as _compiled_variants  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
        torch.float16: dict(rtol=1e-3, atol=1e-5)}
 
-
-def _compiled_variants(kernel) -> int:
-    caches = getattr(kernel, "device_caches", None)
-    if caches is None:
-        pytest.skip("the JIT cache is not observable here (TRITON_INTERPRET=1 compiles nothing)")
-    return sum(len(entry[0]) for entry in caches.values())
 
 
 def _input(M: int, N: int, dtype: torch.dtype, row_pad: int = 0, scale: float = 4.0) -> torch.Tensor:

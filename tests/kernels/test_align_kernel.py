@@ -17,14 +17,10 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 from torch_moe_ops._kernels import align  # noqa: E402
 from torch_moe_ops.reference.align import align_block_size as ref_align  # noqa: E402
 
+from ._jit import compiled_variants as _compiled_variants  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _compiled_variants(kernel) -> int:
-    caches = getattr(kernel, "device_caches", None)
-    if caches is None:
-        pytest.skip("the JIT cache is not observable here (TRITON_INTERPRET=1 compiles nothing)")
-    return sum(len(entry[0]) for entry in caches.values())
 
 
 def _half_local_map(E: int) -> torch.Tensor:

@@ -15,16 +15,12 @@ from torch_moe_ops._kernels import quant  # noqa: E402
 from torch_moe_ops._spec import FP8_MAX, INT8_MAX, SCALE_EPS  # noqa: E402
 from torch_moe_ops.reference import quant as ref_quant  # noqa: E402
 
+from ._jit import compiled_variants as _compiled_variants  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QDTYPES = {"fp8": torch.float8_e4m3fn, "u8": torch.uint8, "i8": torch.int8}
 
-
-def _compiled_variants(kernel) -> int:
-    caches = getattr(kernel, "device_caches", None)
-    if caches is None:
-        pytest.skip("the JIT cache is not observable here (TRITON_INTERPRET=1 compiles nothing)")
-    return sum(len(entry[0]) for entry in caches.values())
 
 
 def _bits(q: torch.Tensor) -> torch.Tensor:

@@ -17,15 +17,11 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 from torch_moe_ops._kernels import routing  # noqa: E402
 from torch_moe_ops.reference.routing import topk_route as ref_topk_route  # noqa: E402
 
+from ._jit import compiled_variants as _compiled_variants  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-
-def _compiled_variants(kernel) -> int:
-    caches = getattr(kernel, "device_caches", None)
-    if caches is None:
-        pytest.skip("the JIT cache is not observable here (TRITON_INTERPRET=1 compiles nothing)")
-    return sum(len(entry[0]) for entry in caches.values())
 
 
 def _tie_free_logits(T: int, E: int, dtype: torch.dtype) -> torch.Tensor:
