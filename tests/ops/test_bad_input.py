@@ -185,6 +185,13 @@ def test_fused_moe_bad_input(kw, match, device):
         torch.ops.moe.fused_moe(**kw)
 
 
+def test_fused_moe_expert_map_values_out_of_range():
+    """fused_moe checks expert_map's values itself (its routed ids are in range by construction)."""
+    bad_map = torch.full((E,), E, dtype=torch.int32)
+    with pytest.raises(ValueError, match="expert_map"):
+        torch.ops.moe.fused_moe(**_moe_args(expert_map=bad_map))
+
+
 BAD_OTHER = [  # (op name, kwargs, exception, regex)
     pytest.param("align_block_size", dict(topk_ids=torch.rand(T, K), num_experts=E, block_size=16), TypeError,
                  "topk_ids", id="align-float-ids"),

@@ -98,6 +98,13 @@ def experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_sc
         x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
         block_shape, expert_map, limit)
     check_expert_values(w13, topk_ids, expert_map)
+    return _run_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
+                        w13_bias, w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton)
+
+
+def _run_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
+                 w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton):
+    """Checked, canonical arguments -> the Triton pipeline or the reference."""
     if on_triton:
         from .._kernels import fused_experts as kernels
 
@@ -149,12 +156,16 @@ def check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_ma
 def moe(x, router_logits, w13, w2, top_k, renormalize, scoring_func, G, kG, bias, rsf, activation, quant_scheme,
         w13_scale, w2_scale, w13_bias, w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton):
     check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map)
-    # the expert arguments are checked before the routing kernel runs
-    check_experts(x, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale,
-                  w13_bias, w2_bias, block_shape, expert_map, limit)
+    # The expert arguments are checked once, before the routing kernel runs; routing's outputs are
+    # [T, k] fp32 / int32 ids in [0, E_logical) by construction, so they need no second check.
+    activation, w13_scale, w2_scale, block_shape = check_experts(
+        x, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias, block_shape,
+        expert_map, limit)
+    if expert_map is not None:
+        C.check_ids_in_range(expert_map, "expert_map", -1, w13.shape[0])
     weights, ids = route(router_logits, top_k, renormalize, scoring_func, G, kG, bias, rsf, on_triton)
-    return experts(x, w13, w2, weights, ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
-                   block_shape, expert_map, on_input, alpha, limit, on_triton)
+    return _run_experts(x, w13, w2, weights, ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
+                        block_shape, expert_map, on_input, alpha, limit, on_triton)
 
 
 @define("fused_moe", MOE_SCHEMA)
