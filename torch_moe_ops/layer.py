@@ -161,19 +161,20 @@ class FusedMoE(nn.Module):
         self._check_ready()
         if self.parallel is not None:
             out = self.parallel.forward(self, hidden_states, *self.select_experts(router_logits))
-            if self.shared_experts is not None:
-                out = out + self.shared_experts(hidden_states if shared_experts_input is None else shared_experts_input)
-            return out
-        out = torch.ops.moe.fused_moe(
+        else:
+            out = self._fused_moe(hidden_states, router_logits)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states if shared_experts_input is None else shared_experts_input)
+        return out
+
+    def _fused_moe(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        return torch.ops.moe.fused_moe(
             hidden_states, router_logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
             self.scoring_func, self.num_expert_group, self.topk_group, self.e_score_correction_bias,
             self.routed_scaling_factor, self.activation, self.quant_scheme, self.w13_weight_scale,
             self.w2_weight_scale, self.w13_bias, self.w2_bias, self.block_shape, None,
             apply_router_weight_on_input=self.apply_router_weight_on_input,
             activation_alpha=self.activation_alpha, activation_limit=self.activation_limit)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden_states if shared_experts_input is None else shared_experts_input)
-        return out
 
     def select_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router_logits: [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)."""
