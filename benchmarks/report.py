@@ -31,9 +31,11 @@ def tables(result: dict) -> str:
                      + (f"{vs:.2f}x" if vs else "—") + " |")
     quant = [c for c in result["cells"] if c.get("kind") == "quantize"]
     if quant:
-        lines += ["", "Online quantization of a 1 G-element bf16 tensor `[8, 32768, 4096]` (`quantize_weight_into`):", "",
-                  "| scheme | ms | GB/s (2 B read + 1 B written per element) | % of copy bandwidth |", "|---|---|---|---|"]
-        lines += [f"| {c['scheme']} | {c['ms']:.3f} | {c['GBps']:.0f} | {c['frac_copy'] * 100:.0f}% |" for c in quant]
+        lines += ["", "Online quantization of ~1 G-element bf16 w13 tensors `[E, 2I, H]` (`quantize_weight_into`; "
+                  "GB/s counts 2 B read + 1 B written per element):", "",
+                  "| tensor | scheme | ms | GB/s | % of copy bandwidth |", "|---|---|---|---|---|"]
+        lines += [f"| {c.get('shape', 'w')} `{c.get('dims', [8, 32768, 4096])}` | {c['scheme']} | {c['ms']:.3f} | "
+                  f"{c['GBps']:.0f} | {c['frac_copy'] * 100:.0f}% |" for c in quant]
     return "\n".join(lines)
 
 

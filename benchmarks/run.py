@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.providers import REGISTRY
-from benchmarks.shapes import SHAPES, TOKENS, roofline_s
+from benchmarks.shapes import QUANT_SHAPES, SHAPES, TOKENS, roofline_s
 
 import torch_moe_ops as moe
 from torch_moe_ops.demo import SCHEMES
@@ -60,20 +60,21 @@ def measure_ceilings() -> dict:
 
 
 def bench_quantize(ceilings: dict) -> list:
-    """Online quantization of a 1 G-element bf16 tensor [8, 32768, 4096] (read 2 B, write 1 B per element)."""
-    w = torch.randn(8, 32768, 4096, device="cuda", dtype=torch.bfloat16)
+    """Online quantization of ~1 G-element bf16 w13 tensors (``QUANT_SHAPES``; read 2 B, write 1 B per element)."""
     rows = []
-    for scheme, shards in (("fp8_channel", 1), ("fp8_block", 1), ("fp8_tensor", 2), ("int8_channel", 1)):
-        q, s = moe.quantize_weight(w, scheme, shards=shards)
-        ms = do_bench_ms(lambda: moe.quantize_weight_into(w, q, s, scheme, shards=shards), graph=False)
-        gbps = w.numel() * 3 / ms / 1e6
-        rows.append(dict(kind="quantize", scheme=scheme, numel=w.numel(), ms=ms, GBps=gbps,
-                         frac_copy=gbps / ceilings["copy_GBps"]))
-        print(f"quantize {scheme:<12} {ms:8.3f} ms {gbps:7.0f} GB/s ({100 * gbps / ceilings['copy_GBps']:.1f}% of copy)",
-              flush=True)
-        del q, s
-    del w
-    torch.cuda.empty_cache()
+    for name, shape in QUANT_SHAPES.items():
+        w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        for scheme, shards in (("fp8_channel", 1), ("fp8_block", 1), ("fp8_tensor", 2), ("int8_channel", 1)):
+            q, s = moe.quantize_weight(w, scheme, shards=shards)
+            ms = do_bench_ms(lambda: moe.quantize_weight_into(w, q, s, scheme, shards=shards), graph=False)
+            gbps = w.numel() * 3 / ms / 1e6
+            rows.append(dict(kind="quantize", shape=name, dims=list(shape), scheme=scheme, numel=w.numel(), ms=ms,
+                             GBps=gbps, frac_copy=gbps / ceilings["copy_GBps"]))
+            print(f"quantize {name:<13} {scheme:<12} {ms:8.3f} ms {gbps:7.0f} GB/s "
+                  f"({100 * gbps / ceilings['copy_GBps']:.1f}% of copy)", flush=True)
+            del q, s
+        del w
+        torch.cuda.empty_cache()
     return rows
 
 

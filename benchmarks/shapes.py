@@ -31,6 +31,10 @@ SHAPES = {
 }
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
+#: ~1 G-element bf16 w13 tensors [E, 2 * I, H] for online quantization: one (expert, shard) slice is
+#: 3 MB (Qwen3), 29 MB (DeepSeek-V3) and 117 MB (Mixtral) of bf16 -- below, near and above the H100's 50 MB L2.
+QUANT_SHAPES = {"qwen3-w13": (341, 1536, 2048), "deepseek-w13": (34, 4096, 7168), "mixtral-w13": (8, 28672, 4096)}
+
 WEIGHT_BYTES = {"none": 2, "fp8_tensor": 1, "fp8_channel": 1, "fp8_block": 1, "int8_w8a16": 1}
 
 

@@ -85,10 +85,11 @@ def test_quantize_weight_long_rows_two_loops(monkeypatch, scheme, qdtype):
     _check_weight(_weight((2, 5, 300), torch.bfloat16, pad=16), scheme, QDTYPES[qdtype])
 
 
-@pytest.mark.parametrize("lag", [1, 3])
-def test_quantize_weight_fp8_tensor_many_chunks(monkeypatch, lag):
+@pytest.mark.parametrize("slack,reverse", [(0, True), (1, False), (7, True)])
+def test_quantize_weight_fp8_tensor_many_chunks(monkeypatch, slack, reverse):
     monkeypatch.setattr(quant, "_CHUNK", 512)  # several amax items per shard
-    monkeypatch.setattr(quant, "_LAG_SHARDS", lag)  # quantize items this many shards behind (capped)
+    monkeypatch.setattr(quant, "_LAG_SLACK", slack)  # quantize items one shard + slack chunks behind (capped)
+    monkeypatch.setattr(quant, "_REVERSE_QUANT", reverse)
     _check_weight(_weight((3, 128, 80), torch.bfloat16, pad=32, zero_expert=True), "fp8_tensor", torch.float8_e4m3fn,
                   shards=2)
 

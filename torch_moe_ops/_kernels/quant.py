@@ -42,7 +42,9 @@ assert SCALE_EPS == 1e-4 and FP8_MAX == 448.0 and INT8_MAX == 127.0  # literals 
 _MAX_ROW = 8192  # longest row (in elements, pow2) a program keeps in registers
 _CHUNK = 65536  # fp8_tensor: elements per work item (a range of rows of one shard)
 _TENSOR_TILE = 8192  # fp8_tensor: elements per loop step (large tiles keep enough bytes in flight)
-_LAG_SHARDS = 2  # fp8_tensor: a chunk is quantized this many shards' worth of chunks after its amax read
+_LAG_SLACK = 256  # fp8_tensor: quantize items start one shard plus this many chunks after the amax items
+_REVERSE_QUANT = True  # fp8_tensor: quantize a shard's chunks last-read first (the likeliest L2 hits)
+_TENSOR_WARPS = 8
 
 
 @triton.jit
@@ -153,7 +155,7 @@ def _shard_chunk_ptrs(base, shard_rows, K, stride_n, r0, k0, BLOCK_R: tl.constex
 def _quant_weight_tensor_kernel(
     w_ptr, q_ptr, s_ptr, sync_ptr, amax_ptr, S, shards, shard_rows, K, rows_per_chunk, chunks, lag,
     stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_ss,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_FP8: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """fp8_tensor in one launch. w: [E, shards*shard_rows, K] -> q fp8 same shape, s: [E, shards].
 
@@ -174,6 +176,8 @@ def _quant_weight_tensor_kernel(
     kk = tl.where(is_a, k, kq)
     sh = kk // chunks
     c = kk % chunks
+    if REVERSE:  # a shard's quantize items walk its chunks backwards: the last read is the freshest in L2
+        c = tl.where(is_q, chunks - 1 - c, c)
     e = (sh // shards).to(tl.int64)
     row0 = (sh % shards) * shard_rows
     w_base = w_ptr + e * stride_we + row0.to(tl.int64) * stride_wn
@@ -210,13 +214,15 @@ def _fp8_tensor(w, q, scale, shards, emulate):
     rows_per_chunk = max(1, _CHUNK // (block_r * block_k * triton.cdiv(K, block_k))) * block_r
     chunks = triton.cdiv(shard_rows, rows_per_chunk)
     n_shards = E * shards
-    lag = min(_LAG_SHARDS * chunks, n_shards * chunks)
+    # a shard's first quantize item must not wait long for its last amax item: lag >= chunks + in flight
+    lag = min(chunks + _LAG_SLACK, n_shards * chunks)
     sync = torch.zeros(2 * n_shards + 1, dtype=torch.int32, device=w.device)
     amax = sync[n_shards + 1 :].view(torch.float32)  # zero bits = 0.0
     _quant_weight_tensor_kernel[(2 * n_shards * chunks + lag,)](
         w, q, scale, sync, amax, n_shards, shards, shard_rows, K, rows_per_chunk, chunks, lag,
         w.stride(0), w.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
-        BLOCK_R=block_r, BLOCK_K=block_k, EMULATE_FP8=emulate, num_warps=8 if block_r * block_k >= 4096 else 4,
+        BLOCK_R=block_r, BLOCK_K=block_k, EMULATE_FP8=emulate, REVERSE=_REVERSE_QUANT,
+        num_warps=_TENSOR_WARPS if block_r * block_k >= 4096 else 4,
     )
 
 

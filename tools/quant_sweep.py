@@ -1,0 +1,46 @@
+"""GPU only: sweep the fp8_tensor quantizer's scheduling knobs over shard sizes below and above L2.
+
+``python3 tools/quant_sweep.py`` prints GB/s (2 B read + 1 B written per element) and the fraction of copy
+bandwidth for every (shape, chunk, lag slack, reverse, warps), checking each result bit for bit against
+the first configuration's. Used to pick ``_kernels/quant.py``'s defaults; not part of the test suite.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+from benchmarks.shapes import QUANT_SHAPES as SHAPES
+from torch_moe_ops._kernels import quant
+
+
+def main():
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    copy = 2 * n / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
+    del src, dst
+    print(f"copy {copy:.0f} GB/s; L2 {torch.cuda.get_device_properties(0).L2_cache_size / 2**20:.0f} MiB", flush=True)
+    for name, shape in SHAPES.items():
+        w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(shape, device="cuda", dtype=torch.float8_e4m3fn)
+        s = torch.empty(shape[0], 2, device="cuda")
+        want = None
+        for chunk, slack, reverse, warps in itertools.product((16384, 32768, 65536), (0, 128, 512), (False, True), (4, 8)):
+            quant._CHUNK, quant._LAG_SLACK, quant._REVERSE_QUANT, quant._TENSOR_WARPS = chunk, slack, reverse, warps
+            run = lambda: quant.quantize_weight_into(w, q, s, "fp8_tensor", shards=2)  # noqa: E731
+            run()
+            if want is None:
+                want = (q.view(torch.uint8).clone(), s.clone())
+            ok = torch.equal(q.view(torch.uint8), want[0]) and torch.equal(s, want[1])
+            ms = do_bench(run, warmup=10, rep=60, return_mode="median")
+            gbps = 3 * w.numel() / ms / 1e6
+            print(f"{name:<13} chunk={chunk:<6} slack={slack:<4} reverse={int(reverse)} warps={warps} "
+                  f"{ms:7.3f} ms {gbps:6.0f} GB/s {100 * gbps / copy:5.1f}% {'ok' if ok else 'MISMATCH'}", flush=True)
+            q.zero_()
+        del w, q, s
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
