@@ -2,11 +2,14 @@
 
 ``python3 tools/quant_sweep.py`` prints GB/s (2 B read + 1 B written per element) and the fraction of copy
 bandwidth for every (shape, chunk, lag slack, reverse, warps), checking each result bit for bit against
-the first configuration's. Used to pick ``_kernels/quant.py``'s defaults; not part of the test suite.
+the first configuration's. ``--diagnose`` times the amax items alone, the quantize items alone and the
+one-pass fp8_channel kernel on the same tensors; ``--once`` runs each kernel once (for ``ncu``). Used to
+pick ``_kernels/quant.py``'s defaults; not part of the test suite.
 """
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 from triton.testing import do_bench
@@ -15,7 +18,28 @@ from benchmarks.shapes import QUANT_SHAPES as SHAPES
 from torch_moe_ops._kernels import quant
 
 
+def diagnose(once: bool):
+    for name, shape in SHAPES.items():
+        w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(shape, device="cuda", dtype=torch.float8_e4m3fn)
+        s2, sc = torch.empty(shape[0], 2, device="cuda"), torch.empty(shape[:2], device="cuda")
+        for label, phases, scheme, scale in (("both", 3, "fp8_tensor", s2), ("amax-only", 1, "fp8_tensor", s2),
+                                             ("quant-only", 2, "fp8_tensor", s2), ("fp8_channel", 3, "fp8_channel", sc)):
+            quant._TENSOR_PHASES = phases
+            run = lambda: quant.quantize_weight_into(w, q, scale, scheme, shards=2 if scale is s2 else 1)  # noqa: E731
+            run()
+            torch.cuda.synchronize()
+            if not once:
+                ms = do_bench(run, warmup=10, rep=60, return_mode="median")
+                print(f"{name:<13} {label:<12} {ms:7.3f} ms  {w.numel() * 2 / ms / 1e6:6.0f} GB/s of bf16 read", flush=True)
+        quant._TENSOR_PHASES = 3
+        del w, q
+        torch.cuda.empty_cache()
+
+
 def main():
+    if "--diagnose" in sys.argv or "--once" in sys.argv:
+        return diagnose("--once" in sys.argv)
     n = 1 << 30
     src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
     copy = 2 * n / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6

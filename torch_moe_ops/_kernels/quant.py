@@ -45,6 +45,7 @@ _TENSOR_TILE = 8192  # fp8_tensor: elements per loop step (large tiles keep enou
 _LAG_SLACK = 256  # fp8_tensor: quantize items start one shard plus this many chunks after the amax items
 _REVERSE_QUANT = True  # fp8_tensor: quantize a shard's chunks last-read first (the likeliest L2 hits)
 _TENSOR_WARPS = 8
+_TENSOR_PHASES = 3  # diagnostics only (tools/quant_sweep.py): 1 = amax items only, 2 = quantize items only
 
 
 @triton.jit
@@ -156,6 +157,7 @@ def _quant_weight_tensor_kernel(
     w_ptr, q_ptr, s_ptr, sync_ptr, amax_ptr, S, shards, shard_rows, K, rows_per_chunk, chunks, lag,
     stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_ss,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_FP8: tl.constexpr, REVERSE: tl.constexpr,
+    PHASES: tl.constexpr = 3,
 ):
     """fp8_tensor in one launch. w: [E, shards*shard_rows, K] -> q fp8 same shape, s: [E, shards].
 
@@ -182,6 +184,10 @@ def _quant_weight_tensor_kernel(
     row0 = (sh % shards) * shard_rows
     w_base = w_ptr + e * stride_we + row0.to(tl.int64) * stride_wn
     r_lo = c * rows_per_chunk
+    if PHASES == 2:
+        is_a = False
+    if PHASES == 1:
+        is_q = False
     if is_a:
         acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # elementwise: one reduction at the end
         for r0 in range(r_lo, r_lo + rows_per_chunk, BLOCK_R):
@@ -192,6 +198,8 @@ def _quant_weight_tensor_kernel(
         tl.atomic_add(sync_ptr + sh, 1, sem="release")  # publishes the atomic_max above
     if is_q:
         done = tl.atomic_add(sync_ptr + sh, 0, sem="acquire")
+        if PHASES == 2:
+            done = chunks
         while done < chunks:
             done = tl.atomic_add(sync_ptr + sh, 0, sem="acquire")
         scale, inv = _scale_of(tl.atomic_max(amax_ptr + sh, 0.0, sem="acquire"), 448.0)
@@ -221,7 +229,7 @@ def _fp8_tensor(w, q, scale, shards, emulate):
     _quant_weight_tensor_kernel[(2 * n_shards * chunks + lag,)](
         w, q, scale, sync, amax, n_shards, shards, shard_rows, K, rows_per_chunk, chunks, lag,
         w.stride(0), w.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
-        BLOCK_R=block_r, BLOCK_K=block_k, EMULATE_FP8=emulate, REVERSE=_REVERSE_QUANT,
+        BLOCK_R=block_r, BLOCK_K=block_k, EMULATE_FP8=emulate, REVERSE=_REVERSE_QUANT, PHASES=_TENSOR_PHASES,
         num_warps=_TENSOR_WARPS if block_r * block_k >= 4096 else 4,
     )
 
