@@ -50,7 +50,7 @@ def main():
         q = torch.empty(shape, device="cuda", dtype=torch.float8_e4m3fn)
         s = torch.empty(shape[0], 2, device="cuda")
         want = None
-        for chunk, slack, reverse, warps in itertools.product((16384, 32768, 65536), (0, 128, 512), (False, True), (4, 8)):
+        for chunk, slack, reverse, warps in itertools.product((8192, 16384, 32768), (0, 128, 256, 512), (False, True), (4, 8)):
             quant._CHUNK, quant._LAG_SLACK, quant._REVERSE_QUANT, quant._TENSOR_WARPS = chunk, slack, reverse, warps
             run = lambda: quant.quantize_weight_into(w, q, s, "fp8_tensor", shards=2)  # noqa: E731
             run()

@@ -13,16 +13,20 @@ Passes over the weights:
 - ``fp8_tensor`` (one scale per expert and shard): ONE launch (plus a tiny memset), two reads of each
   chunk: a shard's amax is only known once all of it was read. ``_quant_weight_tensor_kernel``
   interleaves "amax" items (fold a chunk's amax into its shard with an atomic max) with "quantize"
-  items that run ``_LAG_SHARDS`` shards later, wait on a per-shard counter, and re-read their chunk
-  (from L2 when the shards in between fit). Items are handed out by an atomic ticket in start order, so
-  waits only target running programs (deadlock-free; sequential in the interpreter). Deterministic
-  (max is order-free).
+  items that start one shard plus ``_LAG_SLACK`` chunks later, wait on a per-shard counter, and re-read
+  their chunk, newest first, from L2 when the shard fits. Items are handed out by an atomic ticket in
+  start order, so waits only target running programs (deadlock-free; sequential in the interpreter).
+  Deterministic (max is order-free).
 
-Measured on H100 (torch 2.11, triton 3.6; copy = 3018 GB/s read + write), 1G-element bf16 weights,
-bytes = 2 read + 1 written per element: fp8_channel / int8_channel / fp8_block [64, 4096, 4096]
-~3070 GB/s (~100% of copy; torch.compile of the same fp8_channel math: 2362 GB/s); fp8_tensor with
-2 shards ~1830 GB/s (~61%: the second read mostly misses L2 at these shard sizes; a two-kernel
-amax + quantize version gave ~1690 GB/s).
+Measured on H100 (torch 2.11, triton 3.6; copy ~3005 GB/s read + write; ``tools/quant_sweep.py``), ~1G-element
+bf16 w13 tensors, bytes = 2 read + 1 written per element: fp8_channel / int8_channel / fp8_block ~3070 GB/s
+(~100% of copy; torch.compile of the same fp8_channel math: 2362 GB/s). fp8_tensor depends on the shard
+size: 3 MB shards (Qwen3-30B-A3B) 2444 GB/s (81%); 29 MB (DeepSeek-V3) 1842 GB/s (61%) and 117 MB
+(Mixtral) 1856 GB/s (62%). ncu shows why: once a shard plus the work in flight outgrows what L2 keeps
+(about 20 MB here; each L2 half caches its own SMs' reads), the second read comes from DRAM again
+(4.29 GB read for 2.15 GB of weights), i.e. 5 B of traffic per 3 B counted: <= 60% of copy for ANY
+exact per-tensor scheme that cannot hold a shard on chip. Evict-last/evict-first hints, 8-warp programs
+and 8K/32K/64K chunks measured no better.
 
 The interpreter's fp32 -> fp8 cast mis-rounds (e.g. 127.4 -> 64) and its fp32 -> bf16 cast truncates, so
 under ``TRITON_INTERPRET=1`` values are first rounded to the target grid in fp32 (``_fp8_round``,
@@ -40,11 +44,11 @@ from .._spec import DEFAULT_BLOCK_SHAPE, FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_EPS
 assert SCALE_EPS == 1e-4 and FP8_MAX == 448.0 and INT8_MAX == 127.0  # literals in the kernels below
 
 _MAX_ROW = 8192  # longest row (in elements, pow2) a program keeps in registers
-_CHUNK = 65536  # fp8_tensor: elements per work item (a range of rows of one shard)
+_CHUNK = 16384  # fp8_tensor: elements per work item (a range of rows of one shard)
 _TENSOR_TILE = 8192  # fp8_tensor: elements per loop step (large tiles keep enough bytes in flight)
 _LAG_SLACK = 256  # fp8_tensor: quantize items start one shard plus this many chunks after the amax items
 _REVERSE_QUANT = True  # fp8_tensor: quantize a shard's chunks last-read first (the likeliest L2 hits)
-_TENSOR_WARPS = 8
+_TENSOR_WARPS = 4
 _TENSOR_PHASES = 3  # diagnostics only (tools/quant_sweep.py): 1 = amax items only, 2 = quantize items only
 
 
