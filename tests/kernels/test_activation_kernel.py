@@ -77,6 +77,25 @@ def test_moe_sum_matches_reference(T, k, H, dtype):
     torch.testing.assert_close(y.cpu().float(), want.float(), **TOL[x.dtype])
 
 
+@pytest.mark.parametrize("with_map", [False, True])
+def test_moe_sum_skips_dropped_slots(with_map):
+    """Slots with ids outside [0, E) or mapped to -1 are never read (NaN there must not leak)."""
+    T, k, H, E = 6, 3, 70, 5
+    x = torch.randn(T, k, H)
+    ids = torch.randint(0, E, (T, k), dtype=torch.int32)
+    ids[0, 1], ids[2, 0], ids[4, 2] = -1, E, E + 7
+    emap = torch.tensor([0, -1, 1, 2, -1], dtype=torch.int32)
+    keep = (ids >= 0) & (ids < E)
+    if with_map:
+        keep &= emap[ids.clamp(0, E - 1).long()] >= 0
+    x[~keep] = float("nan")
+    y = activation.moe_sum(x.to(DEVICE), topk_ids=ids.to(DEVICE), expert_map=emap.to(DEVICE) if with_map else None,
+                           num_experts=E)
+    want = torch.where(keep[:, :, None], x, 0.0).sum(1)
+    assert keep.sum() < T * k and torch.isfinite(y.cpu()).all()
+    torch.testing.assert_close(y.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
 def _check_quant(q, s, y_fp32, scheme, group):
     """q/s against quantize_activation(y_fp32): scales to 1e-6 relative, q within one e4m3 step."""
     rq, rs = ref_quantize_activation(y_fp32, scheme, group)

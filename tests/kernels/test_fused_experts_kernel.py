@@ -16,6 +16,7 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from torch_moe_ops import reference  # noqa: E402
+from torch_moe_ops._platform import DEBUG_ENV  # noqa: E402
 from torch_moe_ops._kernels.configs import TileConfig  # noqa: E402
 from torch_moe_ops._kernels.fused_experts import fused_experts  # noqa: E402
 from torch_moe_ops._kernels.gemm import invoke_moe_gemm  # noqa: E402
@@ -174,8 +175,15 @@ def test_fused_experts_matches_reference(shape, kw):
         assert err < REL_TOL[dtype], f"relative error {err:.3g}"
 
 
-def test_out_of_range_ids_contribute_zero():
-    """ids outside [0, E) (and -1) are dropped by the alignment: no OOB access, zero contribution."""
+@pytest.fixture
+def poison_unwritten(monkeypatch):
+    """Debug mode fills the never-written rows of the GEMM2 buffer with NaN: a read of one shows."""
+    monkeypatch.setenv(DEBUG_ENV, "1")
+
+
+def test_out_of_range_ids_contribute_zero(poison_unwritten):
+    """ids outside [0, E) (and -1) are dropped by the alignment and skipped by moe_sum: no OOB access, zero
+    contribution, their unwritten (NaN-poisoned) buffer rows never read."""
     gen = torch.Generator().manual_seed(1)
     T, E, k, H, I = 7, 4, 2, 40, 24
     x = torch.randn(T, H, generator=gen) / 10
@@ -185,6 +193,13 @@ def test_out_of_range_ids_contribute_zero():
     ref = reference.fused_experts(x, w13, w2, w, ids)
     out = fused_experts(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), w.to(DEVICE), ids.to(DEVICE)).cpu()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["none", "fp8_channel"])
+def test_non_local_pairs_never_read(poison_unwritten, scheme):
+    out, ref = _run_case(33, 4, 3, 40, 24, scheme=scheme, ep=True)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < (REL_TOL_FP8 if scheme != "none" else REL_TOL)["bf16"]
 
 
 def test_gemm_minus_one_block_stores_zeros_and_skips_tail():

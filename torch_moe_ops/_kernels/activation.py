@@ -134,13 +134,21 @@ def _act_quant_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
-def _moe_sum_kernel(x_ptr, out_ptr, T, H, stride_xt, stride_xk, stride_ot,
-                    TOP_K: tl.constexpr, K_P2: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """x: [T, TOP_K, H] -> out: [T, H], fp32 accumulation; grid (T, H-blocks)."""
+def _moe_sum_kernel(x_ptr, out_ptr, ids_ptr, map_ptr, T, H, E, stride_xt, stride_xk, stride_ot, stride_it, stride_ik,
+                    TOP_K: tl.constexpr, K_P2: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_MAP: tl.constexpr):
+    """x: [T, TOP_K, H] -> out: [T, H], fp32 accumulation; grid (T, H-blocks). With MASKED, slot j of token t
+    counts only if ids[t, j] is in [0, E) (and map[ids] >= 0): other slots are never read (may hold garbage)."""
     t = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, K_P2)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (offs_k < TOP_K)[:, None] & (offs_h < H)[None, :]
+    slot_ok = offs_k < TOP_K
+    if MASKED:
+        ids = tl.load(ids_ptr + t * stride_it + offs_k * stride_ik, mask=slot_ok, other=-1).to(tl.int64)
+        slot_ok &= (ids >= 0) & (ids < E)
+        if HAS_MAP:
+            slot_ok &= tl.load(map_ptr + ids, mask=slot_ok, other=-1) >= 0
+    mask = slot_ok[:, None] & (offs_h < H)[None, :]
     x = tl.load(x_ptr + t * stride_xt + offs_k[:, None] * stride_xk + offs_h[None, :], mask=mask, other=0.0)
     y = tl.sum(x.to(tl.float32), axis=0)
     if EMULATE_BF16:
@@ -228,8 +236,12 @@ def act_and_quant(x: torch.Tensor, activation: str = "silu", alpha: float = 1.70
     return q, scale
 
 
-def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [T, k, H] (``stride(-1) == 1``) -> out: [T, H] in x's dtype (or out's), summed in fp32."""
+def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None, topk_ids: torch.Tensor | None = None,
+            expert_map: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
+    """x: [T, k, H] (``stride(-1) == 1``) -> out: [T, H] in x's dtype (or out's), summed in fp32.
+
+    With ``topk_ids`` [T, k] int32/int64, slots whose id is outside [0, num_experts) or maps to −1 in
+    ``expert_map`` [num_experts] int32 are skipped without being read (the pipeline leaves them unwritten)."""
     T, k, H = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -237,6 +249,15 @@ def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0 or H == 0:
         return out
+    bh = min(triton.next_power_of_2(H), max(128, 4096 // triton.next_power_of_2(k)))
+    masked = topk_ids is not None
+    ids = topk_ids if masked else x  # any pointer: unused unless MASKED
+    _moe_sum_kernel[(T, cdiv(H, bh))](
+        x, out, ids, expert_map if expert_map is not None else ids, T, H, num_experts,
+        x.stride(0), x.stride(1), out.stride(0), ids.stride(0) if masked else 0, ids.stride(1) if masked else 0,
+        TOP_K=k, K_P2=triton.next_power_of_2(k), BLOCK_H=bh, EMULATE_BF16=_emulate_bf16(out),
+        MASKED=masked, HAS_MAP=expert_map is not None, num_warps=4)
+    return out
     bh = min(triton.next_power_of_2(H), max(128, 4096 // triton.next_power_of_2(k)))
     _moe_sum_kernel[(T, cdiv(H, bh))](x, out, T, H, x.stride(0), x.stride(1), out.stride(0),
                                       TOP_K=k, K_P2=triton.next_power_of_2(k), BLOCK_H=bh,

@@ -4,7 +4,8 @@
 
 Everything stays on the device: no ``.item()``, no data-dependent shapes, every allocation is static in T,
 so the whole call is CUDA-graph capturable. Pairs routed to non-local or out-of-range experts are dropped
-by the alignment and never read; their rows of the GEMM2 buffer stay zero.
+by the alignment and never read; their rows of the GEMM2 buffer stay unwritten and ``moe_sum`` skips them
+(no zero-fill of the [T·k, H] buffer).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 
 import torch
 
+from .._platform import debug_checks
 from .._spec import DEFAULT_BLOCK_SHAPE, EXPERT_SCHEMES, canonical_activation
 from .activation import act_and_mul, act_and_quant, moe_sum
 from .align import align_block_size
@@ -93,8 +95,10 @@ def fused_experts(
     else:
         a2, a2_scale = act_and_quant(c1, activation, activation_alpha, activation_limit, act_scheme, group_size)
 
-    # Zero-filled: rows of dropped pairs are never written by GEMM2 and must sum to exactly 0.
-    c3 = torch.zeros((numel, H), dtype=x.dtype, device=device)
+    # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).
+    c3 = (torch.zeros if k == 1 else torch.empty)((numel, H), dtype=x.dtype, device=device)
+    if k > 1 and debug_checks():
+        c3.fill_(float("nan"))  # poison: a read of an unwritten row shows up as NaN in the output
     invoke_moe_gemm(
         a2, w2, c3, *gemm_args, top_k=1, config=cfg2, scheme=quant_scheme,
         a_scale=a2_scale, w_scale=w2_scale, bias=w2_bias, block_shape=block_shape,
@@ -102,4 +106,4 @@ def fused_experts(
     )
     if k == 1:  # [T, 1, H] is already the sum; c3 is a fresh tensor
         return c3
-    return moe_sum(c3.view(T, k, H))
+    return moe_sum(c3.view(T, k, H), topk_ids=topk_ids, expert_map=expert_map, num_experts=num_experts)
