@@ -65,7 +65,9 @@ def write_checkpoint(path: str, layers: int, E: int, H: int, I: int, seed: int) 
         tensors = {f"{p}.gate.weight": (torch.randn(E, H, generator=g) * H**-0.5).bfloat16()}
         for e in range(E):
             for name, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-                tensors[f"{p}.experts.{e}.{name}.weight"] = (torch.randn(*shape, generator=g) * 0.1).bfloat16()
+                # std 1/sqrt(fan_in): activations keep their scale through the residual stack at any H, I
+                w = torch.randn(*shape, generator=g) * shape[1] ** -0.5
+                tensors[f"{p}.experts.{e}.{name}.weight"] = w.bfloat16()
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, os.path.join(path, f"model-{L + 1:05d}-of-{layers:05d}.safetensors"))
     return total
@@ -125,7 +127,7 @@ def run_pipeline(args) -> int:
         with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
             after = compiled(x)  # a recompile here would raise
         moved = [n for n, p in model.named_parameters() if p.data_ptr() != ptrs[n]]
-        changed = (after.float() - before.float()).norm() / before.float().norm()
+        changed = (after.double() - before.double()).norm() / before.double().norm()
         print(f"reload: output changed by {changed:.2f} (relative), parameters whose storage moved: "
               f"{len(moved)} of {len(ptrs)}; the compiled model ran the new weights without recompiling")
     return 0 if not moved and changed > 0 else 1
