@@ -78,11 +78,11 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 def _load(args, ckpt, quant_config, device):
-    model = DemoModel(args.layers, args.experts, args.top_k, args.hidden, args.intermediate, quant_config, device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # measured from before the model exists: the peak includes its final storage
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    model = DemoModel(args.layers, args.experts, args.top_k, args.hidden, args.intermediate, quant_config, device)
     report = load_checkpoint(model, ckpt, progress=True)
     finalize_loading(model)
     if device.type == "cuda":
