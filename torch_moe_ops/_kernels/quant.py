@@ -24,7 +24,7 @@ bf16 w13 tensors, bytes = 2 read + 1 written per element: fp8_channel / int8_cha
 size: 3 MB shards (Qwen3-30B-A3B) 2444 GB/s (81%); 29 MB (DeepSeek-V3) 1842 GB/s (61%) and 117 MB
 (Mixtral) 1856 GB/s (62%). ncu shows why: once a shard plus the work in flight outgrows what L2 keeps
 (about 20 MB here, measured, well under the 50 MB of L2), the second read comes from DRAM again
-(4.29 GB read for 2.15 GB of weights), i.e. 5 B of traffic per 3 B counted: <= 60% of copy for ANY
+(ncu, Mixtral tensor: 3.76 GB read from DRAM for 1.88 GB of weights), i.e. 5 B of traffic per 3 B counted: <= 60% of copy for ANY
 exact per-tensor scheme that cannot hold a shard on chip. Evict-last/evict-first hints, 8-warp programs
 and 8K/32K/64K chunks measured no better.
 
