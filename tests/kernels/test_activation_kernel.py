@@ -77,13 +77,13 @@ def test_moe_sum_matches_reference(T, k, H, dtype):
     torch.testing.assert_close(y.cpu().float(), want.float(), **TOL[x.dtype])
 
 
-@pytest.mark.parametrize("with_map", [False, True])
-def test_moe_sum_skips_dropped_slots(with_map):
+@pytest.mark.parametrize("with_map,ids_dtype", [(False, torch.int32), (True, torch.int32), (True, torch.int64)])
+def test_moe_sum_skips_dropped_slots(with_map, ids_dtype):
     """Slots with ids outside [0, E) or mapped to -1 are never read (NaN there must not leak)."""
     T, k, H, E = 6, 3, 70, 5
     x = torch.randn(T, k, H)
-    ids = torch.randint(0, E, (T, k), dtype=torch.int32)
-    ids[0, 1], ids[2, 0], ids[4, 2] = -1, E, E + 7
+    ids = torch.randint(0, E, (T, k), dtype=ids_dtype)
+    ids[0, 1], ids[2, 0], ids[4, 2], ids[5, 1] = -1, E, E + 7, -9
     emap = torch.tensor([0, -1, 1, 2, -1], dtype=torch.int32)
     keep = (ids >= 0) & (ids < E)
     if with_map:

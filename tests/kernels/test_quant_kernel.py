@@ -85,13 +85,31 @@ def test_quantize_weight_long_rows_two_loops(monkeypatch, scheme, qdtype):
     _check_weight(_weight((2, 5, 300), torch.bfloat16, pad=16), scheme, QDTYPES[qdtype])
 
 
-@pytest.mark.parametrize("slack,reverse", [(0, True), (1, False), (7, True)])
+class _Spy:
+    """Wraps a JIT kernel: records the launch arguments by name, then launches it."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(dict(zip(self.kernel.arg_names, args)))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("slack,reverse", [(0, True), (1, False), (7, True), (100, True)])
 def test_quantize_weight_fp8_tensor_many_chunks(monkeypatch, slack, reverse):
-    monkeypatch.setattr(quant, "_CHUNK", 512)  # several amax items per shard
+    monkeypatch.setattr(quant, "_TENSOR_TILE", 512)  # 4-row tiles of the 64-row shards below
+    monkeypatch.setattr(quant, "_CHUNK", 512)  # one tile per work item: 16 amax + 16 quantize items per shard
     monkeypatch.setattr(quant, "_LAG_SLACK", slack)  # quantize items one shard + slack chunks behind (capped)
     monkeypatch.setattr(quant, "_REVERSE_QUANT", reverse)
+    calls = []
+    real = quant._quant_weight_tensor_kernel
+    monkeypatch.setattr(quant, "_quant_weight_tensor_kernel", _Spy(real, calls))
     _check_weight(_weight((3, 128, 80), torch.bfloat16, pad=32, zero_expert=True), "fp8_tensor", torch.float8_e4m3fn,
                   shards=2)
+    assert [c["chunks"] for c in calls] == [16]  # the case really has several chunks per shard
 
 
 def test_int8_rounds_half_to_even():

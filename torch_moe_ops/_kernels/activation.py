@@ -146,8 +146,9 @@ def _moe_sum_kernel(x_ptr, out_ptr, ids_ptr, map_ptr, T, H, E, stride_xt, stride
     if MASKED:
         ids = tl.load(ids_ptr + t * stride_it + offs_k * stride_ik, mask=slot_ok, other=-1).to(tl.int64)
         slot_ok &= (ids >= 0) & (ids < E)
-        if HAS_MAP:
-            slot_ok &= tl.load(map_ptr + ids, mask=slot_ok, other=-1) >= 0
+        if HAS_MAP:  # the same rule as the alignment's _local_ids
+            local = tl.load(map_ptr + ids, mask=slot_ok, other=-1)
+            slot_ok &= (local >= 0) & (local < E)
     mask = slot_ok[:, None] & (offs_h < H)[None, :]
     x = tl.load(x_ptr + t * stride_xt + offs_k[:, None] * stride_xk + offs_h[None, :], mask=mask, other=0.0)
     y = tl.sum(x.to(tl.float32), axis=0)
@@ -257,9 +258,4 @@ def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None, topk_ids: torch.Te
         x.stride(0), x.stride(1), out.stride(0), ids.stride(0) if masked else 0, ids.stride(1) if masked else 0,
         TOP_K=k, K_P2=triton.next_power_of_2(k), BLOCK_H=bh, EMULATE_BF16=_emulate_bf16(out),
         MASKED=masked, HAS_MAP=expert_map is not None, num_warps=4)
-    return out
-    bh = min(triton.next_power_of_2(H), max(128, 4096 // triton.next_power_of_2(k)))
-    _moe_sum_kernel[(T, cdiv(H, bh))](x, out, T, H, x.stride(0), x.stride(1), out.stride(0),
-                                      TOP_K=k, K_P2=triton.next_power_of_2(k), BLOCK_H=bh,
-                                      EMULATE_BF16=_emulate_bf16(out), num_warps=4)
     return out
