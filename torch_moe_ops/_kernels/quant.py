@@ -18,15 +18,15 @@ Passes over the weights:
   start order, so waits only target running programs (deadlock-free; sequential in the interpreter).
   Deterministic (max is order-free).
 
-Measured on H100 (torch 2.11, triton 3.6; copy ~3004 GB/s read + write; ``tools/quant_sweep.py``), ~1G-element
-bf16 w13 tensors, bytes = 2 read + 1 written per element: fp8_channel / int8_channel / fp8_block ~3070 GB/s
-(~100% of copy; torch.compile of the same fp8_channel math: 2362 GB/s). fp8_tensor depends on the shard
-size: 3 MB shards (Qwen3-30B-A3B) 2442 GB/s (81%); 29 MB (DeepSeek-V3) 1842 GB/s (61%) and 117 MB
-(Mixtral) 1856 GB/s (62%). ncu shows why: once a shard plus the work in flight outgrows what L2 keeps
-(about 20 MB here, measured, well under the 50 MB of L2), the second read comes from DRAM again
-(ncu, Mixtral tensor: 3.76 GB read from DRAM for 1.88 GB of weights), i.e. 5 B of traffic per 3 B counted: ~3/5 of the one-pass
-streaming rate (~61% of copy) for ANY exact per-tensor scheme that cannot hold a shard on chip. Evict-last/evict-first hints, 8-warp programs
-and 8K/32K/64K chunks measured no better.
+Measured on H100 (torch 2.11, triton 3.6; copy ~3004 GB/s read + write; ``tools/quant_sweep.py``),
+~1G-element bf16 w13 tensors, bytes = 2 read + 1 written per element: fp8_channel / int8_channel /
+fp8_block ~3070 GB/s (~100% of copy; torch.compile of the same fp8_channel math: 2362 GB/s). fp8_tensor
+depends on the shard size: 3 MB shards (Qwen3-30B-A3B) 2442 GB/s (81%); 29 MB (DeepSeek-V3) 1842 GB/s
+(61%) and 117 MB (Mixtral) 1856 GB/s (62%). Once a shard plus the work in flight outgrows what L2 keeps
+(about 20 MB here, measured, well under the 50 MB of L2), the second read comes from DRAM again (ncu,
+Mixtral tensor: 3.76 GB read from DRAM for 1.88 GB of weights), i.e. 5 B of traffic per 3 B counted:
+~3/5 of the one-pass streaming rate (~61% of copy) for ANY exact per-tensor scheme that cannot hold a
+shard on chip. Evict-last/evict-first hints, 8-warp programs and 8K/32K/64K chunks measured no better.
 
 The interpreter's fp32 -> fp8 cast mis-rounds (e.g. 127.4 -> 64) and its fp32 -> bf16 cast truncates, so
 under ``TRITON_INTERPRET=1`` values are first rounded to the target grid in fp32 (``_fp8_round``,
