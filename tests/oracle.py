@@ -1,4 +1,4 @@
-"""Independent oracles for the op tests, written from ``moe-semantics.md`` (not from ``torch_moe_ops.reference``).
+"""Independent oracles for the op tests, written from docs/design.md (not from ``torch_moe_ops.reference``).
 
 They are deliberately built differently from the references that back the CPU kernels, so a shared mistake is
 unlikely: routing is a per-token Python loop with ``sorted`` (lower id wins ties), alignment is checked pair by
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX, INT8_MAX, EPS = 448.0, 127.0, 1e-4  # spec §3
+FP8_MAX, INT8_MAX, EPS = 448.0, 127.0, 1e-4  # docs/design.md §3
 FLT_MAX = float(np.finfo(np.float32).max)
 DEFAULT_BLOCK = (128, 128)
 
@@ -120,9 +120,12 @@ _BASE = {"silu": _silu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "gelu_pytorch_ta
          "relu2": lambda x: torch.clamp(x, min=0.0) ** 2}
 
 
-def activation(x, name, alpha=1.702, limit=0.0):
-    """[..., N] -> float64 [..., N/2] (gated) or [..., N] (``*_no_mul``)."""
+def activation(x, name, alpha=1.702, limit=None):
+    """[..., N] -> float64 [..., N/2] (gated) or [..., N] (``*_no_mul``). ``limit=None``: 7.0 for swigluoai
+    (GPT-OSS), 0 (off) for the others."""
     x = x.double()
+    if limit is None:
+        limit = 7.0 if name == "swigluoai" else 0.0
     if name.endswith("_no_mul"):
         return _BASE[name[: -len("_no_mul")]](x)
     if name == "swigluoai":  # interleaved: gate = even columns, up = odd columns
@@ -165,8 +168,39 @@ def _block_dims(scheme, N, K, block_shape, shards):
     return tuple(block_shape or DEFAULT_BLOCK)
 
 
+def quantize_int4(w, group=128):
+    """[E, N, K] or [N, K] float -> (packed uint8 [.., N, K // 2], scale fp32 [.., N, K // group]), one group at
+    a time: scale = amax / 7 (0 for an all-zero group), q = round(x / scale) in [-8, 7], two's complement,
+    element 2j in the low nibble of byte j and 2j + 1 in the high nibble."""
+    w3 = (w[None] if w.dim() == 2 else w).float()
+    E, N, K = w3.shape
+    assert K % group == 0
+    q = torch.empty(E, N, K, dtype=torch.int64)
+    scale = torch.empty(E, N, K // group, dtype=torch.float32)
+    for j in range(K // group):
+        blk = w3[:, :, j * group:(j + 1) * group]
+        s = blk.abs().amax(-1) / 7.0
+        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        q[:, :, j * group:(j + 1) * group] = torch.clamp(torch.round(blk * inv[..., None]), -8, 7).long()
+        scale[:, :, j] = s
+    nib = torch.where(q < 0, q + 16, q)  # two's complement nibble
+    packed = (nib[..., 0::2] + 16 * nib[..., 1::2]).to(torch.uint8)
+    return (packed[0], scale[0]) if w.dim() == 2 else (packed, scale)
+
+
+def dequantize_int4(packed, scale, group=128):
+    """Inverse of ``quantize_int4``: fp32 [E, N, K]."""
+    p = packed.long()
+    lo, hi = p % 16, p // 16
+    vals = torch.stack([lo, hi], -1).flatten(-2)
+    vals = torch.where(vals >= 8, vals - 16, vals).float()
+    return vals * scale.repeat_interleave(group, dim=-1)
+
+
 def quantize_weight(w, scheme, block_shape=None, shards=1):
     """[E, N, K] or [N, K] float -> (q, fp32 scale) with the op's shapes, one block at a time."""
+    if scheme == "int4_group":
+        return quantize_int4(w, (block_shape or (1, 128))[1])
     w3 = (w[None] if w.dim() == 2 else w).float()
     E, N, K = w3.shape
     qmax, qdtype = (INT8_MAX, torch.int8) if scheme.startswith("int8") else (FP8_MAX, FP8)
@@ -185,6 +219,8 @@ def quantize_weight(w, scheme, block_shape=None, shards=1):
 
 def dequantize_weight(q, scale, scheme, block_shape=None, interleaved=False):
     """[E, N, K] q + scale -> fp32. ``interleaved``: fp8_tensor [E, 2] scales for swigluoai rows g0,u0,g1,u1..."""
+    if scheme == "int4_group":
+        return dequantize_int4(q, scale, (block_shape or (1, 128))[1])
     E, N, K = q.shape
     full = torch.empty(E, N, K, dtype=torch.float32)
     if scheme == "fp8_tensor":
@@ -228,17 +264,19 @@ def fake_quantize_rows(a, scheme, group_size):
 
 SCHEMES = {"none": (None, None), "fp8_tensor": ("fp8_tensor", "fp8_token"),
            "fp8_channel": ("fp8_channel", "fp8_token"), "fp8_block": ("fp8_block", "fp8_group"),
-           "int8_w8a16": ("int8_channel", None)}
+           "int8_w8a16": ("int8_channel", None), "int4_w4a16": ("int4_group", None)}
 
 
 def fused_experts(x, w13, w2, topk_weights, topk_ids, activation_name="silu", quant_scheme="none", w13_scale=None,
                   w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None,
-                  apply_router_weight_on_input=False, alpha=1.702, limit=0.0):
+                  apply_router_weight_on_input=False, alpha=1.702, limit=None):
     """out[t] = sum over slots s with a local expert e of  w * (q(f(q(x_t) @ W13[e]^T + b13[e])) @ W2[e]^T + b2[e])
     (q = dynamic activation quantization of the scheme), the weight applied on the GEMM1 input instead when
     ``apply_router_weight_on_input``. fp32 [T, H]."""
     wscheme, ascheme = SCHEMES[quant_scheme]
-    block_shape = tuple(block_shape or DEFAULT_BLOCK)
+    block_shape = tuple(block_shape or ((1, 128) if wscheme == "int4_group" else DEFAULT_BLOCK))
+    if limit is None:  # the op's default: GPT-OSS's clamp for swigluoai, none otherwise
+        limit = 7.0 if activation_name == "swigluoai" else 0.0
     if wscheme is None:
         W13, W2 = w13.float(), w2.float()
     else:

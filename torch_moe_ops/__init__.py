@@ -1,9 +1,8 @@
 """torch-moe-ops: Mixture-of-Experts ops for ``torch.compile``, registered under ``torch.ops.moe``."""
-from . import reference
+from . import reference, schemes
 from .distributed import ParallelConfig
 from .layer import FusedMoE
 from .loading import LoadReport, finalize_loading, load_checkpoint, reload_weights
-from ._spec import ACTIVATIONS, EXPERT_SCHEMES, WEIGHT_SCHEMES
 from .ops import (
     OP_NAMES,
     act_and_mul,
@@ -16,7 +15,12 @@ from .ops import (
     quantize_weight_into,
     topk_route,
 )
-from .quantization import Fp8Config, Int8WeightOnlyConfig, LoadError
+from .quantization import Fp8Config, Int4Config, Int8Config, Int8WeightOnlyConfig, LoadError
+from .schemes import QUANT_SCHEMES as EXPERT_SCHEMES
+
+#: Names accepted as ``activation`` / ``quantize_weight``'s ``scheme`` (the objects: ``torch_moe_ops.schemes``).
+ACTIVATIONS = tuple(schemes.ACTIVATIONS)
+WEIGHT_SCHEMES = tuple(schemes.WEIGHT_FORMATS)
 
 __version__ = "0.1.0"
 
@@ -24,6 +28,8 @@ __all__ = [
     "ACTIVATIONS",
     "Fp8Config",
     "FusedMoE",
+    "Int4Config",
+    "Int8Config",
     "Int8WeightOnlyConfig",
     "ParallelConfig",
     "LoadError",
@@ -43,5 +49,6 @@ __all__ = [
     "quantize_weight",
     "quantize_weight_into",
     "reference",
+    "schemes",
     "topk_route",
 ]

@@ -1,4 +1,4 @@
-"""``moe::align_block_size`` against the pair-by-pair oracle (spec §7): static sizes, set equality per expert,
+"""``moe::align_block_size`` against the pair-by-pair oracle (docs/design.md §7): static sizes, set equality per expert,
 sentinel padding, counts and expert_ids exact, deterministic."""
 import pytest
 import torch

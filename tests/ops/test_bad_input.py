@@ -1,6 +1,6 @@
 """Bad arguments raise a clear Python error naming the argument, before any kernel runs; the fake (meta) path
 raises the same shape/dtype errors. Non-finite router logits are *not* errors: they must give valid ids and
-finite weights (spec §4.1)."""
+finite weights (docs/design.md §4.1)."""
 import math
 
 import pytest

@@ -43,7 +43,7 @@ class TestSchemas(TestCase if TestCase is not None else object):
         self.assertExpectedInline(str(torch.ops.moe.align_block_size.default._schema), """moe::align_block_size(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_map=None) -> (Tensor sorted_token_ids, Tensor expert_ids, Tensor num_tokens_post_padded)""")
 
     def test_act_and_mul(self):
-        self.assertExpectedInline(str(torch.ops.moe.act_and_mul.default._schema), """moe::act_and_mul(Tensor x, str activation="silu", float alpha=1.702, float limit=0.) -> Tensor""")
+        self.assertExpectedInline(str(torch.ops.moe.act_and_mul.default._schema), """moe::act_and_mul(Tensor x, str activation="silu", float? alpha=None, float? limit=None) -> Tensor""")
 
     def test_moe_sum(self):
         self.assertExpectedInline(str(torch.ops.moe.moe_sum.default._schema), """moe::moe_sum(Tensor x) -> Tensor""")
@@ -58,10 +58,10 @@ class TestSchemas(TestCase if TestCase is not None else object):
         self.assertExpectedInline(str(torch.ops.moe.quantize_activation.default._schema), """moe::quantize_activation(Tensor x, str scheme, int group_size=128) -> (Tensor q, Tensor scale)""")
 
     def test_fused_experts(self):
-        self.assertExpectedInline(str(torch.ops.moe.fused_experts.default._schema), """moe::fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, bool apply_router_weight_on_input=False, float activation_alpha=1.702, float activation_limit=0.) -> Tensor""")
+        self.assertExpectedInline(str(torch.ops.moe.fused_experts.default._schema), """moe::fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None) -> Tensor""")
 
     def test_fused_moe(self):
-        self.assertExpectedInline(str(torch.ops.moe.fused_moe.default._schema), """moe::fused_moe(Tensor hidden_states, Tensor router_logits, Tensor w13, Tensor w2, int top_k, bool renormalize=True, str scoring_func="softmax", int num_expert_group=0, int topk_group=0, Tensor? e_score_correction_bias=None, float routed_scaling_factor=1., str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, bool apply_router_weight_on_input=False, float activation_alpha=1.702, float activation_limit=0.) -> Tensor""")
+        self.assertExpectedInline(str(torch.ops.moe.fused_moe.default._schema), """moe::fused_moe(Tensor hidden_states, Tensor router_logits, Tensor w13, Tensor w2, int top_k, bool renormalize=True, str scoring_func="softmax", int num_expert_group=0, int topk_group=0, Tensor? e_score_correction_bias=None, float routed_scaling_factor=1., str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None) -> Tensor""")
 
 
 # ----------------------------------------------------------------------------------------------- (b) opcheck

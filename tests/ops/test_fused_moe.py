@@ -72,7 +72,7 @@ def test_fused_moe(T, E, k, route, scheme, dtype, E_local, extra):
         return oracle.fused_experts(x if quantized else x.float(), args[0], args[1], weights, ids, activation,
                                     args[2], args[3], args[4], b13, b2, extra.get("block_shape"), emap,
                                     extra.get("apply_router_weight_on_input", False), 1.702,
-                                    extra.get("activation_limit", 0.0))
+                                    extra.get("activation_limit"))
 
     expect = ref(True)
     if dtype == torch.float32:

@@ -1,4 +1,4 @@
-"""``moe::moe_sum`` (spec §8.2) against a slot-by-slot float64 sum. Spec tolerance is atol 2e-2; we also
+"""``moe::moe_sum`` (docs/design.md §8.2) against a slot-by-slot float64 sum. The design tolerance is atol 2e-2; we also
 require the relative error of a single output rounding (fp32 accumulation, one cast)."""
 import pytest
 import torch
@@ -15,7 +15,7 @@ TOL = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (2 ** -7, 1e-5), torch.float
                          ids=["T1-k1-H72", "T7-k2-H136", "T64-k6-H72", "T333-k8-H136", "T0-k2-H72"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_moe_sum(T, k, H, dtype):
-    x = (torch.randn(T, k, H) / 10).to(dtype)  # spec §13 inputs: randn / 10
+    x = (torch.randn(T, k, H) / 10).to(dtype)  # docs/design.md §13 inputs: randn / 10
     with torch.inference_mode():
         y = torch_moe_ops.moe_sum(x)
     ref = oracle.moe_sum(x)

@@ -1,4 +1,4 @@
-"""``moe::quantize_activation`` (spec §3): dynamic per-token or per-1xg-group fp8. q bit-exact and scales to
+"""``moe::quantize_activation`` (docs/design.md §3): dynamic per-token or per-1xg-group fp8. q bit-exact and scales to
 1e-6 against the group-by-group oracle; zero rows; partial groups; strided rows; each row independent of the
 batch (the spec's improvement over vLLM's batch-global scale). SQNR of the dequantized activation > 25 dB
 (e4m3 per-row: ~31 dB for Gaussian rows, see test_quantize_weight)."""

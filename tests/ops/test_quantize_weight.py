@@ -1,4 +1,4 @@
-"""``moe::quantize_weight`` against the block-by-block oracle (spec §3): q bit-exact, scales to 1e-6 relative,
+"""``moe::quantize_weight`` against the block-by-block oracle (docs/design.md §3): q bit-exact, scales to 1e-6 relative,
 all-zero rows/blocks give a finite scale and q = 0, partial blocks, strided weights, 2-D input.
 
 Quantization error is judged by SQNR of the dequantized weight against the original: > 25 dB (torchao's floor).
@@ -113,7 +113,7 @@ def test_saturation_and_rounding():
 
 
 def test_shards_are_independent():
-    """fp8_tensor shards=2 on w13: gate and up keep their own scales (spec §3 improvement)."""
+    """fp8_tensor shards=2 on w13: gate and up keep their own scales (docs/design.md §3 improvement)."""
     w = torch.randn(2, 80, 72) / 10
     w[:, 40:] *= 100
     _, s = _check(w, "fp8_tensor", shards=2)

@@ -1,4 +1,4 @@
-"""``moe::topk_route`` against the per-token oracle (spec §4): ids exact, weights to 1e-5 (both are fp32 math
+"""``moe::topk_route`` against the per-token oracle (docs/design.md §4): ids exact, weights to 1e-5 (both are fp32 math
 on the same fp32 scores; the spec's 1e-2 / 2e-2 bounds are for kernels that may score in lower precision)."""
 import pytest
 import torch
@@ -82,7 +82,7 @@ def test_huge_bias_forces_selection():
     assert ids.sort(-1).values.tolist() == [[2, 5, 11]] * 9
 
 
-GROUPED = [  # spec §13: (E, k, G, kG)
+GROUPED = [  # docs/design.md §13: (E, k, G, kG)
     pytest.param(16, 2, 8, 2, id="E16-k2-G8-kG2"),
     pytest.param(128, 2, 8, 2, id="E128-k2-G8-kG2"),
     pytest.param(256, 8, 8, 4, id="E256-k8-G8-kG4"),

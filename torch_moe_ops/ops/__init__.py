@@ -1,6 +1,7 @@
 """The ``torch.ops.moe`` custom ops. Importing this package registers them (and nothing else does)."""
 from ._registry import REGISTERED
-from .activation import act_and_mul, moe_sum
+from .activation import act_and_mul
+from .moe_sum import moe_sum
 from .align import align_block_size
 from .fused_moe import fused_experts, fused_moe
 from .quant import quantize_activation, quantize_weight, quantize_weight_into

@@ -1,10 +1,10 @@
-"""``moe::align_block_size``: group (token, slot) pairs by expert in blocks of B, static sizes (spec §7)."""
+"""``moe::align_block_size``: group (token, slot) pairs by expert in blocks of B, static sizes (docs/design.md §7)."""
 from __future__ import annotations
 
 import torch
 
 from .. import reference
-from .._spec import cdiv
+from ..schemes import cdiv
 from . import _checks as C
 from ._registry import define, use_triton_on_cpu
 

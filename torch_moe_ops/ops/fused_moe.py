@@ -1,19 +1,21 @@
-"""``moe::fused_experts`` (spec §8) and ``moe::fused_moe`` (routing + fused experts in one op)."""
+"""``moe::fused_experts`` (docs/design.md §8) and ``moe::fused_moe`` (routing + fused experts in one op).
+
+The scheme and activation names of the schemas are resolved here into registry objects; the kernels and
+the reference receive the objects, canonical scales and the resolved ``alpha`` / ``limit``."""
 from __future__ import annotations
 
 import torch
 
 from .. import reference
-from .._spec import EXPERT_SCHEMES, FP8_DTYPE, canonical_activation, cdiv
+from ..schemes import Activation, QuantScheme, get_activation, get_quant_scheme
 from . import _checks as C
 from ._registry import define, use_triton_on_cpu
-from .quant import check_block_shape
 from .routing import check_routing, route
 
 _EXPERT_ARGS = (
     "str activation=\"silu\", str quant_scheme=\"none\", Tensor? w13_scale=None, Tensor? w2_scale=None, "
     "Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, "
-    "bool apply_router_weight_on_input=False, float activation_alpha=1.702, float activation_limit=0.0"
+    "bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None"
 )
 EXPERTS_SCHEMA = f"(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, {_EXPERT_ARGS}) -> Tensor"
 MOE_SCHEMA = (
@@ -23,54 +25,67 @@ MOE_SCHEMA = (
 )
 
 
-def _check_scale(scale, name, scheme, shapes, expert_dim_name):
-    """``shapes``: the accepted shapes for ``scale``; returns it reshaped to ``[E, -1]`` (block: ``[E, nb, kb]``)."""
-    C.check(scale is not None, f"quant_scheme={scheme!r} needs {name} ({expert_dim_name})")
+def _check_scale(scale, name, scheme: QuantScheme, shapes, what):
+    """``shapes``: the accepted shapes for ``scale`` (first canonical); returns the kernels' view of it."""
+    C.check(scale is not None, f"quant_scheme={scheme.name!r} needs {name} ({what})")
     C.check_tensor(scale, name, dtypes=(torch.float32,), contiguous=True)
     for shape in shapes:
         if scale.dim() == len(shape) and all(a == b for a, b in zip(scale.shape, shape)):
-            return scale if scheme == "fp8_block" else scale.reshape(scale.shape[0], -1)
+            return scheme.canonical_scale(scale)
     accepted = " or ".join(str(list(s)) for s in shapes)
-    raise ValueError(f"{name} must have shape {accepted} for quant_scheme={scheme!r}, got {list(scale.shape)}")
+    raise ValueError(f"{name} must have shape {accepted} for quant_scheme={scheme.name!r}, got {list(scale.shape)}")
+
+
+class Experts:
+    """Checked, canonical ``fused_experts`` arguments: registry objects, kernel-view scales, floats."""
+
+    __slots__ = ("act", "scheme", "w13_scale", "w2_scale", "block", "alpha", "limit")
+
+    def __init__(self, act, scheme, w13_scale, w2_scale, block, alpha, limit):
+        self.act: Activation = act
+        self.scheme: QuantScheme = scheme
+        self.w13_scale, self.w2_scale, self.block = w13_scale, w2_scale, block
+        self.alpha, self.limit = alpha, limit
 
 
 def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-                  w2_bias, block_shape, expert_map, activation_limit):
-    """Validate ``fused_experts`` arguments; returns (activation, w13_scale, w2_scale, block_shape) canonical."""
-    activation = canonical_activation(activation)
-    C.check(quant_scheme in EXPERT_SCHEMES, f"quant_scheme must be one of {tuple(EXPERT_SCHEMES)}, got {quant_scheme!r}")
+                  w2_bias, block_shape, expert_map, activation_alpha, activation_limit) -> Experts:
+    """Validate ``fused_experts`` arguments (shapes, dtypes, strides only: also on FakeTensors)."""
+    act = get_activation(activation)
+    scheme = get_quant_scheme(quant_scheme)
     C.check_tensor(x, "hidden_states", dim=2, dtypes=C.FLOAT_DTYPES, last_contiguous=True)
-    wdtype = {"none": (x.dtype,), "int8_w8a16": (torch.int8,)}.get(quant_scheme, (FP8_DTYPE,))
-    C.check_tensor(w13, "w13", dim=3, dtypes=wdtype, last_contiguous=True)
-    C.check_tensor(w2, "w2", dim=3, dtypes=wdtype, last_contiguous=True)
+    wdtypes = scheme.weight_dtypes(x.dtype)
+    C.check_tensor(w13, "w13", dim=3, dtypes=wdtypes, last_contiguous=True)
+    C.check_tensor(w2, "w2", dim=3, dtypes=wdtypes, last_contiguous=True)
+    pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
-    E, N1, _ = w13.shape
-    I = w2.shape[2]
-    gated = not activation.endswith("_no_mul")
-    C.check(w13.shape[2] == H, f"w13 must be [E, N1, H={H}] (H from hidden_states), got {list(w13.shape)}")
-    C.check(w2.shape[0] == E and w2.shape[1] == H, f"w2 must be [E={E}, H={H}, I], got {list(w2.shape)}")
-    want = 2 * I if gated else I
-    C.check(N1 == want, f"w13 has {N1} rows but activation {activation!r} with w2's I={I} needs {want} "
-            f"({'[E, 2I, H] gated' if gated else '[E, I, H] non-gated'})")
+    E, N1 = w13.shape[0], w13.shape[1]
+    I = w2.shape[2] * pack
+    packed = f" ({pack} values per byte along the last dim)" if pack > 1 else ""
+    C.check(w13.shape[2] * pack == H, f"w13 must be [E, N1, H={H}]{packed} (H from hidden_states), got {list(w13.shape)}")
+    C.check(w2.shape[0] == E and w2.shape[1] == H, f"w2 must be [E={E}, H={H}, I]{packed}, got {list(w2.shape)}")
+    want = act.n1(I)
+    C.check(N1 == want, f"w13 has {N1} rows but activation {act.name!r} with w2's I={I} needs {want} "
+            f"({'[E, 2I, H] gated' if act.gated else '[E, I, H] non-gated'})")
     if topk_ids is not None:  # None: fused_moe, whose routing makes them
         C.check_tensor(topk_weights, "topk_weights", dim=2, dtypes=C.FLOAT_DTYPES, contiguous=True)
         C.check_tensor(topk_ids, "topk_ids", dim=2, dtypes=C.INDEX_DTYPES, contiguous=True)
         C.check_shape(topk_ids, "topk_ids", (T, topk_weights.shape[1]), " (like topk_weights, T from hidden_states)")
-        C.check_shape(topk_weights, "topk_weights", (T, topk_ids.shape[1]), " (T from hidden_states)")
-    C.check(activation_limit >= 0, f"activation_limit must be >= 0 (0 disables clamping), got {activation_limit}")
-    block_shape = check_block_shape(block_shape, quant_scheme)
-    if quant_scheme == "none":
+        C.check_shape(topk_weights, "topk_weights", (T, topk_weights.shape[1]), " (T from hidden_states)")
+    alpha, limit = act.alpha(activation_alpha), act.limit(activation_limit)
+    C.check(limit >= 0, f"activation_limit must be >= 0 (0 disables clamping), got {limit}")
+    block = scheme.block_shape(block_shape)
+    if not scheme.quantized:
         C.check(w13_scale is None and w2_scale is None, "w13_scale/w2_scale given but quant_scheme='none' would ignore them")
-    elif quant_scheme == "fp8_tensor":
-        w13_scale = _check_scale(w13_scale, "w13_scale", quant_scheme, [(E, 2), (E, 1), (E,)] if gated else [(E, 1), (E,)], "[E, 2] gate/up or [E]")
-        w2_scale = _check_scale(w2_scale, "w2_scale", quant_scheme, [(E, 1), (E,)], "[E]")
-    elif quant_scheme in ("fp8_channel", "int8_w8a16"):
-        w13_scale = _check_scale(w13_scale, "w13_scale", quant_scheme, [(E, N1), (E, N1, 1)], f"[E, {N1}]")
-        w2_scale = _check_scale(w2_scale, "w2_scale", quant_scheme, [(E, H), (E, H, 1)], f"[E, {H}]")
     else:
-        bn, bk = block_shape
-        w13_scale = _check_scale(w13_scale, "w13_scale", quant_scheme, [(E, cdiv(N1, bn), cdiv(H, bk))], "block scales")
-        w2_scale = _check_scale(w2_scale, "w2_scale", quant_scheme, [(E, cdiv(H, bn), cdiv(I, bk))], "block scales")
+        if scheme.weight.pack > 1:
+            for name, K in (("hidden_states' H", H), ("w2's I", I)):
+                C.check(K % block[1] == 0, f"quant_scheme={scheme.name!r}: {name} = {K} must be divisible by the "
+                        f"group size {block[1]} (block_shape={list(block)})")
+        w13_scale = _check_scale(w13_scale, "w13_scale", scheme,
+                                 scheme.weight_scale_shapes(E, N1, H, block, gate_up=act.gated), "weight scales")
+        w2_scale = _check_scale(w2_scale, "w2_scale", scheme,
+                                scheme.weight_scale_shapes(E, H, I, block, gate_up=False), "weight scales")
     if w13_bias is not None:
         C.check_tensor(w13_bias, "w13_bias", dim=2, dtypes=C.FLOAT_DTYPES, contiguous=True)
         C.check_shape(w13_bias, "w13_bias", (E, N1))
@@ -81,7 +96,7 @@ def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, 
         C.check_tensor(expert_map, "expert_map", dim=1, dtypes=(torch.int32,), contiguous=True)
     C.check_same_device(hidden_states=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                         w13_scale=w13_scale, w2_scale=w2_scale, w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
-    return activation, w13_scale, w2_scale, block_shape
+    return Experts(act, scheme, w13_scale, w2_scale, block, alpha, limit)
 
 
 def check_expert_values(w13, topk_ids, expert_map):
@@ -92,18 +107,7 @@ def check_expert_values(w13, topk_ids, expert_map):
         C.check_ids_in_range(expert_map, "expert_map", -1, w13.shape[0])
 
 
-def experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
-            block_shape, expert_map, on_input, alpha, limit, on_triton):
-    activation, w13_scale, w2_scale, block_shape = check_experts(
-        x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
-        block_shape, expert_map, limit)
-    check_expert_values(w13, topk_ids, expert_map)
-    return _run_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
-                        w13_bias, w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton)
-
-
-def _run_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-                 w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton):
+def run_experts(x, w13, w2, topk_weights, topk_ids, ex: Experts, w13_bias, w2_bias, expert_map, on_input, on_triton):
     """Checked, canonical arguments -> the Triton pipeline or the reference."""
     if on_triton:
         from .._kernels import fused_experts as kernels
@@ -111,14 +115,22 @@ def _run_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w
         impl = kernels.fused_experts
     else:
         impl = reference.fused_experts
-    return impl(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-                w2_bias, block_shape, expert_map, on_input, alpha, limit)
+    return impl(x, w13, w2, topk_weights, topk_ids, ex.act, ex.scheme, ex.w13_scale, ex.w2_scale, w13_bias, w2_bias,
+                ex.block, expert_map, on_input, ex.alpha, ex.limit)
+
+
+def experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
+            block_shape, expert_map, on_input, alpha, limit, on_triton):
+    ex = check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
+                       w2_bias, block_shape, expert_map, alpha, limit)
+    check_expert_values(w13, topk_ids, expert_map)
+    return run_experts(x, w13, w2, topk_weights, topk_ids, ex, w13_bias, w2_bias, expert_map, on_input, on_triton)
 
 
 @define("fused_experts", EXPERTS_SCHEMA)
 def _fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
                    w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None, *,
-                   apply_router_weight_on_input=False, activation_alpha=1.702, activation_limit=0.0):
+                   apply_router_weight_on_input=False, activation_alpha=None, activation_limit=None):
     return experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
                    w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
                    activation_limit, on_triton=True)
@@ -127,7 +139,7 @@ def _fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, activation="s
 @_fused_experts.register_kernel("cpu")
 def _fused_experts_cpu(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
                        w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None,
-                       *, apply_router_weight_on_input=False, activation_alpha=1.702, activation_limit=0.0):
+                       *, apply_router_weight_on_input=False, activation_alpha=None, activation_limit=None):
     return experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
                    w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
                    activation_limit, on_triton=use_triton_on_cpu())
@@ -136,10 +148,10 @@ def _fused_experts_cpu(hidden_states, w13, w2, topk_weights, topk_ids, activatio
 @_fused_experts.register_fake
 def _fused_experts_fake(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
                         w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None,
-                        expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=1.702,
-                        activation_limit=0.0):
+                        expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=None,
+                        activation_limit=None):
     check_experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
-                  w13_bias, w2_bias, block_shape, expert_map, activation_limit)
+                  w13_bias, w2_bias, block_shape, expert_map, activation_alpha, activation_limit)
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
@@ -158,22 +170,20 @@ def moe(x, router_logits, w13, w2, top_k, renormalize, scoring_func, G, kG, bias
     check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map)
     # The expert arguments are checked once, before the routing kernel runs; routing's outputs are
     # [T, k] fp32 / int32 ids in [0, E_logical) by construction, so they need no second check.
-    activation, w13_scale, w2_scale, block_shape = check_experts(
-        x, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias, block_shape,
-        expert_map, limit)
+    ex = check_experts(x, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
+                       block_shape, expert_map, alpha, limit)
     if expert_map is not None:
         C.check_ids_in_range(expert_map, "expert_map", -1, w13.shape[0])
     weights, ids = route(router_logits, top_k, renormalize, scoring_func, G, kG, bias, rsf, on_triton)
-    return _run_experts(x, w13, w2, weights, ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
-                        block_shape, expert_map, on_input, alpha, limit, on_triton)
+    return run_experts(x, w13, w2, weights, ids, ex, w13_bias, w2_bias, expert_map, on_input, on_triton)
 
 
 @define("fused_moe", MOE_SCHEMA)
 def _fused_moe(hidden_states, router_logits, w13, w2, top_k, renormalize=True, scoring_func="softmax",
                num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
                activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None,
-               block_shape=None, expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=1.702,
-               activation_limit=0.0):
+               block_shape=None, expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=None,
+               activation_limit=None):
     return moe(hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,
                e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale, w2_scale,
                w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
@@ -185,7 +195,7 @@ def _fused_moe_cpu(hidden_states, router_logits, w13, w2, top_k, renormalize=Tru
                    num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
                    activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None,
                    w2_bias=None, block_shape=None, expert_map=None, *, apply_router_weight_on_input=False,
-                   activation_alpha=1.702, activation_limit=0.0):
+                   activation_alpha=None, activation_limit=None):
     return moe(hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,
                e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale, w2_scale,
                w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
@@ -197,11 +207,11 @@ def _fused_moe_fake(hidden_states, router_logits, w13, w2, top_k, renormalize=Tr
                     num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
                     activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None,
                     w2_bias=None, block_shape=None, expert_map=None, *, apply_router_weight_on_input=False,
-                    activation_alpha=1.702, activation_limit=0.0):
+                    activation_alpha=None, activation_limit=None):
     check_moe(hidden_states, router_logits, w13, top_k, scoring_func, num_expert_group, topk_group,
               e_score_correction_bias, expert_map)
     check_experts(hidden_states, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-                  w2_bias, block_shape, expert_map, activation_limit)
+                  w2_bias, block_shape, expert_map, activation_alpha, activation_limit)
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
@@ -210,16 +220,19 @@ _EXPERTS_DOC = """
             (w13 is then [E, I, H]). ``relu2`` must be spelled ``relu2_no_mul``.
         quant_scheme: ``none`` (w13/w2 in x's dtype), ``fp8_tensor``, ``fp8_channel``, ``fp8_block`` (fp8
             e4m3fn weights; activations quantized per token, or per 1 x block_k group for fp8_block, inside
-            the op), ``int8_w8a16`` (int8 weights, bf16/fp16 activations).
+            the op), ``int8_w8a16`` (int8 weights), ``int4_w4a16`` (uint8 w13 [E, N1, H/2], w2 [E, H, I/2]:
+            two int4 per byte along K; activations stay in x's dtype). See docs/design.md §3.
         w13_scale, w2_scale: fp32. fp8_tensor: w13 [E, 2] (gate, up; or [E]), w2 [E]. fp8_channel and
             int8_w8a16: [E, N1] and [E, H]. fp8_block: [E, ceil(N1/bn), ceil(H/bk)] and
-            [E, ceil(H/bn), ceil(I/bk)].
+            [E, ceil(H/bn), ceil(I/bk)]. int4_w4a16: [E, N1, H/G] and [E, H, I/G].
         w13_bias: [E, N1]; w2_bias: [E, H] (added after dequantization; the w2 bias is router-weighted).
-        block_shape: [bn, bk] for fp8_block (default [128, 128]).
+        block_shape: the scale tile: [bn, bk] for fp8_block (default [128, 128]), [1, G] for int4_w4a16
+            (G in {32, 64, 128}, default [1, 128]; H and I divisible by G).
         expert_map: [E_global] int32 global -> local id (-1: another rank's expert, contributes zero).
         apply_router_weight_on_input: scale the GEMM1 input by the router weight instead of the output.
-        activation_alpha, activation_limit: swigluoai's alpha and clamp limit; limit > 0 also clamps
-            silu/gelu gated activations (clamped swiglu).
+        activation_alpha, activation_limit: swigluoai's alpha and clamp limit; None takes the
+            activation's default (alpha 1.702; limit 7.0 for swigluoai, 0 = off for the others); a limit
+            > 0 also clamps silu/gelu gated activations (clamped swiglu).
 
     Returns:
         [T, H] in hidden_states' dtype (a fresh tensor).
@@ -232,7 +245,7 @@ def fused_experts(
     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
     w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
     block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
-    apply_router_weight_on_input: bool = False, activation_alpha: float = 1.702, activation_limit: float = 0.0,
+    apply_router_weight_on_input: bool = False, activation_alpha: float | None = None, activation_limit: float | None = None,
 ) -> torch.Tensor:
     return torch.ops.moe.fused_experts(
         hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
@@ -256,7 +269,7 @@ def fused_moe(
     activation: str = "silu", quant_scheme: str = "none", w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None, w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
     block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
-    apply_router_weight_on_input: bool = False, activation_alpha: float = 1.702, activation_limit: float = 0.0,
+    apply_router_weight_on_input: bool = False, activation_alpha: float | None = None, activation_limit: float | None = None,
 ) -> torch.Tensor:
     return torch.ops.moe.fused_moe(
         hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,

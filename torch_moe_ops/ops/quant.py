@@ -1,11 +1,11 @@
-"""Weight and activation quantization ops (spec §3): ``quantize_weight``, ``quantize_weight_into``,
-``quantize_activation``. Scales are fp32 with ``real ~= q * scale``."""
+"""Weight and activation quantization ops (docs/design.md §3): ``quantize_weight``, ``quantize_weight_into``,
+``quantize_activation``. Scales are fp32 with ``real ~= q * scale``. Scheme names are resolved here, once,
+into registry objects (``torch_moe_ops.schemes``)."""
 from __future__ import annotations
 
 import torch
 
-from .. import reference
-from .._spec import ACTIVATION_SCHEMES, DEFAULT_BLOCK_SHAPE, FP8_DTYPE, WEIGHT_SCHEMES, cdiv, weight_qdtype
+from ..schemes import FP8_DTYPE, ActivationQuant, WeightFormat, get_activation_quant, get_weight_format
 from . import _checks as C
 from ._registry import define, use_triton_on_cpu
 
@@ -16,70 +16,57 @@ QW_INTO_SCHEMA = (
 QA_SCHEMA = "(Tensor x, str scheme, int group_size=128) -> (Tensor q, Tensor scale)"
 
 
-def check_block_shape(block_shape, scheme: str, name: str = "block_shape"):
-    """Canonical (bn, bk) for fp8_block; None otherwise (a block_shape for another scheme is an error)."""
-    if scheme != "fp8_block":
-        C.check(block_shape is None, f"{name} is only used by the fp8_block scheme, got {list(block_shape or [])} with {scheme!r}")
-        return None
-    block_shape = tuple(block_shape) if block_shape is not None else DEFAULT_BLOCK_SHAPE
-    C.check(len(block_shape) == 2 and all(b >= 1 for b in block_shape),
-            f"{name} must be two positive ints [block_n, block_k], got {list(block_shape)}")
-    return block_shape
+def _format(scheme) -> WeightFormat:
+    try:
+        return get_weight_format(scheme)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
 
 
-def weight_scale_shape(w_shape, scheme: str, block_shape, shards: int) -> tuple:
-    """fp8_tensor [E, shards]; channel [E, N]; fp8_block [E, ceil(N/bn), ceil(K/bk)]; E dropped for 2-D w."""
-    *lead, N, K = w_shape
-    if scheme == "fp8_tensor":
-        return (*lead, shards)
-    if scheme == "fp8_block":
-        return (*lead, cdiv(N, block_shape[0]), cdiv(K, block_shape[1]))
-    return (*lead, N)
-
-
-def check_quantize_weight(w, scheme, block_shape, shards):
+def check_quantize_weight(w, scheme, block_shape, shards) -> tuple[WeightFormat, tuple | None]:
+    """-> (format, canonical scale tile or None)."""
     C.check_tensor(w, "w", dim=(2, 3), dtypes=C.FLOAT_DTYPES, last_contiguous=True)
-    C.check(scheme in WEIGHT_SCHEMES, f"scheme must be one of {WEIGHT_SCHEMES}, got {scheme!r}")
-    block_shape = check_block_shape(block_shape, scheme)
-    C.check(shards >= 1, f"shards must be >= 1, got {shards}")
-    C.check(shards == 1 or scheme == "fp8_tensor", f"shards > 1 is only meaningful for fp8_tensor, got {shards} with {scheme!r}")
-    C.check(w.shape[-2] % shards == 0, f"shards ({shards}) must divide w's row count ({w.shape[-2]})")
-    return block_shape
+    fmt = _format(scheme)
+    block = fmt.block_shape(block_shape)
+    fmt.check_shape(tuple(w.shape), block, shards)
+    return fmt, block
 
 
 def check_quantize_weight_into(w, qweight, scale, scheme, block_shape, shards):
-    block_shape = check_quantize_weight(w, scheme, block_shape, shards)
-    qdtypes = (weight_qdtype(scheme),) + ((torch.uint8,) if weight_qdtype(scheme) == FP8_DTYPE else ())
-    C.check_tensor(qweight, "qweight", dtypes=qdtypes, last_contiguous=True)
-    C.check_shape(qweight, "qweight", tuple(w.shape), " (the shape of w)")
+    fmt, block = check_quantize_weight(w, scheme, block_shape, shards)
+    C.check_tensor(qweight, "qweight", dtypes=fmt.storage_dtypes, last_contiguous=True)
+    packed = " (the shape of w)" if fmt.pack == 1 else f" (w's shape with K / {fmt.pack}: {fmt.pack} values per byte)"
+    C.check_shape(qweight, "qweight", fmt.packed_shape(tuple(w.shape)), packed)
     C.check_tensor(scale, "scale", dtypes=(torch.float32,), contiguous=True)
-    C.check_shape(scale, "scale", weight_scale_shape(w.shape, scheme, block_shape, shards), f" for scheme {scheme!r}")
+    C.check_shape(scale, "scale", fmt.scale_shape(tuple(w.shape), block, shards), f" for scheme {fmt.name!r}")
     C.check_same_device(w=w, qweight=qweight, scale=scale)
-    return block_shape
+    return fmt, block
 
 
 def quantize_into(w, qweight, scale, scheme, block_shape, shards, on_triton):
-    block_shape = check_quantize_weight_into(w, qweight, scale, scheme, block_shape, shards)
+    fmt, block = check_quantize_weight_into(w, qweight, scale, scheme, block_shape, shards)
     if on_triton:
         from .._kernels import quant as kernels
 
-        kernels.quantize_weight_into(w, qweight, scale, scheme, block_shape, shards)
+        kernels.quantize_weight_into(w, qweight, scale, fmt, block, shards)
         return
-    q, s = reference.quantize_weight(w, scheme, block_shape, shards)
-    qweight.copy_(q.view(torch.uint8) if qweight.dtype == torch.uint8 else q)
+    w3 = w[None] if w.dim() == 2 else w
+    q, s = fmt.quantize(w3, block, shards)
+    q, s = (q[0], s[0]) if w.dim() == 2 else (q, s)
+    qweight.copy_(q.view(torch.uint8) if qweight.dtype != q.dtype else q)
     scale.copy_(s)
 
 
-def _new_quantized(w, scheme, block_shape, shards):
-    qweight = torch.empty(w.shape, dtype=weight_qdtype(scheme), device=w.device)
-    scale = torch.empty(weight_scale_shape(w.shape, scheme, block_shape, shards), dtype=torch.float32, device=w.device)
+def _new_quantized(w, fmt: WeightFormat, block, shards):
+    qweight = torch.empty(fmt.packed_shape(tuple(w.shape)), dtype=fmt.qdtype, device=w.device)
+    scale = torch.empty(fmt.scale_shape(tuple(w.shape), block, shards), dtype=torch.float32, device=w.device)
     return qweight, scale
 
 
 def quantize_new(w, scheme, block_shape, shards, on_triton):
-    block_shape = check_quantize_weight(w, scheme, block_shape, shards)
-    qweight, scale = _new_quantized(w, scheme, block_shape, shards)
-    quantize_into(w, qweight, scale, scheme, block_shape, shards, on_triton)
+    fmt, block = check_quantize_weight(w, scheme, block_shape, shards)
+    qweight, scale = _new_quantized(w, fmt, block, shards)
+    quantize_into(w, qweight, scale, fmt, block_shape, shards, on_triton)
     return qweight, scale
 
 
@@ -95,8 +82,8 @@ def _quantize_weight_cpu(w, scheme, block_shape=None, shards=1):
 
 @_quantize_weight.register_fake
 def _quantize_weight_fake(w, scheme, block_shape=None, shards=1):
-    block_shape = check_quantize_weight(w, scheme, block_shape, shards)
-    return _new_quantized(w, scheme, block_shape, shards)
+    fmt, block = check_quantize_weight(w, scheme, block_shape, shards)
+    return _new_quantized(w, fmt, block, shards)
 
 
 @define("quantize_weight_into", QW_INTO_SCHEMA, mutates_args=("qweight", "scale"))
@@ -114,23 +101,20 @@ def _quantize_weight_into_fake(w, qweight, scale, scheme, block_shape=None, shar
     check_quantize_weight_into(w, qweight, scale, scheme, block_shape, shards)
 
 
-def check_quantize_activation(x, scheme, group_size):
+def check_quantize_activation(x, scheme, group_size) -> ActivationQuant:
     C.check_tensor(x, "x", dim=2, dtypes=C.FLOAT_DTYPES, last_contiguous=True)
-    C.check(scheme in ACTIVATION_SCHEMES, f"scheme must be one of {ACTIVATION_SCHEMES}, got {scheme!r}")
+    aq = get_activation_quant(scheme)
     C.check(group_size >= 1, f"group_size must be >= 1, got {group_size}")
-
-
-def activation_scale_cols(K: int, scheme: str, group_size: int) -> int:
-    return 1 if scheme == "fp8_token" else cdiv(K, group_size)
+    return aq
 
 
 def quantize_act(x, scheme, group_size, on_triton):
-    check_quantize_activation(x, scheme, group_size)
+    aq = check_quantize_activation(x, scheme, group_size)
     if on_triton:
-        from .._kernels import quant as kernels
+        from .._kernels import activation as kernels
 
-        return kernels.quantize_activation(x, scheme, group_size)
-    return reference.quantize_activation(x, scheme, group_size)
+        return kernels.quantize_activation(x, aq, group_size)
+    return aq.quantize(x, group_size)
 
 
 @define("quantize_activation", QA_SCHEMA)
@@ -145,10 +129,10 @@ def _quantize_activation_cpu(x, scheme, group_size=128):
 
 @_quantize_activation.register_fake
 def _quantize_activation_fake(x, scheme, group_size=128):
-    check_quantize_activation(x, scheme, group_size)
+    aq = check_quantize_activation(x, scheme, group_size)
     T, K = x.shape
     return (x.new_empty((T, K), dtype=FP8_DTYPE),
-            x.new_empty((T, activation_scale_cols(K, scheme, group_size)), dtype=torch.float32))
+            x.new_empty((T, aq.scale_cols(K, group_size)), dtype=torch.float32))
 
 
 def quantize_weight(
@@ -158,14 +142,18 @@ def quantize_weight(
 
     Args:
         w: [E, N, K] or [N, K] bf16/fp16/fp32, last dim contiguous.
-        scheme: ``fp8_tensor`` | ``fp8_channel`` | ``fp8_block`` | ``int8_channel``.
-        block_shape: [bn, bk] for fp8_block (default [128, 128]); N and K need not be multiples.
+        scheme: ``fp8_tensor`` | ``fp8_channel`` | ``fp8_block`` | ``int8_channel`` | ``int4_group``
+            (docs/design.md §3).
+        block_shape: the scale tile: [bn, bk] for fp8_block (default [128, 128]; N and K need not be
+            multiples); [1, G] for int4_group (G in {32, 64, 128}, default [1, 128]; K % G == 0).
         shards: fp8_tensor only: one scale per contiguous row shard (w13 with shards=2: gate and up).
 
     Returns:
-        qweight: w's shape, float8_e4m3fn (int8 for int8_channel).
-        scale: fp32; fp8_tensor [E, shards], channel [E, N], fp8_block [E, ceil(N/bn), ceil(K/bk)]
-            (no E for 2-D w). ``scale = max(amax, 1e-4) / QMAX``: all-zero rows give q = 0, never NaN.
+        qweight: float8_e4m3fn [.., N, K] (fp8), int8 [.., N, K] (int8_channel), or uint8 [.., N, K // 2]
+            (int4_group: element 2j in the low nibble, 2j + 1 in the high one, two's complement).
+        scale: fp32; fp8_tensor [E, shards], channel [E, N], fp8_block [E, ceil(N/bn), ceil(K/bk)],
+            int4_group [E, N, K // G] (no E for 2-D w). fp8/int8: ``scale = max(amax, 1e-4) / QMAX``;
+            int4: ``scale = amax / 7`` (an all-zero group gets scale 0 and q 0). Never NaN.
     """
     return torch.ops.moe.quantize_weight(w, scheme, block_shape, shards)
 

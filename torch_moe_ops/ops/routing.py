@@ -1,10 +1,10 @@
-"""``moe::topk_route``: scoring, correction bias, grouped top-k, renormalize, routed scaling (spec §4)."""
+"""``moe::topk_route``: scoring, correction bias, grouped top-k, renormalize, routed scaling (docs/design.md §4)."""
 from __future__ import annotations
 
 import torch
 
 from .. import reference
-from .._spec import SCORING_FUNCS
+from ..schemes import SCORING_FUNCS
 from . import _checks as C
 from ._registry import define, use_triton_on_cpu
 

@@ -1,7 +1,8 @@
-"""Online-quantization configs for ``FusedMoE`` (spec §3). Frozen, hashable, free of global state.
+"""Online-quantization configs for ``FusedMoE`` (docs/design.md §3, §10): frozen, hashable, one-liners that
+point at a ``QuantScheme`` of the registry (``torch_moe_ops.schemes``) and carry its scale tile.
 
-Each config names two things: the ``fused_experts`` ``quant_scheme`` the layer runs with and the
-``quantize_weight`` scheme its loader quantizes checkpoint weights with.
+The layer asks the config's ``quant_scheme`` for everything else (storage dtype, packed shape, scale shapes,
+the TP rule); no code outside the registry decodes a scheme name.
 """
 from __future__ import annotations
 
@@ -9,13 +10,64 @@ from dataclasses import dataclass
 
 import torch
 
-from .._spec import DEFAULT_BLOCK_SHAPE, cdiv, weight_qdtype
+from ..schemes import QuantScheme, get_quant_scheme
 
-_FP8_SCHEMES = ("tensor", "channel", "block")
+_FP8_GRANULARITIES = ("tensor", "channel", "block")
+
+
+class QuantConfig:
+    """Base of the configs: ``quant_scheme`` (a ``QuantScheme``) and ``block`` (its scale tile or None)."""
+
+    block: tuple[int, int] | None = None
+
+    @property
+    def quant_scheme(self) -> QuantScheme:
+        raise NotImplementedError
+
+    # names kept for callers of the first release
+    @property
+    def expert_scheme(self) -> str:
+        """The ``fused_experts`` quant_scheme string."""
+        return self.quant_scheme.name
+
+    @property
+    def weight_scheme(self) -> str:
+        """The ``quantize_weight`` scheme string."""
+        return self.quant_scheme.weight.name
+
+    @property
+    def kernel_block_shape(self) -> list[int] | None:
+        """``block_shape`` argument of the ops: the scale tile for tiled schemes, else None."""
+        return list(self.block) if self.block is not None else None
+
+    def weight_dtype(self) -> torch.dtype:
+        return self.quant_scheme.weight.qdtype
+
+    def storage_shape(self, E: int, N: int, K: int) -> tuple[int, ...]:
+        """Storage of an ``[E, N, K]`` weight (int4: ``[E, N, K // 2]``)."""
+        return self.quant_scheme.weight.packed_shape((E, N, K))
+
+    def scale_shape(self, E: int, N: int, K: int, shards: int) -> tuple[int, ...]:
+        """Stored scale shape for an ``[E, N, K]`` weight; per-tensor: ``[E, shards]`` (``[E]`` when shards is 0)."""
+        if shards == 0:
+            return self.quant_scheme.weight.scale_shape((E, N, K), self.block, 1)[:1]
+        return self.quant_scheme.weight.scale_shape((E, N, K), self.block, shards)
+
+    def check_dims(self, where: str, **dims: int) -> None:
+        """Every GEMM K dim (hidden_size, intermediate_size) must suit the format (int4: divisible by G)."""
+        fmt = self.quant_scheme.weight
+        for name, K in dims.items():
+            try:
+                fmt.check_shape((1, K), self.block, 1, name)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+
+    def tp_shard_error(self, intermediate: int) -> str | None:
+        return self.quant_scheme.weight.tp_shard_error(intermediate, self.block)
 
 
 @dataclass(frozen=True)
-class Fp8Config:
+class Fp8Config(QuantConfig):
     """fp8 e4m3fn weights, quantized online at load time; activations quantized dynamically per token
     (per 1 x block_k group for ``scheme="block"``) inside the op.
 
@@ -25,71 +77,53 @@ class Fp8Config:
     """
 
     scheme: str = "tensor"
-    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE
+    block_shape: tuple[int, int] = (128, 128)
 
     def __post_init__(self):
-        if self.scheme not in _FP8_SCHEMES:
-            raise ValueError(f"Fp8Config.scheme must be one of {_FP8_SCHEMES}, got {self.scheme!r}")
+        if self.scheme not in _FP8_GRANULARITIES:
+            raise ValueError(f"Fp8Config.scheme must be one of {_FP8_GRANULARITIES}, got {self.scheme!r}")
         shape = tuple(self.block_shape)
-        if len(shape) != 2 or not all(isinstance(b, int) and b >= 1 for b in shape):
+        if len(shape) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in shape):
             raise ValueError(f"Fp8Config.block_shape must be two positive ints, got {self.block_shape!r}")
         object.__setattr__(self, "block_shape", shape)
+        object.__setattr__(self, "block", shape if self.quant_scheme.tiled else None)
 
     @property
-    def expert_scheme(self) -> str:
-        """The ``fused_experts`` quant_scheme: ``fp8_tensor`` | ``fp8_channel`` | ``fp8_block``."""
-        return f"fp8_{self.scheme}"
-
-    @property
-    def weight_scheme(self) -> str:
-        """The ``quantize_weight`` scheme: ``fp8_tensor`` | ``fp8_channel`` | ``fp8_block``."""
-        return f"fp8_{self.scheme}"
-
-    @property
-    def kernel_block_shape(self) -> list[int] | None:
-        """``block_shape`` argument of the ops: ``[bn, bk]`` for the block scheme, else None."""
-        return list(self.block_shape) if self.scheme == "block" else None
+    def quant_scheme(self) -> QuantScheme:
+        return get_quant_scheme(f"fp8_{self.scheme}")
 
 
 @dataclass(frozen=True)
-class Int8WeightOnlyConfig:
+class Int8Config(QuantConfig):
     """int8 weights with one fp32 scale per output channel (w8a16); activations stay bf16/fp16."""
 
     @property
-    def expert_scheme(self) -> str:
-        return "int8_w8a16"
+    def quant_scheme(self) -> QuantScheme:
+        return get_quant_scheme("int8_w8a16")
+
+
+#: The first release's name of ``Int8Config``.
+Int8WeightOnlyConfig = Int8Config
+
+
+@dataclass(frozen=True)
+class Int4Config(QuantConfig):
+    """int4 weights (two per byte) with one fp32 scale per 1 x ``group_size`` group along K (w4a16);
+    activations stay bf16/fp16. ``group_size`` in {32, 64, 128}; H and I must be divisible by it."""
+
+    group_size: int = 128
+
+    def __post_init__(self):
+        block = self.quant_scheme.weight.block_shape((1, self.group_size), "Int4Config.group_size as [1, G]")
+        object.__setattr__(self, "block", block)
 
     @property
-    def weight_scheme(self) -> str:
-        return "int8_channel"
-
-    @property
-    def kernel_block_shape(self) -> None:
-        return None
-
-
-QuantConfig = Fp8Config | Int8WeightOnlyConfig
+    def quant_scheme(self) -> QuantScheme:
+        return get_quant_scheme("int4_w4a16")
 
 
 def check_quant_config(quant_config) -> QuantConfig | None:
-    if quant_config is None or isinstance(quant_config, (Fp8Config, Int8WeightOnlyConfig)):
+    if quant_config is None or isinstance(quant_config, QuantConfig):
         return quant_config
-    raise TypeError("quant_config must be None, torch_moe_ops.Fp8Config(...) or torch_moe_ops.Int8WeightOnlyConfig(), "
+    raise TypeError("quant_config must be None, torch_moe_ops.Fp8Config(...), Int8Config() or Int4Config(...), "
                     f"got {type(quant_config).__name__}")
-
-
-def weight_dtype(quant_config: QuantConfig | None, params_dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of ``w13_weight`` / ``w2_weight``."""
-    return params_dtype if quant_config is None else weight_qdtype(quant_config.weight_scheme)
-
-
-def scale_shape(quant_config: QuantConfig, E: int, N: int, K: int, shards: int) -> tuple[int, ...]:
-    """Stored scale shape for an ``[E, N, K]`` weight: fp8_tensor ``[E, shards]`` (``[E]`` when shards is 0),
-    channel ``[E, N]``, block ``[E, ceil(N/bn), ceil(K/bk)]``."""
-    scheme = quant_config.weight_scheme
-    if scheme == "fp8_tensor":
-        return (E,) if shards == 0 else (E, shards)
-    if scheme == "fp8_block":
-        bn, bk = quant_config.block_shape
-        return (E, cdiv(N, bn), cdiv(K, bk))
-    return (E, N)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch references: fp32-accumulating, short, written from the spec. They back the CPU kernels."""
+"""Pure-PyTorch references: fp32-accumulating, short, written from docs/design.md. They back the CPU kernels."""
 from .activation import act_and_mul, moe_sum
 from .align import align_block_size
 from .fused_experts import fused_experts

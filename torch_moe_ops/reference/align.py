@@ -1,9 +1,9 @@
-"""Reference token alignment (spec §7). CPU only: it loops over experts on the host."""
+"""Reference token alignment (docs/design.md §7). CPU only: it loops over experts on the host."""
 from __future__ import annotations
 
 import torch
 
-from .._spec import cdiv
+from ..schemes import cdiv
 
 
 def local_expert_ids(topk_ids: torch.Tensor, num_experts: int, expert_map: torch.Tensor | None) -> torch.Tensor:

@@ -1,18 +1,20 @@
-"""Reference fused experts (spec §8): per-expert loop, fp32 math, same quantization as the kernels."""
+"""Reference fused experts (docs/design.md §8): per-expert loop, fp32 math, same quantization as the kernels."""
 from __future__ import annotations
 
 import torch
 
-from .._spec import DEFAULT_BLOCK_SHAPE, EXPERT_SCHEMES
-from .activation import act_and_mul_fp32
+from ..schemes import get_activation, get_quant_scheme
 from .align import local_expert_ids
-from .quant import dequantize_weight, fake_quantize_activation
+from .quant import fake_quantize_activation
 
 
-def _expert_weight(w, scale, e, weight_scheme, block_shape):
-    if weight_scheme is None:
+def _expert_weight(w, scale, e, fmt, block, interleaved_halves=False):
+    """Expert e's weight dequantized: fp32 [N, K]."""
+    if fmt is None:
         return w[e].float()
-    return dequantize_weight(w[e : e + 1], scale[e : e + 1], weight_scheme, block_shape)[0]
+    if interleaved_halves:  # rows g0, u0, g1, u1, ...: row n takes the gate (n even) or up (n odd) scale
+        return fmt.codec.decode(w[e]) * scale[e].reshape(2).repeat(w.shape[1] // 2)[:, None]
+    return fmt.dequantize(w[e : e + 1], scale[e : e + 1], block)[0]
 
 
 def fused_experts(
@@ -21,8 +23,8 @@ def fused_experts(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    activation: str = "silu",
-    quant_scheme: str = "none",
+    activation="silu",
+    quant_scheme="none",
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     w13_bias: torch.Tensor | None = None,
@@ -30,22 +32,21 @@ def fused_experts(
     block_shape=None,
     expert_map: torch.Tensor | None = None,
     apply_router_weight_on_input: bool = False,
-    activation_alpha: float = 1.702,
-    activation_limit: float = 0.0,
+    activation_alpha: float | None = None,
+    activation_limit: float | None = None,
 ) -> torch.Tensor:
-    """hidden_states: [T, H]; w13: [E, N1, H]; w2: [E, H, I]; topk_*: [T, k] -> [T, H] in x's dtype.
+    """hidden_states: [T, H]; w13: [E, N1, H / pack]; w2: [E, H, I / pack]; topk_*: [T, k] -> [T, H] in x's dtype.
 
     ``out[t] = sum_slot w * (f(q(x) @ W13[e]^T + b13) @ W2[e]^T + b2)`` with activation quantization
     (per token, or per 1 x bk group for fp8_block) before each GEMM; non-local experts contribute 0.
-    Scales must already have the canonical shapes (fp8_tensor: w13 [E, 1|2], w2 [E, 1])."""
-    weight_scheme, act_scheme = EXPERT_SCHEMES[quant_scheme]
-    block_shape = tuple(block_shape or DEFAULT_BLOCK_SHAPE)
-    w13_scheme = weight_scheme
-    if weight_scheme == "fp8_tensor" and activation == "swigluoai" and w13_scale.numel() == 2 * w13.shape[0]:
-        # interleaved rows g0, u0, g1, u1, ...: row n takes the gate (n even) or up (n odd) scale (spec §3)
-        w13_scale = w13_scale.reshape(-1, 2).repeat(1, w13.shape[1] // 2)
-        w13_scheme = "fp8_channel"
-    group = block_shape[1]
+    ``activation`` / ``quant_scheme``: names or registry objects. Scales must already have the kernels'
+    shapes (fp8_tensor: w13 [E, 1|2], w2 [E, 1]; channel [E, N]; tiled [E, N/bn, K/bk])."""
+    act = get_activation(activation)
+    scheme = get_quant_scheme(quant_scheme)
+    block = scheme.block_shape(block_shape)
+    fmt = scheme.weight
+    halves = fmt is not None and fmt.sharded and act.interleaved and w13_scale.numel() == 2 * w13.shape[0]
+    act_q, group = scheme.act, scheme.act_group(block)
     T, H = hidden_states.shape
     k = topk_ids.shape[1]
     local = local_expert_ids(topk_ids, w13.shape[0] if expert_map is None else expert_map.numel(), expert_map)
@@ -59,11 +60,11 @@ def fused_experts(
         a = hidden_states[tok].float()
         if apply_router_weight_on_input:
             a = a * route_w
-        h = fake_quantize_activation(a, act_scheme, group) @ _expert_weight(w13, w13_scale, e, w13_scheme, block_shape).T
+        h = fake_quantize_activation(a, act_q, group) @ _expert_weight(w13, w13_scale, e, fmt, block, halves).T
         if w13_bias is not None:
             h = h + w13_bias[e].float()
-        h = act_and_mul_fp32(h, activation, activation_alpha, activation_limit)
-        y = fake_quantize_activation(h, act_scheme, group) @ _expert_weight(w2, w2_scale, e, weight_scheme, block_shape).T
+        h = act.reference(h, activation_alpha, activation_limit)
+        y = fake_quantize_activation(h, act_q, group) @ _expert_weight(w2, w2_scale, e, fmt, block).T
         if w2_bias is not None:
             y = y + w2_bias[e].float()
         if not apply_router_weight_on_input:

@@ -1,13 +1,13 @@
-"""Reference routing (spec §4): scoring, correction bias, grouped top-k, renormalize, scaling."""
+"""Reference routing (docs/design.md §4): scoring, correction bias, grouped top-k, renormalize, scaling."""
 from __future__ import annotations
 
 import torch
 
-from .._spec import FLT_MAX
+from ..schemes import FLT_MAX
 
 
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
-    """NaN -> -inf, +-Inf -> +-FLT_MAX, in fp32 (spec §4.1)."""
+    """NaN -> -inf, +-Inf -> +-FLT_MAX, in fp32 (docs/design.md §4.1)."""
     return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=FLT_MAX, neginf=-FLT_MAX)
 
 
