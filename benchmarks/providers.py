@@ -2,8 +2,10 @@
 
 A provider is ``fn(case) -> callable | None`` (None = does not support this case). ``case`` holds
 x [T, H] bf16, routing (topk_weights [T, k] fp32, topk_ids [T, k] int32, router_logits), the bf16 weights
-and, per scheme, the quantized weights and scales. Providers marked ``graph=True`` are captured in a CUDA
-graph and timed by replay (routing precomputed for every provider, as in the peers' baselines)."""
+and, per scheme, the quantized weights and scales (``q13``, ``q2``, ``s13``, ``s2``), the ``QuantScheme``
+(``qscheme``) and its ``fused_experts`` keywords (``quant``). Providers marked ``graph=True`` are captured in
+a CUDA graph and timed by replay (routing precomputed for every provider, as in the peers' baselines). The
+peers have no int4 path: ``int4_w4a16`` cells time ours only."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_moe_ops as moe
-from torch_moe_ops.reference.activation import act_and_mul
+from torch_moe_ops.schemes import get_activation
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ def register(name: str, graph: bool = True):
     return wrap
 
 
+def act_and_mul(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The peers' activation in eager PyTorch (the registry's fp32 reference, defaults as in our op)."""
+    return get_activation(activation).reference(h).to(h.dtype)
+
+
 def _bias_kwargs(case):
     return dict(w13_bias=case.b13, w2_bias=case.b2) if case.b13 is not None else {}
 
@@ -41,18 +48,14 @@ def _bias_kwargs(case):
 @register("ours")
 def ours(case):
     """torch_moe_ops.fused_experts: alignment, quantization, both GEMMs, activation, sum."""
-    kw = dict(activation=case.shape.activation, **_bias_kwargs(case))
-    if case.scheme != "none":
-        kw.update(quant_scheme=case.scheme, w13_scale=case.s13, w2_scale=case.s2)
+    kw = dict(activation=case.shape.activation, **_bias_kwargs(case), **case.quant)
     return lambda: moe.fused_experts(case.x, case.q13, case.q2, case.topk_weights, case.topk_ids, **kw)
 
 
 @register("ours_fused_moe")
 def ours_fused_moe(case):
     """torch_moe_ops.fused_moe: the same plus routing."""
-    kw = dict(activation=case.shape.activation, **_bias_kwargs(case), **case.shape.routing)
-    if case.scheme != "none":
-        kw.update(quant_scheme=case.scheme, w13_scale=case.s13, w2_scale=case.s2)
+    kw = dict(activation=case.shape.activation, **_bias_kwargs(case), **case.shape.routing, **case.quant)
     if case.bias13 is not None:
         kw["e_score_correction_bias"] = case.bias13
     return lambda: moe.fused_moe(case.x, case.router_logits, case.q13, case.q2, case.shape.k, **kw)
@@ -90,7 +93,7 @@ def _grouped_pipeline(case, gemm1, gemm2):
 @register("grouped_mm")
 def grouped_mm(case):
     """PyTorch pipeline: argsort, gather, F.grouped_mm, act, F.grouped_mm, weighted index_add."""
-    if case.scheme != "none" or not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+    if case.qscheme.quantized or not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
         return None
     gmm = getattr(F, "grouped_mm", None) or torch._grouped_mm
     w13t, w2t = case.w13.transpose(-2, -1), case.w2.transpose(-2, -1)
@@ -100,7 +103,9 @@ def grouped_mm(case):
 @register("scaled_grouped_mm")
 def scaled_grouped_mm(case):
     """The same with F.scaled_grouped_mm (fp8 row-wise: per-channel weights, per-token activations)."""
-    if case.scheme != "fp8_channel" or not hasattr(F, "scaled_grouped_mm") or case.shape.H % 16 or case.shape.I % 16:
+    flags = case.qscheme.flags  # exactly fp8 per-channel weights with per-token fp8 activations
+    if not (flags.A_ROW_SCALE and flags.W_CHANNEL_SCALE) or not hasattr(F, "scaled_grouped_mm") \
+            or case.shape.H % 16 or case.shape.I % 16:
         return None
     w13t, w2t = case.q13.transpose(-2, -1), case.q2.transpose(-2, -1)
     rowwise = F.ScalingType.RowWise
@@ -117,9 +122,9 @@ def scaled_grouped_mm(case):
 @register("naive", graph=False)
 def naive(case):
     """Per-expert loop in eager PyTorch (the classic Hugging Face implementation; host syncs)."""
-    if case.scheme != "none" or case.x.shape[0] > 1024:
+    if case.qscheme.quantized or case.x.shape[0] > 1024:
         return None
-    k, act, E = case.shape.k, case.shape.activation, case.shape.E
+    act, E = case.shape.activation, case.shape.E
 
     def run():
         out = torch.zeros(case.x.shape, dtype=torch.float32, device=case.x.device)
@@ -127,8 +132,13 @@ def naive(case):
             tok, slot = torch.where(case.topk_ids == e)
             if tok.numel() == 0:
                 continue
-            h = act_and_mul(case.x[tok] @ case.w13[e].T, act)
-            out.index_add_(0, tok, (h @ case.w2[e].T).float() * case.topk_weights[tok, slot, None])
+            h = case.x[tok] @ case.w13[e].T
+            if case.b13 is not None:  # the same function as ours: biases included (GPT-OSS)
+                h = h + case.b13[e]
+            y = act_and_mul(h, act) @ case.w2[e].T
+            if case.b2 is not None:
+                y = y + case.b2[e]
+            out.index_add_(0, tok, y.float() * case.topk_weights[tok, slot, None])
         return out.to(case.x.dtype)
 
     return run

@@ -32,7 +32,7 @@ def tables(result: dict) -> str:
     quant = [c for c in result["cells"] if c.get("kind") == "quantize"]
     if quant:
         lines += ["", "Online quantization of ~1 G-element bf16 w13 tensors `[E, 2I, H]` (`quantize_weight_into`; "
-                  "GB/s counts 2 B read + 1 B written per element):", "",
+                  "GB/s counts 2 B read + the storage bytes written per element: 1 B, int4 0.5 B):", "",
                   "| tensor | scheme | ms | GB/s | % of copy bandwidth |", "|---|---|---|---|---|"]
         lines += [f"| {c.get('shape', 'w')} `{c.get('dims', [8, 32768, 4096])}` | {c['scheme']} | {c['ms']:.3f} | "
                   f"{c['GBps']:.0f} | {c['frac_copy'] * 100:.0f}% |" for c in quant]

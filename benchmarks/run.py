@@ -17,8 +17,8 @@ from benchmarks.providers import REGISTRY
 from benchmarks.shapes import QUANT_SHAPES, SHAPES, TOKENS, roofline_s
 
 import torch_moe_ops as moe
-from torch_moe_ops.demo import SCHEMES
-from torch_moe_ops.testing import random_moe_weights
+from torch_moe_ops.schemes import WEIGHT_FORMATS, get_quant_scheme
+from torch_moe_ops.testing import experts_kwargs, quantize_experts, random_moe_weights
 
 
 def do_bench_ms(fn, graph: bool) -> float:
@@ -60,14 +60,16 @@ def measure_ceilings() -> dict:
 
 
 def bench_quantize(ceilings: dict) -> list:
-    """Online quantization of ~1 G-element bf16 w13 tensors (``QUANT_SHAPES``; read 2 B, write 1 B per element)."""
+    """Online quantization of ~1 G-element bf16 w13 tensors (``QUANT_SHAPES``) in every weight format of the
+    registry (per-tensor: gate/up shards); GB/s counts 2 B read plus the storage bytes written per element."""
     rows = []
     for name, shape in QUANT_SHAPES.items():
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-        for scheme, shards in (("fp8_channel", 1), ("fp8_block", 1), ("fp8_tensor", 2), ("int8_channel", 1)):
+        for scheme, fmt in WEIGHT_FORMATS.items():
+            shards = 2 if fmt.sharded else 1
             q, s = moe.quantize_weight(w, scheme, shards=shards)
             ms = do_bench_ms(lambda: moe.quantize_weight_into(w, q, s, scheme, shards=shards), graph=False)
-            gbps = w.numel() * 3 / ms / 1e6
+            gbps = w.numel() * (2 + fmt.qdtype.itemsize / fmt.pack) / ms / 1e6
             rows.append(dict(kind="quantize", shape=name, dims=list(shape), scheme=scheme, numel=w.numel(), ms=ms,
                              GBps=gbps, frac_copy=gbps / ceilings["copy_GBps"]))
             print(f"quantize {name:<13} {scheme:<12} {ms:8.3f} ms {gbps:7.0f} GB/s "
@@ -79,16 +81,15 @@ def bench_quantize(ceilings: dict) -> list:
 
 
 def make_weights(shape, scheme):
+    """bf16 weights and, for a quantized scheme, the registry's quantization of them (``case.quant``: the
+    ``fused_experts`` keywords; ``case.block``: the scale tile, int4's group fitted to H and I)."""
     w13, w2, b13, b2 = random_moe_weights(shape.E, shape.H, shape.I, gated=shape.n1 == 2 * shape.I,
-                                                      device="cuda", bias=shape.bias)
-    data = SimpleNamespace(w13=w13, w2=w2, b13=b13, b2=b2, q13=w13, q2=w2, s13=None, s2=None)
-    wscheme, shards = SCHEMES[scheme]
-    if wscheme is not None:
-        shards = 1 if shape.activation == "swigluoai" else shards
-        data.q13, data.s13 = moe.quantize_weight(w13, wscheme, shards=shards)
-        data.q2, data.s2 = moe.quantize_weight(w2, wscheme)
-        if scheme != "none" and shape.E * shape.n1 * shape.H > 2e9:
-            data.w13 = data.w2 = None  # the bf16 copies are not needed by fp8-only providers
+                                          device="cuda", bias=shape.bias)
+    q13, q2, s13, s2, block = quantize_experts(w13, w2, scheme, shape.activation)
+    data = SimpleNamespace(w13=w13, w2=w2, b13=b13, b2=b2, q13=q13, q2=q2, s13=s13, s2=s2, block=block,
+                           quant=experts_kwargs(scheme, s13, s2, block), qscheme=get_quant_scheme(scheme))
+    if data.qscheme.quantized and shape.E * shape.n1 * shape.H > 2e9:
+        data.w13 = data.w2 = None  # the bf16 copies are not needed by quantized-only providers
     return data
 
 
@@ -127,7 +128,10 @@ def main(argv=None) -> int:
             if args.schemes and scheme not in args.schemes.split(","):
                 continue
             data = make_weights(shape, scheme)
-            peak = ceilings["bf16_TFLOPs"] if scheme in ("none", "int8_w8a16") else ceilings.get("fp8_TFLOPs", ceilings["bf16_TFLOPs"])
+            # fp8 x fp8 dots run at the fp8 peak; weight-only schemes (int8, int4) and bf16 at the bf16 one
+            peak = ceilings["bf16_TFLOPs"]
+            if data.qscheme.fp8_dot:
+                peak = ceilings.get("fp8_TFLOPs", peak)
             for T in map(int, args.tokens.split(",")):
                 torch.manual_seed(T)
                 x = (torch.randn(T, shape.H, device="cuda") * 0.1).to(torch.bfloat16)
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
                 case = SimpleNamespace(shape=shape, scheme=scheme, x=x, router_logits=logits, topk_weights=w,
                                        topk_ids=ids, bias13=bias, **vars(data))
                 touched = int(torch.unique(ids).numel())
-                roof = roofline_s(shape, T, scheme, touched, ceilings["copy_GBps"] * 1e9, peak * 1e12)
+                roof = roofline_s(shape, T, scheme, touched, ceilings["copy_GBps"] * 1e9, peak * 1e12, data.block)
                 for name in args.providers.split(","):
                     prov = REGISTRY[name]
                     fn = prov.build(case)

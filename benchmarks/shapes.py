@@ -1,7 +1,10 @@
-"""Benchmark shapes (issue: Triton kernels + benchmark runner) and the per-cell roofline."""
+"""Benchmark shapes and the per-cell roofline (weight bytes asked of the scheme registry)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from torch_moe_ops.schemes import get_activation, get_quant_scheme
 
 
 @dataclass(frozen=True)
@@ -18,12 +21,13 @@ class MoEShape:
 
     @property
     def n1(self) -> int:
-        return self.I if self.activation.endswith("_no_mul") else 2 * self.I
+        return get_activation(self.activation).n1(self.I)
 
 
 SHAPES = {
     "qwen3-30b-a3b": MoEShape("Qwen3-30B-A3B", 128, 8, 2048, 768,
-                              schemes=("none", "fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16")),
+                              schemes=("none", "fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16",
+                                       "int4_w4a16")),
     "mixtral-8x7b": MoEShape("Mixtral-8x7B", 8, 2, 4096, 14336),
     "gpt-oss-20b": MoEShape("GPT-OSS-20B", 32, 4, 2880, 2880, activation="swigluoai", bias=True),
     "deepseek-v3": MoEShape("DeepSeek-V3", 256, 8, 7168, 2048, schemes=("fp8_block",),
@@ -35,13 +39,27 @@ TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 #: 3 MB (Qwen3), 29 MB (DeepSeek-V3) and 117 MB (Mixtral) of bf16 -- below, near and above the H100's 50 MB L2.
 QUANT_SHAPES = {"qwen3-w13": (341, 1536, 2048), "deepseek-w13": (34, 4096, 7168), "mixtral-w13": (8, 28672, 4096)}
 
-WEIGHT_BYTES = {"none": 2, "fp8_tensor": 1, "fp8_channel": 1, "fp8_block": 1, "int8_w8a16": 1}
+
+def expert_bytes(shape: MoEShape, scheme: str, block=None) -> int:
+    """Bytes of one expert's w13 and w2 in ``scheme``: bf16 for ``none``, else the format's packed storage
+    (int4: half a byte per weight) plus its fp32 scales."""
+    qs = get_quant_scheme(scheme)
+    fmt, block = qs.weight, qs.block_shape(block)  # None -> the scheme's default tile (if it has one)
+    total = 0
+    for N, K in ((shape.n1, shape.H), (shape.H, shape.I)):
+        if fmt is None:
+            total += N * K * 2
+            continue
+        packed, scales = fmt.packed_shape((1, N, K)), fmt.scale_shape((1, N, K), block)
+        total += math.prod(packed) * fmt.qdtype.itemsize + math.prod(scales) * 4
+    return total
 
 
-def roofline_s(shape: MoEShape, T: int, scheme: str, experts_touched: int, bandwidth: float, peak: float) -> dict:
-    """Lower bound on time: max(bytes / bandwidth, flops / peak). Bytes: the touched experts' weights
-    once, x read and out written once (bf16). Flops: 2 * T * k * (N1*H + H*I)."""
-    wbytes = experts_touched * (shape.n1 * shape.H + shape.H * shape.I) * WEIGHT_BYTES[scheme]
+def roofline_s(shape: MoEShape, T: int, scheme: str, experts_touched: int, bandwidth: float, peak: float,
+               block=None) -> dict:
+    """Lower bound on time: max(bytes / bandwidth, flops / peak). Bytes: the touched experts' weights (and
+    scales) once, x read and out written once (bf16). Flops: 2 * T * k * (N1*H + H*I)."""
+    wbytes = experts_touched * expert_bytes(shape, scheme, block)
     io_bytes = 2 * T * shape.H * 2
     flops = 2 * T * shape.k * (shape.n1 * shape.H + shape.H * shape.I)
     t_mem, t_flop = (wbytes + io_bytes) / bandwidth, flops / peak

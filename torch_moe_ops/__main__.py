@@ -6,13 +6,12 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_moe_ops")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .demo import add_arguments
+    from .demo import add_arguments, run
 
-    add_arguments(sub.add_parser("demo", help="compile fused_moe in bf16 and every quantized scheme; print a table"))
+    add_arguments(sub.add_parser("demo", help="compile fused_moe in bf16 and every quantized scheme of the registry, "
+                                              "print a table; then load, quantize online, compile and reload a model"))
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import run
-
         return run(args)
     return 2
 

@@ -1,7 +1,13 @@
-"""Numerics helpers shared by tests, benchmarks and the demo."""
+"""Helpers shared by tests, benchmarks and the demo: error metrics, random weights, per-scheme quantization
+of whole expert stacks (asked of the scheme registry), and a timer. Not imported by the package itself."""
 from __future__ import annotations
 
+import time
+
 import torch
+
+from .ops import quantize_weight
+from .schemes import Activation, QuantScheme, get_activation, get_quant_scheme
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -30,3 +36,80 @@ def random_moe_weights(E: int, H: int, I: int, *, gated: bool = True, dtype=torc
     b13 = (torch.randn(E, n1, generator=generator) * scale).to(dtype=dtype, device=device)
     b2 = (torch.randn(E, H, generator=generator) * scale).to(dtype=dtype, device=device)
     return w13, w2, b13, b2
+
+
+def w13_shards(scheme: QuantScheme | str, activation: Activation | str = "silu") -> int:
+    """Row shards of w13 for ``quantize_weight``: 2 (one scale per gate / up half) when the format keeps a
+    scale per shard and the activation's gate and up are the two halves, else 1 (interleaved, non-gated)."""
+    scheme, act = get_quant_scheme(scheme), get_activation(activation)
+    sharded = scheme.weight is not None and scheme.weight.sharded
+    return 2 if sharded and act.gated and not act.interleaved else 1
+
+
+def fitting_block(scheme: QuantScheme | str, *ks: int) -> tuple[int, int] | None:
+    """The scheme's default scale tile, its K halved until the format accepts every GEMM K in ``ks`` (int4
+    groups must divide K: H = 256, I = 96 gives [1, 32]); None for schemes without a tile."""
+    scheme = get_quant_scheme(scheme)
+    if not scheme.tiled:
+        return None
+    fmt = scheme.weight
+    bn, bk = fmt.block_shape(None)
+    first_error = None
+    while bk >= 1:
+        try:
+            block = fmt.block_shape((bn, bk))
+            for K in ks:
+                fmt.check_shape((1, K), block, 1, "w")
+            return block
+        except ValueError as exc:
+            first_error = first_error or exc
+        bk //= 2
+    raise ValueError(f"{scheme.name}: no scale tile fits K in {list(ks)} ({first_error})")
+
+
+def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, scheme: QuantScheme | str = "none",
+                     activation: Activation | str = "silu", block_shape=None):
+    """Quantize an expert stack for ``fused_experts(..., quant_scheme=scheme)``.
+
+    w13: [E, N1, H], w2: [E, H, I] float. Returns ``(q13, q2, s13, s2, block)``: the weights in the format's
+    storage (int4: uint8 [E, N, K // 2]), fp32 scales, and the scale tile (None when the scheme has none).
+    ``none`` returns the weights unchanged with no scales. block_shape None: ``fitting_block(scheme, H, I)``.
+    """
+    scheme = get_quant_scheme(scheme)
+    if scheme.weight is None:
+        scheme.block_shape(block_shape)  # raises for a tile given to "none"
+        return w13, w2, None, None, None
+    if block_shape is None:
+        block = fitting_block(scheme, w13.shape[2], w2.shape[2])
+    else:
+        block = scheme.block_shape(block_shape)
+    tile = list(block) if block is not None else None
+    name = scheme.weight.name
+    q13, s13 = quantize_weight(w13, name, block_shape=tile, shards=w13_shards(scheme, activation))
+    q2, s2 = quantize_weight(w2, name, block_shape=tile)
+    return q13, q2, s13, s2, block
+
+
+def experts_kwargs(scheme: QuantScheme | str, s13, s2, block) -> dict:
+    """The ``fused_experts`` / ``fused_moe`` keywords for ``quantize_experts``' result ({} for ``none``)."""
+    scheme = get_quant_scheme(scheme)
+    if scheme.weight is None:
+        return {}
+    kw = dict(quant_scheme=scheme.name, w13_scale=s13, w2_scale=s2)
+    if block is not None:
+        kw["block_shape"] = list(block)
+    return kw
+
+
+def time_per_call(fn, iters: int, device: torch.device | str = "cpu") -> float:
+    """Seconds per call of ``fn()`` (one warm-up call, then ``iters`` timed; synchronizes on CUDA)."""
+    device = torch.device(device)
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / max(iters, 1)

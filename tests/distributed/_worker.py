@@ -25,17 +25,18 @@ def set_world(world: int) -> None:
     global E
     E = 8 if world <= 2 else 6
 TOKENS = (1, 5, 64)
-SCHEMES = ("bf16", "fp8_block")
+SCHEMES = ("bf16", "fp8_block")  #: every case runs with these; int4 runs a subset (see cases)
 
 
 def quant(scheme):
-    from torch_moe_ops import Fp8Config
+    from torch_moe_ops import Fp8Config, Int4Config
 
-    return None if scheme == "bf16" else Fp8Config("block", block_shape=(16, 16))
+    configs = {"bf16": None, "fp8_block": Fp8Config("block", block_shape=(16, 16)), "int4": Int4Config(group_size=32)}
+    return configs[scheme]
 
 
 def inter(world):
-    return 16 * world  # I/tp stays a multiple of the (16, 16) block for tp = world
+    return 32 * world  # I/tp = 32 for tp = world: a multiple of the (16, 16) fp8 block and of the int4 group 32
 
 
 def checkpoint(I, seed=0, bias=False):
@@ -77,7 +78,9 @@ def inputs(T, seed, skew=False):
 
 
 def tol(scheme):
-    return dict(atol=2e-2, rtol=2e-2) if scheme == "bf16" else dict(atol=6.5e-2, rtol=6.5e-2)
+    """fp8_block quantizes activations per rank's slice / batch; bf16 and int4 (w4a16, the same quantized
+    weights as the reference: slices fall on group boundaries) differ only by summation order."""
+    return dict(atol=6.5e-2, rtol=6.5e-2) if scheme == "fp8_block" else dict(atol=2e-2, rtol=2e-2)
 
 
 def check_forward(layer, ref, scheme, rank, *, dp, tokens=TOKENS, fn=None):
@@ -105,7 +108,8 @@ def case_forward(rank, world, kind, scheme, mode="all_to_all", R=0, bias=False):
     layer = build(sd, I, scheme, pc, has_bias=bias)
     ref = reference(sd, I, scheme, has_bias=bias)
     n_local = layer.num_local_experts
-    assert layer.w13_weight.shape[0] == n_local and layer.w2_weight.shape[2] == I // pc.tp_size, layer
+    # full_precision: the logical [E, H, I/tp] (int4 storage packs two per byte along I)
+    assert layer.w13_weight.shape[0] == n_local and layer.full_precision["w2_weight"].shape[2] == I // pc.tp_size, layer
     check_forward(layer, ref, scheme, rank, dp=kind != "tp")
     loads = layer.expert_load.clone()
     torch.distributed.all_reduce(loads)
@@ -114,7 +118,7 @@ def case_forward(rank, world, kind, scheme, mode="all_to_all", R=0, bias=False):
 
 def case_loading(rank, world, kind, scheme, outdir):
     """safetensors checkpoint -> online quantized load of only the local shards; reload keeps storage."""
-    from torch_moe_ops import ParallelConfig, reload_weights
+    from torch_moe_ops import FusedMoE, ParallelConfig, reload_weights
 
     I = inter(world)
     pc = (ParallelConfig(tp_size=world, tp_rank=rank) if kind == "tp"
@@ -122,14 +126,16 @@ def case_loading(rank, world, kind, scheme, outdir):
     path_a, path_b = (os.path.join(outdir, f"ckpt_{n}_{world}.safetensors") for n in "ab")
     layer = build(path_a, I, scheme, pc)
     assert layer.is_loaded
-    # only local shards are expected: 3 pieces (w1, w3, w2) per local physical expert
-    assert len(layer._streamer.required) == 3 * layer.num_local_experts, len(layer._streamer.required)
-    # non-local experts are skipped: the loader copies nothing and says so
+    # only local shards are expected: 3 pieces (w1, w3, w2) per local physical expert (a fresh layer misses all)
+    required = FusedMoE(E, K, H, I, quant_config=quant(scheme), parallel=pc).missing_weights()
+    assert len(required) == 3 * layer.num_local_experts, required
+    # non-local experts are skipped: the loader copies nothing, says so, and records no piece
     w = checkpoint(I)["model.layers.0.mlp.experts.0.down_proj.weight"]
-    nonlocal_ids = [p for p in range(layer.num_physical_experts) if layer._local_ids[p] < 0]
+    nonlocal_ids = [p for p, slot in enumerate(layer.placement.local_slots) if slot < 0]
+    assert len(nonlocal_ids) == layer.num_physical_experts - layer.num_local_experts
     for p in nonlocal_ids:
         assert layer.weight_loader("w2_weight", w, "w2", p, return_success=True) is False
-    layer._streamer.state, layer._streamer.seen = "loaded", set()  # the probes above were no-ops
+    assert layer.load_state == "loaded"  # a recorded probe would have started a reload round
     check_forward(layer, reference(checkpoint(I), I, scheme), scheme, rank, dp=kind == "ep", tokens=(5,))
     ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
     report = reload_weights(layer, path_b)
@@ -203,6 +209,15 @@ def cases(world: int) -> dict:
         out["tp2xep2-all_gather-bf16"] = lambda r, w, o: case_forward(r, w, "tpxep", "bf16")
         out["tp2xep2-all_gather-R2-fp8_block"] = lambda r, w, o: case_forward(r, w, "tpxep", "fp8_block", R=2)
         out["tp2xep2-all_gather-bias-bf16"] = lambda r, w, o: case_forward(r, w, "tpxep", "bf16", bias=True)
+        out["tp2xep2-all_gather-R2-int4"] = lambda r, w, o: case_forward(r, w, "tpxep", "int4", R=2)
+    # int4 (group 32): TP slices on group boundaries, EP both modes with replicas, loading, a rebalance
+    out["tp-int4"] = lambda r, w, o: case_forward(r, w, "tp", "int4")
+    out["tp-bias-int4"] = lambda r, w, o: case_forward(r, w, "tp", "int4", bias=True)
+    out["ep-all_to_all-R2-int4"] = lambda r, w, o: case_forward(r, w, "ep", "int4", "all_to_all", 2)
+    out["ep-all_gather-R0-int4"] = lambda r, w, o: case_forward(r, w, "ep", "int4", "all_gather", 0)
+    out["load-ep-int4"] = lambda r, w, o: case_loading(r, w, "ep", "int4", o)
+    out["load-tp-int4"] = lambda r, w, o: case_loading(r, w, "tp", "int4", o)
+    out["rebalance-all_to_all-int4"] = lambda r, w, o: case_rebalance(r, w, "int4", "all_to_all")
     for s in SCHEMES:
         for mode in ("all_to_all", "all_gather"):
             out[f"rebalance-{mode}-{s}"] = lambda r, w, o, s=s, m=mode: case_rebalance(r, w, s, m)
@@ -218,7 +233,7 @@ def case_names(world: int) -> list[str]:
 
 def errors(rank, world):
     """Bad configs raise a clear error on every rank (no collective is entered)."""
-    from torch_moe_ops import Fp8Config, FusedMoE, ParallelConfig
+    from torch_moe_ops import Fp8Config, FusedMoE, Int4Config, ParallelConfig
 
     res = {}
     for name, make, match in (
@@ -232,6 +247,12 @@ def errors(rank, world):
          "not divisible by tp_size"),
         ("fp8_block_boundary", lambda: FusedMoE(E, K, H, 32, quant_config=Fp8Config("block", block_shape=(32, 32)),
                                                 parallel=ParallelConfig(tp_size=world, tp_rank=rank)), "block"),
+        ("int4_group_boundary", lambda: FusedMoE(E, K, H, 32 * world, quant_config=Int4Config(group_size=64),
+                                                 parallel=ParallelConfig(tp_size=world, tp_rank=rank)),
+         "I/tp = 32 to be a multiple of its scale tile (1, 64)"),
+        ("int4_ep_full_i", lambda: FusedMoE(E, K, H, 48, quant_config=Int4Config(group_size=32),
+                                            parallel=ParallelConfig(ep_size=world, ep_rank=rank)),
+         "intermediate_size's K = 48 is not divisible by the group size 32"),
         ("a2a_with_tp", lambda: ParallelConfig(tp_size=2, ep_size=2, mode="all_to_all"), "all_to_all"),
     ):
         try:

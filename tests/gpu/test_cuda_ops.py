@@ -12,7 +12,8 @@ import torch
 
 import torch_moe_ops as moe
 from torch_moe_ops import reference
-from torch_moe_ops.demo import SCHEMES
+from torch_moe_ops import testing
+from torch_moe_ops.schemes import QUANT_SCHEMES
 from torch_moe_ops.testing import random_moe_weights, rel_error, sqnr_db
 
 pytestmark = pytest.mark.cuda
@@ -20,16 +21,8 @@ DEV = "cuda"
 
 
 def _quantized(w13, w2, scheme, block_shape=None, activation="silu"):
-    wscheme, shards = SCHEMES[scheme]
-    if wscheme is None:
-        return w13, w2, {}
-    shards = 1 if activation == "swigluoai" else shards
-    q13, s13 = moe.quantize_weight(w13, wscheme, shards=shards, block_shape=block_shape)
-    q2, s2 = moe.quantize_weight(w2, wscheme, block_shape=block_shape)
-    kw = dict(quant_scheme=scheme, w13_scale=s13, w2_scale=s2)
-    if block_shape is not None:
-        kw["block_shape"] = block_shape
-    return q13, q2, kw
+    q13, q2, s13, s2, block = testing.quantize_experts(w13, w2, scheme, activation, block_shape)
+    return q13, q2, testing.experts_kwargs(scheme, s13, s2, block)
 
 
 def _case(T, E, k, H, I, scheme="none", activation="silu", bias=False, dtype=torch.bfloat16, seed=0):
@@ -59,7 +52,7 @@ CASES = [
     pytest.param(64, 60, 2, 136, 88, "none", "relu2_no_mul", False, id="T64-E60-relu2_no_mul"),
 ] + [
     pytest.param(257, 60, 6, 512, 384, s, "silu", False, id=f"T257-E60-{s}")
-    for s in ("fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16")
+    for s in ("fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16", "int4_w4a16")
 ] + [pytest.param(4096, 128, 8, 2048, 768, s, "silu", False, id=f"T4096-qwen3-{s}") for s in ("none", "fp8_block")]
 # T = 16384 for every scheme is covered kernel-side in tests/kernels/test_fused_experts_kernel.py.
 
@@ -72,7 +65,7 @@ def test_fused_moe_matches_reference(T, E, k, H, I, scheme, activation, bias):
     ref = _ref_on_cpu(x, logits, q13, q2, k, kw)
     # Same quantized weights on both sides: only bf16 intermediates and fp8 re-quantization of bf16-rounded
     # activations differ, so SQNR stays far above the 20 dB quantization floor (bf16: ~45 dB).
-    floor = 35.0 if scheme in ("none", "int8_w8a16") else 25.0
+    floor = 35.0 if scheme in ("none", "int8_w8a16", "int4_w4a16") else 25.0
     assert sqnr_db(ref.float(), out.float().cpu()) > floor
 
 
@@ -88,7 +81,7 @@ def test_int64_addressing_bf16():
     assert rel_error(ref.float(), out[rows].float().cpu()) < 1e-2
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("scheme", list(QUANT_SCHEMES))
 def test_cuda_graph_capture_replay(scheme):
     x, logits, q13, q2, kw = _case(64, 60, 6, 512, 384, scheme)
     fn = lambda: moe.fused_moe(x, logits, q13, q2, 6, **kw)  # noqa: E731

@@ -1,11 +1,11 @@
-"""load_checkpoint: Hugging Face name mapping, sources, progress bar, report (spec §11)."""
+"""load_checkpoint: Hugging Face name mapping, sources, progress bar, report (docs/design.md §11)."""
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from torch_moe_ops.layer import FusedMoE
-from torch_moe_ops.loading import LoadReport, finalize_loading, load_checkpoint
+from torch_moe_ops.checkpoints import LoadReport, finalize_loading, load_checkpoint
 from torch_moe_ops.quantization import Fp8Config
 
 from ._helpers import MoEModel, expert_tensors, hf_checkpoint, moe_layers

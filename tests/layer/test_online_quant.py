@@ -1,11 +1,11 @@
-"""Streaming online quantization (spec §10): per-expert staging, peak memory, finalize errors."""
+"""Streaming online quantization (docs/design.md §10): per-expert staging, peak memory, finalize errors."""
 import pytest
 import torch
 
 from torch_moe_ops import quantize_weight
 from torch_moe_ops.layer import FusedMoE
-from torch_moe_ops.loading import finalize_loading, load_checkpoint
-from torch_moe_ops.quantization import Fp8Config, LoadError
+from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint
+from torch_moe_ops.quantization import Fp8Config, Int4Config, LoadError
 from torch_moe_ops.testing import random_moe_weights
 
 from ._helpers import QUANT_SCHEMES, SCHEMES, LiveTensorBytes, MoEModel, expert_tensors, hf_checkpoint, moe_layers
@@ -19,7 +19,7 @@ def test_each_expert_quantized_as_soon_as_complete(scheme):
     qc = QUANT_SCHEMES[scheme]
     w1, w3, w2 = expert_tensors(E, H, I)
     layer = FusedMoE(E, K, H, I, quant_config=qc)
-    shards = 2 if qc.weight_scheme == "fp8_tensor" else 1
+    shards = 2 if qc.quant_scheme.weight.sharded else 1  # fp8_tensor: gate and up scales
     for e in range(E):
         layer.weight_loader(layer.w13_weight, w1[e], "w1", e)
         assert layer.staging_bytes == 2 * I * H * 2  # one expert's bf16 w13 staging, allocated lazily
@@ -167,12 +167,12 @@ def test_non_gated_streams_on_the_single_shard():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block"])
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_block", "int4_w4a16"])
 def test_peak_memory_cuda(scheme):
     """torch.cuda.max_memory_allocated while streaming a CPU checkpoint into a 2-layer model whose single
     layer in full precision (192 MiB) exceeds the bound's slack, so a layerwise design would fail."""
     L, E_, H_, I_ = 2, 32, 1024, 1024
-    qc = Fp8Config("block") if scheme == "fp8_block" else Fp8Config("tensor")
+    qc = {"fp8_tensor": Fp8Config("tensor"), "fp8_block": Fp8Config("block"), "int4_w4a16": Int4Config(128)}[scheme]
     sd = hf_checkpoint(L, E_, H_, I_, dtype=torch.bfloat16, router=False)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

@@ -1,10 +1,10 @@
-"""Reload in place (RL weight sync, spec §10.6): same storage, compiled models and CUDA graphs stay valid."""
+"""Reload in place (RL weight sync, docs/design.md §10): same storage, compiled models and CUDA graphs stay valid."""
 import pytest
 import torch
 import torch._dynamo.testing
 
-from torch_moe_ops.loading import finalize_loading, load_checkpoint, reload_weights
-from torch_moe_ops.quantization import Fp8Config, LoadError
+from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.quantization import Fp8Config, Int4Config, LoadError
 
 from ._helpers import SCHEMES, LiveTensorBytes, MoEModel, hf_checkpoint, loaded_model, moe_layers
 
@@ -144,12 +144,10 @@ def test_reload_memory_within_streaming_bound(scheme):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("scheme", ["none", "fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16"])
+@pytest.mark.parametrize("scheme", ["none", "fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16", "int4_w4a16"])
 def test_cuda_graph_replay_after_reload(scheme):
     """Capture on checkpoint A, reload B, replay: equals a fresh load of B; no data_ptr moved."""
-    qc = SCHEMES[scheme]
-    if scheme == "fp8_block":
-        qc = Fp8Config("block")
+    qc = {"fp8_block": Fp8Config("block"), "int4_w4a16": Int4Config(128)}.get(scheme, SCHEMES.get(scheme))
     H_, I_ = 256, 128
     a, b = hf_checkpoint(L, E, H_, I_, seed=1), hf_checkpoint(L, E, H_, I_, seed=2)
     model = loaded_model(a, H=H_, I=I_, quant_config=qc, device="cuda")

@@ -63,9 +63,9 @@ def test_zero_groups_and_rounding():
     # 7 | -7 -> 0x9 ; 3.5 -> 4 | 2.5 -> 2 ; -2.5 -> -2 (0xE) | -0.5 -> -0 ; 1 | 0
     assert low == [7, 4, 14, 1] and high == [9, 2, 0, 0]
     w = torch.zeros(1, 1, 32)
-    w[0, 0, 0] = float("nan")  # a non-finite weight must not pass silently into the scale as a number
-    q, s = torch_moe_ops.quantize_weight(w, "int4_group", block_shape=[1, 32])
-    assert not torch.isfinite(s).all()
+    w[0, 0, 3] = float("nan")  # a non-finite weight is refused on CPU, never folded into a scale
+    with pytest.raises(ValueError, match=r"w has non-finite values \(first at index \[0, 0, 3\]"):
+        torch_moe_ops.quantize_weight(w, "int4_group", block_shape=[1, 32])
 
 
 def test_strided_and_into():

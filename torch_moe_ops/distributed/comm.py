@@ -1,66 +1,57 @@
-"""The distributed forward of ``FusedMoE`` (TP all-reduce, EP all-to-all, EP all-gather / reduce-scatter).
+"""The distributed forward around a layer's experts (TP all-reduce, EP all-to-all, EP all-gather /
+reduce-scatter): tensors and plain placement data in, tensors out.
 
-Every collective is a traceable functional collective (``torch.distributed._functional_collectives``), so
-the TP and all-gather paths compile with ``torch.compile(fullgraph=True)``. The all-to-all path needs the
-per-rank pair counts on the host for ``all_to_all_single``'s split sizes: that ``.tolist()`` of the
-exchanged count tensor is its only host synchronisation.
+The caller runs its own experts through ``run_experts(x [N, H], topk_weights [N, k] fp32, topk_ids [N, k]
+int32 physical ids) -> [N, H]`` (its local experts and I slice; pairs routed to other ranks' experts add
+exactly 0). Every collective is a traceable functional collective
+(``torch.distributed._functional_collectives``), so the TP and all-gather paths compile with
+``torch.compile(fullgraph=True)``. The all-to-all path needs the per-rank pair counts on the host for
+``all_to_all_single``'s split sizes: that ``.tolist()`` of the exchanged count tensor is its only host
+synchronisation.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from .placement import map_logical_to_physical
+from .config import ParallelConfig
+
+RunExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _group(pc):
+def _group(pc: ParallelConfig):
     return pc.group if pc.group is not None else dist.group.WORLD
 
 
-def _experts(layer, x, topk_weights, topk_ids):
-    """This rank's experts (and I/tp slice) on ``x``; pairs routed to other ranks' experts add exactly 0."""
-    return torch.ops.moe.fused_experts(
-        x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids, layer.activation, layer.quant_scheme,
-        layer.w13_weight_scale, layer.w2_weight_scale, layer.w13_bias, layer.w2_bias, layer.block_shape,
-        layer.expert_map, apply_router_weight_on_input=layer.apply_router_weight_on_input,
-        activation_alpha=layer.activation_alpha, activation_limit=layer.activation_limit)
-
-
-def to_physical(layer, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Logical ids [T, k] -> physical ids [T, k] int32 (EPLB replica by token hash); counts the load."""
-    ids = map_logical_to_physical(topk_ids, layer.logical_to_physical, layer.replica_count)
-    flat = ids.reshape(-1).long()
-    layer.expert_load.index_add_(0, flat, torch.ones_like(flat))
-    return ids
-
-
-def parallel_forward(layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """``x [T, H]`` with logical routing ``topk_weights / topk_ids [T, k]`` -> ``[T, H]``."""
-    pc = layer.parallel
-    ids = to_physical(layer, topk_ids)
+def parallel_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, pc: ParallelConfig,
+                     expert_owner: torch.Tensor, run_experts: RunExperts) -> torch.Tensor:
+    """x: [T, H]; topk_weights: [T, k] fp32; topk_ids: [T, k] int32 **physical** ids; expert_owner: [E_g]
+    int64 EP rank of each physical expert -> [T, H] (this rank's tokens, TP partial sums reduced)."""
     topk_weights = topk_weights.contiguous()
     if pc.world_size == 1:
-        return _experts(layer, x, topk_weights, ids)
+        return run_experts(x, topk_weights, topk_ids)
     group = _group(pc)
     if pc.ep_size == 1:  # tensor parallel: same tokens everywhere, partial sums over I
-        return fc.wait_tensor(fc.all_reduce(_experts(layer, x, topk_weights, ids), "sum", group))
+        return fc.wait_tensor(fc.all_reduce(run_experts(x, topk_weights, topk_ids), "sum", group))
     if pc.mode == "all_gather":
-        return gather_scatter(layer, x, topk_weights, ids, group, pc.world_size)
-    return all_to_all(layer, x, topk_weights, ids, group, pc.ep_size)
+        return gather_scatter(x, topk_weights, topk_ids, group, run_experts)
+    return all_to_all(x, topk_weights, topk_ids, group, pc.ep_size, expert_owner, run_experts)
 
 
-def gather_scatter(layer, x, topk_weights, ids, group, world):
+def gather_scatter(x, topk_weights, ids, group, run_experts: RunExperts):
     """All-gather every rank's tokens (activations, router weights, physical ids), run the local experts on
     all of them, reduce-scatter the partial outputs back. Needs the same T on every rank."""
     xs = fc.wait_tensor(fc.all_gather_tensor(x.contiguous(), 0, group))
     ws = fc.wait_tensor(fc.all_gather_tensor(topk_weights, 0, group))
     ids_all = fc.wait_tensor(fc.all_gather_tensor(ids.contiguous(), 0, group))
-    partial = _experts(layer, xs, ws, ids_all)
+    partial = run_experts(xs, ws, ids_all)
     return fc.wait_tensor(fc.reduce_scatter_tensor(partial, "sum", 0, group))
 
 
-def all_to_all(layer, x, topk_weights, ids, group, ep):
+def all_to_all(x, topk_weights, ids, group, ep: int, expert_owner: torch.Tensor, run_experts: RunExperts):
     """Dispatch each (token, slot) pair to the rank owning its physical expert, run it there, send the
     router-weighted result back, and sum a token's k results in fp32.
 
@@ -70,7 +61,7 @@ def all_to_all(layer, x, topk_weights, ids, group, ep):
     T, k = ids.shape
     H = x.shape[1]
     flat = ids.reshape(-1)
-    dest = layer.expert_owner[flat.long()]
+    dest = expert_owner[flat.long()]
     order = torch.argsort(dest, stable=True)
     send_counts = torch.zeros(ep, dtype=torch.int64, device=x.device).scatter_add_(0, dest, torch.ones_like(dest))
     recv_counts = fc.wait_tensor(fc.all_to_all_single(send_counts, None, None, group))
@@ -85,7 +76,7 @@ def all_to_all(layer, x, topk_weights, ids, group, ep):
     recv_meta = fc.wait_tensor(fc.all_to_all_single(meta, out_splits, in_splits, group))
     recv_ids = recv_meta[:, 0:1].contiguous()
     recv_w = recv_meta[:, 1:2].contiguous().view(torch.float32)
-    y = _experts(layer, recv_x, recv_w, recv_ids)
+    y = run_experts(recv_x, recv_w, recv_ids)
     back = fc.wait_tensor(fc.all_to_all_single(y, in_splits, out_splits, group))
     pairs = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
     pairs[order] = back.float()

@@ -1,4 +1,7 @@
-"""``ParallelConfig``: how one ``FusedMoE`` is sharded over a ``torch.distributed`` process group."""
+"""``ParallelConfig``: how one ``FusedMoE`` is sharded over a ``torch.distributed`` process group.
+
+Plain data (docs/design.md §5): it imports nothing of the package, and the modules that use it
+(``plan.py``, ``comm.py``, ``eplb.py``, the layer) import it, never the other way round."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,28 +89,3 @@ class ParallelConfig:
         if rank != self.rank:
             raise ValueError(f"ParallelConfig: group rank {rank} != ep_rank * tp_size + tp_rank = {self.rank} "
                              f"(tp_rank={self.tp_rank}, ep_rank={self.ep_rank})")
-
-    # The layer calls these hooks, so torch_moe_ops.layer never imports this package (imports go downward).
-    def setup_layer(self, layer, quant_config) -> None:
-        """Validate against ``layer`` and the group; set local sizes and placement buffers."""
-        from .layer import setup_parallel
-
-        setup_parallel(layer, self, quant_config)
-
-    def forward(self, layer, x, topk_weights, topk_ids):
-        """``x [T, H]``, logical ``topk_weights / topk_ids [T, k]`` -> ``[T, H]`` (dispatch, experts, combine)."""
-        from .comm import parallel_forward
-
-        return parallel_forward(layer, x, topk_weights, topk_ids)
-
-    def narrow(self, layer, name: str, t, shard: str):
-        """This TP rank's slice of a full per-expert checkpoint tensor."""
-        from .layer import narrow_tp
-
-        return narrow_tp(layer, name, t, shard)
-
-    def rebalance(self, layer, new_logical_to_physical) -> None:
-        """Move experts to a new logical -> physical table (collective)."""
-        from .eplb import rebalance
-
-        rebalance(layer, new_logical_to_physical)

@@ -1,12 +1,28 @@
-"""EPLB ``rebalance``: move expert weights (and scales, biases) between physical slots and ranks."""
+"""EPLB ``rebalance`` (docs/design.md §5): move expert rows between physical slots and ranks.
+
+The caller hands in its tensors (each ``[num_local, ...]``, one row per local slot) and its placement
+tables; rows and tables are filled in place, so every ``data_ptr`` is kept.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .config import ParallelConfig
 from .placement import physical_to_logical_from_table, tables_from_physical_to_logical
 
-_MOVED = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias")
+
+@dataclass(frozen=True)
+class EplbTables:
+    """A layer's EPLB tables (its buffers): physical_to_logical [E_g] int64, logical_to_physical
+    [E_log, R + 1] int32 padded -1, replica_count [E_log] int32, expert_owner [E_g] int64 (read only)."""
+
+    physical_to_logical: torch.Tensor
+    logical_to_physical: torch.Tensor
+    replica_count: torch.Tensor
+    expert_owner: torch.Tensor
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -15,21 +31,23 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rebalance(layer, new_logical_to_physical) -> None:
-    pc = layer.parallel
-    E_log, E_g = layer.num_experts, layer.num_physical_experts
+def rebalance(tensors: list[torch.Tensor], new_logical_to_physical, tables: EplbTables, pc: ParallelConfig,
+              local_slots: tuple[int, ...]) -> None:
+    """Make physical slot ``p`` hold the logical expert ``new_logical_to_physical`` ([E_log, max_replicas],
+    -1 padded) assigns to it, in every tensor of ``tensors``; then rewrite ``tables``. Collective: every rank
+    of ``pc.group`` calls it with the same table and the same list of tensors (same dtypes and shapes).
+
+    local_slots: ``[E_g]`` physical slot -> row of ``tensors`` on this rank, -1 for another rank's."""
+    E_log, E_g = tables.logical_to_physical.shape[0], tables.physical_to_logical.shape[0]
     new_p2l = physical_to_logical_from_table(new_logical_to_physical, E_g)
     l2p, count = tables_from_physical_to_logical(new_p2l, E_log)
-    if l2p.shape[1] > layer.logical_to_physical.shape[1]:
+    if l2p.shape[1] > tables.logical_to_physical.shape[1]:
         raise ValueError(f"rebalance: a logical expert has {l2p.shape[1]} replicas, more than 1 + "
-                         f"num_redundant_experts = {layer.logical_to_physical.shape[1]}")
-    old_p2l = layer.physical_to_logical.cpu().tolist()  # host-ok: rebalance is a host-driven weight move
+                         f"num_redundant_experts = {tables.logical_to_physical.shape[1]}")
+    old_p2l = tables.physical_to_logical.cpu().tolist()  # host-ok: rebalance is a host-driven weight move
     new_list = new_p2l.tolist()  # host-ok: rebalance
-    owner = layer.expert_owner.cpu().tolist()  # host-ok: rebalance
-    local = layer._local_ids
-    me = pc.ep_rank
-    tensors = [getattr(layer, n) for n in _MOVED if getattr(layer, n, None) is not None]
-    group = pc.group
+    owner = tables.expert_owner.cpu().tolist()  # host-ok: rebalance
+    local, me, group, n = local_slots, pc.ep_rank, pc.group, len(tensors)
 
     def group_rank(ep_rank):
         r = ep_rank * pc.tp_size + pc.tp_rank  # moves stay within one TP slice
@@ -51,19 +69,18 @@ def rebalance(layer, new_logical_to_physical) -> None:
             else:
                 bufs = [torch.empty_like(t[local[p] : local[p] + 1]) for t in tensors]
                 for i, b in enumerate(bufs):
-                    reqs.append(dist.irecv(_bytes(b), src=group_rank(src), group=group,
-                                           tag=p * len(_MOVED) + i))
+                    reqs.append(dist.irecv(_bytes(b), src=group_rank(src), group=group, tag=p * n + i))
                 incoming[p] = bufs
         elif src == me:
             for i, t in enumerate(tensors):
-                reqs.append(dist.isend(_bytes(t[local[s] : local[s] + 1]), dst=group_rank(dst), group=group, tag=p * len(_MOVED) + i))
+                reqs.append(dist.isend(_bytes(t[local[s] : local[s] + 1]), dst=group_rank(dst), group=group,
+                                       tag=p * n + i))
     for r in reqs:
         r.wait()
     for p, bufs in incoming.items():
         for t, b in zip(tensors, bufs):
             t[local[p] : local[p] + 1].copy_(b)  # in place: data_ptr unchanged
-    layer.physical_to_logical.copy_(new_p2l.to(layer.physical_to_logical.device))
-    layer.logical_to_physical.fill_(-1)
-    layer.logical_to_physical[:, : l2p.shape[1]] = l2p.to(layer.logical_to_physical.device)
-    layer.replica_count.copy_(count.to(layer.replica_count.device))
-    layer.expert_load.zero_()
+    tables.physical_to_logical.copy_(new_p2l.to(tables.physical_to_logical.device))
+    tables.logical_to_physical.fill_(-1)
+    tables.logical_to_physical[:, : l2p.shape[1]] = l2p.to(tables.logical_to_physical.device)
+    tables.replica_count.copy_(count.to(tables.replica_count.device))

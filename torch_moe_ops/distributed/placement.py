@@ -1,4 +1,4 @@
-"""Expert placement (spec §5): linear placement, ``expert_map`` and EPLB tables."""
+"""Expert placement tables (docs/design.md §5): linear placement, ``expert_map``, EPLB tables, replica choice."""
 from __future__ import annotations
 
 import torch

@@ -64,3 +64,23 @@ def check_ids_in_range(ids: torch.Tensor, name: str, low: int, high: int) -> Non
     lo, hi = int(ids.min()), int(ids.max())  # host-ok: CPU tensors, or CUDA in debug mode only
     if lo < low or hi >= high:
         raise ValueError(f"{name} values must lie in [{low}, {high}), got min {lo}, max {hi}")
+
+
+#: (token, slot) pairs are addressed by int32 sorted ids whose sentinel is the pair count itself.
+MAX_PAIRS = 2**31 - 1
+
+
+def check_pairs(T, k, what: str = "hidden_states") -> None:
+    """``T * k`` must fit the int32 sorted ids (checked on shapes, before any allocation; also symbolically)."""
+    check(T * k <= MAX_PAIRS, f"{what}: T * top_k = {T} * {k} (token, expert) pairs exceed the int32 sorted ids "
+          f"(at most 2^31 - 1 pairs); split the batch")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """No NaN/Inf in ``t`` (CPU always, CUDA only in debug mode: it synchronizes)."""
+    if t.numel() == 0 or not values_checkable(t):
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):  # host-ok: CPU tensors, or CUDA in debug mode only
+        bad = (~finite).nonzero()[0].tolist()  # host-ok: error path
+        raise ValueError(f"{name} has non-finite values (first at index {bad}: {t[tuple(bad)].item()})")

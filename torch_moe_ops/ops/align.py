@@ -18,6 +18,7 @@ def check_align(topk_ids, num_experts, block_size, expert_map) -> None:
     C.check_tensor(topk_ids, "topk_ids", dim=2, dtypes=C.INDEX_DTYPES, contiguous=True)
     C.check(num_experts >= 1, f"num_experts must be >= 1, got {num_experts}")
     C.check(block_size >= 1, f"block_size must be >= 1, got {block_size}")
+    C.check_pairs(topk_ids.shape[0], topk_ids.shape[1], "topk_ids")
     if expert_map is not None:
         C.check_tensor(expert_map, "expert_map", dim=1, dtypes=(torch.int32,), contiguous=True)
         C.check_shape(expert_map, "expert_map", (num_experts,), " (one entry per global expert)")

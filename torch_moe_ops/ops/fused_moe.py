@@ -72,6 +72,7 @@ def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, 
         C.check_tensor(topk_ids, "topk_ids", dim=2, dtypes=C.INDEX_DTYPES, contiguous=True)
         C.check_shape(topk_ids, "topk_ids", (T, topk_weights.shape[1]), " (like topk_weights, T from hidden_states)")
         C.check_shape(topk_weights, "topk_weights", (T, topk_weights.shape[1]), " (T from hidden_states)")
+        C.check_pairs(T, topk_ids.shape[1])
     alpha, limit = act.alpha(activation_alpha), act.limit(activation_limit)
     C.check(limit >= 0, f"activation_limit must be >= 0 (0 disables clamping), got {limit}")
     block = scheme.block_shape(block_shape)
@@ -157,6 +158,7 @@ def _fused_experts_fake(hidden_states, w13, w2, topk_weights, topk_ids, activati
 
 def check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map):
     check_routing(router_logits, top_k, scoring_func, G, kG, bias)
+    C.check_pairs(x.shape[0], top_k)
     C.check(router_logits.dim() == 2 and router_logits.shape[0] == x.shape[0],
             f"router_logits must be [T={x.shape[0]}, E] (T from hidden_states), got {list(router_logits.shape)}")
     n_logical = expert_map.shape[0] if expert_map is not None else w13.shape[0]

@@ -45,6 +45,7 @@ def check_quantize_weight_into(w, qweight, scale, scheme, block_shape, shards):
 
 def quantize_into(w, qweight, scale, scheme, block_shape, shards, on_triton):
     fmt, block = check_quantize_weight_into(w, qweight, scale, scheme, block_shape, shards)
+    C.check_finite(w, "w")  # a NaN/Inf weight would poison its whole row/block/shard scale (CPU; CUDA in debug)
     if on_triton:
         from .._kernels import quant as kernels
 

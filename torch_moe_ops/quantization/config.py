@@ -49,9 +49,11 @@ class QuantConfig:
 
     def scale_shape(self, E: int, N: int, K: int, shards: int) -> tuple[int, ...]:
         """Stored scale shape for an ``[E, N, K]`` weight; per-tensor: ``[E, shards]`` (``[E]`` when shards is 0)."""
+        fmt = self.quant_scheme.weight
         if shards == 0:
-            return self.quant_scheme.weight.scale_shape((E, N, K), self.block, 1)[:1]
-        return self.quant_scheme.weight.scale_shape((E, N, K), self.block, shards)
+            shape = fmt.scale_shape((E, N, K), self.block, 1)
+            return shape[:1] if fmt.sharded else shape
+        return fmt.scale_shape((E, N, K), self.block, shards)
 
     def check_dims(self, where: str, **dims: int) -> None:
         """Every GEMM K dim (hidden_size, intermediate_size) must suit the format (int4: divisible by G)."""

@@ -1,5 +1,5 @@
-"""The main job's pipeline: a synthetic Hugging Face-style bf16 MoE checkpoint (Qwen3-MoE names), a model
-built on the meta device, streaming online quantization while loading, compile, run, reload in place."""
+"""The demo's pipeline: a synthetic Hugging Face-style bf16 MoE checkpoint (Qwen3-MoE names), a model built on
+the meta device, streaming online quantization while loading, compile, run, reload in place."""
 from __future__ import annotations
 
 import os
@@ -8,21 +8,30 @@ import tempfile
 import torch
 from torch import nn
 
-from . import _platform
-from .layer import FusedMoE
-from .loading import finalize_loading, load_checkpoint, reload_weights
-from .quantization import Fp8Config, Int8WeightOnlyConfig
-from .demo import _time_per_call as _time
-from .testing import sqnr_db
+from .. import FusedMoE, _platform, finalize_loading, load_checkpoint, reload_weights
+from ..quantization import Fp8Config, Int4Config, Int8Config
+from ..schemes import get_quant_scheme
+from ..testing import fitting_block, sqnr_db, time_per_call
+
+#: Every online config; ``quant_config`` picks the one of a scheme whose tile suits H and I.
+_CONFIGS = (Fp8Config("tensor"), Fp8Config("channel"), Fp8Config("block"), Int8Config(),
+            Int4Config(group_size=128), Int4Config(group_size=64), Int4Config(group_size=32))
 
 
-QUANT_CONFIGS = {
-    "fp8_tensor": Fp8Config("tensor"),
-    "fp8_channel": Fp8Config("channel"),
-    "fp8_block": Fp8Config("block"),
-    "int8_w8a16": Int8WeightOnlyConfig(),
-    "none": None,
-}
+def quant_config(name: str, H: int, I: int):
+    """``--quant`` name -> the ``FusedMoE`` quant config (None for ``none``); int4 takes the largest group
+    that divides H and I."""
+    try:
+        scheme = get_quant_scheme(name)
+    except ValueError as exc:
+        raise SystemExit(f"--quant: {exc}") from None
+    if scheme.weight is None:
+        return None
+    block = fitting_block(scheme, H, I)
+    for cfg in _CONFIGS:
+        if cfg.quant_scheme is scheme and cfg.block == block:
+            return cfg
+    raise SystemExit(f"--quant: no FusedMoE config for {name!r} with H={H}, I={I}")
 
 
 class MoEBlock(nn.Module):
@@ -94,15 +103,15 @@ def _load(args, ckpt, quant_config, device):
 
 def run_pipeline(args) -> int:
     device = torch.device(args.device)
-    quant_config = QUANT_CONFIGS[args.quant]
+    config = quant_config(args.quant, args.hidden, args.intermediate)
     x = (torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(1)) * 0.5).bfloat16().to(device)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_a, ckpt_b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
         os.makedirs(ckpt_a), os.makedirs(ckpt_b)
         ckpt_bytes = write_checkpoint(ckpt_a, args.layers, args.experts, args.hidden, args.intermediate, seed=0)
         print(f"\nPipeline: {args.layers}-layer Qwen3-MoE-style checkpoint ({ckpt_bytes / 2**20:.1f} MiB bf16) -> "
-              f"meta-device model -> streaming {args.quant} load on {_platform.describe(device)}")
-        model, report, peak = _load(args, ckpt_a, quant_config, device)
+              f"meta-device model -> streaming {args.quant} load ({config!r}) on {_platform.describe(device)}")
+        model, report, peak = _load(args, ckpt_a, config, device)
         ref, _, _ = _load(args, ckpt_a, None, device)
         print(f"loaded {len(report.loaded)} tensors, ignored {len(report.ignored)}")
         with torch.inference_mode():
@@ -112,7 +121,7 @@ def run_pipeline(args) -> int:
                 h = h + r_layer.mlp(h)
             compiled = torch.compile(model, fullgraph=True, dynamic=True)
             before = compiled(x)
-            ms = _time(lambda: compiled(x), args.iters, device) * 1e3
+            ms = time_per_call(lambda: compiled(x), args.iters, device) * 1e3
             full_sqnr = sqnr_db(ref(x).float(), before.float())
         fp_bytes = _param_bytes(ref)
         print(f"\n{'bf16 model':>14} {'quantized':>12} {'peak in load':>14} {'peak/final':>11} {'ms/forward':>11}")
@@ -131,4 +140,3 @@ def run_pipeline(args) -> int:
         print(f"reload: output changed by {changed:.2f} (relative), parameters whose storage moved: "
               f"{len(moved)} of {len(ptrs)}; the compiled model ran the new weights without recompiling")
     return 0 if not moved and changed > 0 else 1
-

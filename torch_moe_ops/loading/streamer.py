@@ -1,4 +1,4 @@
-"""Streaming per-expert loading state for ``FusedMoE`` (spec §10): staging, quantize-on-complete, reload.
+"""Streaming per-expert loading state (docs/design.md §10): which pieces arrived, staging, rounds.
 
 One ``ExpertStreamer`` per layer. It tracks which ``(param, expert, shard)`` pieces arrived in the
 current round and, for quantized layers, holds full-precision staging for the projections that are
@@ -17,17 +17,19 @@ later load call starts a round; it ends when a complete set has arrived, or at `
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+from ..errors import LoadError
 
 WEIGHTS = ("w13_weight", "w2_weight")
 BIASES = ("w13_bias", "w2_bias")
 CORRECTION = "e_score_correction_bias"
+#: every parameter a checkpoint fills through the loader
+LOADABLE = WEIGHTS + BIASES + (CORRECTION,)
 
-Key = tuple  # (param name, expert id or None, shard id or None)
-
-
-class LoadError(RuntimeError):
-    """A load is incomplete or inconsistent (missing pieces, a piece loaded twice, a wrong state)."""
+Key = tuple  # (param name, local expert slot or None, shard id or None)
 
 
 class ExpertStreamer:
@@ -103,7 +105,7 @@ class ExpertStreamer:
         return "loaded" if self.rounds == 1 else "reloaded"
 
     # -- staging ----------------------------------------------------------------------------------
-    def stage_w13(self, expert: int, make: callable) -> torch.Tensor:
+    def stage_w13(self, expert: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         buf = self.staging.get(expert)
         if buf is None:
             buf = self.staging[expert] = make()
@@ -133,6 +135,7 @@ class ExpertStreamer:
 
 
 def required_keys(num_experts: int, gated: bool, has_bias: bool, correction_bias: bool) -> frozenset:
+    """Every piece of one complete load of ``num_experts`` (local) experts."""
     w13_shards = ("w1", "w3") if gated else ("w1",)
     keys = set()
     for e in range(num_experts):

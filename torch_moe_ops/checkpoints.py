@@ -1,44 +1,32 @@
-"""Checkpoint loading for models that contain ``FusedMoE`` layers (spec §10, §11).
+"""Checkpoint loading for models that contain ``FusedMoE`` layers (docs/design.md §10, §11).
 
 - ``load_checkpoint(model, source)``: maps Hugging Face names onto every ``FusedMoE`` (streaming, expert by
   expert) and onto the model's other parameters; returns a ``LoadReport``.
 - ``finalize_loading(model)``: closes the load; raises listing every missing (layer, expert, shard).
 - ``reload_weights(model, source)``: RL weight sync into the same storage (every ``data_ptr`` kept).
 
-Recognised names (``P`` is the MoE block prefix, e.g. ``model.layers.3.mlp`` or ``…block_sparse_moe``):
-
-- ``P.experts.{e}.{w1|w3|w2}.{weight|bias}`` (Mixtral), ``P.experts.{e}.{gate_proj|up_proj|down_proj}.{weight|bias}``
-  (Qwen/DeepSeek; ``up_proj`` is ``w1`` for non-gated activations);
-- ``P.experts.gate_up_proj`` / ``P.experts.down_proj`` (fused [E, N1, H] / [E, H, I], optionally
-  ``.weight``; ``_bias`` / ``.bias`` for biases; transposed exports are recognised by shape);
-- ``P.gate.e_score_correction_bias`` -> ``FusedMoE.e_score_correction_bias`` (if the layer has one);
-- ``P.gate.weight`` (router), ``P.shared_expert(s).*``, ``P.shared_expert_gate.*`` and any other name: the
-  model parameter or buffer of that name (with or without a leading ``model.``), else the ``gate`` /
-  ``shared_expert*`` sibling of the matched ``FusedMoE`` (or inside it), else reported as ignored.
+Expert names are parsed by ``loading/names.py``. ``P.gate.e_score_correction_bias`` fills
+``FusedMoE.e_score_correction_bias`` (if the layer has one); ``P.gate.weight`` (router),
+``P.shared_expert(s).*``, ``P.shared_expert_gate.*`` and any other name fill the model parameter or buffer
+of that name (with or without a leading ``model.``), else the ``gate`` / ``shared_expert*`` sibling of the
+matched ``FusedMoE`` (or inside it), else they are reported as ignored.
 
 ``P`` is matched to a ``FusedMoE`` by module path (``P.experts`` or ``P``, either one a dotted suffix of
 the other), then by layer index (``layers.{L}``), then, when the model has a single ``FusedMoE``, to it.
+This module sits above ``layer.py`` (it needs ``FusedMoE``); ``loading/`` sits below it.
 """
 from __future__ import annotations
 
-import os
-import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
 
+from .errors import LoadError
 from .layer import FusedMoE
-from .quantization.online import LoadError
-
-_EXPERT_RE = re.compile(r"^(?P<prefix>.+?)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
-                        r"\.(?P<kind>weight|bias)$")
-_FUSED_RE = re.compile(r"^(?P<prefix>.+?)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<suffix>\.weight|\.bias|_bias)?$")
-_BLOCK_CHILD_RE = re.compile(r"^(?P<prefix>.+?)\.(?P<child>gate|shared_experts?|shared_expert_gate)\.(?P<rest>.+)$")
-_LAYER_INDEX_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-_SHARD = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2", "down_proj": "w2"}
+from .loading.names import BLOCK_CHILD_RE, LAYER_INDEX_RE, parse_expert_name
+from .loading.sources import iter_checkpoint
 
 
 @dataclass
@@ -60,40 +48,6 @@ class LoadReport:
             shown = list(self.ignored.items())[:10]
             text += ": " + "; ".join(f"{n} ({why})" for n, why in shown) + (" ..." if len(self.ignored) > 10 else "")
         return text
-
-
-# ------------------------------------------------------------------------------------------ sources
-def _natural_key(name: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def _safetensors_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no .safetensors files in {path!r}")
-        return files
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        return [path]
-    raise FileNotFoundError(f"{path!r} is neither a folder of .safetensors files nor a .safetensors file")
-
-
-def iter_checkpoint(source) -> tuple[Iterator[tuple[str, torch.Tensor]], int | None]:
-    """``(iterator of (name, tensor), count or None)`` for a folder / file path, a dict or an iterable.
-
-    Files are read one tensor at a time (memory-mapped), in natural name order across all files, so each
-    expert's shards arrive together and at most one expert is staged at a time."""
-    if isinstance(source, (str, os.PathLike)):
-        from safetensors import safe_open
-
-        handles = [safe_open(f, framework="pt", device="cpu") for f in _safetensors_files(os.fspath(source))]
-        index = {name: h for h in handles for name in h.keys()}
-        names = sorted(index, key=_natural_key)
-        return ((n, index[n].get_tensor(n)) for n in names), len(names)
-    if isinstance(source, dict):
-        return iter(source.items()), len(source)
-    count = len(source) if hasattr(source, "__len__") else None
-    return iter(source), count
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -121,9 +75,9 @@ class _Resolver:
             hits = [p for p in self.layers if p and (_is_suffix(p.split("."), c) or _is_suffix(c, p.split(".")))]
             if len(hits) == 1:
                 return hits[0], self.layers[hits[0]]
-        index = _LAYER_INDEX_RE.findall(prefix)
+        index = LAYER_INDEX_RE.findall(prefix)
         if index:
-            hits = [p for p in self.layers if index[-1] in _LAYER_INDEX_RE.findall(p)[-1:]]
+            hits = [p for p in self.layers if index[-1] in LAYER_INDEX_RE.findall(p)[-1:]]
             if len(hits) == 1:
                 return hits[0], self.layers[hits[0]]
         if len(self.layers) == 1:
@@ -141,7 +95,7 @@ class _Resolver:
         """``exact(name)``, else a ``gate`` / ``shared_expert*`` child of an MoE block, looked up as a sibling
         of the matched ``FusedMoE`` or inside it."""
         found = self.exact(name)
-        m = None if found else _BLOCK_CHILD_RE.match(name)
+        m = None if found else BLOCK_CHILD_RE.match(name)
         if m is None or (hit := self.layer(m["prefix"])) is None:
             return found
         path = hit[0]
@@ -171,66 +125,72 @@ def name_layers(model: nn.Module) -> dict[str, FusedMoE]:
 
 
 # ------------------------------------------------------------------------------------------ loading
+def _load_expert_tensor(res: _Resolver, name: str, parsed, tensor: torch.Tensor, report: LoadReport) -> bool:
+    """Route one parsed expert tensor to its layer; False (and a reason in ``report``) when it is ignored."""
+    hit = res.layer(parsed.prefix)
+    if hit is None:
+        report.ignored[name] = "no FusedMoE in the model matches this layer"
+        return False
+    path, layer = hit
+    try:
+        shard = parsed.shard(layer.gated)
+    except KeyError:
+        report.ignored[name] = f"non-gated activation {layer.activation!r} has no gate projection"
+        return False
+    target = parsed.target(shard)
+    if getattr(layer, target) is None:
+        report.ignored[name] = f"{path} has no {target} (has_bias=False)"
+        return False
+    if parsed.expert is None:
+        layer.weight_loader(target, tensor, shard, None, weight_name=name)
+    else:  # checkpoint names address logical experts: fill every physical replica (those on this rank)
+        for p in layer.physical_ids(parsed.expert):
+            layer.weight_loader(target, tensor, shard, p, weight_name=name)
+    report.layers[path] = report.layers.get(path, 0) + 1
+    return True
+
+
+def _load_other(res: _Resolver, name: str, tensor: torch.Tensor, report: LoadReport) -> bool:
+    found = res.tensor(name)
+    if found is None:
+        report.ignored[name] = "no matching parameter or buffer in the model"
+        return False
+    target_name, target = found
+    if id(target) in res.moe_owned:
+        report.ignored[name] = (f"{target_name} belongs to a FusedMoE and is filled by its weight_loader "
+                                "(a quantized state dict loads with model.load_state_dict)")
+        return False
+    if target.is_meta:
+        report.ignored[name] = f"{target_name} is on the meta device"
+        return False
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(f"checkpoint tensor {name}: shape {list(tensor.shape)} does not match {target_name} "
+                         f"{list(target.shape)}")
+    with torch.no_grad():
+        target.copy_(tensor)
+    report.other[name] = target_name
+    return True
+
+
 def _load_one(res: _Resolver, name: str, tensor: torch.Tensor, report: LoadReport) -> None:
-    m = _EXPERT_RE.match(name)
-    f = None if m else _FUSED_RE.match(name)
-    if m or f:
-        hit = res.layer((m or f)["prefix"])
-        if hit is None:
-            report.ignored[name] = "no FusedMoE in the model matches this layer"
-            return
-        path, layer = hit
-        if m:
-            shard = _SHARD[m["proj"]]
-            if not layer.gated and m["proj"] in ("up_proj", "w1"):
-                shard = "w1"
-            elif not layer.gated and m["proj"] in ("gate_proj", "w3"):
-                report.ignored[name] = f"non-gated activation {layer.activation!r} has no gate projection"
-                return
-            is_bias, expert = m["kind"] == "bias", int(m["expert"])
-        else:
-            shard = "w2" if f["proj"] == "down_proj" else None
-            is_bias, expert = f["suffix"] in (".bias", "_bias"), None
-        target = ("w2" if shard == "w2" else "w13") + ("_bias" if is_bias else "_weight")
-        if getattr(layer, target) is None:
-            report.ignored[name] = f"{path} has no {target} (has_bias=False)"
-            return
-        if expert is None:
-            layer.weight_loader(target, tensor, shard, None, weight_name=name)
-        else:  # checkpoint names address logical experts: fill every physical replica (those on this rank)
-            for p in layer.physical_ids(expert):
-                layer.weight_loader(target, tensor, shard, p, weight_name=name)
-        report.layers[path] = report.layers.get(path, 0) + 1
+    parsed = parse_expert_name(name)
+    if parsed is not None:
+        ok = _load_expert_tensor(res, name, parsed, tensor, report)
     elif name.endswith(".e_score_correction_bias") and (hit := _correction_layer(res, name)) is not None:
         path, layer = hit
         layer.weight_loader("e_score_correction_bias", tensor, None, None, weight_name=name)
         report.layers[path] = report.layers.get(path, 0) + 1
+        ok = True
     else:
-        found = res.tensor(name)
-        if found is None:
-            report.ignored[name] = "no matching parameter or buffer in the model"
-            return
-        target_name, target = found
-        if id(target) in res.moe_owned:
-            report.ignored[name] = (f"{target_name} belongs to a FusedMoE and is filled by its weight_loader "
-                                    "(a quantized state dict loads with model.load_state_dict)")
-            return
-        if target.is_meta:
-            report.ignored[name] = f"{target_name} is on the meta device"
-            return
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint tensor {name}: shape {list(tensor.shape)} does not match {target_name} "
-                             f"{list(target.shape)}")
-        with torch.no_grad():
-            target.copy_(tensor)
-        report.other[name] = target_name
-    report.loaded.append(name)
-    report.nbytes += tensor.numel() * tensor.element_size()
+        ok = _load_other(res, name, tensor, report)
+    if ok:
+        report.loaded.append(name)
+        report.nbytes += tensor.numel() * tensor.element_size()
 
 
 def _correction_layer(res: _Resolver, name: str):
     """The ``FusedMoE`` that owns ``P.gate.e_score_correction_bias``, unless the model names another home."""
-    m = _BLOCK_CHILD_RE.match(name)
+    m = BLOCK_CHILD_RE.match(name)
     if m is None or m["child"] != "gate":
         return None
     direct = res.exact(name)
@@ -309,11 +269,11 @@ def reload_weights(model: nn.Module, source, *, progress: bool = False, strict: 
     if not_loaded:
         raise LoadError(f"reload_weights needs finalized layers; not loaded yet: {not_loaded} "
                         "(use load_checkpoint + finalize_loading first)")
-    rounds = {p: layer._streamer.rounds for p, layer in layers.items()}
+    rounds = {p: layer.load_rounds for p, layer in layers.items()}
     report = load_checkpoint(model, source, progress=progress)
     status = finalize_loading(model, strict_reload=strict)
     for path, layer in layers.items():
-        status[path] = "reloaded" if layer._streamer.rounds > rounds[path] else "unchanged"
+        status[path] = "reloaded" if layer.load_rounds > rounds[path] else "unchanged"
     unchanged = [p for p, s in status.items() if s == "unchanged"]
     if unchanged:
         warnings.warn(f"reload_weights: no weights for {unchanged}; they keep their previous weights", stacklevel=2)
@@ -322,4 +282,3 @@ def reload_weights(model: nn.Module, source, *, progress: bool = False, strict: 
 
 
 __all__ = ["LoadReport", "finalize_loading", "iter_checkpoint", "load_checkpoint", "name_layers", "reload_weights"]
-

@@ -1,0 +1,116 @@
+"""The loading half of ``FusedMoE``'s API (docs/design.md §10, §11): ``weight_loader``, ``load_weights``,
+``finalize_loading``, ``load_state_dict`` support and the load-state properties.
+
+A mixin of ``FusedMoE`` (kept apart from the module and its forward in ``layer.py``); each method hands
+the work to the layer's ``loading.WeightLoader`` (``self.loader``) with the layer's tensors as
+``LoadTargets``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import LoadError
+from .loading import LoadTargets, WeightLoader
+
+#: what a load call may write: the weights, their scales (quantized layers), biases, the routing bias
+_TARGETS = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias",
+            "e_score_correction_bias")
+
+
+class LoadingMethods:
+    """``FusedMoE``'s loading methods; needs ``self.loader``, ``self.full_precision``, ``self.physical_ids``
+    and ``self._where`` from the layer."""
+
+    loader: WeightLoader
+
+    @torch.no_grad()
+    def weight_loader(self, param, loaded_weight: torch.Tensor, shard_id: str | None = None,
+                      expert_id: int | None = None, *, weight_name: str | None = None, return_success: bool = False,
+                      transposed: bool | None = None):
+        """Copy (and, with a quant config, quantize) one checkpoint tensor into the layer (docs/design.md §11).
+
+        Args:
+            param: ``w13_weight`` | ``w2_weight`` | ``w13_bias`` | ``w2_bias`` | ``e_score_correction_bias``
+                (the parameter, its meta descriptor in ``full_precision``, or its name).
+            loaded_weight: bf16/fp16/fp32 on any device. Per expert: w1/w3 [I, H], w2 [H, I]; fused gate_up
+                [N1, H] (``shard_id`` None or ``"w13"``, in the layer's row order); with ``expert_id=None`` a
+                leading [E] dim (logical experts). Biases drop the last dim. I is the checkpoint's (full) I.
+            shard_id: ``"w1"`` (gate; ``up_proj`` of a non-gated layer), ``"w3"`` (up), ``"w2"`` (down).
+            expert_id: global physical expert in [0, num_physical_experts), or None (all experts).
+            transposed: None infers a transposed [in, out] export from a non-square shape; True/False force.
+
+        A quantized projection is written the moment its last shard arrives; a piece loaded twice in one
+        round raises; after ``finalize_loading`` a new complete set re-quantizes in place (reload).
+        Returns, when ``return_success``, whether anything was copied (False: another rank's expert).
+        """
+        copied = self.loader.load(self._load_targets(), param, loaded_weight, shard_id, expert_id,
+                                  transposed=transposed)
+        return copied if return_success else None
+
+    def _load_targets(self) -> LoadTargets:
+        return LoadTargets({n: getattr(self, n) for n in _TARGETS}, self.full_precision, self.physical_ids)
+
+    @torch.no_grad()
+    def load_weights(self, w13: torch.Tensor, w2: torch.Tensor, *, w13_bias: torch.Tensor | None = None,
+                     w2_bias: torch.Tensor | None = None, e_score_correction_bias: torch.Tensor | None = None,
+                     finalize: bool = True) -> None:
+        """Load whole fused tensors (w13 [E, N1, H], w2 [E, H, I], biases [E, N1] / [E, H], correction
+        bias [E]) through the streaming loader, then ``finalize_loading`` (also a reload when loaded)."""
+        self.weight_loader(self.w13_weight, w13, None, None)
+        self.weight_loader(self.w2_weight, w2, "w2", None)
+        if w13_bias is not None:
+            self.weight_loader(self.w13_bias, w13_bias, None, None)
+        if w2_bias is not None:
+            self.weight_loader(self.w2_bias, w2_bias, "w2", None)
+        if e_score_correction_bias is not None:
+            self.weight_loader(self.e_score_correction_bias, e_score_correction_bias, None, None)
+        if finalize:
+            self.finalize_loading()
+
+    def finalize_loading(self, *, strict_reload: bool = True) -> str:
+        """Close the load round: ``"loaded"``, ``"reloaded"`` or ``"unchanged"``; raises ``LoadError``
+        naming every missing (expert, shard). Prefer ``torch_moe_ops.finalize_loading(model)``."""
+        result = self.loader.finalize(strict_reload=strict_reload)
+        meta = [n for n, p in self.named_parameters() if p.is_meta]
+        if meta:
+            raise LoadError(f"{self._where()}: parameters still on the meta device after loading: {meta}")
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``load_state_dict`` of a saved (possibly quantized) ``FusedMoE`` state counts as a complete load."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        names = [n for n, p in self._parameters.items() if p is not None]
+        if not error_msgs and all(prefix + n in state_dict for n in names):
+            self.loader.streamer.mark_loaded()
+
+    # ---------------------------------------------------------------------------------------- state
+    @property
+    def load_state(self) -> str:
+        """``fresh`` | ``loading`` | ``loaded`` | ``reloading`` (see ``loading/streamer.py``)."""
+        return self.loader.streamer.state
+
+    @property
+    def is_loaded(self) -> bool:  # True once finalize_loading accepted a complete set of weights
+        return self.loader.streamer.loaded
+
+    @property
+    def load_rounds(self) -> int:  # completed load / reload rounds (a reload that received nothing: none)
+        return self.loader.streamer.rounds
+
+    @property
+    def peak_staging_bytes(self) -> int:  # high-water mark of this layer's full-precision staging
+        return self.loader.streamer.peak_staging_bytes
+
+    @property
+    def staging_bytes(self) -> int:  # full-precision staging alive now; 0 after a complete load
+        return self.loader.streamer.staging_bytes
+
+    @property
+    def expert_nbytes(self) -> int:  # one local expert's full-precision w13 + w2 in params_dtype
+        return self.loader.layout.expert_nbytes
+
+    def missing_weights(self) -> list[tuple]:
+        """``(param, local expert, shard)`` pieces not yet received in the current load (or reload) round."""
+        return self.loader.streamer.missing()

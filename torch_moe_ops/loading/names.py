@@ -1,0 +1,59 @@
+"""Hugging Face checkpoint names of MoE experts (docs/design.md §11), parsed without touching a model.
+
+``P`` is the MoE block prefix (``model.layers.3.mlp``, ``…block_sparse_moe``):
+
+- ``P.experts.{e}.{w1|w3|w2}.{weight|bias}`` (Mixtral), ``P.experts.{e}.{gate_proj|up_proj|down_proj}.{weight|bias}``
+  (Qwen/DeepSeek; ``up_proj`` is ``w1`` for non-gated activations);
+- ``P.experts.gate_up_proj`` / ``P.experts.down_proj`` (fused [E, N1, H] / [E, H, I], optionally
+  ``.weight``; ``_bias`` / ``.bias`` for biases);
+- ``P.{gate|shared_expert(s)|shared_expert_gate}.*``: children of the MoE block.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_EXPERT_RE = re.compile(r"^(?P<prefix>.+?)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
+                        r"\.(?P<kind>weight|bias)$")
+_FUSED_RE = re.compile(r"^(?P<prefix>.+?)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<suffix>\.weight|\.bias|_bias)?$")
+BLOCK_CHILD_RE = re.compile(r"^(?P<prefix>.+?)\.(?P<child>gate|shared_experts?|shared_expert_gate)\.(?P<rest>.+)$")
+LAYER_INDEX_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_SHARD = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2", "down_proj": "w2"}
+#: names a non-gated layer has no parameter for (its single input projection is ``up_proj`` / ``w1``)
+_GATE_NAMES = ("gate_proj", "w3")
+
+
+@dataclass(frozen=True)
+class ExpertName:
+    """One expert tensor's name, parsed. expert: the logical expert, or None for a fused all-experts
+    tensor. proj: the checkpoint's projection name; bias: a bias rather than a weight."""
+
+    prefix: str
+    expert: int | None
+    proj: str
+    bias: bool
+
+    def shard(self, gated: bool) -> str | None:
+        """The loader's ``shard_id`` (None: a fused gate_up tensor); raises ``KeyError`` for a gate projection
+        of a non-gated layer (it has none)."""
+        if self.expert is None:
+            return "w2" if self.proj == "down_proj" else None
+        if not gated and self.proj in ("up_proj", "w1"):
+            return "w1"  # non-gated: the single input projection
+        if not gated and self.proj in _GATE_NAMES:
+            raise KeyError(self.proj)
+        return _SHARD[self.proj]
+
+    def target(self, shard: str | None) -> str:
+        """The ``FusedMoE`` parameter the tensor fills."""
+        return ("w2" if shard == "w2" else "w13") + ("_bias" if self.bias else "_weight")
+
+
+def parse_expert_name(name: str) -> ExpertName | None:
+    m = _EXPERT_RE.match(name)
+    if m is not None:
+        return ExpertName(m["prefix"], int(m["expert"]), m["proj"], m["kind"] == "bias")
+    f = _FUSED_RE.match(name)
+    if f is not None:
+        return ExpertName(f["prefix"], None, f["proj"], f["suffix"] in (".bias", "_bias"))
+    return None
