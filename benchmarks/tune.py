@@ -10,6 +10,7 @@ Examples (GPU only)::
     python benchmarks/tune.py --model mixtral --T 1 16 64 256 1024 4096 16384
     python benchmarks/tune.py --E 8 --N 28672 --K 4096 --top-k 2 --scheme fp8_channel --T 64 1024
     python benchmarks/tune.py --model deepseek-v3 --scheme fp8_block --space quick --T 64 1024
+    python benchmarks/tune.py --model qwen3-30b-a3b --scheme int4_w4a16 --block-shape 1 128 --T 1 16 256
 
 The output (default ``torch_moe_ops/_kernels/tuned/<device>.json``) is merged into: entries of other
 shapes and token counts are kept; timings are stored next to the configs for the record.
@@ -27,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch_moe_ops._spec import DEFAULT_BLOCK_SHAPE, EXPERT_SCHEMES  # noqa: E402
-from torch_moe_ops._kernels.configs import TUNED_DIR, TileConfig, default_config, scheme_key  # noqa: E402
+from torch_moe_ops.schemes import QUANT_SCHEMES, QuantScheme, get_quant_scheme  # noqa: E402
+from torch_moe_ops._kernels.configs import TUNED_DIR, TileConfig, default_config  # noqa: E402
 
 #: (E, top_k, H, I per partition) of common MoE layers.
 MODELS = {
@@ -40,24 +41,27 @@ MODELS = {
 SMEM_BYTES = 227 * 1024  # H100 / H200 per-block shared memory limit
 
 
-def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: str, block_shape, space: str, block_m=None):
-    """Tile candidates worth timing for T tokens (pruned by rows per expert, shared memory and K)."""
+def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: QuantScheme, block, space: str, block_m=None):
+    """Tile candidates worth timing for T tokens (pruned by rows per expert, shared memory and K; a tiled
+    scheme's BLOCK_K must divide its scale tile's K). K is the logical reduction size."""
     rows_per_expert = max(1, T * top_k // E)
     if block_m is None:  # the three largest BLOCK_M that one expert's rows can still fill halfway
         bms = [b for b in (16, 32, 64, 128) if b <= max(16, 2 * rows_per_expert)][-3:]
     else:
         bms = [block_m]
     quick = space == "quick"
-    fp8 = scheme.startswith("fp8")
+    fp8 = scheme.fp8_dot
     few_rows = T * top_k <= 64  # decode: more, narrower column tiles keep every SM streaming weights
     bns = ((32, 64, 128) if few_rows else (64, 128, 256)) if quick else (32, 64, 128, 256)
     bks = (128,) if fp8 else ((64, 128) if quick else (32, 64, 128, 256))
-    if scheme == "fp8_block":
-        bks = tuple(b for b in (64, 128) if block_shape[1] % b == 0)
+    if scheme.flags.BLOCK_SCALES:
+        bks = tuple(b for b in (64, 128) if block[1] % b == 0)
+    elif scheme.tiled:  # weight-only groups: any BLOCK_K that divides the group
+        bks = tuple(b for b in (32, 64, 128) if block[1] % b == 0)
     warps = (4, 8)
     stages = (3, 4) if quick else (2, 3, 4, 5)
     a_bytes = 1 if fp8 else 2
-    b_bytes = 1 if scheme != "none" else 2
+    b_bytes = 2 if not scheme.quantized else scheme.weight.qdtype.itemsize / scheme.weight.pack
     out = []
     for bm, bn, bk, nw, ns in itertools.product(bms, bns, bks, warps, stages):
         if bk > max(32, 2 * K) or bn > max(32, 2 * N):
@@ -69,7 +73,7 @@ def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: str, block_sh
         if nw == 8 and bm * bn < 64 * 128:
             continue
         out.append(TileConfig(bm, bn, bk, gm, nw, ns))
-    default = default_config(T, E, N, K, scheme, block_shape, top_k=top_k)
+    default = default_config(T, E, N, K, scheme, block, top_k=top_k)
     if block_m is not None:
         default = TileConfig(block_m, default.block_n, default.block_k, default.group_m, default.num_warps,
                              default.num_stages)
@@ -81,29 +85,28 @@ def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: str, block_sh
 class GemmProblem:
     """Random inputs of one grouped GEMM (weights [E, N, K] quantized per ``scheme``) for T tokens."""
 
-    def __init__(self, T, E, N, K, top_k, a_div, scheme, block_shape, dtype=torch.bfloat16, seed=0):
+    def __init__(self, T, E, N, K, top_k, a_div, scheme: QuantScheme, block, dtype=torch.bfloat16, seed=0):
         from torch_moe_ops.reference.quant import quantize_weight
 
         gen = torch.Generator(device="cuda").manual_seed(seed)
         self.T, self.E, self.N, self.K, self.top_k, self.a_div = T, E, N, K, top_k, a_div
-        self.scheme, self.block_shape = scheme, block_shape
+        self.scheme, self.block = scheme, block
         rows = T if a_div == top_k else T * top_k
-        weight_scheme, act_scheme = EXPERT_SCHEMES[scheme]
         self.w_scale = None
-        if weight_scheme is None:
+        if not scheme.quantized:
             self.w = torch.randn(E, N, K, device="cuda", dtype=dtype, generator=gen) / 10
         else:  # quantize expert by expert: an fp32 copy of a DeepSeek-size layer would not fit
-            shards = 2 if scheme == "fp8_tensor" and a_div > 1 else 1
+            shards = 2 if scheme.weight.sharded and a_div > 1 else 1
             parts = [quantize_weight(torch.randn(1, N, K, device="cuda", dtype=dtype, generator=gen) / 10,
-                                     weight_scheme, block_shape, shards) for _ in range(E)]
+                                     scheme.weight, block, shards) for _ in range(E)]
             self.w = torch.cat([q for q, _ in parts])
-            self.w_scale = torch.cat([s for _, s in parts])
+            self.w_scale = scheme.canonical_scale(torch.cat([s for _, s in parts]))
         a = torch.randn(rows, K, device="cuda", dtype=dtype, generator=gen) / 10
         self.a_scale = None
-        if act_scheme is not None:
-            from torch_moe_ops.reference.quant import quantize_activation
+        if scheme.act is not None:
+            from torch_moe_ops._kernels.activation import quantize_activation
 
-            a, self.a_scale = quantize_activation(a, act_scheme, (block_shape or DEFAULT_BLOCK_SHAPE)[1])
+            a, self.a_scale = quantize_activation(a, scheme.act, scheme.act_group(block))
         self.a = a
         logits = torch.randn(T, E, device="cuda", generator=gen)
         self.topk_weights, ids = torch.softmax(logits, -1).topk(top_k, dim=-1)
@@ -123,14 +126,14 @@ class GemmProblem:
 
         invoke_moe_gemm(
             self.a, self.w, self.c, *self.align(cfg.block_m), top_k=self.a_div, config=cfg, scheme=self.scheme,
-            a_scale=self.a_scale, w_scale=self.w_scale, block_shape=self.block_shape,
+            a_scale=self.a_scale, w_scale=self.w_scale, block=self.block,
             topk_weights=self.topk_weights if self.a_div == 1 else None,
         )
 
     def roofline_us(self, peak_tflops, bandwidth_gbs):
         """max(bytes of touched experts / bandwidth, flops / peak) in µs, for the fraction of roof."""
         touched = self.E * (1 - (1 - 1 / self.E) ** (self.T * self.top_k))  # expected, uniform routing
-        w_bytes = touched * self.N * self.K * self.w.element_size()
+        w_bytes = touched * self.w[0].numel() * self.w.element_size()  # stored bytes (int4: K / 2 per row)
         io_bytes = self.a.numel() * self.a.element_size() + self.c.numel() * self.c.element_size()
         flops = 2 * self.T * self.top_k * self.N * self.K
         return max((w_bytes + io_bytes) / (bandwidth_gbs * 1e3), flops / (peak_tflops * 1e6))
@@ -206,8 +209,10 @@ def main(argv=None):
     p.add_argument("--K", type=int, help="GEMM reduction size (single-GEMM mode)")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--gemm2", action="store_true", help="single-GEMM mode: A rows are pairs (top_k = 1 addressing)")
-    p.add_argument("--scheme", default="none", choices=sorted(EXPERT_SCHEMES))
-    p.add_argument("--block-shape", type=int, nargs=2, default=list(DEFAULT_BLOCK_SHAPE))
+    p.add_argument("--scheme", default="none", choices=sorted(QUANT_SCHEMES))
+    p.add_argument("--block-shape", type=int, nargs=2, default=None,
+                   help="scale tile of a tiled scheme (fp8_block: bn bk, default 128 128; int4_w4a16: 1 G, "
+                        "default 1 128)")
     p.add_argument("--T", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
     p.add_argument("--space", choices=("quick", "full"), default="quick")
     p.add_argument("--out", type=Path, help="JSON file to merge into (default: tuned/<device>.json)")
@@ -217,9 +222,13 @@ def main(argv=None):
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
+    scheme = get_quant_scheme(args.scheme)
+    try:
+        block = scheme.block_shape(args.block_shape, "--block-shape")
+    except ValueError as exc:
+        p.error(str(exc))
     if not torch.cuda.is_available():
         p.error("tuning needs a CUDA GPU")
-    block_shape = tuple(args.block_shape) if args.scheme == "fp8_block" else None
     if args.model:
         E, k, H, I = MODELS[args.model]
         I //= args.tp
@@ -230,7 +239,7 @@ def main(argv=None):
         gemms = [("gemm", args.E, args.N, args.K, args.top_k, 1 if args.gemm2 else args.top_k)]
     device = torch.cuda.get_device_name()
     out = args.out or TUNED_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") + ".json")
-    skey = scheme_key(args.scheme, block_shape)
+    skey = scheme.table_key(block)
     chosen_bm: dict[int, int] = {}
     print(f"device: {device}; scheme {skey}; writing {out if not args.dry_run else '(dry run)'}")
     for name, E, N, K, top_k, a_div in gemms:
@@ -238,9 +247,9 @@ def main(argv=None):
         print(f"{name}: E={E} N={N} K={K} top_k={top_k}")
         print(f"{'T':>7} {'best us':>9} {'default us':>10} {'roof %':>7}  config")
         for T in args.T:
-            problem = GemmProblem(T, E, N, K, top_k, a_div, args.scheme, block_shape)
+            problem = GemmProblem(T, E, N, K, top_k, a_div, scheme, block)
             fixed_bm = chosen_bm.get(T) if name == "gemm2" else None
-            cands, default = candidates(T, top_k, E, N, K, args.scheme, block_shape, args.space, fixed_bm)
+            cands, default = candidates(T, top_k, E, N, K, scheme, block, args.space, fixed_bm)
             best, us, default_us = tune_gemm(problem, cands, default, args.verbose)
             if best is None:
                 print(f"{T:>7} no candidate ran")

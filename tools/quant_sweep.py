@@ -4,7 +4,7 @@
 bandwidth for every (shape, chunk, lag slack, reverse, warps), checking each result bit for bit against
 the first configuration's. ``--diagnose`` times the amax items alone, the quantize items alone and the
 one-pass fp8_channel kernel on the same tensors; ``--once`` runs each kernel once (for ``ncu``). Used to
-pick ``_kernels/quant.py``'s defaults; not part of the test suite.
+pick ``_kernels/quant_tensor.py``'s defaults; not part of the test suite.
 """
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ import torch
 from triton.testing import do_bench
 
 from benchmarks.shapes import QUANT_SHAPES as SHAPES
-from torch_moe_ops._kernels import quant
+from torch_moe_ops._kernels import quant, quant_tensor
+from torch_moe_ops.schemes import get_weight_format
+
+FP8_TENSOR, FP8_CHANNEL = get_weight_format("fp8_tensor"), get_weight_format("fp8_channel")
 
 
 def diagnose(once: bool):
@@ -23,16 +26,16 @@ def diagnose(once: bool):
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         q = torch.empty(shape, device="cuda", dtype=torch.float8_e4m3fn)
         s2, sc = torch.empty(shape[0], 2, device="cuda"), torch.empty(shape[:2], device="cuda")
-        for label, phases, scheme, scale in (("both", 3, "fp8_tensor", s2), ("amax-only", 1, "fp8_tensor", s2),
-                                             ("quant-only", 2, "fp8_tensor", s2), ("fp8_channel", 3, "fp8_channel", sc)):
-            quant._TENSOR_PHASES = phases
-            run = lambda: quant.quantize_weight_into(w, q, scale, scheme, shards=2 if scale is s2 else 1)  # noqa: E731
+        for label, phases, fmt, scale in (("both", 3, FP8_TENSOR, s2), ("amax-only", 1, FP8_TENSOR, s2),
+                                          ("quant-only", 2, FP8_TENSOR, s2), ("fp8_channel", 3, FP8_CHANNEL, sc)):
+            quant_tensor._TENSOR_PHASES = phases
+            run = lambda: quant.quantize_weight_into(w, q, scale, fmt, None, 2 if scale is s2 else 1)  # noqa: E731
             run()
             torch.cuda.synchronize()
             if not once:
                 ms = do_bench(run, warmup=10, rep=60, return_mode="median")
                 print(f"{name:<13} {label:<12} {ms:7.3f} ms  {w.numel() * 2 / ms / 1e6:6.0f} GB/s of bf16 read", flush=True)
-        quant._TENSOR_PHASES = 3
+        quant_tensor._TENSOR_PHASES = 3
         del w, q
         torch.cuda.empty_cache()
 
@@ -51,8 +54,9 @@ def main():
         s = torch.empty(shape[0], 2, device="cuda")
         want = None
         for chunk, slack, reverse, warps in itertools.product((8192, 16384, 32768), (0, 128, 256, 512), (False, True), (4, 8)):
-            quant._CHUNK, quant._LAG_SLACK, quant._REVERSE_QUANT, quant._TENSOR_WARPS = chunk, slack, reverse, warps
-            run = lambda: quant.quantize_weight_into(w, q, s, "fp8_tensor", shards=2)  # noqa: E731
+            qt = quant_tensor
+            qt._CHUNK, qt._LAG_SLACK, qt._REVERSE_QUANT, qt._TENSOR_WARPS = chunk, slack, reverse, warps
+            run = lambda: quant.quantize_weight_into(w, q, s, FP8_TENSOR, None, 2)  # noqa: E731
             run()
             if want is None:
                 want = (q.view(torch.uint8).clone(), s.clone())

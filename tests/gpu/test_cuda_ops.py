@@ -145,6 +145,8 @@ def _jit_cache_entries() -> int:
 def _configs(T, E, k, H, I, scheme):
     from torch_moe_ops._kernels.configs import get_config
 
+    scheme = moe.schemes.get_quant_scheme(scheme)
+
     dev = torch.device(DEV)
     return (get_config(T, E, 2 * I, H, scheme, None, dev, top_k=k), get_config(T, E, H, I, scheme, None, dev, top_k=k),
             T * k > 4096)  # the alignment switches from its one-launch to its multi-launch path there

@@ -1,4 +1,4 @@
-"""Triton token alignment (``_kernels.align``) against ``reference.align`` (spec §7): exact equality.
+"""Triton token alignment (``_kernels.align``) against ``reference.align`` (docs/design.md §7): exact equality.
 
 Runs on a GPU or on CPU through the Triton interpreter. The multi-program path (count, scan, scatter)
 is forced on small inputs by shrinking the module's tile and fused-path threshold.

@@ -1,4 +1,5 @@
-"""Tile configs (``_kernels.configs``): spec §8.1 heuristics, tuned-table lookup (§12.6), interpreter tiles."""
+"""Tile configs (``_kernels.configs``): docs/design.md §8.1 heuristics, tuned-table lookup (§12.6), interpreter
+tiles. The functions take ``QuantScheme`` objects and canonical scale tiles, as the launchers pass them."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,10 @@ pytest.importorskip("triton")
 
 from torch_moe_ops._kernels import configs  # noqa: E402
 from torch_moe_ops._kernels.configs import TileConfig, default_config, get_config, lookup_tuned  # noqa: E402
+from torch_moe_ops.schemes import QUANT_SCHEMES  # noqa: E402
+
+NONE, FP8_TENSOR, FP8_CHANNEL, FP8_BLOCK, INT8, INT4 = (
+    QUANT_SCHEMES[n] for n in ("none", "fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16", "int4_w4a16"))
 
 CUDA0 = torch.device("cuda", 0)
 
@@ -34,40 +39,40 @@ def test_tile_config_is_frozen_and_round_trips():
     ],
 )
 def test_default_heuristic_bf16(T, expect):
-    assert default_config(T, 8, 28672, 4096, "none", top_k=2) == expect
+    assert default_config(T, 8, 28672, 4096, NONE, top_k=2) == expect
 
 
 def test_group_m_once_an_expert_spans_two_row_blocks():
-    assert default_config(256, 128, 1536, 2048, "none", top_k=8).group_m == 1  # 16 rows per expert
-    assert default_config(4096, 128, 1536, 2048, "none", top_k=8).group_m == 16  # 256 rows per expert
+    assert default_config(256, 128, 1536, 2048, NONE, top_k=8).group_m == 1  # 16 rows per expert
+    assert default_config(4096, 128, 1536, 2048, NONE, top_k=8).group_m == 16  # 256 rows per expert
 
 
 def test_default_heuristic_fp8():
-    assert default_config(4096, 8, 28672, 4096, "fp8_channel", top_k=2).block_k == 128  # fp8 always BK 128
-    assert default_config(1, 128, 2048, 768, "fp8_channel", top_k=8).num_stages == 3
+    assert default_config(4096, 8, 28672, 4096, FP8_CHANNEL, top_k=2).block_k == 128  # fp8 always BK 128
+    assert default_config(1, 128, 2048, 768, FP8_CHANNEL, top_k=8).num_stages == 3
     # fp8 with a handful of rows takes 128-wide column tiles (Qwen3 fp8_tensor T=1 GEMM1: 114.5 -> 21.6 us)
-    assert default_config(1, 128, 1536, 2048, "fp8_tensor", top_k=8).block_n == 128
-    assert default_config(64, 128, 1536, 2048, "fp8_tensor", top_k=8).block_n == 64  # 512 rows: narrower again
-    assert default_config(1, 128, 1536, 2048, "none", top_k=8).block_n == 64  # bf16 decode unchanged
-    assert default_config(8, 256, 4096, 7168, "fp8_block", top_k=2) == TileConfig(16, 128, 128, 1, 4, 3)
-    assert default_config(1024, 256, 4096, 7168, "fp8_block", top_k=2) == TileConfig(64, 128, 128, 32, 4, 3)
+    assert default_config(1, 128, 1536, 2048, FP8_TENSOR, top_k=8).block_n == 128
+    assert default_config(64, 128, 1536, 2048, FP8_TENSOR, top_k=8).block_n == 64  # 512 rows: narrower again
+    assert default_config(1, 128, 1536, 2048, NONE, top_k=8).block_n == 64  # bf16 decode unchanged
+    assert default_config(8, 256, 4096, 7168, FP8_BLOCK, top_k=2) == TileConfig(16, 128, 128, 1, 4, 3)
+    assert default_config(1024, 256, 4096, 7168, FP8_BLOCK, top_k=2) == TileConfig(64, 128, 128, 32, 4, 3)
     # BLOCK_K must divide the block's K size
-    assert default_config(8, 4, 256, 256, "fp8_block", (64, 64), top_k=2).block_k == 64
-    assert default_config(8, 4, 256, 256, "fp8_block", (128, 96), top_k=2).block_k == 32
+    assert default_config(8, 4, 256, 256, FP8_BLOCK, (64, 64), top_k=2).block_k == 64
+    assert default_config(8, 4, 256, 256, FP8_BLOCK, (128, 96), top_k=2).block_k == 32
     with pytest.raises(ValueError, match=r"block_shape\[1\] = 16"):  # an fp8 dot needs K >= 32 on the GPU
-        default_config(8, 4, 256, 256, "fp8_block", (16, 16), top_k=2)
+        default_config(8, 4, 256, 256, FP8_BLOCK, (16, 16), top_k=2)
 
 
 def test_default_heuristic_shrinks_for_tiny_dims():
-    cfg = default_config(4096, 4, 40, 24, "none", top_k=2)
+    cfg = default_config(4096, 4, 40, 24, NONE, top_k=2)
     assert (cfg.block_n, cfg.block_k) == (64, 32)
 
 
 def test_interpreter_tiles(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cfg = get_config(33, 4, 48, 40, "none", None, torch.device("cpu"), top_k=2)
+    cfg = get_config(33, 4, 48, 40, NONE, None, torch.device("cpu"), top_k=2)
     assert cfg.block_m == 16 and cfg.block_n <= 32 and cfg.block_k <= 32
-    assert get_config(33, 4, 48, 40, "fp8_block", (16, 16), torch.device("cpu"), top_k=2).block_k == 16
+    assert get_config(33, 4, 48, 40, FP8_BLOCK, (16, 16), torch.device("cpu"), top_k=2).block_k == 16
 
 
 def test_lookup_picks_smallest_tuned_T_at_least_T():
@@ -93,15 +98,15 @@ def test_get_config_reads_tuned_table(tmp_path, monkeypatch):
         {"E": 8, "N": 1024, "K": 512, "scheme": "fp8_block_128x128",
          "configs": {"16": dataclasses.replace(small, block_k=256).to_dict()}},
     ])
-    assert get_config(3, 8, 1024, 512, "none", None, CUDA0, top_k=2) == small
-    assert get_config(17, 8, 1024, 512, "none", None, CUDA0, top_k=2) == big
-    assert get_config(9999, 8, 1024, 512, "none", None, CUDA0, top_k=2) == big
+    assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == small
+    assert get_config(17, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == big
+    assert get_config(9999, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == big
     # other shape, scheme or device: heuristic
-    assert get_config(3, 8, 1024, 256, "none", None, CUDA0, top_k=2) == default_config(3, 8, 1024, 256, top_k=2)
-    expect = default_config(3, 8, 1024, 512, "fp8_channel", top_k=2)
-    assert get_config(3, 8, 1024, 512, "fp8_channel", None, CUDA0, top_k=2) == expect
+    assert get_config(3, 8, 1024, 256, NONE, None, CUDA0, top_k=2) == default_config(3, 8, 1024, 256, NONE, top_k=2)
+    expect = default_config(3, 8, 1024, 512, FP8_CHANNEL, top_k=2)
+    assert get_config(3, 8, 1024, 512, FP8_CHANNEL, None, CUDA0, top_k=2) == expect
     monkeypatch.setattr(configs, "device_name", lambda index: "Other GPU")
-    assert get_config(3, 8, 1024, 512, "none", None, CUDA0, top_k=2) == default_config(3, 8, 1024, 512, top_k=2)
+    assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == default_config(3, 8, 1024, 512, NONE, top_k=2)
 
 
 def test_get_config_rejects_unusable_tuned_entry(tmp_path, monkeypatch):
@@ -111,8 +116,8 @@ def test_get_config_rejects_unusable_tuned_entry(tmp_path, monkeypatch):
     monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
     _write_table(tmp_path, "Fake GPU", [{"E": 8, "N": 1024, "K": 512, "scheme": "fp8_block_128x128",
                                          "configs": {"16": TileConfig(16, 32, 256).to_dict()}}])
-    got = get_config(3, 8, 1024, 512, "fp8_block", (128, 128), CUDA0, top_k=2)
-    assert got == default_config(3, 8, 1024, 512, "fp8_block", (128, 128), top_k=2)
+    got = get_config(3, 8, 1024, 512, FP8_BLOCK, (128, 128), CUDA0, top_k=2)
+    assert got == default_config(3, 8, 1024, 512, FP8_BLOCK, (128, 128), top_k=2)
 
 
 def test_packaged_tables_parse():
@@ -127,7 +132,66 @@ def test_packaged_tables_parse():
 
 def test_fp8_block_k_floor_for_tiny_k():
     """An fp8 tl.dot needs K >= 32 on the GPU: a tiny K keeps BLOCK_K = 32 and is masked instead."""
-    for scheme in ("fp8_tensor", "fp8_channel"):
+    for scheme in (FP8_TENSOR, FP8_CHANNEL):
         assert default_config(1, 2, 8, 4, scheme, top_k=1).block_k == 32
-    assert default_config(1, 2, 8, 4, "fp8_block", (32, 32), top_k=1).block_k == 32
-    assert default_config(1, 2, 8, 4, "none", top_k=1).block_k == 16
+    assert default_config(1, 2, 8, 4, FP8_BLOCK, (32, 32), top_k=1).block_k == 32
+    assert default_config(1, 2, 8, 4, NONE, top_k=1).block_k == 16
+
+
+# ---------------------------------------------------------------------------------------------- int4 / keys
+
+
+def test_table_keys_come_from_the_scheme_objects():
+    """The packaged JSON keys are what ``scheme.table_key(block)`` produces (none, fp8_*, int8, int4)."""
+    assert NONE.table_key(None) == "none" and INT8.table_key(None) == "int8_w8a16"
+    assert FP8_TENSOR.table_key(None) == "fp8_tensor" and FP8_CHANNEL.table_key(None) == "fp8_channel"
+    assert FP8_BLOCK.table_key((128, 128)) == "fp8_block_128x128"
+    assert INT4.table_key((1, 32)) == "int4_w4a16_1x32" and INT4.table_key((1, 128)) == "int4_w4a16_1x128"
+    valid = {s.table_key(s.block_shape(None) if s.tiled else None) for s in QUANT_SCHEMES.values()}
+    keys = {entry["scheme"] for path in configs._tuned_files() for entry in json.loads(path.read_text())["entries"]}
+    assert keys and keys <= valid, keys - valid
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_int4_block_k_divides_the_group(G):
+    """int4: 16 x 128 tiles up to 64 rows per expert, the 16-bit heuristic beyond; BLOCK_K | G (so
+    BLOCK_K <= G: each K step lies in one group) and BLOCK_K >= 32 (one K/2 >= 16 dot per nibble)."""
+    for T in (1, 16, 64, 256, 1024, 16384):
+        for N, K in ((4096, 2048), (2048, 2048), (256, G), (40, 4 * G)):
+            cfg = default_config(T, 8, N, K, INT4, (1, G), top_k=2)
+            bf16 = default_config(T, 8, N, K, NONE, top_k=2)
+            assert G % cfg.block_k == 0 and 32 <= cfg.block_k <= G, (T, N, K, cfg)
+            if T * 2 / 8 <= 64:
+                want = TileConfig(16, min(128, max(16, 1 << (N - 1).bit_length())), G,  # K >= G here
+                                  16 if T * 2 / 8 > 16 else 1, 4, 4)
+                assert cfg == want, (T, N, K, cfg)
+            else:
+                assert cfg.block_k == min(bf16.block_k, G), (T, N, K, cfg)
+                assert dataclasses.replace(cfg, block_k=bf16.block_k) == bf16  # only BLOCK_K differs
+    assert default_config(1, 8, 4096, 2048, INT4, None, top_k=2) == TileConfig(16, 128, 128, 1, 4, 4)  # [1, 128]
+
+
+def test_int4_interpreter_tiles(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for G in (32, 64, 128):
+        cfg = get_config(33, 4, 64, 64, INT4, (1, G), torch.device("cpu"), top_k=2)
+        assert G % cfg.block_k == 0 and cfg.block_k == 32 and cfg.block_m == 16
+
+
+def test_int4_tuned_entry_read_by_its_key_and_unusable_block_k_rejected(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(configs, "device_name", lambda index: "Fake GPU")
+    monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
+    good, bad = TileConfig(16, 128, 32, 1, 4, 4), TileConfig(16, 128, 64, 1, 4, 4)
+    _write_table(tmp_path, "Fake GPU", [
+        {"E": 8, "N": 1024, "K": 512, "scheme": "int4_w4a16_1x32", "configs": {"16": good.to_dict()}},
+        {"E": 8, "N": 1024, "K": 256, "scheme": "int4_w4a16_1x32", "configs": {"16": bad.to_dict()}},
+    ])
+    assert get_config(3, 8, 1024, 512, INT4, (1, 32), CUDA0, top_k=2) == good
+    # another group size is another key: heuristic
+    assert get_config(3, 8, 1024, 512, INT4, (1, 64), CUDA0, top_k=2) == default_config(3, 8, 1024, 512, INT4, (1, 64),
+                                                                                        top_k=2)
+    # BLOCK_K = 64 > G = 32: falls back to the heuristic
+    got = get_config(3, 8, 1024, 256, INT4, (1, 32), CUDA0, top_k=2)
+    assert got == default_config(3, 8, 1024, 256, INT4, (1, 32), top_k=2) and got.block_k == 32
+

@@ -1,8 +1,10 @@
-"""Triton fused experts (``_kernels.fused_experts``) against ``reference.fused_experts`` (spec §8, §13).
+"""Triton fused experts (``_kernels.fused_experts``) against ``reference.fused_experts`` (docs/design.md §8,
+§13), on CPU through the Triton interpreter (``TRITON_INTERPRET=1``) with tiny shapes, or on a GPU.
 
-Runs on CPU through the Triton interpreter (``TRITON_INTERPRET=1``) with tiny shapes, or on a GPU.
-Quantized schemes are compared with the reference on the SAME quantized weights, so only kernel error
-(accumulation order, intermediates rounded to x's dtype before re-quantization) is measured.
+The launcher gets what the ops layer passes: registry objects, canonical scales and tiles, resolved
+floats (``_experts.fused_experts``). Quantized schemes are compared with the reference on the SAME
+quantized weights, so only kernel error (accumulation order, intermediates rounded to x's dtype before
+re-quantization) is measured; int4 is compared with an unquantized fp32 run on its dequantized weights.
 """
 from __future__ import annotations
 
@@ -17,49 +19,24 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 
 from torch_moe_ops import reference  # noqa: E402
 from torch_moe_ops._platform import DEBUG_ENV  # noqa: E402
-from torch_moe_ops._kernels.configs import TileConfig  # noqa: E402
-from torch_moe_ops._kernels.fused_experts import fused_experts  # noqa: E402
-from torch_moe_ops._kernels.gemm import invoke_moe_gemm  # noqa: E402
 from torch_moe_ops.reference.quant import quantize_weight  # noqa: E402
+from torch_moe_ops.schemes import get_quant_scheme, get_weight_format  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from ._experts import (  # noqa: E402
+    DEVICE,
+    DTYPES,
+    REL_TOL,
+    REL_TOL_FP8,
+    WEIGHT_SCHEME,
+    _rel_err,
+    _routing,
+    _weights,
+    fused_experts,
+)
+
 # Rows of GEMM1's buffer for dropped (non-local / out-of-range) pairs are never written; the activation
 # runs over their garbage and NumPy warns about overflow there. Those rows are never read again.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-WEIGHT_SCHEME = {"fp8_tensor": "fp8_tensor", "fp8_channel": "fp8_channel", "fp8_block": "fp8_block",
-                 "int8_w8a16": "int8_channel"}
-#: ||out - ref|| / ||ref|| bounds. Unquantized: intermediates rounded to x's dtype (bf16 keeps 8 mantissa
-#: bits, ~1e-3 per rounding, a handful in sequence) against an fp32 reference: measured ~6e-3 for bf16.
-#: fp8 (e4m3, 3 mantissa bits: one step is 1/8 of a binade; the quantization itself costs ~6e-2 here):
-#: kernel and reference quantize x identically, but the kernel re-quantizes GEMM1's output after rounding
-#: it to x's dtype, so a few percent of elements land one fp8 step apart. Measured on 3 seeds x 3 schemes:
-#: bf16 1.0-1.5e-2, fp16 <= 4e-3, fp32 <= 2e-4. Floors at ~2x the worst seen (SQNR >= 32 dB for bf16)
-#: still catch any wrong scale or dropped term (a scale 10 % off alone gives ~1e-1).
-REL_TOL = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-4}
-REL_TOL_FP8 = {"bf16": 2.5e-2, "fp16": 1e-2, "fp32": 1e-3}
-
-
-def _routing(T, E_g, k, mode, gen):
-    """[T, k] fp32 weights and int32 ids; modes: random, empty (odd experts unused), one (all on 0..k-1)."""
-    logits = torch.randn(T, E_g, generator=gen)
-    if mode == "empty":
-        logits[:, 1::2] = -float("inf")
-    if mode == "one":
-        logits = torch.arange(E_g, 0, -1, dtype=torch.float32).expand(T, E_g).clone()
-    w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
-    return w.contiguous(), ids.to(torch.int32)
-
-
-def _weights(E, N, K, gen, strided, scale=0.1):
-    """randn/10 [E, N, K]; ``strided`` gives a view with padded row and expert strides."""
-    if not strided:
-        return torch.randn(E, N, K, generator=gen) * scale
-    return (torch.randn(E, N + 3, K + 128, generator=gen) * scale)[:, :N, :K]
-
-
-def _rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
 
 def _run_case(T, E, k, H, I, activation="silu", dtype="bf16", scheme="none", routing="random", ep=False,
@@ -81,7 +58,7 @@ def _run_case(T, E, k, H, I, activation="silu", dtype="bf16", scheme="none", rou
     b2 = torch.randn(E, H, generator=gen) / 10 if bias else None
 
     s13 = s2 = None
-    block_shape = block if scheme == "fp8_block" else None
+    block_shape = block if get_quant_scheme(scheme).tiled else None
     if scheme != "none":
         ws = WEIGHT_SCHEME[scheme]
         shards = 2 if scheme == "fp8_tensor" and gated else 1
@@ -94,7 +71,8 @@ def _run_case(T, E, k, H, I, activation="silu", dtype="bf16", scheme="none", rou
             q13, s13 = quantize_weight(w13, ws, block_shape, shards)
         q2, s2 = quantize_weight(w2, ws, block_shape, 1)
         if strided:  # keep the padded strides on the quantized weights too
-            q13 = torch.empty(E, N1 + 3, H + 128, dtype=q13.dtype)[:, :N1, :H].copy_(q13)
+            Hq = q13.shape[2]  # H / pack
+            q13 = torch.empty(E, N1 + 3, Hq + 128, dtype=q13.dtype)[:, :N1, :Hq].copy_(q13)
         w13_ref, w2_ref, w13, w2 = q13, q2, q13, q2
     else:
         w13_ref, w2_ref = w13, w2
@@ -103,9 +81,15 @@ def _run_case(T, E, k, H, I, activation="silu", dtype="bf16", scheme="none", rou
     kwargs = dict(activation=activation, expert_map=expert_map, apply_router_weight_on_input=on_input,
                   activation_limit=limit, block_shape=block_shape)
     # Quantized: the reference quantizes the same x values the kernel sees (x rounded to x's dtype).
+    ref_scheme, ref_s13, ref_s2 = scheme, s13, s2
+    if scheme == "int4_w4a16":  # an independent reference: plain fp32 experts on the dequantized weights
+        fmt = get_weight_format("int4_group")
+        w13_ref, w2_ref = fmt.dequantize(q13, s13, block_shape), fmt.dequantize(q2, s2, block_shape)
+        ref_scheme, ref_s13, ref_s2 = "none", None, None
     ref = reference.fused_experts(
-        x if scheme == "none" else x.to(dt).float(), w13_ref, w2_ref, topk_w, topk_ids, quant_scheme=scheme,
-        w13_scale=s13, w2_scale=s2, w13_bias=b13, w2_bias=b2, **kwargs)
+        x if scheme == "none" else x.to(dt).float(), w13_ref, w2_ref, topk_w, topk_ids, quant_scheme=ref_scheme,
+        w13_scale=ref_s13, w2_scale=ref_s2, w13_bias=b13, w2_bias=b2,
+        **{**kwargs, "block_shape": block_shape if ref_scheme != "none" else None})
 
     def dev(t):
         return t.to(DEVICE) if t is not None else None
@@ -158,6 +142,28 @@ CASES = [
     pytest.param((33, 4, 2, 40, 24), {"scheme": "int8_w8a16"}, id="E4-k2-T33-H40-I24-int8_w8a16"),
     pytest.param((7, 3, 2, 72, 36), {"scheme": "int8_w8a16", "dtype": "fp16", "bias": True, "strided": True},
                  id="E3-k2-T7-H72-I36-int8_w8a16-bias-strided"),
+    # int4 groups along K (H and I multiples of G)
+    pytest.param((33, 4, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32)}, id="E4-k2-T33-H64-I32-int4-G32"),
+    pytest.param((1, 4, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32)}, id="E4-k2-T1-H64-I32-int4-G32"),
+    pytest.param((7, 3, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32), "dtype": "fp16", "bias": True,
+                                     "strided": True}, id="E3-k2-T7-H64-I32-int4-G32-bias-strided"),
+    pytest.param((7, 4, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32), "activation": "silu_no_mul"},
+                 id="E4-k2-T7-H64-I32-int4-G32-silu_no_mul"),
+    pytest.param((7, 4, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32), "activation": "relu2_no_mul",
+                                     "dtype": "fp32"}, id="E4-k2-T7-H64-I32-int4-G32-relu2_no_mul-fp32"),
+    pytest.param((7, 4, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32), "activation": "swigluoai",
+                                     "limit": 7.0, "bias": True, "w_scale": 1.0},
+                 id="E4-k2-T7-H64-I32-int4-G32-swigluoai-L7-bias"),
+    pytest.param((33, 4, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32), "ep": True},
+                 id="E4-k2-T33-H64-I32-int4-G32-ep-half-local"),
+    pytest.param((33, 4, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32), "on_input": True},
+                 id="E4-k2-T33-H64-I32-int4-G32-weight-on-input"),
+    pytest.param((33, 4, 2, 64, 32), {"scheme": "int4_w4a16", "block": (1, 32), "routing": "empty"},
+                 id="E4-k2-T33-H64-I32-int4-G32-empty-experts"),
+    pytest.param((7, 3, 1, 64, 64), {"scheme": "int4_w4a16", "block": (1, 64), "activation": "gelu_tanh"},
+                 id="E3-k1-T7-H64-I64-int4-G64-gelu_tanh"),
+    pytest.param((5, 2, 2, 128, 128), {"scheme": "int4_w4a16", "block": (1, 128), "dtype": "fp16"},
+                 id="E2-k2-T5-H128-I128-int4-G128"),
 ]
 
 
@@ -169,8 +175,8 @@ def test_fused_experts_matches_reference(shape, kw):
     err = _rel_err(out, ref)
     if scheme.startswith("fp8"):
         assert err < REL_TOL_FP8[dtype], f"relative error {err:.3g}"
-    else:  # int8_w8a16 is exact in the weights (|q| <= 127 fits bf16/fp16), so it gets the plain bounds
-        atol = 2e-2 * float(ref.abs().max().clamp_min(1.0))  # spec §13 atol, scaled for the w_scale=1 cases
+    else:  # int8 / int4 weight-only is exact in the weights (|q| <= 127 fits bf16/fp16): the plain bounds
+        atol = 2e-2 * float(ref.abs().max().clamp_min(1.0))  # §13 atol, scaled for the w_scale=1 cases
         torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
         assert err < REL_TOL[dtype], f"relative error {err:.3g}"
 
@@ -195,139 +201,9 @@ def test_out_of_range_ids_contribute_zero(poison_unwritten):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["none", "fp8_channel"])
+@pytest.mark.parametrize("scheme", ["none", "fp8_channel", "int4_w4a16"])
 def test_non_local_pairs_never_read(poison_unwritten, scheme):
-    out, ref = _run_case(33, 4, 3, 40, 24, scheme=scheme, ep=True)
+    H, I = (64, 32) if scheme == "int4_w4a16" else (40, 24)
+    out, ref = _run_case(33, 4, 3, H, I, scheme=scheme, ep=True, block=(1, 32))
     assert torch.isfinite(out).all()
     assert _rel_err(out, ref) < (REL_TOL_FP8 if scheme != "none" else REL_TOL)["bf16"]
-
-
-def test_gemm_minus_one_block_stores_zeros_and_skips_tail():
-    """A block whose expert is -1 writes zeros; blocks past num_post_pad and sentinel rows are untouched."""
-    cfg = TileConfig(16, 32, 32, 1, 4, 1)
-    T, k, N, K, E = 5, 2, 40, 40, 2
-    numel = T * k
-    a = torch.randn(T, K, device=DEVICE)
-    w = torch.randn(E, N, K, device=DEVICE)
-    sorted_ids = torch.full((numel + E * 15,), numel, dtype=torch.int32, device=DEVICE)
-    sorted_ids[:4] = torch.tensor([0, 3, 4, 9], dtype=torch.int32)  # expert 1
-    sorted_ids[16:19] = torch.tensor([1, 2, 5], dtype=torch.int32)  # kept non-local pairs: expert -1
-    sorted_ids[32:34] = torch.tensor([6, 7], dtype=torch.int32)  # past num_post_pad: never touched
-    expert_ids = torch.tensor([1, -1, 0], dtype=torch.int32, device=DEVICE)
-    num_post_pad = torch.tensor([32], dtype=torch.int32, device=DEVICE)
-    c = torch.full((numel, N), float("nan"), device=DEVICE)
-    invoke_moe_gemm(a, w, c, sorted_ids, expert_ids, num_post_pad, top_k=k, config=cfg)
-    c = c.cpu()
-    expect = a.cpu()[torch.tensor([0, 3, 4, 9]) // k] @ w.cpu()[1].T
-    torch.testing.assert_close(c[[0, 3, 4, 9]], expect, atol=1e-4, rtol=1e-4)
-    assert (c[[1, 2, 5]] == 0).all()
-    assert c[[6, 7, 8]].isnan().all()
-
-
-# ---------------------------------------------------------------------------------------------- GPU only
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-class TestFusedExpertsCuda:
-    @staticmethod
-    def _inputs(T, E, k, H, I, dtype=torch.bfloat16, seed=0):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        x = torch.randn(T, H, device="cuda", dtype=dtype, generator=gen) / 10
-        w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=dtype, generator=gen) / 10
-        w2 = torch.randn(E, H, I, device="cuda", dtype=dtype, generator=gen) / 10
-        logits = torch.randn(T, E, device="cuda", generator=gen)
-        w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
-        return x, w13, w2, w.contiguous(), ids.to(torch.int32)
-
-    @pytest.mark.parametrize("scheme", ["none", "fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16"])
-    def test_large_T(self, scheme):
-        T, E, k, H, I = 16384, 8, 2, 1024, 768
-        x, w13, w2, w, ids = self._inputs(T, E, k, H, I)
-        s13 = s2 = None
-        if scheme != "none":
-            shards = 2 if scheme == "fp8_tensor" else 1
-            w13, s13 = quantize_weight(w13.float(), WEIGHT_SCHEME[scheme], None, shards)
-            w2, s2 = quantize_weight(w2.float(), WEIGHT_SCHEME[scheme], None, 1)
-        ref = reference.fused_experts(x.float(), w13 if scheme != "none" else w13.float(),
-                                      w2 if scheme != "none" else w2.float(), w, ids, quant_scheme=scheme,
-                                      w13_scale=s13, w2_scale=s2)
-        out = fused_experts(x, w13, w2, w, ids, quant_scheme=scheme, w13_scale=s13, w2_scale=s2)
-        err = _rel_err(out, ref)
-        if scheme.startswith("fp8"):  # spec §13: fp8 against the same-q reference, atol = rtol = 0.035
-            assert err < REL_TOL_FP8["bf16"], err
-            torch.testing.assert_close(out.float(), ref, atol=0.035, rtol=0.035)
-        else:
-            assert err < REL_TOL["bf16"], err
-            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
-
-    def test_tuned_configs_compute_correctly(self):
-        """Every distinct tile config of the packaged tuned tables, on one small GEMM against torch."""
-        from torch_moe_ops._kernels.align import align_block_size
-        from torch_moe_ops._kernels.configs import tuned_tables
-        from torch_moe_ops.reference.quant import dequantize_activation, dequantize_weight, quantize_activation
-
-        T, E, k, N, K = 200, 4, 2, 384, 640
-        x, w, _, _, ids = self._inputs(T, E, k, K, N // 2)
-        w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / 10
-        seen = set()
-        for (_, _, _, _, skey), table in sorted(tuned_tables().items()):
-            scheme = "fp8_block" if skey.startswith("fp8_block") else skey
-            for cfg in table.values():
-                if (scheme, cfg) in seen:
-                    continue
-                seen.add((scheme, cfg))
-                a, a_s, w_q, w_s, bs = x, None, w, None, None
-                if scheme != "none":
-                    bs = (128, 128) if scheme == "fp8_block" else None
-                    if scheme.startswith("fp8"):  # int8_w8a16 keeps bf16 activations
-                        a, a_s = quantize_activation(x, "fp8_group" if bs else "fp8_token", 128)
-                    w_q, w_s = quantize_weight(w.float(), WEIGHT_SCHEME[scheme], bs, 1)
-                c = torch.full((T * k, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-                invoke_moe_gemm(a, w_q, c, *align_block_size(ids, E, cfg.block_m), top_k=k, config=cfg,
-                                scheme=scheme, a_scale=a_s, w_scale=w_s, block_shape=bs)
-                a_ref = a.float() if a_s is None else dequantize_activation(a, a_s, 128)
-                w_ref = w_q.float() if w_s is None else dequantize_weight(w_q, w_s, WEIGHT_SCHEME[scheme], bs)
-                j = torch.arange(T * k, device="cuda")
-                ref = torch.einsum("jk,jnk->jn", a_ref[j // k], w_ref[ids.view(-1).long()])
-                assert _rel_err(c, ref) < 1e-2, (scheme, cfg)
-        assert seen or not tuned_tables()
-
-    def test_int64_offsets(self):
-        """T·k·N1 = 100000·6·4096 > 2³¹ in one GEMM1 launch."""
-        T, E, k, H, I = 100000, 8, 6, 1024, 2048
-        x, w13, w2, w, ids = self._inputs(T, E, k, H, I, seed=1)
-        out = fused_experts(x, w13, w2, w, ids)
-        rows = torch.arange(T - 512, T, device="cuda")  # the last tokens have the largest offsets
-        rows = torch.cat([torch.arange(512, device="cuda"), rows])
-        ref = reference.fused_experts(x[rows].float(), w13.float(), w2.float(), w[rows], ids[rows])
-        torch.testing.assert_close(out[rows].float(), ref, atol=2e-2, rtol=0)
-
-    def test_cuda_graph_replay(self):
-        T, E, k, H, I = 256, 8, 2, 512, 384
-        x, w13, w2, w, ids = self._inputs(T, E, k, H, I)
-        fused_experts(x, w13, w2, w, ids)  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fused_experts(x, w13, w2, w, ids)
-        x2, _, _, w2_, ids2 = self._inputs(T, E, k, H, I, seed=3)
-        x.copy_(x2), w.copy_(w2_), ids.copy_(ids2)
-        graph.replay()
-        torch.testing.assert_close(out, fused_experts(x, w13, w2, w, ids), atol=0, rtol=0)
-
-    def test_token_sweep_compiles_once(self):
-        from torch_moe_ops._kernels.gemm import _moe_gemm_kernel
-
-        def n_compiled():
-            return sum(len(c[0]) for c in _moe_gemm_kernel.device_caches.values())
-
-        E, k, H, I = 4, 2, 256, 128
-        _, w13, w2, _, _ = self._inputs(1, E, k, H, I)
-        # Tokens in one heuristic bucket (33 < T <= 64: same tiles): T must not enter any specialization key.
-        x, _, _, w, ids = self._inputs(33, E, k, H, I)
-        fused_experts(x, w13, w2, w, ids)
-        before = n_compiled()
-        for T in (34, 48, 57, 64):
-            x, _, _, w, ids = self._inputs(T, E, k, H, I)
-            fused_experts(x, w13, w2, w, ids)
-        assert n_compiled() == before

@@ -1,4 +1,4 @@
-"""Triton router top-k (``_kernels.routing``) against ``reference.routing`` (spec §4).
+"""Triton router top-k (``_kernels.routing``) against ``reference.routing`` (docs/design.md §4).
 
 Runs on a GPU or on CPU through the Triton interpreter. Logits are tie-free by construction (each row
 is a shuffled grid with spacing >= 8/E), so ids must match exactly; weights to 1e-5.

@@ -13,8 +13,8 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 
 import torch_moe_ops as moe  # noqa: E402
 from torch_moe_ops import reference  # noqa: E402
-from torch_moe_ops.demo import SCHEMES  # noqa: E402
-from torch_moe_ops.testing import random_moe_weights, sqnr_db  # noqa: E402
+from torch_moe_ops.schemes import QUANT_SCHEMES, get_activation, get_quant_scheme  # noqa: E402
+from torch_moe_ops.testing import random_moe_weights, sqnr_db, w13_shards  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,21 +24,35 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("TORCH_MOE_OPS_BACKEND", "triton")
 
 
+#: int4 groups must divide H and I: the int4 cases use multiples of this group size.
+INT4_GROUP = 32
+
+
+def _dims(scheme, H, I):
+    """(H, I) rounded up to whole int4 groups for int4_w4a16, unchanged otherwise."""
+    if get_quant_scheme(scheme).flags.W_INT4:
+        return -(-H // INT4_GROUP) * INT4_GROUP, -(-I // INT4_GROUP) * INT4_GROUP
+    return H, I
+
+
 def _weights(E, H, I, scheme, activation="silu", bias=False, dtype=torch.float16):
-    gated = not activation.endswith("_no_mul")
-    w13, w2, b13, b2 = random_moe_weights(E, H, I, gated=gated, dtype=dtype, device=DEV, bias=bias)
-    wscheme, shards = SCHEMES[scheme]
+    act, sch = get_activation(activation), get_quant_scheme(scheme)
+    w13, w2, b13, b2 = random_moe_weights(E, H, I, gated=act.gated, dtype=dtype, device=DEV, bias=bias)
     kw = dict(activation=activation)
     if bias:
         kw.update(w13_bias=b13, w2_bias=b2)
-    if wscheme is None:
+    if not sch.quantized:
         return w13, w2, kw
-    shards = shards if gated and activation != "swigluoai" else 1  # gate/up scales only for the halves layout
+    shards = w13_shards(sch, act)  # gate/up scales only for the halves layout
     # fp8 tl.dot needs K >= 32 on the GPU (configs raise a clear error for smaller K blocks); the interpreter
-    # takes 16, which keeps the CPU runs cheap.
-    block = ([32, 32] if torch.cuda.is_available() else [16, 16]) if scheme == "fp8_block" else None
-    q13, s13 = moe.quantize_weight(w13, wscheme, shards=shards, block_shape=block)
-    q2, s2 = moe.quantize_weight(w2, wscheme, block_shape=block)
+    # takes 16, which keeps the CPU runs cheap. int4 groups: [1, 32].
+    block = None
+    if sch.flags.BLOCK_SCALES:
+        block = [32, 32] if torch.cuda.is_available() else [16, 16]
+    elif sch.tiled:
+        block = [1, INT4_GROUP]
+    q13, s13 = moe.quantize_weight(w13, sch.weight.name, shards=shards, block_shape=block)
+    q2, s2 = moe.quantize_weight(w2, sch.weight.name, block_shape=block)
     kw.update(quant_scheme=scheme, w13_scale=s13, w2_scale=s2, block_shape=block)
     return q13, q2, kw
 
@@ -49,11 +63,17 @@ def _ref(x, logits, q13, q2, k, kw, route_kw=None):
     return reference.fused_experts(x.cpu().float(), q13.cpu(), q2.cpu(), w, ids, **cpu)
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+def _weight_only(scheme) -> bool:
+    sch = get_quant_scheme(scheme)
+    return sch.quantized and not sch.fp8_dot
+
+
+@pytest.mark.parametrize("scheme", list(QUANT_SCHEMES))
 @pytest.mark.parametrize("T", [1, 9])
 def test_fused_moe_triton_backend(scheme, T):
-    E, k, H, I = 4, 2, 40, 24
-    dtype = torch.bfloat16 if scheme == "int8_w8a16" else torch.float16
+    E, k = 4, 2
+    H, I = _dims(scheme, 40, 24)
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
     q13, q2, kw = _weights(E, H, I, scheme, dtype=dtype)
     x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
     logits = torch.randn(T, E, device=DEV)
@@ -94,6 +114,11 @@ def test_act_sum_quant_triton_backend():
     qa, sa = moe.quantize_activation(x, "fp8_token")
     rqa, rsa = reference.quantize_activation(x.cpu(), "fp8_token")
     assert torch.equal(qa.cpu().view(torch.uint8), rqa.view(torch.uint8))
+    w4 = torch.randn(2, 40, 64, device=DEV)
+    q4, s4 = moe.quantize_weight(w4, "int4_group", block_shape=[1, 32])
+    rq4, rs4 = reference.quantize_weight(w4.cpu(), "int4_group", [1, 32])
+    assert q4.dtype == torch.uint8 and q4.shape == (2, 40, 32) and s4.shape == (2, 40, 2)
+    assert torch.equal(q4.cpu(), rq4) and torch.equal(s4.cpu(), rs4)
 
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -102,10 +127,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(T=st.integers(1, 17), E=st.integers(2, 5), k=st.integers(1, 2), H=st.integers(4, 48), I=st.integers(2, 24),
-       scheme=st.sampled_from(list(SCHEMES)), activation=st.sampled_from(["silu", "gelu_tanh", "swigluoai", "silu_no_mul"]))
+       scheme=st.sampled_from(list(QUANT_SCHEMES)),
+       activation=st.sampled_from(["silu", "gelu_tanh", "swigluoai", "silu_no_mul"]))
 def test_fuzz_fused_moe_triton_vs_reference(T, E, k, H, I, scheme, activation):
     k = min(k, E)
-    dtype = torch.bfloat16 if scheme == "int8_w8a16" else torch.float16
+    H, I = _dims(scheme, H, I)
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
     q13, q2, kw = _weights(E, H, I, scheme, activation=activation, dtype=dtype)
     x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
     logits = torch.randn(T, E, device=DEV)
@@ -115,6 +142,6 @@ def test_fuzz_fused_moe_triton_vs_reference(T, E, k, H, I, scheme, activation):
     # Tiny H/I give outputs near fp16's subnormal range (~1e-7, spacing 6e-8), where SQNR measures the
     # output format, not the kernel: such cases are judged by absolute error instead.
     if ref.abs().max() > 1e-4:
-        assert sqnr_db(ref, out) > (30 if scheme in ("none", "int8_w8a16") else 20)
+        assert sqnr_db(ref, out) > (20 if get_quant_scheme(scheme).fp8_dot else 30)
     else:
         assert (ref - out).abs().max() < 2e-6

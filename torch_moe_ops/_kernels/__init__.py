@@ -1,14 +1,18 @@
 """Triton kernels and their launchers. Importing a submodule needs Triton; launchers take validated,
-canonical arguments (the ops layer checks everything first) and run on CUDA tensors, or on CPU tensors
-under ``TRITON_INTERPRET=1``.
+canonical arguments (the ops layer checks everything first and resolves names into the registry objects
+of ``torch_moe_ops.schemes``) and run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
 
-Launchers (one module each):
+Launchers (one module each; ``_numerics`` holds the shared ``@triton.jit`` rounding / scale helpers):
 - ``routing.topk_route(router_logits, top_k, renormalize, scoring_func, num_expert_group, topk_group,
   e_score_correction_bias, routed_scaling_factor) -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)``
 - ``align.align_block_size(topk_ids, num_experts, block_size, expert_map) -> (sorted_ids, expert_ids, num_post_pad)``
-- ``activation.act_and_mul(x, activation, alpha, limit, out=None)``,
-  ``activation.moe_sum(x, out=None, topk_ids=None, expert_map=None, num_experts=0)``
-- ``quant.quantize_weight_into(w, qweight, scale, scheme, block_shape, shards)``,
-  ``quant.quantize_activation(x, scheme, group_size) -> (q, scale)``
-- ``fused_experts.fused_experts(...)``: the whole expert pipeline (align, quantize, GEMM1, act, GEMM2, sum).
+- ``activation.act_and_mul(x, act, alpha, limit, out=None)``,
+  ``activation.act_and_quant(x, act, alpha, limit, aq, group) -> (q, scale)``,
+  ``activation.quantize_activation(x, aq, group) -> (q, scale)``
+- ``moe_sum.moe_sum(x, out=None, topk_ids=None, expert_map=None, num_experts=0)``
+- ``quant.quantize_weight_into(w, qweight, scale, fmt, block, shards)`` (per tensor: ``quant_tensor``)
+- ``gemm.invoke_moe_gemm(a, w, c, sorted_ids, expert_ids, num_post_pad, *, top_k, config, scheme, ...)``
+- ``fused_experts.fused_experts(x, w13, w2, topk_weights, topk_ids, act, scheme, w13_scale, w2_scale,
+  w13_bias, w2_bias, block, expert_map, on_input, alpha, limit)``: the whole expert pipeline.
+- ``configs.get_config(T, E, N, K, scheme, block, device, *, top_k)``: the GEMM's tiles.
 """

@@ -1,10 +1,12 @@
-"""Activations between the GEMMs (spec §6), the fused activation + fp8 quantization, and moe_sum (§8.2).
+"""Activations between the GEMMs (docs/design.md §6), fused with fp8 quantization (§3), and the activation
+quantization itself (``quantize_activation`` = the identity activation + quantize).
 
-All math is fp32. Gated activations read ``x: [M, 2I]`` in the halves layout (gate = columns ``[0, I)``,
-up = ``[I, 2I)``) or, for ``swigluoai``, interleaved (gate = even, up = odd columns; loaded as one
-``[..., 2]`` vector and split). ``limit > 0`` clamps the gate from above and the up half on both sides
-(clamped swiglu) for every gated activation. Rows may be strided (``stride(-1) == 1``); the row count
-is never specialized.
+All math is fp32. The kernels take the ``Activation`` object as constexprs: ``ACT`` (its ``kernel``
+name, a string constexpr), ``GATED``, ``INTERLEAVED``, ``SWIGLU_OAI`` and ``CLAMP``. Gated activations
+read ``x: [M, 2I]`` in the halves layout (gate = columns ``[0, I)``, up = ``[I, 2I)``) or interleaved
+(gate = even, up = odd columns; loaded as one ``[..., 2]`` vector and split). ``limit > 0`` clamps the
+gate from above and the up half on both sides (clamped swiglu) for every gated activation. Rows may be
+strided (``stride(-1) == 1``); the row count is never specialized.
 """
 from __future__ import annotations
 
@@ -13,26 +15,23 @@ import triton
 import triton.language as tl
 
 from .._platform import interpret_mode
-from .._spec import FP8_DTYPE, canonical_activation, cdiv
-from .quant import _bf16_round, _quantize, _scale_of
+from ..schemes import FP8_DTYPE, FP8_MAX, IDENTITY, SCALE_EPS, Activation, ActivationQuant, cdiv
+from ._numerics import _bf16_round, _quantize, _scale_of
 
 _ONE_PASS_MAX = 8192  # per-token quantization keeps rows up to this many outputs (pow2) in registers
-
-#: Kernel codes of the elementwise functions; "identity" serves quantize_activation.
-_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3, "identity": 4, "swigluoai": 5}
 
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
     """Elementwise f(x) in fp32 (written like the torch reference to stay within an ulp or two)."""
-    if ACT == 0:  # silu
+    if ACT == "silu":
         return x / (1.0 + tl.exp(-x))
-    elif ACT == 1:  # gelu (erf)
+    elif ACT == "gelu":  # erf form
         return 0.5 * x * (1.0 + tl.erf(x / 1.4142135623730951))
-    elif ACT == 2:  # gelu (tanh): 0.5 x (1 + tanh(y)) == x / (1 + exp(-2y)), without the cancellation
+    elif ACT == "gelu_tanh":  # 0.5 x (1 + tanh(y)) == x / (1 + exp(-2y)), without the cancellation
         y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         return x / (1.0 + tl.exp(-2.0 * y))
-    elif ACT == 3:  # relu2
+    elif ACT == "relu2":
         r = tl.maximum(x, 0.0)
         return r * r
     else:  # identity
@@ -40,8 +39,8 @@ def _act(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_tile(ptrs, mask, half, alpha, limit,
-              ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMP: tl.constexpr):
+def _act_tile(ptrs, mask, half, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
+              SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr):
     """Activation of a tile of outputs (any rank). ``ptrs`` point at each output's gate element (for
     INTERLEAVED: at its (gate, up) pair); the up element is ``half`` further (halves layout). -> fp32."""
     if not GATED:
@@ -56,7 +55,7 @@ def _act_tile(ptrs, mask, half, alpha, limit,
         lim = tl.cast(limit, tl.float32)
         g = tl.minimum(g, lim)
         u = tl.minimum(tl.maximum(u, -lim), lim)
-    if ACT == 5:  # swigluoai: (u + 1) * g * sigmoid(alpha * g)
+    if SWIGLU_OAI:  # (u + 1) * g * sigmoid(alpha * g)
         return (u + 1.0) * g * tl.sigmoid(tl.cast(alpha, tl.float32) * g)
     return _act(g, ACT) * u
 
@@ -64,8 +63,8 @@ def _act_tile(ptrs, mask, half, alpha, limit,
 @triton.jit(do_not_specialize=["M"])
 def _act_and_mul_kernel(
     x_ptr, out_ptr, M, n_out, half, stride_xm, stride_om, alpha, limit,
-    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SWIGLU_OAI: tl.constexpr,
+    CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """x: [M, n_out * (2 if GATED else 1)] -> out: [M, n_out] in out's dtype; grid (M-blocks, n-blocks)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,7 +72,7 @@ def _act_and_mul_kernel(
     mask = (rows < M)[:, None] & (cols < n_out)[None, :]
     step = 2 if INTERLEAVED else 1
     ptrs = x_ptr + rows[:, None] * stride_xm + step * cols[None, :]
-    y = _act_tile(ptrs, mask, half, alpha, limit, ACT, GATED, INTERLEAVED, CLAMP)
+    y = _act_tile(ptrs, mask, half, alpha, limit, ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
     if EMULATE_BF16:
         y = _bf16_round(y)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -82,7 +81,8 @@ def _act_and_mul_kernel(
 @triton.jit(do_not_specialize=["M"])
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, n_out, half, stride_xm, stride_qm, stride_sm, alpha, limit,
-    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMP: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SWIGLU_OAI: tl.constexpr,
+    CLAMP: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
     GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
@@ -100,20 +100,21 @@ def _act_quant_kernel(
         cols = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [NG, GROUP]
         mask = mask_m[:, None, None] & (cols < n_out)[None, :, :]
         y = _act_tile(x_row[:, None, None] + step * cols[None, :, :], mask, half, alpha, limit,
-                      ACT, GATED, INTERLEAVED, CLAMP)
+                      ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
         y = tl.where(mask, y, 0.0)
-        scale, inv = _scale_of(tl.max(tl.abs(y), axis=2), 448.0)  # [BLOCK_M, NG]
-        q = _quantize(y, inv[:, :, None], False, EMULATE_FP8)
+        scale, inv = _scale_of(tl.max(tl.abs(y), axis=2), QMAX, EPS)  # [BLOCK_M, NG]
+        q = _quantize(y, inv[:, :, None], QMAX, False, EMULATE_FP8)
         tl.store(q_row[:, None, None] + cols[None, :, :], q, mask=mask)
         tl.store(s_ptr + rows[:, None] * stride_sm + grp[None, :], scale,
                  mask=mask_m[:, None] & (grp * GROUP < n_out)[None, :])
     elif ONE_PASS:
         cols = tl.arange(0, BLOCK_N)
         mask = mask_m[:, None] & (cols < n_out)[None, :]
-        y = _act_tile(x_row[:, None] + step * cols[None, :], mask, half, alpha, limit, ACT, GATED, INTERLEAVED, CLAMP)
+        y = _act_tile(x_row[:, None] + step * cols[None, :], mask, half, alpha, limit,
+                      ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
         y = tl.where(mask, y, 0.0)
-        scale, inv = _scale_of(tl.max(tl.abs(y), axis=1), 448.0)
-        tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], False, EMULATE_FP8), mask=mask)
+        scale, inv = _scale_of(tl.max(tl.abs(y), axis=1), QMAX, EPS)
+        tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8), mask=mask)
         tl.store(s_ptr + rows * stride_sm, scale, mask=mask_m)
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -121,52 +122,23 @@ def _act_quant_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             mask = mask_m[:, None] & (cols < n_out)[None, :]
             y = _act_tile(x_row[:, None] + step * cols[None, :], mask, half, alpha, limit,
-                          ACT, GATED, INTERLEAVED, CLAMP)
+                          ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
             amax = tl.maximum(amax, tl.max(tl.abs(tl.where(mask, y, 0.0)), axis=1))
-        scale, inv = _scale_of(amax, 448.0)
+        scale, inv = _scale_of(amax, QMAX, EPS)
         for n0 in range(0, n_out, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             mask = mask_m[:, None] & (cols < n_out)[None, :]
             y = _act_tile(x_row[:, None] + step * cols[None, :], mask, half, alpha, limit,
-                          ACT, GATED, INTERLEAVED, CLAMP)
-            tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], False, EMULATE_FP8), mask=mask)
+                          ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
+            tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8),
+                     mask=mask)
         tl.store(s_ptr + rows * stride_sm, scale, mask=mask_m)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _moe_sum_kernel(x_ptr, out_ptr, ids_ptr, map_ptr, T, H, E, stride_xt, stride_xk, stride_ot, stride_it, stride_ik,
-                    TOP_K: tl.constexpr, K_P2: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr,
-                    MASKED: tl.constexpr, HAS_MAP: tl.constexpr):
-    """x: [T, TOP_K, H] -> out: [T, H], fp32 accumulation; grid (T, H-blocks). With MASKED, slot j of token t
-    counts only if ids[t, j] is in [0, E) (and map[ids] >= 0): other slots are never read (may hold garbage)."""
-    t = tl.program_id(0).to(tl.int64)
-    offs_k = tl.arange(0, K_P2)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    slot_ok = offs_k < TOP_K
-    if MASKED:
-        ids = tl.load(ids_ptr + t * stride_it + offs_k * stride_ik, mask=slot_ok, other=-1).to(tl.int64)
-        slot_ok &= (ids >= 0) & (ids < E)
-        if HAS_MAP:  # the same rule as the alignment's _local_ids
-            local = tl.load(map_ptr + ids, mask=slot_ok, other=-1)
-            slot_ok &= (local >= 0) & (local < E)
-    mask = slot_ok[:, None] & (offs_h < H)[None, :]
-    x = tl.load(x_ptr + t * stride_xt + offs_k[:, None] * stride_xk + offs_h[None, :], mask=mask, other=0.0)
-    y = tl.sum(x.to(tl.float32), axis=0)
-    if EMULATE_BF16:
-        y = _bf16_round(y)
-    tl.store(out_ptr + t * stride_ot + offs_h, y.to(out_ptr.dtype.element_ty), mask=offs_h < H)
-
-
-def _parse(activation: str):
-    """-> (code, gated, interleaved)."""
-    name = "identity" if activation == "identity" else canonical_activation(activation)
-    if name.endswith("_no_mul"):
-        return _ACT_CODES[name[: -len("_no_mul")]], False, False
-    return _ACT_CODES[name], name != "identity", name == "swigluoai"
-
-
-def _emulate_bf16(out: torch.Tensor) -> bool:
-    return out.dtype == torch.bfloat16 and interpret_mode()
+def _act_meta(act: Activation, limit: float) -> dict:
+    """The kernels' activation constexprs."""
+    return dict(ACT=act.kernel, GATED=act.gated, INTERLEAVED=act.interleaved, SWIGLU_OAI=act.swiglu_oai,
+                CLAMP=act.clamps(limit))
 
 
 def _col_block(n: int, cap: int = 1024) -> int:
@@ -177,14 +149,14 @@ def _col_block(n: int, cap: int = 1024) -> int:
     return bn
 
 
-def act_and_mul(x: torch.Tensor, activation: str = "silu", alpha: float = 1.702, limit: float = 0.0,
+def act_and_mul(x: torch.Tensor, act: Activation, alpha: float, limit: float,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, N] (``stride(-1) == 1``, rows may be strided) -> [M, N/2] for gated activations, [M, N]
-    for ``*_no_mul``, in x's dtype (or ``out``'s: [M, n_out], ``stride(-1) == 1``); fp32 math."""
-    code, gated, interleaved = _parse(activation)
+    otherwise, in x's dtype (or ``out``'s: [M, n_out], ``stride(-1) == 1``); fp32 math. ``alpha`` /
+    ``limit``: resolved floats (``act.alpha(...)``, ``act.limit(...)``)."""
     M, N = x.shape
     assert x.stride(-1) == 1, "x must have a contiguous last dim"
-    n_out = N // 2 if gated else N
+    n_out = N // 2 if act.gated else N
     if out is None:
         out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     if M == 0 or n_out == 0:
@@ -192,36 +164,25 @@ def act_and_mul(x: torch.Tensor, activation: str = "silu", alpha: float = 1.702,
     bn = _col_block(n_out)
     bm = max(1, min(64, 4096 // bn))
     _act_and_mul_kernel[(cdiv(M, bm), cdiv(n_out, bn))](
-        x, out, M, n_out, n_out, x.stride(0), out.stride(0), float(alpha), float(limit),
-        ACT=code, GATED=gated, INTERLEAVED=interleaved, CLAMP=gated and limit > 0,
-        BLOCK_M=bm, BLOCK_N=bn, EMULATE_BF16=_emulate_bf16(out), num_warps=4,
+        x, out, M, n_out, n_out, x.stride(0), out.stride(0), float(alpha), float(limit), **_act_meta(act, limit),
+        BLOCK_M=bm, BLOCK_N=bn, EMULATE_BF16=out.dtype == torch.bfloat16 and interpret_mode(), num_warps=4,
     )
     return out
 
 
-def act_and_quant(x: torch.Tensor, activation: str = "silu", alpha: float = 1.702, limit: float = 0.0,
-                  scheme: str = "fp8_token", group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, N] -> (q [M, n_out] fp8 e4m3fn, scale fp32 [M, 1] (fp8_token) or [M, cdiv(n_out, g)]
-    (fp8_group)); equals ``quantize_activation(act_and_mul_fp32(x))`` in one pass (no fp32 round trip
-    through memory). ``group_size`` must be a power of two."""
-    code, gated, interleaved = _parse(activation)
+def act_and_quant(x: torch.Tensor, act: Activation, alpha: float, limit: float, aq: ActivationQuant,
+                  group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, N] -> (q [M, n_out] fp8 e4m3fn, scale fp32 [M, aq.scale_cols(n_out, group)]: [M, 1] per
+    token, [M, cdiv(n_out, group)] grouped); equals ``aq.quantize(act.reference(x))`` in one pass (no fp32
+    round trip through memory). A grouped ``aq`` needs ``group`` to be a power of two."""
     M, N = x.shape
     assert x.stride(-1) == 1, "x must have a contiguous last dim"
-    n_out = N // 2 if gated else N
+    n_out = N // 2 if act.gated else N
     q = torch.empty((M, n_out), dtype=FP8_DTYPE, device=x.device)
-    meta = dict(ACT=code, GATED=gated, INTERLEAVED=interleaved, CLAMP=gated and limit > 0,
-                EMULATE_FP8=interpret_mode())
-    if scheme == "fp8_token":
-        scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-        n_p2 = triton.next_power_of_2(max(n_out, 1))
-        one_pass = n_p2 <= _ONE_PASS_MAX
-        bn = n_p2 if one_pass else min(4096, _ONE_PASS_MAX)
-        bm = max(1, min(16, 2048 // bn))
-        grid = (cdiv(M, bm), 1)
-        meta.update(GROUP=0, NG=1, BLOCK_M=bm, BLOCK_N=bn, ONE_PASS=one_pass, num_warps=8 if bn >= 4096 else 4)
-    elif scheme == "fp8_group":
-        g = int(group_size)
-        assert g > 0 and g & (g - 1) == 0, "group_size must be a power of two"
+    meta = dict(**_act_meta(act, limit), QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=interpret_mode())
+    if aq.grouped:
+        g = int(group)
+        assert g > 0 and g & (g - 1) == 0, "group must be a power of two"
         groups = cdiv(n_out, g)
         scale = torch.empty((M, groups), dtype=torch.float32, device=x.device)
         ng = max(1, min(triton.next_power_of_2(groups), 1024 // g))
@@ -229,7 +190,13 @@ def act_and_quant(x: torch.Tensor, activation: str = "silu", alpha: float = 1.70
         grid = (cdiv(M, bm), cdiv(groups, ng))
         meta.update(GROUP=g, NG=ng, BLOCK_M=bm, BLOCK_N=ng * g, ONE_PASS=True, num_warps=4)
     else:
-        raise ValueError(f"unknown activation scheme {scheme!r}")
+        scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+        n_p2 = triton.next_power_of_2(max(n_out, 1))
+        one_pass = n_p2 <= _ONE_PASS_MAX
+        bn = n_p2 if one_pass else min(4096, _ONE_PASS_MAX)
+        bm = max(1, min(16, 2048 // bn))
+        grid = (cdiv(M, bm), 1)
+        meta.update(GROUP=0, NG=1, BLOCK_M=bm, BLOCK_N=bn, ONE_PASS=one_pass, num_warps=8 if bn >= 4096 else 4)
     if M == 0 or n_out == 0:
         return q, scale
     _act_quant_kernel[grid](x, q, scale, M, n_out, n_out, x.stride(0), q.stride(0), scale.stride(0),
@@ -237,25 +204,7 @@ def act_and_quant(x: torch.Tensor, activation: str = "silu", alpha: float = 1.70
     return q, scale
 
 
-def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None, topk_ids: torch.Tensor | None = None,
-            expert_map: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
-    """x: [T, k, H] (``stride(-1) == 1``) -> out: [T, H] in x's dtype (or out's), summed in fp32.
-
-    With ``topk_ids`` [T, k] int32/int64, slots whose id is outside [0, num_experts) or maps to −1 in
-    ``expert_map`` [num_experts] int32 are skipped without being read (the pipeline leaves them unwritten)."""
-    T, k, H = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if out is None:
-        out = torch.empty((T, H), dtype=x.dtype, device=x.device)
-    if T == 0 or H == 0:
-        return out
-    bh = min(triton.next_power_of_2(H), max(128, 4096 // triton.next_power_of_2(k)))
-    masked = topk_ids is not None
-    ids = topk_ids if masked else x  # any pointer: unused unless MASKED
-    _moe_sum_kernel[(T, cdiv(H, bh))](
-        x, out, ids, expert_map if expert_map is not None else ids, T, H, num_experts,
-        x.stride(0), x.stride(1), out.stride(0), ids.stride(0) if masked else 0, ids.stride(1) if masked else 0,
-        TOP_K=k, K_P2=triton.next_power_of_2(k), BLOCK_H=bh, EMULATE_BF16=_emulate_bf16(out),
-        MASKED=masked, HAS_MAP=expert_map is not None, num_warps=4)
-    return out
+def quantize_activation(x: torch.Tensor, aq: ActivationQuant, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, K] any float, ``stride(-1) == 1`` -> (q [T, K] fp8 e4m3fn, scale fp32 [T, aq.scale_cols(K,
+    group)]); one pass, T not specialized: the activation + quantize kernel with the identity."""
+    return act_and_quant(x, IDENTITY, 0.0, 0.0, aq, group)

@@ -1,4 +1,4 @@
-"""Token alignment (spec §7): group (token, slot) pairs by local expert, pad each run to the block size.
+"""Token alignment (docs/design.md §7): group (token, slot) pairs by local expert, pad each run to the block size.
 
 Layout (``E`` experts, block size ``B``, ``numel = T*k``, ``EB = next_pow2(E + 1)`` histogram bins; bin
 ``E`` collects dropped pairs: non-local under ``expert_map``, or ids outside ``[0, E)``)::

@@ -1,4 +1,5 @@
-"""Tile configs for the grouped MoE GEMM: spec §8.1 heuristics, per-device tuned tables, interpreter tiles.
+"""Tile configs for the grouped MoE GEMM: docs/design.md §8.1 heuristics, per-device tuned tables, interpreter
+tiles.
 
 Tuned tables live in ``torch_moe_ops/_kernels/tuned/*.json`` (written by ``benchmarks/tune.py``)::
 
@@ -7,12 +8,14 @@ Tuned tables live in ``torch_moe_ops/_kernels/tuned/*.json`` (written by ``bench
                   "configs": {"1": {"block_m": 16, "block_n": 64, "block_k": 128, "group_m": 1,
                                     "num_warps": 4, "num_stages": 4}, "64": {...}}}]}
 
-An entry is keyed by ``(device name, E local, N, K, scheme key)`` (N, K of *this* GEMM: GEMM1 is
-``(2I or I, H)``, GEMM2 ``(H, I)``) and maps a token count T to a config. Lookup takes the entry of the
-smallest tuned T ≥ T, else the largest tuned T: a config tuned for more rows than we have is safe (at
-worst a little padding), while snapping down to a smaller-T config could pick tiny tiles for a large
-batch (spec §12.6). No table, or a config that the scheme cannot use, falls back to the heuristic.
-``block_m`` is also the alignment block size. ``benchmarks/tune.py`` writes the tables.
+An entry is keyed by ``(device name, E local, N, K, scheme.table_key(block))`` (N, K of *this* GEMM, K
+logical: GEMM1 is ``(2I or I, H)``, GEMM2 ``(H, I)``; the key is the scheme name, plus the scale tile for
+tiled schemes: ``fp8_block_128x128``, ``int4_w4a16_1x128``) and maps a token count T to a config. Lookup
+takes the entry of the smallest tuned T ≥ T, else the largest tuned T: a config tuned for more rows than
+we have is safe (at worst a little padding), while snapping down to a smaller-T config could pick tiny
+tiles for a large batch (docs/design.md §12.6). No table, or a config that the scheme cannot use, falls
+back to the heuristic. ``block_m`` is also the alignment block size. ``benchmarks/tune.py`` writes the
+tables.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .._platform import interpret_mode
-from .._spec import DEFAULT_BLOCK_SHAPE
+from ..schemes import QuantScheme
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 #: Extra directory of tuned JSON files (searched after the packaged one; its entries win on clashes).
@@ -51,14 +54,6 @@ class TileConfig:
         return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
 
 
-def scheme_key(quant_scheme: str, block_shape=None) -> str:
-    """Table key of a quant scheme: block fp8 carries its block shape (``fp8_block_128x128``)."""
-    if quant_scheme == "fp8_block":
-        bn, bk = block_shape or DEFAULT_BLOCK_SHAPE
-        return f"fp8_block_{bn}x{bk}"
-    return quant_scheme
-
-
 def _shrink_to(x: int, cap: int) -> int:
     """Smallest power of two ≥ x (at least 16), capped at ``cap``: tiles never dwarf a tiny dim."""
     p = 16
@@ -68,46 +63,64 @@ def _shrink_to(x: int, cap: int) -> int:
 
 
 def _fit_block_k(block_k: int, group_k: int, floor: int = 32) -> int:
-    """Largest power-of-two BLOCK_K ≤ block_k dividing the fp8 block's K size (spec §3). The floor is 32
-    on GPUs (an fp8 ``tl.dot`` needs K ≥ 32); the interpreter accepts 16."""
+    """Largest power-of-two BLOCK_K <= block_k dividing the scale tile's K size (docs/design.md §3): a K step
+    then lies in one tile. The floor is 32 for fp8 dots on GPUs (an fp8 ``tl.dot`` needs K >= 32), 16
+    otherwise (and in the interpreter)."""
     while block_k > floor and group_k % block_k:
         block_k //= 2
     if group_k % block_k:
-        raise ValueError(f"block_shape[1] = {group_k}: fp8_block on the GPU needs a block K size with a power-of-two "
+        raise ValueError(f"block_shape[1] = {group_k}: the GPU needs a scale tile K size with a power-of-two "
                          f"divisor >= {floor} (an fp8 tl.dot needs K >= 32), e.g. 32, 64 or 128")
     return block_k
 
 
-def default_config(
-    T: int, E: int, N: int, K: int, quant_scheme: str = "none", block_shape=None, *, top_k: int
-) -> TileConfig:
-    """Heuristic tiles for T tokens routed to ``top_k`` of E experts; sound for any shape (tiny N/K shrink
-    the tiles), used when no tuned entry exists.
+def _min_block_k(scheme: QuantScheme) -> int:
+    """Packed weights (int4: 2 per byte) run one tl.dot per value of a byte, each needing K >= 16."""
+    return 16 * (scheme.weight.pack if scheme.quantized else 1)
 
-    fp8_block follows spec §8.1. The other schemes depart from §8.1 (which keys BLOCK_M on T) after
-    tuning Mixtral, Qwen3-30B-A3B and GPT-OSS-20B shapes on an H100 (``tuned/NVIDIA_H100_80GB_HBM3.json``):
-    the best BLOCK_M tracks the rows per expert ``r = T·k/E``, at about ``next_pow2(2r)`` in [16, 128];
-    GROUP_M = 16 once an expert spans several row blocks (its blocks then read its weight tiles from L2
-    once: Mixtral T=1024 GEMM1 1.55 ms → 1.10 ms); large tiles are 128×256 with 4 stages (17–20 % faster
-    than 128×128×3 at T = 16384); fp8 decode tiles use 3 stages (Qwen3 fp8 T=1 GEMM2: 89 µs with 4, 12 µs
-    with 3)."""
-    if quant_scheme == "fp8_block":
-        group_k = (block_shape or DEFAULT_BLOCK_SHAPE)[1]
+
+def _block(scheme: QuantScheme, block) -> tuple[int, int] | None:
+    """The scale tile as a tuple (the scheme's default when a tiled scheme gets None; None when untiled)."""
+    if not scheme.tiled:
+        return None
+    return tuple(block) if block is not None else scheme.block_shape(None)
+
+
+def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=None, *, top_k: int) -> TileConfig:
+    """Heuristic tiles for T tokens routed to ``top_k`` of E experts; sound for any shape (tiny N/K shrink
+    the tiles), used when no tuned entry exists. K is the logical reduction size.
+
+    fp8 block scales follow docs/design.md §8.1. The other schemes depart from §8.1 (which keys BLOCK_M on
+    T) after tuning Mixtral, Qwen3-30B-A3B and GPT-OSS-20B shapes on an H100
+    (``tuned/NVIDIA_H100_80GB_HBM3.json``): the best BLOCK_M tracks the rows per expert ``r = T·k/E``, at
+    about ``next_pow2(2r)`` in [16, 128]; GROUP_M = 16 once an expert spans several row blocks (its blocks
+    then read its weight tiles from L2 once: Mixtral T=1024 GEMM1 1.55 ms → 1.10 ms); large tiles are
+    128×256 with 4 stages (17–20 % faster than 128×128×3 at T = 16384); fp8 decode tiles use 3 stages
+    (Qwen3 fp8 T=1 GEMM2: 89 µs with 4, 12 µs with 3). int4 takes 16 x 128 tiles up to 64 rows per expert
+    and the 16-bit tiles beyond (within 3 % of the best of 13 tiles at T = 4096 on H200), BLOCK_K cut to
+    divide the group and at least 32 (measured with G = 128 only; no tuned tables yet)."""
+    block = _block(scheme, block)
+    fp8 = scheme.fp8_dot
+    if scheme.flags.BLOCK_SCALES:
         cfg = TileConfig(
             block_m=16 if T <= 64 else 64,
             block_n=128,
-            block_k=_fit_block_k(128, group_k),
+            block_k=_fit_block_k(128, block[1]),
             group_m=1 if T <= 16 else 32,
             num_warps=4,
             num_stages=3,
         )
     else:
-        fp8 = quant_scheme in ("fp8_tensor", "fp8_channel")
         rows_per_expert = T * top_k / max(E, 1)
         block_m = 16
         while block_m < 128 and block_m < 2 * rows_per_expert:
             block_m *= 2
-        if block_m <= 32:  # decode: memory bound, many narrow column tiles keep every SM streaming weights
+        if scheme.flags.W_INT4 and rows_per_expert <= 64:
+            # int4 unpacks in registers: 16 x 128 tiles up to 64 rows per expert (H200, G = 128: Qwen3 GEMM1
+            # T=1 69 -> 31 us, T=256 727 -> 315 us; Mixtral GEMM1 T=256 2947 -> 2161 us)
+            block_m = 16
+            tiles = dict(block_n=128, block_k=128, num_warps=4, num_stages=4)
+        elif block_m <= 32:  # decode: memory bound, many narrow column tiles keep every SM streaming weights
             # ...except fp8 with a handful of rows (Qwen3 fp8_tensor T=1 GEMM1 on H100: 114.5 us at 64, 21.6 at 128)
             block_n = 128 if fp8 and T * top_k <= 64 else 64
             tiles = dict(block_n=block_n, block_k=128, num_warps=4, num_stages=3 if fp8 else 4)
@@ -117,18 +130,19 @@ def default_config(
             tiles = dict(block_n=256, block_k=128 if fp8 else 64, num_warps=8, num_stages=4)
         cfg = TileConfig(block_m=block_m, group_m=16 if rows_per_expert > block_m else 1, **tiles)
     block_k = _shrink_to(K, cfg.block_k)
-    if quant_scheme in ("fp8_tensor", "fp8_channel"):
+    if fp8:
         block_k = max(block_k, 32)  # an fp8 tl.dot needs K >= 32 on the GPU; a tiny K is masked instead
-    if quant_scheme == "fp8_block":
-        block_k = _fit_block_k(max(block_k, 32), (block_shape or DEFAULT_BLOCK_SHAPE)[1])
+    block_k = max(block_k, _min_block_k(scheme))
+    if scheme.tiled:
+        block_k = _fit_block_k(block_k, block[1], floor=max(32 if fp8 else 16, _min_block_k(scheme)))
     return dataclasses.replace(cfg, block_n=_shrink_to(N, cfg.block_n), block_k=block_k)
 
 
-def interpreter_config(quant_scheme: str = "none", block_shape=None) -> TileConfig:
+def interpreter_config(scheme: QuantScheme, block=None) -> TileConfig:
     """Small tiles for CPU interpreter runs (each program is simulated in NumPy: keep tiles tiny)."""
     block_k = 32
-    if quant_scheme == "fp8_block":
-        block_k = _fit_block_k(32, (block_shape or DEFAULT_BLOCK_SHAPE)[1], floor=16)
+    if scheme.tiled:
+        block_k = _fit_block_k(32, _block(scheme, block)[1], floor=_min_block_k(scheme))
     return TileConfig(block_m=16, block_n=32, block_k=block_k, group_m=1, num_warps=4, num_stages=1)
 
 
@@ -167,9 +181,13 @@ def lookup_tuned(table: dict[int, TileConfig], T: int) -> TileConfig:
     return table[min(above)] if above else table[max(table)]
 
 
-def _usable(cfg: TileConfig, quant_scheme: str, block_shape) -> bool:
-    if quant_scheme == "fp8_block":
-        return (block_shape or DEFAULT_BLOCK_SHAPE)[1] % cfg.block_k == 0
+def _usable(cfg: TileConfig, scheme: QuantScheme, block) -> bool:
+    """A tuned config fits the scheme: BLOCK_K divides the scale tile's K size (so is at most it) and is a
+    multiple of what packed weights need."""
+    if cfg.block_k % _min_block_k(scheme):
+        return False
+    if scheme.tiled:
+        return block[1] % cfg.block_k == 0
     return True
 
 
@@ -178,32 +196,31 @@ def get_config(
     E: int,
     N: int,
     K: int,
-    quant_scheme: str = "none",
-    block_shape=None,
+    scheme: QuantScheme,
+    block=None,
     device: torch.device | None = None,
     *,
     top_k: int,
 ) -> TileConfig:
     """Config for one grouped GEMM of T tokens, each routed to ``top_k`` of E local experts, with weights
-    [E, N, K].
+    [E, N, K] (K logical). ``block``: the canonical scale tile (None for untiled schemes).
 
     Order: interpreter tiles (CPU tensors / TRITON_INTERPRET=1) → tuned table of this device → §8.1
     heuristic. Pure host logic on shapes: no device sync, same answer for the same shapes."""
     if interpret_mode() or device is None or device.type != "cuda":
-        return interpreter_config(quant_scheme, block_shape)
+        return interpreter_config(scheme, block)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    block_shape = tuple(block_shape) if block_shape is not None else None
-    return _cuda_config(T, E, N, K, quant_scheme, block_shape, top_k, device_name(index),
+    return _cuda_config(T, E, N, K, scheme, _block(scheme, block), top_k, device_name(index),
                         os.environ.get(TUNED_DIR_ENV))
 
 
 @functools.lru_cache(maxsize=4096)
-def _cuda_config(T, E, N, K, quant_scheme, block_shape, top_k, dev_name, extra_dir) -> TileConfig:
+def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, extra_dir) -> TileConfig:
     """Cached: a decode step pays a dict lookup, not a directory scan (key includes the table location)."""
     tables = _load_tables(tuple(_tuned_files(extra_dir)))
-    table = tables.get((dev_name, E, N, K, scheme_key(quant_scheme, block_shape)))
+    table = tables.get((dev_name, E, N, K, scheme.table_key(block)))
     if table:
         cfg = lookup_tuned(table, T)
-        if _usable(cfg, quant_scheme, block_shape):
+        if _usable(cfg, scheme, block):
             return cfg
-    return default_config(T, E, N, K, quant_scheme, block_shape, top_k=top_k)
+    return default_config(T, E, N, K, scheme, block, top_k=top_k)

@@ -1,5 +1,5 @@
-"""Grouped MoE GEMM (spec §8 steps 3 and 5): rows gathered through ``sorted_ids``, one expert per BLOCK_M
-block, dequantization / bias / routing weight fused into the epilogue.
+"""Grouped MoE GEMM (docs/design.md §8 steps 3 and 5): rows gathered through ``sorted_ids``, one expert per
+BLOCK_M block, dequantization / bias / routing weight fused into the epilogue (or the K loop).
 
 Layout the kernel reads (one launch covers every expert):
 
@@ -9,23 +9,58 @@ Layout the kernel reads (one launch covers every expert):
 - ``num_post_pad [1] int32`` (device): programs with ``pid_m·BLOCK_M >= num_post_pad`` exit at once.
 - A row of pair j is ``j // A_DIV`` (``A_DIV = top_k`` for GEMM1 on ``x [T, K]``, 1 for GEMM2 on
   ``[T·k, K]``); the output row is always j, so ``c`` is ``[T·k, N]``.
-- Weights ``[E, N, K]`` with K contiguous; every other stride may be padded.
+- Weights ``[E, N, K]`` with K contiguous (int4: ``[E, N, K / 2]`` bytes, element 2j in the low nibble);
+  every other stride may be padded.
 
+The quant scheme arrives as its ``GemmFlags`` (named bool constexprs); a False flag prunes its code (the
+PTX of every pre-int4 scheme is line for line the one of the former ``SCHEME`` int constexpr; H200,
+triton 3.6). int4 (``W_INT4``) loads each weight byte once and runs two BLOCK_K/2 dots per K step, even
+k against the low nibbles and odd k against the high ones; measured on H200 with G = 128 it beats int8 at
+decode for Qwen3-30B GEMM1 (T=1: 31 vs 55 us) but is ~5x slower than int8 in prefill (Mixtral GEMM1
+T=4096: 23.8 vs 4.7 ms): the register unpack and split dots bound it there.
 Token counts are runtime arguments in ``do_not_specialize`` (never constexpr), so a sweep over T compiles
 the kernel once; all offsets that scale with tokens or experts are int64 (``T·k·N > 2³¹`` is fine).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .._platform import interpret_mode
-from .._spec import cdiv
+from ..schemes import QuantScheme, cdiv
+from ._numerics import _bf16_round, _int4_unpack
 from .configs import TileConfig
 
-#: quant scheme -> the kernel's SCHEME constexpr.
-SCHEME_IDS = {"none": 0, "fp8_tensor": 1, "fp8_channel": 2, "fp8_block": 3, "int8_w8a16": 4}
+
+@triton.jit
+def _int4_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, k_left, scale_off,
+               W_GROUP_SCALE: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """One K step on packed int4 weights: ``a_ptrs`` [BM, BK/2, 2] (k = 2j, 2j + 1), ``b_ptrs`` [BK/2, BN]
+    bytes, each loaded once. Even k meet the low nibbles, odd k the high ones: two dots of BK/2, exact in
+    the activation dtype (|q| <= 8), then the group scale of each column (BLOCK_K divides the group)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=mask_token[:, None, None], other=0.0)
+        b = tl.load(b_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=mask_token[:, None, None] & (pair_k < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(2 * offs_j)[:, None] < k_left, other=0)
+    a_even, a_odd = tl.split(a)
+    b_lo, b_hi = _int4_unpack(b)
+    if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
+        a_even, a_odd = a_even.to(tl.float32), a_odd.to(tl.float32)
+    b_lo, b_hi = b_lo.to(a_even.dtype), b_hi.to(a_even.dtype)
+    if FP32_IEEE:
+        d = tl.dot(a_even, b_lo, input_precision="ieee")
+        d = tl.dot(a_odd, b_hi, d, input_precision="ieee")
+    else:
+        d = tl.dot(a_even, b_lo)
+        d = tl.dot(a_odd, b_hi, d)
+    if W_GROUP_SCALE:
+        d = d * tl.load(b_scale_ptrs + scale_off)[None, :]
+    return acc + d
 
 
 @triton.jit(do_not_specialize=["num_pid_m", "num_valid_tokens"])
@@ -37,9 +72,11 @@ def _moe_gemm_kernel(
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_biase, stride_biasn,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    A_DIV: tl.constexpr, SCHEME: tl.constexpr, TENSOR_SCALE_COLS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    A_DIV: tl.constexpr, TENSOR_SCALE_COLS: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    A_ROW_SCALE: tl.constexpr, W_TENSOR_SCALE: tl.constexpr, W_CHANNEL_SCALE: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_INT4: tl.constexpr,
 ):
     # GROUP_M swizzle: consecutive programs share a column band of B (one expert's weights) in L2.
     pid = tl.program_id(0)
@@ -72,55 +109,70 @@ def _moe_gemm_kernel(
     offs_bn = offs_cn % N
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = offs_token // A_DIV
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
-    if SCHEME == 3:
+    if W_INT4:  # byte j of a K step holds k = 2j (low nibble) and 2j + 1: A is read as [BM, BK / 2, 2] pairs
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        pair_k = 2 * offs_j[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, BK / 2, 2]
+        a_ptrs = a_ptr + a_rows[:, None, None] * stride_am + pair_k * stride_ak
+        b_ptrs = b_ptr + expert * stride_be + offs_j[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
+    else:
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
+    if BLOCK_SCALES:
         a_scale_ptrs = a_scale_ptr + a_rows * stride_asm
+    if BLOCK_SCALES or W_GROUP_SCALE:
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
-            b = tl.load(b_ptrs)
+        if W_INT4:
+            acc = _int4_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, K - kk * BLOCK_K,
+                             ((kk * BLOCK_K) // GROUP_K) * stride_bsk, W_GROUP_SCALE, EVEN_K, UPCAST, FP32_IEEE)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
-            k_left = K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns (pitfalls §2)
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        elif SCHEME == 4:  # int8 weight-only: dequantize to the activation dtype in registers
-            b = b.to(a.dtype)
-        if SCHEME == 3:  # 1 x GROUP_K activation groups and GROUP_N x GROUP_K weight blocks
-            kb = (kk * BLOCK_K) // GROUP_K
-            a_s = tl.load(a_scale_ptrs + kb * stride_ask, mask=mask_token, other=0.0)
-            b_s = tl.load(b_scale_ptrs + kb * stride_bsk)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        elif FP32_IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            elif W_CAST:  # integer weight-only: exact in the activation dtype, scaled after the dot
+                b = b.to(a.dtype)
+            if BLOCK_SCALES:  # 1 x GROUP_K activation groups and GROUP_N x GROUP_K weight blocks
+                kb = (kk * BLOCK_K) // GROUP_K
+                a_s = tl.load(a_scale_ptrs + kb * stride_ask, mask=mask_token, other=0.0)
+                b_s = tl.load(b_scale_ptrs + kb * stride_bsk)
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            elif FP32_IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     # Epilogue, all in fp32: dequantize, add bias, multiply by the routing weight, then downcast.
-    if SCHEME == 1 or SCHEME == 2:
+    if A_ROW_SCALE:
         a_s = tl.load(a_scale_ptr + a_rows * stride_asm, mask=mask_token, other=0.0)
-        if SCHEME == 2:
+        if W_CHANNEL_SCALE:
             b_s = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
             acc = acc * a_s[:, None] * b_s[None, :]
-        elif TENSOR_SCALE_COLS == 2:  # separate gate / up scales, looked up per column
+        elif W_TENSOR_SCALE and TENSOR_SCALE_COLS == 2:  # separate gate / up scales, looked up per column
             if INTERLEAVED:
                 half = offs_bn % 2
             else:
                 half = (offs_bn >= N // 2).to(tl.int32)
             b_s = tl.load(b_scale_ptr + expert * stride_bse + half * stride_bsn)
             acc = acc * a_s[:, None] * b_s[None, :]
-        else:
+        elif W_TENSOR_SCALE:
             b_s = tl.load(b_scale_ptr + expert * stride_bse)
             acc = acc * (a_s * b_s)[:, None]
-    elif SCHEME == 4:
+        else:
+            acc = acc * a_s[:, None]
+    elif W_CHANNEL_SCALE:
         b_s = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
         acc = acc * b_s[None, :]
     if HAS_BIAS:
@@ -130,15 +182,19 @@ def _moe_gemm_kernel(
         w = tl.load(topk_weights_ptr + offs_token, mask=mask_token, other=0.0)
         acc = acc * w.to(tl.float32)[:, None]
     if BF16_RTNE:  # interpreter only: its fp32 -> bf16 cast truncates; round to nearest even first
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        acc = bits.to(tl.float32, bitcast=True)
+        acc = _bf16_round(acc)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
+@functools.lru_cache(maxsize=None)
+def _flag_kwargs(flags) -> dict:
+    """``flags.kwargs()`` once per flag set (``dataclasses.asdict`` costs ~10 us a launch)."""
+    return flags.kwargs()
+
+
 def gemm_grid_rows(num_slots: int, numel: int, block_m: int) -> int:
-    """Row blocks to launch: ``cdiv(max_padded, BM)`` trimmed to ``numel`` (spec §8 small-T path): every
-    block below ``num_post_pad`` holds at least one real pair, so at most ``numel`` blocks are ever used."""
+    """Row blocks to launch: ``cdiv(max_padded, BM)`` trimmed to ``numel`` (docs/design.md §8 small-T path):
+    every block below ``num_post_pad`` holds at least one real pair, so at most ``numel`` blocks are used."""
     return min(cdiv(num_slots, block_m), numel)
 
 
@@ -152,35 +208,43 @@ def invoke_moe_gemm(
     *,
     top_k: int,
     config: TileConfig,
-    scheme: str = "none",
+    scheme: QuantScheme,
     a_scale: torch.Tensor | None = None,
     w_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     topk_weights: torch.Tensor | None = None,
-    block_shape: tuple[int, int] | None = None,
+    block: tuple[int, int] | None = None,
     interleaved: bool = False,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
-    a: [T or T·k, K] (x dtype, or fp8 e4m3fn for fp8 schemes), K contiguous.
-    w: [E, N, K] (x dtype, fp8 e4m3fn, or int8 for ``int8_w8a16``), K contiguous, other strides free.
+    a: [T or T·k, K] (x dtype, or fp8 e4m3fn when ``scheme.fp8_dot``), K contiguous.
+    w: [E, N, K / pack] in ``scheme.weight_dtypes(x dtype)`` (int4: uint8, two values per byte), K
+    contiguous, other strides free; K is the logical (unpacked) reduction size.
     c: [T·k, N] output in the compute dtype; rows of pairs not in ``sorted_ids`` are left untouched.
     sorted_ids / expert_ids / num_post_pad: from ``align_block_size`` with ``block_size = config.block_m``.
-    a_scale: fp32 [rows(a), 1] (fp8_tensor / fp8_channel) or [rows(a), ceil(K/bk)] (fp8_block).
-    w_scale: fp32 [E, 1|2] (fp8_tensor), [E, N] (fp8_channel, int8_w8a16), [E, ceil(N/bn), ceil(K/bk)].
+    a_scale: fp32 [rows(a), 1] (per-row activation scales) or [rows(a), ceil(K/bk)] (fp8_block).
+    w_scale: fp32, canonical (``scheme.canonical_scale``): [E, 1|2] per tensor, [E, N] per channel,
+    [E, ceil(N/bn), ceil(K/bk)] per tile / group. block: canonical ``scheme.block_shape(...)``, None for
+    untiled schemes; ``config.block_k`` must divide ``block[1]`` (int4: and be a multiple of 32).
     bias: [E, N] any float dtype, added after dequantization. topk_weights: [T, k] fp32, multiplied in
-    (fp32, before the downcast) when given. ``interleaved``: fp8_tensor ``[E, 2]`` halves are n % 2.
+    (fp32, before the downcast) when given. ``interleaved``: per-tensor ``[E, 2]`` halves are n % 2.
     """
     numel = c.shape[0]
-    N, K = w.shape[1], w.shape[2]
+    pack = scheme.weight.pack if scheme.quantized else 1
+    N, K = w.shape[1], w.shape[2] * pack
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     num_pid_m = gemm_grid_rows(sorted_ids.numel(), numel, bm)
     if num_pid_m == 0 or N == 0:
         return c
-    scheme_id = SCHEME_IDS[scheme]
-    group_n, group_k = block_shape if scheme == "fp8_block" else (1, 1)
-    if scheme == "fp8_block" and group_k % bk:
-        raise ValueError(f"BLOCK_K={bk} must divide the fp8 block size {group_k}")
+    flags = scheme.flags
+    if flags.W_GROUP_SCALE != flags.W_INT4:
+        raise NotImplementedError(f"{scheme.name}: the GEMM applies [1, G] group scales to packed int4 weights only")
+    group_n, group_k = block if scheme.tiled else (1, 1)
+    if scheme.tiled and group_k % bk:
+        raise ValueError(f"BLOCK_K={bk} must divide the {scheme.name} scale tile's K size {group_k}")
+    if pack > 1 and bk % (16 * pack):  # each of the pack dots of a K step needs K >= 16
+        raise ValueError(f"BLOCK_K={bk} must be a multiple of {16 * pack} for packed {scheme.name} weights")
     dummy = c  # never dereferenced: the constexpr flags prune every use
     a_s = a_scale if a_scale is not None else dummy
     w_s = w_scale if w_scale is not None else dummy
@@ -191,7 +255,7 @@ def invoke_moe_gemm(
         w_s_strides = (0, 0, 0)
     else:
         w_s_strides = tuple(w_scale.stride()) + (0,) * (3 - w_scale.dim())
-    tensor_cols = w_scale.shape[1] if scheme == "fp8_tensor" and w_scale.dim() > 1 else 1
+    tensor_cols = w_scale.shape[1] if flags.W_TENSOR_SCALE and w_scale.dim() > 1 else 1
     grid = (num_pid_m * cdiv(N, bn),)
     _moe_gemm_kernel[grid](
         a, w, c, a_s, w_s, b_, tw,
@@ -202,11 +266,12 @@ def invoke_moe_gemm(
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         GROUP_N=group_n, GROUP_K=group_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
-        A_DIV=top_k, SCHEME=scheme_id, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
+        A_DIV=top_k, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
         HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=topk_weights is not None, EVEN_K=K % bk == 0,
         UPCAST=interpret_mode() and a.dtype == torch.bfloat16,
         FP32_IEEE=a.dtype == torch.float32,
         BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
+        **_flag_kwargs(flags),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c

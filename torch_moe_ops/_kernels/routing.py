@@ -1,4 +1,4 @@
-"""Fused router top-k (spec §4): sanitize, score, correction bias, grouped top-k, renormalize, scale.
+"""Fused router top-k (docs/design.md §4): sanitize, score, correction bias, grouped top-k, renormalize, scale.
 
 One program handles ``BLOCK_T`` tokens. The expert axis is loaded as a 3-D tile ``[BLOCK_T, GP, GS]``
 (``GP = next_pow2(num_expert_group)``, ``GS = next_pow2(E / num_expert_group)``; plain top-k uses
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._spec import FLT_MAX
+from ..schemes import FLT_MAX
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the reference's clamp
 _LOW_MASK = tl.constexpr(65535)  # low 16 bits of a packed key hold (65535 - expert id)

@@ -21,7 +21,7 @@ from .experts import (
     get_activation_quant,
     get_quant_scheme,
 )
-from .numerics import FLT_MAX, FP8_DTYPE, FP8_MAX, INT4_MAX, INT8_MAX, SCALE_EPS, cdiv
+from .numerics import FLT_MAX, FP8_DTYPE, FP8_MAX, INT4_MAX, INT4_MIN, INT8_MAX, SCALE_EPS, cdiv
 from .weights import WEIGHT_FORMATS, WeightFormat, get_weight_format
 
 #: Routing score functions (``topk_route``'s ``scoring_func``).
@@ -30,7 +30,7 @@ GATED_ACTIVATIONS = tuple(n for n, a in ACTIVATIONS.items() if a.gated)
 
 __all__ = [
     "ACTIVATIONS", "ACTIVATION_QUANTS", "FLT_MAX", "FP8_DTYPE", "FP8_MAX", "GATED_ACTIVATIONS", "IDENTITY",
-    "INT4_MAX", "INT8_MAX", "NONE", "QUANT_SCHEMES", "SCALE_EPS", "SCORING_FUNCS", "SWIGLU_ALPHA", "SWIGLU_LIMIT",
+    "INT4_MAX", "INT4_MIN", "INT8_MAX", "NONE", "QUANT_SCHEMES", "SCALE_EPS", "SCORING_FUNCS", "SWIGLU_ALPHA", "SWIGLU_LIMIT",
     "WEIGHT_FORMATS", "Activation", "ActivationQuant", "GemmFlags", "QuantScheme", "WeightFormat", "cdiv",
     "get_activation", "get_activation_quant", "get_quant_scheme", "get_weight_format",
 ]

@@ -81,6 +81,8 @@ class WeightFormat:
     name: str
     codec: _Codec
     default_block: tuple[int, int] | None = None
+    #: which single-pass quantizer family of ``_kernels/quant.py`` serves this granularity (set per subclass)
+    quantizer = ""
     #: fp8 storage may also be handed in as a ``uint8`` view (same bytes).
     alt_storage: tuple[torch.dtype, ...] = ()
 
@@ -164,6 +166,8 @@ class WeightFormat:
 class _PerTensor(WeightFormat):
     """One scale per (expert, row shard): ``[E, shards]``; w13 uses shards=2 (gate, up halves)."""
 
+    quantizer = "tensor"
+
     @property
     def sharded(self):
         return True
@@ -183,6 +187,8 @@ class _PerTensor(WeightFormat):
 class _PerChannel(WeightFormat):
     """One scale per output row: ``[E, N]``."""
 
+    quantizer = "rows"
+
     def scale_shape(self, shape, block, shards=1):
         return tuple(shape[:-1])
 
@@ -199,6 +205,7 @@ class _Tiled(WeightFormat):
     at the edges are allowed unless ``exact_k`` (the int4 groups, which must tile K exactly)."""
 
     exact_k = False
+    quantizer = "blocks"
 
     def block_shape(self, block_shape, name="block_shape"):
         block = tuple(block_shape) if block_shape is not None else self.default_block
@@ -240,6 +247,7 @@ class _Group(_Tiled):
     """int4 groups: ``block = (1, G)``, G in {32, 64, 128}, K divisible by G."""
 
     exact_k = True
+    quantizer = "groups"
     GROUPS = (32, 64, 128)
 
     def block_shape(self, block_shape, name="block_shape"):

@@ -1,0 +1,84 @@
+"""The grouped GEMM (``_kernels.gemm.invoke_moe_gemm``) on its own: -1 blocks and the tail, and the int4
+path (nibble unpack, per-group scales, BLOCK_K rules) against ``a[j // k] @ dequantize(w)[e]ᵀ``. GPU, or
+CPU through the interpreter."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from torch_moe_ops._kernels.align import align_block_size  # noqa: E402
+from torch_moe_ops._kernels.configs import TileConfig  # noqa: E402
+from torch_moe_ops._kernels.gemm import invoke_moe_gemm  # noqa: E402
+from torch_moe_ops.schemes import NONE  # noqa: E402
+
+from ._experts import DEVICE, DTYPES, INT4  # noqa: E402
+
+
+def test_gemm_minus_one_block_stores_zeros_and_skips_tail():
+    """A block whose expert is -1 writes zeros; blocks past num_post_pad and sentinel rows are untouched."""
+    cfg = TileConfig(16, 32, 32, 1, 4, 1)
+    T, k, N, K, E = 5, 2, 40, 40, 2
+    numel = T * k
+    a = torch.randn(T, K, device=DEVICE)
+    w = torch.randn(E, N, K, device=DEVICE)
+    sorted_ids = torch.full((numel + E * 15,), numel, dtype=torch.int32, device=DEVICE)
+    sorted_ids[:4] = torch.tensor([0, 3, 4, 9], dtype=torch.int32)  # expert 1
+    sorted_ids[16:19] = torch.tensor([1, 2, 5], dtype=torch.int32)  # kept non-local pairs: expert -1
+    sorted_ids[32:34] = torch.tensor([6, 7], dtype=torch.int32)  # past num_post_pad: never touched
+    expert_ids = torch.tensor([1, -1, 0], dtype=torch.int32, device=DEVICE)
+    num_post_pad = torch.tensor([32], dtype=torch.int32, device=DEVICE)
+    c = torch.full((numel, N), float("nan"), device=DEVICE)
+    invoke_moe_gemm(a, w, c, sorted_ids, expert_ids, num_post_pad, top_k=k, config=cfg, scheme=NONE)
+    c = c.cpu()
+    expect = a.cpu()[torch.tensor([0, 3, 4, 9]) // k] @ w.cpu()[1].T
+    torch.testing.assert_close(c[[0, 3, 4, 9]], expect, atol=1e-4, rtol=1e-4)
+    assert (c[[1, 2, 5]] == 0).all()
+    assert c[[6, 7, 8]].isnan().all()
+
+
+@pytest.mark.parametrize("G,bk,dtype", [(32, 32, "bf16"), (32, 32, "fp32"), (64, 32, "fp16"), (128, 32, "fp32"),
+                                        (128, 64, "bf16"), (128, 128, "bf16")])
+def test_gemm_int4_unpacks_nibbles_and_scales_each_group(G, bk, dtype):
+    """Every byte value (so every nibble, -8 included), random per-group scales, BLOCK_K < G (several K
+    steps per group) and BLOCK_K = G; N not a multiple of BLOCK_N. Against a[j // k] @ dequantize(w)[e]ᵀ."""
+    dt = DTYPES[dtype]
+    T, k, E, N, K = 9, 2, 3, 40, 2 * G
+    fmt = INT4.weight
+    a = torch.randn(T, K).to(dt)
+    q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8)
+    q.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)  # every byte value at least once
+    s = torch.rand(E, N, K // G) + 0.1
+    _, ids = torch.rand(T, E).topk(k, dim=-1)
+    ids = ids.to(torch.int32)
+    cfg = TileConfig(16, 32, bk, 1, 4, 1)
+    c = torch.full((T * k, N), float("nan"), dtype=dt, device=DEVICE)
+    align = align_block_size(ids.to(DEVICE), E, cfg.block_m)
+    invoke_moe_gemm(a.to(DEVICE), q.to(DEVICE), c, *align, top_k=k, config=cfg, scheme=INT4, w_scale=s.to(DEVICE),
+                    block=(1, G))
+    w_ref = fmt.dequantize(q, s, (1, G))  # [E, N, K] fp32
+    assert {int(v) for v in fmt.codec.decode(q).unique()} == set(range(-8, 8))
+    j = torch.arange(T * k)
+    ref = torch.einsum("jk,jnk->jn", a.float()[j // k], w_ref[ids.view(-1).long()])
+    tol = dict(atol=1e-4, rtol=1e-5) if dt == torch.float32 else dict(atol=0.05, rtol=1e-2)
+    torch.testing.assert_close(c.cpu().float(), ref, **tol)
+
+
+def test_gemm_int4_refuses_block_k_not_dividing_the_group_or_too_small():
+    E, N, K = 2, 32, 64
+    a = torch.randn(4, K, device=DEVICE)
+    q = torch.zeros(E, N, K // 2, dtype=torch.uint8, device=DEVICE)
+    s = torch.ones(E, N, K // 32, device=DEVICE)
+    ids = torch.zeros(4, 1, dtype=torch.int32, device=DEVICE)
+    c = torch.empty(4, N, device=DEVICE)
+    with pytest.raises(ValueError, match="BLOCK_K=64 must divide"):
+        invoke_moe_gemm(a, q, c, *align_block_size(ids, E, 16), top_k=1, config=TileConfig(16, 32, 64, 1, 4, 1),
+                        scheme=INT4, w_scale=s, block=(1, 32))
+    with pytest.raises(ValueError, match="BLOCK_K=16 must be a multiple of 32"):  # two K/2 dots need K >= 16 each
+        invoke_moe_gemm(a, q, c, *align_block_size(ids, E, 16), top_k=1, config=TileConfig(16, 32, 16, 1, 4, 1),
+                        scheme=INT4, w_scale=s, block=(1, 32))

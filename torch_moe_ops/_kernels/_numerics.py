@@ -1,0 +1,89 @@
+"""Shared ``@triton.jit`` numerics of the quantizing kernels (docs/design.md §3): scales, rounding, packing.
+
+Every scale is a correctly rounded fp32 division (``div_rn``) and every integer rounding is half-to-even,
+so the kernels match the registry's reference quantizers (``torch_moe_ops.schemes``) bit for bit. The
+format constants (QMAX, the scale floor EPS, the int4 range) arrive as constexprs from the format
+objects; none is spelled here.
+
+The interpreter's fp32 -> fp8 cast mis-rounds (e.g. 127.4 -> 64) and its fp32 -> bf16 cast truncates, so
+under ``TRITON_INTERPRET=1`` values are first rounded to the target grid in fp32 (``_fp8_round``,
+``_bf16_round``) and the cast is then exact. On GPUs the hardware conversions (round to nearest even) run.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_half_even(y):
+    """fp32 |y| < 2**22 -> the nearest integer (still fp32), ties to even: 1.5 * 2**23 added and removed."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _fp8_round(y):
+    """Round fp32 (|y| <= 448) to the nearest e4m3fn value, ties to even; exact in fp32 (interpreter only)."""
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # subnormal e4m3 values share the 2^-9 quantum
+    quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    r = _round_half_even(y / quantum) * quantum
+    return tl.where(r == 0.0, y * 0.0, r)  # keep the sign of zero
+
+
+@triton.jit
+def _bf16_round(y):
+    """Round fp32 to the nearest bf16 value, ties to even (interpreter only: its bf16 cast truncates)."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_of(amax, QMAX: tl.constexpr, EPS: tl.constexpr):
+    """amax fp32 -> (scale, 1/scale), both correctly rounded like the torch reference.
+
+    EPS > 0: ``scale = max(amax, EPS) / QMAX`` (fp8, int8). EPS == 0 (int4): no floor; an all-zero group
+    gets scale 0 and 1/scale is taken as 0 (q = 0, never NaN)."""
+    if EPS > 0:
+        amax = tl.maximum(amax, EPS)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+    one = tl.full(amax.shape, 1.0, tl.float32)
+    if EPS > 0:
+        inv = tl.math.div_rn(one, scale)
+    else:
+        inv = tl.where(scale > 0.0, tl.math.div_rn(one, tl.where(scale > 0.0, scale, one)), 0.0)
+    return scale, inv
+
+
+@triton.jit
+def _quantize(x, inv, QMAX: tl.constexpr, INT: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """x fp32 * inv (broadcast) -> int8 (INT: round half even, clamp ±QMAX) or fp8 e4m3fn (clamp ±QMAX)."""
+    y = x * inv
+    if INT:
+        y = tl.clamp(y, -QMAX, QMAX)  # clamping before rounding is equivalent: ±QMAX are integers
+        q = _round_half_even(y).to(tl.int8)
+    else:
+        y = tl.clamp(y, -QMAX, QMAX)
+        if EMULATE_FP8:
+            y = _fp8_round(y)
+        q = y.to(tl.float8e4nv)
+    return q
+
+
+@triton.jit
+def _int4_nibbles(x, inv, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """x fp32 * inv -> the two's-complement nibble (int32 in [0, 16)) of round_half_even, clamped to [QMIN, QMAX]."""
+    q = _round_half_even(tl.clamp(x * inv, QMIN, QMAX)).to(tl.int32)
+    return q & 0xF
+
+
+@triton.jit
+def _int4_unpack(packed):
+    """uint8 bytes -> (low, high) nibbles as int8 in [-8, 7] (element 2j of K is byte j's low nibble).
+
+    Sign extension by arithmetic shifts; the int8 casts make it independent of how the shifts are typed."""
+    b = packed.to(tl.int8, bitcast=True)
+    lo = (b << 4).to(tl.int8) >> 4
+    hi = b >> 4
+    return lo.to(tl.int8), hi.to(tl.int8)

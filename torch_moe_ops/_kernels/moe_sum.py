@@ -1,0 +1,60 @@
+"""moe_sum (docs/design.md §8.2): each token's k expert outputs summed in fp32, optionally skipping the slots
+of dropped pairs (ids outside [0, E) or mapped to −1), which the pipeline leaves unwritten."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._platform import interpret_mode
+from ..schemes import cdiv
+from ._numerics import _bf16_round
+
+
+@triton.jit(do_not_specialize=["T"])
+def _moe_sum_kernel(x_ptr, out_ptr, ids_ptr, map_ptr, T, H, E, stride_xt, stride_xk, stride_ot, stride_it, stride_ik,
+                    TOP_K: tl.constexpr, K_P2: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_MAP: tl.constexpr):
+    """x: [T, TOP_K, H] -> out: [T, H], fp32 accumulation; grid (T, H-blocks). With MASKED, slot j of token t
+    counts only if ids[t, j] is in [0, E) (and map[ids] >= 0): other slots are never read (may hold garbage)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, K_P2)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    slot_ok = offs_k < TOP_K
+    if MASKED:
+        ids = tl.load(ids_ptr + t * stride_it + offs_k * stride_ik, mask=slot_ok, other=-1).to(tl.int64)
+        slot_ok &= (ids >= 0) & (ids < E)
+        if HAS_MAP:  # the same rule as the alignment's _local_ids
+            local = tl.load(map_ptr + ids, mask=slot_ok, other=-1)
+            slot_ok &= (local >= 0) & (local < E)
+    mask = slot_ok[:, None] & (offs_h < H)[None, :]
+    x = tl.load(x_ptr + t * stride_xt + offs_k[:, None] * stride_xk + offs_h[None, :], mask=mask, other=0.0)
+    y = tl.sum(x.to(tl.float32), axis=0)
+    if EMULATE_BF16:
+        y = _bf16_round(y)
+    tl.store(out_ptr + t * stride_ot + offs_h, y.to(out_ptr.dtype.element_ty), mask=offs_h < H)
+
+
+def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None, topk_ids: torch.Tensor | None = None,
+            expert_map: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
+    """x: [T, k, H] (``stride(-1) == 1``) -> out: [T, H] in x's dtype (or out's), summed in fp32.
+
+    With ``topk_ids`` [T, k] int32/int64, slots whose id is outside [0, num_experts) or maps to −1 in
+    ``expert_map`` [num_experts] int32 are skipped without being read (the pipeline leaves them unwritten)."""
+    T, k, H = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    if T == 0 or H == 0:
+        return out
+    bh = min(triton.next_power_of_2(H), max(128, 4096 // triton.next_power_of_2(k)))
+    masked = topk_ids is not None
+    ids = topk_ids if masked else x  # any pointer: unused unless MASKED
+    emulate_bf16 = out.dtype == torch.bfloat16 and interpret_mode()
+    _moe_sum_kernel[(T, cdiv(H, bh))](
+        x, out, ids, expert_map if expert_map is not None else ids, T, H, num_experts,
+        x.stride(0), x.stride(1), out.stride(0), ids.stride(0) if masked else 0, ids.stride(1) if masked else 0,
+        TOP_K=k, K_P2=triton.next_power_of_2(k), BLOCK_H=bh, EMULATE_BF16=emulate_bf16,
+        MASKED=masked, HAS_MAP=expert_map is not None, num_warps=4)
+    return out
