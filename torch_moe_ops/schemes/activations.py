@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from ._lookup import lookup
+
 #: swigluoai's sigmoid slope and clamp limit (GPT-OSS); the limit default applies to swigluoai only.
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -108,11 +110,9 @@ _REFUSED = {"relu2": "activation='relu2' has no gated form; use activation='relu
 
 def get_activation(name) -> Activation:
     """Resolve a name (or pass an ``Activation`` through); unknown names raise ``ValueError``."""
-    if isinstance(name, Activation):
-        return name
-    if name in _REFUSED:
+    if isinstance(name, str) and name in _REFUSED:
         raise ValueError(_REFUSED[name])
-    act = ACTIVATIONS.get(ALIASES.get(name, name)) if isinstance(name, str) else None
-    if act is None:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} (or 'gelu_pytorch_tanh'), got {name!r}")
-    return act
+    try:
+        return lookup(ACTIVATIONS, name, Activation, "activation", ALIASES)
+    except ValueError:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} (or 'gelu_pytorch_tanh'), got {name!r}") from None

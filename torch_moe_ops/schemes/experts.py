@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._lookup import lookup
 from .numerics import FP8_DTYPE, FP8_MAX, SCALE_EPS, cdiv
 from .weights import FP8_BLOCK, FP8_CHANNEL, FP8_TENSOR, INT4_GROUP, INT8_CHANNEL, WeightFormat
 
@@ -56,12 +57,7 @@ ACTIVATION_QUANTS: dict[str, ActivationQuant] = {a.name: a for a in (FP8_TOKEN, 
 
 
 def get_activation_quant(name) -> ActivationQuant:
-    if isinstance(name, ActivationQuant):
-        return name
-    aq = ACTIVATION_QUANTS.get(name) if isinstance(name, str) else None
-    if aq is None:
-        raise ValueError(f"scheme must be one of {tuple(ACTIVATION_QUANTS)}, got {name!r}")
-    return aq
+    return lookup(ACTIVATION_QUANTS, name, ActivationQuant, "scheme")
 
 
 # ------------------------------------------------------------------------------------------ GEMM flags
@@ -160,9 +156,4 @@ QUANT_SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (
 
 
 def get_quant_scheme(name) -> QuantScheme:
-    if isinstance(name, QuantScheme):
-        return name
-    scheme = QUANT_SCHEMES.get(name) if isinstance(name, str) else None
-    if scheme is None:
-        raise ValueError(f"quant_scheme must be one of {tuple(QUANT_SCHEMES)}, got {name!r}")
-    return scheme
+    return lookup(QUANT_SCHEMES, name, QuantScheme, "quant_scheme")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._lookup import lookup
 from .numerics import FP8_DTYPE, FP8_MAX, INT4_MAX, INT4_MIN, INT8_MAX, SCALE_EPS, cdiv
 
 
@@ -268,9 +269,4 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP8_TENSOR, FP8_C
 
 
 def get_weight_format(name) -> WeightFormat:
-    if isinstance(name, WeightFormat):
-        return name
-    fmt = WEIGHT_FORMATS.get(name) if isinstance(name, str) else None
-    if fmt is None:
-        raise ValueError(f"scheme must be one of {tuple(WEIGHT_FORMATS)}, got {name!r}")
-    return fmt
+    return lookup(WEIGHT_FORMATS, name, WeightFormat, "scheme")
