@@ -22,7 +22,12 @@ from .schemes import QUANT_SCHEMES as EXPERT_SCHEMES
 ACTIVATIONS = tuple(schemes.ACTIVATIONS)
 WEIGHT_SCHEMES = tuple(schemes.WEIGHT_FORMATS)
 
-__version__ = "0.1.0"
+try:  # one version source: the installed distribution's metadata (pyproject.toml)
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("torch-moe-ops")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "ACTIVATIONS",

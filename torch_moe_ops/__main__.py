@@ -1,17 +1,94 @@
-"""``python -m torch_moe_ops demo [flags]``: the main job (see ``torch_moe_ops.demo``)."""
+"""``python -m torch_moe_ops {demo,info}``: the main job, and what this install runs on."""
+from __future__ import annotations
+
 import argparse
 import sys
 
+_DESCRIPTION = """torch-moe-ops command line.
+
+subcommands:
+  demo   compile fused_moe in bf16 and every quantized scheme of the registry on random Qwen3-MoE-shaped
+         experts and print one table (accuracy, size, speed); then build a model on the meta device, load a
+         checkpoint with streaming online quantization, compile it and reload its weights in place
+  info   versions, device, the backend that serves CPU and CUDA tensors, the tuned tile table that applies,
+         interpreter and debug switches
+"""
+
+
+def info() -> int:
+    """Print one ``key: value`` line per fact (nothing here needs a GPU)."""
+    import os
+    import platform
+
+    import torch
+
+    from . import __version__, _platform
+    from .schemes import QUANT_SCHEMES
+
+    lines = {"torch-moe-ops": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    if _platform.has_triton():
+        import triton
+
+        lines["triton"] = triton.__version__
+    else:
+        lines["triton"] = "not installed (CUDA tensors need it; CPU uses the references)"
+    try:
+        lines["cpu backend"] = {"reference": "reference (pure PyTorch)",
+                                "triton": "triton (interpreter)"}[_platform.cpu_backend()]
+    except (ValueError, RuntimeError) as exc:
+        lines["cpu backend"] = f"misconfigured: {exc}"
+    lines["TRITON_INTERPRET"] = "1 (Triton kernels run in the CPU interpreter)" if _platform.interpret_mode() else "off"
+    lines[_platform.DEBUG_ENV] = "1 (value checks on CUDA inputs: may synchronize)" if _platform.debug_checks() else "off"
+    if _platform.has_cuda():
+        idx = torch.cuda.current_device()
+        name = torch.cuda.get_device_name(idx)
+        lines["device"] = f"cuda:{idx} {name} (sm_{''.join(map(str, torch.cuda.get_device_capability(idx)))})"
+        lines["tuned tiles"] = _tuned_summary(name)
+    else:
+        lines["device"] = "cpu (no CUDA device visible)"
+        lines["tuned tiles"] = "not used on CPU (interpreter tiles)"
+    extra = os.environ.get("TORCH_MOE_OPS_TUNED_DIR")
+    if extra:
+        lines["TORCH_MOE_OPS_TUNED_DIR"] = extra
+    lines["quant schemes"] = ", ".join(QUANT_SCHEMES)
+    width = max(map(len, lines))
+    for key, value in lines.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _tuned_summary(device_name: str) -> str:
+    from . import _platform
+
+    if not _platform.has_triton():
+        return "unavailable (no triton)"
+    from ._kernels import configs
+
+    entries = [k for k in configs.tuned_tables() if k[0] == device_name]
+    if not entries:
+        return f"none for {device_name!r}: heuristic tiles (see docs/kernels.md to tune)"
+    return f"{len(entries)} tuned (E, N, K, scheme) entries for {device_name!r}"
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torch_moe_ops")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="python -m torch_moe_ops", description=_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,info}")
     from .demo import add_arguments, run
 
-    add_arguments(sub.add_parser("demo", help="compile fused_moe in bf16 and every quantized scheme of the registry, "
-                                              "print a table; then load, quantize online, compile and reload a model"))
+    demo = sub.add_parser("demo", help="the per-scheme table and the load / quantize / reload pipeline",
+                          description="The per-scheme table, then the load / quantize / reload pipeline.")
+    add_arguments(demo)
+    sub.add_parser("info", help="versions, device, backend, tuned tiles", description=info.__doc__)
     args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
     if args.command == "demo":
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                demo.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
         return run(args)
     return 2
 

@@ -113,3 +113,20 @@ def time_per_call(fn, iters: int, device: torch.device | str = "cpu") -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / max(iters, 1)
+
+
+#: ``torch.library.opcheck``'s default utils.
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def opcheck(op, args, kwargs=None, *, test_utils=OPCHECK_UTILS, **kw):
+    """``torch.library.opcheck`` that also works on fp8 inputs (docs/ops.md).
+
+    ``test_schema`` compares every tensor argument before and after the call with ``allclose``, which has no
+    Float8 kernel (a torch limitation): when any argument is float8, that one check is skipped (the others
+    still run; the uint8-view and int8 forms of the same ops cover their schemas)."""
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    tensors = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+    if any(t.dtype in fp8 for t in tensors):
+        test_utils = tuple(u for u in test_utils if u != "test_schema")
+    return torch.library.opcheck(op, args, kwargs, test_utils=test_utils, **kw)

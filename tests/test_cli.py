@@ -1,0 +1,59 @@
+"""The command line and the packaging facts a user meets first: --help, info, one-line errors, the version."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torch_moe_ops
+from torch_moe_ops import testing
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "torch_moe_ops", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_names_every_subcommand():
+    r = _run("--help")
+    assert r.returncode == 0 and "demo" in r.stdout and "info" in r.stdout and "subcommands" in r.stdout
+
+
+def test_info():
+    r = _run("info")
+    assert r.returncode == 0, r.stderr
+    for key in ("torch-moe-ops", "torch", "device", "cpu backend", "TRITON_INTERPRET", "tuned tiles", "int4_w4a16"):
+        assert key in r.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (("demo", "--schemes", "fp8,none"), "unknown scheme(s) ['fp8']"),
+    (("demo", "--quant", "int5"), "invalid choice: 'int5'"),
+    (("demo", "--device", "tpu"), "invalid choice: 'tpu'"),
+    (("nope",), "invalid choice: 'nope'"),
+])
+def test_bad_arguments_are_one_line_errors(args, match):
+    r = _run(*args)
+    assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_one_line_error():
+    r = _run("demo", "--device", "cuda")
+    assert r.returncode == 2 and "no CUDA device is visible" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version_comes_from_the_installed_metadata():
+    from importlib.metadata import version
+
+    assert torch_moe_ops.__version__ == version("torch-moe-ops")
+
+
+def test_testing_opcheck_skips_schema_only_for_fp8():
+    q, s = torch_moe_ops.quantize_weight(torch.randn(2, 16, 32), "fp8_channel")
+    x = torch.randn(3, 32)
+    w, ids = torch.rand(3, 1), torch.zeros(3, 1, dtype=torch.int32)
+    q2, s2 = torch_moe_ops.quantize_weight(torch.randn(2, 32, 16), "fp8_channel")
+    with pytest.raises(Exception):  # the plain opcheck trips on Float8 allclose: the reason for the helper
+        torch.library.opcheck(torch.ops.moe.fused_experts.default, (x, q, q2, w, ids, "silu_no_mul", "fp8_channel",
+                                                                     s, s2))
+    testing.opcheck(torch.ops.moe.fused_experts.default, (x, q, q2, w, ids, "silu_no_mul", "fp8_channel", s, s2))
