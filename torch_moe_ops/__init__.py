@@ -15,6 +15,7 @@ from .ops import (
     quantize_weight_into,
     topk_route,
 )
+from .errors import TornWeightsError
 from .quantization import Fp8Config, Int4Config, Int8Config, Int8WeightOnlyConfig, LoadError
 from .schemes import QUANT_SCHEMES as EXPERT_SCHEMES
 
@@ -38,6 +39,7 @@ __all__ = [
     "Int8WeightOnlyConfig",
     "ParallelConfig",
     "LoadError",
+    "TornWeightsError",
     "LoadReport",
     "finalize_loading",
     "load_checkpoint",

@@ -5,15 +5,16 @@
 - ``finalize_loading(model)``: closes the load; raises listing every missing (layer, expert, shard).
 - ``reload_weights(model, source)``: RL weight sync into the same storage (every ``data_ptr`` kept).
 
-Expert names are parsed by ``loading/names.py``. ``P.gate.e_score_correction_bias`` fills
-``FusedMoE.e_score_correction_bias`` (if the layer has one); ``P.gate.weight`` (router),
-``P.shared_expert(s).*``, ``P.shared_expert_gate.*`` and any other name fill the model parameter or buffer
-of that name (with or without a leading ``model.``), else the ``gate`` / ``shared_expert*`` sibling of the
-matched ``FusedMoE`` (or inside it), else they are reported as ignored.
+Names resolve through ``loading/resolve.py`` (``P.experts.{e}.*`` and fused expert tensors, the correction
+bias, the router and shared experts, anything else by its model name).
 
-``P`` is matched to a ``FusedMoE`` by module path (``P.experts`` or ``P``, either one a dotted suffix of
-the other), then by layer index (``layers.{L}``), then, when the model has a single ``FusedMoE``, to it.
-This module sits above ``layer.py`` (it needs ``FusedMoE``); ``loading/`` sits below it.
+**All or nothing** (docs/online-quantization.md, "Failed loads"). A source that can be read again (a dict,
+a list, a safetensors folder) is checked in full before the first write: names, shapes, dtypes and pieces
+given twice (a folder: from the file headers, no data read), then every tensor's values (no meta tensor,
+no NaN/Inf; a folder: one more read, tensor by tensor), then, for a reload, that every layer it touches
+gets a complete set. Any failure raises before anything is written. A one-shot iterator is checked tensor
+by tensor; if it fails after writing, the layers it wrote into are torn (forward refuses) until a later
+complete reload. This module sits above ``layer.py`` (it needs ``FusedMoE``); ``loading/`` sits below it.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import LoadError
+from .errors import LoadError, TornWeightsError
 from .layer import FusedMoE
-from .loading.names import BLOCK_CHILD_RE, LAYER_INDEX_RE, parse_expert_name
-from .loading.sources import iter_checkpoint
+from .loading.resolve import Action, Given, Resolver, describe_tensor
+from .loading.sources import iter_checkpoint, open_source
 
 
 @dataclass
@@ -50,70 +51,6 @@ class LoadReport:
         return text
 
 
-# ------------------------------------------------------------------------------------------ resolution
-class _Resolver:
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.layers = name_layers(model)
-        self.tensors = dict(model.named_parameters(remove_duplicate=False))
-        self.tensors.update(dict(model.named_buffers(remove_duplicate=False)))
-        self._cache: dict[str, tuple[str, FusedMoE] | None] = {}
-        #: tensors a FusedMoE owns (not its shared_experts): filled only through its weight_loader
-        self.moe_owned = {id(p) for layer in self.layers.values() for p in layer.parameters(recurse=False)}
-
-    def layer(self, prefix: str) -> tuple[str, FusedMoE] | None:
-        if prefix not in self._cache:
-            self._cache[prefix] = self._find_layer(prefix)
-        return self._cache[prefix]
-
-    def _find_layer(self, prefix: str):
-        for cand in (prefix + ".experts", prefix):
-            if cand in self.layers:
-                return cand, self.layers[cand]
-        for cand in (prefix + ".experts", prefix):
-            c = cand.split(".")
-            hits = [p for p in self.layers if p and (_is_suffix(p.split("."), c) or _is_suffix(c, p.split(".")))]
-            if len(hits) == 1:
-                return hits[0], self.layers[hits[0]]
-        index = LAYER_INDEX_RE.findall(prefix)
-        if index:
-            hits = [p for p in self.layers if index[-1] in LAYER_INDEX_RE.findall(p)[-1:]]
-            if len(hits) == 1:
-                return hits[0], self.layers[hits[0]]
-        if len(self.layers) == 1:
-            return next(iter(self.layers.items()))
-        return None
-
-    def exact(self, name: str) -> tuple[str, torch.Tensor] | None:
-        """The model tensor named ``name`` (also with a leading ``model.`` added or removed)."""
-        for cand in (name, name.removeprefix("model."), "model." + name):
-            if cand in self.tensors:
-                return cand, self.tensors[cand]
-        return None
-
-    def tensor(self, name: str) -> tuple[str, torch.Tensor] | None:
-        """``exact(name)``, else a ``gate`` / ``shared_expert*`` child of an MoE block, looked up as a sibling
-        of the matched ``FusedMoE`` or inside it."""
-        found = self.exact(name)
-        m = None if found else BLOCK_CHILD_RE.match(name)
-        if m is None or (hit := self.layer(m["prefix"])) is None:
-            return found
-        path = hit[0]
-        parent = path.rsplit(".", 1)[0] if "." in path else ""
-        child = m["child"]
-        children = [child, "shared_experts", "shared_expert"] if child in ("shared_expert", "shared_experts") else [child]
-        for base in (parent, path):
-            for c in children:
-                cand = ".".join(p for p in (base, c, m["rest"]) if p)
-                if cand in self.tensors:
-                    return cand, self.tensors[cand]
-        return None
-
-
-def _is_suffix(short: list[str], long: list[str]) -> bool:
-    return 0 < len(short) <= len(long) and long[-len(short):] == short
-
-
 def name_layers(model: nn.Module) -> dict[str, FusedMoE]:
     """Every ``FusedMoE`` in ``model`` by module path; sets ``layer.layer_name`` for error messages."""
     layers = {}
@@ -124,116 +61,171 @@ def name_layers(model: nn.Module) -> dict[str, FusedMoE]:
     return layers
 
 
-# ------------------------------------------------------------------------------------------ loading
-def _load_expert_tensor(res: _Resolver, name: str, parsed, tensor: torch.Tensor, report: LoadReport) -> bool:
-    """Route one parsed expert tensor to its layer; False (and a reason in ``report``) when it is ignored."""
-    hit = res.layer(parsed.prefix)
-    if hit is None:
-        report.ignored[name] = "no FusedMoE in the model matches this layer"
-        return False
-    path, layer = hit
-    try:
-        shard = parsed.shard(layer.gated)
-    except KeyError:
-        report.ignored[name] = f"non-gated activation {layer.activation!r} has no gate projection"
-        return False
-    target = parsed.target(shard)
-    if getattr(layer, target) is None:
-        report.ignored[name] = f"{path} has no {target} (has_bias=False)"
-        return False
-    if parsed.expert is None:
-        layer.weight_loader(target, tensor, shard, None, weight_name=name)
-    else:  # checkpoint names address logical experts: fill every physical replica (those on this rank)
-        for p in layer.physical_ids(parsed.expert):
-            layer.weight_loader(target, tensor, shard, p, weight_name=name)
-    report.layers[path] = report.layers.get(path, 0) + 1
-    return True
-
-
-def _load_other(res: _Resolver, name: str, tensor: torch.Tensor, report: LoadReport) -> bool:
-    found = res.tensor(name)
-    if found is None:
-        report.ignored[name] = "no matching parameter or buffer in the model"
-        return False
-    target_name, target = found
-    if id(target) in res.moe_owned:
-        report.ignored[name] = (f"{target_name} belongs to a FusedMoE and is filled by its weight_loader "
-                                "(a quantized state dict loads with model.load_state_dict)")
-        return False
-    if target.is_meta:
-        report.ignored[name] = f"{target_name} is on the meta device"
-        return False
-    if tuple(target.shape) != tuple(tensor.shape):
-        raise ValueError(f"checkpoint tensor {name}: shape {list(tensor.shape)} does not match {target_name} "
-                         f"{list(target.shape)}")
-    with torch.no_grad():
-        target.copy_(tensor)
-    report.other[name] = target_name
-    return True
-
-
-def _load_one(res: _Resolver, name: str, tensor: torch.Tensor, report: LoadReport) -> None:
-    parsed = parse_expert_name(name)
-    if parsed is not None:
-        ok = _load_expert_tensor(res, name, parsed, tensor, report)
-    elif name.endswith(".e_score_correction_bias") and (hit := _correction_layer(res, name)) is not None:
-        path, layer = hit
-        layer.weight_loader("e_score_correction_bias", tensor, None, None, weight_name=name)
-        report.layers[path] = report.layers.get(path, 0) + 1
-        ok = True
+# ------------------------------------------------------------------------------------------ passes
+def _write(action: Action, pieces: list, tensor: torch.Tensor, report: LoadReport) -> None:
+    if action.ignored is not None:
+        report.ignored[action.name] = action.ignored
+        return
+    if action.target is not None:
+        with torch.no_grad():
+            action.target.copy_(tensor)
+        report.other[action.name] = action.target_name
     else:
-        ok = _load_other(res, name, tensor, report)
-    if ok:
-        report.loaded.append(name)
-        report.nbytes += tensor.numel() * tensor.element_size()
+        for piece in pieces:
+            action.layer._write_load(piece, tensor)
+        report.layers[action.path] = report.layers.get(action.path, 0) + 1
+    report.loaded.append(action.name)
+    report.nbytes += tensor.numel() * tensor.element_size()
 
 
-def _correction_layer(res: _Resolver, name: str):
-    """The ``FusedMoE`` that owns ``P.gate.e_score_correction_bias``, unless the model names another home."""
-    m = BLOCK_CHILD_RE.match(name)
-    if m is None or m["child"] != "gate":
-        return None
-    direct = res.exact(name)
-    if direct is not None and not any(direct[1] is layer.e_score_correction_bias for layer in res.layers.values()):
-        return None
-    hit = res.layer(m["prefix"])
-    return hit if hit is not None and hit[1].use_correction_bias else None
+def _raise_in_context(exc: BaseException, where: str | None, tail: str):
+    """Re-raise ``exc`` (same type) with the checkpoint tensor and what happened to the model in its message
+    (other exception types, e.g. an out-of-memory error, keep their message and get a note, Python >= 3.11)."""
+    if type(exc) not in (ValueError, TypeError, LoadError, TornWeightsError):
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"while loading {where or 'the checkpoint'}{tail}")
+        raise exc
+    text = str(exc)
+    if where is not None and not text.startswith("checkpoint tensor"):
+        text = f"{where}: {text}"
+    raise type(exc)(text + tail) from exc
 
 
-def load_checkpoint(model: nn.Module, source, *, progress: bool = True) -> LoadReport:
+def _check_source(res: Resolver, src, *, strict: bool, finalizing: bool, progress: bool):
+    """Every check, before any write: returns ``{name: (action, pieces)}`` or raises (nothing written)."""
+    from tqdm.auto import tqdm
+
+    plan, given = {}, Given()
+    for name, tensor, origin in src.specs():
+        try:
+            if name in plan:
+                raise LoadError("appears twice in the source")
+            action = res.action(name)
+            pieces = action.check(tensor, origin, values=src.in_memory)
+            given.add(action, pieces)
+        except Exception as exc:
+            _raise_in_context(exc, describe_tensor(name, origin), "; nothing was written")
+        plan[name] = (action, pieces)
+    if not src.in_memory:  # the values: one read of every tensor, freed before the next
+        bar = tqdm(src.tensors(), total=src.count, desc="Checking weights", unit="tensor", disable=not progress,
+                   leave=False)
+        for name, tensor, origin in bar:
+            try:
+                plan[name][0].check_values(plan[name][1], tensor, origin)
+            except Exception as exc:
+                _raise_in_context(exc, describe_tensor(name, origin), "; nothing was written")
+            del tensor
+    problems = []
+    for path, layer in res.layers.items():
+        keys = given.by_layer.get(path)
+        if keys is not None or (finalizing and layer.is_torn):
+            problem = layer.loader.streamer.reload_problem(keys or (), strict=strict)
+            if problem is not None:
+                problems.append(f"{path}: {problem}")
+    if problems:
+        raise LoadError(f"this reload would leave {len(problems)} FusedMoE layer(s) incomplete; nothing was "
+                        "written:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def _tear(res: Resolver, touched: set, wrote_other: bool, reason: str) -> list[str]:
+    """A load failed after writing: tear the layers it wrote into (all loaded ones if it changed a tensor
+    outside them). Returns their paths."""
+    torn = []
+    for path, layer in res.layers.items():
+        streamer = layer.loader.streamer
+        if path in touched or (wrote_other and streamer.loaded):
+            what = f"reload round {streamer.rounds + 1}" if streamer.rounds else "the first load"
+            streamer.tear(f"{what} failed: {reason}")
+            torn.append(path)
+    return torn
+
+
+def _run(res: Resolver, items, plan, report: LoadReport, *, strict: bool) -> None:
+    """The write pass (``plan`` given: checked ahead) or a one-shot stream (``plan`` None: each tensor is
+    checked, then written). A failure after a write tears what was written."""
+    touched, wrote_other, seen, where = set(), False, set(), "the source"
+    try:
+        for name, tensor, origin in items:
+            where = describe_tensor(name, origin)
+            if plan is None:
+                if name in seen:
+                    raise LoadError("appears twice in the source")
+                action = res.action(name)
+                pieces = action.check(tensor, origin)
+            elif name in plan:
+                action, pieces = plan[name]
+            else:
+                raise LoadError("was not in the source when it was checked (did the files change?)")
+            _write(action, pieces, tensor, report)
+            seen.add(name)
+            if any(piece.slots for piece in pieces):
+                touched.add(action.path)
+            wrote_other |= action.target is not None
+            del tensor
+        where = None
+        open_rounds = [p for p in sorted(touched) if res.layers[p].loader.streamer.state == "reloading"]
+        problems = [f"{p}: {q}" for p in open_rounds
+                    if (q := res.layers[p].loader.streamer.reload_problem(strict=strict)) is not None]
+        if problems:
+            raise LoadError("the source ended incomplete: " + "; ".join(problems))
+    except BaseException as exc:
+        if not (touched or wrote_other):
+            _raise_in_context(exc, where, "; nothing was written")
+        torn = _tear(res, touched, wrote_other, f"at {where or 'the end of the source'} after {len(seen)} "
+                                                 f"tensors were written ({type(exc).__name__}: {exc})")
+        _raise_in_context(exc, where, f"; {len(seen)} tensors had been written, so the layers {torn} are torn: "
+                                      "their forward refuses until a later complete load")
+
+
+def _load(model: nn.Module, source, *, progress: bool, strict: bool, finalizing: bool = False) -> LoadReport:
+    from tqdm.auto import tqdm
+
+    layers = name_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} contains no torch_moe_ops.FusedMoE")
+    res, src, report = Resolver(model, layers), open_source(source), LoadReport()
+    plan = None if src.one_shot else _check_source(res, src, strict=strict, finalizing=finalizing, progress=progress)
+    with tqdm(src.tensors(), total=src.count, desc="Loading weights", unit="tensor", disable=not progress,
+              leave=False) as bar:
+        _run(res, bar, plan, report, strict=strict)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ public
+def load_checkpoint(model: nn.Module, source, *, progress: bool = True, strict: bool = True) -> LoadReport:
     """Load a checkpoint into ``model`` (its ``FusedMoE`` layers stream and quantize expert by expert).
 
     Args:
         model: an ``nn.Module`` containing one or more ``FusedMoE`` (or a ``FusedMoE`` itself).
-        source: a folder of ``.safetensors`` files, one ``.safetensors`` file, a dict ``name -> tensor``, or an
-            iterable of ``(name, tensor)`` pairs (e.g. weights streamed from a trainer).
+        source: a folder of ``.safetensors`` files, one ``.safetensors`` file, a dict ``name -> tensor``, a list
+            (or ``dict.items()``) of ``(name, tensor)`` pairs, or a one-shot iterable of pairs (a generator,
+            e.g. weights streamed from a trainer).
         progress: show a tqdm progress bar.
+        strict: for a layer that is already loaded (this is a reload), a source that touches it must give it
+            a complete set; False allows a subset of experts (a gate without its up is always refused).
 
     Returns:
         ``LoadReport``: loaded names, ignored names with reasons, tensors per layer, bytes. Does not finalize:
-        call ``finalize_loading(model)`` after the last source. A shape mismatch, a tensor loaded twice or an
-        unusable dtype raises at once, naming the parameter, expert and shard.
-    """
-    from tqdm.auto import tqdm
+        call ``finalize_loading(model)`` after the last source (a first load may come from several sources).
 
-    res = _Resolver(model)
-    if not res.layers:
-        raise ValueError(f"{type(model).__name__} contains no torch_moe_ops.FusedMoE")
-    items, total = iter_checkpoint(source)
-    report = LoadReport()
-    with tqdm(items, total=total, desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
-        for name, tensor in bar:
-            _load_one(res, name, tensor, report)
-            del tensor
-    return report
+    All or nothing: a source that can be read again is checked in full first (names, shapes, dtypes, a
+    piece given twice, NaN/Inf, meta tensors, a reload's completeness; a folder's headers, then one read
+    of its tensors), and any failure raises naming the tensor (and file) before anything is written. A
+    one-shot iterable is checked tensor by tensor; a failure after a write tears the layers written into
+    (``TornWeightsError`` from their forward) until a complete reload. A corrupt file raises ``LoadError``
+    naming it.
+    """
+    return _load(model, source, progress=progress, strict=strict)
 
 
 def finalize_loading(model: nn.Module, *, strict_reload: bool = True) -> dict[str, str]:
     """Close the load (or reload) round of every ``FusedMoE`` in ``model``.
 
-    Raises ``LoadError`` listing every missing (layer, expert, shard) across all layers; a layer that raised
-    keeps its state (``layer.is_loaded`` stays False on a first load, and its forward refuses to run).
-    Afterwards checks that no parameter of ``model`` is on the meta device.
+    Raises ``LoadError`` listing every missing (layer, expert, shard) across all layers; a layer in its first
+    load keeps its state (``layer.is_loaded`` stays False, and its forward refuses to run); a reload round
+    that cannot close tears its layer, and a torn layer raises ``TornWeightsError``. Afterwards checks that
+    no parameter of ``model`` is on the meta device.
 
     Returns:
         ``{layer path: "loaded" | "reloaded" | "unchanged"}``.
@@ -246,9 +238,11 @@ def finalize_loading(model: nn.Module, *, strict_reload: bool = True) -> dict[st
         try:
             status[path] = layer.finalize_loading(strict_reload=strict_reload)
         except LoadError as exc:
-            errors.append(str(exc))
+            errors.append(exc)
     if errors:
-        raise LoadError(f"{len(errors)} of {len(layers)} FusedMoE layers are incomplete:\n  " + "\n  ".join(errors))
+        err = TornWeightsError if any(isinstance(e, TornWeightsError) for e in errors) else LoadError
+        raise err(f"{len(errors)} of {len(layers)} FusedMoE layers are incomplete:\n  " +
+                  "\n  ".join(map(str, errors)))
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise LoadError(f"parameters still on the meta device after loading: {meta}")
@@ -262,15 +256,18 @@ def reload_weights(model: nn.Module, source, *, progress: bool = False, strict: 
     ``quantize_weight_into``), so compiled models and captured CUDA graphs see the new weights. Extra
     memory is the same as a streaming load: one expert's staging. ``strict``: a layer that received some
     weights must receive all of them (otherwise ``LoadError``); a layer that received none keeps its
-    weights and a warning names it.
+    weights and a warning names it. A torn layer (a failed reload) must receive all of them.
+
+    A failed reload changes nothing (see ``load_checkpoint``: the source is checked in full first), except
+    from a one-shot iterable, which tears what it wrote; a later complete reload heals it.
     """
     layers = name_layers(model)
-    not_loaded = [p for p, layer in layers.items() if not layer.is_loaded]
+    not_loaded = [p for p, layer in layers.items() if not (layer.is_loaded or layer.is_torn)]
     if not_loaded:
         raise LoadError(f"reload_weights needs finalized layers; not loaded yet: {not_loaded} "
                         "(use load_checkpoint + finalize_loading first)")
     rounds = {p: layer.load_rounds for p, layer in layers.items()}
-    report = load_checkpoint(model, source, progress=progress)
+    report = _load(model, source, progress=progress, strict=strict, finalizing=True)
     status = finalize_loading(model, strict_reload=strict)
     for path, layer in layers.items():
         status[path] = "reloaded" if layer.load_rounds > rounds[path] else "unchanged"

@@ -26,6 +26,7 @@ from torch import nn
 from .distributed.config import ParallelConfig
 from .distributed.placement import map_logical_to_physical
 from .distributed.plan import plan
+from .errors import LoadError, TornWeightsError
 from .layer_loading import LoadingMethods
 from .loading import ExpertLayout, WeightLoader
 from .quantization.config import check_quant_config
@@ -238,12 +239,12 @@ class FusedMoE(LoadingMethods, nn.Module):
         return comm.parallel_forward(x, topk_weights, ids, self.parallel, self.expert_owner, self._run_experts)
 
     def _check_ready(self) -> None:
-        if torch.compiler.is_compiling():
-            return
-        state = self.loader.streamer.state
-        if state == "loading" or (state == "fresh" and self.quant_config is not None):
-            raise RuntimeError(f"{self._where()}: weights are not loaded ({state}); load every expert and call "
-                               "torch_moe_ops.finalize_loading(model) first")
+        """Refuse to compute on weights that are not a complete, consistent set: a fresh layer (its storage is
+        uninitialised memory), an incomplete load, a torn reload. A Python flag, never a tensor: under
+        torch.compile Dynamo guards on it (no host sync), so a compiled forward refuses as well once it flips."""
+        if not self.loader.streamer.ready:
+            err = TornWeightsError if self.loader.streamer.torn else LoadError
+            raise err(self.loader.not_ready_message())
 
     # ---------------------------------------------------------------------------------------- EPLB
     def physical_ids(self, logical_id: int) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .errors import LoadError
-from .loading import LoadTargets, WeightLoader
+from .loading import LoadTargets, Piece, WeightLoader
 
 #: what a load call may write: the weights, their scales (quantized layers), biases, the routing bias
 _TARGETS = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias",
@@ -39,13 +39,26 @@ class LoadingMethods:
             expert_id: global physical expert in [0, num_physical_experts), or None (all experts).
             transposed: None infers a transposed [in, out] export from a non-square shape; True/False force.
 
-        A quantized projection is written the moment its last shard arrives; a piece loaded twice in one
-        round raises; after ``finalize_loading`` a new complete set re-quantizes in place (reload).
-        Returns, when ``return_success``, whether anything was copied (False: another rank's expert).
+        The call is checked in full before anything is written: a wrong shape or dtype, a meta tensor, a NaN
+        or Inf, a bad ``expert_id`` (an int; a bool is refused) or a piece loaded twice in one round raises,
+        naming the layer, expert and shard, and records nothing. A quantized projection is written the
+        moment its last shard arrives; after ``finalize_loading`` a new complete set re-quantizes in place
+        (reload). Returns, when ``return_success``, whether anything was copied (False: another rank's expert).
         """
         copied = self.loader.load(self._load_targets(), param, loaded_weight, shard_id, expert_id,
                                   transposed=transposed)
         return copied if return_success else None
+
+    def _check_load(self, param, loaded_weight: torch.Tensor, shard_id=None, expert_id=None, *,
+                    values: bool = True) -> Piece:
+        """Every check of ``weight_loader(param, loaded_weight, shard_id, expert_id)``, writing nothing (the
+        first half of a checkpoint-level all-or-nothing load; ``values=False``: shapes only)."""
+        return self.loader.check(self._load_targets(), param, loaded_weight, shard_id, expert_id, values=values)
+
+    @torch.no_grad()
+    def _write_load(self, piece: Piece, loaded_weight: torch.Tensor) -> bool:
+        """Write a piece ``_check_load`` accepted (the second half)."""
+        return self.loader.write(self._load_targets(), piece, loaded_weight)
 
     def _load_targets(self) -> LoadTargets:
         return LoadTargets({n: getattr(self, n) for n in _TARGETS}, self.full_precision, self.physical_ids)
@@ -55,15 +68,23 @@ class LoadingMethods:
                      w2_bias: torch.Tensor | None = None, e_score_correction_bias: torch.Tensor | None = None,
                      finalize: bool = True) -> None:
         """Load whole fused tensors (w13 [E, N1, H], w2 [E, H, I], biases [E, N1] / [E, H], correction
-        bias [E]) through the streaming loader, then ``finalize_loading`` (also a reload when loaded)."""
-        self.weight_loader(self.w13_weight, w13, None, None)
-        self.weight_loader(self.w2_weight, w2, "w2", None)
-        if w13_bias is not None:
-            self.weight_loader(self.w13_bias, w13_bias, None, None)
-        if w2_bias is not None:
-            self.weight_loader(self.w2_bias, w2_bias, "w2", None)
-        if e_score_correction_bias is not None:
-            self.weight_loader(self.e_score_correction_bias, e_score_correction_bias, None, None)
+        bias [E]) through the streaming loader, then ``finalize_loading`` (also a reload when loaded).
+
+        All or nothing: every tensor is checked (shapes, dtypes, NaN/Inf) before the first is written, and a
+        reload that ``finalize_loading`` would refuse as incomplete is refused before writing."""
+        calls = [(self.w13_weight, w13, None, None), (self.w2_weight, w2, "w2", None)]
+        for param, t, shard in ((self.w13_bias, w13_bias, None), (self.w2_bias, w2_bias, "w2"),
+                                (self.e_score_correction_bias, e_score_correction_bias, None)):
+            if t is not None:
+                calls.append((param, t, shard, None))
+        targets = self._load_targets()
+        pieces = self.loader.check_many(targets, calls)
+        if finalize:
+            problem = self.loader.streamer.reload_problem([k for p in pieces for k in p.all_keys])
+            if problem is not None:
+                raise LoadError(f"{self._where()}: load_weights: {problem}; nothing was written")
+        for piece, (_, t, _, _) in zip(pieces, calls):
+            self.loader.write(targets, piece, t)
         if finalize:
             self.finalize_loading()
 
@@ -88,12 +109,16 @@ class LoadingMethods:
     # ---------------------------------------------------------------------------------------- state
     @property
     def load_state(self) -> str:
-        """``fresh`` | ``loading`` | ``loaded`` | ``reloading`` (see ``loading/streamer.py``)."""
-        return self.loader.streamer.state
+        """``fresh`` | ``loading`` | ``loaded`` | ``reloading`` | ``torn`` (see ``loading/streamer.py``)."""
+        return self.loader.streamer.status
 
     @property
-    def is_loaded(self) -> bool:  # True once finalize_loading accepted a complete set of weights
+    def is_loaded(self) -> bool:  # a complete, untorn set is in place (finalize_loading accepted it)
         return self.loader.streamer.loaded
+
+    @property
+    def is_torn(self) -> bool:  # a reload failed after writing: forward refuses until a complete reload
+        return self.loader.streamer.torn
 
     @property
     def load_rounds(self) -> int:  # completed load / reload rounds (a reload that received nothing: none)

@@ -164,13 +164,26 @@ def test_forward_refuses_unloaded_quantized_layer(scheme):
         layer(x, logits)
 
 
-def test_unquantized_layer_usable_without_loader():
-    layer = FusedMoE(E, K, H, I)
-    w13, w2, _, _ = random_moe_weights(E, H, I)
+def test_fresh_unquantized_layer_refuses_and_load_state_dict_counts_as_loaded():
+    """Its storage is torch.empty (uninitialised memory) until loaded: forward refuses, also after writes
+    behind the loader's back; a full load_state_dict counts as a load."""
+    layer = FusedMoE(E, K, H, I, has_bias=True)
+    x, logits = _inputs()
+    with pytest.raises(LoadError, match=r"weights are not loaded \(fresh\)"):
+        layer(x, logits)
+    w13, w2, b13, b2 = random_moe_weights(E, H, I, bias=True)
     layer.w13_weight.copy_(w13)
     layer.w2_weight.copy_(w2)
-    x, logits = _inputs()
-    torch.testing.assert_close(layer(x, logits), torch_moe_ops.fused_moe(x, logits, w13, w2, K), atol=0, rtol=0)
+    with pytest.raises(LoadError, match="not loaded"):
+        layer.forward_experts(x, *layer.select_experts(logits))
+    layer.load_state_dict({"w13_weight": w13, "w2_weight": w2, "w13_bias": b13, "w2_bias": b2})
+    assert layer.is_loaded and layer.load_state == "loaded"
+    expected = torch_moe_ops.fused_moe(x, logits, w13, w2, K, w13_bias=b13, w2_bias=b2)
+    torch.testing.assert_close(layer(x, logits), expected, atol=0, rtol=0)
+    partial = FusedMoE(E, K, H, I, has_bias=True)
+    partial.load_state_dict({"w13_weight": w13, "w2_weight": w2}, strict=False)  # biases missing: not loaded
+    with pytest.raises(LoadError, match="not loaded"):
+        partial(x, logits)
 
 
 # ---------------------------------------------------------------------------------------- weight_loader

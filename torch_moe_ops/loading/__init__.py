@@ -5,8 +5,8 @@
 ``torch_moe_ops.checkpoints``."""
 from ..errors import LoadError
 from .layout import ExpertLayout, orient
-from .loader import LoadTargets, WeightLoader
+from .loader import LoadTargets, Piece, WeightLoader
 from .streamer import BIASES, CORRECTION, LOADABLE, WEIGHTS, ExpertStreamer, format_missing, required_keys
 
 __all__ = ["BIASES", "CORRECTION", "LOADABLE", "WEIGHTS", "ExpertLayout", "ExpertStreamer", "LoadError",
-           "LoadTargets", "WeightLoader", "format_missing", "orient", "required_keys"]
+           "LoadTargets", "Piece", "WeightLoader", "format_missing", "orient", "required_keys"]

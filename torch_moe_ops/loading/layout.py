@@ -100,16 +100,23 @@ class ExpertLayout:
         return t[: self.intermediate] if shard == "w1" else t[self.intermediate :]
 
 
-def orient(t: torch.Tensor, expected: tuple, transposed: bool | None, where: str) -> torch.Tensor:
-    """``t`` as ``expected`` ([out, in]); an ``[in, out]`` export is transposed when ``transposed`` is True,
-    or when it is None and the (non-square) shape tells it apart."""
-    shape, rev = tuple(t.shape), expected[::-1]
+def orientation(shape, expected: tuple, transposed: bool | None, where: str) -> bool:
+    """Whether a tensor of ``shape`` must be transposed to become ``expected`` ([out, in]): an ``[in, out]``
+    export is transposed when ``transposed`` is True, or when it is None and the (non-square) shape tells it
+    apart. Raises ``ValueError`` naming ``where`` for any other shape (decided on shapes alone, so a
+    checkpoint can be checked from its headers before any data is read)."""
+    shape, rev = tuple(shape), tuple(expected)[::-1]
     if len(expected) == 2 and transposed is True:
         if shape == rev:
-            return t.transpose(0, 1)
-    elif shape == expected:
-        return t
+            return True
+    elif shape == tuple(expected):
+        return False
     elif len(expected) == 2 and transposed is None and shape == rev:
-        return t.transpose(0, 1)
+        return True
     hint = f" (or transposed {list(rev)})" if len(expected) == 2 and transposed is not False else ""
     raise ValueError(f"{where}: expected shape {list(expected)}{hint}, got {list(shape)}")
+
+
+def orient(t: torch.Tensor, expected: tuple, transposed: bool | None, where: str) -> torch.Tensor:
+    """``t`` as ``expected`` ([out, in]) (see ``orientation``)."""
+    return t.transpose(0, 1) if orientation(t.shape, expected, transposed, where) else t

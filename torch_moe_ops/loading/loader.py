@@ -3,17 +3,24 @@
 ``WeightLoader`` owns the layer's ``ExpertStreamer`` and knows the layer only through an
 ``ExpertLayout`` (plain shapes and placement) and the ``LoadTargets`` handed in with each call (the
 tensors to write and the logical -> physical lookup); it never reads the layer object.
+
+Every call is checked in full before anything is written or recorded (``check``: names, shape, dtype,
+expert id, a piece loaded twice, then the values: no meta tensor, no NaN/Inf); ``write`` records a piece
+only once its write succeeded. A write that fails anyway (out of memory, a device error) during a reload
+tears the layer (``ExpertStreamer.tear``): its forward refuses until a complete reload.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
 from ..errors import LoadError
-from .layout import ExpertLayout, orient
-from .streamer import BIASES, CORRECTION, LOADABLE, ExpertStreamer, required_keys
+from .checks import check_finite, check_materialized
+from .layout import ExpertLayout, orientation
+from .streamer import BIASES, CORRECTION, LOADABLE, ExpertStreamer, describe, required_keys
 
 _SHARDS = ("w1", "w2", "w3")
 
@@ -32,6 +39,26 @@ class LoadTargets:
     physical_ids: Callable[[int], list[int]]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One checked ``weight_loader`` call, decided on shapes alone (so it can come from a file header).
+
+    slots: ``(index, physical, local)`` per local slot written: ``index`` is the logical expert of an
+    all-experts tensor (``loaded[index]``), None for a per-expert one. keys: the pieces each slot records.
+    transpose: the checkpoint tensor is an ``[in, out]`` export. where: the call, for messages."""
+
+    name: str
+    shard: str | None
+    slots: tuple
+    keys: tuple
+    transpose: bool
+    where: str
+
+    @property
+    def all_keys(self) -> list:
+        return [k for keys in self.keys for k in keys]
+
+
 class WeightLoader:
     """Validates, orients, TP-slices, stages and (with a quant config) quantizes checkpoint tensors.
 
@@ -43,13 +70,49 @@ class WeightLoader:
         self.quant_config = quant_config
         self.where = where
         self.streamer = ExpertStreamer(
-            required_keys(layout.num_local, layout.gated, layout.has_bias, layout.correction_bias), layout.gated)
+            required_keys(layout.num_local, layout.gated, layout.has_bias, layout.correction_bias), layout.gated,
+            stages_w13=quant_config is not None)
 
     # ---------------------------------------------------------------------------------------- entry
     def load(self, targets: LoadTargets, param, loaded: torch.Tensor, shard_id: str | None = None,
              expert_id: int | None = None, *, transposed: bool | None = None) -> bool:
-        """Load one checkpoint tensor (see ``FusedMoE.weight_loader``). True when something was copied
-        (False: every addressed slot belongs to another rank)."""
+        """Load one checkpoint tensor (see ``FusedMoE.weight_loader``): checked in full, then written. True
+        when something was copied (False: every addressed slot belongs to another rank)."""
+        piece = self.check(targets, param, loaded, shard_id, expert_id, transposed=transposed)
+        return self.write(targets, piece, loaded)
+
+    def check_many(self, targets: LoadTargets, calls) -> list[Piece]:
+        """``check`` each ``(param, loaded, shard_id, expert_id)`` and refuse a piece given twice among them."""
+        pieces, given = [], set()
+        for param, loaded, shard_id, expert_id in calls:
+            piece = self.check(targets, param, loaded, shard_id, expert_id)
+            for key in piece.all_keys:
+                if key in given:
+                    raise LoadError(f"{self.where()}: {describe(key)} is given twice")
+                given.add(key)
+            pieces.append(piece)
+        return pieces
+
+    def finalize(self, *, strict_reload: bool = True) -> str:
+        try:
+            return self.streamer.finalize(strict_reload=strict_reload)
+        except LoadError as exc:
+            raise type(exc)(f"{self.where()}: {exc}") from None
+
+    def not_ready_message(self) -> str:
+        """Why forward refuses to run (``streamer.ready`` is False)."""
+        s = self.streamer
+        if s.torn:
+            return f"{self.where()}: {s.torn_message()}"
+        failed = f"; the last load failed: {s.failed}" if s.failed else ""
+        return (f"{self.where()}: weights are not loaded ({s.state}{failed}); load every expert (load_checkpoint, "
+                "load_weights, weight_loader or load_state_dict) and call torch_moe_ops.finalize_loading(model)")
+
+    # ---------------------------------------------------------------------------------------- checks
+    def check(self, targets: LoadTargets, param, loaded: torch.Tensor, shard_id=None, expert_id=None, *,
+              transposed: bool | None = None, values: bool = True) -> Piece:
+        """Every check of one call, writing and recording nothing. ``values=False`` skips the data checks
+        (``check_values``), so ``loaded`` may be a meta tensor that stands for a file header."""
         name = self._resolve(targets, param)
         if not isinstance(loaded, torch.Tensor):
             raise TypeError(f"{self.where()}: loaded_weight must be a tensor, got {type(loaded).__name__}")
@@ -58,40 +121,68 @@ class WeightLoader:
                             f"quantized online; pre-quantized checkpoints are not supported), got {loaded.dtype}")
         if targets.params["w13_weight"].is_meta:
             raise LoadError(f"{self.where()}: the layer was created on the meta device; pass device= the target device")
+        lay = self.layout
         if name == CORRECTION:
-            self._load_correction(targets, loaded)
-            copied = True
+            if tuple(loaded.shape) != (lay.num_experts,):
+                raise ValueError(f"{self.where()}: {CORRECTION} must have shape [{lay.num_experts}], got "
+                                 f"{list(loaded.shape)}")
+            piece = Piece(name, None, ((None, None, None),), (((CORRECTION, None, None),),), False,
+                          f"{self.where()}: {CORRECTION}")
         else:
-            shard = self._check_shard(name, shard_id)
-            lay = self.layout
-            if expert_id is None:
-                per_expert_dim = 1 if name in BIASES else 2
-                if loaded.dim() != per_expert_dim + 1 or loaded.shape[0] != lay.num_experts:
-                    raise ValueError(f"{self.where()}: {name} shard {shard!r} for all experts (expert_id=None) must "
-                                     f"have {per_expert_dim + 1} dims with E={lay.num_experts} first, got "
-                                     f"{list(loaded.shape)}")
-                # an all-experts tensor is indexed by logical expert; it fills every local physical replica
-                copied = False
-                for e in range(lay.num_experts):
-                    for p in targets.physical_ids(e):
-                        copied |= self._load_physical(targets, name, loaded[e], shard, p, transposed)
-            else:
-                if hasattr(expert_id, "__index__") and not isinstance(expert_id, bool):
-                    expert_id = expert_id.__index__()  # numpy / 0-dim integer ids
-                n = lay.num_physical
-                if not isinstance(expert_id, int) or not 0 <= expert_id < n:
-                    raise ValueError(f"{self.where()}: expert_id must be an int in [0, {n}), got {expert_id!r}")
-                copied = self._load_physical(targets, name, loaded, shard, expert_id, transposed)
-        self.streamer.complete_round()
-        return copied
+            piece = self._expert_piece(targets, name, loaded, self._check_shard(name, shard_id), expert_id, transposed)
+        self.streamer.check_new(piece.all_keys)
+        if values:
+            self.check_values(piece, loaded)
+        return piece
 
-    def finalize(self, *, strict_reload: bool = True) -> str:
-        try:
-            return self.streamer.finalize(strict_reload=strict_reload)
-        except LoadError as exc:
-            raise LoadError(f"{self.where()}: {exc}") from None
+    def check_values(self, piece: Piece, loaded: torch.Tensor) -> None:
+        """The data checks of a checked piece: a real tensor without NaN/Inf in any slot it writes."""
+        if not piece.slots:
+            return  # another rank's expert: nothing is read
+        check_materialized(loaded, piece.where)
+        indices = sorted({index for index, _, _ in piece.slots if index is not None})
+        if not indices:
+            check_finite(loaded, piece.where)
+        for e in indices:  # an all-experts tensor: name the expert the bad value belongs to
+            check_finite(loaded[e], f"{self.where()}: {piece.name} expert {e} shard {piece.shard!r}", (e,))
 
-    # ---------------------------------------------------------------------------------------- checks
+    def _expert_piece(self, targets, name, loaded, shard, expert_id, transposed) -> Piece:
+        lay = self.layout
+        if expert_id is None:
+            per_expert_dim = 1 if name in BIASES else 2
+            if loaded.dim() != per_expert_dim + 1 or loaded.shape[0] != lay.num_experts:
+                raise ValueError(f"{self.where()}: {name} shard {shard!r} for all experts (expert_id=None) must "
+                                 f"have {per_expert_dim + 1} dims with E={lay.num_experts} first, got "
+                                 f"{list(loaded.shape)}")
+            # an all-experts tensor is indexed by logical expert; it fills every local physical replica
+            slots = tuple((e, p, lay.local_slot(p)) for e in range(lay.num_experts) for p in targets.physical_ids(e)
+                          if lay.local_slot(p) >= 0)
+            shape, where = loaded.shape[1:], f"{self.where()}: {name} shard {shard!r} (all experts)"
+        else:
+            p = self._expert_index(expert_id)
+            slots = ((None, p, lay.local_slot(p)),) if lay.local_slot(p) >= 0 else ()
+            shape, where = loaded.shape, f"{self.where()}: {name} expert {p} shard {shard!r}"
+        transpose = bool(slots) and orientation(shape, lay.expected_shape(name, shard), transposed, where)
+        shards = (("w1", "w3") if lay.gated else ("w1",)) if shard == "w13" else (shard,)
+        keys = tuple(tuple((name, e, s) for s in shards) for _, _, e in slots)
+        return Piece(name, shard, slots, keys, transpose, where)
+
+    def _expert_index(self, expert_id) -> int:
+        n = self.layout.num_physical
+        bad_type = isinstance(expert_id, bool) or type(expert_id).__name__ == "bool_" or (
+            isinstance(expert_id, torch.Tensor) and (expert_id.dtype == torch.bool or expert_id.is_floating_point()))
+        if not bad_type and not isinstance(expert_id, int) and hasattr(expert_id, "__index__"):
+            try:
+                expert_id = operator.index(expert_id)  # numpy / 0-dim integer ids
+            except TypeError:
+                bad_type = True
+        if bad_type or not isinstance(expert_id, int):
+            raise TypeError(f"{self.where()}: expert_id must be an int (a global physical expert in [0, {n})), "
+                            f"got {type(expert_id).__name__} {expert_id!r}")
+        if not 0 <= expert_id < n:
+            raise ValueError(f"{self.where()}: expert_id must be an int in [0, {n}), got {expert_id!r}")
+        return expert_id
+
     def _resolve(self, targets: LoadTargets, param) -> str:
         params = targets.params
         if isinstance(param, str):
@@ -121,28 +212,31 @@ class WeightLoader:
         return shard_id
 
     # ---------------------------------------------------------------------------------------- writes
-    def _load_correction(self, targets: LoadTargets, loaded: torch.Tensor) -> None:
-        E = self.layout.num_experts
-        if tuple(loaded.shape) != (E,):
-            raise ValueError(f"{self.where()}: {CORRECTION} must have shape [{E}], got {list(loaded.shape)}")
-        self.streamer.begin([(CORRECTION, None, None)])
-        targets.params[CORRECTION].copy_(loaded)
-
-    def _load_physical(self, targets, name, t, shard, p, transposed) -> bool:
-        """Load into global physical slot ``p`` if this rank holds it; False (nothing copied) otherwise."""
-        e = self.layout.local_slot(p)
-        if e < 0:
+    def write(self, targets: LoadTargets, piece: Piece, loaded: torch.Tensor) -> bool:
+        """Write a checked piece; each slot's pieces are recorded once its write succeeded. False when no slot
+        is on this rank (nothing is written or recorded)."""
+        if not piece.slots:
             return False
-        self._load_slot(targets, name, t, shard, e, p, transposed)
+        streamer = self.streamer
+        streamer.start()
+        try:
+            for (index, _, e), keys in zip(piece.slots, piece.keys):
+                if piece.name == CORRECTION:
+                    targets.params[CORRECTION].copy_(loaded)
+                else:
+                    self._write_slot(targets, piece, loaded if index is None else loaded[index], e)
+                streamer.record(keys)
+        except BaseException as exc:
+            if streamer.rounds:  # a reload: the slot may now hold part old, part new values
+                streamer.tear(f"reload round {streamer.rounds + 1} failed writing {piece.where} "
+                              f"({type(exc).__name__}: {exc})")
+            raise
+        streamer.complete_round()
         return True
 
-    def _load_slot(self, targets, name, t, shard, e, p, transposed) -> None:
-        lay = self.layout
-        where = f"{self.where()}: {name} expert {p} shard {shard!r}"
-        t = lay.tp_slice(name, orient(t, lay.expected_shape(name, shard), transposed, where), shard)
-        shards = (("w1", "w3") if lay.gated else ("w1",)) if shard == "w13" else (shard,)
-        keys = [(name, e, s) for s in shards]
-        self.streamer.begin(keys)
+    def _write_slot(self, targets: LoadTargets, piece: Piece, t: torch.Tensor, e: int) -> None:
+        lay, name, shard = self.layout, piece.name, piece.shard
+        t = lay.tp_slice(name, t.transpose(0, 1) if piece.transpose else t, shard)
         if name in BIASES or self.quant_config is None:
             lay.rows(targets.params[name][e], shard).copy_(t)
         elif shard in ("w2", "w13"):  # the whole projection at once: quantize now

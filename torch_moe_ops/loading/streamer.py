@@ -14,6 +14,10 @@ most one expert's ``[N1, H]`` staging (plus one transient ``[H, I]`` copy) is al
 
 States: ``fresh`` (nothing loaded) -> ``loading`` -> ``loaded`` (after ``finalize``) -> ``reloading`` (a
 later load call starts a round; it ends when a complete set has arrived, or at ``finalize``) -> ``loaded``.
+A reload that fails after it wrote something (a stream that broke midway, a failed ``finalize``) ``tear``s
+the layer: its round is dropped, ``failed`` names the failure and the layer is ``torn``; ``ready`` stays
+False (forward refuses) until a later round delivers a complete set. A first load that fails the same way
+starts over (``fresh``), so the whole source can simply be sent again.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import LoadError
+from ..errors import LoadError, TornWeightsError
 
 WEIGHTS = ("w13_weight", "w2_weight")
 BIASES = ("w13_bias", "w2_bias")
@@ -33,12 +37,19 @@ Key = tuple  # (param name, local expert slot or None, shard id or None)
 
 
 class ExpertStreamer:
-    """Per-layer bookkeeping of the online-quantization lifecycle (see the module docstring)."""
+    """Per-layer bookkeeping of the online-quantization lifecycle (see the module docstring).
 
-    def __init__(self, required: frozenset, gated_w13: bool):
+    required: every (param, expert, shard) of one complete load. gated_w13: w13 needs both w1 and w3.
+    stages_w13: w13 shards wait in staging for their partner (quantized layers), so a half w13 cannot be
+    written; unquantized layers copy each shard straight into place."""
+
+    def __init__(self, required: frozenset, gated_w13: bool, stages_w13: bool = True):
         self.required = required  #: every (param, expert, shard) the checkpoint must provide
         self.gated_w13 = gated_w13  #: w13 needs both w1 and w3 before it can be quantized
+        self.stages_w13 = stages_w13
         self.state = "fresh"
+        self.failed: str | None = None  #: why the last round failed after writing (None: it did not)
+        self.ready = False  #: forward may run; a plain attribute, so torch.compile guards on it (no sync)
         self.seen: set[Key] = set()  #: pieces received in the current round
         self.staging: dict[int, torch.Tensor] = {}  #: expert -> full-precision w13 staging [N1, H]
         self.staged: dict[int, set[str]] = {}  #: expert -> shards of w13 written into its staging
@@ -47,61 +58,125 @@ class ExpertStreamer:
         self.rounds = 0  #: completed load/reload rounds
 
     # -- state ------------------------------------------------------------------------------------
+    def _set(self, state: str, *, healed: bool = False) -> None:
+        self.state = state
+        if healed:
+            self.failed = None
+        self.ready = state in ("loaded", "reloading") and not self.torn
+
+    @property
+    def torn(self) -> bool:
+        """A complete set was loaded once, and a later round failed after writing: old and new weights mix."""
+        return self.failed is not None and self.rounds > 0
+
     @property
     def loaded(self) -> bool:
-        """True once a complete set was loaded and finalized (stays True while a reload round runs)."""
-        return self.state in ("loaded", "reloading")
+        """True while a complete, untorn set is in place (also while a reload round runs)."""
+        return self.ready
 
-    def begin(self, keys: list[Key]) -> None:
-        """Record incoming pieces; a piece seen twice in one round is an error. Starts a reload round
-        when the layer is already loaded."""
-        if self.state == "loaded":
-            self.state, self.seen = "reloading", set()
-        elif self.state == "fresh":
-            self.state = "loading"
+    @property
+    def status(self) -> str:
+        """``state``, or ``"torn"`` while the weights are torn (also while a healing round runs)."""
+        return "torn" if self.torn else self.state
+
+    def round_seen(self) -> set[Key]:
+        """Pieces the next load call's round already holds (a new round starts from nothing)."""
+        return set() if self.state in ("fresh", "loaded") else self.seen
+
+    def check_new(self, keys) -> None:
+        """Raise ``LoadError`` when a piece of ``keys`` is already in the round (changes nothing)."""
+        seen = self.round_seen()
         for key in keys:
-            if key in self.seen:
-                what = "before finalize_loading" if self.state == "loading" else "in one reload round"
+            if key in seen:
+                what = "in one reload round" if self.rounds else "before finalize_loading"
                 raise LoadError(f"{describe(key)} was loaded twice {what}")
+
+    def start(self) -> None:
+        """A write is about to happen: start the round (``fresh`` -> ``loading``, ``loaded`` -> ``reloading``)."""
+        if self.state == "loaded":
+            self.seen = set()
+            self._set("reloading")
+        elif self.state == "fresh":
+            self._set("loading")
+
+    def record(self, keys) -> None:
+        """Pieces that were written (only after their write succeeded)."""
         self.seen.update(keys)
+
+    def tear(self, reason: str) -> None:
+        """A round failed after writing: drop it (seen pieces and staging). With a complete set loaded before,
+        the layer is torn until a complete round; a first load starts over from ``fresh``."""
+        self._drop_staging()
+        self.seen = set()
+        self.failed = reason
+        self._set("loaded" if self.rounds else "fresh")
 
     def mark_loaded(self) -> None:
         """Every piece was set from outside the loader (``load_state_dict``): drop staging, state ``loaded``."""
-        self.staging.clear()
-        self.staged.clear()
-        self.staging_bytes = 0
-        self.state, self.seen = "loaded", set()
+        self._drop_staging()
+        self.seen = set()
         self.rounds += 1
+        self._set("loaded", healed=True)
 
     def missing(self) -> list[Key]:
         return sorted(self.required - self.seen, key=_sort_key)
 
     def complete_round(self) -> bool:
-        """End a reload round automatically once every piece arrived again. True when it ended."""
+        """End a reload round automatically once every piece arrived again (heals a torn layer). True when it
+        ended."""
         if self.state == "reloading" and not self.staging and self.seen >= self.required:
-            self.state, self.seen = "loaded", set()
+            self.seen = set()
             self.rounds += 1
+            self._set("loaded", healed=True)
             return True
         return False
+
+    def reload_problem(self, keys=(), *, strict: bool = True) -> str | None:
+        """What ``finalize`` would refuse if a reload round ended holding its pieces plus ``keys`` (None: fine,
+        or not a reload). A torn layer needs every piece; a half-staged w13 is refused even when not strict."""
+        if not self.rounds:
+            return None
+        got = self.round_seen() | set(keys)
+        missing = sorted(self.required - got, key=_sort_key)
+        if not missing:
+            return None
+        if self.torn:
+            return "reload incomplete (a torn layer heals only with a complete set): " + format_missing(missing)
+        experts = {e for (n, e, _) in got if n == "w13_weight"} if self.stages_w13 else set()
+        half = [(n, e, s) for (n, e, s) in missing if n == "w13_weight" and e in experts]
+        if half or strict:
+            return "reload incomplete: " + format_missing(half or missing)
+        return None
+
+    def torn_message(self) -> str:
+        return (f"weights are torn: {self.failed}; forward refuses until a later reload delivers a complete set "
+                "(reload_weights, or load_checkpoint + finalize_loading)")
 
     def finalize(self, *, strict_reload: bool = True) -> str:
         """Close the current round. Returns ``"loaded"``, ``"unchanged"`` (nothing arrived) or ``"reloaded"``.
 
-        Raises ``LoadError`` (state unchanged, so the layer never looks loaded) when pieces are missing:
-        all of them on a first load; on a reload, a half-staged projection always, others when strict."""
-        if self.state == "loaded":
-            return "unchanged"
+        Raises ``LoadError`` when pieces are missing. A first load keeps its state (the layer never looks
+        loaded; the missing pieces may still arrive). A reload round that cannot close (a half-staged
+        projection always, other pieces when strict) tears the layer; a torn layer raises
+        ``TornWeightsError`` until a complete round arrives."""
         if self.state == "fresh":
-            raise LoadError("received no weights")
-        missing = self.missing()
-        if self.state == "loading" and missing:
-            raise LoadError(format_missing(missing))
-        if self.state == "reloading":
-            half = [(n, e, s) for (n, e, s) in missing if n == "w13_weight" and e in self.staged]
-            if half or (strict_reload and missing):
-                raise LoadError("reload incomplete: " + format_missing(half or missing))
-        self.state, self.seen = "loaded", set()
+            raise LoadError("received no weights" + (f" (the last load failed: {self.failed})" if self.failed else ""))
+        if self.state == "loading":
+            missing = self.missing()
+            if missing:
+                raise LoadError(format_missing(missing))
+        elif self.state == "loaded":
+            if self.torn:
+                raise TornWeightsError(self.torn_message())
+            return "unchanged"
+        else:  # reloading
+            problem = self.reload_problem(strict=strict_reload)
+            if problem is not None:
+                self.tear(f"reload round {self.rounds + 1} failed at finalize_loading: {problem}")
+                raise TornWeightsError(f"{problem}; {self.torn_message()}")
+        self.seen = set()
         self.rounds += 1
+        self._set("loaded", healed=True)
         return "loaded" if self.rounds == 1 else "reloaded"
 
     # -- staging ----------------------------------------------------------------------------------
@@ -118,6 +193,11 @@ class ExpertStreamer:
         got = self.staged[expert]
         got.add(shard)
         return got >= ({"w1", "w3"} if self.gated_w13 else {"w1"})
+
+    def _drop_staging(self) -> None:
+        self.staging.clear()
+        self.staged.clear()
+        self.staging_bytes = 0
 
     def release_w13(self, expert: int) -> None:
         buf = self.staging.pop(expert)
