@@ -16,13 +16,15 @@ Loading (``weight_loader`` and the load state, methods of ``layer_loading.Loadin
 ``loading.WeightLoader``; full-precision weights of a quantized layer exist only as meta tensors
 (``layer.full_precision``) and in per-expert staging while they load. With
 ``parallel``, the layer holds its placement tables as buffers and wraps its one experts call
-(``_run_experts``) in ``distributed.comm.parallel_forward``.
+(``_run_experts``) in ``distributed.comm.parallel_forward``. With ``trainable=True`` the full-precision weights
+and the biases require grad (docs/training.md; ``torch_moe_ops.training`` holds the rules).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from . import training
 from .distributed.config import ParallelConfig
 from .distributed.placement import map_logical_to_physical
 from .distributed.plan import plan
@@ -62,6 +64,11 @@ class FusedMoE(LoadingMethods, nn.Module):
             (see ``docs/distributed.md``). With it, ``num_experts`` is the number of logical experts and
             ``intermediate_size`` the full (checkpoint) I; the layer holds only its local physical experts
             (``num_local_experts``) and its ``I / tp_size`` slice (``intermediate_size``).
+        trainable: ``w13_weight`` / ``w2_weight`` (unquantized layers) and the biases require grad; quantized
+            weights, their scales and ``e_score_correction_bias`` stay frozen (docs/training.md). Not with
+            ``parallel.world_size > 1``.
+        save_activations: (``trainable`` only) keep GEMM1's output for the backward instead of recomputing
+            it: ``2·k·N1`` bytes per token in bf16 (docs/training.md, "Memory and compute").
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -70,8 +77,10 @@ class FusedMoE(LoadingMethods, nn.Module):
                  num_expert_group: int = 0, topk_group: int = 0, use_correction_bias: bool = False,
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
                  shared_experts: nn.Module | None = None, device=None, activation_alpha: float | None = None,
-                 activation_limit: float | None = None, parallel: ParallelConfig | None = None):
+                 activation_limit: float | None = None, parallel: ParallelConfig | None = None,
+                 trainable: bool = False, save_activations: bool = False):
         super().__init__()
+        training.check_trainable(trainable, save_activations, parallel)
         for name, value in (("num_experts", num_experts), ("top_k", top_k), ("hidden_size", hidden_size),
                             ("intermediate_size", intermediate_size)):
             _positive(name, value)
@@ -102,6 +111,7 @@ class FusedMoE(LoadingMethods, nn.Module):
         self.num_expert_group, self.topk_group = num_expert_group, topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.apply_router_weight_on_input = apply_router_weight_on_input
+        self.trainable, self.save_activations = trainable, save_activations
         self.layer_name = ""  #: module path, set by ``load_checkpoint`` / ``finalize_loading`` for messages
         self.quant_scheme = (qc.quant_scheme if qc is not None else NONE).name  #: fused_experts' quant_scheme
         self.block_shape = None if qc is None else qc.kernel_block_shape
@@ -134,6 +144,8 @@ class FusedMoE(LoadingMethods, nn.Module):
         self._register_weights(E, N1, H, I, dev)
         self.shared_experts = shared_experts
         self._register_tables(dev)
+        if trainable:
+            training.set_trainable(self)
 
     def _register_weights(self, E: int, N1: int, H: int, I: int, dev: torch.device) -> None:
         qc, dtype = self.quant_config, self.params_dtype
@@ -191,7 +203,9 @@ class FusedMoE(LoadingMethods, nn.Module):
 
         ``shared_experts_input`` (default ``hidden_states``) feeds ``shared_experts``; its output is added."""
         self._check_ready()
-        if self.parallel is None:  # routing and experts in one op
+        if self.parallel is None and self._saving():  # route, then the experts keeping GEMM1's output
+            out = training.run_experts_saving(self, hidden_states, *self.select_experts(router_logits))
+        elif self.parallel is None:  # routing and experts in one op
             out = torch.ops.moe.fused_moe(
                 hidden_states, router_logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
                 self.scoring_func, self.num_expert_group, self.topk_group, self.e_score_correction_bias,
@@ -223,6 +237,8 @@ class FusedMoE(LoadingMethods, nn.Module):
     def _run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The layer's one ``fused_experts`` call: x [N, H], topk_weights [N, k] fp32, topk_ids [N, k] (global
         physical ids under EP: other ranks' experts add exactly 0 through ``expert_map``) -> [N, H]."""
+        if self._saving():
+            return training.run_experts_saving(self, x, topk_weights, topk_ids)
         return torch.ops.moe.fused_experts(
             x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation, self.quant_scheme,
             self.w13_weight_scale, self.w2_weight_scale, self.w13_bias, self.w2_bias, self.block_shape,
@@ -237,6 +253,10 @@ class FusedMoE(LoadingMethods, nn.Module):
         flat = ids.reshape(-1).long()
         self.expert_load.index_add_(0, flat, torch.ones_like(flat))
         return comm.parallel_forward(x, topk_weights, ids, self.parallel, self.expert_owner, self._run_experts)
+
+    def _saving(self) -> bool:
+        """The saving forward (docs/training.md) only when a backward may follow."""
+        return self.save_activations and torch.is_grad_enabled()
 
     def _check_ready(self) -> None:
         """Refuse to compute on weights that are not a complete, consistent set: a fresh layer (its storage is
@@ -292,6 +312,8 @@ class FusedMoE(LoadingMethods, nn.Module):
                          f"local_experts={self.num_local_experts}, redundant={pc.num_redundant_experts}, mode={pc.mode!r}")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"routed_scaling_factor={self.routed_scaling_factor}")
+        if self.trainable:
+            parts.append("trainable=True" + (", save_activations=True" if self.save_activations else ""))
         return ", ".join(parts)
 
 

@@ -5,6 +5,6 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _no_grad():
-    """The ops are inference-only (no autograd formula): run every op test without grad recording."""
+    """Forward-only op tests run without grad recording (autograd lives in tests/autograd)."""
     with torch.no_grad():
         yield

@@ -6,9 +6,10 @@ from .align import align_block_size
 from .fused_moe import fused_experts, fused_moe
 from .quant import quantize_activation, quantize_weight, quantize_weight_into
 from .routing import topk_route
+from . import autograd  # noqa: E402,F401  (autograd formulas; the private backward and saving ops)
 
-#: The names of every op this package registers under ``torch.ops.moe``.
-OP_NAMES = tuple(q.split("::")[1] for q in REGISTERED)
+#: The names of the public ops this package registers under ``torch.ops.moe`` (private ones start with "_").
+OP_NAMES = tuple(n for n in (q.split("::")[1] for q in REGISTERED) if not n.startswith("_"))
 
 __all__ = [
     "OP_NAMES",
