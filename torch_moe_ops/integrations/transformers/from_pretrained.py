@@ -1,0 +1,249 @@
+"""``from_pretrained(path, quant_config)``: a transformers model whose routed experts never exist in full
+precision on the device.
+
+1. The model class is instantiated by transformers on the meta device (as it always does) through a
+   subclass whose ``__init__`` swaps every supported MoE block for a ``MoEBlock`` without experts.
+2. transformers loads everything else (``from_pretrained(state_dict=...)`` with lazy safetensors slices
+   of the non-expert tensors: its renames, dtype rules, tied weights and reports apply as usual).
+3. Each block's experts stream from the safetensors files into a ``FusedMoE`` allocated at its final
+   (quantized) size on the device, one expert at a time (``stream.py``).
+
+Peak device memory: the final model + one expert's full-precision staging (+ a transient copy), within
+final + 2 experts + 64 MiB. Blocks the package cannot replace are loaded by transformers unchanged and
+named in the report.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import torch
+
+from ...errors import LoadError
+from .block import MoEBlock
+from .checkpoint import Checkpoint, checkpoint_files, parse
+from .models import MODEL_TYPES
+from .patch import PatchReport, _check_layer, _set_child, find_blocks, record_router_logits
+from .stream import BlockKeys, check_keys, fp8_scheme, load_float, load_fp8
+
+_LEGACY_BLOCK_NAMES = ("block_sparse_moe",)  #: checkpoint names transformers renames to the block's (Mixtral, PhiMoE)
+
+
+def _model_class(config, model_class):
+    if model_class is not None:
+        return model_class
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"no causal-LM class for {type(config).__name__}; pass model_class=") from None
+
+
+def _skeleton_class(cls, quant_config, sink: dict):
+    """A subclass of ``cls`` whose instances have ``MoEBlock`` placeholders (no experts) for supported blocks;
+    each instantiation records ``sink["blocks"]`` ({path: plan}) and ``sink["unsupported"]`` ({path: why})."""
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        planned, unsupported, _ = find_blocks(self)
+        sink["unsupported"], sink["blocks"] = unsupported, {}
+        for path, _block, plan in planned:
+            try:
+                _check_layer(plan, None)
+                if quant_config is not None:
+                    _check_layer(plan, quant_config)
+            except ValueError as exc:
+                raise ValueError(f"{path} ({plan.block_class}): {exc}") from None
+            _set_child(self, path, MoEBlock(plan, None))
+            sink["blocks"][path] = plan
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+
+
+def _dtype(dtype, config, ckpt: Checkpoint) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        return getattr(torch, str(dtype))
+    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(cfg, str):
+        cfg = getattr(torch, cfg, None)
+    if isinstance(cfg, torch.dtype) and cfg.is_floating_point and cfg.itemsize > 1:
+        return cfg
+    for name in ckpt.names():
+        dt = ckpt.dtype(name)
+        if dt is not None and dt.is_floating_point and dt.itemsize > 1:
+            return dt
+    return torch.float32
+
+
+def _block_size(config):
+    """``quantization_config.weight_block_size`` of a pre-quantized config (a dict or a config object)."""
+    qc = getattr(config, "quantization_config", None) or {}
+    return qc.get("weight_block_size") if isinstance(qc, dict) else getattr(qc, "weight_block_size", None)
+
+
+def _layer_of(path: str) -> int | None:
+    found = re.findall(r"(?:^|\.)layers\.(\d+)(?:\.|$)", path)
+    return int(found[-1]) if found else None
+
+
+def _assign_keys(ckpt: Checkpoint, blocks: dict[str, object], other_moe: list[str], cls) -> tuple:
+    """({block path: BlockKeys}, non-expert names for transformers, {name: why ignored})."""
+    by_layer: dict[int, list[str]] = {}
+    for path in blocks:
+        by_layer.setdefault(_layer_of(path), []).append(path)
+    unsupported_layers = {_layer_of(p) for p in other_moe}
+    attrs = {p.rpartition(".")[2] for p in blocks} | set(_LEGACY_BLOCK_NAMES)
+    ignore = [re.compile(p) for p in (getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    per_block = {path: BlockKeys() for path in blocks}
+    others, ignored = [], {}
+    for name in ckpt.names():
+        key = parse(name)
+        if key is not None and key.blk not in attrs:
+            key = None  # e.g. Granite's shared_mlp.input_linear: expert-like names under another child
+        hits = [] if key is None else [p for p in by_layer.get(key.layer, [])
+                                       if key.blk_ok(p.rpartition(".")[2], _LEGACY_BLOCK_NAMES)]
+        if key is None or (not hits and key.layer in unsupported_layers):
+            others.append(name)  # not an expert, or an expert of a block transformers keeps
+            continue
+        if not hits:
+            if any(rx.search(name) for rx in ignore):
+                ignored[name] = f"{cls.__name__} ignores this layer (_keys_to_ignore_on_load_unexpected)"
+                continue
+            raise LoadError(f"checkpoint tensor {name} ({ckpt.file(name)}) is a routed expert of layer {key.layer}, "
+                            f"but the model has no MoE block there (MoE blocks at layers {sorted(by_layer)}); "
+                            "a checkpoint of another model, or a config mismatch")
+        if len(hits) > 1:  # several MoE stacks with this layer index: the one whose prefix the name ends with
+            stack = key.pre.rpartition("layers.")[0].rstrip(".")
+            hits = [p for p in hits if p.rpartition("layers.")[0].rstrip(".").endswith(stack)] or hits
+            if len(hits) > 1:
+                raise LoadError(f"checkpoint tensor {name}: cannot tell which of {hits} it belongs to")
+        per_block[hits[0]].add(key)
+    return per_block, others, ignored
+
+
+def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_class=None, progress: bool = True,
+                    strict: bool = True, **hf_kwargs):
+    """Load a transformers MoE model from a local safetensors folder with torch_moe_ops experts.
+
+    Args:
+        path: checkpoint folder (``config.json`` + safetensors; ``model.safetensors.index.json`` respected).
+        quant_config: None (the checkpoint's precision; a pre-quantized fp8 checkpoint stays as it is),
+            ``Fp8Config`` / ``Int8Config`` / ``Int4Config`` (experts quantized while they stream).
+        device: where the model goes (default: cpu). dtype: model dtype (default: the config's).
+        model_class: the transformers class (default: the causal-LM class of the config).
+        progress: a progress bar counting expert bytes. strict: raise when transformers reports missing
+            non-expert weights (else a warning and a report note).
+        hf_kwargs: passed to transformers' ``from_pretrained`` (``attn_implementation``, ``config``, ...).
+
+    Returns:
+        The model, in eval mode; ``model.torch_moe_ops_report`` is the ``PatchReport`` (with ``loading``).
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, GenerationConfig
+
+    path = os.fspath(path)
+    files, ignored_files = checkpoint_files(path)
+    config = hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
+    cls = _model_class(config, model_class)
+    ckpt = Checkpoint(files)
+    try:
+        dt = _dtype(dtype, config, ckpt)
+        sink: dict = {}
+        skeleton = _skeleton_class(cls, quant_config, sink)
+        with torch.device("meta"):
+            skeleton._from_config(config, dtype=dt)  # where the blocks are (meta: no memory)
+        blocks, unsupported = sink["blocks"], sink["unsupported"]
+        if not blocks:
+            raise ValueError(f"{cls.__name__} (model_type {config.model_type!r}) has no MoE block torch_moe_ops can "
+                             f"replace{': ' + str(unsupported) if unsupported else ''}; supported model types: "
+                             f"{sorted(MODEL_TYPES)}")
+        per_block, others, ignored = _assign_keys(ckpt, blocks, list(unsupported), cls)
+        for p, plan in blocks.items():
+            check_keys(p, plan, per_block[p], ckpt)
+        fp8 = {p: fp8_scheme(p, per_block[p], ckpt, _block_size(config)) for p in blocks}
+        _check_fp8(fp8, quant_config)
+        state = {name: ckpt.slice(name) for name in others}
+        model, info = skeleton.from_pretrained(None, config=config, state_dict=state, dtype=dt,
+                                               output_loading_info=True, **hf_kwargs)
+        model.__class__ = cls
+        report = _report(quant_config, fp8, sink["unsupported"], files, ignored_files, ignored, info)
+        _check_info(info, strict, report)
+        gen = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        if device is not None and "device_map" not in hf_kwargs:
+            model.to(device)
+        total = sum(ckpt.nbytes(k.name) for keys in per_block.values() for k in keys.all())
+        report.expert_bytes_before = total  # in the checkpoint's dtypes
+        with tqdm(total=total, desc="Loading experts", unit="B", unit_scale=True, disable=not progress,
+                  leave=False) as bar:
+            for p, plan in sink["blocks"].items():
+                _load_block(model, p, plan, per_block[p], ckpt, quant_config, fp8[p], device, dt, bar, report)
+    finally:
+        ckpt.close()
+    model.eval()
+    model.torch_moe_ops_report = report
+    if report.skipped:
+        warnings.warn(str(report), stacklevel=2)
+    return model
+
+
+def _load_block(model, path, plan, keys, ckpt, quant_config, fp8, device, dt, bar, report) -> None:
+    block: MoEBlock = model.get_submodule(path)
+    dev = torch.device(device) if device is not None else block.router_linear().weight.device
+    if fp8 is not None:
+        layer = load_fp8(path, plan, keys, ckpt, fp8, dev, dt, bar)
+    else:
+        layer = load_float(path, plan, keys, ckpt, quant_config, dev, dt, bar)
+    block.experts = layer
+    record_router_logits(model, block)
+    report.replaced[path] = f"{plan.block_class} -> MoEBlock({plan.describe()}, {layer.quant_scheme})"
+    report.expert_bytes_after += sum(p.numel() * p.element_size() for p in layer.parameters(recurse=False))
+    report.loading["expert_tensors"] = report.loading.get("expert_tensors", 0) + len(keys.all())
+    if keys.input_scales:
+        report.notes.append(f"{path}: {keys.input_scales} static input_scale tensors ignored (activations are "
+                            "quantized dynamically per token)")
+
+
+def _check_fp8(fp8: dict, quant_config) -> None:
+    schemes = {str(q) for q in fp8.values()}
+    if len(schemes) > 1:
+        raise LoadError(f"the checkpoint mixes expert formats across layers: {sorted(schemes)}")
+    pre = next(iter(fp8.values()), None)
+    if pre is not None and quant_config is not None and quant_config != pre:
+        raise ValueError(f"the checkpoint's experts are pre-quantized as {pre}; quant_config={quant_config} would "
+                         f"need re-quantizing them. Pass quant_config=None or {pre}")
+
+
+def _report(quant_config, fp8, unsupported, files, ignored_files, ignored, info) -> PatchReport:
+    pre = next((q for q in fp8.values() if q is not None), None)
+    qc = pre or quant_config
+    report = PatchReport(skipped=dict(unsupported), quant_scheme=qc.quant_scheme.name if qc is not None else "none")
+    report.loading = {"files": [os.path.basename(f) for f in files], "ignored_files": ignored_files,
+                      "ignored_tensors": ignored, "prequantized": str(pre) if pre is not None else None,
+                      "hf_missing_keys": sorted(info.get("missing_keys", [])),
+                      "hf_unexpected_keys": sorted(info.get("unexpected_keys", []))}
+    report.notes += [f"ignored file {f}" for f in ignored_files]
+    return report
+
+
+def _check_info(info, strict: bool, report: PatchReport) -> None:
+    missing = report.loading["hf_missing_keys"]
+    if missing and strict:
+        more = " ..." if len(missing) > 8 else ""
+        raise LoadError(f"the checkpoint lacks {len(missing)} non-expert weights, which transformers would "
+                        f"initialize randomly: {missing[:8]}{more} (strict=False to allow)")
+    if missing:
+        report.notes.append(f"{len(missing)} non-expert weights missing from the checkpoint: {missing[:8]}")
+        warnings.warn(f"torch_moe_ops from_pretrained: {report.notes[-1]} (transformers initialized them)",
+                      stacklevel=3)
+    if report.loading["hf_unexpected_keys"]:
+        report.notes.append(f"transformers ignored {len(report.loading['hf_unexpected_keys'])} unexpected tensors")
+
+
+__all__ = ["from_pretrained"]
