@@ -1,5 +1,6 @@
 """The op suite once more with the Triton kernels behind the CPU dispatch key (TORCH_MOE_OPS_BACKEND=triton,
-interpreter), on small shapes; plus a hypothesis fuzz of fused_moe against the reference."""
+interpreter), on small shapes; plus a hypothesis fuzz of fused_moe against the reference (NaN tokens, empty
+experts, T = 1, E not a power of two, on-input weighting)."""
 from __future__ import annotations
 
 import os
@@ -125,19 +126,36 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=16, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(T=st.integers(1, 17), E=st.integers(2, 5), k=st.integers(1, 2), H=st.integers(4, 48), I=st.integers(2, 24),
        scheme=st.sampled_from(list(QUANT_SCHEMES)),
-       activation=st.sampled_from(["silu", "gelu_tanh", "swigluoai", "silu_no_mul"]))
-def test_fuzz_fused_moe_triton_vs_reference(T, E, k, H, I, scheme, activation):
-    k = min(k, E)
+       activation=st.sampled_from(["silu", "gelu_tanh", "swigluoai", "silu_no_mul"]),
+       nan_row=st.one_of(st.none(), st.integers(0, 16)), empty=st.booleans(), on_input=st.booleans())
+def test_fuzz_fused_moe_triton_vs_reference(T, E, k, H, I, scheme, activation, nan_row, empty, on_input):
+    """Random shapes (T = 1, E not a power of two), empty experts (odd experts never routed), on-input
+    weighting, and a NaN token whose row must be NaN on both sides while the others still match."""
+    k = min(k, (E + 1) // 2 if empty else E)
     H, I = _dims(scheme, H, I)
     dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
     q13, q2, kw = _weights(E, H, I, scheme, activation=activation, dtype=dtype)
+    kw.update(apply_router_weight_on_input=on_input)
     x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
     logits = torch.randn(T, E, device=DEV)
+    if empty:
+        logits[:, 1::2] = -float("inf")
+    keep = torch.ones(T, dtype=torch.bool)
+    if nan_row is not None:
+        nan_row %= T
+        x[nan_row, nan_row % H] = float("nan")
+        keep[nan_row] = False
     out = moe.fused_moe(x, logits, q13, q2, k, **kw).float().cpu()
     ref = _ref(x, logits, q13, q2, k, kw)
+    if nan_row is not None:
+        assert out[nan_row].isnan().all() and ref[nan_row].isnan().all()
+    out, ref = out[keep], ref[keep]
+    assert torch.isfinite(out).all(), "a NaN token leaked into another row"
+    if ref.numel() == 0:
+        return
     # fp8 with tiny K: a single re-quantization flip is a larger share of the signal, hence 20 dB there.
     # Tiny H/I give outputs near fp16's subnormal range (~1e-7, spacing 6e-8), where SQNR measures the
     # output format, not the kernel: such cases are judged by absolute error instead.

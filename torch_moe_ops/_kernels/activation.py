@@ -7,6 +7,10 @@ read ``x: [M, 2I]`` in the halves layout (gate = columns ``[0, I)``, up = ``[I, 
 (gate = even, up = odd columns; loaded as one ``[..., 2]`` vector and split). ``limit > 0`` clamps the
 gate from above and the up half on both sides (clamped swiglu) for every gated activation. Rows may be
 strided (``stride(-1) == 1``); the row count is never specialized.
+
+NaN propagates like the reference (docs/design.md §3, §6): the clamps and relu2 use NaN-propagating
+min/max, and the quantized rows take their amax from the bits of |y| (``_numerics``), so a NaN element
+gives its row (per token) or group a NaN scale and NaN values.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import triton.language as tl
 
 from .._platform import interpret_mode
 from ..schemes import FP8_DTYPE, FP8_MAX, IDENTITY, SCALE_EPS, Activation, ActivationQuant, cdiv
-from ._numerics import _bf16_round, _quantize, _scale_of
+from ._numerics import _abs_bits, _bf16_round, _from_bits, _quantize, _scale_of
 
 _ONE_PASS_MAX = 8192  # per-token quantization keeps rows up to this many outputs (pow2) in registers
 
@@ -32,7 +36,7 @@ def _act(x, ACT: tl.constexpr):
         y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         return x / (1.0 + tl.exp(-2.0 * y))
     elif ACT == "relu2":
-        r = tl.maximum(x, 0.0)
+        r = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, like torch
         return r * r
     else:  # identity
         return x
@@ -51,10 +55,10 @@ def _act_tile(ptrs, mask, half, alpha, limit, ACT: tl.constexpr, GATED: tl.const
     else:
         g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
-    if CLAMP:
+    if CLAMP:  # NaN-propagating, like torch.clamp (the default min/max would turn NaN into ±limit)
         lim = tl.cast(limit, tl.float32)
-        g = tl.minimum(g, lim)
-        u = tl.minimum(tl.maximum(u, -lim), lim)
+        g = tl.minimum(g, lim, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.clamp(u, -lim, lim, propagate_nan=tl.PropagateNan.ALL)
     if SWIGLU_OAI:  # (u + 1) * g * sigmoid(alpha * g)
         return (u + 1.0) * g * tl.sigmoid(tl.cast(alpha, tl.float32) * g)
     return _act(g, ACT) * u
@@ -102,8 +106,8 @@ def _act_quant_kernel(
         y = _act_tile(x_row[:, None, None] + step * cols[None, :, :], mask, half, alpha, limit,
                       ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
         y = tl.where(mask, y, 0.0)
-        scale, inv = _scale_of(tl.max(tl.abs(y), axis=2), QMAX, EPS)  # [BLOCK_M, NG]
-        q = _quantize(y, inv[:, :, None], QMAX, False, EMULATE_FP8)
+        scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=2)), QMAX, EPS)  # [BLOCK_M, NG]
+        q = _quantize(y, inv[:, :, None], QMAX, False, EMULATE_FP8, False)
         tl.store(q_row[:, None, None] + cols[None, :, :], q, mask=mask)
         tl.store(s_ptr + rows[:, None] * stride_sm + grp[None, :], scale,
                  mask=mask_m[:, None] & (grp * GROUP < n_out)[None, :])
@@ -113,24 +117,25 @@ def _act_quant_kernel(
         y = _act_tile(x_row[:, None] + step * cols[None, :], mask, half, alpha, limit,
                       ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
         y = tl.where(mask, y, 0.0)
-        scale, inv = _scale_of(tl.max(tl.abs(y), axis=1), QMAX, EPS)
-        tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8), mask=mask)
+        scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=1)), QMAX, EPS)
+        tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8, False),
+                 mask=mask)
         tl.store(s_ptr + rows * stride_sm, scale, mask=mask_m)
     else:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        amax = tl.zeros([BLOCK_M], dtype=tl.int32)  # bits of |y|: the integer max keeps NaN
         for n0 in range(0, n_out, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             mask = mask_m[:, None] & (cols < n_out)[None, :]
             y = _act_tile(x_row[:, None] + step * cols[None, :], mask, half, alpha, limit,
                           ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
-            amax = tl.maximum(amax, tl.max(tl.abs(tl.where(mask, y, 0.0)), axis=1))
-        scale, inv = _scale_of(amax, QMAX, EPS)
+            amax = tl.maximum(amax, tl.max(_abs_bits(tl.where(mask, y, 0.0)), axis=1))
+        scale, inv = _scale_of(_from_bits(amax), QMAX, EPS)
         for n0 in range(0, n_out, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             mask = mask_m[:, None] & (cols < n_out)[None, :]
             y = _act_tile(x_row[:, None] + step * cols[None, :], mask, half, alpha, limit,
                           ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
-            tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8),
+            tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8, False),
                      mask=mask)
         tl.store(s_ptr + rows * stride_sm, scale, mask=mask_m)
 

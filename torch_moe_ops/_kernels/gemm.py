@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
-from ._numerics import _bf16_round, _int4_unpack
+from ._numerics import _bf16_round, _int4_unpack, _upcast_emulated
 from .configs import TileConfig
 
 
@@ -50,7 +50,7 @@ def _int4_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, k_
     a_even, a_odd = tl.split(a)
     b_lo, b_hi = _int4_unpack(b)
     if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
-        a_even, a_odd = a_even.to(tl.float32), a_odd.to(tl.float32)
+        a_even, a_odd = _upcast_emulated(a_even), _upcast_emulated(a_odd)
     b_lo, b_hi = b_lo.to(a_even.dtype), b_hi.to(a_even.dtype)
     if FP32_IEEE:
         d = tl.dot(a_even, b_lo, input_precision="ieee")
@@ -137,9 +137,9 @@ def _moe_gemm_kernel(
                 k_left = K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
+            if UPCAST:  # interpreter only: its bf16 dot multiplies raw bits, its fp8 dot reads NaN as 480
+                a = _upcast_emulated(a)
+                b = _upcast_emulated(b)
             elif W_CAST:  # integer weight-only: exact in the activation dtype, scaled after the dot
                 b = b.to(a.dtype)
             if BLOCK_SCALES:  # 1 x GROUP_K activation groups and GROUP_N x GROUP_K weight blocks
@@ -268,7 +268,7 @@ def invoke_moe_gemm(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
         A_DIV=top_k, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
         HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=topk_weights is not None, EVEN_K=K % bk == 0,
-        UPCAST=interpret_mode() and a.dtype == torch.bfloat16,
+        UPCAST=interpret_mode() and a.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         FP32_IEEE=a.dtype == torch.float32,
         BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
         **_flag_kwargs(flags),

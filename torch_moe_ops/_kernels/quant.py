@@ -25,7 +25,7 @@ import triton.language as tl
 from .._platform import interpret_mode
 from ..schemes import SCALE_EPS, WeightFormat, cdiv
 from ..schemes import INT4_MIN
-from ._numerics import _int4_nibbles, _quantize, _scale_of
+from ._numerics import _abs_bits, _from_bits, _int4_nibbles, _quantize, _scale_of
 from .quant_tensor import per_tensor
 
 _MAX_ROW = 8192  # longest row (in elements, pow2) a program keeps in registers
@@ -49,19 +49,19 @@ def _quant_weight_row_kernel(
     if ONE_PASS:
         mask = mask_r[:, None] & (offs_k[None, :] < K)
         x = tl.load(w_row[:, None] + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        scale, inv = _scale_of(tl.max(tl.abs(x), axis=1), QMAX, EPS)
-        tl.store(q_row[:, None] + offs_k[None, :], _quantize(x, inv[:, None], QMAX, INT, EMULATE_FP8), mask=mask)
+        scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(x), axis=1)), QMAX, EPS)
+        tl.store(q_row[:, None] + offs_k[None, :], _quantize(x, inv[:, None], QMAX, INT, EMULATE_FP8, True), mask=mask)
     else:
-        amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+        amax = tl.zeros([BLOCK_R], dtype=tl.int32)  # bits of |x|: the integer max keeps NaN
         for k0 in range(0, K, BLOCK_K):
             mask = mask_r[:, None] & (k0 + offs_k[None, :] < K)
             x = tl.load(w_row[:, None] + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale, inv = _scale_of(amax, QMAX, EPS)
+            amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=1))
+        scale, inv = _scale_of(_from_bits(amax), QMAX, EPS)
         for k0 in range(0, K, BLOCK_K):
             mask = mask_r[:, None] & (k0 + offs_k[None, :] < K)
             x = tl.load(w_row[:, None] + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row[:, None] + k0 + offs_k[None, :], _quantize(x, inv[:, None], QMAX, INT, EMULATE_FP8),
+            tl.store(q_row[:, None] + k0 + offs_k[None, :], _quantize(x, inv[:, None], QMAX, INT, EMULATE_FP8, True),
                      mask=mask)
     tl.store(s_ptr + e * stride_se + n * stride_sn, scale, mask=mask_r)
 
@@ -80,9 +80,9 @@ def _quant_weight_block_kernel(
     mask = ((tl.arange(0, BN_P2) < BN) & (offs_n < N))[:, None] & ((tl.arange(0, BK_P2) < BK) & (offs_k < K))[None, :]
     w_off = e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x = tl.load(w_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
-    scale, inv = _scale_of(tl.max(tl.max(tl.abs(x), axis=1), axis=0), QMAX, EPS)
+    scale, inv = _scale_of(_from_bits(tl.max(tl.max(_abs_bits(x), axis=1), axis=0)), QMAX, EPS)
     q_off = e * stride_qe + offs_n[:, None].to(tl.int64) * stride_qn + offs_k[None, :]
-    tl.store(q_ptr + q_off, _quantize(x, inv, QMAX, INT, EMULATE_FP8), mask=mask)
+    tl.store(q_ptr + q_off, _quantize(x, inv, QMAX, INT, EMULATE_FP8, True), mask=mask)
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
 
 
@@ -104,7 +104,8 @@ def _quant_weight_group_kernel(
     w_row = w_ptr + e * stride_we + n * stride_wn
     ptrs = w_row[:, None, None, None] + (2 * byte)[None, :, :, None] + tl.arange(0, 2)[None, None, None, :]
     x = tl.load(ptrs, mask=mask[:, :, None, None], other=0.0).to(tl.float32)
-    scale, inv = _scale_of(tl.max(tl.max(tl.abs(x), axis=3), axis=2), QMAX, 0.0)  # [BLOCK_R, NG], no floor
+    amax = _from_bits(tl.max(tl.max(_abs_bits(x), axis=3), axis=2))  # [BLOCK_R, NG]; NaN propagates
+    scale, inv = _scale_of(amax, QMAX, 0.0)  # no floor
     lo, hi = tl.split(x)
     inv = inv[:, :, None]
     packed = _int4_nibbles(lo, inv, QMIN, QMAX) | (_int4_nibbles(hi, inv, QMIN, QMAX) << 4)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._numerics import _quantize, _scale_of
+from ._numerics import _abs_bits, _from_bits, _quantize, _scale_of
 
 _CHUNK = 16384  # elements per work item (a range of rows of one shard)
 _TENSOR_TILE = 8192  # elements per loop step (large tiles keep enough bytes in flight)
@@ -57,7 +57,7 @@ def _quant_weight_tensor_kernel(
     it in sync[shard]); odd items are "quantize" items Q_{k - lag} (wait until all chunks of its shard
     are counted, then quantize the chunk, whose second read mostly hits L2 as it was read ~lag chunks
     earlier); the last ``lag`` items are the remaining Q items. sync: [S + 1] int32 zeros (the last is
-    the ticket counter), amax: [S] fp32 zeros, S = E * shards."""
+    the ticket counter), amax: [S] int32 zeros (the bits of each shard's amax), S = E * shards."""
     total = S * chunks
     i = tl.atomic_add(sync_ptr + S, 1)
     k = i // 2
@@ -79,11 +79,12 @@ def _quant_weight_tensor_kernel(
     if PHASES == 1:
         is_q = False
     if is_a:
-        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # elementwise: one reduction at the end
+        # elementwise, one reduction at the end; on the bits of |w| (an integer max keeps NaN, §3)
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.int32)
         for r0 in range(r_lo, r_lo + rows_per_chunk, BLOCK_R):
             for k0 in range(0, K, BLOCK_K):
                 ptrs, mask = _shard_chunk_ptrs(w_base, shard_rows, K, stride_wn, r0, k0, BLOCK_R, BLOCK_K)
-                acc = tl.maximum(acc, tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
+                acc = tl.maximum(acc, _abs_bits(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
         tl.atomic_max(amax_ptr + sh, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed")
         tl.atomic_add(sync_ptr + sh, 1, sem="release")  # publishes the atomic_max above
     if is_q:
@@ -92,14 +93,14 @@ def _quant_weight_tensor_kernel(
             done = chunks
         while done < chunks:
             done = tl.atomic_add(sync_ptr + sh, 0, sem="acquire")
-        scale, inv = _scale_of(tl.atomic_max(amax_ptr + sh, 0.0, sem="acquire"), QMAX, EPS)
+        scale, inv = _scale_of(_from_bits(tl.atomic_max(amax_ptr + sh, 0, sem="acquire")), QMAX, EPS)
         if c == 0:
             tl.store(s_ptr + e * stride_se + (sh % shards) * stride_ss, scale)
         q_base = q_ptr + e * stride_qe + row0.to(tl.int64) * stride_qn
         for r0 in range(r_lo, r_lo + rows_per_chunk, BLOCK_R):
             for k0 in range(0, K, BLOCK_K):
                 ptrs, mask = _shard_chunk_ptrs(w_base, shard_rows, K, stride_wn, r0, k0, BLOCK_R, BLOCK_K)
-                qv = _quantize(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), inv, QMAX, INT, EMULATE_FP8)
+                qv = _quantize(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), inv, QMAX, INT, EMULATE_FP8, True)
                 q_ptrs, _ = _shard_chunk_ptrs(q_base, shard_rows, K, stride_qn, r0, k0, BLOCK_R, BLOCK_K)
                 tl.store(q_ptrs, qv, mask=mask)
 
@@ -111,12 +112,13 @@ def per_tensor(w, q, scale, shards, codec):
     block_k = min(triton.next_power_of_2(K), 2048)
     block_r = max(1, min(triton.next_power_of_2(shard_rows), _TENSOR_TILE // block_k))
     rows_per_chunk = max(1, _CHUNK // (block_r * block_k * triton.cdiv(K, block_k))) * block_r
+    rows_per_chunk = min(rows_per_chunk, triton.cdiv(shard_rows, block_r) * block_r)  # no all-masked tiles
     chunks = triton.cdiv(shard_rows, rows_per_chunk)
     n_shards = E * shards
     # a shard's first quantize item must not wait long for its last amax item: lag >= chunks + in flight
     lag = min(chunks + _LAG_SLACK, n_shards * chunks)
     sync = torch.zeros(2 * n_shards + 1, dtype=torch.int32, device=w.device)
-    amax = sync[n_shards + 1 :].view(torch.float32)  # zero bits = 0.0
+    amax = sync[n_shards + 1 :]  # int32 bits of |w|'s max (zero bits = 0.0)
     _quant_weight_tensor_kernel[(2 * n_shards * chunks + lag,)](
         w, q, scale, sync, amax, n_shards, shards, shard_rows, K, rows_per_chunk, chunks, lag,
         w.stride(0), w.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),

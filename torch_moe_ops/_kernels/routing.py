@@ -6,6 +6,9 @@ One program handles ``BLOCK_T`` tokens. The expert axis is loaded as a 3-D tile 
 the group size, groups past ``G``) are masked. Selection packs each candidate into one int64 key
 ``(order-preserving int32 of the fp32 score) << 32 | (65535 - expert)``, so a single ``max`` picks the
 largest score and, among equal scores, the LOWEST expert id (the reference's stable sort).
+
+A NaN selection score (a NaN correction bias, or +inf + -inf in a group's top-two sum) counts as -inf
+(docs/design.md §4): it never makes an expert or a group preferred, and the reference applies the same rule.
 """
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ def _topk_route_kernel(
     if HAS_BIAS:
         b = tl.load(bias_ptr + col, mask=mask_e, other=0.0).to(tl.float32)
         sel = s + b[None, :, :]
+        sel = tl.where(sel != sel, float("-inf"), sel)  # NaN bias: never preferred (§4)
     sel = tl.where(mask_e[None, :, :], sel, float("-inf"))
 
     if GROUPED:
@@ -83,6 +87,7 @@ def _topk_route_kernel(
             first = tl.min(tl.where(sel == gmax[:, :, None], offs_j[None, None, :], GS), axis=2)
             rest = tl.where(offs_j[None, None, :] == first[:, :, None], float("-inf"), sel)
             gscore = gmax + tl.max(rest, axis=2)
+            gscore = tl.where(gscore != gscore, float("-inf"), gscore)  # inf + -inf (§4)
         else:
             gscore = gmax
         gkey = _pack(gscore, offs_g[None, :])

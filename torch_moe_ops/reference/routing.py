@@ -21,6 +21,12 @@ def score(x: torch.Tensor, scoring_func: str) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def nan_to_neg_inf(x: torch.Tensor) -> torch.Tensor:
+    """A NaN selection score counts as -inf (docs/design.md §4): a NaN correction bias (or +inf + -inf in a
+    group's top-two sum) never makes an expert or a group preferred. torch.sort would rank NaN first."""
+    return x.masked_fill(torch.isnan(x), float("-inf"))
+
+
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k along the last dim; ties go to the lower index."""
     values, idx = torch.sort(x, dim=-1, descending=True, stable=True)
@@ -39,14 +45,14 @@ def topk_route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E] any float -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)."""
     s = score(sanitize_logits(router_logits), scoring_func)
-    sel = s if e_score_correction_bias is None else s + e_score_correction_bias.float()
+    sel = s if e_score_correction_bias is None else nan_to_neg_inf(s + e_score_correction_bias.float())
     if num_expert_group > 0:
         T, E = sel.shape
         grouped = sel.view(T, num_expert_group, E // num_expert_group)
         if e_score_correction_bias is None:
             group_score = grouped.amax(-1)
         else:
-            group_score = stable_topk(grouped, 2)[0].sum(-1)
+            group_score = nan_to_neg_inf(stable_topk(grouped, 2)[0].sum(-1))
         _, keep = stable_topk(group_score, topk_group)
         keep_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
         sel = grouped.masked_fill(~keep_mask[..., None], float("-inf")).view(T, E)
