@@ -83,4 +83,5 @@ def check_finite(t: torch.Tensor, name: str) -> None:
     finite = torch.isfinite(t)
     if not bool(finite.all()):  # host-ok: CPU tensors, or CUDA in debug mode only
         bad = (~finite).nonzero()[0].tolist()  # host-ok: error path
-        raise ValueError(f"{name} has non-finite values (first at index {bad}: {t[tuple(bad)].item()})")
+        value = t[tuple(bad)].item()  # host-ok: error path
+        raise ValueError(f"{name} has non-finite values (first at index {bad}: {value})")

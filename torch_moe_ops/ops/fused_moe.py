@@ -71,7 +71,7 @@ def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, 
         C.check_tensor(topk_weights, "topk_weights", dim=2, dtypes=C.FLOAT_DTYPES, contiguous=True)
         C.check_tensor(topk_ids, "topk_ids", dim=2, dtypes=C.INDEX_DTYPES, contiguous=True)
         C.check_shape(topk_ids, "topk_ids", (T, topk_weights.shape[1]), " (like topk_weights, T from hidden_states)")
-        C.check_shape(topk_weights, "topk_weights", (T, topk_weights.shape[1]), " (T from hidden_states)")
+        C.check_shape(topk_weights, "topk_weights", (T, topk_ids.shape[1]), " (T from hidden_states)")
         C.check_pairs(T, topk_ids.shape[1])
     alpha, limit = act.alpha(activation_alpha), act.limit(activation_limit)
     C.check(limit >= 0, f"activation_limit must be >= 0 (0 disables clamping), got {limit}")
