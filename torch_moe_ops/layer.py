@@ -14,7 +14,9 @@ The layer needs no global config or forward context: every op gets its arguments
 
 Loading (``weight_loader`` and the load state, methods of ``layer_loading.LoadingMethods``) is done by
 ``loading.WeightLoader``; full-precision weights of a quantized layer exist only as meta tensors
-(``layer.full_precision``) and in per-expert staging while they load. With
+(``layer.full_precision``) and in per-expert staging while they load. The tensors' registration, ``to_empty``
+/ dtype casts and ``reset_parameters`` are ``layer_tensors.TensorMethods``; the input rules (any leading
+dims, the activation dtype) are ``layer_inputs``. With
 ``parallel``, the layer holds its placement tables as buffers and wraps its one experts call
 (``_run_experts``) in ``distributed.comm.parallel_forward``. With ``trainable=True`` the full-precision weights
 and the biases require grad (docs/training.md; ``torch_moe_ops.training`` holds the rules).
@@ -28,7 +30,8 @@ from . import training
 from .distributed.config import ParallelConfig
 from .distributed.placement import map_logical_to_physical
 from .distributed.plan import plan
-from .errors import LoadError, TornWeightsError
+from .layer_inputs import check_hidden, check_like, restore, tokens
+from .layer_tensors import TensorMethods
 from .layer_loading import LoadingMethods
 from .loading import ExpertLayout, WeightLoader
 from .quantization.config import check_quant_config
@@ -43,8 +46,8 @@ def _positive(name, value):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-class FusedMoE(LoadingMethods, nn.Module):
-    """Routed experts: ``forward(hidden_states [T, H], router_logits [T, E]) -> [T, H]``.
+class FusedMoE(LoadingMethods, TensorMethods, nn.Module):
+    """Routed experts: ``forward(hidden_states [..., H], router_logits [..., E]) -> [..., H]``.
 
     Args:
         num_experts, top_k, hidden_size, intermediate_size: E, k, H and I (per partition).
@@ -57,7 +60,8 @@ class FusedMoE(LoadingMethods, nn.Module):
         use_correction_bias: add ``e_score_correction_bias [E]`` fp32 (DeepSeek-V3 selection bias).
         apply_router_weight_on_input: scale the GEMM1 input by the router weight (§4).
         shared_experts: optional module added to the output: ``shared_experts(shared_experts_input)``.
-        device: target device (default: ``torch.get_default_device()``).
+        device: target device (default: ``torch.get_default_device()``). A layer built on ``meta`` gets its
+            storage from ``model.to_empty(device=...)``, then loads as usual (docs/design.md §10.1).
         activation_alpha, activation_limit: swigluoai's alpha and the clamp limit; None takes the
             activation's default (docs/design.md §6: limit on for swigluoai only; > 0 clamps silu/gelu too).
         parallel: ``torch_moe_ops.ParallelConfig`` for tensor / expert parallelism over ``torch.distributed``
@@ -147,92 +151,65 @@ class FusedMoE(LoadingMethods, nn.Module):
         if trainable:
             training.set_trainable(self)
 
-    def _register_weights(self, E: int, N1: int, H: int, I: int, dev: torch.device) -> None:
-        qc, dtype = self.quant_config, self.params_dtype
-
-        def param(t):
-            p = nn.Parameter(t, requires_grad=False)
-            p.weight_loader = self.weight_loader
-            return p
-
-        if qc is None:
-            self.w13_weight = param(torch.empty(E, N1, H, dtype=dtype, device=dev))
-            self.w2_weight = param(torch.empty(E, H, I, dtype=dtype, device=dev))
-            self.register_parameter("w13_weight_scale", None)
-            self.register_parameter("w2_weight_scale", None)
-            self.full_precision = {"w13_weight": self.w13_weight, "w2_weight": self.w2_weight}
-        else:
-            wdtype = qc.weight_dtype()
-            self.w13_weight = param(torch.empty(qc.storage_shape(E, N1, H), dtype=wdtype, device=dev))
-            self.w2_weight = param(torch.empty(qc.storage_shape(E, H, I), dtype=wdtype, device=dev))
-            # per-tensor formats: one w13 scale per gate/up half, and w2 scales [E]
-            sharded = qc.quant_scheme.weight.sharded
-            s13 = qc.scale_shape(E, N1, H, self.loader.layout.w13_shards)
-            s2 = qc.scale_shape(E, H, I, 0 if sharded else 1)
-            self.w13_weight_scale = nn.Parameter(torch.ones(s13, dtype=torch.float32, device=dev), requires_grad=False)
-            self.w2_weight_scale = nn.Parameter(torch.ones(s2, dtype=torch.float32, device=dev), requires_grad=False)
-            #: the model-format (checkpoint) weights: meta tensors, shape and dtype only (no memory).
-            self.full_precision = {"w13_weight": torch.empty(E, N1, H, dtype=dtype, device="meta"),
-                                   "w2_weight": torch.empty(E, H, I, dtype=dtype, device="meta")}
-        if self.has_bias:
-            self.w13_bias = param(torch.zeros(E, N1, dtype=dtype, device=dev))
-            self.w2_bias = param(torch.zeros(E, H, dtype=dtype, device=dev))
-        else:
-            self.register_parameter("w13_bias", None)
-            self.register_parameter("w2_bias", None)
-        if self.use_correction_bias:  # routing bias: one per logical expert, never sharded
-            self.e_score_correction_bias = param(torch.zeros(self.num_experts, dtype=torch.float32, device=dev))
-        else:
-            self.register_parameter("e_score_correction_bias", None)
-
-    def _register_tables(self, dev: torch.device) -> None:
-        """Placement buffers (non-persistent: never in a checkpoint); ``expert_map`` None = every id local."""
-        if self.placement is None:
-            self.register_buffer("expert_map", None, persistent=False)
-            return
-        for name, t in self.placement.initial_tables().items():
-            self.register_buffer(name, None if t is None else t.to(dev), persistent=False)
-        #: per-physical-expert count of (token, slot) pairs routed from this rank's tokens since the last reset
-        self.register_buffer("expert_load", torch.zeros(self.num_physical_experts, dtype=torch.int64, device=dev),
-                             persistent=False)
-
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                 shared_experts_input: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states: [T, H]; router_logits: [T, E] -> [T, H] in hidden_states' dtype.
+        """hidden_states: [..., H] (at least one leading dim, e.g. [T, H] or [B, S, H]); router_logits:
+        [..., E] with the same leading dims -> [..., H] in hidden_states' dtype. Unquantized layers compute
+        in ``params_dtype`` (hidden_states must have it); quantized layers take bf16, fp16 or fp32.
 
-        ``shared_experts_input`` (default ``hidden_states``) feeds ``shared_experts``; its output is added."""
+        ``shared_experts_input`` (default ``hidden_states``; same leading dims) feeds ``shared_experts``; its
+        output is added. Inside, every token tensor is flattened to [T, ...] (a reshape, no host sync)."""
         self._check_ready()
+        self._check_input(hidden_states)
+        check_like(self._where, router_logits, "router_logits", hidden_states, self.num_experts, f"E={self.num_experts}")
+        x, logits = tokens(hidden_states), tokens(router_logits)
         if self.parallel is None and self._saving():  # route, then the experts keeping GEMM1's output
-            out = training.run_experts_saving(self, hidden_states, *self.select_experts(router_logits))
+            out = training.run_experts_saving(self, x, *self.select_experts(logits))
         elif self.parallel is None:  # routing and experts in one op
             out = torch.ops.moe.fused_moe(
-                hidden_states, router_logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
+                x, logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
                 self.scoring_func, self.num_expert_group, self.topk_group, self.e_score_correction_bias,
                 self.routed_scaling_factor, self.activation, self.quant_scheme, self.w13_weight_scale,
                 self.w2_weight_scale, self.w13_bias, self.w2_bias, self.block_shape, None,
                 apply_router_weight_on_input=self.apply_router_weight_on_input,
                 activation_alpha=self.activation_alpha, activation_limit=self.activation_limit)
         else:
-            out = self._parallel_experts(hidden_states, *self.select_experts(router_logits))
+            out = self._parallel_experts(x, *self.select_experts(logits))
+        out = restore(out, hidden_states)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden_states if shared_experts_input is None else shared_experts_input)
+            if shared_experts_input is None:
+                shared_experts_input = hidden_states
+            else:
+                check_like(self._where, shared_experts_input, "shared_experts_input", hidden_states, None, "*")
+            out = out + self.shared_experts(shared_experts_input)
         return out
 
     def select_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """router_logits: [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)."""
-        return torch.ops.moe.topk_route(
-            router_logits, self.top_k, self.renormalize, self.scoring_func, self.num_expert_group, self.topk_group,
-            self.e_score_correction_bias, routed_scaling_factor=self.routed_scaling_factor)
+        """router_logits: [..., E] -> (topk_weights [..., k] fp32, topk_ids [..., k] int32)."""
+        weights, ids = torch.ops.moe.topk_route(
+            tokens(router_logits), self.top_k, self.renormalize, self.scoring_func, self.num_expert_group,
+            self.topk_group, self.e_score_correction_bias, routed_scaling_factor=self.routed_scaling_factor)
+        return restore(weights, router_logits), restore(ids, router_logits)
 
     def forward_experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor) -> torch.Tensor:
-        """The modular form: hidden_states [T, H], topk_weights [T, k], topk_ids [T, k] -> [T, H]
-        (no routing and no shared experts). With ``parallel``, ``topk_ids`` are logical ids."""
+        """The modular form: hidden_states [..., H], topk_weights [..., k], topk_ids [..., k] (same leading
+        dims) -> [..., H] (no routing and no shared experts). With ``parallel``, ``topk_ids`` are logical ids."""
         self._check_ready()
+        self._check_input(hidden_states)
+        check_like(self._where, topk_weights, "topk_weights", hidden_states, None, "k")
+        check_like(self._where, topk_ids, "topk_ids", hidden_states, topk_weights.shape[-1],
+                   f"k={topk_weights.shape[-1]} (like topk_weights)")
+        x, weights, ids = tokens(hidden_states), tokens(topk_weights), tokens(topk_ids)
         if self.parallel is not None:
-            return self._parallel_experts(hidden_states, topk_weights, topk_ids)
-        return self._run_experts(hidden_states, topk_weights, topk_ids)
+            return restore(self._parallel_experts(x, weights, ids), hidden_states)
+        return restore(self._run_experts(x, weights, ids), hidden_states)
+
+    def _check_input(self, hidden_states) -> None:
+        """[..., H]; the dtype the op needs: the weights' (unquantized) or any of bf16/fp16/fp32 (quantized)."""
+        check_hidden(self._where, hidden_states, self.hidden_size,
+                     self.w13_weight.dtype if self.quant_config is None else None)
 
     def _run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The layer's one ``fused_experts`` call: x [N, H], topk_weights [N, k] fp32, topk_ids [N, k] (global
@@ -257,14 +234,6 @@ class FusedMoE(LoadingMethods, nn.Module):
     def _saving(self) -> bool:
         """The saving forward (docs/training.md) only when a backward may follow."""
         return self.save_activations and torch.is_grad_enabled()
-
-    def _check_ready(self) -> None:
-        """Refuse to compute on weights that are not a complete, consistent set: a fresh layer (its storage is
-        uninitialised memory), an incomplete load, a torn reload. A Python flag, never a tensor: under
-        torch.compile Dynamo guards on it (no host sync), so a compiled forward refuses as well once it flips."""
-        if not self.loader.streamer.ready:
-            err = TornWeightsError if self.loader.streamer.torn else LoadError
-            raise err(self.loader.not_ready_message())
 
     # ---------------------------------------------------------------------------------------- EPLB
     def physical_ids(self, logical_id: int) -> list[int]:

@@ -9,12 +9,40 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LoadError
+from .errors import LoadError, TornWeightsError
 from .loading import LoadTargets, Piece, WeightLoader
 
 #: what a load call may write: the weights, their scales (quantized layers), biases, the routing bias
 _TARGETS = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias",
             "e_score_correction_bias")
+#: ``weight_loader``'s third positional argument is a shard id when it is one of these (or None)
+SHARD_IDS = ("w1", "w2", "w3", "w13")
+_UNSET = object()  # shard_id / expert_id not given by keyword
+_RENAMED = (ValueError, TypeError, LoadError, TornWeightsError)  # errors re-raised naming the checkpoint tensor
+
+
+def _convention(where, args: tuple, weight_name, shard_id, expert_id, return_success):
+    """``weight_loader``'s positional ``args`` (after ``loaded_weight``) and keywords -> (weight_name, shard_id,
+    expert_id, return_success), by the rule of its docstring."""
+    if args and args[0] is not None and not isinstance(args[0], str):
+        raise TypeError(f"{where()}: weight_loader's third argument must be a shard id {SHARD_IDS}, None, or the "
+                        f"checkpoint weight name (a str, vLLM's convention), got {type(args[0]).__name__}")
+    vllm = bool(args) and args[0] is not None and args[0] not in SHARD_IDS
+    names = ("weight_name", "shard_id", "expert_id", "return_success") if vllm else ("shard_id", "expert_id")
+    if len(args) > len(names):
+        raise TypeError(f"{where()}: weight_loader takes at most {len(names)} positional arguments after "
+                        f"loaded_weight ({', '.join(names)}), got {len(args)}")
+    given = {"weight_name": weight_name, "shard_id": shard_id, "expert_id": expert_id,
+             "return_success": return_success}
+    defaults = {"weight_name": None, "shard_id": _UNSET, "expert_id": _UNSET, "return_success": False}
+    for name, value in zip(names, args):
+        if given[name] is not defaults[name]:
+            raise TypeError(f"{where()}: weight_loader got {name} twice (positionally and by keyword)")
+        given[name] = value
+    if given["weight_name"] is not None and not isinstance(given["weight_name"], str):
+        raise TypeError(f"{where()}: weight_name must be a str, got {type(given['weight_name']).__name__}")
+    return (given["weight_name"], None if given["shard_id"] is _UNSET else given["shard_id"],
+            None if given["expert_id"] is _UNSET else given["expert_id"], given["return_success"])
 
 
 class LoadingMethods:
@@ -24,10 +52,20 @@ class LoadingMethods:
     loader: WeightLoader
 
     @torch.no_grad()
-    def weight_loader(self, param, loaded_weight: torch.Tensor, shard_id: str | None = None,
-                      expert_id: int | None = None, *, weight_name: str | None = None, return_success: bool = False,
-                      transposed: bool | None = None):
+    def weight_loader(self, param, loaded_weight: torch.Tensor, *args, shard_id=_UNSET, expert_id=_UNSET,
+                      weight_name: str | None = None, return_success: bool = False, transposed: bool | None = None):
         """Copy (and, with a quant config, quantize) one checkpoint tensor into the layer (docs/design.md §11).
+
+        Two calling conventions, positionally or by keyword (also as ``param.weight_loader``, the bound method):
+
+        - ``weight_loader(param, loaded_weight, shard_id=None, expert_id=None)`` (this package's), and
+        - vLLM's ``weight_loader(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False)``
+          (e.g. ``weight_loader(param, w, name, shard_id="w1", expert_id=3, return_success=True)``).
+
+        The third positional argument decides: None or a shard id (``"w1"``, ``"w2"``, ``"w3"``, ``"w13"``) is a
+        shard id, then ``expert_id`` may follow; any other str is the checkpoint weight name (e.g.
+        ``"model.layers.0.mlp.experts.3.gate_proj.weight"``: errors then name it), then ``shard_id``,
+        ``expert_id`` and ``return_success`` may follow. Anything else is a ``TypeError``.
 
         Args:
             param: ``w13_weight`` | ``w2_weight`` | ``w13_bias`` | ``w2_bias`` | ``e_score_correction_bias``
@@ -37,6 +75,7 @@ class LoadingMethods:
                 leading [E] dim (logical experts). Biases drop the last dim. I is the checkpoint's (full) I.
             shard_id: ``"w1"`` (gate; ``up_proj`` of a non-gated layer), ``"w3"`` (up), ``"w2"`` (down).
             expert_id: global physical expert in [0, num_physical_experts), or None (all experts).
+            weight_name: the checkpoint name, for messages only (vLLM passes it third).
             transposed: None infers a transposed [in, out] export from a non-square shape; True/False force.
 
         The call is checked in full before anything is written: a wrong shape or dtype, a meta tensor, a NaN
@@ -45,15 +84,23 @@ class LoadingMethods:
         moment its last shard arrives; after ``finalize_loading`` a new complete set re-quantizes in place
         (reload). Returns, when ``return_success``, whether anything was copied (False: another rank's expert).
         """
-        copied = self.loader.load(self._load_targets(), param, loaded_weight, shard_id, expert_id,
-                                  transposed=transposed)
+        weight_name, shard_id, expert_id, return_success = _convention(
+            self._where, args, weight_name, shard_id, expert_id, return_success)
+        try:
+            copied = self.loader.load(self._load_targets(), param, loaded_weight, shard_id, expert_id,
+                                      transposed=transposed)
+        except (ValueError, TypeError, LoadError) as exc:
+            if weight_name is None or type(exc) not in _RENAMED:
+                raise
+            raise type(exc)(f"{exc} (checkpoint tensor {weight_name!r})") from None
         return copied if return_success else None
 
     def _check_load(self, param, loaded_weight: torch.Tensor, shard_id=None, expert_id=None, *,
-                    values: bool = True) -> Piece:
-        """Every check of ``weight_loader(param, loaded_weight, shard_id, expert_id)``, writing nothing (the
-        first half of a checkpoint-level all-or-nothing load; ``values=False``: shapes only)."""
-        return self.loader.check(self._load_targets(), param, loaded_weight, shard_id, expert_id, values=values)
+                    transposed: bool | None = None, values: bool = True) -> Piece:
+        """Every check of ``weight_loader(param, loaded_weight, shard_id, expert_id, transposed=...)``, writing
+        nothing (the first half of a checkpoint-level all-or-nothing load; ``values=False``: shapes only)."""
+        return self.loader.check(self._load_targets(), param, loaded_weight, shard_id, expert_id,
+                                 transposed=transposed, values=values)
 
     @torch.no_grad()
     def _write_load(self, piece: Piece, loaded_weight: torch.Tensor) -> bool:
