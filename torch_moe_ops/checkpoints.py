@@ -6,7 +6,9 @@
 - ``reload_weights(model, source)``: RL weight sync into the same storage (every ``data_ptr`` kept).
 
 Names resolve through ``loading/resolve.py`` (``P.experts.{e}.*`` and fused expert tensors, the correction
-bias, the router and shared experts, anything else by its model name).
+bias, the router and shared experts, anything else by its model name); the layout of fused expert tensors
+comes from the model type (``loading/formats.py``): the ``model_type`` argument, else ``model.config``, else
+the ``config.json`` next to a safetensors folder.
 
 **All or nothing** (docs/online-quantization.md, "Failed loads"). A source that can be read again (a dict,
 a list, a safetensors folder) is checked in full before the first write: names, shapes, dtypes and pieces
@@ -26,8 +28,9 @@ from torch import nn
 
 from .errors import LoadError, TornWeightsError
 from .layer import FusedMoE
+from .loading.progress import counted, progress_bar
 from .loading.resolve import Action, Given, Resolver, describe_tensor
-from .loading.sources import iter_checkpoint, open_source
+from .loading.sources import iter_checkpoint, model_type_for, open_source
 
 
 @dataclass
@@ -40,6 +43,8 @@ class LoadReport:
     other: dict[str, str] = field(default_factory=dict)  #: checkpoint name -> model parameter it filled
     nbytes: int = 0  #: bytes of checkpoint data loaded
     layer_status: dict[str, str] = field(default_factory=dict)  #: after finalize: loaded|reloaded|unchanged
+    ignored_files: dict[str, str] = field(default_factory=dict)  #: file of a folder that was not read -> why
+    model_type: str | None = None  #: the model type that decided the expert layouts (None: unknown)
 
     def __str__(self) -> str:
         text = (f"loaded {len(self.loaded)} tensors ({self.nbytes / 2**20:.1f} MiB): "
@@ -48,6 +53,8 @@ class LoadReport:
         if self.ignored:
             shown = list(self.ignored.items())[:10]
             text += ": " + "; ".join(f"{n} ({why})" for n, why in shown) + (" ..." if len(self.ignored) > 10 else "")
+        if self.ignored_files:
+            text += "; files not read: " + "; ".join(f"{f} ({why})" for f, why in self.ignored_files.items())
         return text
 
 
@@ -66,6 +73,7 @@ def _write(action: Action, pieces: list, tensor: torch.Tensor, report: LoadRepor
     if action.ignored is not None:
         report.ignored[action.name] = action.ignored
         return
+    tensor = action.prepared(tensor)
     if action.target is not None:
         with torch.no_grad():
             action.target.copy_(tensor)
@@ -93,8 +101,6 @@ def _raise_in_context(exc: BaseException, where: str | None, tail: str):
 
 def _check_source(res: Resolver, src, *, strict: bool, finalizing: bool, progress: bool):
     """Every check, before any write: returns ``{name: (action, pieces)}`` or raises (nothing written)."""
-    from tqdm.auto import tqdm
-
     plan, given = {}, Given()
     for name, tensor, origin in src.specs():
         try:
@@ -102,19 +108,18 @@ def _check_source(res: Resolver, src, *, strict: bool, finalizing: bool, progres
                 raise LoadError("appears twice in the source")
             action = res.action(name)
             pieces = action.check(tensor, origin, values=src.in_memory)
-            given.add(action, pieces)
+            given.add(action, pieces, origin)
         except Exception as exc:
             _raise_in_context(exc, describe_tensor(name, origin), "; nothing was written")
         plan[name] = (action, pieces)
     if not src.in_memory:  # the values: one read of every tensor, freed before the next
-        bar = tqdm(src.tensors(), total=src.count, desc="Checking weights", unit="tensor", disable=not progress,
-                   leave=False)
-        for name, tensor, origin in bar:
-            try:
-                plan[name][0].check_values(plan[name][1], tensor, origin)
-            except Exception as exc:
-                _raise_in_context(exc, describe_tensor(name, origin), "; nothing was written")
-            del tensor
+        with progress_bar("Checking weights", src.nbytes(), progress) as bar:
+            for name, tensor, origin in counted(src.tensors(), bar):
+                try:
+                    plan[name][0].check_values(plan[name][1], tensor, origin)
+                except Exception as exc:
+                    _raise_in_context(exc, describe_tensor(name, origin), "; nothing was written")
+                del tensor
     problems = []
     for path, layer in res.layers.items():
         keys = given.by_layer.get(path)
@@ -123,7 +128,8 @@ def _check_source(res: Resolver, src, *, strict: bool, finalizing: bool, progres
             if problem is not None:
                 problems.append(f"{path}: {problem}")
     if problems:
-        raise LoadError(f"this reload would leave {len(problems)} FusedMoE layer(s) incomplete; nothing was "
+        what = "reload would leave" if any(layer.load_rounds for layer in res.layers.values()) else "load would leave"
+        raise LoadError(f"this {what} {len(problems)} FusedMoE layer(s) incomplete or mixed; nothing was "
                         "written:\n  " + "\n  ".join(problems))
     return plan
 
@@ -178,30 +184,39 @@ def _run(res: Resolver, items, plan, report: LoadReport, *, strict: bool) -> Non
                                       "their forward refuses until a later complete load")
 
 
-def _load(model: nn.Module, source, *, progress: bool, strict: bool, finalizing: bool = False) -> LoadReport:
-    from tqdm.auto import tqdm
-
+def _load(model: nn.Module, source, *, progress: bool, strict: bool, model_type: str | None,
+          finalizing: bool = False) -> LoadReport:
     layers = name_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} contains no torch_moe_ops.FusedMoE")
-    res, src, report = Resolver(model, layers), open_source(source), LoadReport()
+    model_type = model_type_for(model_type, getattr(model, "config", None), source)
+    res, src = Resolver(model, layers, model_type), open_source(source)
+    report = LoadReport(ignored_files=dict(src.ignored_files), model_type=model_type)
     plan = None if src.one_shot else _check_source(res, src, strict=strict, finalizing=finalizing, progress=progress)
-    with tqdm(src.tensors(), total=src.count, desc="Loading weights", unit="tensor", disable=not progress,
-              leave=False) as bar:
-        _run(res, bar, plan, report, strict=strict)
+    with progress_bar("Loading weights", src.nbytes(), progress) as bar:
+        _run(res, counted(src.tensors(), bar), plan, report, strict=strict)
     return report
 
 
 # ------------------------------------------------------------------------------------------ public
-def load_checkpoint(model: nn.Module, source, *, progress: bool = True, strict: bool = True) -> LoadReport:
+def load_checkpoint(model: nn.Module, source, *, model_type: str | None = None, progress: bool = True,
+                    strict: bool = True) -> LoadReport:
     """Load a checkpoint into ``model`` (its ``FusedMoE`` layers stream and quantize expert by expert).
 
     Args:
         model: an ``nn.Module`` containing one or more ``FusedMoE`` (or a ``FusedMoE`` itself).
         source: a folder of ``.safetensors`` files, one ``.safetensors`` file, a dict ``name -> tensor``, a list
             (or ``dict.items()``) of ``(name, tensor)`` pairs, or a one-shot iterable of pairs (a generator,
-            e.g. weights streamed from a trainer).
-        progress: show a tqdm progress bar.
+            e.g. weights streamed from a trainer). A folder: ``model.safetensors.index.json`` is respected
+            (only the files it lists are read), else ``model.safetensors``, else every ``*.safetensors`` but
+            Mistral's ``consolidated*``; files left out are in ``report.ignored_files``.
+        model_type: the Hugging Face model type (``"gpt_oss"``, ``"mixtral"``, ...; ``loading.formats.FORMATS``)
+            that says how fused ``[E, ...]`` expert tensors are laid out. Default: ``model.config.model_type``,
+            else the ``config.json`` next to a folder. Unknown: a non-square fused tensor is recognised by its
+            shape, a square one (GPT-OSS's down_proj, H = I) raises ``ValueError`` before anything is written.
+            Per-expert ``experts.{e}.*.weight`` tensors are ``nn.Linear`` weights, ``[out, in]``, always.
+        progress: show tqdm progress bars on stderr counting bytes (checking, then loading); they stay on
+            screen, and refresh every 15 s when stderr is not a terminal (a log).
         strict: for a layer that is already loaded (this is a reload), a source that touches it must give it
             a complete set; False allows a subset of experts (a gate without its up is always refused).
 
@@ -216,7 +231,7 @@ def load_checkpoint(model: nn.Module, source, *, progress: bool = True, strict: 
     (``TornWeightsError`` from their forward) until a complete reload. A corrupt file raises ``LoadError``
     naming it.
     """
-    return _load(model, source, progress=progress, strict=strict)
+    return _load(model, source, progress=progress, strict=strict, model_type=model_type)
 
 
 def finalize_loading(model: nn.Module, *, strict_reload: bool = True) -> dict[str, str]:
@@ -249,7 +264,8 @@ def finalize_loading(model: nn.Module, *, strict_reload: bool = True) -> dict[st
     return status
 
 
-def reload_weights(model: nn.Module, source, *, progress: bool = False, strict: bool = True) -> LoadReport:
+def reload_weights(model: nn.Module, source, *, model_type: str | None = None, progress: bool = False,
+                   strict: bool = True) -> LoadReport:
     """Reload weights into a finalized model in place (RL weight sync), expert by expert.
 
     Every parameter keeps its ``data_ptr`` (each expert is re-quantized straight into its slot with
@@ -259,7 +275,9 @@ def reload_weights(model: nn.Module, source, *, progress: bool = False, strict: 
     weights and a warning names it. A torn layer (a failed reload) must receive all of them.
 
     A failed reload changes nothing (see ``load_checkpoint``: the source is checked in full first), except
-    from a one-shot iterable, which tears what it wrote; a later complete reload heals it.
+    from a one-shot iterable, which tears what it wrote; a later complete reload heals it. ``model_type`` as
+    in ``load_checkpoint``. ``progress=True`` shows the byte-counting bars (off by default: RL syncs are
+    frequent and usually in memory).
     """
     layers = name_layers(model)
     not_loaded = [p for p, layer in layers.items() if not (layer.is_loaded or layer.is_torn)]
@@ -267,7 +285,7 @@ def reload_weights(model: nn.Module, source, *, progress: bool = False, strict: 
         raise LoadError(f"reload_weights needs finalized layers; not loaded yet: {not_loaded} "
                         "(use load_checkpoint + finalize_loading first)")
     rounds = {p: layer.load_rounds for p, layer in layers.items()}
-    report = _load(model, source, progress=progress, strict=strict, finalizing=True)
+    report = _load(model, source, progress=progress, strict=strict, model_type=model_type, finalizing=True)
     status = finalize_loading(model, strict_reload=strict)
     for path, layer in layers.items():
         status[path] = "reloaded" if layer.load_rounds > rounds[path] else "unchanged"

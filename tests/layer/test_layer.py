@@ -253,7 +253,7 @@ def test_loader_argument_errors():
     with pytest.raises(ValueError, match="param must be one of"):
         layer.weight_loader(torch.empty(1), torch.randn(H, I), "w2", 0)
     with pytest.raises(TypeError, match="pre-quantized"):
-        layer.weight_loader(layer.w2_weight, torch.randn(H, I).to(torch.float8_e4m3fn), "w2", 0)
+        layer.weight_loader(layer.w2_weight, torch.randn(H, I).to(torch.float8_e5m2), "w2", 0)
     with pytest.raises(LoadError, match="meta device"):
         FusedMoE(E, K, H, I, device="meta").weight_loader("w2_weight", torch.randn(H, I), "w2", 0)
 

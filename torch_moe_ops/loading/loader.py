@@ -8,6 +8,9 @@ Every call is checked in full before anything is written or recorded (``check``:
 expert id, a piece loaded twice, then the values: no meta tensor, no NaN/Inf); ``write`` records a piece
 only once its write succeeded. A write that fails anyway (out of memory, a device error) during a reload
 tears the layer (``ExpertStreamer.tear``): its forward refuses until a complete reload.
+
+An fp8 layer also takes pre-quantized pieces (``prequantized.py``): an e4m3 weight is written as it is (no
+re-quantization) and its scale into the layer's scale; the streamer requires both (``keys.py``).
 """
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import LoadError
-from .checks import check_finite, check_materialized
+from .checks import check_finite, check_materialized, check_scale
+from .keys import mixed_formats
 from .layout import ExpertLayout, orientation
-from .streamer import BIASES, CORRECTION, LOADABLE, ExpertStreamer, describe, required_keys
+from .prequantized import Prequantized
+from .streamer import (BIASES, CORRECTION, LOADABLE, PREQUANTIZED, SCALES, WEIGHTS, ExpertStreamer, describe,
+                       required_keys)
 
 _SHARDS = ("w1", "w2", "w3")
 
@@ -45,7 +51,8 @@ class Piece:
 
     slots: ``(index, physical, local)`` per local slot written: ``index`` is the logical expert of an
     all-experts tensor (``loaded[index]``), None for a per-expert one. keys: the pieces each slot records.
-    transpose: the checkpoint tensor is an ``[in, out]`` export. where: the call, for messages."""
+    transpose: the checkpoint tensor is an ``[in, out]`` export. where: the call, for messages.
+    prequantized: an fp8 e4m3 weight or a weight scale, written as it is."""
 
     name: str
     shard: str | None
@@ -53,6 +60,7 @@ class Piece:
     keys: tuple
     transpose: bool
     where: str
+    prequantized: bool = False
 
     @property
     def all_keys(self) -> list:
@@ -69,6 +77,7 @@ class WeightLoader:
         self.layout = layout
         self.quant_config = quant_config
         self.where = where
+        self.pre = Prequantized(layout, quant_config, where)
         self.streamer = ExpertStreamer(
             required_keys(layout.num_local, layout.gated, layout.has_bias, layout.correction_bias), layout.gated,
             stages_w13=quant_config is not None)
@@ -91,6 +100,9 @@ class WeightLoader:
                     raise LoadError(f"{self.where()}: {describe(key)} is given twice")
                 given.add(key)
             pieces.append(piece)
+        mixed = mixed_formats(given)
+        if mixed is not None:
+            raise LoadError(f"{self.where()}: {mixed}")
         return pieces
 
     def finalize(self, *, strict_reload: bool = True) -> str:
@@ -116,9 +128,10 @@ class WeightLoader:
         name = self._resolve(targets, param)
         if not isinstance(loaded, torch.Tensor):
             raise TypeError(f"{self.where()}: loaded_weight must be a tensor, got {type(loaded).__name__}")
-        if not loaded.is_floating_point() or loaded.element_size() == 1:
-            raise TypeError(f"{self.where()}: {name}: checkpoint tensors must be bf16/fp16/fp32 (weights are "
-                            f"quantized online; pre-quantized checkpoints are not supported), got {loaded.dtype}")
+        float_only = name in BIASES or name == CORRECTION  # weights and scales: ``Prequantized.classify``
+        if float_only and (not loaded.is_floating_point() or loaded.element_size() == 1):
+            raise TypeError(f"{self.where()}: {name}: checkpoint tensors must be bf16/fp16/fp32 (biases stay in full "
+                            f"precision, also in a pre-quantized checkpoint), got {loaded.dtype}")
         if targets.params["w13_weight"].is_meta:
             raise LoadError(f"{self.where()}: the layer was created on the meta device; pass device= the target device")
         lay = self.layout
@@ -130,7 +143,10 @@ class WeightLoader:
                           f"{self.where()}: {CORRECTION}")
         else:
             piece = self._expert_piece(targets, name, loaded, self._check_shard(name, shard_id), expert_id, transposed)
-        self.streamer.check_new(piece.all_keys)
+        try:
+            self.streamer.check_new(piece.all_keys)
+        except LoadError as exc:
+            raise LoadError(f"{self.where()}: {exc}") from None
         if values:
             self.check_values(piece, loaded)
         return piece
@@ -140,20 +156,25 @@ class WeightLoader:
         if not piece.slots:
             return  # another rank's expert: nothing is read
         check_materialized(loaded, piece.where)
+        check = check_scale if piece.name in SCALES else check_finite
         indices = sorted({index for index, _, _ in piece.slots if index is not None})
         if not indices:
-            check_finite(loaded, piece.where)
+            check(loaded, piece.where)
         for e in indices:  # an all-experts tensor: name the expert the bad value belongs to
-            check_finite(loaded[e], f"{self.where()}: {piece.name} expert {e} shard {piece.shard!r}", (e,))
+            check(loaded[e], f"{self.where()}: {piece.name} expert {e} shard {piece.shard!r}", (e,))
 
     def _expert_piece(self, targets, name, loaded, shard, expert_id, transposed) -> Piece:
-        lay = self.layout
+        lay, pre = self.layout, False
+        if name not in BIASES:
+            call = "(all experts)" if expert_id is None else f"expert {expert_id!r}"
+            pre = self.pre.classify(name, loaded.dtype, f"{self.where()}: {name} {call} shard {shard!r}")
         if expert_id is None:
             per_expert_dim = 1 if name in BIASES else 2
-            if loaded.dim() != per_expert_dim + 1 or loaded.shape[0] != lay.num_experts:
+            ok = loaded.dim() >= 1 if name in SCALES else loaded.dim() == per_expert_dim + 1
+            if not ok or loaded.shape[0] != lay.num_experts:
+                dims = "at least 1 dim" if name in SCALES else f"{per_expert_dim + 1} dims"
                 raise ValueError(f"{self.where()}: {name} shard {shard!r} for all experts (expert_id=None) must "
-                                 f"have {per_expert_dim + 1} dims with E={lay.num_experts} first, got "
-                                 f"{list(loaded.shape)}")
+                                 f"have {dims} with E={lay.num_experts} first, got {list(loaded.shape)}")
             # an all-experts tensor is indexed by logical expert; it fills every local physical replica
             slots = tuple((e, p, lay.local_slot(p)) for e in range(lay.num_experts) for p in targets.physical_ids(e)
                           if lay.local_slot(p) >= 0)
@@ -162,10 +183,15 @@ class WeightLoader:
             p = self._expert_index(expert_id)
             slots = ((None, p, lay.local_slot(p)),) if lay.local_slot(p) >= 0 else ()
             shape, where = loaded.shape, f"{self.where()}: {name} expert {p} shard {shard!r}"
-        transpose = bool(slots) and orientation(shape, lay.expected_shape(name, shard), transposed, where)
+        if pre:
+            self.pre.check_piece(name, shard, shape if slots else None, transposed, where)
+        # a pre-quantized weight is never transposed (its scale is laid out for [out, in])
+        transpose = bool(slots) and name not in SCALES and orientation(
+            shape, lay.expected_shape(name, shard), False if pre else transposed, where)
         shards = (("w1", "w3") if lay.gated else ("w1",)) if shard == "w13" else (shard,)
-        keys = tuple(tuple((name, e, s) for s in shards) for _, _, e in slots)
-        return Piece(name, shard, slots, keys, transpose, where)
+        marks = (name,) + ((PREQUANTIZED,) if pre and name in WEIGHTS else ())  # PREQUANTIZED: see keys.py
+        keys = tuple(tuple((n, e, s) for n in marks for s in shards) for _, _, e in slots)
+        return Piece(name, shard, slots, keys, transpose, where, pre)
 
     def _expert_index(self, expert_id) -> int:
         n = self.layout.num_physical
@@ -192,6 +218,8 @@ class WeightLoader:
             name = name or next((n for n, t in targets.full_precision.items() if t is param), None)
             if name is None:
                 raise ValueError(f"{self.where()}: param must be one of this layer's {LOADABLE} (or its name)")
+        if name in SCALES and params.get(name) is None:
+            self.pre.require(f"{self.where()}: {name}", "a weight scale (of a pre-quantized checkpoint)")
         if name not in LOADABLE or params.get(name) is None:
             present = [n for n in LOADABLE if params.get(n) is not None]
             raise ValueError(f"{self.where()}: cannot load {name!r}; loadable parameters are {present}")
@@ -226,6 +254,9 @@ class WeightLoader:
                 else:
                     self._write_slot(targets, piece, loaded if index is None else loaded[index], e)
                 streamer.record(keys)
+                if piece.prequantized and streamer.rounds:  # a reload: the projection's writes once it is complete
+                    for apply in streamer.release(e, piece.name.split("_")[0]):
+                        apply(targets.params)
         except BaseException as exc:
             if streamer.rounds:  # a reload: the slot may now hold part old, part new values
                 streamer.tear(f"reload round {streamer.rounds + 1} failed writing {piece.where} "
@@ -236,6 +267,8 @@ class WeightLoader:
 
     def _write_slot(self, targets: LoadTargets, piece: Piece, t: torch.Tensor, e: int) -> None:
         lay, name, shard = self.layout, piece.name, piece.shard
+        if piece.prequantized:
+            return self.pre.write(self.streamer, targets.params, name, t, e, shard)
         t = lay.tp_slice(name, t.transpose(0, 1) if piece.transpose else t, shard)
         if name in BIASES or self.quant_config is None:
             lay.rows(targets.params[name][e], shard).copy_(t)

@@ -7,16 +7,22 @@ tensor outside the layers (router, shared experts), or a reason to ignore it.
 
 ``P`` is matched to a ``FusedMoE`` by module path (``P.experts`` or ``P``, either one a dotted suffix of
 the other), then by layer index (``layers.{L}``), then, when the model has a single ``FusedMoE``, to it.
+
+Layouts come from knowledge, not from shapes (``formats.py``): a per-expert weight is an ``nn.Linear``
+``[out, in]`` (``transposed=False``); a fused all-experts weight takes the model type's orientation, and
+when the model type is unknown a square (ambiguous) one is refused before anything is written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import LoadError
 from .checks import check_finite, check_materialized
+from .formats import FORMATS, correction_bias_prefix, fused_transposed
 from .names import BLOCK_CHILD_RE, LAYER_INDEX_RE, parse_expert_name
 from .streamer import describe
 
@@ -24,7 +30,10 @@ from .streamer import describe
 @dataclass(frozen=True)
 class Action:
     """What one checkpoint tensor does. calls: ``(param, shard_id, expert_id)`` of the layer at ``path``;
-    or target: the model tensor ``target_name`` outside every FusedMoE; or ignored: why it is not loaded."""
+    or target: the model tensor ``target_name`` outside every FusedMoE; or ignored: why it is not loaded.
+    transposed: the layout of an expert weight (``weight_loader``'s; None: inferred from a non-square shape).
+    ambiguous: why a square fused weight cannot be placed (set when its model type is unknown). view: how
+    the checkpoint tensor becomes what the calls take (Ernie's ``[1, E]`` correction bias -> ``[E]``)."""
 
     name: str
     path: str | None = None
@@ -33,6 +42,13 @@ class Action:
     target_name: str | None = None
     target: torch.Tensor | None = None
     ignored: str | None = None
+    transposed: bool | None = None
+    ambiguous: str | None = None
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def prepared(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The checkpoint tensor as the calls take it (every pass and the write use this)."""
+        return tensor if self.view is None else self.view(tensor)
 
     def check(self, tensor: torch.Tensor, origin=None, *, values: bool = True) -> list:
         """Every check of this tensor (``values=False``: names, shapes and dtypes only, so ``tensor`` may be a
@@ -40,9 +56,14 @@ class Action:
         Writes nothing."""
         if self.ignored is not None:
             return []
+        where = describe_tensor(self.name, origin)
         if self.target is None:
-            return [self.layer._check_load(p, tensor, s, e, values=values) for p, s, e in self.calls]
-        target, where = self.target, describe_tensor(self.name, origin)
+            t = self.prepared(tensor)
+            if self.ambiguous is not None and t.dim() == 3 and t.shape[1] == t.shape[2]:
+                raise ValueError(f"{where}: {self.ambiguous}")
+            return [self.layer._check_load(p, t, s, e, transposed=self.transposed, values=values)
+                    for p, s, e in self.calls]
+        target = self.target
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(f"{where}: shape {list(tensor.shape)} does not match {self.target_name} "
                              f"{list(target.shape)}")
@@ -55,6 +76,7 @@ class Action:
 
     def check_values(self, pieces: list, tensor: torch.Tensor, origin=None) -> None:
         """The data checks of a checked tensor: no meta tensor, no NaN/Inf where it is written."""
+        tensor = self.prepared(tensor)
         if self.target is not None:
             where = describe_tensor(self.name, origin)
             check_materialized(tensor, where)
@@ -74,21 +96,28 @@ class Given:
     def __init__(self):
         self.by_layer: dict[str, dict] = {}
 
-    def add(self, action: Action, pieces: list) -> None:
+    def add(self, action: Action, pieces: list, origin=None) -> None:
+        """Record the pieces of ``action`` (read from file ``origin``): each key maps to the tensor's
+        description (``describe_tensor``), which later messages quote."""
         new = [key for piece in pieces for key in piece.all_keys]  # none for another rank's experts
         if not new:
             return
         keys = self.by_layer.setdefault(action.path, {})
+        this = describe_tensor(action.name, origin)
         for key in new:
             if key in keys:
-                raise LoadError(f"{action.path}: {describe(key)} is given twice, by {keys[key]!r} and {action.name!r}")
-            keys[key] = action.name
+                raise LoadError(f"{action.path}: {describe(key)} is given twice, by {keys[key]} and {this}")
+            keys[key] = this
 
 
 class Resolver:
-    def __init__(self, model: nn.Module, layers: dict):
+    """model_type: decides the layout of fused expert weights (``formats.FORMATS``); None or unknown:
+    non-square ones are inferred from their shape, square ones are refused."""
+
+    def __init__(self, model: nn.Module, layers: dict, model_type: str | None = None):
         self.model = model
         self.layers = layers
+        self.model_type = model_type
         self.tensors = dict(model.named_parameters(remove_duplicate=False))
         self.tensors.update(dict(model.named_buffers(remove_duplicate=False)))
         self._cache: dict[str, tuple | None] = {}
@@ -99,9 +128,9 @@ class Resolver:
     def action(self, name: str) -> Action:
         parsed = parse_expert_name(name)
         if parsed is not None:
-            return self._expert(name, parsed)
-        if name.endswith(".e_score_correction_bias") and (hit := self._correction_layer(name)) is not None:
-            return Action(name, hit[0], hit[1], (("e_score_correction_bias", None, None),))
+            return self._oriented(self._expert(name, parsed), parsed)
+        if (hit := self._correction_layer(name)) is not None:
+            return Action(name, hit[0], hit[1], (("e_score_correction_bias", None, None),), view=_one_group)
         found = self.tensor(name)
         if found is None:
             return Action(name, ignored="no matching parameter or buffer in the model")
@@ -118,27 +147,47 @@ class Resolver:
         if hit is None:
             return Action(name, ignored="no FusedMoE in the model matches this layer")
         path, layer = hit
+        if parsed.kind == "input_scale":
+            return Action(name, ignored="a static activation scale: torch_moe_ops quantizes activations dynamically "
+                                        "(per token, or per 1 x block_k group), so it is not used")
         try:
             shard = parsed.shard(layer.gated)
         except KeyError:
             return Action(name, ignored=f"non-gated activation {layer.activation!r} has no gate projection")
         target = parsed.target(shard)
-        if getattr(layer, target) is None:
+        # a weight scale is never ignored: without a quant config its weight_loader call names the mismatch
+        if getattr(layer, target) is None and parsed.kind != "scale":
             return Action(name, ignored=f"{path} has no {target} (has_bias=False)")
         if parsed.expert is None:
             return Action(name, path, layer, ((target, shard, None),))
         # checkpoint names address logical experts: fill every physical replica (those on this rank)
         return Action(name, path, layer, tuple((target, shard, p) for p in layer.physical_ids(parsed.expert)))
 
+    def _oriented(self, action: Action, parsed) -> Action:
+        """An expert weight's layout from knowledge: per expert ``[out, in]``, fused the model type's."""
+        if action.ignored is not None or parsed.bias or not (parsed.expert is None or action.name.endswith(".weight")):
+            return action
+        if parsed.expert is not None:
+            return replace(action, transposed=False)  # an nn.Linear weight
+        transposed = fused_transposed(self.model_type)
+        if transposed is not None:
+            return replace(action, transposed=transposed)
+        known = (f"model type {self.model_type!r} has no known expert layout" if self.model_type else
+                 "the model type is unknown")
+        return replace(action, ambiguous=(
+            f"square experts, so [E, out, in] and the transposed [E, in, out] have the same shape, and {known}; "
+            f"pass load_checkpoint(..., model_type=...) (one of {sorted(FORMATS)})"))
+
     def _correction_layer(self, name: str):
-        """The ``FusedMoE`` that owns ``P.gate.e_score_correction_bias``, unless the model names another home."""
-        m = BLOCK_CHILD_RE.match(name)
-        if m is None or m["child"] != "gate":
+        """The ``FusedMoE`` that owns ``P.{gate|moe_statics|gate.moe_statics}.e_score_correction_bias``, unless
+        the model names another home."""
+        prefix = correction_bias_prefix(name)
+        if prefix is None:
             return None
         direct = self.exact(name)
         if direct is not None and not any(direct[1] is layer.e_score_correction_bias for layer in self.layers.values()):
             return None
-        hit = self.layer(m["prefix"])
+        hit = self.layer(prefix)
         return hit if hit is not None and hit[1].use_correction_bias else None
 
     # -------------------------------------------------------------------------------------- lookup
@@ -189,6 +238,12 @@ class Resolver:
                 if cand in self.tensors:
                     return cand, self.tensors[cand]
         return None
+
+
+def _one_group(t: torch.Tensor) -> torch.Tensor:
+    """Ernie's ``[1, E]`` correction bias (one expert group) as ``[E]``; any other shape is left for the
+    loader's shape check to name."""
+    return t[0] if t.dim() == 2 and t.shape[0] == 1 else t
 
 
 def _is_suffix(short: list[str], long: list[str]) -> bool:

@@ -12,6 +12,12 @@ A projection is quantized the moment its last shard arrives (w2 needs only itsel
 straight into its slot of the storage allocated at construction. With a checkpoint ordered by expert, at
 most one expert's ``[N1, H]`` staging (plus one transient ``[H, I]`` copy) is alive at any time.
 
+Pre-quantized fp8 pieces (a weight already in e4m3 and its scale) are not quantized: a weight piece also
+records ``(PREQUANTIZED, expert, shard)``, which makes that expert's scale pieces required in the round
+(``with_scales``), and one expert's weights come in one format per round (``mixed_formats``). On a first load
+they are written straight into their slots; in a reload they are held (``hold``) until every weight and
+scale piece of their projection arrived, so forward never sees a new weight with an old scale.
+
 States: ``fresh`` (nothing loaded) -> ``loading`` -> ``loaded`` (after ``finalize``) -> ``reloading`` (a
 later load call starts a round; it ends when a complete set has arrived, or at ``finalize``) -> ``loaded``.
 A reload that fails after it wrote something (a stream that broke midway, a failed ``finalize``) ``tear``s
@@ -21,19 +27,18 @@ starts over (``fresh``), so the whole source can simply be sent again.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 
 from ..errors import LoadError, TornWeightsError
+from .keys import (BIASES, CORRECTION, LOADABLE, PREQUANTIZED, SCALES, WEIGHTS, Key, describe, expert_keys,
+                   format_missing, mixed_formats, prequantized_experts, projection, required_keys, scale_key,
+                   sort_key, with_scales)
 
-WEIGHTS = ("w13_weight", "w2_weight")
-BIASES = ("w13_bias", "w2_bias")
-CORRECTION = "e_score_correction_bias"
-#: every parameter a checkpoint fills through the loader
-LOADABLE = WEIGHTS + BIASES + (CORRECTION,)
-
-Key = tuple  # (param name, local expert slot or None, shard id or None)
+__all__ = ["BIASES", "CORRECTION", "LOADABLE", "PREQUANTIZED", "SCALES", "WEIGHTS", "ExpertStreamer", "describe",
+           "format_missing", "required_keys"]
 
 
 class ExpertStreamer:
@@ -53,6 +58,13 @@ class ExpertStreamer:
         self.seen: set[Key] = set()  #: pieces received in the current round
         self.staging: dict[int, torch.Tensor] = {}  #: expert -> full-precision w13 staging [N1, H]
         self.staged: dict[int, set[str]] = {}  #: expert -> shards of w13 written into its staging
+        #: (expert, "w13" | "w2") -> pre-quantized writes ``(nbytes, apply)`` held until the projection is complete
+        self.held: dict[tuple[int, str], list] = {}
+        #: (expert, projection) -> its weight keys (the scale keys follow from them)
+        self._projection_keys: dict[tuple[int, str], set] = {}
+        for key in required:
+            if key[0] in WEIGHTS:
+                self._projection_keys.setdefault(projection(key), set()).add(key)
         self.staging_bytes = 0  #: bytes of staging alive now (w13 staging plus a transient w2 copy)
         self.peak_staging_bytes = 0  #: high-water mark of ``staging_bytes`` since construction
         self.rounds = 0  #: completed load/reload rounds
@@ -84,12 +96,17 @@ class ExpertStreamer:
         return set() if self.state in ("fresh", "loaded") else self.seen
 
     def check_new(self, keys) -> None:
-        """Raise ``LoadError`` when a piece of ``keys`` is already in the round (changes nothing)."""
+        """Raise ``LoadError`` when a piece of ``keys`` is already in the round, or when they would mix float and
+        pre-quantized weights of one expert in it (changes nothing)."""
         seen = self.round_seen()
         for key in keys:
             if key in seen:
                 what = "in one reload round" if self.rounds else "before finalize_loading"
                 raise LoadError(f"{describe(key)} was loaded twice {what}")
+        new = set(keys)  # only the experts these keys touch: a stream checks each call in O(1)
+        mixed = mixed_formats(new.union(*(expert_keys(seen, e) for e in {k[1] for k in new if projection(k)})))
+        if mixed is not None:
+            raise LoadError(mixed)
 
     def start(self) -> None:
         """A write is about to happen: start the round (``fresh`` -> ``loading``, ``loaded`` -> ``reloading``)."""
@@ -119,12 +136,13 @@ class ExpertStreamer:
         self._set("loaded", healed=True)
 
     def missing(self) -> list[Key]:
-        return sorted(self.required - self.seen, key=_sort_key)
+        return sorted(with_scales(self.required, self.seen) - self.seen, key=sort_key)
 
     def complete_round(self) -> bool:
         """End a reload round automatically once every piece arrived again (heals a torn layer). True when it
         ended."""
-        if self.state == "reloading" and not self.staging and self.seen >= self.required:
+        if (self.state == "reloading" and not self.staging and not self.held
+                and self.seen >= with_scales(self.required, self.seen)):
             self.seen = set()
             self.rounds += 1
             self._set("loaded", healed=True)
@@ -132,18 +150,24 @@ class ExpertStreamer:
         return False
 
     def reload_problem(self, keys=(), *, strict: bool = True) -> str | None:
-        """What ``finalize`` would refuse if a reload round ended holding its pieces plus ``keys`` (None: fine,
-        or not a reload). A torn layer needs every piece; a half-staged w13 is refused even when not strict."""
-        if not self.rounds:
-            return None
-        got = self.round_seen() | set(keys)
-        missing = sorted(self.required - got, key=_sort_key)
+        """What ``finalize`` would refuse if the round ended holding its pieces plus ``keys`` (None: fine). Any
+        round: float and pre-quantized weights of one expert mixed (``keys`` may map each key to the checkpoint
+        tensor that gives it, for the message). A reload: a torn layer needs every piece; a half-staged w13 or
+        a half pre-quantized projection is refused even when not strict."""
+        seen = self.round_seen()
+        named = {**dict.fromkeys(seen), **(keys if isinstance(keys, Mapping) else dict.fromkeys(keys))}
+        mixed = mixed_formats(named)
+        if mixed is not None or not self.rounds:
+            return mixed
+        got = seen | set(keys)
+        missing = sorted(with_scales(self.required, got) - got, key=sort_key)
         if not missing:
             return None
         if self.torn:
             return "reload incomplete (a torn layer heals only with a complete set): " + format_missing(missing)
-        experts = {e for (n, e, _) in got if n == "w13_weight"} if self.stages_w13 else set()
-        half = [(n, e, s) for (n, e, s) in missing if n == "w13_weight" and e in experts]
+        started, pre = {projection(k) for k in got} - {None}, prequantized_experts(got)
+        half = [k for k in missing if projection(k) in started
+                and (k[1] in pre or (self.stages_w13 and k[0] == "w13_weight"))]
         if half or strict:
             return "reload incomplete: " + format_missing(half or missing)
         return None
@@ -197,7 +221,24 @@ class ExpertStreamer:
     def _drop_staging(self) -> None:
         self.staging.clear()
         self.staged.clear()
+        self.held.clear()
         self.staging_bytes = 0
+
+    def hold(self, expert: int, proj: str, nbytes: int, apply: Callable[..., None]) -> None:
+        """Keep a pre-quantized write (``apply``, holding ``nbytes`` of copied data) until projection ``proj`` of
+        ``expert`` is complete (``release``)."""
+        self.held.setdefault((expert, proj), []).append((nbytes, apply))
+        self._grow(nbytes)
+
+    def release(self, expert: int, proj: str) -> list:
+        """The held writes of projection ``proj`` (``"w13"`` | ``"w2"``) of ``expert`` once every weight and scale
+        piece of it is in the round (taken off the streamer: the caller applies them), else nothing."""
+        need = self._projection_keys.get((expert, proj), set())
+        if (expert, proj) not in self.held or not (need | {scale_key(k) for k in need}) <= self.seen:
+            return []
+        held = self.held.pop((expert, proj))
+        self.staging_bytes -= sum(n for n, _ in held)
+        return [apply for _, apply in held]
 
     def release_w13(self, expert: int) -> None:
         buf = self.staging.pop(expert)
@@ -212,37 +253,3 @@ class ExpertStreamer:
     def _grow(self, nbytes: int) -> None:
         self.staging_bytes += nbytes
         self.peak_staging_bytes = max(self.peak_staging_bytes, self.staging_bytes)
-
-
-def required_keys(num_experts: int, gated: bool, has_bias: bool, correction_bias: bool) -> frozenset:
-    """Every piece of one complete load of ``num_experts`` (local) experts."""
-    w13_shards = ("w1", "w3") if gated else ("w1",)
-    keys = set()
-    for e in range(num_experts):
-        keys.update(("w13_weight", e, s) for s in w13_shards)
-        keys.add(("w2_weight", e, "w2"))
-        if has_bias:
-            keys.update(("w13_bias", e, s) for s in w13_shards)
-            keys.add(("w2_bias", e, "w2"))
-    if correction_bias:
-        keys.add((CORRECTION, None, None))
-    return frozenset(keys)
-
-
-def _sort_key(key: Key):
-    name, expert, shard = key
-    return (expert if expert is not None else -1, name, shard or "")
-
-
-def describe(key: Key) -> str:
-    name, expert, shard = key
-    return name if expert is None else f"{name} expert {expert} shard {shard!r}"
-
-
-def format_missing(missing: list[Key]) -> str:
-    """``3 missing: expert 0: w3 (w13_weight); expert 5: w2 (w2_weight), ...``"""
-    by_expert: dict = {}
-    for name, expert, shard in missing:
-        by_expert.setdefault(expert, []).append(name if shard is None else f"{shard} ({name})")
-    parts = [(", ".join(v) if e is None else f"expert {e}: " + ", ".join(v)) for e, v in by_expert.items()]
-    return f"{len(missing)} missing: " + "; ".join(parts)

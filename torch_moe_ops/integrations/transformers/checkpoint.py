@@ -1,9 +1,8 @@
 """The safetensors side of ``from_pretrained``: which files, which tensors are routed experts, lazy reads.
 
-Files: ``model.safetensors.index.json`` is respected when present (only the shards it names are opened);
-otherwise ``model.safetensors``, otherwise every ``*.safetensors`` of the folder. A ``consolidated*.safetensors``
-(Mistral's original-format copy of the same weights) is never read next to a transformers checkpoint, and
-is reported as ignored.
+Files: the one rule of ``loading/sources.py`` (``select_files``): ``model.safetensors.index.json`` when
+present (only the shards it names are opened), otherwise ``model.safetensors``, otherwise every
+``*.safetensors`` but Mistral's ``consolidated*.safetensors``; files left out are reported as ignored.
 
 Expert tensor names (``L`` the decoder layer, ``e`` the expert; ``P`` any block prefix such as
 ``model.layers.L.mlp`` / ``.block_sparse_moe`` / ``.feed_forward``):
@@ -17,12 +16,13 @@ Expert tensor names (``L`` the decoder layer, ``e`` the expert; ``P`` any block 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 
 import torch
+
+from ...loading.sources import select_files
 
 _LAYER = r"^(?P<pre>(?:.*\.)?layers\.(?P<layer>\d+))\.(?P<blk>\w+)\."
 _PER_EXPERT = re.compile(_LAYER + r"experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\."
@@ -80,35 +80,12 @@ def parse(name: str) -> ExpertKey | None:
 
 
 def checkpoint_files(path: str) -> tuple[list[str], list[str]]:
-    """(safetensors files to read, files ignored with the reason in the name list as ``"file (why)"``)."""
+    """(safetensors files to read, files ignored as ``"file (why)"``): ``loading.sources.select_files``'s rule."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a folder (from_pretrained streams a local checkpoint folder; "
                                 "download a Hub model first, e.g. `hf download <repo> --local-dir <folder>`)")
-    names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as fh:
-            weight_map = json.load(fh).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no weight_map")
-        used = sorted(set(weight_map.values()))
-        missing = [f for f in used if not os.path.exists(os.path.join(path, f))]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are not in {path!r}: {missing}")
-        ignored = [f"{f} (not in model.safetensors.index.json)" for f in names if f not in used]
-        return [os.path.join(path, f) for f in used], ignored
-    if "model.safetensors" in names:
-        return [os.path.join(path, "model.safetensors")], [f"{f} (not model.safetensors)" for f in names
-                                                            if f != "model.safetensors"]
-    hf = [f for f in names if not f.startswith("consolidated")]
-    ignored = [f"{f} (Mistral consolidated format; the transformers files are read)" for f in names
-               if f.startswith("consolidated")] if hf else []
-    if not hf and not names:
-        raise FileNotFoundError(f"no .safetensors files in {path!r}")
-    if not hf:
-        raise FileNotFoundError(f"{path!r} has only consolidated*.safetensors (Mistral's own format); "
-                                "convert it to a transformers checkpoint first")
-    return [os.path.join(path, f) for f in hf], ignored
+    selection = select_files(path)
+    return selection.files, [f"{f} ({why})" for f, why in selection.ignored.items()]
 
 
 class Checkpoint:

@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from ...errors import LoadError
+from ...loading.progress import progress_bar
 from .block import MoEBlock
 from .checkpoint import Checkpoint, checkpoint_files, parse
 from .models import MODEL_TYPES
@@ -143,7 +144,6 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
     Returns:
         The model, in eval mode; ``model.torch_moe_ops_report`` is the ``PatchReport`` (with ``loading``).
     """
-    from tqdm.auto import tqdm
     from transformers import AutoConfig, GenerationConfig
 
     path = os.fspath(path)
@@ -180,8 +180,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
             model.to(device)
         total = sum(ckpt.nbytes(k.name) for keys in per_block.values() for k in keys.all())
         report.expert_bytes_before = total  # in the checkpoint's dtypes
-        with tqdm(total=total, desc="Loading experts", unit="B", unit_scale=True, disable=not progress,
-                  leave=False) as bar:
+        with progress_bar("Loading experts", total, progress) as bar:
             for p, plan in sink["blocks"].items():
                 _load_block(model, p, plan, per_block[p], ckpt, quant_config, fp8[p], device, dt, bar, report)
     finally:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...loading.formats import fused_transposed
+
 
 class Unsupported(ValueError):
     """This block cannot be computed by torch_moe_ops; the message says why."""
@@ -126,8 +128,12 @@ def _param(module: nn.Module, name: str) -> torch.Tensor:
     return t
 
 
-def _stacked(experts: nn.Module, transposed: bool = False, bias: bool = False) -> ExpertTensors:
-    """HF's fused 3-D expert tensors ``gate_up_proj`` / ``down_proj`` (+ ``*_bias``)."""
+def _stacked(experts: nn.Module, kind: str, bias: bool = False) -> ExpertTensors:
+    """HF's fused 3-D expert tensors ``gate_up_proj`` / ``down_proj`` (+ ``*_bias``), laid out as model type
+    ``kind`` stores them (``loading/formats.py``)."""
+    transposed = fused_transposed(kind)
+    if transposed is None:
+        raise Unsupported(f"model type {kind!r} has no known expert layout (torch_moe_ops.loading.formats)")
     for flag, want in (("has_gate", True), ("has_post_expert_norm", False), ("_is_expert_parallel", False)):
         if getattr(experts, flag, want) != want:
             raise Unsupported(f"{type(experts).__name__}.{flag}={not want} is not supported")
@@ -168,7 +174,7 @@ def _topk_softmax(kind, renorm_attr=None):
     def plan(block, config) -> BlockPlan:
         gate = block.gate
         renorm = True if renorm_attr is None else bool(getattr(gate, renorm_attr))
-        return _standard(kind, block, "gate", _stacked(block.experts), gate.top_k, renormalize=renorm,
+        return _standard(kind, block, "gate", _stacked(block.experts, kind), gate.top_k, renormalize=renorm,
                          activation=activation_of(block.experts.act_fn))
 
     return plan
@@ -189,7 +195,7 @@ def _deepseek(kind):
         G, kG = int(gate.num_group), int(gate.topk_group)
         moe = dict(use_correction_bias=True, routed_scaling_factor=float(gate.routed_scaling_factor),
                    num_expert_group=0 if G == 1 else G, topk_group=0 if G == 1 else kG)
-        return _standard(kind, block, "gate", _stacked(block.experts), gate.top_k, scoring_func="sigmoid",
+        return _standard(kind, block, "gate", _stacked(block.experts, kind), gate.top_k, scoring_func="sigmoid",
                          renormalize=bool(gate.norm_topk_prob), activation=activation_of(block.experts.act_fn),
                          router_fp32=True, correction_bias=_param(gate, "e_score_correction_bias"), moe=moe,
                          shared={"shared_experts": block.shared_experts})
@@ -202,7 +208,7 @@ def _gpt_oss(block, config) -> BlockPlan:
     biases, ``swigluoai`` on interleaved gate/up rows with the experts' alpha and clamp limit."""
     ex, router = block.experts, block.router
     moe = dict(has_bias=True, activation_alpha=float(ex.alpha), activation_limit=float(ex.limit))
-    return _standard("gpt_oss", block, "router", _stacked(ex, transposed=True, bias=True), router.top_k,
+    return _standard("gpt_oss", block, "router", _stacked(ex, "gpt_oss", bias=True), router.top_k,
                      activation="swigluoai", router_bias=_param(router, "bias"), moe=moe, output="pair")
 
 
@@ -212,7 +218,7 @@ def _llama4(block, config) -> BlockPlan:
     router = block.router
     if getattr(router, "bias", None) is not None:
         raise Unsupported("Llama4Router with a bias is not supported")
-    return _standard("llama4", block, "router", _stacked(block.experts, transposed=True), router.top_k,
+    return _standard("llama4", block, "router", _stacked(block.experts, "llama4"), router.top_k,
                      scoring_func="sigmoid", renormalize=False, activation=activation_of(block.experts.act_fn),
                      moe=dict(apply_router_weight_on_input=True), shared={"shared_expert": block.shared_expert},
                      output="flat_pair")
@@ -220,7 +226,7 @@ def _llama4(block, config) -> BlockPlan:
 
 def _granite(block, config) -> BlockPlan:
     """Top-k of fp32 logits then softmax over the k: softmax + renormalize."""
-    return _standard("granitemoe", block, "router", _stacked(block.experts), block.router.top_k,
+    return _standard("granitemoe", block, "router", _stacked(block.experts, "granitemoe"), block.router.top_k,
                      activation=activation_of(block.experts.act_fn))
 
 
@@ -230,7 +236,7 @@ def _phimoe(block, config) -> BlockPlan:
     router = block.router
     if getattr(router, "bias", None) is not None:
         raise Unsupported("PhimoeTopKRouter with a bias is not supported")
-    p = _standard("phimoe", block, "router", _stacked(block.experts), 2,
+    p = _standard("phimoe", block, "router", _stacked(block.experts, "phimoe"), 2,
                   activation=activation_of(block.experts.act_fn))
     if p.num_experts < 2:
         raise Unsupported("sparsemixer routing needs at least 2 experts")
@@ -245,7 +251,7 @@ def _ernie(block, config) -> BlockPlan:
     gate = block.gate
     bias = _param(gate.moe_statics, "e_score_correction_bias")
     shared = {"shared_experts": block.shared_experts} if block.shared_experts is not None else {}
-    return _standard("ernie4_5_moe", block, "gate", _stacked(block.experts), gate.top_k,
+    return _standard("ernie4_5_moe", block, "gate", _stacked(block.experts, "ernie4_5_moe"), gate.top_k,
                      activation=activation_of(block.experts.act_fn), router_fp32=True,
                      correction_bias=bias.reshape(-1), moe=dict(use_correction_bias=True), shared=shared)
 
