@@ -1,11 +1,14 @@
-"""Turn a runner JSON into ``docs/performance.md`` (tables) and ``docs/performance.png`` (fraction of
-roofline vs T per shape): ``python -m benchmarks.report results.json``."""
+"""Turn a runner JSON into the tables of ``docs/performance.md`` and ``docs/performance.png`` (speed-up over
+each peer and fraction of roofline, per model; ``benchmarks/plot.py``):
+``python -m benchmarks.report benchmarks/results/<run>.json``."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from collections import defaultdict
+
+from . import plot as _plot
 
 
 def _fmt(ms):
@@ -39,46 +42,28 @@ def tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = defaultdict(list)
-    for c in result["cells"]:
-        if c.get("provider") == "ours" and "frac_roof" in c:
-            series[f"{c['shape']} {c['scheme']}"].append((c["T"], c["frac_roof"]))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens T")
-    ax.set_ylabel("% of roofline (ours, fused_experts)")
-    ax.set_ylim(0, 100)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(f"torch_moe_ops fused_experts on {result['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("results")
     p.add_argument("--md", default="benchmarks/results/tables.md", help="the tables (paste into docs/performance.md)")
-    p.add_argument("--png", default="docs/performance.png")
+    p.add_argument("--png", default="docs/performance.png", help="the figure ('' to skip it)")
+    p.add_argument("--peers", default="auto", help="the JSON of the speed-up row; 'auto': the results JSON if it "
+                   "has peer cells, else the newest JSON with peers under --peers-dir")
+    p.add_argument("--peers-dir", default=_plot.RESULTS_DIR)
     args = p.parse_args(argv)
-    result = json.load(open(args.results))
+    with open(args.results) as f:
+        result = json.load(f)
     c = result["ceilings"]
     head = (f"Device: {result['device']}, torch {result['torch']}, measured {result['time']}. Ceilings measured in "
             f"the same run: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['bf16_TFLOPs']:.0f} TFLOP/s, fp8 "
             f"{c.get('fp8_TFLOPs', 0):.0f} TFLOP/s. Command: `{result['command']}`.\n\n")
     with open(args.md, "w") as f:
         f.write(head + tables(result) + "\n")
-    plot(result, args.png)
-    print(f"wrote {args.md} and {args.png}")
+    print(f"wrote {args.md}")
+    if args.png:
+        peers = _plot.plot(result, args.png, _plot.source_label(args.results, result), peers=args.peers,
+                           peers_dir=args.peers_dir)
+        print(f"wrote {args.png} (speed-ups from {peers})")
     return 0
 
 

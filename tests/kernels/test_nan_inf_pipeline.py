@@ -40,7 +40,7 @@ def _weights_for(sch, w, block):
     """(stored weights, kernel-view scale, fp32 dequantized [E, N, K]) of ``w`` in ``sch``'s format."""
     if not sch.quantized:
         wq = w.to(torch.bfloat16)
-        return wq, None, wq.float()
+        return wq.to(DEVICE), None, wq.float()
     fmt = sch.weight
     q = torch.empty(fmt.packed_shape(w.shape), dtype=fmt.qdtype, device=DEVICE)
     s = torch.empty(fmt.scale_shape(w.shape, block, 1), device=DEVICE)
