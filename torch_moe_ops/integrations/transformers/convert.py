@@ -15,9 +15,6 @@ import torch
 from ...layer import FusedMoE
 from .models import BlockPlan
 
-#: parameters a FusedMoE's ``weight_loader`` fills (re-attached after ``assign``)
-_LOADABLE = ("w13_weight", "w2_weight", "w13_bias", "w2_bias", "e_score_correction_bias")
-
 
 def build_layer(plan: BlockPlan, quant_config, device, params_dtype: torch.dtype) -> FusedMoE:
     """The ``FusedMoE`` of ``plan`` (raises ``ValueError`` / ``TypeError`` for a config it cannot take)."""
@@ -37,12 +34,8 @@ def assign(layer: FusedMoE, tensors: dict[str, torch.Tensor]) -> None:
     """Make ``tensors`` the parameters of a meta-built ``layer`` (no copy; shapes are checked)."""
     check_shapes(layer, {n: t.shape for n, t in tensors.items()})
     layer.load_state_dict(tensors, strict=True, assign=True)
-    for name in _LOADABLE:
-        p = getattr(layer, name)
-        if p is not None:
-            p.weight_loader = layer.weight_loader
-    if layer.quant_config is None:  # its full-precision weights are the parameters themselves
-        layer.full_precision.update(w13_weight=layer.w13_weight, w2_weight=layer.w2_weight)
+    layer._attach_weight_loaders()  # the assigned Parameters are new objects
+    layer._refresh_full_precision()
 
 
 def transpose_experts_(t: torch.Tensor) -> torch.Tensor:
