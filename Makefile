@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The HF drop-in table (needs the [hf] extra, installed above); DEMO_ARGS=--layer for the layer demo.
 demo: $(STAMP)
 	$(PY) -m torch_moe_ops demo $(DEMO_ARGS)
 

@@ -7,9 +7,11 @@ import sys
 _DESCRIPTION = """torch-moe-ops command line.
 
 subcommands:
-  demo   compile fused_moe in bf16 and every quantized scheme of the registry on random Qwen3-MoE-shaped
-         experts and print one table (accuracy, size, speed); then build a model on the meta device, load a
-         checkpoint with streaming online quantization, compile it and reload its weights in place
+  demo   the Hugging Face drop-in: save a random-weight Qwen3-MoE as a sharded safetensors checkpoint, load it
+         with transformers (bf16) and with torch_moe_ops' from_pretrained (bf16, fp8 block, int8, int4), print
+         one table (logits SQNR, greedy tokens/s eager and compiled, load peak memory); needs the [hf] extra.
+         demo --layer: compile fused_moe in every scheme on random experts (accuracy, size, speed), then load,
+         quantize online, compile and reload a meta-device model in place
   info   versions, device, the backend that serves CPU and CUDA tensors, the tuned tile table that applies,
          interpreter and debug switches
 """
@@ -76,8 +78,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,info}")
     from .demo import add_arguments, run
 
-    demo = sub.add_parser("demo", help="the per-scheme table and the load / quantize / reload pipeline",
-                          description="The per-scheme table, then the load / quantize / reload pipeline.")
+    demo = sub.add_parser("demo", help="the Hugging Face drop-in table (--layer: the layer demo)",
+                          description="The Hugging Face drop-in: a saved Qwen3-MoE checkpoint loaded by transformers "
+                                      "and by torch_moe_ops, one table. --layer: the per-scheme op table, then the "
+                                      "load / quantize / reload pipeline.")
     add_arguments(demo)
     sub.add_parser("info", help="versions, device, backend, tuned tiles", description=info.__doc__)
     args = parser.parse_args(argv)
@@ -89,6 +93,12 @@ def main(argv=None) -> int:
 
             if not torch.cuda.is_available():
                 demo.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+        if not args.layer:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:  # one line, no usage: nothing was wrong with the arguments
+                demo.exit(2, f"{demo.prog}: error: the Hugging Face demo needs transformers: "
+                             "pip install 'torch-moe-ops[hf]' (or run demo --layer)\n")
         return run(args)
     return 2
 

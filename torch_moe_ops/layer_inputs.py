@@ -18,11 +18,12 @@ from .ops._checks import FLOAT_DTYPES as ACTIVATION_DTYPES  # what every scheme 
 
 def _require(cond, message: Callable[[], str], got: Callable[[], str]) -> None:
     """``ValueError(message() + got())`` when ``cond`` is false (messages are built only then). Traced by
-    Dynamo (symbolic sizes), it becomes ``torch._check(cond)`` with the static ``message()``: a guard, or a
-    runtime assert for unbacked sizes (Dynamo takes no closure over symbolic values)."""
+    Dynamo, it is ``torch._check(cond)``: a guard, or a runtime assert for unbacked sizes. Its message is a
+    constant: torch 2.11's Dynamo refuses a message function that closes over anything, and any type test
+    of a symbolic ``cond`` would specialise it."""
     if torch.compiler.is_compiling():
-        text = message()
-        torch._check(cond, lambda: text)
+        torch._check(cond, lambda: "FusedMoE: hidden_states must be [..., H] and router_logits / topk_weights / "
+                                   "topk_ids [..., E | k] with the same leading dims")
     elif not cond:
         raise ValueError(message() + got())
 

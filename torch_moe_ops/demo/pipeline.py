@@ -18,20 +18,23 @@ _CONFIGS = (Fp8Config("tensor"), Fp8Config("channel"), Fp8Config("block"), Int8C
             Int4Config(group_size=128), Int4Config(group_size=64), Int4Config(group_size=32))
 
 
-def quant_config(name: str, H: int, I: int):
-    """``--quant`` name -> the ``FusedMoE`` quant config (None for ``none``); int4 takes the largest group
-    that divides H and I."""
+def quant_config(name: str, H: int, I: int, flag: str = "--quant"):
+    """A scheme name (of the ``flag`` option) -> the ``FusedMoE`` quant config (None for ``none``); int4
+    takes the largest group that divides H and I."""
     try:
         scheme = get_quant_scheme(name)
     except ValueError as exc:
-        raise SystemExit(f"--quant: {exc}") from None
+        raise SystemExit(f"{flag}: {exc}") from None
     if scheme.weight is None:
         return None
-    block = fitting_block(scheme, H, I)
+    try:
+        block = fitting_block(scheme, H, I)
+    except ValueError as exc:
+        raise SystemExit(f"{flag}: {exc}") from None
     for cfg in _CONFIGS:
         if cfg.quant_scheme is scheme and cfg.block == block:
             return cfg
-    raise SystemExit(f"--quant: no FusedMoE config for {name!r} with H={H}, I={I}")
+    raise SystemExit(f"{flag}: no FusedMoE config for {name!r} with H={H}, I={I}")
 
 
 class MoEBlock(nn.Module):
