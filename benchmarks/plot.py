@@ -126,7 +126,7 @@ def figure(result: dict, source: str, peers_result: dict | None = None, peers_so
                           "linestyle": _LINES[peers.index(k[0]) % len(_LINES)]} for k in series}
             _series_panel(ax, series, styles, lambda k: f"vs {k[0]} ({k[1]})")
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 7.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.axhline(1.0, color="0.4", linewidth=0.8)
