@@ -14,6 +14,10 @@ from typing import Callable
 import torch
 
 from .ops._checks import FLOAT_DTYPES as ACTIVATION_DTYPES  # what every scheme computes in (the ops' rule)
+from .ops._checks import INDEX_DTYPES
+
+#: the dtypes the ops take for each token tensor, checked here too so that the message names the layer
+_DTYPES = {"router_logits": ACTIVATION_DTYPES, "topk_weights": ACTIVATION_DTYPES, "topk_ids": INDEX_DTYPES}
 
 
 def _require(cond, message: Callable[[], str], got: Callable[[], str]) -> None:
@@ -53,9 +57,14 @@ def check_hidden(where: Callable[[], str], x, hidden_size: int, compute_dtype: t
 
 
 def check_like(where: Callable[[], str], t, name: str, x: torch.Tensor, last: int | None, last_name: str) -> None:
-    """t: [..., last] with the leading shape of ``x`` (hidden_states); ``last`` None: any size."""
+    """t: [..., last] with the leading shape of ``x`` (hidden_states); ``last`` None: any size. ``name``
+    picks the dtypes the ops take (``_DTYPES``; others: any)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where()}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    dtypes = _DTYPES.get(name)
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{where()}: {name} must have dtype in ({names}), got {t.dtype}")
 
     def message():
         return f"{where()}: {name} must be [..., {last_name}] with the leading dims of hidden_states"

@@ -27,7 +27,9 @@ def _convention(where, args: tuple, weight_name, shard_id, expert_id, return_suc
     if args and args[0] is not None and not isinstance(args[0], str):
         raise TypeError(f"{where()}: weight_loader's third argument must be a shard id {SHARD_IDS}, None, or the "
                         f"checkpoint weight name (a str, vLLM's convention), got {type(args[0]).__name__}")
-    vllm = bool(args) and args[0] is not None and args[0] not in SHARD_IDS
+    # a shard-id-like str is still vLLM's weight_name when a shard id follows it (by keyword, or next: a str)
+    vllm = bool(args) and args[0] is not None and (
+        args[0] not in SHARD_IDS or shard_id is not _UNSET or (len(args) > 1 and isinstance(args[1], str)))
     names = ("weight_name", "shard_id", "expert_id", "return_success") if vllm else ("shard_id", "expert_id")
     if len(args) > len(names):
         raise TypeError(f"{where()}: weight_loader takes at most {len(names)} positional arguments after "
@@ -65,7 +67,9 @@ class LoadingMethods:
         The third positional argument decides: None or a shard id (``"w1"``, ``"w2"``, ``"w3"``, ``"w13"``) is a
         shard id, then ``expert_id`` may follow; any other str is the checkpoint weight name (e.g.
         ``"model.layers.0.mlp.experts.3.gate_proj.weight"``: errors then name it), then ``shard_id``,
-        ``expert_id`` and ``return_success`` may follow. Anything else is a ``TypeError``.
+        ``expert_id`` and ``return_success`` may follow. A weight name that equals a shard id (``"w1"``) is
+        still read as the name when a shard id follows it (``shard_id=`` by keyword, or a str fourth).
+        Anything else is a ``TypeError``.
 
         Args:
             param: ``w13_weight`` | ``w2_weight`` | ``w13_bias`` | ``w2_bias`` | ``e_score_correction_bias``
@@ -146,9 +150,16 @@ class LoadingMethods:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """``load_state_dict`` of a saved (possibly quantized) ``FusedMoE`` state counts as a complete load."""
+        """``load_state_dict`` of a saved (possibly quantized) ``FusedMoE`` state counts as a complete load. A
+        state of another storage dtype is refused before anything of the layer is written."""
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        problems = self._state_dict_problems(state_dict, prefix, assign)
+        if problems:
+            error_msgs.extend(problems)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._after_state_dict(assign)
         names = [n for n, p in self._parameters.items() if p is not None]
         if not error_msgs and all(prefix + n in state_dict for n in names):
             self.loader.streamer.mark_loaded()

@@ -12,6 +12,9 @@
   from its dtype part): a device move still happens; without one the tensor is kept as it is (every
   ``data_ptr`` too). Everything else follows the cast (unquantized weights, biases), and ``params_dtype``
   (the staging dtype of later loads, the compute dtype of the input check) follows it.
+- **Copies and state dicts.** ``copy.deepcopy`` / unpickling and ``load_state_dict(assign=True)`` re-attach
+  ``weight_loader`` to the new Parameters (``assign`` also moves ``params_dtype`` to the assigned tensors'); a
+  state whose quantized storage has another dtype (int8 vs fp8 have the same shapes) is refused unwritten.
 """
 from __future__ import annotations
 
@@ -98,8 +101,7 @@ class TensorMethods:
             for module in self.children():
                 module._apply(fn)
         kept, moves = {}, {}
-        names = _KEEP_DTYPE + (_KEEP_DTYPE_QUANTIZED if self.quant_config is not None else ())
-        for name in names:
+        for name in self._kept_dtype():
             t = self._parameters.get(name)
             if t is None:
                 continue
@@ -122,8 +124,7 @@ class TensorMethods:
         finally:
             self._parameters.update(kept)
         if new_dtype is not None:
-            self.params_dtype = new_dtype
-            self.loader.layout = dataclasses.replace(self.loader.layout, params_dtype=new_dtype)
+            self._set_params_dtype(new_dtype)
         self._attach_weight_loaders()
         self._refresh_full_precision()
         if was_meta and not self._on_meta():
@@ -142,6 +143,57 @@ class TensorMethods:
             raise TypeError(f"{self._where()}: cannot convert the layer to {probe.dtype}: params_dtype must be "
                             "bfloat16, float16 or float32 (nothing of this layer was converted)")
         return probe.dtype
+
+    def _set_params_dtype(self, dtype: torch.dtype) -> None:
+        self.params_dtype = dtype
+        self.loader.layout = dataclasses.replace(self.loader.layout, params_dtype=dtype)
+
+    def _kept_dtype(self) -> tuple:
+        """Parameters whose dtype never changes (their values are codes or fp32 scales)."""
+        return _KEEP_DTYPE + (_KEEP_DTYPE_QUANTIZED if self.quant_config is not None else ())
+
+    def _state_dict_problems(self, state_dict, prefix: str, assign: bool) -> list[str]:
+        """Why ``load_state_dict`` must not touch this layer (checked before it writes anything): quantized
+        storage of another dtype (an int8 state into fp8 storage of the same shape would be cast code by code);
+        with ``assign=True``, a scale that is not fp32, or full-precision tensors (weights
+        of an unquantized layer, biases) that do not share one of bf16 / fp16 / fp32 (the new ``params_dtype``).
+        A correction bias may come in any float dtype (transformers' bf16 models hold it in bf16)."""
+        problems, kept = [], self._kept_dtype()
+        exact = _KEEP_DTYPE_QUANTIZED[:2] if self.quant_config is not None else ()  # quantized storage
+        exact += _KEEP_DTYPE_QUANTIZED[2:] if self.quant_config is not None and assign else ()  # assigned scales
+        dtypes = {}
+        for name, p in self._parameters.items():
+            t = state_dict.get(prefix + name)
+            if p is None or not isinstance(t, torch.Tensor):
+                continue
+            if name in kept and t.dtype != p.dtype and (name in exact or not t.is_floating_point()):
+                problems.append(f"{self._where()}: {prefix + name} has dtype {t.dtype}, but the layer holds "
+                                f"{p.dtype} ({self.quant_scheme} storage and fp32 scales are never cast); build the "
+                                "layer with the quant_config that saved the state")
+            elif name not in kept:
+                dtypes[name] = t.dtype
+        if assign and dtypes:
+            own = {n: p.dtype for n, p in self._parameters.items() if p is not None and n not in kept}
+            found = set({**own, **dtypes}.values())
+            if len(found) > 1 or not found <= set(_PARAMS_DTYPES):
+                problems.append(f"{self._where()}: load_state_dict(assign=True) would leave full-precision tensors "
+                                f"of dtypes {sorted(map(str, found))}; they must share one of bf16 / fp16 / fp32")
+        return problems
+
+    def _after_state_dict(self, assign: bool) -> None:
+        """``load_state_dict`` replaced Parameters (``assign=True``): re-attach ``weight_loader`` (also onto a
+        Parameter another layer shared), let ``params_dtype`` follow the assigned full-precision tensors."""
+        if assign:
+            own = [p.dtype for n, p in self._parameters.items() if p is not None and n not in self._kept_dtype()]
+            if own and own[0] != self.params_dtype:
+                self._set_params_dtype(own[0])
+        self._attach_weight_loaders()
+        self._refresh_full_precision()
+
+    def __setstate__(self, state) -> None:
+        """``copy.deepcopy`` / unpickling: a copied Parameter loses its attributes, so re-attach ``weight_loader``."""
+        super().__setstate__(state)
+        self._attach_weight_loaders()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

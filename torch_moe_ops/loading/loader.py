@@ -196,15 +196,16 @@ class WeightLoader:
     def _expert_index(self, expert_id) -> int:
         n = self.layout.num_physical
         bad_type = isinstance(expert_id, bool) or type(expert_id).__name__ == "bool_" or (
-            isinstance(expert_id, torch.Tensor) and (expert_id.dtype == torch.bool or expert_id.is_floating_point()))
+            isinstance(expert_id, torch.Tensor) and (expert_id.dtype == torch.bool or expert_id.is_floating_point()
+                                                     or expert_id.dim() != 0))  # a [1] tensor is not an id
         if not bad_type and not isinstance(expert_id, int) and hasattr(expert_id, "__index__"):
             try:
                 expert_id = operator.index(expert_id)  # numpy / 0-dim integer ids
             except TypeError:
                 bad_type = True
         if bad_type or not isinstance(expert_id, int):
-            raise TypeError(f"{self.where()}: expert_id must be an int (a global physical expert in [0, {n})), "
-                            f"got {type(expert_id).__name__} {expert_id!r}")
+            raise TypeError(f"{self.where()}: expert_id must be an int (a global physical expert in [0, {n})), a "
+                            f"numpy integer or a 0-dim integer tensor, got {type(expert_id).__name__} {expert_id!r}")
         if not 0 <= expert_id < n:
             raise ValueError(f"{self.where()}: expert_id must be an int in [0, {n}), got {expert_id!r}")
         return expert_id

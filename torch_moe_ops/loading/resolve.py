@@ -32,7 +32,8 @@ class Action:
     """What one checkpoint tensor does. calls: ``(param, shard_id, expert_id)`` of the layer at ``path``;
     or target: the model tensor ``target_name`` outside every FusedMoE; or ignored: why it is not loaded.
     transposed: the layout of an expert weight (``weight_loader``'s; None: inferred from a non-square shape).
-    ambiguous: why a square fused weight cannot be placed (set when its model type is unknown). view: how
+    ambiguous: why a square fused weight cannot be placed (set when its model type is unknown). layout_of:
+    the model type that set ``transposed`` of a fused weight (named when the shape contradicts it). view: how
     the checkpoint tensor becomes what the calls take (Ernie's ``[1, E]`` correction bias -> ``[E]``)."""
 
     name: str
@@ -44,6 +45,7 @@ class Action:
     ignored: str | None = None
     transposed: bool | None = None
     ambiguous: str | None = None
+    layout_of: str | None = None
     view: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def prepared(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -61,8 +63,12 @@ class Action:
             t = self.prepared(tensor)
             if self.ambiguous is not None and t.dim() == 3 and t.shape[1] == t.shape[2]:
                 raise ValueError(f"{where}: {self.ambiguous}")
-            return [self.layer._check_load(p, t, s, e, transposed=self.transposed, values=values)
-                    for p, s, e in self.calls]
+            try:
+                return [self.layer._check_load(p, t, s, e, transposed=self.transposed, values=values)
+                        for p, s, e in self.calls]
+            except ValueError as exc:
+                self._check_layout(t, where, exc)
+                raise
         target = self.target
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(f"{where}: shape {list(tensor.shape)} does not match {self.target_name} "
@@ -73,6 +79,21 @@ class Action:
         if values:
             self.check_values([], tensor, origin)
         return []
+
+    def _check_layout(self, t: torch.Tensor, where: str, exc: ValueError) -> None:
+        """A fused weight whose shape fits only the other orientation than its model type's: say so (a checkpoint
+        of another model type, or a wrong ``model_type``), rather than only that the shape is wrong."""
+        if self.layout_of is None:
+            return
+        try:
+            for p, s, e in self.calls:
+                self.layer._check_load(p, t, s, e, transposed=not self.transposed, values=False)
+        except (ValueError, TypeError, LoadError):
+            return  # wrong in both orientations: the loader's own message stands
+        mine, other = ("[E, in, out]", "[E, out, in]") if self.transposed else ("[E, out, in]", "[E, in, out]")
+        raise ValueError(f"{where}: shape {list(t.shape)} is the {other} layout, but model type {self.layout_of!r} "
+                         f"stores fused experts {mine}: a checkpoint of another model type? pass the checkpoint's "
+                         f"own, load_checkpoint(..., model_type=...) ({exc})") from None
 
     def check_values(self, pieces: list, tensor: torch.Tensor, origin=None) -> None:
         """The data checks of a checked tensor: no meta tensor, no NaN/Inf where it is written."""
@@ -171,7 +192,7 @@ class Resolver:
             return replace(action, transposed=False)  # an nn.Linear weight
         transposed = fused_transposed(self.model_type)
         if transposed is not None:
-            return replace(action, transposed=transposed)
+            return replace(action, transposed=transposed, layout_of=self.model_type)
         known = (f"model type {self.model_type!r} has no known expert layout" if self.model_type else
                  "the model type is unknown")
         return replace(action, ambiguous=(
