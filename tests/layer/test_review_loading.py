@@ -193,3 +193,20 @@ def test_a_model_type_contradicting_the_fused_layout_is_named(tmp_path, where):
     assert model.layers[0].experts.load_state == "fresh"
     load_checkpoint(model, sd, model_type="mixtral", progress=False)
     finalize_loading(model)
+
+
+def test_bare_layer_state_names_without_prefix_load():
+    """``load_checkpoint(layer, {"experts.0.gate_proj.weight": ...})``: names relative to a bare FusedMoE."""
+    from torch_moe_ops import FusedMoE, finalize_loading, load_checkpoint
+
+    E_, H_, I_ = 3, 16, 8
+    w13, w2 = torch.randn(E_, 2 * I_, H_), torch.randn(E_, H_, I_)
+    sd = {}
+    for e in range(E_):
+        sd[f"experts.{e}.gate_proj.weight"] = w13[e, :I_]
+        sd[f"experts.{e}.up_proj.weight"] = w13[e, I_:]
+        sd[f"experts.{e}.down_proj.weight"] = w2[e]
+    layer = FusedMoE(E_, 2, H_, I_, params_dtype=torch.float32, device="cpu")
+    report = load_checkpoint(layer, sd, progress=False)
+    finalize_loading(layer)
+    assert not report.ignored and torch.equal(layer.w13_weight, w13) and torch.equal(layer.w2_weight, w2)

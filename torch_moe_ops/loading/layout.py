@@ -113,7 +113,9 @@ def orientation(shape, expected: tuple, transposed: bool | None, where: str) -> 
         return False
     elif len(expected) == 2 and transposed is None and shape == rev:
         return True
-    hint = f" (or transposed {list(rev)})" if len(expected) == 2 and transposed is not False else ""
+    if len(expected) == 2 and transposed is True:  # the caller's layout says [in, out]
+        raise ValueError(f"{where}: expected shape {list(rev)} (the transposed [in, out] layout), got {list(shape)}")
+    hint = f" (or transposed {list(rev)})" if len(expected) == 2 and transposed is None else ""
     raise ValueError(f"{where}: expected shape {list(expected)}{hint}, got {list(shape)}")
 
 

@@ -1,6 +1,7 @@
 """Hugging Face checkpoint names of MoE experts (docs/design.md §11), parsed without touching a model.
 
-``P`` is the MoE block prefix (``model.layers.3.mlp``, ``…block_sparse_moe``):
+``P`` is the MoE block prefix (``model.layers.3.mlp``, ``…block_sparse_moe``; empty for a bare layer's own
+state, ``experts.0.w1.weight``):
 
 - ``P.experts.{e}.{w1|w3|w2}.{weight|bias}`` (Mixtral), ``P.experts.{e}.{gate_proj|up_proj|down_proj}.{weight|bias}``
   (Qwen/DeepSeek; ``up_proj`` is ``w1`` for non-gated activations);
@@ -19,9 +20,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_EXPERT_RE = re.compile(r"^(?P<prefix>.+?)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
+_EXPERT_RE = re.compile(r"^(?:(?P<prefix>.+?)\.)?experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
                         r"\.(?P<kind>weight_scale_inv|weight_scale|input_scale|weight|bias)$")
-_FUSED_RE = re.compile(r"^(?P<prefix>.+?)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<suffix>\.weight|\.bias|_bias)?$")
+_FUSED_RE = re.compile(r"^(?:(?P<prefix>.+?)\.)?experts\.(?P<proj>gate_up_proj|down_proj)(?P<suffix>\.weight|\.bias|_bias)?$")
 _GRANITE_RE = re.compile(r"^(?P<prefix>.+?)\.(?P<proj>input_linear|output_linear)\.weight$")
 _GRANITE_PROJ = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}
 BLOCK_CHILD_RE = re.compile(r"^(?P<prefix>.+?)\.(?P<child>gate|shared_experts?|shared_expert_gate)\.(?P<rest>.+)$")
@@ -69,10 +70,10 @@ class ExpertName:
 def parse_expert_name(name: str) -> ExpertName | None:
     m = _EXPERT_RE.match(name)
     if m is not None:
-        return ExpertName(m["prefix"], int(m["expert"]), m["proj"], _KINDS[m["kind"]])
+        return ExpertName(m["prefix"] or "", int(m["expert"]), m["proj"], _KINDS[m["kind"]])
     f = _FUSED_RE.match(name)
     if f is not None:
-        return ExpertName(f["prefix"], None, f["proj"], "bias" if f["suffix"] in (".bias", "_bias") else "weight")
+        return ExpertName(f["prefix"] or "", None, f["proj"], "bias" if f["suffix"] in (".bias", "_bias") else "weight")
     g = _GRANITE_RE.match(name)
     if g is not None:
         return ExpertName(g["prefix"], None, _GRANITE_PROJ[g["proj"]])

@@ -33,9 +33,7 @@ def check_shapes(layer: FusedMoE, shapes: dict[str, tuple]) -> None:
 def assign(layer: FusedMoE, tensors: dict[str, torch.Tensor]) -> None:
     """Make ``tensors`` the parameters of a meta-built ``layer`` (no copy; shapes are checked)."""
     check_shapes(layer, {n: t.shape for n, t in tensors.items()})
-    layer.load_state_dict(tensors, strict=True, assign=True)
-    layer._attach_weight_loaders()  # the assigned Parameters are new objects
-    layer._refresh_full_precision()
+    layer.load_state_dict(tensors, strict=True, assign=True)  # the layer re-attaches its weight loaders
 
 
 def transpose_experts_(t: torch.Tensor) -> torch.Tensor:
