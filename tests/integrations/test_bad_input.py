@@ -223,7 +223,7 @@ def test_fp8_block_scales_that_do_not_tile_w13(tmp_path):
 
     make("deepseek_v3", moe_intermediate_size=96).save_pretrained(tmp_path / "bf16")  # 96 % 128 != 0
     _prequantize(str(tmp_path / "bf16"), str(tmp_path / "fp8"), "block")
-    with pytest.raises(ValueError, match="intermediate_size 96 is not a multiple of the block's 128 rows"):
+    with pytest.raises(ValueError, match="intermediate_size I=96 is not a multiple of the block's 128 rows"):
         _load(tmp_path / "fp8")
     with pytest.raises(ValueError, match="pre-quantized"):
         _load(tmp_path / "fp8", Fp8Config("tensor"))

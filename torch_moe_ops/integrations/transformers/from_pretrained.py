@@ -26,7 +26,7 @@ from .block import MoEBlock
 from .checkpoint import Checkpoint, checkpoint_files, parse
 from .models import MODEL_TYPES
 from .patch import PatchReport, _check_layer, _set_child, find_blocks, record_router_logits
-from .stream import BlockKeys, check_keys, fp8_scheme, load_float, load_fp8
+from .stream import BlockKeys, check_keys, fp8_scheme, load_experts
 
 _LEGACY_BLOCK_NAMES = ("block_sparse_moe",)  #: checkpoint names transformers renames to the block's (Mixtral, PhiMoE)
 
@@ -195,10 +195,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
 def _load_block(model, path, plan, keys, ckpt, quant_config, fp8, device, dt, bar, report) -> None:
     block: MoEBlock = model.get_submodule(path)
     dev = torch.device(device) if device is not None else block.router_linear().weight.device
-    if fp8 is not None:
-        layer = load_fp8(path, plan, keys, ckpt, fp8, dev, dt, bar)
-    else:
-        layer = load_float(path, plan, keys, ckpt, quant_config, dev, dt, bar)
+    layer = load_experts(path, plan, keys, ckpt, fp8 if fp8 is not None else quant_config, dev, dt, bar)
     block.experts = layer
     record_router_logits(model, block)
     report.replaced[path] = f"{plan.block_class} -> MoEBlock({plan.describe()}, {layer.quant_scheme})"

@@ -6,10 +6,10 @@ type's (``ExpertTensors.transposed``: GPT-OSS and Llama-4 store fused ``[E, H, 2
 square ``down_proj`` of GPT-OSS is never guessed from its shape), converted here and handed over with
 ``transposed=False``.
 
-Pre-quantized fp8 e4m3 checkpoints are loaded as they are, without re-quantizing: block scales
-(``weight_scale_inv`` ``[ceil(N/bn), ceil(K/bk)]``, DeepSeek-V3's ``weight_block_size``), per-tensor
-(``weight_scale`` scalar) or per-channel (``[N]`` / ``[N, 1]``) ``weight_scale``, with ``real = q * scale``.
-The layer is built on the meta device and given its final tensors (``convert.assign``).
+Pre-quantized fp8 e4m3 checkpoints take the same path: their weights and scales are ``weight_loader``
+pieces of a layer whose ``Fp8Config`` (``fp8_scheme``) matches the checkpoint (block ``weight_scale_inv``
+with DeepSeek-V3's ``weight_block_size``, per-tensor or per-channel ``weight_scale``), written as they are,
+never re-quantized (the rules: ``loading/prequantized.py``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from ...errors import LoadError
 from ...quantization import Fp8Config
 from .checkpoint import FP8_DTYPES, Checkpoint, ExpertKey
-from .convert import assign, build_layer
+from .convert import build_layer
 from .models import BlockPlan
 
 _ORDER = ("w1", "w3", "w2")
@@ -101,9 +101,12 @@ def fp8_scheme(path: str, keys: BlockKeys, ckpt: Checkpoint, config_block) -> Fp
                     f"(weight rows {rows})")
 
 
-# ------------------------------------------------------------------------------------------ float
-def load_float(path, plan: BlockPlan, keys: BlockKeys, ckpt: Checkpoint, quant_config, device, dtype, bar):
-    """A ``FusedMoE`` on ``device`` filled through ``weight_loader`` (quantized online with a quant config)."""
+# ------------------------------------------------------------------------------------------ load
+def load_experts(path, plan: BlockPlan, keys: BlockKeys, ckpt: Checkpoint, quant_config, device, dtype, bar):
+    """A ``FusedMoE`` on ``device`` filled through ``weight_loader``: float weights quantized online with a
+    quant config, or (``quant_config`` from ``fp8_scheme``) a pre-quantized checkpoint's fp8 weights and scales."""
+    if plan.moe.get("has_bias") and any(k.kind == "scale" for k in keys.all()):
+        raise LoadError(f"{path}: pre-quantized fp8 experts with biases are not supported")
     layer = build_layer(plan, quant_config, device, dtype)
     layer.layer_name = f"{path}.experts"
     ex = plan.experts
@@ -118,7 +121,7 @@ def load_float(path, plan: BlockPlan, keys: BlockKeys, ckpt: Checkpoint, quant_c
     for e in sorted(keys.per_expert):
         got = keys.per_expert[e]
         for shard in _ORDER:
-            for kind, target in (("weight", "_weight"), ("bias", "_bias")):
+            for kind, target in (("weight", "_weight"), ("scale", "_weight_scale"), ("bias", "_bias")):
                 key = got.get((shard, kind))
                 if key is not None:
                     prefix = "w2" if shard == "w2" else "w13"
@@ -144,68 +147,3 @@ def load_float(path, plan: BlockPlan, keys: BlockKeys, ckpt: Checkpoint, quant_c
     except LoadError as exc:
         raise LoadError(f"the checkpoint is missing routed-expert tensors: {exc}") from None
     return layer
-
-
-# ------------------------------------------------------------------------------------------ fp8
-def load_fp8(path, plan: BlockPlan, keys: BlockKeys, ckpt: Checkpoint, qc: Fp8Config, device, dtype, bar):
-    """A pre-quantized fp8 ``FusedMoE``: the checkpoint's fp8 values and scales, re-arranged, not re-quantized."""
-    if plan.moe.get("has_bias"):
-        raise LoadError(f"{path}: pre-quantized fp8 experts with biases are not supported")
-    layer = build_layer(plan, qc, "meta", dtype)
-    layer.layer_name = f"{path}.experts"
-    names = ["w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"]
-    if plan.correction_bias is not None:
-        names.append("e_score_correction_bias")
-    out = {n: torch.empty_like(getattr(layer, n), device=device) for n in names}
-    I, E = plan.moe["intermediate_size"], plan.num_experts
-    missing = []
-    for e in range(E):
-        got = keys.per_expert.get(e, {})
-        for shard in _ORDER:
-            wk, sk = got.get((shard, "weight")), got.get((shard, "scale"))
-            if wk is None or sk is None:
-                missing.append(f"expert {e}: {shard} {'weight' if wk is None else 'scale'}")
-                continue
-            q, s = ckpt.tensor(wk.name), ckpt.tensor(sk.name).float()
-            try:
-                _place(out, qc, shard, e, q, s, I)
-            except (RuntimeError, ValueError) as exc:
-                raise _fail(wk, ckpt, ValueError(f"{layer.layer_name}: {exc}")) from None
-            bar.update(q.numel() + s.numel() * 4)
-    if plan.correction_bias is not None:
-        if keys.correction is None:
-            missing.append("e_score_correction_bias")
-        else:
-            out["e_score_correction_bias"].copy_(ckpt.tensor(keys.correction.name).reshape(-1))
-    if missing:
-        raise LoadError(f"{layer.layer_name}: the checkpoint is missing routed-expert tensors: {len(missing)} missing: "
-                        + "; ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
-    assign(layer, out)
-    return layer
-
-
-def _place(out: dict, qc: Fp8Config, shard: str, e: int, q: torch.Tensor, s: torch.Tensor, I: int) -> None:
-    """Write one checkpoint projection (fp8 ``q`` [N, K], scale ``s``) into the layer's tensors for expert e."""
-    w = out["w2_weight" if shard == "w2" else "w13_weight"][e]
-    rows = slice(None) if shard == "w2" else (slice(0, I) if shard == "w1" else slice(I, 2 * I))
-    if tuple(q.shape) != tuple(w[rows].shape):
-        raise ValueError(f"{shard} must be {list(w[rows].shape)}, got {list(q.shape)}")
-    w[rows].copy_(q.to(w.dtype))
-    scale = out["w2_weight_scale" if shard == "w2" else "w13_weight_scale"]
-    if qc.scheme == "tensor":
-        if shard == "w2":
-            scale[e : e + 1].copy_(s.reshape(1))
-        else:
-            scale[e, 0 if shard == "w1" else 1] = s.reshape(())
-    elif qc.scheme == "channel":
-        scale[e][rows].copy_(s.reshape(-1))
-    else:
-        bn = qc.block_shape[0]
-        if shard != "w2" and I % bn:
-            raise ValueError(f"fp8 block scales: intermediate_size {I} is not a multiple of the block's {bn} rows, so "
-                             "the gate and up tiles do not line up in w13 (re-quantize from a bf16 checkpoint)")
-        tiles = slice(None) if shard == "w2" else (slice(0, I // bn) if shard == "w1" else slice(I // bn, 2 * I // bn))
-        if tuple(s.shape) != tuple(scale[e][tiles].shape):
-            raise ValueError(f"{shard} weight_scale_inv must be {list(scale[e][tiles].shape)} for block "
-                             f"{list(qc.block_shape)}, got {list(s.shape)}")
-        scale[e][tiles].copy_(s)
