@@ -37,3 +37,14 @@ def _seed(request):
 
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean Dynamo cache and counters around a compile test (frame and graph counts are per test)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

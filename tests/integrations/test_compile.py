@@ -14,11 +14,8 @@ SEQ = (3, 5, 9, 17)  # B = 2; S = 2 would be duck-sized onto B
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
+def _fresh_dynamo(fresh_dynamo):
     yield
-    torch._dynamo.reset()
 
 
 def _moe_ops(graph):

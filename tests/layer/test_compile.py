@@ -32,11 +32,8 @@ def _run(compiled, model, tokens, *, exact=True, mark_unbacked=False):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
+def _fresh_dynamo(fresh_dynamo):
     yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
