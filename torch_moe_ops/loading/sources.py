@@ -29,7 +29,7 @@ from ..errors import LoadError
 from .formats import FORMATS, expert_format, model_type_of
 
 #: safetensors header dtype -> torch dtype (``getattr``: fp8 / uint types that this torch may lack)
-_DTYPES = {name: getattr(torch, attr, None) for name, attr in (
+SAFETENSORS_DTYPES = {name: getattr(torch, attr, None) for name, attr in (
     ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
     ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("U16", "uint16"), ("U32", "uint32"),
     ("U64", "uint64"), ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))}
@@ -210,7 +210,7 @@ class SafetensorsSource(Source):
                 numel = 1
                 for d in view.get_shape():
                     numel *= d
-                total += numel * _DTYPES[view.get_dtype()].itemsize
+                total += numel * SAFETENSORS_DTYPES[view.get_dtype()].itemsize
         except Exception:
             return None
         return total
@@ -224,7 +224,7 @@ class SafetensorsSource(Source):
                 shape, code = view.get_shape(), view.get_dtype()
             except Exception as exc:
                 raise LoadError(f"{f}: cannot read the header of tensor {n!r} ({type(exc).__name__}: {exc})") from None
-            dtype = _DTYPES.get(code)
+            dtype = SAFETENSORS_DTYPES.get(code)
             if dtype is None:
                 raise LoadError(f"{f}: tensor {n!r} has dtype {code}, which this torch cannot load")
             yield n, torch.empty(shape, dtype=dtype, device="meta"), f

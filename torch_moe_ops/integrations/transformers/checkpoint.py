@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...loading.sources import select_files
+from ...loading.sources import SAFETENSORS_DTYPES, select_files
 
 _LAYER = r"^(?P<pre>(?:.*\.)?layers\.(?P<layer>\d+))\.(?P<blk>\w+)\."
 _PER_EXPERT = re.compile(_LAYER + r"experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\."
@@ -35,8 +35,6 @@ _SHARD = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2"
           "gate_up_proj": "w13", "input_linear": "w13", "output_linear": "w2"}
 #: safetensors dtype strings of fp8 e4m3 (the only pre-quantized format read)
 FP8_DTYPES = ("F8_E4M3",)
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F8_E4M3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ class Checkpoint:
         return self.slice(name).get_dtype()
 
     def dtype(self, name: str) -> torch.dtype | None:
-        return _ST_DTYPES.get(self.dtype_str(name))
+        return SAFETENSORS_DTYPES.get(self.dtype_str(name))
 
     def nbytes(self, name: str) -> int:
         dt = self.dtype(name)
