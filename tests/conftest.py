@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         # The kernel tests run their launchers on CUDA tensors when a GPU is present: part of `-m cuda`.
         for item in items:
-            if "tests/kernels/" in str(item.path).replace(os.sep, "/"):
+            if "tests/_kernels/" in str(item.path).replace(os.sep, "/"):
                 item.add_marker(pytest.mark.cuda)
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")

@@ -54,7 +54,7 @@ CASES = [
     pytest.param(257, 60, 6, 512, 384, s, "silu", False, id=f"T257-E60-{s}")
     for s in ("fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16", "int4_w4a16")
 ] + [pytest.param(4096, 128, 8, 2048, 768, s, "silu", False, id=f"T4096-qwen3-{s}") for s in ("none", "fp8_block")]
-# T = 16384 for every scheme is covered kernel-side in tests/kernels/test_fused_experts_kernel.py.
+# T = 16384 for every scheme is covered kernel-side in tests/_kernels/test_fused_experts_kernel.py.
 
 
 @pytest.mark.parametrize("T,E,k,H,I,scheme,activation,bias", CASES)

@@ -17,7 +17,7 @@ from torch_moe_ops.quantization import Fp8Config
 from ._helpers import MoEModel, expert_tensors, hf_checkpoint
 
 pytest.importorskip("transformers")
-from integrations._models import MODELS, first, hf_blocks, make  # noqa: E402  (tests/ is on sys.path)
+from tests.integrations._models import MODELS, first, hf_blocks, make  # noqa: E402
 from torch_moe_ops.integrations.transformers.models import plan_block  # noqa: E402
 
 

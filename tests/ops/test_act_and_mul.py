@@ -3,7 +3,7 @@ outputs to one rounding step of the output dtype (the op computes in fp32 and ca
 import pytest
 import torch
 
-import oracle
+from tests import oracle
 import torch_moe_ops
 
 from ._data import padded

@@ -3,7 +3,7 @@ require the relative error of a single output rounding (fp32 accumulation, one c
 import pytest
 import torch
 
-import oracle
+from tests import oracle
 import torch_moe_ops
 
 from ._data import padded

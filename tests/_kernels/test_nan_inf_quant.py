@@ -42,7 +42,7 @@ def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 def _check_act_quant(q, s, x_ref, aq, group, exact=True):
     """Kernel (q, s) against ``aq.quantize(x_ref)``: NaN / inf positions exactly; the finite values bit for
     bit (``exact``), or, after a Triton activation (fp32 math an ulp off torch's), scales to 1e-6 and q
-    within one e4m3 step (tests/kernels/test_activation_kernel.py)."""
+    within one e4m3 step (tests/_kernels/test_activation_kernel.py)."""
     want_q, want_s = aq.quantize(x_ref, group)
     s, q = s.cpu(), q.cpu()
     assert torch.equal(s.isnan(), want_s.isnan()) and torch.equal(s.isinf(), want_s.isinf()), "scales' NaN/inf"
