@@ -18,6 +18,9 @@ from .ops import (
 from .errors import TornWeightsError
 from .quantization import Fp8Config, Int4Config, Int8Config, Int8WeightOnlyConfig, LoadError
 from .schemes import QUANT_SCHEMES as EXPERT_SCHEMES
+from .integrations import hf_registration as _hf_registration
+
+_hf_registration.install()  # experts_implementation="torch_moe_ops" in transformers, whichever is imported first
 
 #: Names accepted as ``activation`` / ``quantize_weight``'s ``scheme`` (the objects: ``torch_moe_ops.schemes``).
 ACTIVATIONS = tuple(schemes.ACTIVATIONS)

@@ -52,7 +52,8 @@ class FusedMoE(LoadingMethods, TensorMethods, nn.Module):
     Args:
         num_experts, top_k, hidden_size, intermediate_size: E, k, H and I (per partition).
         params_dtype: full-precision dtype (bf16/fp16/fp32): unquantized weights, biases, staging.
-        quant_config: None, ``Fp8Config(scheme=...)``, ``Int8Config()`` or ``Int4Config(group_size=G)``;
+        quant_config: None, ``Fp8Config(scheme=...)``, ``Int8Config()``, ``Int4Config(group_size=G)``, or a
+            scheme name standing for its default config (``"fp8_block"``, ``"int8_w8a16"``, ``"int4_w4a16"``);
             weights are then quantized online, expert by expert, as the loader receives them.
         activation: see ``fused_experts``; ``*_no_mul`` activations give ``w13_weight [E, I, H]``.
         has_bias: add ``w13_bias`` / ``w2_bias`` (loaded with the weights, zero-initialised).

@@ -94,9 +94,10 @@ class LoadingMethods:
             copied = self.loader.load(self._load_targets(), param, loaded_weight, shard_id, expert_id,
                                       transposed=transposed)
         except (ValueError, TypeError, LoadError) as exc:
-            if weight_name is None or type(exc) not in _RENAMED:
+            if type(exc) not in _RENAMED:
                 raise
-            raise type(exc)(f"{exc} (checkpoint tensor {weight_name!r})") from None
+            named = f" (checkpoint tensor {weight_name!r})" if weight_name is not None else ""
+            raise type(exc)(f"{exc}{named}; this weight_loader call wrote nothing") from None
         return copied if return_success else None
 
     def _check_load(self, param, loaded_weight: torch.Tensor, shard_id=None, expert_id=None, *,

@@ -41,12 +41,12 @@ def first_nonfinite(t: torch.Tensor) -> tuple[list[int], float] | None:
 
 def check_finite(t: torch.Tensor, where: str, offset: tuple[int, ...] = ()) -> None:
     """Raise ``ValueError`` naming ``where`` and the first bad index (``offset`` prefixes it: the index of
-    ``t`` inside the tensor the caller was handed) when ``t`` holds a NaN or an Inf."""
+    ``t`` inside the tensor the caller was handed) when ``t`` holds a NaN or an Inf. What was written is for the
+    caller to say (one ``weight_loader`` call, or a whole checkpoint)."""
     bad = first_nonfinite(t)
     if bad is not None:
         index, value = bad
-        raise ValueError(f"{where}: non-finite values (first at index {list(offset) + index}: {value}); "
-                         "nothing of this tensor was written")
+        raise ValueError(f"{where}: non-finite values (first at index {list(offset) + index}: {value})")
 
 
 def check_scale(t: torch.Tensor, where: str, offset: tuple[int, ...] = ()) -> None:
@@ -56,7 +56,7 @@ def check_scale(t: torch.Tensor, where: str, offset: tuple[int, ...] = ()) -> No
     if t.numel() and float(t.min()) < 0:  # host-ok: load-time check
         index = [int(i) for i in (t < 0).nonzero()[0]]  # host-ok: error path
         raise ValueError(f"{where}: negative weight scale (first at index {list(offset) + index}: "
-                         f"{float(t[tuple(index)])}); nothing of this tensor was written")  # host-ok: error path
+                         f"{float(t[tuple(index)])})")  # host-ok: error path
 
 
 def check_materialized(t: torch.Tensor, where: str) -> None:

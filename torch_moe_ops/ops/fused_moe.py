@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..schemes import Activation, QuantScheme, get_activation, get_quant_scheme
+from ..schemes import QUANT_SCHEMES, Activation, QuantScheme, get_activation, get_quant_scheme
 from . import _checks as C
 from ._registry import define, use_triton_on_cpu
 from .routing import check_routing, route
@@ -36,6 +36,31 @@ def _check_scale(scale, name, scheme: QuantScheme, shapes, what):
     raise ValueError(f"{name} must have shape {accepted} for quant_scheme={scheme.name!r}, got {list(scale.shape)}")
 
 
+def _check_weight_dtypes(x, w13, w2, scheme: QuantScheme) -> None:
+    """Weight dtypes against the scheme and ``hidden_states``; the message blames the argument most likely wrong
+    (the activations when both weights agree, ``quant_scheme`` for quantized storage with the default scheme)."""
+    for name, w in (("w13", w13), ("w2", w2)):
+        C.check_tensor(w, name)
+    wanted = scheme.weight_dtypes(x.dtype)
+    if w13.dtype in wanted and w2.dtype in wanted:
+        return
+    if not scheme.quantized:
+        stored = [s.name for s in QUANT_SCHEMES.values() if s.quantized and s.weight.qdtype in (w13.dtype, w2.dtype)]
+        if stored:
+            raise TypeError(f"w13/w2 have dtype {w13.dtype}/{w2.dtype} (quantized storage) but quant_scheme='none': "
+                            f"pass quant_scheme= one of {stored} with w13_scale and w2_scale")
+        if w13.dtype == w2.dtype and w13.dtype in C.FLOAT_DTYPES:
+            raise TypeError(f"hidden_states has dtype {x.dtype} but the unquantized weights w13/w2 are {w13.dtype}: "
+                            f"unquantized experts compute in the weights' dtype; cast hidden_states "
+                            f"(hidden_states.to({w13.dtype}))")
+    name, w = ("w13", w13) if w13.dtype not in wanted else ("w2", w2)
+    want = ", ".join(str(d).replace("torch.", "") for d in wanted)
+    fix = (f"; quantize it first: torch_moe_ops.quantize_weight({name}, {scheme.name!r})" if scheme.quantized
+           and w.dtype in C.FLOAT_DTYPES else "")
+    raise TypeError(f"{name} must have dtype {want} for quant_scheme={scheme.name!r} (hidden_states {x.dtype}), "
+                    f"got {w.dtype}{fix}")
+
+
 class Experts:
     """Checked, canonical ``fused_experts`` arguments: registry objects, kernel-view scales, floats."""
 
@@ -54,9 +79,9 @@ def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, 
     act = get_activation(activation)
     scheme = get_quant_scheme(quant_scheme)
     C.check_tensor(x, "hidden_states", dim=2, dtypes=C.FLOAT_DTYPES, last_contiguous=True)
-    wdtypes = scheme.weight_dtypes(x.dtype)
-    C.check_tensor(w13, "w13", dim=3, dtypes=wdtypes, last_contiguous=True)
-    C.check_tensor(w2, "w2", dim=3, dtypes=wdtypes, last_contiguous=True)
+    _check_weight_dtypes(x, w13, w2, scheme)
+    C.check_tensor(w13, "w13", dim=3, last_contiguous=True)
+    C.check_tensor(w2, "w2", dim=3, last_contiguous=True)
     pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
     E, N1 = w13.shape[0], w13.shape[1]

@@ -124,8 +124,25 @@ class Int4Config(QuantConfig):
         return get_quant_scheme("int4_w4a16")
 
 
-def check_quant_config(quant_config) -> QuantConfig | None:
+#: The config a scheme name stands for (each scheme's default tile); ``check_quant_config`` reads it.
+DEFAULT_CONFIGS: dict[QuantScheme, QuantConfig] = {c.quant_scheme: c for c in (
+    Fp8Config("tensor"), Fp8Config("channel"), Fp8Config("block"), Int8Config(), Int4Config())}
+
+
+def check_quant_config(quant_config, what: str = "quant_config") -> QuantConfig | None:
+    """None, a config, or a scheme name (``"fp8_block"`` -> ``Fp8Config("block")``, ``"int4"`` ->
+    ``Int4Config(128)``, ``"none"`` -> None) -> the config; anything else raises naming ``what``."""
     if quant_config is None or isinstance(quant_config, QuantConfig):
         return quant_config
-    raise TypeError("quant_config must be None, torch_moe_ops.Fp8Config(...), Int8Config() or Int4Config(...), "
-                    f"got {type(quant_config).__name__}")
+    names = ", ".join(repr(n) for n in ("none", *(s.name for s in DEFAULT_CONFIGS)))
+    if isinstance(quant_config, (str, QuantScheme)):
+        try:
+            scheme = get_quant_scheme(quant_config)
+        except ValueError:
+            hint = " (fp8 needs a granularity: 'fp8_tensor', 'fp8_channel' or 'fp8_block')" \
+                if quant_config == "fp8" else ""
+            raise ValueError(f"{what}={quant_config!r} is not a scheme name{hint}; use a config "
+                             f"(torch_moe_ops.Fp8Config(...), Int8Config(), Int4Config(...)) or one of {names}") from None
+        return DEFAULT_CONFIGS.get(scheme)
+    raise TypeError(f"{what} must be None, a scheme name ({names}) or torch_moe_ops.Fp8Config(...), Int8Config() "
+                    f"or Int4Config(...), got {type(quant_config).__name__}")

@@ -155,5 +155,14 @@ QUANT_SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (
 )}
 
 
+#: One name per scheme works everywhere: the weight format's name (``quantize_weight``'s) and the short name
+#: resolve to the scheme too, so ``"int4_w4a16"`` / ``"int4_group"`` / ``"int4"`` are one scheme.
+QUANT_SCHEME_ALIASES = {"int8_channel": "int8_w8a16", "int8": "int8_w8a16", "int4_group": "int4_w4a16",
+                        "int4": "int4_w4a16"}
+
+
 def get_quant_scheme(name) -> QuantScheme:
-    return lookup(QUANT_SCHEMES, name, QuantScheme, "quant_scheme")
+    """A scheme name, alias, ``WeightFormat`` (its scheme) or ``QuantScheme`` -> the ``QuantScheme``."""
+    if isinstance(name, WeightFormat):
+        return next(s for s in QUANT_SCHEMES.values() if s.weight is name)
+    return lookup(QUANT_SCHEMES, name, QuantScheme, "quant_scheme", QUANT_SCHEME_ALIASES)

@@ -268,5 +268,13 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP8_TENSOR, FP8_C
                                                                INT4_GROUP)}
 
 
+#: ``fused_experts``' scheme names (and the short ones) name their weight format too: one name per scheme.
+WEIGHT_FORMAT_ALIASES = {"int8_w8a16": "int8_channel", "int8": "int8_channel", "int4_w4a16": "int4_group",
+                         "int4": "int4_group"}
+
+
 def get_weight_format(name) -> WeightFormat:
-    return lookup(WEIGHT_FORMATS, name, WeightFormat, "scheme")
+    """A format name, alias, ``QuantScheme`` (its weight format) or ``WeightFormat`` -> the ``WeightFormat``."""
+    if isinstance(getattr(name, "weight", None), WeightFormat):  # a QuantScheme
+        return name.weight
+    return lookup(WEIGHT_FORMATS, name, WeightFormat, "scheme", WEIGHT_FORMAT_ALIASES)

@@ -22,6 +22,7 @@ import torch
 
 from ...errors import LoadError
 from ...loading.progress import progress_bar
+from ...quantization.config import check_quant_config
 from .block import MoEBlock
 from .checkpoint import Checkpoint, checkpoint_files, parse
 from .models import MODEL_TYPES
@@ -134,7 +135,8 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
     Args:
         path: checkpoint folder (``config.json`` + safetensors; ``model.safetensors.index.json`` respected).
         quant_config: None (the checkpoint's precision; a pre-quantized fp8 checkpoint stays as it is),
-            ``Fp8Config`` / ``Int8Config`` / ``Int4Config`` (experts quantized while they stream).
+            ``Fp8Config`` / ``Int8Config`` / ``Int4Config`` or a scheme name such as ``"fp8_block"`` (experts
+            quantized while they stream).
         device: where the model goes (default: cpu). dtype: model dtype (default: the config's).
         model_class: the transformers class (default: the causal-LM class of the config).
         progress: a progress bar counting expert bytes. strict: raise when transformers reports missing
@@ -146,6 +148,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
     """
     from transformers import AutoConfig, GenerationConfig
 
+    quant_config = check_quant_config(quant_config)
     path = os.fspath(path)
     files, ignored_files = checkpoint_files(path)
     config = hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(path)

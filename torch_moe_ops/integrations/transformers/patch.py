@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...quantization.config import check_quant_config
 from .block import MoEBlock
 from .convert import build_layer, experts_nbytes, layer_nbytes, move_experts, quantize_experts
 from .models import PLANNERS, BlockPlan, Unsupported, looks_like_moe, plan_block
@@ -127,7 +128,8 @@ def patch(model: nn.Module, quant_config=None, *, strict: bool = False, offload:
     Args:
         model: a loaded transformers model (any module tree containing supported blocks).
         quant_config: None (keep the experts' dtype, no copy), ``Fp8Config(...)``, ``Int8Config()`` or
-            ``Int4Config(...)``: the experts are quantized one by one and their full-precision storage freed.
+            ``Int4Config(...)``, or a scheme name (``"fp8_block"``, ``"int8_w8a16"``, ``"int4_w4a16"``, ...):
+            the experts are quantized one by one and their full-precision storage freed.
         strict: raise instead of reporting blocks that cannot be replaced.
         offload: None (automatic, see the module docstring), True (always stream quantized blocks through
             host memory) or False (never).
@@ -136,6 +138,7 @@ def patch(model: nn.Module, quant_config=None, *, strict: bool = False, offload:
         ``PatchReport``. Raises ``ValueError`` when the model has no MoE block, or naming the block when the
         quant config cannot be used for it (before any block is changed).
     """
+    quant_config = check_quant_config(quant_config)
     planned, unsupported, done = find_blocks(model)
     report = PatchReport(skipped=dict(unsupported))
     if not planned and not done and not unsupported:
