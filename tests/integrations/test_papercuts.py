@@ -78,6 +78,31 @@ def test_patch_bad_quant_config_changes_nothing(quant_config, exc, msg):
     assert len(hf_blocks(model)) == n_blocks == 2 and not our_blocks(model)
 
 
+@pytest.mark.parametrize("cast", ["bf16", "half"])
+def test_dtype_cast_after_patching_keeps_quantized_storage(cast):
+    """docs/transformers.md: ``model.to(torch.bfloat16)`` / ``.half()`` after quantizing keeps the experts' fp8
+    storage and fp32 scales (same data_ptrs); the rest of the model follows the cast and the model still runs."""
+    from torch_moe_ops.integrations.transformers import patch
+    from torch_moe_ops.testing import sqnr_db
+
+    model = make("qwen3_moe")
+    patch(model, "fp8_channel")
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    before = {(i, n): (t.dtype, t.data_ptr()) for i, b in enumerate(our_blocks(model))
+              for n, t in b.experts.state_dict().items()}
+    dtype = {"bf16": torch.bfloat16, "half": torch.float16}[cast]
+    model.to(dtype) if cast == "bf16" else model.half()
+    after = {(i, n): (t.dtype, t.data_ptr()) for i, b in enumerate(our_blocks(model))
+             for n, t in b.experts.state_dict().items()}
+    assert after == before and {d for d, _ in after.values()} == {torch.float8_e4m3fn, torch.float32}
+    assert all(b.router_linear().weight.dtype == dtype for b in our_blocks(model))
+    with torch.no_grad():
+        got = model(ids).logits
+    assert got.dtype == dtype and sqnr_db(want.float(), got.float()) > 20.0
+
+
 # ----------------------------------------------------------------------------- from_pretrained
 
 

@@ -4,11 +4,11 @@ Names (the strings of the ``torch.ops.moe`` schemas) are resolved here, once, at
 
 - ``get_quant_scheme("fp8_block")`` -> ``QuantScheme`` (``fused_experts``' ``quant_scheme``),
 - ``get_weight_format("int4_group")`` -> ``WeightFormat`` (``quantize_weight``'s ``scheme``),
-
-A scheme has one name that works everywhere: ``"int4_w4a16"`` (or ``"int4"``) is accepted by ``quantize_weight``
-as well as ``fused_experts``, and ``"int4_group"`` by both too (``*_ALIASES``).
 - ``get_activation_quant("fp8_token")`` -> ``ActivationQuant`` (``quantize_activation``'s ``scheme``),
 - ``get_activation("silu")`` -> ``Activation``.
+
+A scheme has one name that works everywhere: ``"int4_w4a16"`` (or ``"int4"``) is accepted by ``quantize_weight``
+as well as ``fused_experts``, and ``"int4_group"`` by both too; the same for int8 (``*_ALIASES``).
 
 Below the boundary, code asks the object (its dtype, scale shape, kernel flags, reference math) and never
 compares names. Adding a scheme means adding an object here (plus its kernel feature, if new).
