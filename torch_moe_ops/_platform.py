@@ -13,6 +13,7 @@ import torch
 #: Environment switches understood by the library.
 BACKEND_ENV = "TORCH_MOE_OPS_BACKEND"  # "reference" (default on CPU) or "triton" (CPU tensors via the interpreter)
 DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may synchronize)
+PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 
 
 @functools.cache
@@ -52,6 +53,11 @@ def cpu_backend() -> str:
 def debug_checks() -> bool:
     """True when value checks (ids in range, ...) also run on CUDA inputs (they may synchronize)."""
     return os.environ.get(DEBUG_ENV, "0") == "1"
+
+
+def launch_plans() -> bool:
+    """True unless ``TORCH_MOE_OPS_LAUNCH_PLANS=0``: CUDA op calls replay recorded launch plans."""
+    return os.environ.get(PLANS_ENV, "1") != "0"
 
 
 def require_triton() -> None:

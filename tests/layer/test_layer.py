@@ -276,8 +276,10 @@ def test_config_validation():
         Fp8Config("tensorwise")
     with pytest.raises(ValueError, match="block_shape"):
         Fp8Config("block", block_shape=(128,))
-    with pytest.raises(TypeError, match="quant_config must be"):
+    with pytest.raises(ValueError, match="quant_config='fp8' is not a scheme name.*granularity"):
         FusedMoE(E, K, H, I, quant_config="fp8")
+    with pytest.raises(TypeError, match="quant_config must be None, a scheme name"):
+        FusedMoE(E, K, H, I, quant_config=8)
     with pytest.raises(ValueError, match="top_k"):
         FusedMoE(E, E + 1, H, I)
     with pytest.raises(ValueError, match="grouped top-k"):

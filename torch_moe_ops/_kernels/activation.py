@@ -21,6 +21,7 @@ import triton.language as tl
 from .._platform import interpret_mode
 from ..schemes import FP8_DTYPE, FP8_MAX, IDENTITY, SCALE_EPS, Activation, ActivationQuant, cdiv
 from ._numerics import _abs_bits, _bf16_round, _from_bits, _quantize, _scale_of
+from .plan import launch
 
 _ONE_PASS_MAX = 8192  # per-token quantization keeps rows up to this many outputs (pow2) in registers
 
@@ -168,7 +169,7 @@ def act_and_mul(x: torch.Tensor, act: Activation, alpha: float, limit: float,
         return out
     bn = _col_block(n_out)
     bm = max(1, min(64, 4096 // bn))
-    _act_and_mul_kernel[(cdiv(M, bm), cdiv(n_out, bn))](
+    launch(_act_and_mul_kernel, (cdiv(M, bm), cdiv(n_out, bn)),
         x, out, M, n_out, n_out, x.stride(0), out.stride(0), float(alpha), float(limit), **_act_meta(act, limit),
         BLOCK_M=bm, BLOCK_N=bn, EMULATE_BF16=out.dtype == torch.bfloat16 and interpret_mode(), num_warps=4,
     )
@@ -204,7 +205,7 @@ def act_and_quant(x: torch.Tensor, act: Activation, alpha: float, limit: float, 
         meta.update(GROUP=0, NG=1, BLOCK_M=bm, BLOCK_N=bn, ONE_PASS=one_pass, num_warps=8 if bn >= 4096 else 4)
     if M == 0 or n_out == 0:
         return q, scale
-    _act_quant_kernel[grid](x, q, scale, M, n_out, n_out, x.stride(0), q.stride(0), scale.stride(0),
+    launch(_act_quant_kernel, grid, x, q, scale, M, n_out, n_out, x.stride(0), q.stride(0), scale.stride(0),
                             float(alpha), float(limit), **meta)
     return q, scale
 

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .plan import launch
+
 _TILE = 32  # pairs per scatter tile: the in-tile rank is one [TILE, TILE] compare-and-count (H100: 32 beat 64/128)
 _COUNT_TILE = 256  # pairs per histogram step; chunks are multiples of it
 _TARGET_PROGS = 1024  # multi-program path: about this many chunks (columns of the counts buffer)
@@ -187,11 +189,11 @@ def align_block_size(
         nprog = triton.cdiv(numel, per_prog)
         counts = torch.empty((E, nprog), dtype=torch.int32, device=dev)
         totals = torch.empty(E, dtype=torch.int32, device=dev)
-        _align_count_kernel[(nprog,)](ids, emap, counts, numel, per_prog, nprog, E=E, EB=eb, TILE=_COUNT_TILE,
+        launch(_align_count_kernel, (nprog,), ids, emap, counts, numel, per_prog, nprog, E=E, EB=eb, TILE=_COUNT_TILE,
                                       HAS_MAP=has_map, num_warps=4)
-        _align_scan_kernel[(E,)](counts, totals, nprog, BP=1024, num_warps=4)
+        launch(_align_scan_kernel, (E,), counts, totals, nprog, BP=1024, num_warps=4)
     scratch = torch.empty((nprog, 3, eb), dtype=torch.int32, device=dev)
-    _align_scatter_kernel[(nprog,)](
+    launch(_align_scatter_kernel, (nprog,),
         ids, emap, counts, totals, scratch, sorted_ids, expert_ids, num_post_pad,
         numel, per_prog, nprog, triton.cdiv(max_blocks, nprog), max_blocks, max_padded, FUSED=fused, **meta,
     )

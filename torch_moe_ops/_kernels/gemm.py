@@ -33,6 +33,7 @@ from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _int4_unpack, _upcast_emulated
 from .configs import TileConfig
+from .plan import launch
 
 
 @triton.jit
@@ -257,7 +258,7 @@ def invoke_moe_gemm(
         w_s_strides = tuple(w_scale.stride()) + (0,) * (3 - w_scale.dim())
     tensor_cols = w_scale.shape[1] if flags.W_TENSOR_SCALE and w_scale.dim() > 1 else 1
     grid = (num_pid_m * cdiv(N, bn),)
-    _moe_gemm_kernel[grid](
+    launch(_moe_gemm_kernel, grid,
         a, w, c, a_s, w_s, b_, tw,
         sorted_ids, expert_ids, num_post_pad,
         N, K, num_pid_m, numel,

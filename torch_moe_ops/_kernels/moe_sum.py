@@ -9,6 +9,7 @@ import triton.language as tl
 from .._platform import interpret_mode
 from ..schemes import cdiv
 from ._numerics import _bf16_round
+from .plan import launch
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -52,7 +53,7 @@ def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None, topk_ids: torch.Te
     masked = topk_ids is not None
     ids = topk_ids if masked else x  # any pointer: unused unless MASKED
     emulate_bf16 = out.dtype == torch.bfloat16 and interpret_mode()
-    _moe_sum_kernel[(T, cdiv(H, bh))](
+    launch(_moe_sum_kernel, (T, cdiv(H, bh)),
         x, out, ids, expert_map if expert_map is not None else ids, T, H, num_experts,
         x.stride(0), x.stride(1), out.stride(0), ids.stride(0) if masked else 0, ids.stride(1) if masked else 0,
         TOP_K=k, K_P2=triton.next_power_of_2(k), BLOCK_H=bh, EMULATE_BF16=emulate_bf16,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..schemes import FLT_MAX
+from .plan import launch
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the reference's clamp
 _LOW_MASK = tl.constexpr(65535)  # low 16 bits of a packed key hold (65535 - expert id)
@@ -152,7 +153,7 @@ def topk_route(
     block_t = max(1, min(32, 2048 // (gp * gs)))
     bias = e_score_correction_bias
     grid = (triton.cdiv(T, block_t),)
-    _topk_route_kernel[grid](
+    launch(_topk_route_kernel, grid,
         router_logits, bias if bias is not None else weights, weights, ids,
         T, router_logits.stride(0), router_logits.stride(1), float(routed_scaling_factor),
         E=E, GROUP_SIZE=group_size, NUM_GROUPS=groups, TOPK_GROUP=topk_group if grouped else 1,

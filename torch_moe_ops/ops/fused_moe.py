@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import _platform, reference
+from .._kernels.plan import PlanCache, run_planned
 from ..schemes import QUANT_SCHEMES, Activation, QuantScheme, get_activation, get_quant_scheme
 from . import _checks as C
 from ._registry import define, use_triton_on_cpu
@@ -59,6 +60,25 @@ def _check_weight_dtypes(x, w13, w2, scheme: QuantScheme) -> None:
            and w.dtype in C.FLOAT_DTYPES else "")
     raise TypeError(f"{name} must have dtype {want} for quant_scheme={scheme.name!r} (hidden_states {x.dtype}), "
                     f"got {w.dtype}{fix}")
+
+
+#: Launch plans of the CUDA calls (docs/design.md §15): signature -> recorded launches.
+PLANS = PlanCache()
+
+
+def plans_on() -> bool:
+    """CUDA calls replay launch plans unless debug mode (value checks, NaN poisoning) is on."""
+    return not _platform.debug_checks() and _platform.launch_plans()
+
+
+def _sig(t):
+    """What a plan depends on of a tensor argument: geometry, dtype, and the 16-byte alignment Triton
+    specializes on (the values never matter: no host sync)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+def _tuple(v):
+    return None if v is None else tuple(v)
 
 
 class Experts:
@@ -157,9 +177,17 @@ def experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_sc
 def _fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
                    w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None, *,
                    apply_router_weight_on_input=False, activation_alpha=None, activation_limit=None):
-    return experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
-                   w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
-                   activation_limit, on_triton=True)
+    def run():
+        return experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
+                       w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
+                       activation_limit, on_triton=True)
+
+    if not plans_on():
+        return run()
+    inputs = [hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_bias, w2_bias, expert_map]
+    key = ("fused_experts", *map(_sig, inputs), activation, quant_scheme, _tuple(block_shape),
+           apply_router_weight_on_input, activation_alpha, activation_limit, torch._C._cuda_getDevice())
+    return run_planned(PLANS, key, inputs, run)
 
 
 @_fused_experts.register_kernel("cpu")
@@ -211,10 +239,20 @@ def _fused_moe(hidden_states, router_logits, w13, w2, top_k, renormalize=True, s
                activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None,
                block_shape=None, expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=None,
                activation_limit=None):
-    return moe(hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,
-               e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale, w2_scale,
-               w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
-               activation_limit, on_triton=True)
+    def run():
+        return moe(hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group,
+                   topk_group, e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale,
+                   w2_scale, w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input,
+                   activation_alpha, activation_limit, on_triton=True)
+
+    if not plans_on():
+        return run()
+    inputs = [hidden_states, router_logits, w13, w2, e_score_correction_bias, w13_scale, w2_scale, w13_bias, w2_bias,
+              expert_map]
+    key = ("fused_moe", *map(_sig, inputs), top_k, renormalize, scoring_func, num_expert_group, topk_group,
+           routed_scaling_factor, activation, quant_scheme, _tuple(block_shape), apply_router_weight_on_input,
+           activation_alpha, activation_limit, torch._C._cuda_getDevice())
+    return run_planned(PLANS, key, inputs, run)
 
 
 @_fused_moe.register_kernel("cpu")

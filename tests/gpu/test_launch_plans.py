@@ -1,0 +1,136 @@
+"""Launch plans on CUDA (docs/design.md §15): a replayed call gives bitwise what the ordinary launch path gives,
+on fresh inputs (pointers re-mapped), for every scheme and the odd cases; plans exist for the hot paths; a
+misaligned input gets its own plan; replay works under CUDA-graph capture and inside torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch_moe_ops as moe
+from torch_moe_ops import testing
+from torch_moe_ops._platform import PLANS_ENV
+from torch_moe_ops.ops.fused_moe import PLANS
+
+pytestmark = pytest.mark.cuda
+DEV = "cuda"
+
+
+def _weights(E, H, I, scheme, activation="silu", bias=False, seed=0):
+    torch.manual_seed(seed)
+    gated = not activation.endswith("_no_mul")
+    w13, w2, b13, b2 = testing.random_moe_weights(E, H, I, gated=gated, dtype=torch.bfloat16, device=DEV, bias=bias)
+    q13, q2, s13, s2, block = testing.quantize_experts(w13, w2, scheme, activation, None)
+    kw = testing.experts_kwargs(scheme, s13, s2, block)
+    kw.update(activation=activation)
+    if bias:
+        kw.update(w13_bias=b13, w2_bias=b2)
+    return q13, q2, kw
+
+
+def _inputs(T, H, E, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = (torch.randn(T, H, device=DEV, generator=g) * 0.1).bfloat16()
+    return x, torch.randn(T, E, device=DEV, generator=g)
+
+
+def _ordinary(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setenv(PLANS_ENV, "0")
+        return fn()
+
+
+CASES = [  # T, E, k, H, I, scheme, activation, bias
+    (1, 8, 2, 136, 88, "none", "silu", False),
+    (7, 60, 6, 136, 88, "none", "gelu", True),
+    (300, 60, 1, 256, 128, "none", "silu", False),  # k = 1: the zeroed output path
+    (33, 60, 6, 256, 128, "none", "relu2_no_mul", False),
+    (64, 32, 4, 512, 256, "none", "swigluoai", True),
+] + [(T, 60, 6, 512, 384, s, "silu", False) for s in ("fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16",
+                                                       "int4_w4a16") for T in (1, 257)] + [
+    (2000, 128, 8, 2048, 768, "fp8_block", "silu", False),  # the multi-kernel alignment path
+]
+
+
+@pytest.mark.parametrize("T,E,k,H,I,scheme,activation,bias", CASES,
+                         ids=[f"T{c[0]}-E{c[1]}-k{c[2]}-{c[5]}-{c[6]}{'-bias' if c[7] else ''}" for c in CASES])
+def test_replay_equals_the_ordinary_path(monkeypatch, T, E, k, H, I, scheme, activation, bias):
+    PLANS.clear()
+    q13, q2, kw = _weights(E, H, I, scheme, activation, bias)
+    outs = []
+    for seed in (1, 2, 3):  # record, then replay twice on fresh inputs
+        x, logits = _inputs(T, H, E, seed)
+        got = moe.fused_moe(x, logits, q13, q2, k, **kw)
+        want = _ordinary(monkeypatch, lambda: moe.fused_moe(x, logits, q13, q2, k, **kw))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        outs.append(got)
+    assert len(PLANS.plans) == 1 and next(iter(PLANS.plans.values())) is not None, "no replayable plan was made"
+    assert not torch.equal(outs[1], outs[2])  # fresh inputs, fresh outputs (not a stale buffer)
+
+
+def test_fused_experts_replay_and_expert_map(monkeypatch):
+    PLANS.clear()
+    E, k, H, I, T = 12, 3, 256, 128, 19
+    q13, q2, kw = _weights(E, H, I, "fp8_channel")
+    emap = torch.full((E * 2,), -1, dtype=torch.int32, device=DEV)
+    emap[1::2] = torch.arange(E, dtype=torch.int32, device=DEV)
+    for seed in (1, 2):
+        x, logits = _inputs(T, H, 2 * E, seed)
+        w, ids = moe.topk_route(logits, k)
+        got = moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw)
+        want = _ordinary(monkeypatch, lambda: moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert any(p is not None for p in PLANS.plans.values())
+
+
+def test_a_misaligned_input_gets_its_own_plan(monkeypatch):
+    PLANS.clear()
+    E, k, H, I, T = 8, 2, 136, 88, 5
+    q13, q2, kw = _weights(E, H, I, "none")
+    x, logits = _inputs(T, H, E, 1)
+    moe.fused_moe(x, logits, q13, q2, k, **kw)
+    buf = torch.empty(T * H + 1, dtype=torch.bfloat16, device=DEV)
+    x2 = buf[1:].view(T, H)  # 2-byte offset: Triton's 16-byte alignment specialization differs
+    x2.copy_(x)
+    got = moe.fused_moe(x2, logits, q13, q2, k, **kw)
+    want = _ordinary(monkeypatch, lambda: moe.fused_moe(x2, logits, q13, q2, k, **kw))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(PLANS.plans) == 2
+
+
+def test_replay_under_cuda_graph_capture(monkeypatch):
+    PLANS.clear()
+    E, k, H, I, T = 60, 6, 512, 384, 16
+    q13, q2, kw = _weights(E, H, I, "fp8_block")
+    x, logits = _inputs(T, H, E, 1)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        moe.fused_moe(x, logits, q13, q2, k, **kw)  # records the plan
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = moe.fused_moe(x, logits, q13, q2, k, **kw)  # replayed into the graph
+    x2, logits2 = _inputs(T, H, E, 2)
+    x.copy_(x2)
+    logits.copy_(logits2)
+    g.replay()
+    want = _ordinary(monkeypatch, lambda: moe.fused_moe(x2, logits2, q13, q2, k, **kw))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_compiled_layer_replays(monkeypatch, fresh_dynamo):
+    PLANS.clear()
+    E, k, H, I = 16, 4, 256, 128
+    layer = moe.FusedMoE(E, k, H, I, quant_config="fp8_block", device=DEV)
+    w13, w2, _, _ = testing.random_moe_weights(E, H, I, dtype=torch.bfloat16, device=DEV)
+    for e in range(E):
+        layer.weight_loader(layer.w13_weight, w13[e, :I], "w1", e)
+        layer.weight_loader(layer.w13_weight, w13[e, I:], "w3", e)
+        layer.weight_loader(layer.w2_weight, w2[e], "w2", e)
+    moe.finalize_loading(layer)
+    f = torch.compile(layer, fullgraph=True, dynamic=True)
+    for T in (3, 9, 9):
+        x, logits = _inputs(T, H, E, T)
+        got = f(x, logits)
+        want = _ordinary(monkeypatch, lambda: layer(x, logits))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert any(p is not None for p in PLANS.plans.values())

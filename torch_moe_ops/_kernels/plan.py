@@ -1,0 +1,267 @@
+"""Launch plans (docs/design.md §15): the Triton launches of one CUDA op call, recorded once per call signature
+and replayed without Triton's per-launch argument binding, the Python checks or the tile-config lookups.
+
+Every launcher in ``_kernels`` launches through ``launch()``. The first call of a signature runs the ordinary
+path under a ``Recorder``: ``launch()`` keeps each compiled kernel, its grid and its full argument list, and a
+``TorchDispatchMode`` sees every aten op of the call: allocations (and zero fills of them) are recorded, view
+ops are free, anything else (a compute op in torch) makes the signature unplannable, and it keeps the ordinary
+path. A tensor argument of a launch is recorded as (base, byte offset), a base being one of the call's input
+tensors or one of its allocations.
+
+Replay: one workspace allocation holds every intermediate (256-byte aligned slices, so pointer alignment, and
+with it Triton's specialization, is what it was when recorded), each output is allocated on its own, zeroed
+regions are cleared, and each kernel is launched through its compiled launcher with raw pointers (ints: the
+launcher then skips its pointer-attribute query). Same key, same shapes, strides, dtypes, scalars and input
+alignment, hence the same argument values, grids and specializations the ordinary path would compute.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_state = threading.local()
+_ALIGN = 256  # workspace slice alignment (the caching allocator's is 512; Triton specializes on 16)
+aten = torch.ops.aten
+
+#: aten ops that only make views (no memory traffic): free inside a recorded call.
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.as_strided.default, aten.select.int, aten.slice.Tensor,
+          aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.expand.default, aten.permute.default,
+          aten.t.default, aten.transpose.int, aten.detach.default, aten.alias.default, aten.split.Tensor,
+          aten.unbind.int, aten.view.dtype, aten.reshape.default, aten.flatten.using_ints}
+_EMPTY = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
+          aten.new_empty_strided.default, aten.empty_like.default}
+_ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
+_FILLS = {aten.zero_.default, aten.fill_.Scalar}
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``; recorded when a ``Recorder`` is active on this thread."""
+    compiled = kernel[grid](*args, **kwargs)
+    rec = getattr(_state, "recorder", None)
+    if rec is not None:
+        rec.add_launch(kernel, compiled, grid, args, kwargs)
+    return compiled
+
+
+class _Unplannable(Exception):
+    pass
+
+
+@dataclass
+class _Launch:
+    run: object  # the compiled kernel's launcher
+    function: object
+    metadata: object
+    grid: tuple[int, int, int]
+    args: list  # every kernel argument, constexprs included; tensor slots hold None until replay
+    slots: tuple[tuple[int, int, int], ...]  # (position, base, byte offset)
+
+
+class Recorder(TorchDispatchMode):
+    """Active during one ordinary call: collects launches, allocations and zero fills."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches: list[tuple] = []  # (kernel, compiled, grid, bound args)
+        self.allocs: list[torch.Tensor] = []
+        self.zeroed: set[int] = set()  # alloc indices zero-filled before any launch
+        self.problem: str | None = None
+
+    def __enter__(self):
+        _state.recorder = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _state.recorder = None
+        return super().__exit__(*exc)
+
+    def _alloc_index(self, t) -> int | None:
+        for i, a in enumerate(self.allocs):
+            if a is t or (a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() != 0):
+                return i
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _VIEWS:
+            return out
+        if func in _EMPTY or func in _ZEROS:
+            self.allocs.append(out)
+            if func in _ZEROS:
+                self._zero(out)
+        elif func in _FILLS and (func is aten.zero_.default or args[1] == 0):
+            self._zero(args[0])
+        elif self.problem is None:
+            self.problem = f"aten op {func} inside the call"
+        return out
+
+    def _zero(self, t) -> None:
+        i = self._alloc_index(t)
+        whole = i is not None and t.data_ptr() == self.allocs[i].data_ptr() and t.numel() == self.allocs[i].numel()
+        if not whole or self.launches:
+            self.problem = self.problem or "a zero fill of part of a buffer, or after a launch"
+        else:
+            self.zeroed.add(i)
+
+    def add_launch(self, kernel, compiled, grid, args, kwargs) -> None:
+        if compiled is None or not hasattr(compiled, "packed_metadata"):
+            self.problem = self.problem or "no compiled kernel (interpreter?)"
+            return
+        params = kernel.signature.parameters
+        bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+        bound.apply_defaults()
+        if callable(grid):
+            grid = grid(bound.arguments)
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        self.launches.append((compiled, grid, list(bound.arguments.values())))
+
+    def plan(self, inputs: list, out) -> "Plan | None":
+        """The plan of the recorded call returning ``out`` (a tensor or a tuple), or None when it cannot be
+        replayed."""
+        try:
+            if self.problem is not None:
+                raise _Unplannable(self.problem)
+            return Plan(self, inputs, out if isinstance(out, tuple) else (out,), isinstance(out, tuple))
+        except _Unplannable:
+            return None
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class Plan:
+    """The replayable form of one recorded call (see the module docstring)."""
+
+    def __init__(self, rec: Recorder, inputs: list, outputs: tuple, tuple_out: bool = False):
+        self.tuple_out = tuple_out
+        n_in = len(inputs)
+        out_allocs = []
+        for o in outputs:
+            i = rec._alloc_index(o)
+            if i is None or o.storage_offset() != 0 or o.untyped_storage().nbytes() != rec.allocs[i].untyped_storage().nbytes():
+                raise _Unplannable("an output that is not a whole allocation of the call")
+            out_allocs.append(i)
+        # Workspace layout: zeroed allocations first (one memset), then the rest; outputs on their own.
+        order = sorted((i for i in range(len(rec.allocs)) if i not in out_allocs), key=lambda i: i not in rec.zeroed)
+        offsets, size, zero_bytes = {}, 0, 0
+        for i in order:
+            offsets[i] = size
+            size += -(-rec.allocs[i].untyped_storage().nbytes() // _ALIGN) * _ALIGN
+            if i in rec.zeroed:
+                zero_bytes = size
+        self.workspace_bytes, self.zero_bytes = size, zero_bytes
+        self.outputs = tuple((tuple(rec.allocs[i].shape), rec.allocs[i].stride(), rec.allocs[i].dtype,
+                              i in rec.zeroed) for i in out_allocs)
+        self.device = outputs[0].device
+        # Bases at replay: inputs (0..n_in-1), the workspace (n_in), the outputs (n_in + 1 + j).
+        where = {}  # alloc index -> (base, offset)
+        for i, off in offsets.items():
+            where[i] = (n_in, off)
+        for j, i in enumerate(out_allocs):
+            where[i] = (n_in + 1 + j, 0)
+        in_storage = {}
+        for j, t in enumerate(inputs):
+            if t is not None and t.untyped_storage().nbytes():
+                if _storage_ptr(t) in in_storage:
+                    raise _Unplannable("two inputs share a storage")
+                in_storage[_storage_ptr(t)] = j
+        self.launches = []
+        for compiled, grid, args in rec.launches:
+            slots = []
+            for pos, a in enumerate(args):
+                if not isinstance(a, torch.Tensor):
+                    continue
+                if a.untyped_storage().nbytes() == 0:
+                    args[pos] = 0
+                    continue
+                j = in_storage.get(_storage_ptr(a))
+                if j is not None:
+                    slots.append((pos, j, a.data_ptr() - inputs[j].data_ptr()))
+                else:
+                    i = rec._alloc_index(a)
+                    if i is None:  # a tensor made before the call (e.g. a cached constant): keep it alive
+                        continue
+                    base, off = where[i]
+                    slots.append((pos, base, off + a.data_ptr() - rec.allocs[i].data_ptr()))
+                args[pos] = None
+            self.launches.append(_Launch(compiled.run, compiled.function, compiled.packed_metadata, grid, args,
+                                         tuple(slots)))
+
+    def replay(self, inputs: list):
+        dev = self.device
+        ws = torch.empty(self.workspace_bytes, dtype=torch.uint8, device=dev) if self.workspace_bytes else None
+        outs = [_alloc(shape, stride, dtype, zero, dev) for shape, stride, dtype, zero in self.outputs]
+        if self.zero_bytes:
+            ws[: self.zero_bytes].zero_()
+        ptrs = [t.data_ptr() if t is not None else 0 for t in inputs]
+        ptrs.append(ws.data_ptr() if ws is not None else 0)
+        ptrs.extend(o.data_ptr() for o in outs)
+        stream = torch._C._cuda_getCurrentRawStream(dev.index) if dev.type == "cuda" else 0
+        for ln in self.launches:
+            args = ln.args.copy()
+            for pos, base, off in ln.slots:
+                args[pos] = ptrs[base] + off
+            g0, g1, g2 = ln.grid
+            ln.run(g0, g1, g2, stream, ln.function, ln.metadata, None, None, None, *args)
+        return outs
+
+
+def _alloc(shape, stride, dtype, zero, dev):
+    t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
+    return t.zero_() if zero else t
+
+
+def replay_enabled() -> bool:
+    """Plans replay unless a Triton launch hook (a profiler such as proton) wants to see every launch."""
+    try:
+        from triton import knobs
+    except ImportError:  # older Triton: no hooks API to respect
+        return True
+    return _no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook)
+
+
+def _no_hook(h) -> bool:
+    """None (older Triton) or an empty ``HookChain`` (3.6+: always set, called on every launch)."""
+    return h is None or not getattr(h, "calls", True)
+
+
+class PlanCache:
+    """signature key -> Plan (None: this signature cannot be replayed). Bounded: the oldest entries go first."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self.plans: dict = {}
+
+    def get(self, key):
+        return self.plans.get(key, _MISSING)
+
+    def put(self, key, plan) -> None:
+        if len(self.plans) >= self.size:
+            self.plans.pop(next(iter(self.plans)))
+        self.plans[key] = plan
+
+    def clear(self) -> None:
+        self.plans.clear()
+
+
+_MISSING = object()
+
+
+def run_planned(cache: PlanCache, key, inputs: list, fn):
+    """``fn()`` (the ordinary path of one CUDA call, returning a tensor or a tuple of tensors) through the plan
+    of ``key``: recorded on the first call of the key, replayed afterwards. ``inputs``: every tensor argument
+    of the call (None for absent ones), in a fixed order; ``key`` must determine everything else."""
+    plan = cache.plans.get(key, _MISSING)
+    if plan is _MISSING:
+        with Recorder() as rec:
+            out = fn()
+        cache.put(key, rec.plan(inputs, out))
+        return out
+    if plan is None or not replay_enabled():
+        return fn()
+    outs = plan.replay(inputs)
+    return outs[0] if len(outs) == 1 and not plan.tuple_out else tuple(outs)
