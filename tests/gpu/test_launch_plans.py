@@ -1,4 +1,4 @@
-"""Launch plans on CUDA (docs/design.md §15): a replayed call gives bitwise what the ordinary launch path gives,
+"""Launch plans on CUDA (docs/host-overhead.md): a replayed call gives bitwise what the ordinary launch path gives,
 on fresh inputs (pointers re-mapped), for every scheme and the odd cases; plans exist for the hot paths; a
 misaligned input gets its own plan; replay works under CUDA-graph capture and inside torch.compile."""
 from __future__ import annotations

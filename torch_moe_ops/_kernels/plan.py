@@ -1,5 +1,6 @@
-"""Launch plans (docs/design.md §15): the Triton launches of one CUDA op call, recorded once per call signature
-and replayed without Triton's per-launch argument binding, the Python checks or the tile-config lookups.
+"""Launch plans (docs/host-overhead.md): the Triton launches of one CUDA op call, recorded once per call
+signature and replayed without Triton's per-launch argument binding, the Python checks or the tile-config
+lookups.
 
 Every launcher in ``_kernels`` launches through ``launch()``. The first call of a signature runs the ordinary
 path under a ``Recorder``: ``launch()`` keeps each compiled kernel, its grid and its full argument list, and a
