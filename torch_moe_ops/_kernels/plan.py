@@ -31,7 +31,7 @@ aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.as_strided.default, aten.select.int, aten.slice.Tensor,
           aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.expand.default, aten.permute.default,
           aten.t.default, aten.transpose.int, aten.detach.default, aten.alias.default, aten.split.Tensor,
-          aten.unbind.int, aten.view.dtype, aten.reshape.default, aten.flatten.using_ints}
+          aten.unbind.int, aten.view.dtype, aten._reshape_alias.default}
 _EMPTY = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
           aten.new_empty_strided.default, aten.empty_like.default}
 _ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
@@ -257,6 +257,8 @@ def run_planned(cache: PlanCache, key, inputs: list, fn):
     of ``key``: recorded on the first call of the key, replayed afterwards. ``inputs``: every tensor argument
     of the call (None for absent ones), in a fixed order; ``key`` must determine everything else."""
     plan = cache.plans.get(key, _MISSING)
+    if getattr(_state, "recorder", None) is not None:  # inside another call's recording: no nested plans
+        return fn()
     if plan is _MISSING:
         with Recorder() as rec:
             out = fn()
