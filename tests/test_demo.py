@@ -1,5 +1,7 @@
 """The demo (``make demo`` = ``python -m torch_moe_ops demo``): the HF drop-in table on a tiny Qwen3-MoE, its
-floors, the one-line error without transformers, and the layer demo still reachable with ``--layer``."""
+floors, decode speed measured through ``model.generate`` with a KV cache (eager; compiled the transformers way:
+static cache + ``compile_config``), the one-line error without transformers, and the layer demo still reachable
+with ``--layer``."""
 import argparse
 import json
 import math
@@ -116,6 +118,41 @@ def test_bad_sizes_fail_before_any_work():
         hf_demo(_args("--hidden", "100", "--schemes", "none,int4_w4a16"))
     with pytest.raises(ValueError, match="--tokens"):
         hf_demo(_args("--tokens", "1"))
+    with pytest.raises(ValueError, match="--new-tokens"):
+        hf_demo(_args("--new-tokens", "1"))
+
+
+def test_generation_setup_and_decode_rate():
+    """eager: transformers' default DynamicCache, no compile; compiled: static cache + CompileConfig(mode="default",
+    fullgraph) -- what generate compiles the decode step with; the rate is a difference of two generate calls."""
+    pytest.importorskip("transformers")
+    from tests.integrations._models import make
+    from torch_moe_ops.demo import measure
+
+    model = make("qwen3_moe")
+    measure.generation_setup(model, compiled=False)
+    gc = model.generation_config
+    assert gc.cache_implementation is None and gc.disable_compile and gc.eos_token_id is None
+    calls = []
+    real = model.generate
+
+    def generate(ids, **kw):
+        calls.append(kw["max_new_tokens"])
+        assert kw["do_sample"] is False and "use_cache" not in kw  # the KV cache stays on (the default)
+        return real(ids, **kw)
+
+    model.generate = generate
+    prompt = torch.randint(96, (2, 5))
+    with torch.no_grad():
+        ids, step_s = measure.decode_rate(model, prompt, 4)
+    assert calls == [4, 1] and ids.shape == (2, 9) and step_s > 0
+    with pytest.raises(ValueError, match="new_tokens >= 2"):
+        measure.decode_rate(model, prompt, 1)
+    measure.generation_setup(model, compiled=True, backend="eager")
+    cc = gc.compile_config
+    assert gc.cache_implementation == "static" and not gc.disable_compile
+    assert (cc.mode, cc.fullgraph, cc.dynamic, cc.backend) == ("default", True, False, "eager")
+    assert cc._compile_all_devices  # a CPU model: transformers compiles only with this flag
 
 
 def test_defaults_per_demo():

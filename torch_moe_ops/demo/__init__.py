@@ -2,8 +2,9 @@
 
 By default the Hugging Face drop-in: a random-weight Qwen3-MoE saved as a sharded safetensors checkpoint,
 loaded by transformers (bf16, the reference) and by ``integrations.transformers.from_pretrained`` in bf16 and
-quantized while the experts stream; one table of logits SQNR, greedy tokens/s eager and compiled, load peak
-memory (``hf.py``). Needs the ``[hf]`` extra.
+quantized while the experts stream; one table of logits SQNR, steady decode tokens/s of ``model.generate`` (KV
+cache) eager and compiled (static cache + ``compile_config``), load peak memory (``hf.py``). Needs the ``[hf]``
+extra.
 
 ``demo --layer``: the layer demo on random Qwen3-MoE-shaped experts, ``torch.compile`` over ``fused_moe`` in
 bf16 and every quantized scheme of the registry (``table.py``), then the load / quantize / reload pipeline of
@@ -19,7 +20,7 @@ from ..schemes import QUANT_SCHEMES
 
 #: Defaults that differ between the two demos (argparse defaults are None, ``resolve`` fills them in).
 #: HF: I = 128 and H = 256 suit every config (fp8 128x128 tiles, int4 G = 128); 3 layers keep one Inductor
-#: compile near a minute on a 2-core CPU.
+#: compile (the decode step, static cache) at 20-35 s on a 2-core CPU.
 DEFAULTS = {
     "hf": dict(experts=30, top_k=4, hidden=256, intermediate=128, tokens=16, layers=3,
                schemes="none,fp8_block,int8_w8a16,int4_w4a16"),
@@ -70,11 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     hf = p.add_argument_group("Hugging Face demo")
     hf.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default 1024)")
-    hf.add_argument("--new-tokens", type=int, default=8, help="greedy tokens generated per model (default 8)")
+    hf.add_argument("--new-tokens", type=int, default=16,
+                    help="n: decode tokens/s = (n - 1) / (t(generate n) - t(generate 1)), greedy (default 16; >= 2)")
     hf.add_argument("--compile", type=_compile_rows, default=frozenset({"fp8_block"}), metavar="ROWS",
                     help="rows to also run under torch.compile: all, off or a comma-separated subset of "
                          f"{','.join(HF_ROWS)} (hf = transformers bf16); default fp8_block, since Inductor takes "
-                         "about a minute per model on a 2-core CPU")
+                         "20-35 s per model on a 2-core CPU")
     hf.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads with --device cpu (default 1: the demo's matrices gain little from more, "
                          "and on a busy machine OpenMP threads spinning against other processes cost 10x; 0: "

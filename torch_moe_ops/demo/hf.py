@@ -1,8 +1,9 @@
 """The HF drop-in demo (the default of ``python -m torch_moe_ops demo``): a random-weight Qwen3-MoE saved by
 transformers as a sharded safetensors folder, loaded by transformers (bf16, the reference) and by
 ``torch_moe_ops.integrations.transformers.from_pretrained`` in bf16 and with experts quantized while they
-stream; one row per model: SQNR of the logits vs the reference, greedy tokens/s eager and under
-``torch.compile(fullgraph=True, dynamic=True)``, load time, weight bytes and the load's peak memory.
+stream; one row per model: SQNR of the logits vs the reference, steady decode tokens/s of ``model.generate``
+(greedy, KV cache) eager and compiled the transformers way (static cache + ``compile_config``), load time,
+weight bytes and the load's peak memory.
 
 - ``hf_checkpoint.py``: the config and the checkpoint; ``measure.py``: memory and generation timing;
 - ``hf_table.py``: the printed table.
@@ -19,7 +20,7 @@ import torch
 
 from ..testing import sqnr_db
 from .hf_checkpoint import qwen3_moe_config, write_checkpoint
-from .measure import LoadPeak, greedy, model_bytes
+from .measure import LoadPeak, decode_rate, generation_setup, model_bytes, warm_up
 
 REFERENCE = "hf"  #: the row key of the transformers bf16 model in ``--compile``
 
@@ -28,9 +29,10 @@ REFERENCE = "hf"  #: the row key of the transformers bf16 model in ``--compile``
 class Row:
     """One model of the table. sqnr_db / sqnr_fp32_db: of the prompt's logits vs the reference (None for the
     reference) / vs transformers in fp32 on the same bf16 weights; same_tokens: leading generated tokens equal
-    to the reference's; *_tps: generated tokens per second; compile_s: the first compiled call (tracing +
-    codegen + one run); compiled_same_tokens: leading compiled tokens equal to the eager ones; graphs: graphs
-    dynamo compiled for all sequence lengths; peak_bytes: see ``measure.LoadPeak``."""
+    to the reference's; *_tps: steady decode tokens per second of ``generate`` (``measure.decode_rate``);
+    compile_s: the first compiled ``generate`` (tracing + codegen + its tokens); compiled_same_tokens: leading
+    compiled tokens equal to the eager ones; graphs: graphs dynamo compiled (the decode step: 1 expected);
+    peak_bytes: see ``measure.LoadPeak``."""
 
     name: str
     key: str
@@ -94,9 +96,10 @@ def _leading_equal(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def _measure(name, key, config, load, prompt, args, ref, fp32_logits) -> tuple[Row, torch.Tensor, torch.Tensor]:
-    """Load with ``load()`` under ``LoadPeak``, then time eager (and, for rows in ``args.compile``, compiled)
-    greedy decoding. ref: None for the reference, else its (logits, generated ids). fp32_logits: [1, S, V].
-    Returns (row, logits [1, S, V] fp32, generated ids [1, S + n])."""
+    """Load with ``load()`` under ``LoadPeak``, then time ``model.generate`` eager (and, for rows in
+    ``args.compile``, compiled): steady decode tokens/s with a KV cache (``measure.decode_rate``). ref: None for
+    the reference, else its (logits, generated ids). fp32_logits: [1, S, V]. Returns (row, logits [1, S, V]
+    fp32, generated ids [1, S + n])."""
     device = prompt.device
     _say(f"  {name}: loading")
     with LoadPeak(device) as mem:
@@ -108,8 +111,10 @@ def _measure(name, key, config, load, prompt, args, ref, fp32_logits) -> tuple[R
     report = getattr(model, "torch_moe_ops_report", None)
     with torch.no_grad():
         logits = model(input_ids=prompt, use_cache=False).logits.float()  # also the eager warm-up
-        ids, seconds = greedy(model, prompt, args.new_tokens)
-        row = Row(name, key, config, load_s, model_bytes(model), mem.bytes, args.new_tokens / seconds,
+        generation_setup(model, compiled=False)
+        warm_up(model, prompt, min(4, args.new_tokens))
+        ids, step_s = decode_rate(model, prompt, args.new_tokens)
+        row = Row(name, key, config, load_s, model_bytes(model), mem.bytes, 1 / step_s,
                   args.new_tokens if ref is None else _leading_equal(ids[:, prompt.shape[1]:], ref[1]))
         row.sqnr_fp32_db = sqnr_db(fp32_logits, logits)
         if ref is not None:
@@ -125,20 +130,19 @@ def _measure(name, key, config, load, prompt, args, ref, fp32_logits) -> tuple[R
 
 
 def _compiled(row: Row, model, prompt, eager_ids, args) -> None:
+    """transformers' own compile path (``measure.generation_setup``: static cache + ``CompileConfig``); the
+    first ``generate`` traces and compiles the decode step (``compile_s``), then the same timing as eager."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # each model compiles from scratch: fair compile times, no recompile limit
     counters.clear()
-    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=args.backend)
-    start = time.perf_counter()
-    compiled(input_ids=prompt, use_cache=False)
-    if prompt.device.type == "cuda":
-        torch.cuda.synchronize(prompt.device)
-    row.compile_s = time.perf_counter() - start
-    ids, seconds = greedy(compiled, prompt, args.new_tokens)
-    row.compiled_tps = args.new_tokens / seconds
+    generation_setup(model, compiled=True, backend=args.backend, fullgraph=True, dynamic=False)
+    row.compile_s = warm_up(model, prompt, args.new_tokens)
+    ids, step_s = decode_rate(model, prompt, args.new_tokens)
+    row.compiled_tps = 1 / step_s
     row.compiled_same_tokens = _leading_equal(ids[:, prompt.shape[1]:], eager_ids[:, prompt.shape[1]:])
     row.graphs = int(counters["stats"]["unique_graphs"])
+    generation_setup(model, compiled=False)
     torch._dynamo.reset()
 
 
@@ -155,7 +159,9 @@ def hf_demo(args) -> HFResult:
     from .pipeline import quant_config
 
     if args.tokens < 2:
-        raise ValueError(f"--tokens (the prompt length) must be >= 2 for dynamic shapes, got {args.tokens}")
+        raise ValueError(f"--tokens (the prompt length) must be >= 2, got {args.tokens}")
+    if args.new_tokens < 2:  # the decode rate is a difference of two generate calls
+        raise ValueError(f"--new-tokens must be >= 2, got {args.new_tokens}")
     device = torch.device(args.device)
     H, I = args.hidden, args.intermediate
     configs = [(get_quant_scheme(s).name, quant_config(s, H, I, flag="--schemes")) for s in args.schemes.split(",")]

@@ -37,20 +37,21 @@ def format_table(result) -> list[str]:
               "bf16 weights (bf16's own error, for scale).",
               f"=ref: leading tokens of the {n} greedy ones equal to transformers bf16's (random weights: near-flat "
               "logits, a small error can flip one).",
-              "tok/s: greedy decoding, batch 1, no KV cache (each step reruns the whole sequence: one compiled graph "
-              "serves every length); compiled: the same",
-              f"  under torch.compile(model, fullgraph=True, dynamic=True, backend={result.backend!r}); =eager: "
-              "leading compiled tokens equal to the eager ones; compile s: the first call (trace, codegen, a forward).",
+              f"tok/s: steady decode tokens/s of model.generate (greedy, batch 1, KV cache): (n - 1) / (t(generate "
+              f"n) - t(generate 1)), n = {n}, after a warm-up; compiled: the same with transformers' compile path,",
+              "  static cache + CompileConfig(fullgraph=True, dynamic=False, mode='default', "
+              f"backend={result.backend!r}) (prefill eager, each decode step compiled); =eager: leading compiled",
+              "  tokens equal to the eager ones; compile s: the first compiled generate (trace, codegen, its tokens).",
               f"MiB: weights and buffers; load peak (MiB): {result.peak_label}; peak/bf16: load peak / the "
               f"transformers bf16 weights ({ref_bytes / MIB:.2f} MiB)."]
     compiled = [r for r in rows if r.compiled_tps is not None]
     if compiled:
         graphs = ", ".join(f"{r.key} {r.graphs}" for r in compiled)
-        lines.append(f"graphs compiled per model for the {n} sequence lengths: {graphs}.")
+        lines.append(f"graphs compiled per model (the decode step): {graphs}.")
     skipped = [r.key for r in rows if r.compiled_tps is None]
     if skipped:
-        lines.append(f"not compiled: {', '.join(skipped)} (--compile all compiles every row; Inductor takes about "
-                     "a minute per model on a 2-core CPU).")
+        lines.append(f"not compiled: {', '.join(skipped)} (--compile all compiles every row; Inductor takes 20-35 s "
+                     "per model on a 2-core CPU).")
     configs = [f"{r.key} = {r.config}" for r in rows[1:] if r.config != "None"]
     if configs:
         lines.append("quant configs: " + "; ".join(configs) + ".")

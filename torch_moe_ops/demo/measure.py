@@ -1,4 +1,5 @@
-"""What the HF demo measures: peak memory while a model loads, and greedy generation speed.
+"""What the HF demo measures: peak memory while a model loads, and greedy decoding speed of ``model.generate``
+(KV cache, steady state; also used by ``benchmarks/e2e.py``).
 
 Memory on CUDA is ``torch.cuda.max_memory_allocated`` over the load (exact). On CPU torch keeps no allocator
 statistics, so it is the process's resident set: the peak (``VmHWM`` of ``/proc/self/status``, reset through
@@ -101,14 +102,70 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def greedy(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
-    """Greedy decoding without a KV cache: every step runs the whole sequence (one compiled graph serves
-    every length). prompt: [B, S] int64. Returns (ids [B, S + new_tokens] int64, seconds)."""
-    ids = prompt
+def generation_setup(model, compiled: bool, *, backend: str = "inductor", fullgraph: bool = True,
+                     dynamic: bool | None = False) -> None:
+    """Set ``model.generation_config`` for greedy decoding the way transformers users do it.
+
+    eager: the default ``DynamicCache``, no compilation (``disable_compile``). compiled: transformers' own
+    compile path for its version (5.x): ``cache_implementation="static"`` and ``compile_config=CompileConfig(
+    fullgraph, dynamic, backend, mode="default")``; ``generate`` then runs the prefill eagerly and every decode
+    step through ``torch.compile(model.__call__)`` (``PreTrainedModel.get_compiled_call``). ``mode="default"``,
+    not the CompileConfig default ``"reduce-overhead"`` (CUDA graphs), which crashed with the static cache for
+    every experts implementation in the project's baselines. On a CPU model transformers compiles only with the
+    private ``_compile_all_devices`` flag, which is set here."""
+    from transformers import CompileConfig
+
+    gc = model.generation_config
+    gc.do_sample = False
+    gc.eos_token_id = None  # random weights: never stop early, every call makes exactly max_new_tokens tokens
+    if gc.pad_token_id is None:
+        gc.pad_token_id = 0
+    if not compiled:
+        gc.cache_implementation, gc.compile_config, gc.disable_compile = None, None, True
+        return
+    cc = CompileConfig(fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode="default")
+    if model.device.type == "cpu":
+        cc._compile_all_devices = True
+    gc.cache_implementation, gc.compile_config, gc.disable_compile = "static", cc, False
+    for attr in ("_compiled_call", "_last_compile_config"):  # a fresh torch.compile per setup
+        if hasattr(model, attr):
+            delattr(model, attr)
+
+
+def generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """``model.generate`` (greedy, KV cache, ``generation_setup``'s config) of exactly ``new_tokens`` tokens
+    after ``prompt`` [B, S]; returns (ids [B, S + new_tokens], seconds, synchronized on CUDA)."""
     _sync(prompt.device)
     start = time.perf_counter()
-    for _ in range(new_tokens):
-        logits = model(input_ids=ids, use_cache=False).logits  # [B, S', V]
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False)
     _sync(prompt.device)
-    return ids, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if ids.shape[1] != prompt.shape[1] + new_tokens:
+        raise RuntimeError(f"generate made {ids.shape[1] - prompt.shape[1]} tokens, asked for {new_tokens}")
+    return ids, seconds
+
+
+def decode_rate(model, prompt: torch.Tensor, new_tokens: int, repeats: int = 1) -> tuple[torch.Tensor, float]:
+    """Steady-state decode time per step of ``model.generate``: (t(S + n) - t(S + 1)) / (n - 1), each t the
+    fastest of ``repeats`` calls. Both calls run the same prefill, the same setup and the same first token
+    (which comes out of the prefill), so the difference is n - 1 decode steps alone: compile and warm-up must
+    be done before (``warm_up``). Returns (ids of the n-token call [B, S + n], seconds per decode step; the
+    decode rate is B / that tokens/s)."""
+    if new_tokens < 2:
+        raise ValueError(f"decode_rate needs new_tokens >= 2, got {new_tokens}")
+    ids, t_n = None, float("inf")
+    for _ in range(max(repeats, 1)):
+        out, t = generate(model, prompt, new_tokens)
+        ids, t_n = (out, t) if t < t_n else (ids, t_n)
+    t_1 = min(generate(model, prompt, 1)[1] for _ in range(max(repeats, 1)))
+    return ids, max(t_n - t_1, 1e-9) / (new_tokens - 1)
+
+
+def warm_up(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """One ``generate`` of ``new_tokens`` (the longest the timing asks for: a static cache is sized by the
+    first, longest call and reused by the shorter ones, so nothing recompiles), then a short one; returns the
+    seconds of the first call (with a compiled config: tracing and compiling the decode step included)."""
+    _, first = generate(model, prompt, new_tokens)
+    generate(model, prompt, min(2, new_tokens))
+    return first

@@ -1,0 +1,178 @@
+"""benchmarks/host.py, benchmarks/e2e.py and benchmarks/report_host.py on CPU: the ``--smoke`` runs finish and
+write JSON with the documented keys, the report renders them and rewrites only its section of
+docs/performance.md; the pieces that decide what is timed (profiler event selection, budget, merging of
+follow-up runs, the results folder's GPU name) on synthetic input.
+
+Each smoke run happens in one test (not a module fixture): under pytest-xdist a module fixture would run
+once per worker."""
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import e2e, host, report_host
+from benchmarks.env import gpu_short_name
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_host_smoke_rows_keys_and_report(tmp_path):
+    assert host.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = _load(tmp_path / "host.json")
+    assert result["smoke"] and result["env"]["device"] == "cpu" and result["method"]["calls"] == 3
+    ops = [r for r in result["rows"] if "op" in r]
+    stack = [r for r in result["rows"] if "stack" in r]
+    assert [r for r in result["rows"] if "error" in r] == []
+    # every op x scheme x T of the one smoke shape
+    assert sorted({(r["op"], r["scheme"], r["T"]) for r in ops}) == sorted(
+        (op, s, T) for op in host.OPS for s in host.SCHEMES for T in host.SMOKE_TOKENS)
+    for r in ops:
+        assert set(host.HOST_KEYS) <= set(r) and r["shape"] == "Tiny-MoE"
+        assert r["host_us_eager"] > 0 and r["host_us_compiled"] > 0 and r["graph_us"] is None  # no CUDA graph on CPU
+        assert r["frames"] == 1 and r["recompiles"] == 0  # one graph per cell, none during the timed calls
+    assert sorted((r["scheme"], r["T"]) for r in stack) == sorted(
+        (s, T) for s in host.STACK_SCHEMES for T in host.SMOKE_TOKENS)
+    for r in stack:
+        assert set(host.STACK_KEYS) <= set(r) and r["stack"] == "tiny-4layer" and r["layers"] == 4
+        assert r["marginal_us_compiled"] == pytest.approx(
+            (r["compiled_host_ms"] - r["nomoe_compiled_host_ms"]) * 1e3 / 4)
+        assert r["frames"] == 1 and r["nomoe_frames"] == 1 and r["recompiles"] == 0
+    env = (tmp_path / "env.txt").read_text()
+    assert "device: cpu" in env and "torch: " in env and "transformers: " in env and "date: " in env
+
+    text = report_host.section(str(tmp_path), result, [], REPO)
+    assert text.startswith(report_host.SECTION) and report_host.BEGIN in text
+    assert text.rstrip().endswith(report_host.END)
+    assert "| `fused_moe` | Tiny-MoE | bf16 |" in text and "| fp8_block | 4 |" in text
+
+
+def test_e2e_smoke_rows_keys_split_and_report(tmp_path):
+    # every kind of impl (ours bf16, ours quantized, transformers' two); fp8 / int8 take ours_int4's path
+    impls = ["ours_none", "ours_int4_w4a16", "hf_grouped_mm", "hf_eager"]
+    assert e2e.main(["--smoke", "--out", str(tmp_path), "--impls", ",".join(impls)]) == 0
+    result = _load(tmp_path / "e2e.json")
+    rows = result["rows"]
+    assert [r for r in rows if "error" in r] == []
+    assert sorted((r["impl"], r["mode"], r["batch"]) for r in rows) == sorted(
+        (i, m, b) for i in impls for m in e2e.MODES for b in (1, 2))
+    assert len({r["weights_sum"] for r in rows}) == 1  # the same weights for every impl
+    for r in rows:
+        assert set(e2e.ROW_KEYS) <= set(r) and r["layers"] == 2 and r["tok_s"] > 0
+        assert r["step_ms"] == pytest.approx(r["batch"] / r["tok_s"] * 1e3)
+        assert r["moe_kernel_ms"] is None and r["moe_graph_ms"] is None  # no CUDA
+        if r["mode"] == "compiled":
+            assert r["compile_s"] > 0 and r["recompiles"] == 0
+            assert r["frames"] == 1 or r["impl"] == "hf_eager"  # its data-dependent loop breaks the graph
+        if r["mode"] == "eager" or r["impl"].startswith("ours_"):
+            # every decode step's MoE parts were found: 3 steps after the prefill's token, 2 layers each
+            assert r["profiled_steps"] >= 3 and r["moe_ms"] > 0
+        else:
+            assert r["moe_ms"] is None and "moe_note" in r
+    assert result["method"]["transformers"] and (tmp_path / "env.txt").exists()
+
+    text = report_host.section(str(tmp_path), None, [result], REPO)
+    assert "| ours_int4_w4a16 |" in text and "batch 2 compiled tok/s" in text
+
+
+def test_budget_skips_rows_without_building(tmp_path, monkeypatch):
+    monkeypatch.setattr(e2e, "build", lambda *a, **k: pytest.fail("built a model past the budget"))
+    assert e2e.main(["--smoke", "--out", str(tmp_path), "--impls", "ours_none", "--batch", "1",
+                     "--budget-s", "0.001"]) == 0
+    rows = _load(tmp_path / "e2e.json")["rows"]
+    assert [(r["mode"], r["error"].split(":")[0]) for r in rows] == [("eager", "skipped"), ("compiled", "skipped")]
+
+
+def test_a_failing_impl_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    real = e2e.build
+
+    def build(impl, *a, **k):
+        if impl == "ours_fp8_block":
+            raise RuntimeError("boom")
+        return real(impl, *a, **k)
+
+    monkeypatch.setattr(e2e, "build", build)
+    assert e2e.main(["--smoke", "--out", str(tmp_path), "--impls", "ours_fp8_block,ours_none", "--batch", "1",
+                     "--modes", "eager", "--name", "e2e-x.json"]) == 0
+    rows = _load(tmp_path / "e2e-x.json")["rows"]
+    assert "boom" in rows[0]["error"] and rows[1]["impl"] == "ours_none" and rows[1]["tok_s"] > 0
+    assert (tmp_path / "env-e2e-x.txt").exists()  # a follow-up run names its own env file
+
+
+def test_quick_and_smoke_defaults():
+    q = e2e.parse_args(["--out", "x", "--quick"])
+    assert (q.impls, q.batch, q.layers, q.device, q.budget_s) == (list(e2e.QUICK_IMPLS), [1], 24, "cuda", 480.0)
+    s = e2e.parse_args(["--out", "x", "--smoke"])
+    assert (s.layers, s.device, s.backend, s.budget_s, s.new_tokens) == (2, "cpu", "aot_eager", None, 4)
+    d = e2e.parse_args(["--out", "x"])
+    assert (d.impls, d.batch, d.modes, d.prompt, d.new_tokens) == (list(e2e.IMPLS), [1, 8], list(e2e.MODES), 128, 64)
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--out", "x", "--impls", "ours_fp8"])
+    h = host.parse_args(["--out", "x", "--only", "stack"])
+    assert (h.tokens, h.calls, h.repeats, h.device, h.backend) == ([1, 256], 20, 10, "cuda", "inductor")
+
+
+def _event(name, start, end, parent=None, shapes=(), cpu=0.0, dev=0.0):
+    return SimpleNamespace(name=name, cpu_parent=parent, input_shapes=list(shapes), cpu_time_total=cpu,
+                           device_time_total=dev, start=start, end=end)
+
+
+def test_decode_events_pick_decode_steps_and_outermost_ops():
+    outer = _event("moe::fused_moe", 0, 10, shapes=[[2, 64], [2, 8]])
+    inner = _event("moe::topk_route", 1, 2, parent=outer, shapes=[[2, 8]])
+    prefill = _event("moe::fused_moe", 20, 40, shapes=[[16, 64], [16, 8]])
+    other = _event("aten::mm", 50, 60, shapes=[[2, 64]])
+    found = e2e.decode_events([outer, inner, prefill, other], batch=2, eager=False)
+    assert found == [outer]  # the prefill (16 rows) and the nested op are left out
+    blocks = [_event("moe_block[T=2]", 0, 1), _event("moe_block[T=16]", 2, 3), _event("moe_block[T=2]", 4, 5)]
+    assert e2e.decode_events(blocks, batch=2, eager=True) == [blocks[0], blocks[2]]
+
+
+def test_merge_keeps_measured_rows_over_skipped_ones():
+    base = dict(impl="ours_none", mode="compiled", batch=8, layers=24)
+    first = {"env": {"time": "2026-12-07 10:00 UTC"}, "rows": [dict(base, error="skipped: time budget")]}
+    second = {"env": {"time": "2026-12-07 10:20 UTC"}, "rows": [dict(base, tok_s=50.0)]}
+    third = {"env": {"time": "2026-12-07 10:40 UTC"}, "rows": [dict(base, error="skipped: time budget")]}
+    for order in ([first, second, third], [third, second, first]):
+        _, rows = report_host.merge_e2e(order)
+        assert rows == [dict(base, tok_s=50.0)]
+
+
+def test_update_doc_replaces_only_its_section(tmp_path):
+    doc = tmp_path / "performance.md"
+    shutil.copy(os.path.join(REPO, "docs", "performance.md"), doc)
+    before = doc.read_text()
+    assert report_host.BEGIN in before  # the placeholder section is in the page
+    report_host.update_doc(str(doc), report_host.SECTION + "\n\n" + report_host.BEGIN + "\n\nnew\n\n" + report_host.END)
+    after = doc.read_text()
+    head = before[:before.index(report_host.SECTION)]
+    assert after.startswith(head) and "\n\nnew\n\n" in after and after.count(report_host.SECTION) == 1
+    report_host.update_doc(str(doc), report_host.placeholder())
+    assert doc.read_text().startswith(head) and doc.read_text().count(report_host.BEGIN) == 1
+
+
+def test_gpu_short_names():
+    assert gpu_short_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_short_name("NVIDIA H200") == "h200"
+    assert gpu_short_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gpu_short_name("cpu") == "cpu"
+
+
+def test_enqueue_time_stops_the_clock_before_synchronizing(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(host.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(host, "_sync", lambda device: clock.__setitem__(0, clock[0] + 100.0))  # a slow GPU
+
+    def call():
+        clock[0] += 1e-6
+
+    assert host.enqueue_us(call, calls=4, repeats=3, device=torch.device("cpu")) == pytest.approx(1.0)
+    assert host.wall_us(call, calls=4, repeats=3, device=torch.device("cpu")) > 1e6  # waits for the GPU
