@@ -19,8 +19,8 @@ import torch
 from ..schemes import QUANT_SCHEMES
 
 #: Defaults that differ between the two demos (argparse defaults are None, ``resolve`` fills them in).
-#: HF: I = 128 and H = 256 suit every config (fp8 128x128 tiles, int4 G = 128); 3 layers keep one Inductor
-#: compile (the decode step, static cache) at 20-35 s on a 2-core CPU.
+#: HF: I = 128 and H = 256 suit every config (fp8 128x128 tiles, int4 G = 128); 3 layers keep the first Inductor
+#: compile (the decode step, static cache) near 20 s on a 2-core CPU.
 DEFAULTS = {
     "hf": dict(experts=30, top_k=4, hidden=256, intermediate=128, tokens=16, layers=3,
                schemes="none,fp8_block,int8_w8a16,int4_w4a16"),
@@ -28,6 +28,9 @@ DEFAULTS = {
                   schemes=",".join(QUANT_SCHEMES)),
 }
 HF_ROWS = ("hf", *QUANT_SCHEMES)  #: row keys ``--compile`` accepts: the transformers model, then our schemes
+#: rows compiled by default: transformers and ours in bf16, ours in fp8 (Inductor: ~20 s cold for the first model on
+#: a 2-core CPU, 3-6 s for the next ones, which reuse its attention kernels; ``--compile all``: ~55 s in all)
+DEFAULT_COMPILE = ("hf", "none", "fp8_block")
 
 
 def _scheme_list(text: str) -> str:
@@ -73,10 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     hf.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default 1024)")
     hf.add_argument("--new-tokens", type=int, default=16,
                     help="n: decode tokens/s = (n - 1) / (t(generate n) - t(generate 1)), greedy (default 16; >= 2)")
-    hf.add_argument("--compile", type=_compile_rows, default=frozenset({"fp8_block"}), metavar="ROWS",
-                    help="rows to also run under torch.compile: all, off or a comma-separated subset of "
-                         f"{','.join(HF_ROWS)} (hf = transformers bf16); default fp8_block, since Inductor takes "
-                         "20-35 s per model on a 2-core CPU")
+    hf.add_argument("--compile", type=_compile_rows, default=frozenset(DEFAULT_COMPILE), metavar="ROWS",
+                    help="rows to also run compiled (static cache + compile_config): all, off or a comma-separated "
+                         f"subset of {','.join(HF_ROWS)} (hf = transformers bf16); default "
+                         f"{','.join(DEFAULT_COMPILE)} (transformers and ours in bf16, ours in fp8), since Inductor "
+                         "takes 5-30 s per model on a 2-core CPU")
     hf.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads with --device cpu (default 1: the demo's matrices gain little from more, "
                          "and on a busy machine OpenMP threads spinning against other processes cost 10x; 0: "

@@ -50,7 +50,7 @@ def format_table(result) -> list[str]:
         lines.append(f"graphs compiled per model (the decode step): {graphs}.")
     skipped = [r.key for r in rows if r.compiled_tps is None]
     if skipped:
-        lines.append(f"not compiled: {', '.join(skipped)} (--compile all compiles every row; Inductor takes 20-35 s "
+        lines.append(f"not compiled: {', '.join(skipped)} (--compile all compiles every row; Inductor takes 5-30 s "
                      "per model on a 2-core CPU).")
     configs = [f"{r.key} = {r.config}" for r in rows[1:] if r.config != "None"]
     if configs:
