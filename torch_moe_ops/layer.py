@@ -169,10 +169,12 @@ class FusedMoE(LoadingMethods, TensorMethods, nn.Module):
             out = training.run_experts_saving(self, x, *self.select_experts(logits))
         elif self.parallel is None:  # routing and experts in one op
             out = torch.ops.moe.fused_moe(
-                x, logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
-                self.scoring_func, self.num_expert_group, self.topk_group, self.e_score_correction_bias,
-                self.routed_scaling_factor, self.activation, self.quant_scheme, self.w13_weight_scale,
-                self.w2_weight_scale, self.w13_bias, self.w2_bias, self.block_shape, None,
+                x, logits, self.w13_weight, self.w2_weight, self.top_k, renormalize=self.renormalize,
+                scoring_func=self.scoring_func, num_expert_group=self.num_expert_group, topk_group=self.topk_group,
+                e_score_correction_bias=self.e_score_correction_bias, routed_scaling_factor=self.routed_scaling_factor,
+                activation=self.activation, quant_scheme=self.quant_scheme, w13_scale=self.w13_weight_scale,
+                w2_scale=self.w2_weight_scale, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
+                block_shape=self.block_shape, expert_map=None,
                 apply_router_weight_on_input=self.apply_router_weight_on_input,
                 activation_alpha=self.activation_alpha, activation_limit=self.activation_limit)
         else:
@@ -189,8 +191,9 @@ class FusedMoE(LoadingMethods, TensorMethods, nn.Module):
     def select_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router_logits: [..., E] -> (topk_weights [..., k] fp32, topk_ids [..., k] int32)."""
         weights, ids = torch.ops.moe.topk_route(
-            tokens(router_logits), self.top_k, self.renormalize, self.scoring_func, self.num_expert_group,
-            self.topk_group, self.e_score_correction_bias, routed_scaling_factor=self.routed_scaling_factor)
+            tokens(router_logits), self.top_k, renormalize=self.renormalize, scoring_func=self.scoring_func,
+            num_expert_group=self.num_expert_group, topk_group=self.topk_group,
+            e_score_correction_bias=self.e_score_correction_bias, routed_scaling_factor=self.routed_scaling_factor)
         return restore(weights, router_logits), restore(ids, router_logits)
 
     def forward_experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
@@ -218,9 +221,10 @@ class FusedMoE(LoadingMethods, TensorMethods, nn.Module):
         if self._saving():
             return training.run_experts_saving(self, x, topk_weights, topk_ids)
         return torch.ops.moe.fused_experts(
-            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation, self.quant_scheme,
-            self.w13_weight_scale, self.w2_weight_scale, self.w13_bias, self.w2_bias, self.block_shape,
-            self.expert_map, apply_router_weight_on_input=self.apply_router_weight_on_input,
+            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, activation=self.activation,
+            quant_scheme=self.quant_scheme, w13_scale=self.w13_weight_scale, w2_scale=self.w2_weight_scale,
+            w13_bias=self.w13_bias, w2_bias=self.w2_bias, block_shape=self.block_shape, expert_map=self.expert_map,
+            apply_router_weight_on_input=self.apply_router_weight_on_input,
             activation_alpha=self.activation_alpha, activation_limit=self.activation_limit)
 
     def _parallel_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

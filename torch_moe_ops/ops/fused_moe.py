@@ -1,7 +1,9 @@
 """``moe::fused_experts`` (docs/design.md §8) and ``moe::fused_moe`` (routing + fused experts in one op).
 
-The scheme and activation names of the schemas are resolved here into registry objects; the kernels and
-the reference receive the objects, canonical scales and the resolved ``alpha`` / ``limit``."""
+Each op's signature is written once (``FUSED_EXPERTS``, ``FUSED_MOE``; docs/design.md §8.3): the schema, the
+kernels, the fake and the public functions derive from it, and every implementation receives one ``Args``
+namedtuple (``a.w13``). The scheme and activation names are resolved here into registry objects; the kernels
+and the reference receive the objects, canonical scales and the resolved ``alpha`` / ``limit``."""
 from __future__ import annotations
 
 import torch
@@ -10,20 +12,21 @@ from .. import _platform, reference
 from .._kernels.plan import PlanCache, run_planned
 from ..schemes import QUANT_SCHEMES, Activation, QuantScheme, get_activation, get_quant_scheme
 from . import _checks as C
-from ._registry import define, use_triton_on_cpu
-from .routing import check_routing, route
+from ._registry import use_triton_on_cpu
+from .routing import ROUTING_OPTIONS, check_routing, route
+from .signature import Signature, args
 
-_EXPERT_ARGS = (
-    "str activation=\"silu\", str quant_scheme=\"none\", Tensor? w13_scale=None, Tensor? w2_scale=None, "
+#: The expert inputs of ``fused_experts`` (``fused_moe`` routes instead of taking topk_weights / topk_ids).
+EXPERT_INPUTS = args("Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids")
+#: The options both ops (and the private training / backward ops) share, in schema order.
+EXPERT_OPTIONS = args(
+    'str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, '
     "Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, "
-    "bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None"
-)
-EXPERTS_SCHEMA = f"(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, {_EXPERT_ARGS}) -> Tensor"
-MOE_SCHEMA = (
-    "(Tensor hidden_states, Tensor router_logits, Tensor w13, Tensor w2, int top_k, bool renormalize=True, "
-    "str scoring_func=\"softmax\", int num_expert_group=0, int topk_group=0, Tensor? e_score_correction_bias=None, "
-    f"float routed_scaling_factor=1.0, {_EXPERT_ARGS}) -> Tensor"
-)
+    "bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None")
+FUSED_EXPERTS = Signature("fused_experts", EXPERT_INPUTS + EXPERT_OPTIONS, "Tensor")
+FUSED_MOE = Signature("fused_moe", args("Tensor hidden_states, Tensor router_logits, Tensor w13, Tensor w2, int top_k")
+                      + ROUTING_OPTIONS + args("float routed_scaling_factor=1.0") + EXPERT_OPTIONS, "Tensor")
+EXPERTS_SCHEMA, MOE_SCHEMA = FUSED_EXPERTS.schema, FUSED_MOE.schema
 
 
 def _check_scale(scale, name, scheme: QuantScheme, shapes, what):
@@ -62,7 +65,7 @@ def _check_weight_dtypes(x, w13, w2, scheme: QuantScheme) -> None:
                     f"got {w.dtype}{fix}")
 
 
-#: Launch plans of the CUDA calls (docs/design.md §15): signature -> recorded launches.
+#: Launch plans of the CUDA calls (docs/host-overhead.md): signature -> recorded launches.
 PLANS = PlanCache()
 
 
@@ -77,10 +80,6 @@ def _sig(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
 
 
-def _tuple(v):
-    return None if v is None else tuple(v)
-
-
 class Experts:
     """Checked, canonical ``fused_experts`` arguments: registry objects, kernel-view scales, floats."""
 
@@ -92,12 +91,22 @@ class Experts:
         self.w13_scale, self.w2_scale, self.block = w13_scale, w2_scale, block
         self.alpha, self.limit = alpha, limit
 
+    def kernel_args(self, a, topk_weights, topk_ids) -> tuple:
+        """The positional arguments of the kernels' and the reference's ``fused_experts`` (and of their
+        saving and backward forms, which append their own)."""
+        return (a.hidden_states, a.w13, a.w2, topk_weights, topk_ids, self.act, self.scheme, self.w13_scale,
+                self.w2_scale, a.w13_bias, a.w2_bias, self.block, a.expert_map, a.apply_router_weight_on_input,
+                self.alpha, self.limit)
 
-def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-                  w2_bias, block_shape, expert_map, activation_alpha, activation_limit) -> Experts:
-    """Validate ``fused_experts`` arguments (shapes, dtypes, strides only: also on FakeTensors)."""
-    act = get_activation(activation)
-    scheme = get_quant_scheme(quant_scheme)
+
+def check_experts(a, topk_weights, topk_ids) -> Experts:
+    """Validate the expert arguments of ``a`` (any op's ``Args`` with the ``EXPERT_OPTIONS``, hidden_states,
+    w13 and w2) with ``topk_weights`` [T, k] / ``topk_ids`` [T, k] (None: fused_moe, whose routing makes
+    them). Shapes, dtypes, strides only: also on FakeTensors."""
+    x, w13, w2, w13_scale, w2_scale = a.hidden_states, a.w13, a.w2, a.w13_scale, a.w2_scale
+    w13_bias, w2_bias, expert_map = a.w13_bias, a.w2_bias, a.expert_map
+    act = get_activation(a.activation)
+    scheme = get_quant_scheme(a.quant_scheme)
     C.check_tensor(x, "hidden_states", dim=2, dtypes=C.FLOAT_DTYPES, last_contiguous=True)
     _check_weight_dtypes(x, w13, w2, scheme)
     C.check_tensor(w13, "w13", dim=3, last_contiguous=True)
@@ -118,9 +127,9 @@ def check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, 
         C.check_shape(topk_ids, "topk_ids", (T, topk_weights.shape[1]), " (like topk_weights, T from hidden_states)")
         C.check_shape(topk_weights, "topk_weights", (T, topk_ids.shape[1]), " (T from hidden_states)")
         C.check_pairs(T, topk_ids.shape[1])
-    alpha, limit = act.alpha(activation_alpha), act.limit(activation_limit)
+    alpha, limit = act.alpha(a.activation_alpha), act.limit(a.activation_limit)
     C.check(limit >= 0, f"activation_limit must be >= 0 (0 disables clamping), got {limit}")
-    block = scheme.block_shape(block_shape)
+    block = scheme.block_shape(a.block_shape)
     if not scheme.quantized:
         C.check(w13_scale is None and w2_scale is None, "w13_scale/w2_scale given but quant_scheme='none' would ignore them")
     else:
@@ -153,7 +162,7 @@ def check_expert_values(w13, topk_ids, expert_map):
         C.check_ids_in_range(expert_map, "expert_map", -1, w13.shape[0])
 
 
-def run_experts(x, w13, w2, topk_weights, topk_ids, ex: Experts, w13_bias, w2_bias, expert_map, on_input, on_triton):
+def run_experts(a, topk_weights, topk_ids, ex: Experts, on_triton: bool):
     """Checked, canonical arguments -> the Triton pipeline or the reference."""
     if on_triton:
         from .._kernels import fused_experts as kernels
@@ -161,57 +170,51 @@ def run_experts(x, w13, w2, topk_weights, topk_ids, ex: Experts, w13_bias, w2_bi
         impl = kernels.fused_experts
     else:
         impl = reference.fused_experts
-    return impl(x, w13, w2, topk_weights, topk_ids, ex.act, ex.scheme, ex.w13_scale, ex.w2_scale, w13_bias, w2_bias,
-                ex.block, expert_map, on_input, ex.alpha, ex.limit)
+    return impl(*ex.kernel_args(a, topk_weights, topk_ids))
 
 
-def experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
-            block_shape, expert_map, on_input, alpha, limit, on_triton):
-    ex = check_experts(x, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-                       w2_bias, block_shape, expert_map, alpha, limit)
-    check_expert_values(w13, topk_ids, expert_map)
-    return run_experts(x, w13, w2, topk_weights, topk_ids, ex, w13_bias, w2_bias, expert_map, on_input, on_triton)
+def planned(sig: Signature, body):
+    """The CUDA kernel of ``sig``'s op: ``body(a, on_triton=True)`` through the launch plan of the call's
+    key (docs/host-overhead.md); key and inputs come from the signature (``Signature.plan_key``)."""
+    plan_key = sig.plan_key(_sig, getattr(torch._C, "_cuda_getDevice", None))
+
+    def cuda(a):
+        def run():
+            return body(a, True)
+
+        if not plans_on():
+            return run()
+        key, inputs = plan_key(a)
+        return run_planned(PLANS, key, inputs, run)
+
+    return cuda
 
 
-@define("fused_experts", EXPERTS_SCHEMA)
-def _fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
-                   w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None, *,
-                   apply_router_weight_on_input=False, activation_alpha=None, activation_limit=None):
-    def run():
-        return experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
-                       w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
-                       activation_limit, on_triton=True)
-
-    if not plans_on():
-        return run()
-    inputs = [hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_bias, w2_bias, expert_map]
-    key = ("fused_experts", *map(_sig, inputs), activation, quant_scheme, _tuple(block_shape),
-           apply_router_weight_on_input, activation_alpha, activation_limit, torch._C._cuda_getDevice())
-    return run_planned(PLANS, key, inputs, run)
+def _fake_output(a):
+    return torch.empty_like(a.hidden_states, memory_format=torch.contiguous_format)
 
 
-@_fused_experts.register_kernel("cpu")
-def _fused_experts_cpu(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
-                       w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None,
-                       *, apply_router_weight_on_input=False, activation_alpha=None, activation_limit=None):
-    return experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
-                   w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
-                   activation_limit, on_triton=use_triton_on_cpu())
+# ------------------------------------------------------------------------------------------ fused_experts
+def experts(a, on_triton: bool):
+    ex = check_experts(a, a.topk_weights, a.topk_ids)
+    check_expert_values(a.w13, a.topk_ids, a.expert_map)
+    return run_experts(a, a.topk_weights, a.topk_ids, ex, on_triton)
 
 
-@_fused_experts.register_fake
-def _fused_experts_fake(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
-                        w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None,
-                        expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=None,
-                        activation_limit=None):
-    check_experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale,
-                  w13_bias, w2_bias, block_shape, expert_map, activation_alpha, activation_limit)
-    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+def _experts_fake(a):
+    check_experts(a, a.topk_weights, a.topk_ids)
+    return _fake_output(a)
 
 
-def check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map):
-    check_routing(router_logits, top_k, scoring_func, G, kG, bias)
-    C.check_pairs(x.shape[0], top_k)
+_fused_experts = FUSED_EXPERTS.define(cuda=planned(FUSED_EXPERTS, experts),
+                                      cpu=lambda a: experts(a, use_triton_on_cpu()), fake=_experts_fake)
+
+
+# ------------------------------------------------------------------------------------------ fused_moe
+def check_moe(a):
+    x, router_logits, w13, expert_map = a.hidden_states, a.router_logits, a.w13, a.expert_map
+    check_routing(router_logits, a.top_k, a.scoring_func, a.num_expert_group, a.topk_group, a.e_score_correction_bias)
+    C.check_pairs(x.shape[0], a.top_k)
     C.check(router_logits.dim() == 2 and router_logits.shape[0] == x.shape[0],
             f"router_logits must be [T={x.shape[0]}, E] (T from hidden_states), got {list(router_logits.shape)}")
     n_logical = expert_map.shape[0] if expert_map is not None else w13.shape[0]
@@ -220,66 +223,28 @@ def check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_ma
             + (f"expert_map has {n_logical}" if expert_map is not None else f"w13 has E={n_logical}"))
 
 
-def moe(x, router_logits, w13, w2, top_k, renormalize, scoring_func, G, kG, bias, rsf, activation, quant_scheme,
-        w13_scale, w2_scale, w13_bias, w2_bias, block_shape, expert_map, on_input, alpha, limit, on_triton):
-    check_moe(x, router_logits, w13, top_k, scoring_func, G, kG, bias, expert_map)
+def moe(a, on_triton: bool):
+    check_moe(a)
     # The expert arguments are checked once, before the routing kernel runs; routing's outputs are
     # [T, k] fp32 / int32 ids in [0, E_logical) by construction, so they need no second check.
-    ex = check_experts(x, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale, w13_bias, w2_bias,
-                       block_shape, expert_map, alpha, limit)
-    if expert_map is not None:
-        C.check_ids_in_range(expert_map, "expert_map", -1, w13.shape[0])
-    weights, ids = route(router_logits, top_k, renormalize, scoring_func, G, kG, bias, rsf, on_triton)
-    return run_experts(x, w13, w2, weights, ids, ex, w13_bias, w2_bias, expert_map, on_input, on_triton)
+    ex = check_experts(a, None, None)
+    if a.expert_map is not None:
+        C.check_ids_in_range(a.expert_map, "expert_map", -1, a.w13.shape[0])
+    weights, ids = route(a.router_logits, a.top_k, a.renormalize, a.scoring_func, a.num_expert_group, a.topk_group,
+                         a.e_score_correction_bias, a.routed_scaling_factor, on_triton)
+    return run_experts(a, weights, ids, ex, on_triton)
 
 
-@define("fused_moe", MOE_SCHEMA)
-def _fused_moe(hidden_states, router_logits, w13, w2, top_k, renormalize=True, scoring_func="softmax",
-               num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
-               activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None,
-               block_shape=None, expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=None,
-               activation_limit=None):
-    def run():
-        return moe(hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group,
-                   topk_group, e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale,
-                   w2_scale, w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input,
-                   activation_alpha, activation_limit, on_triton=True)
-
-    if not plans_on():
-        return run()
-    inputs = [hidden_states, router_logits, w13, w2, e_score_correction_bias, w13_scale, w2_scale, w13_bias, w2_bias,
-              expert_map]
-    key = ("fused_moe", *map(_sig, inputs), top_k, renormalize, scoring_func, num_expert_group, topk_group,
-           routed_scaling_factor, activation, quant_scheme, _tuple(block_shape), apply_router_weight_on_input,
-           activation_alpha, activation_limit, torch._C._cuda_getDevice())
-    return run_planned(PLANS, key, inputs, run)
+def _moe_fake(a):
+    check_moe(a)
+    check_experts(a, None, None)
+    return _fake_output(a)
 
 
-@_fused_moe.register_kernel("cpu")
-def _fused_moe_cpu(hidden_states, router_logits, w13, w2, top_k, renormalize=True, scoring_func="softmax",
-                   num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
-                   activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None,
-                   w2_bias=None, block_shape=None, expert_map=None, *, apply_router_weight_on_input=False,
-                   activation_alpha=None, activation_limit=None):
-    return moe(hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,
-               e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale, w2_scale,
-               w13_bias, w2_bias, block_shape, expert_map, apply_router_weight_on_input, activation_alpha,
-               activation_limit, on_triton=use_triton_on_cpu())
+_fused_moe = FUSED_MOE.define(cuda=planned(FUSED_MOE, moe), cpu=lambda a: moe(a, use_triton_on_cpu()), fake=_moe_fake)
 
 
-@_fused_moe.register_fake
-def _fused_moe_fake(hidden_states, router_logits, w13, w2, top_k, renormalize=True, scoring_func="softmax",
-                    num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
-                    activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None,
-                    w2_bias=None, block_shape=None, expert_map=None, *, apply_router_weight_on_input=False,
-                    activation_alpha=None, activation_limit=None):
-    check_moe(hidden_states, router_logits, w13, top_k, scoring_func, num_expert_group, topk_group,
-              e_score_correction_bias, expert_map)
-    check_experts(hidden_states, w13, w2, None, None, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-                  w2_bias, block_shape, expert_map, activation_alpha, activation_limit)
-    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
-
-
+# ------------------------------------------------------------------------------------------ public functions
 _EXPERTS_DOC = """
         activation: silu (default), gelu, gelu_tanh, swigluoai (interleaved w13), or a ``*_no_mul`` form
             (w13 is then [E, I, H]). ``relu2`` must be spelled ``relu2_no_mul``.
@@ -303,48 +268,19 @@ _EXPERTS_DOC = """
         [T, H] in hidden_states' dtype (a fresh tensor).
 """
 
-
-def fused_experts(
-    hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor, *, activation: str = "silu", quant_scheme: str = "none",
-    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-    w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
-    block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
-    apply_router_weight_on_input: bool = False, activation_alpha: float | None = None, activation_limit: float | None = None,
-) -> torch.Tensor:
-    return torch.ops.moe.fused_experts(
-        hidden_states, w13, w2, topk_weights, topk_ids, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-        w2_bias, block_shape, expert_map, apply_router_weight_on_input=apply_router_weight_on_input,
-        activation_alpha=activation_alpha, activation_limit=activation_limit)
-
-
-fused_experts.__doc__ = """Run the routed experts: ``out[t] = sum_j w_j * (f(x_t @ W13[e_j]^T + b13) @ W2[e_j]^T + b2)``.
+#: ``fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, activation="silu", ...)``
+fused_experts = FUSED_EXPERTS.wrapper(5, """Run the routed experts: ``out[t] = sum_j w_j * (f(x_t @ W13[e_j]^T + b13) @ W2[e_j]^T + b2)``.
 
     Args:
         hidden_states: [T, H] bf16/fp16/fp32, last dim contiguous.
         w13: [E, 2I, H] gate rows then up rows (or [E, I, H] non-gated); w2: [E, H, I]. Last dim contiguous.
         topk_weights: [T, k] fp32 router weights; topk_ids: [T, k] int32/int64 expert ids (global ids
-            when ``expert_map`` is given).""" + _EXPERTS_DOC
+            when ``expert_map`` is given).""" + _EXPERTS_DOC, __name__)
 
-
-def fused_moe(
-    hidden_states: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, *,
-    renormalize: bool = True, scoring_func: str = "softmax", num_expert_group: int = 0, topk_group: int = 0,
-    e_score_correction_bias: torch.Tensor | None = None, routed_scaling_factor: float = 1.0,
-    activation: str = "silu", quant_scheme: str = "none", w13_scale: torch.Tensor | None = None,
-    w2_scale: torch.Tensor | None = None, w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
-    block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
-    apply_router_weight_on_input: bool = False, activation_alpha: float | None = None, activation_limit: float | None = None,
-) -> torch.Tensor:
-    return torch.ops.moe.fused_moe(
-        hidden_states, router_logits, w13, w2, top_k, renormalize, scoring_func, num_expert_group, topk_group,
-        e_score_correction_bias, routed_scaling_factor, activation, quant_scheme, w13_scale, w2_scale, w13_bias,
-        w2_bias, block_shape, expert_map, apply_router_weight_on_input=apply_router_weight_on_input,
-        activation_alpha=activation_alpha, activation_limit=activation_limit)
-
-
-fused_moe.__doc__ = """Route and run the experts in one op (``topk_route`` then ``fused_experts``).
+#: ``fused_moe(hidden_states, router_logits, w13, w2, top_k, *, renormalize=True, ...)``
+fused_moe = FUSED_MOE.wrapper(5, """Route and run the experts in one op (``topk_route`` then ``fused_experts``).
 
     Args:
         hidden_states: [T, H]; router_logits: [T, E_logical] (E_logical = len(expert_map) or E).
-        w13, w2: as in ``fused_experts``. top_k and the routing keywords: as in ``topk_route``.""" + _EXPERTS_DOC
+        w13, w2: as in ``fused_experts``. top_k and the routing keywords: as in ``topk_route``.""" + _EXPERTS_DOC,
+                              __name__)

@@ -1,4 +1,6 @@
-"""``moe::topk_route``: scoring, correction bias, grouped top-k, renormalize, routed scaling (docs/design.md §4)."""
+"""``moe::topk_route``: scoring, correction bias, grouped top-k, renormalize, routed scaling (docs/design.md §4).
+
+Its signature is written once (``TOPK_ROUTE``, docs/design.md §8.3); ``fused_moe`` shares ``ROUTING_OPTIONS``."""
 from __future__ import annotations
 
 import torch
@@ -6,13 +8,15 @@ import torch
 from .. import reference
 from ..schemes import SCORING_FUNCS
 from . import _checks as C
-from ._registry import define, use_triton_on_cpu
+from ._registry import use_triton_on_cpu
+from .signature import Signature, args
 
-SCHEMA = (
-    "(Tensor router_logits, int top_k, bool renormalize=True, str scoring_func=\"softmax\", "
-    "int num_expert_group=0, int topk_group=0, Tensor? e_score_correction_bias=None, *, "
-    "float routed_scaling_factor=1.0) -> (Tensor topk_weights, Tensor topk_ids)"
-)
+#: The routing options of ``topk_route`` and ``fused_moe`` (then ``routed_scaling_factor``: keyword-only here).
+ROUTING_OPTIONS = args('bool renormalize=True, str scoring_func="softmax", int num_expert_group=0, int topk_group=0, '
+                       "Tensor? e_score_correction_bias=None")
+TOPK_ROUTE = Signature("topk_route", args("Tensor router_logits, int top_k") + ROUTING_OPTIONS
+                       + args("*, float routed_scaling_factor=1.0"), "(Tensor topk_weights, Tensor topk_ids)")
+SCHEMA = TOPK_ROUTE.schema
 
 
 def check_routing(router_logits, top_k, scoring_func, num_expert_group, topk_group, e_score_correction_bias) -> None:
@@ -46,41 +50,25 @@ def route(router_logits, top_k, renormalize, scoring_func, num_expert_group, top
     return reference.topk_route(router_logits, top_k, renormalize, scoring_func, num_expert_group, topk_group, bias, rsf)
 
 
-@define("topk_route", SCHEMA)
-def _topk_route(router_logits, top_k, renormalize=True, scoring_func="softmax", num_expert_group=0, topk_group=0,
-                e_score_correction_bias=None, *, routed_scaling_factor=1.0):
-    return route(router_logits, top_k, renormalize, scoring_func, num_expert_group, topk_group,
-                 e_score_correction_bias, routed_scaling_factor, on_triton=True)
+def _route(a, on_triton: bool):
+    return route(a.router_logits, a.top_k, a.renormalize, a.scoring_func, a.num_expert_group, a.topk_group,
+                 a.e_score_correction_bias, a.routed_scaling_factor, on_triton)
 
 
-@_topk_route.register_kernel("cpu")
-def _topk_route_cpu(router_logits, top_k, renormalize=True, scoring_func="softmax", num_expert_group=0, topk_group=0,
-                    e_score_correction_bias=None, *, routed_scaling_factor=1.0):
-    return route(router_logits, top_k, renormalize, scoring_func, num_expert_group, topk_group,
-                 e_score_correction_bias, routed_scaling_factor, on_triton=use_triton_on_cpu())
+def _route_fake(a):
+    check_routing(a.router_logits, a.top_k, a.scoring_func, a.num_expert_group, a.topk_group,
+                  a.e_score_correction_bias)
+    T = a.router_logits.shape[0]
+    return (a.router_logits.new_empty((T, a.top_k), dtype=torch.float32),
+            a.router_logits.new_empty((T, a.top_k), dtype=torch.int32))
 
 
-@_topk_route.register_fake
-def _topk_route_fake(router_logits, top_k, renormalize=True, scoring_func="softmax", num_expert_group=0, topk_group=0,
-                     e_score_correction_bias=None, *, routed_scaling_factor=1.0):
-    check_routing(router_logits, top_k, scoring_func, num_expert_group, topk_group, e_score_correction_bias)
-    T = router_logits.shape[0]
-    return (router_logits.new_empty((T, top_k), dtype=torch.float32),
-            router_logits.new_empty((T, top_k), dtype=torch.int32))
+_topk_route = TOPK_ROUTE.define(cuda=lambda a: _route(a, True), cpu=lambda a: _route(a, use_triton_on_cpu()),
+                                fake=_route_fake)
 
 
-def topk_route(
-    router_logits: torch.Tensor,
-    top_k: int,
-    *,
-    renormalize: bool = True,
-    scoring_func: str = "softmax",
-    num_expert_group: int = 0,
-    topk_group: int = 0,
-    e_score_correction_bias: torch.Tensor | None = None,
-    routed_scaling_factor: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick ``top_k`` experts per token.
+#: ``topk_route(router_logits, top_k, *, renormalize=True, scoring_func="softmax", ...)``
+topk_route = TOPK_ROUTE.wrapper(2, """Pick ``top_k`` experts per token.
 
     Args:
         router_logits: [T, E] bf16/fp16/fp32, scored in fp32. NaN counts as -inf, +-Inf as +-FLT_MAX.
@@ -94,6 +82,4 @@ def topk_route(
 
     Returns:
         topk_weights: [T, k] fp32; topk_ids: [T, k] int32 in [0, E). Ties go to the lower id.
-    """
-    return torch.ops.moe.topk_route(router_logits, top_k, renormalize, scoring_func, num_expert_group, topk_group,
-                                    e_score_correction_bias, routed_scaling_factor=routed_scaling_factor)
+    """, __name__)

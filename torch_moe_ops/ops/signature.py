@@ -1,0 +1,199 @@
+"""Op signatures, each written once (docs/design.md §8.3): the arguments of an op, in the schema language,
+and everything derived from them.
+
+``Signature(name, args("Tensor x, str activation=\\"silu\\", *, float? alpha=None"), "Tensor")`` gives:
+
+- ``schema``: the string registered with ``torch.library`` (pinned by tests/ops/test_signature.py);
+- ``Args``: a namedtuple of the arguments in schema order, the one object that the op's kernels, fake,
+  checks and autograd formula receive (``a.w13``; ``tuple(a)`` is the schema order);
+- ``define(cuda=, cpu=, fake=)``: the custom op, with each implementation a function of ``Args`` behind a
+  generated function that has the schema's exact Python parameters (the dispatcher passes keyword-only
+  arguments by name and drops trailing defaults, so the parameters must carry the defaults);
+- ``wrapper(positional, doc)``: the public Python function: the first ``positional`` arguments positional,
+  the rest keyword-only with the schema's defaults; it calls ``torch.ops.moe.<name>``;
+- ``plan_key(tensor_key, device)``: a generated ``a -> (key, inputs)`` for launch plans;
+- ``call(a, **named)``: the op called with arguments picked by name;
+- for ``register_autograd``: ``bind`` (setup_context's inputs -> ``Args``), ``save`` / ``saved``,
+  ``needs_input_grad`` (by name) and ``grads`` (a dict of gradients by name -> the positional tuple).
+
+The generated functions are compiled once, at import; a call does no name binding or introspection.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import linecache
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ._registry import NAMESPACE, define as define_op
+
+_REQUIRED = object()
+#: schema type -> the public wrapper's annotation
+_ANNOTATIONS = {"Tensor": "torch.Tensor", "Tensor?": "torch.Tensor | None", "int": "int", "int[]?": "list[int] | None",
+                "float": "float", "float?": "float | None", "str": "str", "bool": "bool", "bool[]": "list[bool]"}
+_ARG = re.compile(r"(?P<type>[\w\[\]?]+) (?P<name>\w+)(?:=(?P<default>.+))?$")
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One schema argument: ``type`` in the schema language (``Tensor?``, ``int[]?``), ``default`` the schema's
+    text of the default (None: required), ``kw_only`` after the ``*``."""
+
+    type: str
+    name: str
+    default: str | None = None
+    kw_only: bool = False
+
+    @property
+    def tensor(self) -> bool:
+        return self.type.startswith("Tensor")
+
+    @property
+    def sequence(self) -> bool:
+        return "[]" in self.type
+
+    @property
+    def value(self):
+        """The default as a Python value (``_REQUIRED`` when there is none)."""
+        return _REQUIRED if self.default is None else ast.literal_eval(self.default)
+
+    def text(self) -> str:
+        return f"{self.type} {self.name}" + ("" if self.default is None else f"={self.default}")
+
+    def required(self) -> Arg:
+        """The same argument, positional and without a default (the backward op's form of an option)."""
+        return Arg(self.type, self.name)
+
+
+def args(text: str) -> tuple[Arg, ...]:
+    """``"Tensor x, int[]? b=None, *, bool c=False"`` -> Args; the defaults are simple literals (no commas)."""
+    out, kw_only = [], False
+    for part in (p.strip() for p in text.split(",")):
+        if part == "*":
+            kw_only = True
+            continue
+        m = _ARG.match(part)
+        if m is None or m["type"] not in _ANNOTATIONS:
+            raise ValueError(f"not a schema argument: {part!r}")
+        out.append(Arg(m["type"], m["name"], m["default"], kw_only))
+    return tuple(out)
+
+
+class Signature:
+    """An op's arguments and returns; see the module docstring."""
+
+    def __init__(self, name: str, arguments, returns: str):
+        self.name, self.args, self.returns = name, tuple(arguments), returns
+        self.names = tuple(a.name for a in self.args)
+        self.positional = tuple(a.name for a in self.args if not a.kw_only)
+        self.keyword_only = self.names[len(self.positional):]
+        assert all(a.kw_only for a in self.args[len(self.positional):]), f"{name}: a positional argument after '*'"
+        self.tensors = tuple(a.name for a in self.args if a.tensor)
+        parts = [a.text() for a in self.args[:len(self.positional)]]
+        parts += ["*"] + [a.text() for a in self.args[len(self.positional):]] if self.keyword_only else []
+        self.schema = f"({', '.join(parts)}) -> {returns}"
+        self.Args = collections.namedtuple(f"{name.lstrip('_')}_args", self.names)
+        self.Args.__doc__ = f"The arguments of moe::{name}{self.schema}"
+
+    def __repr__(self) -> str:
+        return f"Signature(moe::{self.name}{self.schema})"
+
+    # -------------------------------------------------------------------------------------- generated code
+    def _params(self, positional: int, annotate: bool = False) -> str:
+        """Python parameters: the first ``positional`` names positional, the rest keyword-only."""
+        out = []
+        for i, a in enumerate(self.args):
+            if i == positional:
+                out.append("*")
+            p = f"{a.name}: {_ANNOTATIONS[a.type]!r}" if annotate else a.name
+            out.append(p if a.value is _REQUIRED else f"{p}={a.value!r}")
+        return ", ".join(out)
+
+    def _compile(self, source: str, fname: str, module: str, **env):
+        namespace = dict(env, torch=torch, _Args=self.Args, _new=tuple.__new__)
+        filename = f"<moe::{self.name} {fname}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
+        exec(compile(source, filename, "exec", dont_inherit=True), namespace)
+        fn = namespace[fname]
+        fn.__module__, fn.__source__ = module, source
+        return fn
+
+    def function(self, impl, role: str):
+        """``impl(a: Args)`` behind a function with the schema's Python parameters (for torch.library)."""
+        fname = f"_{self.name.lstrip('_')}_{role}"
+        source = (f"def {fname}({self._params(len(self.positional))}):\n"
+                  f"    return _impl(_new(_Args, ({', '.join(self.names)},)))\n")
+        fn = self._compile(source, fname, impl.__module__, _impl=impl)
+        fn.__doc__ = impl.__doc__
+        return fn
+
+    def define(self, *, cuda, cpu, fake):
+        """Register ``moe::<name>``: ``cuda``, ``cpu`` and ``fake`` are functions of ``Args``."""
+        op = define_op(self.name, self.schema)(self.function(cuda, "cuda"))
+        op.register_kernel("cpu")(self.function(cpu, "cpu"))
+        op.register_fake(self.function(fake, "fake"))
+        return op
+
+    def wrapper(self, positional: int, doc: str, module: str):
+        """The public function ``name(<positional args>, *, <the rest>)`` calling ``torch.ops.moe.<name>``."""
+        pos, kw = self.positional, self.keyword_only
+        call = ", ".join([*pos, *(f"{n}={n}" for n in kw)])
+        n_out = self.returns.count("Tensor")
+        ret = "torch.Tensor" if self.returns == "Tensor" else f"tuple[{', '.join(['torch.Tensor'] * n_out)}]"
+        source = (f"def {self.name}({self._params(positional, annotate=True)}) -> {ret!r}:\n"
+                  f"    return torch.ops.{NAMESPACE}.{self.name}({call})\n")
+        fn = self._compile(source, self.name, module)
+        fn.__doc__ = doc
+        return fn
+
+    def plan_key(self, tensor_key, device):
+        """A generated ``a -> (key, inputs)``: ``inputs`` the tensor arguments in schema order (None where
+        absent), ``key`` = (name, ``tensor_key`` of each input, every other argument in schema order (lists
+        as tuples), ``device()``)."""
+        others = [f"None if {a.name} is None else tuple({a.name})" if a.sequence else a.name
+                  for a in self.args if not a.tensor]
+        key = [repr(self.name), *(f"_tensor_key({n})" for n in self.tensors), *others, "_device()"]
+        source = (f"def plan_key(a):\n"
+                  f"    {', '.join(self.names)}, = a\n"
+                  f"    return ({', '.join(key)}), [{', '.join(self.tensors)}]\n")
+        return self._compile(source, "plan_key", __name__, _tensor_key=tensor_key, _device=device)
+
+    # -------------------------------------------------------------------------------------- calls by name
+    def call(self, a, **named):
+        """``torch.ops.moe.<name>`` with each argument from ``named``, else ``a``'s attribute of that name."""
+        pick = [named[n] if n in named else getattr(a, n) for n in self.names]
+        n = len(self.positional)
+        return getattr(getattr(torch.ops, NAMESPACE), self.name)(*pick[:n], **dict(zip(self.keyword_only, pick[n:])))
+
+    # -------------------------------------------------------------------------------------- autograd
+    def bind(self, inputs, keyword_only_inputs) -> tuple:
+        """setup_context's ``inputs`` (every positional argument, defaults filled) and
+        ``keyword_only_inputs`` -> ``Args``."""
+        return self.Args(*inputs, *(keyword_only_inputs[n] for n in self.keyword_only))
+
+    def save(self, ctx, a, *extra) -> None:
+        """``save_for_backward`` of every tensor argument (then ``extra``); the others stay on ``ctx``."""
+        ctx.save_for_backward(*(getattr(a, n) for n in self.tensors), *extra)
+        ctx.op_args = a._replace(**dict.fromkeys(self.tensors))
+
+    def saved(self, ctx) -> tuple:
+        """-> (``Args`` with the saved tensors back, the saved ``extra`` tensors)."""
+        saved = ctx.saved_tensors
+        n = len(self.tensors)
+        return ctx.op_args._replace(**dict(zip(self.tensors, saved[:n]))), saved[n:]
+
+    def needs_input_grad(self, ctx) -> dict[str, bool]:
+        """``ctx.needs_input_grad`` by name. The dispatcher drops trailing positional arguments equal to
+        their defaults; those (None tensors, scalars) need no gradient."""
+        n = tuple(ctx.needs_input_grad)
+        return dict(zip(self.positional, n + (False,) * (len(self.positional) - len(n))))
+
+    def grads(self, grads: dict) -> tuple:
+        """Gradients by name -> one per positional argument (None where absent); the extra ones for
+        arguments the dispatcher dropped are ignored by autograd."""
+        unknown = set(grads) - set(self.positional)
+        assert not unknown, f"moe::{self.name} has no positional argument {sorted(unknown)}"
+        return tuple(grads.get(n) for n in self.positional)
