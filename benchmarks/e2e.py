@@ -22,7 +22,7 @@ Decode tok/s (``measure.decode_rate``): greedy, batch B, prompt P random tokens;
 included, timed as ``compile_s``), t(P + n) and t(P + 1) with n = 64: tok/s = B (n - 1) / (t(P + n) - t(P + 1)):
 the difference is n - 1 decode steps, prefill and setup cancel. ``step_ms`` = the time of one decode step.
 
-Per-step split (one more ``generate`` of P + 4 under ``torch.profiler``, CPU + CUDA, after the timing):
+Per-step split (one more ``generate`` of P + 3 under ``torch.profiler``, CPU + CUDA, after the timing):
 ``moe_ms``: host wall time inside the MoE parts per decode step, i.e. what they cost a host-bound step. Eager:
 the MoE blocks (``layer.mlp``, router included), bracketed by ``record_function`` hooks named with the token
 count so that prefill blocks are told apart. Compiled: dynamo drops ``record_function``, and Inductor fuses
@@ -190,16 +190,17 @@ def decode_events(events, batch: int, eager: bool) -> list:
     return _top_level(ops)
 
 
-def profile_split(model, prompt, layers: int, eager: bool, cuda: bool, new_tokens: int = 4) -> dict:
+def profile_split(model, prompt, layers: int, eager: bool, cuda: bool, new_tokens: int = 3) -> dict:
     """One ``generate`` of P + ``new_tokens`` under the profiler -> moe_ms and moe_kernel_ms per decode step
-    (steps counted from the events: MoE parts found / layers)."""
+    (steps counted from the events: MoE parts found / layers). Few tokens: transformers' eager loop at batch 8
+    makes ~15k events a step, and the profiler's post-processing of them is slower than the run."""
     from torch.profiler import ProfilerActivity, profile
 
     from torch_moe_ops.demo.measure import generate
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     blocks = moe_blocks(model)
-    with profile(activities=activities, record_shapes=True) as prof:
+    with profile(activities=activities, record_shapes=not eager) as prof:  # eager: the ranges' names say T
         if eager:
             with BlockRanges(blocks):
                 generate(model, prompt, new_tokens)

@@ -16,7 +16,7 @@
 #   cp -r <files_at>/<gpu>-<date> benchmarks/results/
 #   python -m benchmarks.report_host benchmarks/results/<gpu>-<date> --doc docs/performance.md
 #
-# Time: host.py about 2 min (hard stop HOST_S, default 200 s); e2e.py gets the rest of LIMIT_S (default 570 s)
+# Time: host.py about 2-3 min (hard stop HOST_S, default 200 s; the stack runs first, then the op cells); e2e.py gets the rest of LIMIT_S (default 570 s)
 # as its --budget-s, less 30 s for the row in flight: a row that would end later is recorded as skipped. Batch
 # 1 runs first (every impl, eager and compiled), then batch 8 (eager rows are cheap; each compiled row of the
 # 24-layer model costs a compile, ~30-60 s). What was skipped comes with a second call:

@@ -374,11 +374,11 @@ def main(argv=None) -> int:
               "graph": "benchmarks.run.do_bench_ms(fn, graph=True): CUDA-graph replay, median"}
     flush = lambda: write_json(path, env, rows, method=method, smoke=args.smoke)  # noqa: E731
     log(f"host.py on {env['device']} (torch {env['torch']}, triton {env['triton']}); writing {path}")
-    with torch.inference_mode():
-        if args.only in (None, "host"):
-            run_host(args, device, args.shapes[:1] if args.smoke else args.shapes, log, rows, flush)
+    with torch.inference_mode():  # the stack first: a run cut short (HOST_S) loses op cells, not the marginals
         if args.only in (None, "stack"):
             run_stack(args, device, log, rows, flush)
+        if args.only in (None, "host"):
+            run_host(args, device, args.shapes[:1] if args.smoke else args.shapes, log, rows, flush)
     flush()
     failed = sum("error" in r for r in rows)
     log(f"wrote {path}: {len(rows)} rows, {failed} failed")

@@ -73,8 +73,8 @@ def test_e2e_smoke_rows_keys_split_and_report(tmp_path):
             assert r["compile_s"] > 0 and r["recompiles"] == 0
             assert r["frames"] == 1 or r["impl"] == "hf_eager"  # its data-dependent loop breaks the graph
         if r["mode"] == "eager" or r["impl"].startswith("ours_"):
-            # every decode step's MoE parts were found: 3 steps after the prefill's token, 2 layers each
-            assert r["profiled_steps"] >= 3 and r["moe_ms"] > 0
+            # every decode step's MoE parts were found: 2 steps after the prefill's token, 2 layers each
+            assert r["profiled_steps"] >= 2 and r["profiled_steps"] == int(r["profiled_steps"]) and r["moe_ms"] > 0
         else:
             assert r["moe_ms"] is None and "moe_note" in r
     assert result["method"]["transformers"] and (tmp_path / "env.txt").exists()
