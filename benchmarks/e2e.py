@@ -101,8 +101,10 @@ def build(impl: str, config, device, seed: int, smoke: bool):
     from transformers import AutoModelForCausalLM
 
     experts = "grouped_mm" if impl == "hf_grouped_mm" else "eager"
-    with torch.device(device):
+    with torch.device(device):  # built where it runs: no 31 GB host copy
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, experts_implementation=experts)
+    if any(p.device.type != device.type for p in model.parameters()):  # a transformers that builds elsewhere
+        model.to(device)
     model.eval().requires_grad_(False)
     wsum = fill_weights(model, seed)
     report = None
