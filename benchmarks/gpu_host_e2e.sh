@@ -12,19 +12,22 @@
 # Without .whl the image's own transformers is used (and named in env.txt).
 #
 # Results: $OUT/<gpu>-<date>/ (gpu = h100 / h200 as detected, date UTC): env.txt, host.json, host.log, e2e.json,
-# e2e.log, tables.md. Outside the device tool ($OUT unset): benchmarks/results/<gpu>-<date>/. Then, here:
+# e2e.log, tables.md (at most 8 files come back from a call: these are 6). Outside the device tool ($OUT
+# unset): benchmarks/results/<gpu>-<date>/. Then, here:
 #   cp -r <files_at>/<gpu>-<date> benchmarks/results/
 #   python -m benchmarks.report_host benchmarks/results/<gpu>-<date> --doc docs/performance.md
 #
-# Time: host.py about 2-3 min (hard stop HOST_S, default 200 s; the stack runs first, then the op cells); e2e.py gets the rest of LIMIT_S (default 570 s)
-# as its --budget-s, less 30 s for the row in flight: a row that would end later is recorded as skipped. Batch
-# 1 runs first (every impl, eager and compiled), then batch 8 (eager rows are cheap; each compiled row of the
-# 24-layer model costs a compile, ~30-60 s). What was skipped comes with a second call:
-#   ONLY=e2e E2E_ARGS="--batch 8 --modes compiled --name e2e-b8.json" bash benchmarks/gpu_host_e2e.sh
+# Time: host.py about 2-3 min (hard stop HOST_S, default 200 s; the stack runs first, then the op cells);
+# e2e.py gets the rest of LIMIT_S (default 570 s) as its --budget-s, less 30 s for the row in flight: a row
+# that would end later is recorded as skipped. Batch 1 runs first (every impl, eager and compiled), then
+# batch 8 (eager rows are cheap; each compiled row of the 24-layer model costs a compile, ~30-60 s). What was skipped comes with a second call, whose files carry TAG
+# in their names (e2e-b8.json, e2e-b8.log, env-e2e-b8.txt), so that both calls' files fit in one folder:
+#   ONLY=e2e TAG=-b8 E2E_ARGS="--batch 8 --modes compiled" bash benchmarks/gpu_host_e2e.sh
 # (report_host merges e2e*.json; a skipped row never hides a measured one). E2E_ARGS / HOST_ARGS pass more
 # flags (e.g. E2E_ARGS=--quick: batch 1, ours bf16 + fp8_block + transformers grouped_mm, ~3 min).
 set -u
 T0=$(date +%s)
+TAG=${TAG:-}
 LIMIT_S=${LIMIT_S:-570}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 WHL=${WHL:-.whl}  # WHL=none: the image's own packages
@@ -35,20 +38,24 @@ if ls "$WHL"/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-GPU=$(python3 -c "import torch; from benchmarks.env import gpu_short_name as g; print(g(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'))") \
-  || exit 1
+GPU=$(python3 -c "import torch; from benchmarks.env import gpu_short_name as g
+print(g(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'))") || exit 1
 DIR=${OUT:-benchmarks/results}/$GPU-$(date -u +%Y-%m-%d)
 mkdir -p "$DIR"
-{ nvidia-smi -L; python3 -c "import torch, triton, transformers, huggingface_hub; print('versions:', torch.__version__, triton.__version__, transformers.__version__, huggingface_hub.__version__)"; echo; } >> "$DIR/env.txt" 2>&1
+ENV_TXT=$DIR/env.txt; [ -n "$TAG" ] && ENV_TXT=$DIR/env-e2e$TAG.txt
+{ nvidia-smi -L; python3 -c "import torch, triton, transformers, huggingface_hub as h
+print('versions:', torch.__version__, triton.__version__, transformers.__version__, h.__version__)"; echo; } \
+  >> "$ENV_TXT" 2>&1
 echo "results in $DIR"
 
 if [ "${ONLY:-}" != "e2e" ]; then
-  timeout "${HOST_S:-200}" python3 -m benchmarks.host --out "$DIR" ${HOST_ARGS:-} > "$DIR/host.log" 2>&1
-  echo "host.py exit $? after $(( $(date +%s) - T0 )) s"; grep -v "^USDT" "$DIR/host.log" | tail -n 50
+  timeout "${HOST_S:-200}" python3 -m benchmarks.host --out "$DIR" ${HOST_ARGS:-} > "$DIR/host$TAG.log" 2>&1
+  echo "host.py exit $? after $(( $(date +%s) - T0 )) s"; grep -v "^USDT" "$DIR/host$TAG.log" | tail -n 50
 fi
 if [ "${ONLY:-}" != "host" ]; then
   LEFT=$(( LIMIT_S - ($(date +%s) - T0) ))
-  timeout "$LEFT" python3 -m benchmarks.e2e --out "$DIR" --budget-s $(( LEFT - 30 )) ${E2E_ARGS:-} > "$DIR/e2e.log" 2>&1
-  echo "e2e.py exit $? after $(( $(date +%s) - T0 )) s"; grep -v "^USDT" "$DIR/e2e.log" | grep "^\[" | tail -n 40
+  timeout "$LEFT" python3 -m benchmarks.e2e --out "$DIR" --name "e2e$TAG.json" --budget-s $(( LEFT - 30 )) \
+    ${E2E_ARGS:-} > "$DIR/e2e$TAG.log" 2>&1
+  echo "e2e.py exit $? after $(( $(date +%s) - T0 )) s"; grep "^\[" "$DIR/e2e$TAG.log" | tail -n 40
 fi
-python3 -m benchmarks.report_host "$DIR" --md "$DIR/tables.md" > /dev/null && echo "tables: $DIR/tables.md"
+python3 -m benchmarks.report_host "$DIR" --md "$DIR/tables$TAG.md" > /dev/null && echo "tables: $DIR/tables$TAG.md"

@@ -202,7 +202,7 @@ def placeholder() -> str:
         "```bash",
         "bash benchmarks/gpu_host_e2e.sh      # one device call (carry .whl); writes $OUT/<gpu>-<date>/",
         "# what did not fit in the call's 10 minutes (compiled batch-8 rows), in a second call:",
-        "ONLY=e2e E2E_ARGS=\"--batch 8 --modes compiled --name e2e-b8.json\" bash benchmarks/gpu_host_e2e.sh",
+        "ONLY=e2e TAG=-b8 E2E_ARGS=\"--batch 8 --modes compiled\" bash benchmarks/gpu_host_e2e.sh",
         "python -m benchmarks.report_host benchmarks/results/<gpu>-<date> --doc docs/performance.md",
         "```", "",
         _wrap("`python -m benchmarks.host --out DIR`: host enqueue time per call of `torch.ops.moe.fused_moe` and "
