@@ -21,7 +21,8 @@
 # e2e.py gets the rest of LIMIT_S (default 570 s) as its --budget-s, less 30 s for the row in flight: a row
 # that would end later is recorded as skipped. Batch 1 runs first (every impl, eager and compiled), then
 # batch 8 (eager rows are cheap; each compiled row of the 24-layer model costs a compile, ~30-60 s). What
-# was skipped comes with a second call, whose files carry TAG in their names (e2e-b8.json, e2e-b8.log, env-e2e-b8.txt), so that both calls' files fit in one folder:
+# was skipped comes with a second call, whose files carry TAG in their names (e2e-b8.json, e2e-b8.log,
+# env-e2e-b8.txt), so that both calls' files fit in one folder:
 #   ONLY=e2e TAG=-b8 E2E_ARGS="--batch 8 --modes compiled" bash benchmarks/gpu_host_e2e.sh
 # (report_host merges e2e*.json; a skipped row never hides a measured one). E2E_ARGS / HOST_ARGS pass more
 # flags (e.g. E2E_ARGS=--quick: batch 1, ours bf16 + fp8_block + transformers grouped_mm, ~3 min).
