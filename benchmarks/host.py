@@ -371,10 +371,13 @@ def main(argv=None) -> int:
               "compile": "torch.compile(fn, fullgraph=True, dynamic=True), default mode, fresh dynamo state per cell",
               "host": "perf_counter around `calls` unsynchronized calls (synchronize before, clock stopped before "
                       "the synchronize after), / calls, median of `repeats`",
-              "graph": "benchmarks.run.do_bench_ms(fn, graph=True): CUDA-graph replay, median"}
+              "graph": "benchmarks.run.do_bench_ms(fn, graph=True): CUDA-graph replay, median",
+              "grad_mode": "torch.no_grad() (as generate)"}
     flush = lambda: write_json(path, env, rows, method=method, smoke=args.smoke)  # noqa: E731
     log(f"host.py on {env['device']} (torch {env['torch']}, triton {env['triton']}); writing {path}")
-    with torch.inference_mode():  # the stack first: a run cut short (HOST_S) loses op cells, not the marginals
+    # no_grad, as transformers' generate: inference_mode would skip the autograd dispatch and flatter the figures.
+    # The stack first: a run cut short (HOST_S) loses op cells, not the marginals.
+    with torch.no_grad():
         if args.only in (None, "stack"):
             run_stack(args, device, log, rows, flush)
         if args.only in (None, "host"):
