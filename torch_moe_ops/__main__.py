@@ -9,7 +9,8 @@ _DESCRIPTION = """torch-moe-ops command line.
 subcommands:
   demo   the Hugging Face drop-in: save a random-weight Qwen3-MoE as a sharded safetensors checkpoint, load it
          with transformers (bf16) and with torch_moe_ops' from_pretrained (bf16, fp8 block, int8, int4), print
-         one table (logits SQNR, decode tokens/s of generate with a KV cache, eager and compiled, load peak memory); needs the [hf] extra.
+         one table (logits SQNR, decode tokens/s of generate with a KV cache, eager and compiled, load peak
+         memory); needs the [hf] extra.
          demo --layer: compile fused_moe in every scheme on random experts (accuracy, size, speed), then load,
          quantize online, compile and reload a meta-device model in place
   info   versions, device, the backend that serves CPU and CUDA tensors, the tuned tile table that applies,
