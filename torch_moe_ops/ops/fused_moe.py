@@ -6,6 +6,8 @@ namedtuple (``a.w13``). The scheme and activation names are resolved here into r
 and the reference receive the objects, canonical scales and the resolved ``alpha`` / ``limit``."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .. import _platform, reference
@@ -268,19 +270,49 @@ _EXPERTS_DOC = """
         [T, H] in hidden_states' dtype (a fresh tensor).
 """
 
-#: ``fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, activation="silu", ...)``
-fused_experts = FUSED_EXPERTS.wrapper(5, """Run the routed experts: ``out[t] = sum_j w_j * (f(x_t @ W13[e_j]^T + b13) @ W2[e_j]^T + b2)``.
+_FUSED_EXPERTS_DOC = """Run the routed experts: ``out[t] = sum_j w_j * (f(x_t @ W13[e_j]^T + b13) @ W2[e_j]^T + b2)``.
 
     Args:
         hidden_states: [T, H] bf16/fp16/fp32, last dim contiguous.
         w13: [E, 2I, H] gate rows then up rows (or [E, I, H] non-gated); w2: [E, H, I]. Last dim contiguous.
         topk_weights: [T, k] fp32 router weights; topk_ids: [T, k] int32/int64 expert ids (global ids
-            when ``expert_map`` is given).""" + _EXPERTS_DOC, __name__)
+            when ``expert_map`` is given).""" + _EXPERTS_DOC
 
-#: ``fused_moe(hidden_states, router_logits, w13, w2, top_k, *, renormalize=True, ...)``
-fused_moe = FUSED_MOE.wrapper(5, """Route and run the experts in one op (``topk_route`` then ``fused_experts``).
+_FUSED_MOE_DOC = """Route and run the experts in one op (``topk_route`` then ``fused_experts``).
 
     Args:
         hidden_states: [T, H]; router_logits: [T, E_logical] (E_logical = len(expert_map) or E).
-        w13, w2: as in ``fused_experts``. top_k and the routing keywords: as in ``topk_route``.""" + _EXPERTS_DOC,
-                              __name__)
+        w13, w2: as in ``fused_experts``. top_k and the routing keywords: as in ``topk_route``.""" + _EXPERTS_DOC
+
+# The public functions are generated (``Signature.wrapper``): static type checkers and IDEs cannot see their
+# parameters, so for them the same parameters are written out as plain stubs, pinned to the generated
+# functions by tests/ops/test_static_signatures.py. At runtime only the ``else`` branch runs.
+if TYPE_CHECKING:
+    def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, *, activation: str = "silu", quant_scheme: str = "none",
+                      w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                      w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+                      block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
+                      apply_router_weight_on_input: bool = False, activation_alpha: float | None = None,
+                      activation_limit: float | None = None) -> torch.Tensor:
+        """Run the routed experts (``topk_weights`` / ``topk_ids`` from ``topk_route``). ``help(fused_experts)``
+        documents the arguments."""
+        ...
+
+    def fused_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  top_k: int, *, renormalize: bool = True, scoring_func: str = "softmax", num_expert_group: int = 0,
+                  topk_group: int = 0, e_score_correction_bias: torch.Tensor | None = None,
+                  routed_scaling_factor: float = 1.0, activation: str = "silu", quant_scheme: str = "none",
+                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                  w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+                  block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
+                  apply_router_weight_on_input: bool = False, activation_alpha: float | None = None,
+                  activation_limit: float | None = None) -> torch.Tensor:
+        """Route and run the experts in one op (``topk_route`` then ``fused_experts``). ``help(fused_moe)``
+        documents the arguments."""
+        ...
+else:
+    #: ``fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, activation="silu", ...)``
+    fused_experts = FUSED_EXPERTS.wrapper(5, _FUSED_EXPERTS_DOC, __name__)
+    #: ``fused_moe(hidden_states, router_logits, w13, w2, top_k, *, renormalize=True, ...)``
+    fused_moe = FUSED_MOE.wrapper(5, _FUSED_MOE_DOC, __name__)

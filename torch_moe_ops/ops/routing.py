@@ -3,6 +3,8 @@
 Its signature is written once (``TOPK_ROUTE``, docs/design.md §8.3); ``fused_moe`` shares ``ROUTING_OPTIONS``."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .. import reference
@@ -67,8 +69,7 @@ _topk_route = TOPK_ROUTE.define(cuda=lambda a: _route(a, True), cpu=lambda a: _r
                                 fake=_route_fake)
 
 
-#: ``topk_route(router_logits, top_k, *, renormalize=True, scoring_func="softmax", ...)``
-topk_route = TOPK_ROUTE.wrapper(2, """Pick ``top_k`` experts per token.
+_TOPK_ROUTE_DOC = """Pick ``top_k`` experts per token.
 
     Args:
         router_logits: [T, E] bf16/fp16/fp32, scored in fp32. NaN counts as -inf, +-Inf as +-FLT_MAX.
@@ -82,4 +83,18 @@ topk_route = TOPK_ROUTE.wrapper(2, """Pick ``top_k`` experts per token.
 
     Returns:
         topk_weights: [T, k] fp32; topk_ids: [T, k] int32 in [0, E). Ties go to the lower id.
-    """, __name__)
+    """
+
+# The public function is generated (``Signature.wrapper``): static type checkers and IDEs cannot see its
+# parameters, so for them the same parameters are written out as a plain stub, pinned to the generated function
+# by tests/ops/test_static_signatures.py. At runtime only the ``else`` branch runs.
+if TYPE_CHECKING:
+    def topk_route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True, scoring_func: str = "softmax",
+                   num_expert_group: int = 0, topk_group: int = 0, e_score_correction_bias: torch.Tensor | None = None,
+                   routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick ``top_k`` experts per token -> (topk_weights [T, k] fp32, topk_ids [T, k] int32).
+        ``help(topk_route)`` documents the arguments."""
+        ...
+else:
+    #: ``topk_route(router_logits, top_k, *, renormalize=True, scoring_func="softmax", ...)``
+    topk_route = TOPK_ROUTE.wrapper(2, _TOPK_ROUTE_DOC, __name__)
