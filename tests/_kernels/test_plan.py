@@ -63,7 +63,7 @@ def pipeline(x, y, *, compute=False, view_out=False):
     tmp = torch.empty(n + 3)[3:]  # a view at an offset: replay must keep it
     zero = torch.zeros(n)
     launch(K, (1,), x, y, tmp, n, SCALE=2.0, num_warps=4)  # tmp = 2x + y
-    out = torch.empty(n + 1)
+    out = torch.zeros(n + 1)  # zeroed after a launch, before any launch uses it: hoisted to the replay's start
     if compute:
         tmp.add_(1.0)  # a torch compute op: not replayable
     launch(K, (1,), tmp[0:], zero, out[1:], n, SCALE=3.0)  # out[1:] = 3 tmp: written at an offset
@@ -84,6 +84,7 @@ def test_replay_matches_the_ordinary_path_on_fresh_inputs():
         x2, y2 = torch.randn(37, generator=g), torch.randn(37, generator=g)
         got = _run(cache, x2, y2)
         torch.testing.assert_close(got[1:], 3 * (2 * x2 + y2), rtol=0, atol=1e-5)
+        assert got[0] == 0
         assert got.shape == first.shape and got.data_ptr() != first.data_ptr()
     assert K.ordinary == 2 and K.compiled.launches == 6  # replayed: no ordinary launch since the first call
 
@@ -104,6 +105,17 @@ def test_recorder_sees_allocations_and_zero_fills():
         c = torch.empty(4).zero_()
         a.view(3, 1)
     assert len(rec.allocs) == 3 and rec.zeroed == {1, 2} and rec.problem is None
+
+
+def test_a_viewing_reshape_is_free_and_a_copying_one_is_not():
+    with Recorder() as rec:
+        a = torch.empty(4, 6)
+        a.reshape(24)  # a view
+    assert rec.problem is None
+    with Recorder() as rec:
+        a = torch.empty(4, 6)
+        a.t().reshape(24)  # must copy
+    assert rec.problem is not None
 
 
 def test_cache_is_bounded():

@@ -68,7 +68,8 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.launches: list[tuple] = []  # (kernel, compiled, grid, bound args)
         self.allocs: list[torch.Tensor] = []
-        self.zeroed: set[int] = set()  # alloc indices zero-filled before any launch
+        self.zeroed: set[int] = set()  # alloc indices zero-filled before any launch used them
+        self.used: set[int] = set()  # alloc indices some launch has been given
         self.problem: str | None = None
 
     def __enter__(self):
@@ -87,14 +88,14 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _VIEWS:
-            return out
         if func in _EMPTY or func in _ZEROS:
             self.allocs.append(out)
             if func in _ZEROS:
                 self._zero(out)
         elif func in _FILLS and (func is aten.zero_.default or args[1] == 0):
             self._zero(args[0])
+        elif func in _VIEWS or (not func._schema.is_mutable and _aliases_first_input(out, args)):
+            pass  # a view (e.g. a reshape that needed no copy): no memory traffic
         elif self.problem is None:
             self.problem = f"aten op {func} inside the call"
         return out
@@ -102,8 +103,8 @@ class Recorder(TorchDispatchMode):
     def _zero(self, t) -> None:
         i = self._alloc_index(t)
         whole = i is not None and t.data_ptr() == self.allocs[i].data_ptr() and t.numel() == self.allocs[i].numel()
-        if not whole or self.launches:
-            self.problem = self.problem or "a zero fill of part of a buffer, or after a launch"
+        if not whole or i in self.used:  # a fresh buffer's fill can move to the start of the replay
+            self.problem = self.problem or "a zero fill of part of a buffer, or of one a launch already used"
         else:
             self.zeroed.add(i)
 
@@ -117,7 +118,9 @@ class Recorder(TorchDispatchMode):
         if callable(grid):
             grid = grid(bound.arguments)
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-        self.launches.append((compiled, grid, list(bound.arguments.values())))
+        values = list(bound.arguments.values())
+        self.used.update(i for v in values if isinstance(v, torch.Tensor) and (i := self._alloc_index(v)) is not None)
+        self.launches.append((compiled, grid, values))
 
     def plan(self, inputs: list, out) -> "Plan | None":
         """The plan of the recorded call returning ``out`` (a tensor or a tuple), or None when it cannot be
@@ -128,6 +131,15 @@ class Recorder(TorchDispatchMode):
             return Plan(self, inputs, out if isinstance(out, tuple) else (out,), isinstance(out, tuple))
         except _Unplannable:
             return None
+
+
+def _aliases_first_input(out, args) -> bool:
+    """Every tensor ``out`` holds shares the first argument's storage: a view, no memory traffic."""
+    src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if src is None or not outs or not all(isinstance(o, torch.Tensor) for o in outs):
+        return False
+    return all(o.untyped_storage().data_ptr() == src.untyped_storage().data_ptr() for o in outs)
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
