@@ -61,32 +61,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def enqueue_us(fn, calls: int, repeats: int, device: torch.device) -> float:
-    """Median over ``repeats`` of the host time of ``calls`` unsynchronized calls, per call, in µs (the clock
-    stops before the synchronize that ends each run)."""
+def _per_call_us(fn, calls: int, repeats: int, device: torch.device, *, wait: bool) -> float:
+    """Median over ``repeats`` of the time of ``calls`` calls, per call, in µs; ``wait``: the clock stops after
+    the synchronize that ends each run (what a caller waits), else before it (enqueue time only)."""
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        elapsed = time.perf_counter() - start  # stop the clock first: enqueue time only
+        if wait:
+            _sync(device)
+        elapsed = time.perf_counter() - start
         _sync(device)
         times.append(elapsed / calls)
     return statistics.median(times) * 1e6
 
 
+def enqueue_us(fn, calls: int, repeats: int, device: torch.device) -> float:
+    """Host time to enqueue one call (the clock stops before synchronizing)."""
+    return _per_call_us(fn, calls, repeats, device, wait=False)
+
+
 def wall_us(fn, calls: int, repeats: int, device: torch.device) -> float:
-    """Median over ``repeats`` of (``calls`` calls, then synchronize) / calls, in µs: what a caller waits."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times) * 1e6
+    """Time a caller waits per call: ``calls`` calls, then synchronize."""
+    return _per_call_us(fn, calls, repeats, device, wait=True)
 
 
 def graph_us(fn, device: torch.device) -> float | None:
