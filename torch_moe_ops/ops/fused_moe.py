@@ -71,6 +71,12 @@ def _check_weight_dtypes(x, w13, w2, scheme: QuantScheme) -> None:
 PLANS = PlanCache()
 
 
+def clear_launch_plans() -> None:
+    """Forget every recorded launch plan: the next call of each signature records again. Needed only after
+    changing what the recording read once: the tuned tile tables (``TORCH_MOE_OPS_TUNED_DIR``, a new JSON)."""
+    PLANS.clear()
+
+
 def plans_on() -> bool:
     """CUDA calls replay launch plans unless debug mode (value checks, NaN poisoning) is on."""
     return not _platform.debug_checks() and _platform.launch_plans()
