@@ -8,6 +8,7 @@ once per worker."""
 import json
 import os
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -176,3 +177,16 @@ def test_enqueue_time_stops_the_clock_before_synchronizing(monkeypatch):
 
     assert host.enqueue_us(call, calls=4, repeats=3, device=torch.device("cpu")) == pytest.approx(1.0)
     assert host.wall_us(call, calls=4, repeats=3, device=torch.device("cpu")) > 1e6  # waits for the GPU
+
+
+def test_host_profile_smoke_runs_the_dispatcher_floors(tmp_path):
+    from benchmarks import host_profile
+
+    argv = sys.argv
+    sys.argv = ["host_profile", "--smoke", "--out", str(tmp_path)]
+    try:
+        host_profile.main()
+    finally:
+        sys.argv = argv
+    rows = json.loads((tmp_path / "host_profile.json").read_text())
+    assert rows[0]["floors"] == "cpu" and rows[0]["custom_op_us"] > 0 and rows[0]["library_us"] > 0

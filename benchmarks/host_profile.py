@@ -1,0 +1,154 @@
+"""Where a planned MoE call's host time goes: ``python -m benchmarks.host_profile [--out DIR]``.
+
+Splits the host time of one ``torch.ops.moe.fused_moe`` call (Qwen3-30B-A3B layer shape, bf16 and fp8_block,
+T = 1 and 256, launch plans replaying; docs/host-overhead.md) into: the dispatcher (a ``custom_op`` with the
+same schema and an empty kernel, against a plain ``torch.library.Library`` kernel with and without autograd),
+the plan key, the two allocations, and each replayed launch (timed one by one); plus a cProfile of 200 calls.
+Host figures come from ``time.perf_counter`` around unsynchronized calls (the GPU queue never fills: few calls
+per run). On CPU (``--smoke``) only the dispatcher floors run: the plans need CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import time
+
+import torch
+
+import torch_moe_ops as moe
+from torch_moe_ops import testing
+from torch_moe_ops.ops.fused_moe import FUSED_MOE, MOE_SCHEMA, PLANS, _sig
+
+E, K, H, I = 128, 8, 2048, 768
+
+
+def per_call_us(fn, calls=50, repeats=9, sync=lambda: None) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
+        sync()
+    return statistics.median(times) * 1e6
+
+
+def dispatcher_floors(device: str) -> dict:
+    """Host time of an op with fused_moe's schema whose kernel only returns a preallocated tensor."""
+    out = torch.empty(1, H, device=device)
+
+    def kernel(*args, **kwargs):
+        return out
+
+    lib = torch.library.Library("moe_profile", "DEF")
+    for name in ("plain", "autograd"):
+        lib.define(name + MOE_SCHEMA)
+        lib.impl(name, kernel, "CUDA" if device == "cuda" else "CPU")
+    torch.library.register_autograd("moe_profile::autograd", lambda ctx, g: (g,) + (None,) * 18)
+    custom = torch.library.custom_op("moe_profile::custom", mutates_args=(), schema=MOE_SCHEMA,
+                                     device_types=device)(lambda *a, **k: out.clone())
+    torch.library.register_autograd("moe_profile::custom", lambda ctx, g: (g,) + (None,) * 18)
+    x = torch.randn(1, H, device=device)
+    logits = torch.randn(1, E, device=device)
+    w = torch.empty(E, 2, 2, device=device)
+    ops = torch.ops.moe_profile
+    row = {}
+    with torch.no_grad():
+        row["library_us"] = per_call_us(lambda: ops.plain(x, logits, w, w, K))
+        row["library_autograd_us"] = per_call_us(lambda: ops.autograd(x, logits, w, w, K))
+        row["custom_op_us"] = per_call_us(lambda: ops.custom(x, logits, w, w, K))
+        row["clone_us"] = per_call_us(lambda: out.clone())
+    ins = [x, logits, w, w, None, None, None, None, None, None]
+    row["sig_10_inputs_us"] = per_call_us(lambda: tuple(map(_sig, ins)))
+    row["env_reads_us"] = per_call_us(lambda: (os.environ.get("TORCH_MOE_OPS_DEBUG", "0"),
+                                               os.environ.get("TORCH_MOE_OPS_LAUNCH_PLANS", "1")))
+    return row
+
+
+def replay_split(scheme: str, T: int) -> dict:
+    """The planned call piece by piece (CUDA)."""
+    torch.manual_seed(0)
+    w13, w2, _, _ = testing.random_moe_weights(E, H, I, dtype=torch.bfloat16, device="cuda")
+    q13, q2, s13, s2, block = testing.quantize_experts(w13, w2, scheme, "silu", None)
+    kw = testing.experts_kwargs(scheme, s13, s2, block)
+    x = (torch.randn(T, H, device="cuda") * 0.1).bfloat16()
+    logits = torch.randn(T, E, device="cuda")
+    call = lambda: moe.fused_moe(x, logits, q13, q2, K, **kw)  # noqa: E731
+    PLANS.clear()
+    call()
+    (key, plan), = PLANS.plans.items()
+    row = {"scheme": scheme, "T": T, "planned": plan is not None}
+    if plan is None:
+        return row
+    sync = torch.cuda.synchronize
+    defaults = {"renormalize": True, "scoring_func": "softmax", "num_expert_group": 0, "topk_group": 0,
+                "e_score_correction_bias": None, "routed_scaling_factor": 1.0, "activation": "silu",
+                "quant_scheme": "none", "w13_scale": None, "w2_scale": None, "w13_bias": None, "w2_bias": None,
+                "block_shape": None, "expert_map": None, "apply_router_weight_on_input": False,
+                "activation_alpha": None, "activation_limit": None}
+    a = FUSED_MOE.Args(hidden_states=x, router_logits=logits, w13=q13, w2=q2, top_k=K, **{**defaults, **kw})
+    plan_key = FUSED_MOE.plan_key(_sig, torch._C._cuda_getDevice)
+    _, inputs = plan_key(a)
+    with torch.no_grad():
+        row["call_us"] = per_call_us(call, sync=sync)
+        row["op_us"] = per_call_us(lambda: torch.ops.moe.fused_moe.default(x, logits, q13, q2, K, **kw), sync=sync)
+        row["key_us"] = per_call_us(lambda: plan_key(a), sync=sync)
+        row["replay_us"] = per_call_us(lambda: plan.replay(inputs), sync=sync)
+        row["workspace_alloc_us"] = per_call_us(
+            lambda: torch.empty(plan.workspace_bytes, dtype=torch.uint8, device="cuda"), sync=sync)
+    row["launches"] = len(plan.launches)
+    row["workspace_kib"] = plan.workspace_bytes / 1024
+    stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+    ws = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device="cuda")
+    per_launch = []
+    for ln in plan.launches:
+        args = ln.args.copy()
+        for pos, base, off in ln.slots:  # any valid pointers: the workspace stands in for every base
+            args[pos] = ws.data_ptr() if base >= len(inputs) else inputs[base].data_ptr() + off
+        g0, g1, g2 = ln.grid
+        per_launch.append(round(per_call_us(lambda: ln.call(g0, g1, g2, stream, ln.function, *args), sync=sync), 2))
+    row["per_launch_us"] = per_launch
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        sync()
+        prof.enable()
+        for _ in range(200):
+            call()
+        prof.disable()
+        sync()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
+    row["cprofile_top"] = text.getvalue()[-4000:]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="folder for host_profile.json")
+    p.add_argument("--smoke", action="store_true", help="CPU: the dispatcher floors only")
+    args = p.parse_args()
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    rows = [{"floors": device, **dispatcher_floors(device)}]
+    print(json.dumps(rows[-1]), flush=True)
+    if device == "cuda":
+        for scheme in ("none", "fp8_block"):
+            for T in (1, 256):
+                rows.append(replay_split(scheme, T))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "cprofile_top"}), flush=True)
+                print(rows[-1].get("cprofile_top", ""), flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "host_profile.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
