@@ -29,17 +29,19 @@ def _register(module) -> None:
 
 
 class _Loader(importlib.abc.Loader):
-    """The module's own loader, then ``_register``."""
+    """The module's own loader, then ``_register`` (and the finder retires once the module has executed)."""
 
-    def __init__(self, loader):
-        self._loader = loader
+    def __init__(self, loader, finder):
+        self._loader, self._finder = loader, finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         module.__loader__ = self._loader
-        self._loader.exec_module(module)
+        self._loader.exec_module(module)  # if this raises, the finder stays for the next import attempt
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
         try:
             _register(module)
         except Exception:  # never break importing transformers; integrations.transformers registers again
@@ -50,13 +52,18 @@ class _Loader(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    _busy = False  # while looking the module up through the other finders
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != _MODULE:
+        if fullname != _MODULE or self._busy:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
-        spec = importlib.util.find_spec(fullname)
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
         if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
+            spec.loader = _Loader(spec.loader, self)
         return spec
 
 
