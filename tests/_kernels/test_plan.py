@@ -58,8 +58,10 @@ class _Kernel:
 K = _Kernel()
 
 
-def pipeline(x, y, *, compute=False, view_out=False):
+def pipeline(x, y, *, compute=False, view_out=False, other_device=False):
     n = x.numel()
+    if other_device:
+        torch.empty(4, device="meta")  # one workspace cannot hold it
     tmp = torch.empty(n + 3)[3:]  # a view at an offset: replay must keep it
     zero = torch.zeros(n)
     launch(K, (1,), x, y, tmp, n, SCALE=2.0, num_warps=4)  # tmp = 2x + y
@@ -89,8 +91,8 @@ def test_replay_matches_the_ordinary_path_on_fresh_inputs():
     assert K.ordinary == 2 and K.compiled.launches == 6  # replayed: no ordinary launch since the first call
 
 
-def test_a_torch_compute_op_or_a_view_output_keeps_the_ordinary_path():
-    for kw in ({"compute": True}, {"view_out": True}):
+def test_a_torch_compute_op_a_view_output_or_another_device_keeps_the_ordinary_path():
+    for kw in ({"compute": True}, {"view_out": True}, {"other_device": True}):
         cache, K.ordinary, K.compiled.launches = PlanCache(), 0, 0
         x, y = torch.randn(8), torch.randn(8)
         for _ in range(3):

@@ -152,10 +152,13 @@ class Plan:
     def __init__(self, rec: Recorder, inputs: list, outputs: tuple, tuple_out: bool = False):
         self.tuple_out = tuple_out
         n_in = len(inputs)
+        if not outputs or any(a.device != outputs[0].device for a in rec.allocs):
+            raise _Unplannable("an allocation on another device than the output (one workspace serves them all)")
         out_allocs = []
         for o in outputs:
             i = rec._alloc_index(o)
-            if i is None or o.storage_offset() != 0 or o.untyped_storage().nbytes() != rec.allocs[i].untyped_storage().nbytes():
+            if (i is None or o.storage_offset() != 0
+                    or o.untyped_storage().nbytes() != rec.allocs[i].untyped_storage().nbytes()):
                 raise _Unplannable("an output that is not a whole allocation of the call")
             out_allocs.append(i)
         # Workspace layout: zeroed allocations first (one memset), then the rest; outputs on their own.
