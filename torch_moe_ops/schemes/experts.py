@@ -13,7 +13,7 @@ import torch
 
 from ._lookup import lookup
 from .numerics import FP8_DTYPE, FP8_MAX, SCALE_EPS, cdiv
-from .weights import FP8_BLOCK, FP8_CHANNEL, FP8_TENSOR, INT4_GROUP, INT8_CHANNEL, WeightFormat
+from .weights import FP8_BLOCK, FP8_CHANNEL, FP8_TENSOR, INT4_GROUP, INT8_CHANNEL, WEIGHT_FORMAT_ALIASES, WeightFormat
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -157,8 +157,13 @@ QUANT_SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (
 
 #: One name per scheme works everywhere: the weight format's name (``quantize_weight``'s) and the short name
 #: resolve to the scheme too, so ``"int4_w4a16"`` / ``"int4_group"`` / ``"int4"`` are one scheme.
-QUANT_SCHEME_ALIASES = {"int8_channel": "int8_w8a16", "int8": "int8_w8a16", "int4_group": "int4_w4a16",
-                        "int4": "int4_w4a16"}
+_SHORT_NAMES = {"int8": "int8_w8a16", "int4": "int4_w4a16"}
+QUANT_SCHEME_ALIASES: dict[str, str] = dict(_SHORT_NAMES)
+for _s in QUANT_SCHEMES.values():
+    if _s.quantized and _s.weight.name != _s.name:  # e.g. int4_w4a16 uses int4_group: each name means both
+        QUANT_SCHEME_ALIASES[_s.weight.name] = _s.name
+        WEIGHT_FORMAT_ALIASES[_s.name] = _s.weight.name
+WEIGHT_FORMAT_ALIASES.update({short: QUANT_SCHEMES[name].weight.name for short, name in _SHORT_NAMES.items()})
 
 
 def get_quant_scheme(name) -> QuantScheme:

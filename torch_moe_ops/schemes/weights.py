@@ -269,8 +269,8 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP8_TENSOR, FP8_C
 
 
 #: ``fused_experts``' scheme names (and the short ones) name their weight format too: one name per scheme.
-WEIGHT_FORMAT_ALIASES = {"int8_w8a16": "int8_channel", "int8": "int8_channel", "int4_w4a16": "int4_group",
-                         "int4": "int4_group"}
+#: Filled by ``experts.py`` from the schemes (the one place that knows which format each scheme uses).
+WEIGHT_FORMAT_ALIASES: dict[str, str] = {}
 
 
 def get_weight_format(name) -> WeightFormat:
