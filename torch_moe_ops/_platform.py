@@ -14,6 +14,7 @@ import torch
 BACKEND_ENV = "TORCH_MOE_OPS_BACKEND"  # "reference" (default on CPU) or "triton" (CPU tensors via the interpreter)
 DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may synchronize)
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
+DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "1": replays call Triton 3.6's C launch directly (not GPU-tested)
 
 
 @functools.cache
@@ -58,6 +59,12 @@ def debug_checks() -> bool:
 def launch_plans() -> bool:
     """True unless ``TORCH_MOE_OPS_LAUNCH_PLANS=0``: CUDA op calls replay recorded launch plans."""
     return os.environ.get(PLANS_ENV, "1") != "0"
+
+
+def direct_launch() -> bool:
+    """True with ``TORCH_MOE_OPS_DIRECT_LAUNCH=1``: plans recorded from then on skip ``CudaLauncher.__call__``
+    (docs/host-overhead.md; off by default until it has run on a GPU)."""
+    return os.environ.get(DIRECT_LAUNCH_ENV, "0") == "1"
 
 
 def require_triton() -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from torch_moe_ops._kernels.plan import PlanCache, Recorder, launch, run_planned
+from torch_moe_ops._platform import DIRECT_LAUNCH_ENV
 
 
 def _view(p, n):
@@ -125,3 +126,52 @@ def test_cache_is_bounded():
     for i in range(3):
         cache.put(i, None)
     assert list(cache.plans) == [1, 2]
+
+
+class _Launcher36:
+    """Triton 3.6's CudaLauncher surface: ``__call__`` allocates scratch, then calls the C ``launch``."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self):
+        self.direct = self.via_call = 0
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        self.via_call += 1
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl, None, None,
+                    *args)
+
+    def launch(self, gx, gy, gz, stream, function, coop, pdl, scratch, profile, meta, launch_md, enter, exit_, *args):
+        assert (coop, pdl, scratch, profile, meta, launch_md, enter, exit_) == (False, True, None, None, "meta", None,
+                                                                                None, None)
+        self.direct += 1
+        _axpb(*args)
+
+
+def test_triton_36_launchers_are_called_directly(monkeypatch):
+    """With TORCH_MOE_OPS_DIRECT_LAUNCH=1 a replay skips ``CudaLauncher.__call__`` when it only forwards (no
+    scratch): same arguments to ``launch``. Off by default: the full launcher."""
+    run = _Launcher36()
+    K.compiled.run = run
+    try:
+        cache = PlanCache()
+        x, y = torch.randn(9), torch.randn(9)
+        _run(cache, x, y)
+        _run(cache, x, y)
+        assert run.direct == 2 and run.via_call == 2  # default: through __call__
+        run.direct = run.via_call = 0
+        monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")
+        cache = PlanCache()
+        x, y = torch.randn(9), torch.randn(9)
+        _run(cache, x, y)
+        got = _run(cache, x, y)
+        torch.testing.assert_close(got[1:], 3 * (2 * x + y), rtol=0, atol=1e-5)
+        assert run.direct == 2 and run.via_call == 0  # both launches of the replay, straight to ``launch``
+        run.global_scratch_size = 64  # a kernel with scratch keeps the full launcher
+        cache = PlanCache()
+        _run(cache, x, y)
+        _run(cache, x, y)
+        assert run.direct == 4 and run.via_call == 2
+    finally:
+        del K.compiled.run

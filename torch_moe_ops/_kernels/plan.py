@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._platform import direct_launch
+
 _state = threading.local()
 _ALIGN = 256  # workspace slice alignment (the caching allocator's is 512; Triton specializes on 16)
 aten = torch.ops.aten
@@ -53,12 +55,38 @@ class _Unplannable(Exception):
 
 @dataclass
 class _Launch:
-    run: object  # the compiled kernel's launcher
+    call: object  # (grid x, y, z, stream, function, *args): the compiled kernel's launcher
     function: object
-    metadata: object
     grid: tuple[int, int, int]
-    args: list  # every kernel argument, constexprs included; tensor slots hold None until replay
-    slots: tuple[tuple[int, int, int], ...]  # (position, base, byte offset)
+    args: list  # the launcher's arguments after ``function``, kernel arguments (constexprs included) last;
+    #             tensor slots hold None until replay
+    slots: tuple[tuple[int, int, int], ...]  # (position in args, base, byte offset)
+
+
+def _launcher(compiled) -> tuple[object, tuple]:
+    """The callable a replay launches through and the arguments it takes before the kernel's own.
+
+    ``CompiledKernel.run(grid, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args)`` is
+    Triton's public path. Triton 3.6's ``CudaLauncher.__call__`` only allocates scratch (none for kernels that
+    need none) and calls its C ``launch``: for such kernels the replay calls ``launch`` itself (a Python frame
+    and two closures less per launch). Recognized by ``__call__``'s exact parameters; anything else (other
+    Triton versions, kernels with scratch) keeps ``run``. Opt-in (``TORCH_MOE_OPS_DIRECT_LAUNCH=1``, read when
+    a plan is made) until it has run on a GPU."""
+    run = compiled.run
+    head = (compiled.packed_metadata, None, None, None)
+    if not direct_launch():
+        return run, head
+    try:
+        import inspect
+
+        params = list(inspect.signature(type(run).__call__).parameters)
+        direct = (params == ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
+                  and run.global_scratch_size == 0 and run.profile_scratch_size == 0 and callable(run.launch))
+    except (AttributeError, TypeError, ValueError):
+        direct = False
+    if direct:
+        return run.launch, (run.launch_cooperative_grid, run.launch_pdl, None, None, *head)
+    return run, head
 
 
 class Recorder(TorchDispatchMode):
@@ -204,8 +232,10 @@ class Plan:
                     base, off = where[i]
                     slots.append((pos, base, off + a.data_ptr() - rec.allocs[i].data_ptr()))
                 args[pos] = None
-            self.launches.append(_Launch(compiled.run, compiled.function, compiled.packed_metadata, grid, args,
-                                         tuple(slots)))
+            call, head = _launcher(compiled)
+            n = len(head)
+            self.launches.append(_Launch(call, compiled.function, grid, [*head, *args],
+                                         tuple((pos + n, base, off) for pos, base, off in slots)))
 
     def replay(self, inputs: list):
         dev = self.device
@@ -222,7 +252,7 @@ class Plan:
             for pos, base, off in ln.slots:
                 args[pos] = ptrs[base] + off
             g0, g1, g2 = ln.grid
-            ln.run(g0, g1, g2, stream, ln.function, ln.metadata, None, None, None, *args)
+            ln.call(g0, g1, g2, stream, ln.function, *args)
         return outs
 
 
