@@ -110,7 +110,7 @@ class Recorder(TorchDispatchMode):
 
     def _alloc_index(self, t) -> int | None:
         for i, a in enumerate(self.allocs):
-            if a is t or (a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() != 0):
+            if a is t or (_storage_ptr(a) == _storage_ptr(t) != 0):
                 return i
         return None
 
@@ -167,7 +167,7 @@ def _aliases_first_input(out, args) -> bool:
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if src is None or not outs or not all(isinstance(o, torch.Tensor) for o in outs):
         return False
-    return all(o.untyped_storage().data_ptr() == src.untyped_storage().data_ptr() for o in outs)
+    return all(_storage_ptr(o) == _storage_ptr(src) for o in outs)
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -261,13 +261,19 @@ def _alloc(shape, stride, dtype, zero, dev):
     return t.zero_() if zero else t
 
 
+_knobs = []  # triton.knobs, looked up on the first replay (not on import: CPU users never load Triton)
+
+
 def replay_enabled() -> bool:
     """Plans replay unless a Triton launch hook (a profiler such as proton) wants to see every launch."""
-    try:
-        from triton import knobs
-    except ImportError:  # older Triton: no hooks API to respect
-        return True
-    return _no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook)
+    if not _knobs:
+        try:
+            from triton import knobs
+        except ImportError:  # older Triton: no hooks API to respect
+            knobs = None
+        _knobs.append(knobs)
+    knobs = _knobs[0]
+    return knobs is None or (_no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook))
 
 
 def _no_hook(h) -> bool:
@@ -281,9 +287,6 @@ class PlanCache:
     def __init__(self, size: int = 512):
         self.size = size
         self.plans: dict = {}
-
-    def get(self, key):
-        return self.plans.get(key, _MISSING)
 
     def put(self, key, plan) -> None:
         if len(self.plans) >= self.size:
