@@ -15,6 +15,7 @@ BACKEND_ENV = "TORCH_MOE_OPS_BACKEND"  # "reference" (default on CPU) or "triton
 DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may synchronize)
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "1": replays call Triton 3.6's C launch directly (not GPU-tested)
+COMPILE_KERNELS_ENV = "TORCH_MOE_OPS_COMPILE_KERNELS"  # "0": torch.compile keeps the CUDA ops opaque
 
 
 @functools.cache
@@ -65,6 +66,13 @@ def direct_launch() -> bool:
     """True with ``TORCH_MOE_OPS_DIRECT_LAUNCH=1``: plans recorded from then on skip ``CudaLauncher.__call__``
     (docs/host-overhead.md; off by default until it has run on a GPU)."""
     return os.environ.get(DIRECT_LAUNCH_ENV, "0") == "1"
+
+
+def compile_kernels() -> bool:
+    """True unless ``TORCH_MOE_OPS_COMPILE_KERNELS=0``: under ``torch.compile`` the CUDA expert ops decompose
+    into their Triton launches, which Inductor launches itself (docs/host-overhead.md). Read when a graph is
+    traced."""
+    return os.environ.get(COMPILE_KERNELS_ENV, "1") != "0"
 
 
 def require_triton() -> None:

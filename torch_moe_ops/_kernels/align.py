@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import token_bucket
 from .plan import launch
 
 _TILE = 32  # pairs per scatter tile: the in-tile rank is one [TILE, TILE] compare-and-count (H100: 32 beat 64/128)
@@ -145,7 +146,17 @@ def _align_scatter_kernel(
     lanes = tl.arange(0, TILE)
     for off in range(0, per_prog, TILE):
         j = start + off + lanes
-        e = _local_ids(ids_ptr, map_ptr, j, (j < numel) & (off + lanes < per_prog), E, HAS_MAP)
+        # _local_ids written out: torch.compile's mutation analysis takes a store address computed from a
+        # @triton.jit call's result for a write to every pointer given to the call (ids would be copied).
+        mask = (j < numel) & (off + lanes < per_prog)
+        raw = tl.load(ids_ptr + j, mask=mask, other=-1)
+        valid = mask & (raw >= 0) & (raw < E)
+        e = tl.where(valid, raw, 0).to(tl.int32)
+        if HAS_MAP:
+            loc = tl.load(map_ptr + e, mask=valid, other=-1).to(tl.int32)
+            valid = valid & (loc >= 0) & (loc < E)
+            e = loc
+        e = tl.where(valid, e, E)
         # One reduction gives both the rank among equal lanes before i (low 16 bits) and their count.
         same = e[:, None] == e[None, :]
         packed = tl.sum(tl.where(same, tl.where(lanes[None, :] < lanes[:, None], 65537, 65536), 0), axis=1)
@@ -179,11 +190,13 @@ def align_block_size(
     emap = expert_map if has_map else ids
     meta = dict(E=E, EB=eb, B=B, B_P2=b_p2, NB=max(1, _SLOTS_PER_ITER // b_p2), TILE=_TILE, COUNT_TILE=_COUNT_TILE,
                 LOG_EB=eb.bit_length() - 1, HAS_MAP=has_map, num_warps=4)
-    fused = numel <= _FUSED_MAX
+    # The path is chosen per token bucket (configs.token_bucket), so a graph traced for a symbolic T takes
+    # the path eager takes for every T it accepts; sym_min / sym_max keep the sizes symbolic (no guard).
+    fused = token_bucket(topk_ids.shape[0]) * topk_ids.shape[1] <= _FUSED_MAX
     if fused:
-        nprog = max(1, min(_FUSED_PROGS, triton.cdiv(max_blocks, 8)))  # also splits the sentinel fill
-        per_prog = triton.cdiv(triton.cdiv(max(numel, 1), nprog), _TILE) * _TILE
-        counts = totals = sorted_ids  # unused
+        nprog = torch.sym_max(1, torch.sym_min(_FUSED_PROGS, triton.cdiv(max_blocks, 8)))  # splits the sentinel fill
+        per_prog = triton.cdiv(triton.cdiv(torch.sym_max(numel, 1), nprog), _TILE) * _TILE
+        counts = totals = ids  # unused (never a buffer the kernel writes: no aliasing for torch.compile)
     else:
         per_prog = triton.cdiv(triton.cdiv(numel, _TARGET_PROGS), _COUNT_TILE) * _COUNT_TILE
         nprog = triton.cdiv(numel, per_prog)

@@ -191,6 +191,21 @@ def _usable(cfg: TileConfig, scheme: QuantScheme, block) -> bool:
     return True
 
 
+def token_bucket(T) -> int:
+    """The token count tile choices are made for: the next power of two >= T (1 for T <= 1).
+
+    Every T of one bucket gets the same tiles, the same alignment block size and the same alignment path,
+    so a graph traced for a symbolic T (``torch.compile(dynamic=True)``; docs/host-overhead.md) launches
+    exactly what eager launches for each T it accepts. With a ``SymInt`` the comparisons become Dynamo guards
+    ``T <= 2^j`` (and ``T > 2^(j-1)``): one graph per bucket visited."""
+    if isinstance(T, int):
+        return 1 if T <= 1 else 1 << (T - 1).bit_length()
+    b = 1
+    while not T <= b:  # a SymInt comparison: one guard each
+        b *= 2
+    return b
+
+
 def get_config(
     T: int,
     E: int,
@@ -206,7 +221,9 @@ def get_config(
     [E, N, K] (K logical). ``block``: the canonical scale tile (None for untiled schemes).
 
     Order: interpreter tiles (CPU tensors / TRITON_INTERPRET=1) → tuned table of this device → §8.1
-    heuristic. Pure host logic on shapes: no device sync, same answer for the same shapes."""
+    heuristic, all keyed on ``token_bucket(T)``. Pure host logic on shapes: no device sync, same answer for
+    the same bucket."""
+    T = token_bucket(T)
     if interpret_mode() or device is None or device.type != "cuda":
         return interpreter_config(scheme, block)
     index = device.index if device.index is not None else torch.cuda.current_device()

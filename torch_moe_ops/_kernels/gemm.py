@@ -196,7 +196,7 @@ def _flag_kwargs(flags) -> dict:
 def gemm_grid_rows(num_slots: int, numel: int, block_m: int) -> int:
     """Row blocks to launch: ``cdiv(max_padded, BM)`` trimmed to ``numel`` (docs/design.md §8 small-T path):
     every block below ``num_post_pad`` holds at least one real pair, so at most ``numel`` blocks are used."""
-    return min(cdiv(num_slots, block_m), numel)
+    return torch.sym_min(cdiv(num_slots, block_m), numel)  # symbolic under torch.compile: no guard
 
 
 def invoke_moe_gemm(
@@ -236,7 +236,7 @@ def invoke_moe_gemm(
     N, K = w.shape[1], w.shape[2] * pack
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     num_pid_m = gemm_grid_rows(sorted_ids.numel(), numel, bm)
-    if num_pid_m == 0 or N == 0:
+    if numel == 0 or N == 0:  # (numel > 0 means num_pid_m > 0: sorted_ids has at least numel slots)
         return c
     flags = scheme.flags
     if flags.W_GROUP_SCALE != flags.W_INT4:
@@ -246,7 +246,8 @@ def invoke_moe_gemm(
         raise ValueError(f"BLOCK_K={bk} must divide the {scheme.name} scale tile's K size {group_k}")
     if pack > 1 and bk % (16 * pack):  # each of the pack dots of a K step needs K >= 16
         raise ValueError(f"BLOCK_K={bk} must be a multiple of {16 * pack} for packed {scheme.name} weights")
-    dummy = c  # never dereferenced: the constexpr flags prune every use
+    dummy = sorted_ids  # never dereferenced (the constexpr flags prune every use); not c, which the kernel
+    #                     writes: under torch.compile a written buffer passed twice would cost a copy
     a_s = a_scale if a_scale is not None else dummy
     w_s = w_scale if w_scale is not None else dummy
     b_ = bias if bias is not None else dummy

@@ -17,6 +17,7 @@ alignment, hence the same argument values, grids and specializations the ordinar
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -41,12 +42,31 @@ _FILLS = {aten.zero_.default, aten.fill_.Scalar}
 
 
 def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``; recorded when a ``Recorder`` is active on this thread."""
+    """``kernel[grid](*args, **kwargs)``; recorded when a ``Recorder`` is active on this thread, and traced
+    for Inductor (``torch.library.wrap_triton``) inside ``traced_launches()``."""
+    if getattr(_state, "traced", False):
+        from torch.library import wrap_triton
+
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return None
     compiled = kernel[grid](*args, **kwargs)
     rec = getattr(_state, "recorder", None)
     if rec is not None:
         rec.add_launch(kernel, compiled, grid, args, kwargs)
     return compiled
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Inside, ``launch()`` records each launch into the graph being traced (a ``triton_kernel_wrapper``
+    node that Inductor compiles and launches itself) instead of launching it: the ops' decomposition under
+    ``torch.compile`` (ops/decompose.py, docs/host-overhead.md)."""
+    prev = getattr(_state, "traced", False)
+    _state.traced = True
+    try:
+        yield
+    finally:
+        _state.traced = prev
 
 
 class _Unplannable(Exception):

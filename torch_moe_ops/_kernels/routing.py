@@ -154,7 +154,7 @@ def topk_route(
     bias = e_score_correction_bias
     grid = (triton.cdiv(T, block_t),)
     launch(_topk_route_kernel, grid,
-        router_logits, bias if bias is not None else weights, weights, ids,
+        router_logits, bias if bias is not None else router_logits, weights, ids,  # (a read-only dummy)
         T, router_logits.stride(0), router_logits.stride(1), float(routed_scaling_factor),
         E=E, GROUP_SIZE=group_size, NUM_GROUPS=groups, TOPK_GROUP=topk_group if grouped else 1,
         TOP_K=top_k, K_P2=triton.next_power_of_2(top_k), GP=gp, GS=gs, BLOCK_T=block_t,

@@ -15,6 +15,7 @@ from .._kernels.plan import PlanCache, run_planned
 from ..schemes import QUANT_SCHEMES, Activation, QuantScheme, get_activation, get_quant_scheme
 from . import _checks as C
 from ._registry import use_triton_on_cpu
+from .decompose import decompose
 from .routing import ROUTING_OPTIONS, check_routing, route
 from .signature import Signature, args
 
@@ -216,6 +217,7 @@ def _experts_fake(a):
 
 _fused_experts = FUSED_EXPERTS.define(cuda=planned(FUSED_EXPERTS, experts),
                                       cpu=lambda a: experts(a, use_triton_on_cpu()), fake=_experts_fake)
+decompose(_fused_experts, FUSED_EXPERTS, experts)
 
 
 # ------------------------------------------------------------------------------------------ fused_moe
@@ -250,6 +252,7 @@ def _moe_fake(a):
 
 
 _fused_moe = FUSED_MOE.define(cuda=planned(FUSED_MOE, moe), cpu=lambda a: moe(a, use_triton_on_cpu()), fake=_moe_fake)
+decompose(_fused_moe, FUSED_MOE, moe)
 
 
 # ------------------------------------------------------------------------------------------ public functions

@@ -11,6 +11,7 @@ from .. import reference
 from ..schemes import SCORING_FUNCS
 from . import _checks as C
 from ._registry import use_triton_on_cpu
+from .decompose import decompose
 from .signature import Signature, args
 
 #: The routing options of ``topk_route`` and ``fused_moe`` (then ``routed_scaling_factor``: keyword-only here).
@@ -67,6 +68,7 @@ def _route_fake(a):
 
 _topk_route = TOPK_ROUTE.define(cuda=lambda a: _route(a, True), cpu=lambda a: _route(a, use_triton_on_cpu()),
                                 fake=_route_fake)
+decompose(_topk_route, TOPK_ROUTE, _route)
 
 
 _TOPK_ROUTE_DOC = """Pick ``top_k`` experts per token.
