@@ -1,0 +1,59 @@
+"""Under torch.compile the CUDA ops decompose into their Triton launches (ops/decompose.py,
+docs/host-overhead.md), checked on this GPU-less machine: fused_moe traced on fake CUDA tensors through
+AOTAutograd (tests/ops/trace_fake_cuda.py, in a subprocess without TRITON_INTERPRET). The graph must hold our
+kernels and nothing that moves data (no copy of an input: torch's mutation analysis must see that no kernel
+writes one), and a symbolic T must be guarded to its token bucket only. On the GPU, tests/gpu/test_compile_kernels.py
+checks the compiled results bitwise against eager."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[2]
+CASES = [("none", 1, False), ("fp8_block", 24, True), ("fp8_channel", 3, False), ("int4_w4a16", 5000, True),
+         ("none", 1, False, True)]
+#: Pipeline kernels per scheme (route, align, [quantize x], GEMM1, activation [+ quantize], GEMM2, moe_sum).
+KERNELS = {"none": 6, "fp8_block": 7, "fp8_channel": 7, "int4_w4a16": 6}
+#: What may sit between the kernels: allocations, views, shape arithmetic.
+FREE = {"aten.empty.memory_format", "aten.view.default", "aten.sym_size.int"}
+
+
+@pytest.fixture(scope="module")
+def traced():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "tests.ops.trace_fake_cuda", json.dumps(CASES)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(zip(CASES, json.loads(proc.stdout.strip().splitlines()[-1])))
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=[f"{c[0]}-T{c[1]}{'-symbolic' if c[2] else ''}" for c in CASES[:4]])
+def test_graph_holds_our_kernels_and_nothing_that_moves_data(traced, case):
+    seen = traced[case]
+    ops = Counter(seen["nodes"])
+    big = case[1] * 6 > 4096  # multi-kernel alignment (count + scan + scatter) past 4096 pairs
+    assert ops["triton_kernel_wrapper_functional"] == KERNELS[case[0]] + 2 * big, ops
+    aten = {n for n in ops if n.startswith("aten.")}
+    assert aten <= FREE, f"aten ops beyond allocations and views: {aten - FREE}"
+    assert seen["cloned_inputs"] == [], "a kernel is taken to write a graph input: Inductor would copy it"
+
+
+def test_symbolic_T_is_guarded_to_its_token_bucket(traced):
+    assert traced[("none", 1, False)]["guards"] == []
+    guards = traced[("fp8_block", 24, True)]["guards"]
+    assert "T > 16" in guards and "T <= 32" in guards, guards
+    assert not [g for g in guards if "T" in g and g not in ("T > 16", "T <= 32") and ">" not in g and "<" not in g]
+    big = traced[("int4_w4a16", 5000, True)]["guards"]
+    assert "T > 4096" in big and "T <= 8192" in big, big
+
+
+def test_the_switch_keeps_the_op_opaque(traced):
+    assert traced[("none", 1, False, True)]["nodes"] == ["moe.fused_moe.default"]
