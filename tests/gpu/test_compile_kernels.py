@@ -77,6 +77,18 @@ def test_opaque_switch_keeps_the_op_and_its_plans(monkeypatch, fresh_dynamo):
     assert any(p is not None for p in PLANS.plans.values())
 
 
+def test_an_unbacked_T_keeps_one_graph_and_the_opaque_op(fresh_dynamo):
+    """mark_unbacked (README): one graph for every T; no value to pick tiles by, so the op stays opaque."""
+    q13, q2, kw = _weights("none")
+    f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw), fullgraph=True, dynamic=True)
+    for T in (5, 40, 300):
+        x, logits = _inputs(T, T)
+        torch._dynamo.decorators.mark_unbacked(x, 0)
+        torch._dynamo.decorators.mark_unbacked(logits, 0)
+        torch.testing.assert_close(f(x, logits), moe.fused_moe(x, logits, q13, q2, K, **kw), rtol=0, atol=0)
+    assert _frames() == 1
+
+
 def test_cuda_graph_of_the_compiled_graph(fresh_dynamo):
     from torch._dynamo.utils import counters
 

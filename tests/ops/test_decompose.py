@@ -55,5 +55,5 @@ def test_symbolic_T_is_guarded_to_its_token_bucket(traced):
     assert "T > 4096" in big and "T <= 8192" in big, big
 
 
-def test_the_switch_keeps_the_op_opaque(traced):
+def test_the_switch_keeps_the_op_opaque(traced):  # (an unbacked T too: tests/gpu/test_compile_kernels.py)
     assert traced[("none", 1, False, True)]["nodes"] == ["moe.fused_moe.default"]

@@ -11,7 +11,8 @@ devices on their own paths.
 
 The op stays opaque (its registered kernel is called at run time, launch plans and all) for CPU tensors,
 with ``TORCH_MOE_OPS_COMPILE_KERNELS=0``, in debug mode (value checks must run on every call), under
-``torch.export`` (an exported program keeps the op, as with ``triton_op``) and without Triton.
+``torch.export`` (an exported program keeps the op, as with ``triton_op``), without Triton, and for an
+unbacked token count (``mark_unbacked``: one graph for every T, so the tiles are picked per call).
 
 Tile choices depend on the token count through ``configs.token_bucket`` only, so a graph traced with a
 symbolic T (``dynamic=True``) carries guards ``2^(j-1) < T <= 2^j`` and launches, for each T it accepts, what
@@ -33,7 +34,13 @@ def _decomposing(types, a, sig) -> bool:
     if _platform.interpret_mode() or not getattr(config, "decompose_custom_triton_ops", True):
         return False  # the interpreter; torch.export keeps custom ops whole
     first = getattr(a, sig.tensors[0])
-    return isinstance(first, torch.Tensor) and first.device.type == "cuda"
+    if not isinstance(first, torch.Tensor) or first.device.type != "cuda":
+        return False
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    # An unbacked T (mark_unbacked: one graph for every T) has no value to pick tiles by: the op stays opaque
+    # and picks them per call.
+    return not free_unbacked_symbols(first.shape[0])
 
 
 def decompose(op, sig, body) -> None:
