@@ -15,7 +15,7 @@ takes the entry of the smallest tuned T ≥ T, else the largest tuned T: a confi
 we have is safe (at worst a little padding), while snapping down to a smaller-T config could pick tiny
 tiles for a large batch (docs/design.md §12.6). No table, or a config that the scheme cannot use, falls
 back to the heuristic. ``block_m`` is also the alignment block size. ``benchmarks/tune.py`` writes the
-tables.
+tables. Lookups use ``token_bucket(T)``, so only tuned T in ``TOKEN_BUCKETS`` are ever served.
 """
 from __future__ import annotations
 
@@ -191,19 +191,24 @@ def _usable(cfg: TileConfig, scheme: QuantScheme, block) -> bool:
     return True
 
 
-def token_bucket(T) -> int:
-    """The token count tile choices are made for: the next power of two >= T (1 for T <= 1).
+#: The token counts tiles are chosen for (the tuned tables' keys): T is served as the smallest bucket >= T,
+#: beyond the last one as ``BEYOND``. At most 8 graphs per compiled function (T = 1 and 7 ranges), Dynamo's
+#: default recompile limit.
+TOKEN_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)
+BEYOND = 65536
 
-    Every T of one bucket gets the same tiles, the same alignment block size and the same alignment path,
-    so a graph traced for a symbolic T (``torch.compile(dynamic=True)``; docs/host-overhead.md) launches
-    exactly what eager launches for each T it accepts. With a ``SymInt`` the comparisons become Dynamo guards
-    ``T <= 2^j`` (and ``T > 2^(j-1)``): one graph per bucket visited."""
-    if isinstance(T, int):
-        return 1 if T <= 1 else 1 << (T - 1).bit_length()
-    b = 1
-    while not T <= b:  # a SymInt comparison: one guard each
-        b *= 2
-    return b
+
+def token_bucket(T) -> int:
+    """The token count tiles, the alignment block size and the alignment path are chosen for.
+
+    Every T of one bucket gets the same launches, so a graph traced for a symbolic T
+    (``torch.compile(dynamic=True)``; docs/host-overhead.md) launches exactly what eager launches for each T
+    it accepts. With a ``SymInt`` the comparisons become Dynamo guards (``16 < T <= 64``): one graph per
+    bucket visited."""
+    for b in TOKEN_BUCKETS:
+        if T <= b:  # a SymInt comparison: a guard
+            return b
+    return BEYOND
 
 
 def get_config(
