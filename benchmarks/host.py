@@ -14,10 +14,13 @@ What is measured (docs/performance.md, "Host time and end to end"):
   the cell (a fresh ``torch._dynamo.reset()`` per cell: 1 expected); ``recompiles``: graphs compiled during
   the timed calls (0 expected; anything else shows in the row).
 - ``graph_us``: GPU time of one call replayed from a CUDA graph (``benchmarks.run.do_bench_ms``).
+- ``compile_kernels``: whether the compiled graphs launched our kernels themselves (ops/decompose.py) or called
+  the opaque op (``TORCH_MOE_OPS_COMPILE_KERNELS=0``).
 - The stack (``--only stack``): 4 layers of router ``nn.Linear(H, E, bf16)`` -> ``fused_moe`` -> residual add,
   x [T, H] bf16. ``eager_ms`` / ``compiled_ms``: GPU-synchronized wall time per forward; ``*_host_ms``: enqueue
-  time per forward as above; ``graph_ms``: CUDA-graph replay of the eager stack; ``nomoe_*``: the same stack
-  without the MoE calls (router + residual add of one router column, so the router is not dead code);
+  time per forward as above; ``graph_ms``: CUDA-graph replay of the eager stack; ``compiled_graph_ms``: of the
+  compiled one (its kernels must be as fast); ``nomoe_*``: the same stack without the MoE calls (router +
+  residual add of one router column, so the router is not dead code);
   ``marginal_us_compiled`` = (compiled_host_ms - nomoe_compiled_host_ms) / layers, the host cost one MoE layer
   adds inside a compiled graph (``marginal_us_eager`` likewise).
 
@@ -39,6 +42,7 @@ from benchmarks.env import Log, csv_arg, env_info, write_env, write_json
 from benchmarks.shapes import SHAPES, MoEShape
 
 import torch_moe_ops as moe
+from torch_moe_ops import _platform
 from torch_moe_ops.testing import experts_kwargs, quantize_experts
 
 OPS = ("fused_moe", "fused_experts")
@@ -183,7 +187,7 @@ def bench_cell(op, shape, scheme, T, weights, args, device) -> dict:
     row["host_us_compiled"] = enqueue_us(compiled, args.calls, args.repeats, device)
     row["graph_us"] = graph_us(eager, device)
     row.update(frames=compiled.frames, recompiles=compiled.recompiles(), compile_s=compiled.compile_s,
-               calls=args.calls, repeats=args.repeats)
+               calls=args.calls, repeats=args.repeats, compile_kernels=_platform.compile_kernels())
     torch._dynamo.reset()
     return row
 
@@ -271,6 +275,11 @@ def _stack_variant(stack: Stack, x: torch.Tensor, prefix: str, args, device) -> 
     out[f"{prefix}compiled_ms"] = wall_us(compiled, calls, repeats, device) / 1e3
     g = graph_us(eager, device)
     out[f"{prefix}graph_ms"] = None if g is None else g / 1e3
+    try:  # the compiled graph's kernels, captured: the decomposition must not make them slower (issue target)
+        g = graph_us(compiled, device)
+    except Exception:  # noqa: BLE001 - a graph that cannot be captured shows as None
+        g = None
+    out[f"{prefix}compiled_graph_ms"] = None if g is None else g / 1e3
     out.update({f"{prefix}frames": compiled.frames, f"{prefix}recompiles": compiled.recompiles(),
                 f"{prefix}compile_s": compiled.compile_s})
     torch._dynamo.reset()
@@ -287,7 +296,7 @@ def bench_stack(stacks: dict, shape: MoEShape, scheme: str, T: int, args, device
     row.update(_stack_variant(stacks["nomoe"], x, "nomoe_", args, device))
     for mode in ("compiled", "eager"):
         row[f"marginal_us_{mode}"] = (row[f"{mode}_host_ms"] - row[f"nomoe_{mode}_host_ms"]) * 1e3 / STACK_LAYERS
-    row.update(calls=args.stack_calls, repeats=args.repeats)
+    row.update(calls=args.stack_calls, repeats=args.repeats, compile_kernels=_platform.compile_kernels())
     return row
 
 
@@ -316,7 +325,8 @@ def run_stack(args, device, log, rows, flush) -> None:
             gms = "-" if row["graph_ms"] is None else f"{row['graph_ms']:.3f}"
             log(f"stack {scheme:<9} T={T:<4} eager {row['eager_ms']:.3f} ms (host {row['eager_host_ms']:.3f}), "
                 f"compiled {row['compiled_ms']:.3f} ms (host {row['compiled_host_ms']:.3f}; no MoE "
-                f"{row['nomoe_compiled_host_ms']:.3f}), graph {gms} ms; marginal per MoE layer: compiled "
+                f"{row['nomoe_compiled_host_ms']:.3f}), graph {gms} ms (compiled "
+                f"{row['compiled_graph_ms'] or float('nan'):.3f}); marginal per MoE layer: compiled "
                 f"{row['marginal_us_compiled']:.1f} us, eager {row['marginal_us_eager']:.1f} us")
         del stacks
         if device.type == "cuda":

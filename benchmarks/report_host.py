@@ -83,17 +83,18 @@ def host_tables(result: dict) -> list[str]:
     if stack:
         lines += ["", _wrap("4-layer Qwen3-shaped stack (router `nn.Linear(H, E)` → `fused_moe` → residual "
                             "add), ms per forward: eager / compiled = GPU-synchronized wall time; host = enqueue "
-                            "time; graph = CUDA-graph replay; marginal = (host time of the stack − the same stack "
+                            "time; graph = CUDA-graph replay (of the eager stack, and of the compiled one); marginal = (host time of the stack − the same stack "
                             "without the MoE calls) / 4 layers, the host cost one MoE layer adds."), "",
-                  "| scheme | T | eager ms | compiled ms | CUDA graph ms | eager host ms | compiled host ms | "
-                  "compiled host ms without MoE | marginal µs / MoE layer, compiled | marginal µs, eager |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| scheme | T | eager ms | compiled ms | CUDA graph ms | compiled, CUDA graph ms | eager host ms | "
+                  "compiled host ms | compiled host ms without MoE | marginal µs / MoE layer, compiled | "
+                  "marginal µs, eager |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in stack:
             if "error" in r:
-                lines.append(f"| {_scheme(r['scheme'])} | {r['T']} | " + " | ".join([_err(r)] * 8) + " |")
+                lines.append(f"| {_scheme(r['scheme'])} | {r['T']} | " + " | ".join([_err(r)] * 9) + " |")
                 continue
-            ms = [_f(r[k], ".3f") for k in ("eager_ms", "compiled_ms", "graph_ms", "eager_host_ms",
-                                             "compiled_host_ms", "nomoe_compiled_host_ms")]
+            ms = [_f(r.get(k), ".3f") for k in ("eager_ms", "compiled_ms", "graph_ms", "compiled_graph_ms",
+                                                 "eager_host_ms", "compiled_host_ms", "nomoe_compiled_host_ms")]
             us = [_f(r[k], ".0f") for k in ("marginal_us_compiled", "marginal_us_eager")]
             lines.append(f"| {_scheme(r['scheme'])} | {r['T']} | " + " | ".join(ms + us) + " |")
     return lines
