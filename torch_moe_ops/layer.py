@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import training
+from . import ops, training
 from .distributed.config import ParallelConfig
 from .distributed.placement import map_logical_to_physical
 from .distributed.plan import plan
@@ -36,6 +36,14 @@ from .layer_loading import LoadingMethods
 from .loading import ExpertLayout, WeightLoader
 from .quantization.config import check_quant_config
 from .schemes import NONE, SCORING_FUNCS, get_activation
+
+
+def _op(name: str):
+    """The op ``name``: its public function in eager (which calls the CUDA kernel without the dispatcher when
+    nothing else would happen there: docs/host-overhead.md), ``torch.ops.moe.<name>`` under Dynamo (a Python
+    function there would be one more frame for Dynamo to compile after a graph break)."""
+    return getattr(torch.ops.moe, name) if torch.compiler.is_compiling() else getattr(ops, name)
+
 
 #: moved by EPLB rebalance, one row per local slot
 _PER_EXPERT = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias")
@@ -168,7 +176,7 @@ class FusedMoE(LoadingMethods, TensorMethods, nn.Module):
         if self.parallel is None and self._saving():  # route, then the experts keeping GEMM1's output
             out = training.run_experts_saving(self, x, *self.select_experts(logits))
         elif self.parallel is None:  # routing and experts in one op
-            out = torch.ops.moe.fused_moe(
+            out = _op("fused_moe")(
                 x, logits, self.w13_weight, self.w2_weight, self.top_k, renormalize=self.renormalize,
                 scoring_func=self.scoring_func, num_expert_group=self.num_expert_group, topk_group=self.topk_group,
                 e_score_correction_bias=self.e_score_correction_bias, routed_scaling_factor=self.routed_scaling_factor,
@@ -190,7 +198,7 @@ class FusedMoE(LoadingMethods, TensorMethods, nn.Module):
 
     def select_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router_logits: [..., E] -> (topk_weights [..., k] fp32, topk_ids [..., k] int32)."""
-        weights, ids = torch.ops.moe.topk_route(
+        weights, ids = _op("topk_route")(
             tokens(router_logits), self.top_k, renormalize=self.renormalize, scoring_func=self.scoring_func,
             num_expert_group=self.num_expert_group, topk_group=self.topk_group,
             e_score_correction_bias=self.e_score_correction_bias, routed_scaling_factor=self.routed_scaling_factor)
@@ -220,7 +228,7 @@ class FusedMoE(LoadingMethods, TensorMethods, nn.Module):
         physical ids under EP: other ranks' experts add exactly 0 through ``expert_map``) -> [N, H]."""
         if self._saving():
             return training.run_experts_saving(self, x, topk_weights, topk_ids)
-        return torch.ops.moe.fused_experts(
+        return _op("fused_experts")(
             x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, activation=self.activation,
             quant_scheme=self.quant_scheme, w13_scale=self.w13_weight_scale, w2_scale=self.w2_weight_scale,
             w13_bias=self.w13_bias, w2_bias=self.w2_bias, block_shape=self.block_shape, expert_map=self.expert_map,

@@ -57,3 +57,25 @@ def define(name: str, schema: str, *, mutates_args=()) -> Callable:
 def use_triton_on_cpu() -> bool:
     """CPU kernels run the Triton launchers (interpreter) when TORCH_MOE_OPS_BACKEND=triton."""
     return _platform.cpu_backend() == "triton"
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_call_ok(first: torch.Tensor, *tensors) -> bool:
+    """True when a public function may call its op's CUDA kernel itself instead of going through the dispatcher
+    (docs/host-overhead.md, "The dispatcher"): ``first`` (the op's first tensor) on CUDA, every tensor a plain
+    tensor or parameter (no subclass: FakeTensor, DTensor, ... dispatch), no gradient to record, no Python
+    dispatch or function mode, no functorch transform (vmap's batched tensors look plain), no profiler (it
+    would miss the op's range) and no Dynamo trace. What the
+    dispatcher would do then is exactly: call that kernel."""
+    if torch.compiler.is_compiling() or type(first) not in _PLAIN or not first.is_cuda:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    if grad and first.requires_grad:
+        return False
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+                or torch.autograd.profiler._is_profiler_enabled or torch._C._are_functorch_transforms_active())

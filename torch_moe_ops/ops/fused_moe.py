@@ -215,7 +215,8 @@ def _experts_fake(a):
     return _fake_output(a)
 
 
-_fused_experts = FUSED_EXPERTS.define(cuda=planned(FUSED_EXPERTS, experts),
+_experts_cuda = planned(FUSED_EXPERTS, experts)
+_fused_experts = FUSED_EXPERTS.define(cuda=_experts_cuda,
                                       cpu=lambda a: experts(a, use_triton_on_cpu()), fake=_experts_fake)
 decompose(_fused_experts, FUSED_EXPERTS, experts)
 
@@ -251,7 +252,8 @@ def _moe_fake(a):
     return _fake_output(a)
 
 
-_fused_moe = FUSED_MOE.define(cuda=planned(FUSED_MOE, moe), cpu=lambda a: moe(a, use_triton_on_cpu()), fake=_moe_fake)
+_moe_cuda = planned(FUSED_MOE, moe)
+_fused_moe = FUSED_MOE.define(cuda=_moe_cuda, cpu=lambda a: moe(a, use_triton_on_cpu()), fake=_moe_fake)
 decompose(_fused_moe, FUSED_MOE, moe)
 
 
@@ -293,7 +295,8 @@ _FUSED_MOE_DOC = """Route and run the experts in one op (``topk_route`` then ``f
         hidden_states: [T, H]; router_logits: [T, E_logical] (E_logical = len(expert_map) or E).
         w13, w2: as in ``fused_experts``. top_k and the routing keywords: as in ``topk_route``.""" + _EXPERTS_DOC
 
-# The public functions are generated (``Signature.wrapper``): static type checkers and IDEs cannot see their
+# The public functions are generated (``Signature.wrapper``; on plain CUDA tensors without autograd they call the
+# CUDA kernel directly, docs/host-overhead.md): static type checkers and IDEs cannot see their
 # parameters, so for them the same parameters are written out as plain stubs, pinned to the generated
 # functions by tests/ops/test_static_signatures.py. At runtime only the ``else`` branch runs.
 if TYPE_CHECKING:
@@ -322,6 +325,6 @@ if TYPE_CHECKING:
         ...
 else:
     #: ``fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, activation="silu", ...)``
-    fused_experts = FUSED_EXPERTS.wrapper(5, _FUSED_EXPERTS_DOC, __name__)
+    fused_experts = FUSED_EXPERTS.wrapper(5, _FUSED_EXPERTS_DOC, __name__, cuda=_experts_cuda)
     #: ``fused_moe(hidden_states, router_logits, w13, w2, top_k, *, renormalize=True, ...)``
-    fused_moe = FUSED_MOE.wrapper(5, _FUSED_MOE_DOC, __name__)
+    fused_moe = FUSED_MOE.wrapper(5, _FUSED_MOE_DOC, __name__, cuda=_moe_cuda)

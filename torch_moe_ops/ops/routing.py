@@ -66,7 +66,11 @@ def _route_fake(a):
             a.router_logits.new_empty((T, a.top_k), dtype=torch.int32))
 
 
-_topk_route = TOPK_ROUTE.define(cuda=lambda a: _route(a, True), cpu=lambda a: _route(a, use_triton_on_cpu()),
+def _route_cuda(a):
+    return _route(a, True)
+
+
+_topk_route = TOPK_ROUTE.define(cuda=_route_cuda, cpu=lambda a: _route(a, use_triton_on_cpu()),
                                 fake=_route_fake)
 decompose(_topk_route, TOPK_ROUTE, _route)
 
@@ -99,4 +103,4 @@ if TYPE_CHECKING:
         ...
 else:
     #: ``topk_route(router_logits, top_k, *, renormalize=True, scoring_func="softmax", ...)``
-    topk_route = TOPK_ROUTE.wrapper(2, _TOPK_ROUTE_DOC, __name__)
+    topk_route = TOPK_ROUTE.wrapper(2, _TOPK_ROUTE_DOC, __name__, cuda=_route_cuda)

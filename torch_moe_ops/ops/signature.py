@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._registry import NAMESPACE, define as define_op
+from ._registry import NAMESPACE, direct_call_ok, define as define_op
 
 _REQUIRED = object()
 #: schema type -> the public wrapper's annotation
@@ -137,15 +137,21 @@ class Signature:
         op.register_fake(self.function(fake, "fake"))
         return op
 
-    def wrapper(self, positional: int, doc: str, module: str):
-        """The public function ``name(<positional args>, *, <the rest>)`` calling ``torch.ops.moe.<name>``."""
+    def wrapper(self, positional: int, doc: str, module: str, cuda=None):
+        """The public function ``name(<positional args>, *, <the rest>)`` calling ``torch.ops.moe.<name>``.
+        ``cuda`` (the op's CUDA kernel, a function of ``Args``) is called directly, skipping the dispatcher,
+        when ``_registry.direct_call_ok`` says the dispatcher would do nothing else."""
         pos, kw = self.positional, self.keyword_only
         call = ", ".join([*pos, *(f"{n}={n}" for n in kw)])
         n_out = self.returns.count("Tensor")
         ret = "torch.Tensor" if self.returns == "Tensor" else f"tuple[{', '.join(['torch.Tensor'] * n_out)}]"
-        source = (f"def {self.name}({self._params(positional, annotate=True)}) -> {ret!r}:\n"
+        direct = ""
+        if cuda is not None:
+            direct = (f"    if _direct_ok({', '.join(self.tensors)}):\n"
+                      f"        return _cuda(_new(_Args, ({', '.join(self.names)},)))\n")
+        source = (f"def {self.name}({self._params(positional, annotate=True)}) -> {ret!r}:\n{direct}"
                   f"    return torch.ops.{NAMESPACE}.{self.name}({call})\n")
-        fn = self._compile(source, self.name, module)
+        fn = self._compile(source, self.name, module, _cuda=cuda, _direct_ok=direct_call_ok)
         fn.__doc__ = doc
         return fn
 

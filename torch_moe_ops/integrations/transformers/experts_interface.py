@@ -4,7 +4,7 @@ Models whose experts class is decorated with ``@use_experts_implementation`` dis
 through ``config._experts_implementation``; after ``register()`` (done when
 ``torch_moe_ops.integrations.transformers`` is imported) ``experts_implementation="torch_moe_ops"`` in
 ``from_pretrained`` or ``model.set_experts_implementation("torch_moe_ops")`` runs them with
-``torch.ops.moe.fused_experts`` on the module's own full-precision tensors (no copy, no quantization; use
+``torch_moe_ops.fused_experts`` on the module's own full-precision tensors (no copy, no quantization; use
 ``patch`` / ``from_pretrained`` of this package for quantized experts and for the router inside the op).
 
 Supported experts modules: concatenated gate/up (``[E, 2I, H]``, the default gate ``act(gate) * up``) or
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations import moe as _hf_moe
 
+from ...ops import fused_experts
 from .models import Unsupported, activation_of
 
 #: transformers' ``act(gate) * up`` on concatenated halves (private there: None if a version lacks it)
@@ -59,8 +60,8 @@ def torch_moe_ops_experts_forward(self, hidden_states: torch.Tensor, top_k_index
         b13 = self.gate_up_proj_bias if gated else self.up_proj_bias
         b2 = self.down_proj_bias
     x = hidden_states.to(w13.dtype)
-    out = torch.ops.moe.fused_experts(x, w13, self.down_proj, top_k_weights.contiguous(), top_k_index.contiguous(),
-                                      activation, "none", None, None, b13, b2, None, None)
+    out = fused_experts(x, w13, self.down_proj, top_k_weights.contiguous(), top_k_index.contiguous(),
+                        activation=activation, w13_bias=b13, w2_bias=b2)
     return out.to(hidden_states.dtype)
 
 
