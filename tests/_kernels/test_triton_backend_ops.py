@@ -85,6 +85,26 @@ def test_fused_moe_triton_backend(scheme, T):
     assert sqnr_db(_ref(x, logits, q13, q2, k, kw), out.float().cpu()) > 30
 
 
+@pytest.mark.parametrize("scheme", ["none", "fp8_block", "int4_w4a16"])
+@pytest.mark.parametrize("on_input", [False, True])
+def test_fused_moe_at_T1_pair_blocks_equal_the_aligned_pipeline(scheme, on_input):
+    """At T = 1 the routing kernel writes the alignment (one pair per block, _kernels/routing.py): bitwise
+    what topk_route + fused_experts (the alignment kernel) give, with an expert_map dropping some experts."""
+    E, E_local, k = 9, 5, 4
+    H, I = _dims(scheme, 40, 24)
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
+    q13, q2, kw = _weights(E_local, H, I, scheme, dtype=dtype)
+    emap = torch.tensor([0, -1, 1, 2, -1, 3, -1, 4, -1], dtype=torch.int32, device=DEV)
+    kw.update(expert_map=emap, apply_router_weight_on_input=on_input)
+    torch.manual_seed(1)
+    x = (torch.randn(1, H, device=DEV) * 0.1).to(dtype)
+    logits = torch.randn(1, E, device=DEV)
+    out = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    w, ids = moe.topk_route(logits, k)
+    assert (emap[ids.long()] == -1).any() and (emap[ids.long()] >= 0).any()  # both kinds of pair
+    assert torch.equal(out, moe.fused_experts(x, q13, q2, w, ids, **kw))
+
+
 def test_routing_and_align_triton_backend():
     logits = torch.randn(9, 16, device=DEV)
     bias = torch.randn(16, device=DEV) * 0.1

@@ -20,6 +20,7 @@ from .align import align_block_size
 from .configs import get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
+from .routing import pair_block_alignment, topk_route
 
 
 def fused_experts(
@@ -39,6 +40,7 @@ def fused_experts(
     on_input: bool,
     alpha: float,
     limit: float,
+    alignment: tuple | None = None,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer; returns a fresh ``[T, H]`` tensor in ``x.dtype``.
 
@@ -50,7 +52,8 @@ def fused_experts(
     per channel [E, N]; fp8_block [E, ceil(N/bn), ceil(K/bk)]; int4 [E, N, K / G]. block: canonical scale
     tile (None for untiled schemes). Biases: w13 [E, N1], w2 [E, H]. ``on_input``: GEMM1 reads
     ``x[t]·w[t, slot]`` and GEMM2 does not weight. alpha / limit: resolved floats (``act.alpha``,
-    ``act.limit``). Intermediates are kept in x's dtype.
+    ``act.limit``). Intermediates are kept in x's dtype. ``alignment``: (sorted_ids, expert_ids,
+    num_post_pad) already made for this call's BLOCK_M (``fused_moe``'s pair blocks), else aligned here.
     """
     aq = scheme.act
     group = scheme.act_group(block)
@@ -69,7 +72,9 @@ def fused_experts(
     cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k)
     cfg2 = dataclasses.replace(cfg2, block_m=cfg1.block_m)
     num_experts = E if expert_map is None else expert_map.numel()
-    sorted_ids, expert_ids, num_post_pad = align_block_size(topk_ids, num_experts, cfg1.block_m, expert_map)
+    if alignment is None:
+        alignment = align_block_size(topk_ids, num_experts, cfg1.block_m, expert_map)
+    sorted_ids, expert_ids, num_post_pad = alignment
 
     if on_input:
         # Each pair gets its own weighted copy of its token: GEMM1 then reads row j, not j // k.
@@ -106,3 +111,22 @@ def fused_experts(
     if k == 1:  # [T, 1, H] is already the sum; c3 is a fresh tensor
         return c3
     return moe_sum(c3.view(T, k, H), topk_ids=topk_ids, expert_map=expert_map, num_experts=num_experts)
+
+
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, experts: tuple) -> torch.Tensor:
+    """Routing then the experts (``moe::fused_moe``): ``routing`` = topk_route's arguments after
+    (router_logits), ``experts`` = ``fused_experts``' arguments after (x, ..., topk_ids), i.e. from ``w13``
+    on without the routing outputs: (w13, w2, act, scheme, scales, biases, block, expert_map, on_input,
+    alpha, limit). At T = 1 the routing kernel also writes the GEMMs' alignment, one pair per block
+    (``routing.pair_block_alignment``): the top-k experts of one token are distinct, so each expert's weights
+    are still read once, and the alignment kernel's launch goes."""
+    w13, w2, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block, expert_map, on_input, alpha, limit = experts
+    T, k = x.shape[0], routing[0]
+    alignment = pair_blocks = None
+    if isinstance(T, int) and T == 1:
+        cfg1 = get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k)
+        alignment = pair_block_alignment(T, k, cfg1.block_m, x.device)
+        pair_blocks = (alignment, cfg1.block_m, w13.shape[0], expert_map)
+    weights, ids = topk_route(router_logits, *routing, pair_blocks=pair_blocks)
+    return fused_experts(x, w13, w2, weights, ids, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block,
+                         expert_map, on_input, alpha, limit, alignment=alignment)

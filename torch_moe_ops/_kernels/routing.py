@@ -40,13 +40,18 @@ def _pack(x, idx):
 
 @triton.jit(do_not_specialize=["T"])
 def _topk_route_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, npp_ptr,
     T, stride_t, stride_e, rsf,
     E: tl.constexpr, GROUP_SIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr, K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr, BM: tl.constexpr, E_LOCAL: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
-    """logits: [T, E] any float (strided) -> weights: [T, TOP_K] fp32, ids: [T, TOP_K] int32."""
+    """logits: [T, E] any float (strided) -> weights: [T, TOP_K] fp32, ids: [T, TOP_K] int32.
+
+    PAIR_BLOCKS: also the GEMMs' alignment with one pair per block (``pair_block_alignment``): sorted
+    [T·TOP_K·BM] int32, expert_ids [T·TOP_K] int32 (local id, -1 when ``map`` [E] int32 drops it),
+    npp [1] int32."""
     pid = tl.program_id(0)
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     mask_t = offs_t < T
@@ -124,6 +129,17 @@ def _topk_route_kernel(
     mask_out = mask_t[:, None] & (offs_k[None, :] < TOP_K)
     tl.store(weights_ptr + out, w_acc, mask=mask_out)
     tl.store(ids_ptr + out, id_acc, mask=mask_out)
+    if PAIR_BLOCKS:
+        local = id_acc
+        if HAS_MAP:
+            local = tl.load(map_ptr + id_acc, mask=mask_out, other=-1)
+        local = tl.where((local >= 0) & (local < E_LOCAL), local, -1)
+        tl.store(expert_ids_ptr + out, local, mask=mask_out)
+        numel = T * TOP_K
+        for r in tl.static_range(BM):  # slot 0 of pair j's block is j, the rest padding (the sentinel numel)
+            tl.store(sorted_ptr + out * BM + r, tl.where(r == 0, out, numel).to(tl.int32), mask=mask_out)
+        if pid == 0:
+            tl.store(npp_ptr, (numel * BM).to(tl.int32))
 
 
 def topk_route(
@@ -135,11 +151,14 @@ def topk_route(
     topk_group: int = 0,
     e_score_correction_bias: torch.Tensor | None = None,
     routed_scaling_factor: float = 1.0,
+    pair_blocks: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E] bf16/fp16/fp32 (any strides) -> (topk_weights [T, k] fp32, topk_ids [T, k] int32).
 
     Arguments are assumed validated (E <= 65535, k <= E, E % G == 0, E > G, topk_group <= G);
-    ``e_score_correction_bias``: [E] fp32 or None. One launch, grid ``cdiv(T, BLOCK_T)``; T is not specialized."""
+    ``e_score_correction_bias``: [E] fp32 or None. One launch, grid ``cdiv(T, BLOCK_T)``; T is not specialized.
+    ``pair_blocks``: ((sorted_ids, expert_ids, num_post_pad) from ``pair_block_alignment``, block_m, local
+    experts, expert_map or None): the kernel also fills them."""
     T, E = router_logits.shape
     dev = router_logits.device
     weights = torch.empty((T, top_k), dtype=torch.float32, device=dev)
@@ -153,12 +172,32 @@ def topk_route(
     block_t = max(1, min(32, 2048 // (gp * gs)))
     bias = e_score_correction_bias
     grid = (triton.cdiv(T, block_t),)
+    # every constexpr passed (no defaults): torch.compile's analysis of the kernel needs them all
+    extra = dict(PAIR_BLOCKS=False, BM=1, E_LOCAL=1, HAS_MAP=False)
+    if pair_blocks is not None:
+        (sorted_ids, expert_ids, npp), block_m, num_local, expert_map = pair_blocks
+        extra = dict(PAIR_BLOCKS=True, BM=block_m, E_LOCAL=num_local, HAS_MAP=expert_map is not None)
+    else:
+        sorted_ids = expert_ids = npp = expert_map = None
+    dummy = router_logits  # read-only: never a buffer the kernel writes (torch.compile would copy it)
     launch(_topk_route_kernel, grid,
-        router_logits, bias if bias is not None else router_logits, weights, ids,  # (a read-only dummy)
+        router_logits, bias if bias is not None else dummy, weights, ids,
+        *(t if t is not None else dummy for t in (expert_map, sorted_ids, expert_ids, npp)),
         T, router_logits.stride(0), router_logits.stride(1), float(routed_scaling_factor),
         E=E, GROUP_SIZE=group_size, NUM_GROUPS=groups, TOPK_GROUP=topk_group if grouped else 1,
         TOP_K=top_k, K_P2=triton.next_power_of_2(top_k), GP=gp, GS=gs, BLOCK_T=block_t,
         SIGMOID=scoring_func == "sigmoid", HAS_BIAS=bias is not None, GROUPED=grouped,
-        RENORMALIZE=bool(renormalize), num_warps=4,
+        RENORMALIZE=bool(renormalize), **extra, num_warps=4,
     )
     return weights, ids
+
+
+def pair_block_alignment(T: int, top_k: int, block_m: int, device) -> tuple:
+    """The GEMMs' alignment buffers for one (token, slot) pair per block, which the routing kernel fills
+    (``topk_route(..., pair_blocks=...)``): sorted_ids [T·k·BM] (slot 0 of block j holds pair j, the rest the
+    sentinel T·k), expert_ids [T·k] (the pair's local expert, -1 if not here), num_post_pad [1] = T·k·BM.
+    Used at T = 1, where the pairs' experts are distinct, so the GEMMs read each expert's weights once, as with
+    ``align_block_size``, and the alignment needs no launch of its own (docs/kernels.md)."""
+    numel = T * top_k
+    return (torch.empty(numel * block_m, dtype=torch.int32, device=device),
+            torch.empty(numel, dtype=torch.int32, device=device), torch.empty(1, dtype=torch.int32, device=device))

@@ -16,7 +16,7 @@ from ..schemes import QUANT_SCHEMES, Activation, QuantScheme, get_activation, ge
 from . import _checks as C
 from ._registry import use_triton_on_cpu
 from .decompose import decompose
-from .routing import ROUTING_OPTIONS, check_routing, route
+from .routing import ROUTING_OPTIONS, check_bias_values, check_routing, route
 from .signature import Signature, args
 
 #: The expert inputs of ``fused_experts`` (``fused_moe`` routes instead of taking topk_weights / topk_ids).
@@ -241,8 +241,15 @@ def moe(a, on_triton: bool):
     ex = check_experts(a, None, None)
     if a.expert_map is not None:
         C.check_ids_in_range(a.expert_map, "expert_map", -1, a.w13.shape[0])
-    weights, ids = route(a.router_logits, a.top_k, a.renormalize, a.scoring_func, a.num_expert_group, a.topk_group,
-                         a.e_score_correction_bias, a.routed_scaling_factor, on_triton)
+    routing = (a.top_k, a.renormalize, a.scoring_func, a.num_expert_group, a.topk_group, a.e_score_correction_bias,
+               a.routed_scaling_factor)
+    if on_triton:  # routing and experts together: at T = 1 the routing kernel also aligns
+        from .._kernels import fused_experts as kernels
+
+        check_bias_values(a.e_score_correction_bias)
+        x, w13, w2, _, _, *options = ex.kernel_args(a, None, None)
+        return kernels.fused_moe(x, a.router_logits, routing, (w13, w2, *options))
+    weights, ids = route(a.router_logits, *routing, on_triton=False)
     return run_experts(a, weights, ids, ex, on_triton)
 
 

@@ -41,11 +41,16 @@ def check_routing(router_logits, top_k, scoring_func, num_expert_group, topk_gro
         C.check_same_device(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
 
 
+def check_bias_values(bias) -> None:
+    """A NaN bias would silently change which experts win (checked on CPU; on CUDA under debug)."""
+    if bias is not None:
+        C.check_finite(bias, "e_score_correction_bias")
+
+
 def route(router_logits, top_k, renormalize, scoring_func, num_expert_group, topk_group, bias, rsf, on_triton: bool):
     """Checked routing on real tensors; ``on_triton`` picks the Triton launcher over the reference."""
     check_routing(router_logits, top_k, scoring_func, num_expert_group, topk_group, bias)
-    if bias is not None:  # a NaN bias would silently change which experts win (CPU; CUDA under debug)
-        C.check_finite(bias, "e_score_correction_bias")
+    check_bias_values(bias)
     if on_triton:
         from .._kernels import routing as kernels
 
