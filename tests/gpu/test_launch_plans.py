@@ -79,7 +79,7 @@ def test_fused_experts_replay_and_expert_map(monkeypatch):
         got = moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw)
         want = _ordinary(monkeypatch, lambda: moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert not PLANS.plans
+    assert any(p is not None for p in PLANS.plans.values())
 
 
 def test_a_misaligned_input_gets_its_own_plan(monkeypatch):

@@ -229,6 +229,7 @@ def get_config(
     heuristic, all keyed on ``token_bucket(T)``. Pure host logic on shapes: no device sync, same answer for
     the same bucket."""
     T = token_bucket(T)
+    E, N, K, top_k = int(E), int(N), int(K), int(top_k)  # (sizes specialized by a trace may be SymInts)
     if interpret_mode() or device is None or device.type != "cuda":
         return interpreter_config(scheme, block)
     index = device.index if device.index is not None else torch.cuda.current_device()

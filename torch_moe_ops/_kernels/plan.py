@@ -257,7 +257,8 @@ class Plan:
             self.launches.append(_Launch(call, compiled.function, grid, [*head, *args],
                                          tuple((pos + n, base, off) for pos, base, off in slots)))
 
-    def replay(self, inputs: list):
+    def bind(self, inputs: list) -> tuple[list, list, object]:
+        """Fresh buffers for one replay: (outputs, the base pointers the slots index, the workspace)."""
         dev = self.device
         ws = torch.empty(self.workspace_bytes, dtype=torch.uint8, device=dev) if self.workspace_bytes else None
         outs = [_alloc(shape, stride, dtype, zero, dev) for shape, stride, dtype, zero in self.outputs]
@@ -266,6 +267,11 @@ class Plan:
         ptrs = [t.data_ptr() if t is not None else 0 for t in inputs]
         ptrs.append(ws.data_ptr() if ws is not None else 0)
         ptrs.extend(o.data_ptr() for o in outs)
+        return outs, ptrs, ws
+
+    def replay(self, inputs: list):
+        dev = self.device
+        outs, ptrs, _ws = self.bind(inputs)
         stream = torch._C._cuda_getCurrentRawStream(dev.index) if dev.type == "cuda" else 0
         for ln in self.launches:
             args = ln.args.copy()

@@ -43,6 +43,22 @@ def _decomposing(types, a, sig) -> bool:
     return not free_unbacked_symbols(first.shape[0])
 
 
+#: Arguments whose dim 0 is the token count (symbolic under dynamic=True); every other size is a constant.
+TOKEN_DIM0 = frozenset({"hidden_states", "router_logits", "topk_weights", "topk_ids"})
+
+
+def _specialize_features(a, sig) -> None:
+    """Guard every size but the token count to its value (``int()`` on a SymInt): the weights' and feature
+    dims pick kernels, tiles and constexprs, so they are constants of the graph. (Parameters and buffers are
+    static already; a weight captured by a compiled closure is not, under dynamic=True.)"""
+    for name in sig.tensors:
+        t = getattr(a, name)
+        if t is not None:
+            for i, size in enumerate(t.shape):
+                if isinstance(size, torch.SymInt) and not (i == 0 and name in TOKEN_DIM0):
+                    int(size)
+
+
 def decompose(op, sig, body) -> None:
     """Register, for the custom op ``op`` with signature ``sig``, the functionalization rule that traces
     ``body(a, True)`` (its CUDA implementation, a function of ``sig.Args``) into the graph."""
@@ -59,6 +75,7 @@ def decompose(op, sig, body) -> None:
         a = sig.bind(positional, keyword_only)
         if not _decomposing(types, a, sig):
             return mode.__torch_dispatch__(overload, types, args, kwargs)
+        _specialize_features(a, sig)
         with mode, traced_launches():
             return body(a, True)
 
