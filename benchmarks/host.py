@@ -14,8 +14,8 @@ What is measured (docs/performance.md, "Host time and end to end"):
   the cell (a fresh ``torch._dynamo.reset()`` per cell: 1 expected); ``recompiles``: graphs compiled during
   the timed calls (0 expected; anything else shows in the row).
 - ``graph_us``: GPU time of one call replayed from a CUDA graph (``benchmarks.run.do_bench_ms``).
-- ``compile_kernels``: whether the compiled graphs launched our kernels themselves (ops/decompose.py) or called
-  the opaque op (``TORCH_MOE_OPS_COMPILE_KERNELS=0``).
+- ``compile_mode``: what the compiled graphs call (``TORCH_MOE_OPS_COMPILE``, ops/decompose.py): ``plans`` the
+  lean inference op, ``triton`` our kernels launched by Inductor, ``opaque`` the public op.
 - The stack (``--only stack``): 4 layers of router ``nn.Linear(H, E, bf16)`` -> ``fused_moe`` -> residual add,
   x [T, H] bf16. ``eager_ms`` / ``compiled_ms``: GPU-synchronized wall time per forward; ``*_host_ms``: enqueue
   time per forward as above; ``graph_ms``: CUDA-graph replay of the eager stack; ``compiled_graph_ms``: of the
@@ -187,7 +187,7 @@ def bench_cell(op, shape, scheme, T, weights, args, device) -> dict:
     row["host_us_compiled"] = enqueue_us(compiled, args.calls, args.repeats, device)
     row["graph_us"] = graph_us(eager, device)
     row.update(frames=compiled.frames, recompiles=compiled.recompiles(), compile_s=compiled.compile_s,
-               calls=args.calls, repeats=args.repeats, compile_kernels=_platform.compile_kernels())
+               calls=args.calls, repeats=args.repeats, compile_mode=_platform.compile_mode())
     torch._dynamo.reset()
     return row
 
@@ -296,7 +296,7 @@ def bench_stack(stacks: dict, shape: MoEShape, scheme: str, T: int, args, device
     row.update(_stack_variant(stacks["nomoe"], x, "nomoe_", args, device))
     for mode in ("compiled", "eager"):
         row[f"marginal_us_{mode}"] = (row[f"{mode}_host_ms"] - row[f"nomoe_{mode}_host_ms"]) * 1e3 / STACK_LAYERS
-    row.update(calls=args.stack_calls, repeats=args.repeats, compile_kernels=_platform.compile_kernels())
+    row.update(calls=args.stack_calls, repeats=args.repeats, compile_mode=_platform.compile_mode())
     return row
 
 

@@ -15,7 +15,8 @@ BACKEND_ENV = "TORCH_MOE_OPS_BACKEND"  # "reference" (default on CPU) or "triton
 DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may synchronize)
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "1": replays call Triton 3.6's C launch directly (not GPU-tested)
-COMPILE_KERNELS_ENV = "TORCH_MOE_OPS_COMPILE_KERNELS"  # "0": torch.compile keeps the CUDA ops opaque
+COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
+COMPILE_MODES = ("plans", "triton", "opaque")
 
 
 @functools.cache
@@ -68,11 +69,14 @@ def direct_launch() -> bool:
     return os.environ.get(DIRECT_LAUNCH_ENV, "0") == "1"
 
 
-def compile_kernels() -> bool:
-    """True unless ``TORCH_MOE_OPS_COMPILE_KERNELS=0``: under ``torch.compile`` the CUDA expert ops decompose
-    into their Triton launches, which Inductor launches itself (docs/host-overhead.md). Read when a graph is
-    traced."""
-    return os.environ.get(COMPILE_KERNELS_ENV, "1") != "0"
+def compile_mode() -> str:
+    """What a ``torch.compile`` graph calls for the CUDA expert ops (docs/host-overhead.md; read when a graph is
+    traced): ``"plans"`` (default) a lean inference op replaying launch plans (no-grad graphs; the public op
+    otherwise), ``"triton"`` the Triton kernels themselves, launched by Inductor, ``"opaque"`` the public op."""
+    value = os.environ.get(COMPILE_ENV, "plans").strip().lower()
+    if value not in COMPILE_MODES:
+        raise ValueError(f"{COMPILE_ENV} must be one of {COMPILE_MODES}, got {value!r}")
+    return value
 
 
 def require_triton() -> None:

@@ -1,6 +1,7 @@
-"""torch.compile sees through the CUDA ops (ops/decompose.py, docs/host-overhead.md): the compiled graph launches
-our Triton kernels itself, gives bitwise what eager gives (same kernels, same tiles per token bucket), copies
-nothing, retraces once per token bucket under dynamic=True, is CUDA-graph capturable and differentiable."""
+"""What compiled graphs call for the CUDA ops (ops/decompose.py, docs/host-overhead.md). TORCH_MOE_OPS_COMPILE=plans
+(default): the lean inference op, one graph for every T, bitwise eager. =triton: the graph launches our Triton
+kernels itself, bitwise eager (same kernels, same tiles per token bucket), copies nothing, retraces once per
+bucket. Both CUDA-graph capturable; a training graph keeps the public op and its gradients."""
 from __future__ import annotations
 
 import re
@@ -10,7 +11,7 @@ import torch
 
 import torch_moe_ops as moe
 from torch_moe_ops import testing
-from torch_moe_ops._platform import COMPILE_KERNELS_ENV
+from torch_moe_ops._platform import COMPILE_ENV
 from torch_moe_ops.ops.fused_moe import PLANS
 
 pytestmark = pytest.mark.cuda
@@ -37,7 +38,8 @@ def _frames():
 
 
 @pytest.mark.parametrize("scheme", ["none", "fp8_channel", "fp8_block", "int8_w8a16", "int4_w4a16"])
-def test_compiled_equals_eager_and_retraces_per_bucket(scheme, fresh_dynamo):
+def test_triton_mode_equals_eager_and_retraces_per_bucket(scheme, fresh_dynamo, monkeypatch):
+    monkeypatch.setenv(COMPILE_ENV, "triton")
     q13, q2, kw = _weights(scheme)
     f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw) * 2, fullgraph=True, dynamic=True)
     PLANS.clear()
@@ -51,9 +53,25 @@ def test_compiled_equals_eager_and_retraces_per_bucket(scheme, fresh_dynamo):
     assert graphs == [1, 2, 2, 3, 3, 3], graphs  # T=1 static, then one graph per bucket
 
 
-def test_generated_code_launches_our_kernels_and_copies_nothing(fresh_dynamo):
+@pytest.mark.parametrize("scheme", ["none", "fp8_block", "int4_w4a16"])
+def test_plans_mode_equals_eager_with_one_graph(scheme, fresh_dynamo):
     from torch._inductor.utils import run_and_get_code
 
+    q13, q2, kw = _weights(scheme)
+    f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw) * 2, fullgraph=True, dynamic=True)
+    for T in (1, 5, 300, 24, 5):
+        x, logits = _inputs(T, T)
+        got = f(x, logits)
+        torch.testing.assert_close(got, moe.fused_moe(x, logits, q13, q2, K, **kw) * 2, rtol=0, atol=0, msg=f"T={T}")
+    assert _frames() == 2  # T = 1 (specialized by PyTorch) and every T >= 2
+    _, codes = run_and_get_code(torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw)), x, logits)
+    assert "torch.ops.moe._fused_moe_inference.default" in "\n".join(codes)
+
+
+def test_generated_code_launches_our_kernels_and_copies_nothing(fresh_dynamo, monkeypatch):
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv(COMPILE_ENV, "triton")
     q13, q2, kw = _weights("fp8_block")
     x, logits = _inputs(1, 0)
     f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw), fullgraph=True)
@@ -67,7 +85,7 @@ def test_generated_code_launches_our_kernels_and_copies_nothing(fresh_dynamo):
 
 
 def test_opaque_switch_keeps_the_op_and_its_plans(monkeypatch, fresh_dynamo):
-    monkeypatch.setenv(COMPILE_KERNELS_ENV, "0")
+    monkeypatch.setenv(COMPILE_ENV, "opaque")
     q13, q2, kw = _weights("none")
     f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw), fullgraph=True, dynamic=True)
     PLANS.clear()
@@ -77,8 +95,10 @@ def test_opaque_switch_keeps_the_op_and_its_plans(monkeypatch, fresh_dynamo):
     assert any(p is not None for p in PLANS.plans.values())
 
 
-def test_an_unbacked_T_keeps_one_graph_and_the_opaque_op(fresh_dynamo):
-    """mark_unbacked (README): one graph for every T; no value to pick tiles by, so the op stays opaque."""
+@pytest.mark.parametrize("mode", ["plans", "triton"])
+def test_an_unbacked_T_keeps_one_graph(mode, fresh_dynamo, monkeypatch):
+    """mark_unbacked (README): one graph for every T (triton: no value to pick tiles by, the op stays whole)."""
+    monkeypatch.setenv(COMPILE_ENV, mode)
     q13, q2, kw = _weights("none")
     f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw), fullgraph=True, dynamic=True)
     for T in (5, 40, 300):
@@ -89,9 +109,11 @@ def test_an_unbacked_T_keeps_one_graph_and_the_opaque_op(fresh_dynamo):
     assert _frames() == 1
 
 
-def test_cuda_graph_of_the_compiled_graph(fresh_dynamo):
+@pytest.mark.parametrize("mode", ["plans", "triton"])
+def test_cuda_graph_of_the_compiled_graph(mode, fresh_dynamo, monkeypatch):
     from torch._dynamo.utils import counters
 
+    monkeypatch.setenv(COMPILE_ENV, mode)
     q13, q2, kw = _weights("fp8_block")
     f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw) + 1, mode="reduce-overhead", fullgraph=True)
     x, logits = _inputs(4, 0)
@@ -101,7 +123,9 @@ def test_cuda_graph_of_the_compiled_graph(fresh_dynamo):
     assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
 
 
-def test_training_graph_matches_eager_gradients(fresh_dynamo):
+@pytest.mark.parametrize("mode", ["plans", "triton"])
+def test_training_graph_matches_eager_gradients(mode, fresh_dynamo, monkeypatch):
+    monkeypatch.setenv(COMPILE_ENV, mode)
     torch.manual_seed(0)
     w13, w2, _, _ = testing.random_moe_weights(E, H, I, dtype=torch.bfloat16, device=DEV)
     w13.requires_grad_(True)

@@ -1,6 +1,6 @@
 """Launch plans on CUDA (docs/host-overhead.md): a replayed call gives bitwise what the ordinary launch path gives,
 on fresh inputs (pointers re-mapped), for every scheme and the odd cases; plans exist for the hot paths; a
-misaligned input gets its own plan; replay works under CUDA-graph capture; a compiled graph needs no plan."""
+misaligned input gets its own plan; replay works under CUDA-graph capture and in a compiled graph."""
 from __future__ import annotations
 
 import pytest
@@ -117,8 +117,13 @@ def test_replay_under_cuda_graph_capture(monkeypatch):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
-def test_compiled_layer_launches_without_plans(monkeypatch, fresh_dynamo):
-    """The compiled layer's graph launches the kernels itself (ops/decompose.py): no plan is recorded."""
+@pytest.mark.parametrize("mode", ["plans", "triton"])
+def test_compiled_layer(mode, monkeypatch, fresh_dynamo):
+    """The compiled layer's graph replays plans through the lean op (plans) or launches the kernels itself
+    (triton: no plan recorded); bitwise the ordinary path either way."""
+    from torch_moe_ops._platform import COMPILE_ENV
+
+    monkeypatch.setenv(COMPILE_ENV, mode)
     PLANS.clear()
     E, k, H, I = 16, 4, 256, 128
     layer = moe.FusedMoE(E, k, H, I, quant_config="fp8_block", device=DEV)
@@ -134,4 +139,4 @@ def test_compiled_layer_launches_without_plans(monkeypatch, fresh_dynamo):
         got = f(x, logits)
         want = _ordinary(monkeypatch, lambda: layer(x, logits))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert not PLANS.plans
+    assert bool(PLANS.plans) == (mode == "plans")

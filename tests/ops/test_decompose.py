@@ -1,5 +1,5 @@
-"""Under torch.compile the CUDA ops decompose into their Triton launches (ops/decompose.py,
-docs/host-overhead.md), checked on this GPU-less machine: fused_moe traced on fake CUDA tensors through
+"""Under torch.compile with TORCH_MOE_OPS_COMPILE=triton the CUDA ops decompose into their Triton launches
+(ops/decompose.py, docs/host-overhead.md), checked on this GPU-less machine: fused_moe traced on fake CUDA tensors through
 AOTAutograd (tests/ops/trace_fake_cuda.py, in a subprocess without TRITON_INTERPRET). The graph must hold our
 kernels and nothing that moves data (no copy of an input: torch's mutation analysis must see that no kernel
 writes one), and a symbolic T must be guarded to its token bucket only. On the GPU, tests/gpu/test_compile_kernels.py
@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 CASES = [("none", 1, False), ("fp8_block", 24, True), ("fp8_channel", 3, False), ("int4_w4a16", 5000, True),
-         ("none", 1, False, True)]
+         ("none", 1, False, "opaque"), ("fp8_block", 24, True, "plans")]
 #: Pipeline kernels per scheme (route, align, [quantize x], GEMM1, activation [+ quantize], GEMM2, moe_sum).
 KERNELS = {"none": 6, "fp8_block": 7, "fp8_channel": 7, "int4_w4a16": 6}
 #: What may sit between the kernels: allocations, views, shape arithmetic.
@@ -55,5 +55,8 @@ def test_symbolic_T_is_guarded_to_its_token_bucket(traced):
     assert "T > 4096" in big and "T <= 16384" in big, big
 
 
-def test_the_switch_keeps_the_op_opaque(traced):  # (an unbacked T too: tests/gpu/test_compile_kernels.py)
-    assert traced[("none", 1, False, True)]["nodes"] == ["moe.fused_moe.default"]
+def test_the_other_modes_call_one_op(traced):  # (an unbacked T too: tests/gpu/test_compile_kernels.py)
+    assert traced[("none", 1, False, "opaque")]["nodes"] == ["moe.fused_moe.default"]
+    plans = traced[("fp8_block", 24, True, "plans")]
+    assert plans["nodes"] == ["moe._fused_moe_inference.default"]
+    assert "T > 16" not in plans["guards"] and "T <= 64" not in plans["guards"]  # one graph for every T

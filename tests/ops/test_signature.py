@@ -58,6 +58,15 @@ SCHEMAS = {
 SIGNATURES = [F.FUSED_EXPERTS, F.FUSED_MOE, TOPK_ROUTE, EXPERTS_TRAIN, EXPERTS_BACKWARD]
 
 
+def test_the_inference_twins_have_their_public_ops_schemas():
+    from torch_moe_ops.ops._registry import INFERENCE
+
+    assert sorted(INFERENCE) == ["moe::_fused_experts_inference", "moe::_fused_moe_inference"]
+    for qualname, op in INFERENCE.items():
+        public = qualname.removeprefix("moe::_").removesuffix("_inference")
+        assert str(op._schema) == SCHEMAS[public].replace(f"moe::{public}(", f"{qualname}(", 1)
+
+
 def test_every_moe_schema_is_pinned():
     assert sorted(q.split("::")[1] for q in REGISTERED) == sorted(SCHEMAS)
     for name, schema in SCHEMAS.items():

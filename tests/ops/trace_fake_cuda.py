@@ -36,7 +36,7 @@ from torch._functorch.aot_autograd import aot_function  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: E402
 from torch_moe_ops._kernels import configs  # noqa: E402
-from torch_moe_ops._platform import COMPILE_KERNELS_ENV  # noqa: E402
+from torch_moe_ops._platform import COMPILE_ENV  # noqa: E402
 
 configs.device_name = lambda index: "NVIDIA H100 80GB HBM3"  # no GPU to ask
 E, K, H, I = 60, 6, 256, 128
@@ -58,8 +58,8 @@ def _weights(scheme):
     raise ValueError(scheme)
 
 
-def trace(scheme: str, T: int, symbolic: bool, opaque: bool = False) -> dict:
-    os.environ[COMPILE_KERNELS_ENV] = "0" if opaque else "1"  # read at trace time
+def trace(scheme: str, T: int, symbolic: bool, mode: str = "triton") -> dict:
+    os.environ[COMPILE_ENV] = mode  # read at trace time
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env)
     if symbolic:

@@ -54,6 +54,33 @@ def define(name: str, schema: str, *, mutates_args=()) -> Callable:
     return wrap
 
 
+_LIBS: list = []  # the Library objects of define_inference (an op lives as long as its Library)
+#: qualified name -> OpOverload of the lean inference twins (not custom ops: kept out of REGISTERED).
+INFERENCE: dict[str, object] = {}
+
+
+def define_inference(name: str, schema: str, cuda, fake):
+    """A lean op ``moe::<name>`` for compiled inference graphs (ops/decompose.py): a ``torch.library.Library``
+    definition with a CUDA kernel and a fake only. No autograd kernel, no ``custom_op`` wrapper: the
+    dispatcher reaches ``cuda`` in a few µs. Returns its ``OpOverload``."""
+    qualname = f"{NAMESPACE}::{name}"
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+    except RuntimeError:  # free: define it
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        lib.define(name + schema)
+        lib.impl(name, cuda, "CUDA")
+        torch.library.register_fake(qualname, fake, lib=lib)
+        _LIBS.append(lib)
+    else:  # a reload of this module keeps the first definition; anything else is a collision
+        op = getattr(getattr(torch.ops, NAMESPACE), name).default
+        if str(op._schema) != str(torch._C.parse_schema(qualname + schema)):
+            raise RuntimeError(f"torch_moe_ops: the op {qualname} is already registered with another schema "
+                               f"({op._schema}); refusing to replace it")
+    INFERENCE[qualname] = getattr(getattr(torch.ops, NAMESPACE), name).default
+    return INFERENCE[qualname]
+
+
 def use_triton_on_cpu() -> bool:
     """CPU kernels run the Triton launchers (interpreter) when TORCH_MOE_OPS_BACKEND=triton."""
     return _platform.cpu_backend() == "triton"

@@ -1,22 +1,23 @@
-"""torch.compile sees through the CUDA ops down to their Triton launches (docs/host-overhead.md).
+"""What a torch.compile graph calls for the CUDA expert ops (docs/host-overhead.md, "Inside torch.compile").
 
-An opaque custom op costs a compiled graph the dispatcher, our Python and Triton's launch path on every call.
-Instead, when AOTAutograd functionalizes a graph (``FunctionalTensorMode``), ``decompose(op, sig, body)``
-runs the op's CUDA implementation once, at trace time, on the graph's fake tensors, with every
-``_kernels.plan.launch`` turned into a ``torch.library.wrap_triton`` call: the graph then holds the Triton
-kernels themselves (``triton_kernel_wrapper_functional`` nodes), which Inductor compiles and launches from its
-generated code like its own kernels, and the checks, name lookups and tile choices ran once, while tracing.
-The same mechanism as ``torch.library.triton_op``, which cannot keep the CPU kernels and the other
-devices on their own paths.
+The public ops are ``custom_op``s: inside a compiled graph each call costs the dispatcher with its Python
+autograd and wrapper layers (~15 µs on an H200 host) before our kernel starts. So when AOTAutograd functionalizes
+a graph (``FunctionalTensorMode``), ``decompose(op, sig, body, inference)`` replaces a CUDA call by, per
+``TORCH_MOE_OPS_COMPILE`` (read at trace time):
 
-The op stays opaque (its registered kernel is called at run time, launch plans and all) for CPU tensors,
-with ``TORCH_MOE_OPS_COMPILE_KERNELS=0``, in debug mode (value checks must run on every call), under
-``torch.export`` (an exported program keeps the op, as with ``triton_op``), without Triton, and for an
-unbacked token count (``mark_unbacked``: one graph for every T, so the tiles are picked per call).
+- ``plans`` (default): the lean inference twin ``moe::_<name>_inference`` (``Signature.define_inference``:
+  a plain ``torch.library`` op, CUDA kernel and fake only), whose kernel is the public op's: checks and launch
+  plan on its first call of a signature, replay after. Graphs that record gradients keep the public op.
+- ``triton``: the op's CUDA path run once, at trace time, on the graph's fake tensors, with every
+  ``_kernels.plan.launch`` turned into ``torch.library.wrap_triton`` (the mechanism of
+  ``torch.library.triton_op``): the graph holds the Triton kernels, which Inductor compiles and launches from
+  its generated code. Tile choices depend on T through ``configs.token_bucket`` only, so a symbolic T is
+  guarded to its bucket (one graph per bucket) and eager and compiled launch the same kernels.
+- ``opaque``: the public op.
 
-Tile choices depend on the token count through ``configs.token_bucket`` only, so a graph traced with a
-symbolic T (``dynamic=True``) carries guards ``2^(j-1) < T <= 2^j`` and launches, for each T it accepts, what
-eager launches; a new bucket retraces.
+CPU tensors, debug mode (value checks run on every call), ``torch.export`` (an exported program keeps the op,
+as with ``triton_op``) and, for ``triton``, an unbacked token count (``mark_unbacked``: no value to pick tiles
+by) and a missing Triton keep the public op.
 """
 from __future__ import annotations
 
@@ -25,26 +26,28 @@ import torch
 from .. import _platform
 from .._kernels.plan import traced_launches
 
-
-def _decomposing(types, a, sig) -> bool:
-    if not (_platform.compile_kernels() and _platform.has_triton()) or _platform.debug_checks():
-        return False
-    from torch._functorch import config
-
-    if _platform.interpret_mode() or not getattr(config, "decompose_custom_triton_ops", True):
-        return False  # the interpreter; torch.export keeps custom ops whole
-    first = getattr(a, sig.tensors[0])
-    if not isinstance(first, torch.Tensor) or first.device.type != "cuda":
-        return False
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    # An unbacked T (mark_unbacked: one graph for every T) has no value to pick tiles by: the op stays opaque
-    # and picks them per call.
-    return not free_unbacked_symbols(first.shape[0])
-
-
 #: Arguments whose dim 0 is the token count (symbolic under dynamic=True); every other size is a constant.
 TOKEN_DIM0 = frozenset({"hidden_states", "router_logits", "topk_weights", "topk_ids"})
+
+
+def _mode(a, sig) -> str:
+    """The compile mode for this call: ``_platform.compile_mode()`` unless the call must keep the public op."""
+    from torch._functorch import config
+
+    first = getattr(a, sig.tensors[0])
+    if (_platform.debug_checks() or _platform.interpret_mode() or not isinstance(first, torch.Tensor)
+            or first.device.type != "cuda" or not getattr(config, "decompose_custom_triton_ops", True)):
+        return "opaque"
+    mode = _platform.compile_mode()
+    if mode == "plans" and torch.is_grad_enabled() and any(
+            isinstance(t := getattr(a, n), torch.Tensor) and t.requires_grad for n in sig.tensors):
+        return "opaque"  # a training graph: the public op carries the autograd formula
+    if mode == "triton":
+        from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+        if not _platform.has_triton() or free_unbacked_symbols(first.shape[0]):
+            return "opaque"
+    return mode
 
 
 def _specialize_features(a, sig) -> None:
@@ -59,9 +62,10 @@ def _specialize_features(a, sig) -> None:
                     int(size)
 
 
-def decompose(op, sig, body) -> None:
-    """Register, for the custom op ``op`` with signature ``sig``, the functionalization rule that traces
-    ``body(a, True)`` (its CUDA implementation, a function of ``sig.Args``) into the graph."""
+def decompose(op, sig, body, inference=None) -> None:
+    """Register, for the custom op ``op`` with signature ``sig``, the functionalization rule above: ``body(a,
+    True)`` is its CUDA implementation (a function of ``sig.Args``), ``inference`` its lean twin's
+    ``OpOverload`` (None: ``plans`` keeps the public op)."""
     from torch._library.utils import fill_defaults
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
@@ -73,7 +77,11 @@ def decompose(op, sig, body) -> None:
             return NotImplemented  # a tensor subclass: let it handle the op first
         positional, keyword_only = fill_defaults(overload._schema, args, kwargs)
         a = sig.bind(positional, keyword_only)
-        if not _decomposing(types, a, sig):
+        how = _mode(a, sig)
+        if how == "plans" and inference is not None:
+            with mode:
+                return inference(*args, **kwargs)
+        if how != "triton":
             return mode.__torch_dispatch__(overload, types, args, kwargs)
         _specialize_features(a, sig)
         with mode, traced_launches():

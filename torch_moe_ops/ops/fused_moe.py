@@ -218,7 +218,7 @@ def _experts_fake(a):
 _experts_cuda = planned(FUSED_EXPERTS, experts)
 _fused_experts = FUSED_EXPERTS.define(cuda=_experts_cuda,
                                       cpu=lambda a: experts(a, use_triton_on_cpu()), fake=_experts_fake)
-decompose(_fused_experts, FUSED_EXPERTS, experts)
+decompose(_fused_experts, FUSED_EXPERTS, experts, FUSED_EXPERTS.define_inference(cuda=_experts_cuda, fake=_experts_fake))
 
 
 # ------------------------------------------------------------------------------------------ fused_moe
@@ -261,7 +261,7 @@ def _moe_fake(a):
 
 _moe_cuda = planned(FUSED_MOE, moe)
 _fused_moe = FUSED_MOE.define(cuda=_moe_cuda, cpu=lambda a: moe(a, use_triton_on_cpu()), fake=_moe_fake)
-decompose(_fused_moe, FUSED_MOE, moe)
+decompose(_fused_moe, FUSED_MOE, moe, FUSED_MOE.define_inference(cuda=_moe_cuda, fake=_moe_fake))
 
 
 # ------------------------------------------------------------------------------------------ public functions

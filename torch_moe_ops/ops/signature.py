@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._registry import NAMESPACE, direct_call_ok, define as define_op
+from ._registry import NAMESPACE, define as define_op, define_inference, direct_call_ok
 
 _REQUIRED = object()
 #: schema type -> the public wrapper's annotation
@@ -136,6 +136,13 @@ class Signature:
         op.register_kernel("cpu")(self.function(cpu, "cpu"))
         op.register_fake(self.function(fake, "fake"))
         return op
+
+    def define_inference(self, *, cuda, fake):
+        """The lean inference twin ``moe::_<name>_inference`` (same schema; CUDA kernel and fake only: see
+        ``_registry.define_inference``); returns its ``OpOverload``."""
+        name = f"_{self.name.lstrip('_')}_inference"
+        return define_inference(name, self.schema, self.function(cuda, "cuda_inference"),
+                                self.function(fake, "fake_inference"))
 
     def wrapper(self, positional: int, doc: str, module: str, cuda=None):
         """The public function ``name(<positional args>, *, <the rest>)`` calling ``torch.ops.moe.<name>``.
