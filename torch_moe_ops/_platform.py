@@ -15,6 +15,7 @@ BACKEND_ENV = "TORCH_MOE_OPS_BACKEND"  # "reference" (default on CPU) or "triton
 DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may synchronize)
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "1": replays call Triton 3.6's C launch directly (not GPU-tested)
+FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # "1": GEMM1's epilogue applies gated activations
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
 COMPILE_MODES = ("plans", "triton", "opaque")
 
@@ -67,6 +68,13 @@ def direct_launch() -> bool:
     """True with ``TORCH_MOE_OPS_DIRECT_LAUNCH=1``: plans recorded from then on skip ``CudaLauncher.__call__``
     (docs/host-overhead.md; off by default until it has run on a GPU)."""
     return os.environ.get(DIRECT_LAUNCH_ENV, "0") == "1"
+
+
+def fuse_activation() -> bool:
+    """True with ``TORCH_MOE_OPS_FUSE_ACTIVATION=1``: GEMM1's epilogue applies a gated activation when no
+    activation quantization follows (one launch and one [T·k, 2I] round trip fewer; docs/kernels.md). Off by
+    default until measured on a GPU. Read when a launch plan is recorded."""
+    return os.environ.get(FUSE_ACTIVATION_ENV, "0") == "1"
 
 
 def compile_mode() -> str:

@@ -183,3 +183,34 @@ def test_fuzz_fused_moe_triton_vs_reference(T, E, k, H, I, scheme, activation, n
         assert sqnr_db(ref, out) > (20 if get_quant_scheme(scheme).fp8_dot else 30)
     else:
         assert (ref - out).abs().max() < 2e-6
+
+
+@pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("none", "swigluoai"), ("int8_w8a16", "gelu"),
+                                               ("int4_w4a16", "silu"), ("none", "silu_no_mul"), ("fp8_block", "silu")])
+@pytest.mark.parametrize("T", [1, 9])
+def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, scheme, activation, T):
+    """TORCH_MOE_OPS_FUSE_ACTIVATION=1: GEMM1's epilogue applies the gated activation (schemes without
+    activation quantization; the others, and non-gated activations, keep the activation kernel): bitwise what
+    GEMM1 + act_and_mul give, clamp (swigluoai: interleaved, limit 7), biases and an expert_map included."""
+    from torch_moe_ops._kernels.activation import act_and_mul
+    from torch_moe_ops._platform import FUSE_ACTIVATION_ENV
+
+    E, k = 5, 2
+    H, I = _dims(scheme, 40, 24)
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
+    q13, q2, kw = _weights(E, H, I, scheme, activation=activation, bias=True, dtype=dtype)
+    kw.update(expert_map=torch.tensor([0, 1, -1, 2, 3, 4, -1], dtype=torch.int32, device=DEV))
+    torch.manual_seed(T)
+    x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
+    logits = torch.randn(T, 7, device=DEV)
+    want = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    monkeypatch.setenv(FUSE_ACTIVATION_ENV, "1")
+    from torch_moe_ops._kernels import fused_experts as pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "act_and_mul", lambda *a, **k: calls.append(1) or act_and_mul(*a, **k))
+    got = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    assert torch.equal(got, want)
+    quantized_act = get_quant_scheme(scheme).act is not None  # act_and_quant, never fused
+    fused = get_activation(activation).gated and not quantized_act
+    assert calls == ([] if fused or quantized_act else [1])

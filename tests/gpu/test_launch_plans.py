@@ -140,3 +140,20 @@ def test_compiled_layer(mode, monkeypatch, fresh_dynamo):
         want = _ordinary(monkeypatch, lambda: layer(x, logits))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert bool(PLANS.plans) == (mode == "plans")
+
+
+@pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("none", "swigluoai"), ("int8_w8a16", "silu"),
+                                               ("int4_w4a16", "silu")])
+@pytest.mark.parametrize("T", [1, 64, 300])
+def test_activation_fused_into_gemm1_on_the_gpu(monkeypatch, scheme, activation, T):
+    """TORCH_MOE_OPS_FUSE_ACTIVATION=1 (docs/kernels.md): bitwise the two-kernel path on the GPU's tiles."""
+    from torch_moe_ops._platform import FUSE_ACTIVATION_ENV
+
+    PLANS.clear()
+    E, k, H, I = 60, 6, 512, 384
+    q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
+    x, logits = _inputs(T, H, E, T)
+    want = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    monkeypatch.setenv(FUSE_ACTIVATION_ENV, "1")
+    PLANS.clear()
+    torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), want, rtol=0, atol=0)

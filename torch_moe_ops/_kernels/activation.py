@@ -56,6 +56,13 @@ def _act_tile(ptrs, mask, half, alpha, limit, ACT: tl.constexpr, GATED: tl.const
     else:
         g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
+    return _gated(g, u, alpha, limit, ACT, SWIGLU_OAI, CLAMP)
+
+
+@triton.jit
+def _gated(g, u, alpha, limit, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr):
+    """A gated activation of fp32 gate / up values (the one formula: ``_act_tile`` and GEMM1's fused
+    epilogue both call it)."""
     if CLAMP:  # NaN-propagating, like torch.clamp (the default min/max would turn NaN into ±limit)
         lim = tl.cast(limit, tl.float32)
         g = tl.minimum(g, lim, propagate_nan=tl.PropagateNan.ALL)

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from .._platform import debug_checks
+from .._platform import debug_checks, fuse_activation
 from ..schemes import Activation, QuantScheme
 from .activation import act_and_mul, act_and_quant, quantize_activation
 from .align import align_block_size
@@ -88,16 +88,19 @@ def fused_experts(
         a1, a1_scale = quantize_activation(a1, aq, group)
 
     gemm_args = (sorted_ids, expert_ids, num_post_pad)
-    c1 = torch.empty((numel, N1), dtype=x.dtype, device=device)
-    invoke_moe_gemm(
-        a1, w13, c1, *gemm_args, top_k=a1_rows_per_pair, config=cfg1, scheme=scheme,
-        a_scale=a1_scale, w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved,
-    )
-    # Rows of c1 for dropped pairs are garbage; the activation maps them to garbage that GEMM2 never reads.
-    if aq is None:
-        a2, a2_scale = act_and_mul(c1, act, alpha, limit), None
+    gemm1 = dict(top_k=a1_rows_per_pair, config=cfg1, scheme=scheme, a_scale=a1_scale, w_scale=w13_scale,
+                 bias=w13_bias, block=block, interleaved=act.interleaved)
+    if aq is None and act.gated and fuse_activation():  # GEMM1's epilogue writes the activation's output
+        a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
+        invoke_moe_gemm(a1, w13, a2, *gemm_args, act=(act, alpha, limit), **gemm1)
     else:
-        a2, a2_scale = act_and_quant(c1, act, alpha, limit, aq, group)
+        c1 = torch.empty((numel, N1), dtype=x.dtype, device=device)
+        invoke_moe_gemm(a1, w13, c1, *gemm_args, **gemm1)
+        # Rows of c1 for dropped pairs are garbage; the activation maps them to garbage that GEMM2 never reads.
+        if aq is None:
+            a2, a2_scale = act_and_mul(c1, act, alpha, limit), None
+        else:
+            a2, a2_scale = act_and_quant(c1, act, alpha, limit, aq, group)
 
     # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).
     c3 = (torch.zeros if k == 1 else torch.empty)((numel, H), dtype=x.dtype, device=device)

@@ -32,6 +32,7 @@ import triton.language as tl
 from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _int4_unpack, _upcast_emulated
+from .activation import _gated
 from .configs import TileConfig
 from .plan import launch
 
@@ -71,6 +72,7 @@ def _moe_gemm_kernel(
     N, K, num_pid_m, num_valid_tokens,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_biase, stride_biasn,
+    act_alpha, act_limit,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_DIV: tl.constexpr, TENSOR_SCALE_COLS: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -78,6 +80,7 @@ def _moe_gemm_kernel(
     UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     A_ROW_SCALE: tl.constexpr, W_TENSOR_SCALE: tl.constexpr, W_CHANNEL_SCALE: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_INT4: tl.constexpr,
+    FUSE_ACT: tl.constexpr, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr,
 ):
     # GROUP_M swizzle: consecutive programs share a column band of B (one expert's weights) in L2.
     pid = tl.program_id(0)
@@ -99,12 +102,28 @@ def _moe_gemm_kernel(
     mask_token = offs_token < num_valid_tokens
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
-    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
-    mask_c = mask_token[:, None] & (offs_cn[None, :] < N)
-    if expert == -1:  # block of non-local pairs: their output rows must be exactly zero
-        tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=mask_c)
-        return
+    if FUSE_ACT:  # gated activation in the epilogue: the tile's columns j pair gate (even j) and up (odd j)
+        # of output column pid_n·BN/2 + j/2; c is [rows, N/2], the activation's output.
+        half = N // 2
+        offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # [BN/2] output columns
+        j = tl.arange(0, BLOCK_N)
+        out_of_j = pid_n * (BLOCK_N // 2) + j // 2
+        if INTERLEAVED:
+            offs_cn = 2 * out_of_j + j % 2
+        else:
+            offs_cn = out_of_j + (j % 2) * half
+        c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_out[None, :] * stride_cn
+        mask_c = mask_token[:, None] & (offs_out[None, :] < half)
+        if expert == -1:
+            tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=c_ptr.dtype.element_ty), mask=mask_c)
+            return
+    else:
+        offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+        mask_c = mask_token[:, None] & (offs_cn[None, :] < N)
+        if expert == -1:  # block of non-local pairs: their output rows must be exactly zero
+            tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=mask_c)
+            return
 
     # Wrapping N instead of masking keeps the B loads unpredicated; the store is masked.
     offs_bn = offs_cn % N
@@ -184,7 +203,14 @@ def _moe_gemm_kernel(
         acc = acc * w.to(tl.float32)[:, None]
     if BF16_RTNE:  # interpreter only: its fp32 -> bf16 cast truncates; round to nearest even first
         acc = _bf16_round(acc)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    if FUSE_ACT:  # GEMM1's output rounded to c's dtype as when stored, then the activation kernel's math
+        g, u = tl.split(tl.reshape(acc.to(c_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, BLOCK_N // 2, 2)))
+        y = _gated(g, u, act_alpha, act_limit, ACT, SWIGLU_OAI, CLAMP)
+        if BF16_RTNE:
+            y = _bf16_round(y)
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_c)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,6 +242,7 @@ def invoke_moe_gemm(
     topk_weights: torch.Tensor | None = None,
     block: tuple[int, int] | None = None,
     interleaved: bool = False,
+    act: tuple | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
@@ -230,6 +257,8 @@ def invoke_moe_gemm(
     untiled schemes; ``config.block_k`` must divide ``block[1]`` (int4: and be a multiple of 32).
     bias: [E, N] any float dtype, added after dequantization. topk_weights: [T, k] fp32, multiplied in
     (fp32, before the downcast) when given. ``interleaved``: per-tensor ``[E, 2]`` halves are n % 2.
+    ``act``: (gated ``Activation``, alpha, limit) to apply in the epilogue: ``c`` is then ``[T·k, N/2]``, the
+    activation's output, bitwise what ``act_and_mul`` makes of the unfused ``c`` (no activation quantization).
     """
     numel = c.shape[0]
     pack = scheme.weight.pack if scheme.quantized else 1
@@ -259,13 +288,22 @@ def invoke_moe_gemm(
         w_s_strides = tuple(w_scale.stride()) + (0,) * (3 - w_scale.dim())
     tensor_cols = w_scale.shape[1] if flags.W_TENSOR_SCALE and w_scale.dim() > 1 else 1
     grid = (num_pid_m * cdiv(N, bn),)
+    if act is not None:
+        activation, alpha, limit = act
+        assert activation.gated and N % 2 == 0 and bn % 2 == 0 and topk_weights is None
+        act_kw = dict(FUSE_ACT=True, ACT=activation.kernel, SWIGLU_OAI=activation.swiglu_oai,
+                      CLAMP=activation.clamps(limit))
+        alpha, limit = float(alpha), float(limit)
+    else:
+        act_kw = dict(FUSE_ACT=False, ACT="none", SWIGLU_OAI=False, CLAMP=False)
+        alpha = limit = 0.0
     launch(_moe_gemm_kernel, grid,
         a, w, c, a_s, w_s, b_, tw,
         sorted_ids, expert_ids, num_post_pad,
         N, K, num_pid_m, numel,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         *a_s_strides, *w_s_strides,
-        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, alpha, limit,
         GROUP_N=group_n, GROUP_K=group_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
         A_DIV=top_k, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
@@ -273,7 +311,7 @@ def invoke_moe_gemm(
         UPCAST=interpret_mode() and a.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         FP32_IEEE=a.dtype == torch.float32,
         BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
-        **_flag_kwargs(flags),
+        **_flag_kwargs(flags), **act_kw,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
