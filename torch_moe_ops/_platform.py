@@ -14,7 +14,7 @@ import torch
 BACKEND_ENV = "TORCH_MOE_OPS_BACKEND"  # "reference" (default on CPU) or "triton" (CPU tensors via the interpreter)
 DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may synchronize)
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
-DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "1": replays call Triton 3.6's C launch directly (not GPU-tested)
+DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "0": replays go through Triton 3.6's CudaLauncher.__call__
 FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # "1": GEMM1's epilogue applies gated activations
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
 COMPILE_MODES = ("plans", "triton", "opaque")
@@ -65,9 +65,9 @@ def launch_plans() -> bool:
 
 
 def direct_launch() -> bool:
-    """True with ``TORCH_MOE_OPS_DIRECT_LAUNCH=1``: plans recorded from then on skip ``CudaLauncher.__call__``
-    (docs/host-overhead.md; off by default until it has run on a GPU)."""
-    return os.environ.get(DIRECT_LAUNCH_ENV, "0") == "1"
+    """True unless ``TORCH_MOE_OPS_DIRECT_LAUNCH=0``: plans recorded from then on skip ``CudaLauncher.__call__``
+    where it only forwards to its C ``launch`` (docs/host-overhead.md)."""
+    return os.environ.get(DIRECT_LAUNCH_ENV, "1") != "0"
 
 
 def fuse_activation() -> bool:

@@ -150,18 +150,19 @@ class _Launcher36:
 
 
 def test_triton_36_launchers_are_called_directly(monkeypatch):
-    """With TORCH_MOE_OPS_DIRECT_LAUNCH=1 a replay skips ``CudaLauncher.__call__`` when it only forwards (no
-    scratch): same arguments to ``launch``. Off by default: the full launcher."""
+    """A replay skips ``CudaLauncher.__call__`` when it only forwards (no scratch): same arguments to
+    ``launch``. TORCH_MOE_OPS_DIRECT_LAUNCH=0: the full launcher."""
     run = _Launcher36()
     K.compiled.run = run
     try:
+        monkeypatch.setenv(DIRECT_LAUNCH_ENV, "0")
         cache = PlanCache()
         x, y = torch.randn(9), torch.randn(9)
         _run(cache, x, y)
         _run(cache, x, y)
-        assert run.direct == 2 and run.via_call == 2  # default: through __call__
+        assert run.direct == 2 and run.via_call == 2  # switched off: through __call__
         run.direct = run.via_call = 0
-        monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")
+        monkeypatch.delenv(DIRECT_LAUNCH_ENV)  # the default
         cache = PlanCache()
         x, y = torch.randn(9), torch.randn(9)
         _run(cache, x, y)

@@ -90,8 +90,8 @@ def _launcher(compiled) -> tuple[object, tuple]:
     Triton's public path. Triton 3.6's ``CudaLauncher.__call__`` only allocates scratch (none for kernels that
     need none) and calls its C ``launch``: for such kernels the replay calls ``launch`` itself (a Python frame
     and two closures less per launch). Recognized by ``__call__``'s exact parameters; anything else (other
-    Triton versions, kernels with scratch) keeps ``run``. Opt-in (``TORCH_MOE_OPS_DIRECT_LAUNCH=1``, read when
-    a plan is made) until it has run on a GPU."""
+    Triton versions, kernels with scratch) keeps ``run``. ``TORCH_MOE_OPS_DIRECT_LAUNCH=0`` (read when a
+    plan is made) keeps ``run``."""
     run = compiled.run
     head = (compiled.packed_metadata, None, None, None)
     if not direct_launch():
