@@ -9,6 +9,8 @@ What is measured (docs/performance.md, "Host time and end to end"):
   default): even where the GPU is slower than the host (Mixtral at T=256), 20 calls of about ten launches
   each leave at most a few hundred launches pending, well below the depth (about a thousand) at which a CUDA
   launch starts to block, so the host never waits for the GPU and the figure is pure enqueue time.
+- ``host_us_eager_public``: the same through the package's function (``torch_moe_ops.fused_moe``), which calls
+  the CUDA kernel without the dispatcher when nothing needs it (what the layer and most users call).
 - ``host_us_compiled``: the same for ``torch.compile(fn, fullgraph=True, dynamic=True)`` (default mode), fn
   calling the op once: the standalone compiled call, guards included. ``frames``: graphs dynamo compiled for
   the cell (a fresh ``torch._dynamo.reset()`` per cell: 1 expected); ``recompiles``: graphs compiled during
@@ -16,7 +18,8 @@ What is measured (docs/performance.md, "Host time and end to end"):
 - ``graph_us``: GPU time of one call replayed from a CUDA graph (``benchmarks.run.do_bench_ms``).
 - ``compile_mode``: what the compiled graphs call (``TORCH_MOE_OPS_COMPILE``, ops/decompose.py): ``plans`` the
   lean inference op, ``triton`` our kernels launched by Inductor, ``opaque`` the public op.
-- The stack (``--only stack``): 4 layers of router ``nn.Linear(H, E, bf16)`` -> ``fused_moe`` -> residual add,
+- The stack (``--only stack``): 4 layers of router ``nn.Linear(H, E, bf16)`` -> ``torch_moe_ops.fused_moe`` (the
+  public function, as the layer calls it; before session 6, ``torch.ops.moe.fused_moe``) -> residual add,
   x [T, H] bf16. ``eager_ms`` / ``compiled_ms``: GPU-synchronized wall time per forward; ``*_host_ms``: enqueue
   time per forward as above; ``graph_ms``: CUDA-graph replay of the eager stack; ``compiled_graph_ms``: of the
   compiled one (its kernels must be as fast); ``nomoe_*``: the same stack without the MoE calls (router +
@@ -156,15 +159,17 @@ def expert_weights(shape: MoEShape, scheme: str, w13: torch.Tensor, w2: torch.Te
     return q13, q2, s13, s2, kw
 
 
-def op_fn(op: str, k: int, kw: dict):
+def op_fn(op: str, k: int, kw: dict, public: bool = False):
     """The function timed, tensors as arguments: fused_moe(x, logits, ...) or fused_experts(x, weights, ids,
-    ...), one ``torch.ops.moe`` call."""
+    ...), one ``torch.ops.moe`` call (``public``: the package's function instead, which skips the dispatcher
+    when nothing needs it)."""
+    ns = moe if public else torch.ops.moe
     if op == "fused_moe":
         def fn(x, logits, w13, w2, s13, s2):
-            return torch.ops.moe.fused_moe(x, logits, w13, w2, k, w13_scale=s13, w2_scale=s2, **kw)
+            return ns.fused_moe(x, logits, w13, w2, k, w13_scale=s13, w2_scale=s2, **kw)
     else:
         def fn(x, topk_weights, topk_ids, w13, w2, s13, s2):
-            return torch.ops.moe.fused_experts(x, w13, w2, topk_weights, topk_ids, w13_scale=s13, w2_scale=s2, **kw)
+            return ns.fused_experts(x, w13, w2, topk_weights, topk_ids, w13_scale=s13, w2_scale=s2, **kw)
     return fn
 
 
@@ -183,6 +188,10 @@ def bench_cell(op, shape, scheme, T, weights, args, device) -> dict:
     _warm(eager, device)
     row = dict(op=op, scheme=scheme, shape=shape.name, T=T)
     row["host_us_eager"] = enqueue_us(eager, args.calls, args.repeats, device)
+    public = op_fn(op, shape.k, kw, public=True)
+    eager_public = lambda: public(*call_args)  # noqa: E731
+    _warm(eager_public, device)
+    row["host_us_eager_public"] = enqueue_us(eager_public, args.calls, args.repeats, device)
     compiled = Compiled(fn, call_args, device, args.backend)
     row["host_us_compiled"] = enqueue_us(compiled, args.calls, args.repeats, device)
     row["graph_us"] = graph_us(eager, device)
@@ -218,7 +227,7 @@ def run_host(args, device, shapes, log, rows, flush) -> None:
                     else:
                         g_us = "-" if row["graph_us"] is None else f"{row['graph_us']:.1f}"
                         log(f"{op:<13} {shape.name:<14} {scheme:<11} T={T:<4} host eager {row['host_us_eager']:7.1f} "
-                            f"us, compiled {row['host_us_compiled']:7.1f} us (frames {row['frames']}, recompiles "
+                            f"us (public function {row['host_us_eager_public']:7.1f}), compiled {row['host_us_compiled']:7.1f} us (frames {row['frames']}, recompiles "
                             f"{row['recompiles']}); graph {g_us} us")
             del weights
             if device.type == "cuda":
@@ -254,8 +263,8 @@ class Stack(nn.Module):
     def forward(self, x):
         for i, router in enumerate(self.routers):
             logits = router(x)
-            if self.moe_calls:
-                x = x + torch.ops.moe.fused_moe(x, logits, getattr(self, f"w13_{i}"), getattr(self, f"w2_{i}"),
+            if self.moe_calls:  # the package's function: what the layer calls (no dispatcher in eager)
+                x = x + moe.fused_moe(x, logits, getattr(self, f"w13_{i}"), getattr(self, f"w2_{i}"),
                                                 self.k, w13_scale=getattr(self, f"s13_{i}"),
                                                 w2_scale=getattr(self, f"s2_{i}"), **self.kw)
             else:
