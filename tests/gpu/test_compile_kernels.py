@@ -1,7 +1,7 @@
 """What compiled graphs call for the CUDA ops (ops/decompose.py, docs/host-overhead.md). TORCH_MOE_OPS_COMPILE=plans
 (default): the lean inference op, one graph for every T, bitwise eager. =triton: the graph launches our Triton
 kernels itself, bitwise eager (same kernels, same tiles per token bucket), copies nothing, retraces once per
-bucket. Both CUDA-graph capturable; a training graph keeps the public op and its gradients."""
+bucket. Both CUDA-graph capturable; a training graph gets the public op's gradients."""
 from __future__ import annotations
 
 import re

@@ -50,3 +50,8 @@ def test_autograd_modes_and_profiler_take_the_dispatcher(counted):
         moe.fused_moe(x, logits, w13, w2, K)
     assert counted == [1]
     assert any("moe::fused_moe" in e.name for e in prof.events())
+    with torch.no_grad():  # torch.jit.trace records through the dispatcher
+        traced = torch.jit.trace(lambda x, r: moe.fused_moe(x, r, w13, w2, K), (x.detach(), logits))
+    assert counted == [1]
+    torch.testing.assert_close(traced(x.detach(), logits), moe.fused_moe(x.detach(), logits, w13, w2, K), rtol=0,
+                               atol=0)

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 CASES = [("none", 1, False), ("fp8_block", 24, True), ("fp8_channel", 3, False), ("int4_w4a16", 5000, True),
-         ("none", 1, False, "opaque"), ("fp8_block", 24, True, "plans")]
+         ("none", 1, False, "opaque"), ("fp8_block", 24, True, "plans"), ("none", 3, False, "triton", True)]
 #: Pipeline kernels per scheme (route, align, [quantize x], GEMM1, activation [+ quantize], GEMM2, moe_sum).
 KERNELS = {"none": 6, "fp8_block": 7, "fp8_channel": 7, "int4_w4a16": 6}
 #: What may sit between the kernels: allocations, views, shape arithmetic.
@@ -60,3 +60,10 @@ def test_the_other_modes_call_one_op(traced):  # (an unbacked T too: tests/gpu/t
     plans = traced[("fp8_block", 24, True, "plans")]
     assert plans["nodes"] == ["moe._fused_moe_inference.default"]
     assert "T > 16" not in plans["guards"] and "T <= 64" not in plans["guards"]  # one graph for every T
+
+
+def test_a_tensor_subclass_handles_the_op_first(traced):
+    """A subclass input (torch's TwoTensor, which runs each op on its two halves) is unwrapped before the rule
+    sees FunctionalTensors: twice the kernels, no error (the rule must not claim subclass calls)."""
+    ops = Counter(traced[("none", 3, False, "triton", True)]["nodes"])
+    assert ops["triton_kernel_wrapper_functional"] == 2 * KERNELS["none"], ops

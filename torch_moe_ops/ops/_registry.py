@@ -94,7 +94,8 @@ def direct_call_ok(first: torch.Tensor, *tensors) -> bool:
     (docs/host-overhead.md, "The dispatcher"): ``first`` (the op's first tensor) on CUDA, every tensor a plain
     tensor or parameter (no subclass: FakeTensor, DTensor, ... dispatch), no gradient to record, no Python
     dispatch or function mode, no functorch transform (vmap's batched tensors look plain), no profiler (it
-    would miss the op's range) and no Dynamo trace. What the
+    would miss the op's range), no Dynamo or ``torch.jit.trace``. Unlike the dispatcher, the direct call does
+    not coerce argument types to the schema's (the op's own checks still run on a plan's first call). What the
     dispatcher would do then is exactly: call that kernel."""
     if torch.compiler.is_compiling() or type(first) not in _PLAIN or not first.is_cuda:
         return False
@@ -105,4 +106,5 @@ def direct_call_ok(first: torch.Tensor, *tensors) -> bool:
     if grad and first.requires_grad:
         return False
     return not (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
-                or torch.autograd.profiler._is_profiler_enabled or torch._C._are_functorch_transforms_active())
+                or torch.autograd.profiler._is_profiler_enabled or torch._C._are_functorch_transforms_active()
+                or torch._C._get_tracing_state() is not None)  # torch.jit.trace records through the dispatcher

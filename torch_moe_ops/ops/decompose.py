@@ -7,7 +7,8 @@ a graph (``FunctionalTensorMode``), ``decompose(op, sig, body, inference)`` repl
 
 - ``plans`` (default): the lean inference twin ``moe::_<name>_inference`` (``Signature.define_inference``:
   a plain ``torch.library`` op, CUDA kernel and fake only), whose kernel is the public op's: checks and launch
-  plan on its first call of a signature, replay after. Graphs that record gradients keep the public op.
+  plan on its first call of a signature, replay after. The rule runs below autograd (inside the public op's
+  autograd forward in a training graph), so gradients still come from the public op's formula.
 - ``triton``: the op's CUDA path run once, at trace time, on the graph's fake tensors, with every
   ``_kernels.plan.launch`` turned into ``torch.library.wrap_triton`` (the mechanism of
   ``torch.library.triton_op``): the graph holds the Triton kernels, which Inductor compiles and launches from
@@ -39,9 +40,6 @@ def _mode(a, sig) -> str:
             or first.device.type != "cuda" or not getattr(config, "decompose_custom_triton_ops", True)):
         return "opaque"
     mode = _platform.compile_mode()
-    if mode == "plans" and torch.is_grad_enabled() and any(
-            isinstance(t := getattr(a, n), torch.Tensor) and t.requires_grad for n in sig.tensors):
-        return "opaque"  # a training graph: the public op carries the autograd formula
     if mode == "triton":
         from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
@@ -70,11 +68,11 @@ def decompose(op, sig, body, inference=None) -> None:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
-    known = (torch.Tensor, FakeTensor, FunctionalTensor)
-
     def rule(mode, overload, types, args, kwargs):
-        if any(not issubclass(t, known) for t in types):
-            return NotImplemented  # a tensor subclass: let it handle the op first
+        # Any other tensor subclass (DTensor, a torchao weight, ...) handles the op first (every subclass is a
+        # torch.Tensor subclass, hence the exact test; as in torch.library.triton_op).
+        if any(t not in (torch.Tensor, FunctionalTensor) and not issubclass(t, FakeTensor) for t in types):
+            return NotImplemented
         positional, keyword_only = fill_defaults(overload._schema, args, kwargs)
         a = sig.bind(positional, keyword_only)
         how = _mode(a, sig)

@@ -191,6 +191,10 @@ def planned(sig: Signature, body):
         def run():
             return body(a, True)
 
+        index = a[0].device.index  # Triton launches on the current device: make it the tensors'
+        if index is not None and index != torch._C._cuda_getDevice():
+            with torch.cuda.device(index):
+                return cuda(a)
         if not plans_on():
             return run()
         key, inputs = plan_key(a)
