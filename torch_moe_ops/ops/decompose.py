@@ -1,7 +1,7 @@
 """What a torch.compile graph calls for the CUDA expert ops (docs/host-overhead.md, "Inside torch.compile").
 
 The public ops are ``custom_op``s: inside a compiled graph each call costs the dispatcher with its Python
-autograd and wrapper layers (~15 µs on an H200 host) before our kernel starts. So when AOTAutograd functionalizes
+autograd and wrapper layers (~13 µs on an H200 host) before our kernel starts. So when AOTAutograd functionalizes
 a graph (``FunctionalTensorMode``), ``decompose(op, sig, body, inference)`` replaces a CUDA call by, per
 ``TORCH_MOE_OPS_COMPILE`` (read at trace time):
 
