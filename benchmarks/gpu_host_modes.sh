@@ -1,0 +1,28 @@
+#!/bin/bash
+# Issue 22's open measurements in ONE device call (`run` with the command `bash benchmarks/gpu_host_modes.sh`,
+# no carry needed): the GPU suite of the host-overhead work, the host-time split, the 4-layer stack under each
+# compile mode (TORCH_MOE_OPS_COMPILE = plans / triton / opaque, docs/host-overhead.md), and GEMM1 with the
+# activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION=1) against the two-kernel path on the Qwen3 shape (kernel time,
+# CUDA graphs). Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json,
+# run-fused-<0|1>.json, and the logs; the summary is printed.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+T0=$(date +%s)
+DIR=${OUT:-benchmarks/results/modes-$(date -u +%Y-%m-%d)}
+mkdir -p "$DIR"
+nvidia-smi -L
+echo "== GPU tests"
+timeout 240 python3 -m pytest -q -m cuda -n 4 -p no:cacheprovider tests/gpu/test_compile_kernels.py \
+  tests/gpu/test_direct_call.py tests/gpu/test_launch_plans.py 2>&1 | tail -n 15 | tee "$DIR/cuda_tests.log"
+echo "== host_profile $(( $(date +%s) - T0 )) s"
+timeout 60 python3 -m benchmarks.host_profile --out "$DIR" 2>&1 | grep "^{" | cut -c1-600
+for m in plans triton opaque; do
+  echo "== stack, TORCH_MOE_OPS_COMPILE=$m $(( $(date +%s) - T0 )) s"
+  TORCH_MOE_OPS_COMPILE=$m timeout 70 python3 -m benchmarks.host --out "$DIR/stack-$m" --only stack 2>&1 | grep "stack "
+done
+for f in 0 1; do
+  echo "== kernels, TORCH_MOE_OPS_FUSE_ACTIVATION=$f $(( $(date +%s) - T0 )) s"
+  TORCH_MOE_OPS_FUSE_ACTIVATION=$f timeout 90 python3 -m benchmarks.run --shapes qwen3-30b-a3b --providers ours \
+    --schemes none,int8_w8a16,int4_w4a16 --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | tail -n 12
+done
+echo "== done $(( $(date +%s) - T0 )) s"
