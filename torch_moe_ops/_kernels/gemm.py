@@ -104,16 +104,16 @@ def _moe_gemm_kernel(
 
     if FUSE_ACT:  # gated activation in the epilogue: the tile's columns j pair gate (even j) and up (odd j)
         # of output column pid_n·BN/2 + j/2; c is [rows, N/2], the activation's output.
-        half = N // 2
+        n_out = N // 2  # the activation's output columns
         offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # [BN/2] output columns
         j = tl.arange(0, BLOCK_N)
         out_of_j = pid_n * (BLOCK_N // 2) + j // 2
         if INTERLEAVED:
             offs_cn = 2 * out_of_j + j % 2
         else:
-            offs_cn = out_of_j + (j % 2) * half
+            offs_cn = out_of_j + (j % 2) * n_out
         c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_out[None, :] * stride_cn
-        mask_c = mask_token[:, None] & (offs_out[None, :] < half)
+        mask_c = mask_token[:, None] & (offs_out[None, :] < n_out)
         if expert == -1:
             tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=c_ptr.dtype.element_ty), mask=mask_c)
             return
