@@ -31,7 +31,7 @@ INT4_GROUP = 32
 
 def _dims(scheme, H, I):
     """(H, I) rounded up to whole int4 groups for int4_w4a16, unchanged otherwise."""
-    if get_quant_scheme(scheme).flags.W_INT4:
+    if get_quant_scheme(scheme).packed:
         return -(-H // INT4_GROUP) * INT4_GROUP, -(-I // INT4_GROUP) * INT4_GROUP
     return H, I
 

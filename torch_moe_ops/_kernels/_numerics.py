@@ -127,14 +127,3 @@ def _int4_nibbles(x, inv, QMIN: tl.constexpr, QMAX: tl.constexpr):
     (±inf saturate to QMAX / QMIN; a NaN group's scale is NaN)."""
     q = _round_half_even(tl.clamp(_scaled(x, inv, True), QMIN, QMAX)).to(tl.int32)
     return q & 0xF
-
-
-@triton.jit
-def _int4_unpack(packed):
-    """uint8 bytes -> (low, high) nibbles as int8 in [-8, 7] (element 2j of K is byte j's low nibble).
-
-    Sign extension by arithmetic shifts; the int8 casts make it independent of how the shifts are typed."""
-    b = packed.to(tl.int8, bitcast=True)
-    lo = (b << 4).to(tl.int8) >> 4
-    hi = b >> 4
-    return lo.to(tl.int8), hi.to(tl.int8)

@@ -27,20 +27,34 @@ _ONE_PASS_MAX = 8192  # per-token quantization keeps rows up to this many output
 
 
 @triton.jit
-def _act(x, ACT: tl.constexpr):
-    """Elementwise f(x) in fp32 (written like the torch reference to stay within an ulp or two)."""
+def _elementwise(x, ACT: tl.constexpr):
+    """(f(x), f'(x)) in fp32 for the elementwise function ``ACT`` (``Activation.kernel``; its torch twin is the
+    registry's ``fn`` / ``grad``). f is written like the torch reference (within an ulp or two); a caller that
+    drops f' pays nothing (dead code). An unknown name fails to compile: no branch falls through."""
     if ACT == "silu":
-        return x / (1.0 + tl.exp(-x))
-    elif ACT == "gelu":  # erf form
-        return 0.5 * x * (1.0 + tl.erf(x / 1.4142135623730951))
+        s = tl.sigmoid(x)
+        return x / (1.0 + tl.exp(-x)), s * (1.0 + x * (1.0 - s))
+    elif ACT == "gelu":  # erf form: Phi(x) + x phi(x)
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        return 0.5 * x * (1.0 + tl.erf(x / 1.4142135623730951)), cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
     elif ACT == "gelu_tanh":  # 0.5 x (1 + tanh(y)) == x / (1 + exp(-2y)), without the cancellation
         y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        return x / (1.0 + tl.exp(-2.0 * y))
+        s = tl.sigmoid(2.0 * y)
+        return x / (1.0 + tl.exp(-2.0 * y)), s + 2.0 * x * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
     elif ACT == "relu2":
         r = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, like torch
-        return r * r
-    else:  # identity
-        return x
+        return r * r, 2.0 * r
+    elif ACT == "identity":
+        return x, tl.full(x.shape, 1.0, tl.float32)
+    else:
+        tl.static_assert(False, "unknown activation kernel name (add its branch to _elementwise)")
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    """f(x) in fp32."""
+    f, _ = _elementwise(x, ACT)
+    return f
 
 
 @triton.jit
@@ -62,14 +76,43 @@ def _act_tile(ptrs, mask, half, alpha, limit, ACT: tl.constexpr, GATED: tl.const
 @triton.jit
 def _gated(g, u, alpha, limit, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr):
     """A gated activation of fp32 gate / up values (the one formula: ``_act_tile`` and GEMM1's fused
-    epilogue both call it)."""
+    epilogue both call it; ``_gated_backward`` is its derivative)."""
     if CLAMP:  # NaN-propagating, like torch.clamp (the default min/max would turn NaN into ±limit)
         lim = tl.cast(limit, tl.float32)
         g = tl.minimum(g, lim, propagate_nan=tl.PropagateNan.ALL)
         u = tl.clamp(u, -lim, lim, propagate_nan=tl.PropagateNan.ALL)
     if SWIGLU_OAI:  # (u + 1) * g * sigmoid(alpha * g)
-        return (u + 1.0) * g * tl.sigmoid(tl.cast(alpha, tl.float32) * g)
-    return _act(g, ACT) * u
+        y = (u + 1.0) * g * tl.sigmoid(tl.cast(alpha, tl.float32) * g)
+    else:
+        y = _act(g, ACT) * u
+    return y
+
+
+@triton.jit
+def _gated_backward(g, u, dy, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, SWIGLU_OAI: tl.constexpr,
+                    CLAMP: tl.constexpr):
+    """fp32 (dL/dgate, dL/dup) from the activation's gate/up inputs and dL/dy (non-gated: g is the input,
+    -> (dL/dx, unused)). The clamp passes the gradient where g <= L and -L <= u <= L (torch.clamp's)."""
+    if not GATED:
+        _, d = _elementwise(g, ACT)
+        return dy * d, dy
+    if CLAMP:
+        g_pass = g <= limit
+        u_pass = (u >= -limit) & (u <= limit)
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+    if SWIGLU_OAI:  # (u + 1) g sigmoid(alpha g)
+        s = tl.sigmoid(alpha * g)
+        dg = dy * (u + 1.0) * s * (1.0 + alpha * g * (1.0 - s))
+        du = dy * g * s
+    else:
+        f, d = _elementwise(g, ACT)
+        dg = dy * u * d
+        du = dy * f
+    if CLAMP:
+        dg = tl.where(g_pass, dg, 0.0)
+        du = tl.where(u_pass, du, 0.0)
+    return dg, du
 
 
 @triton.jit(do_not_specialize=["M"])

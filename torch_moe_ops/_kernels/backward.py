@@ -24,63 +24,12 @@ import triton.language as tl
 from .._platform import interpret_mode
 from ..schemes import Activation, QuantScheme, cdiv
 from ._numerics import _bf16_round
-from .activation import act_and_mul, act_and_quant, quantize_activation
+from .activation import _gated_backward, act_and_mul, act_and_quant, quantize_activation
 from .align import align_block_size
 from .configs import get_config
+from .formats import block_pairs, decode_element, swizzle, tensor_scale_half
 from .gemm import gemm_grid_rows, invoke_moe_gemm
 from .moe_sum import moe_sum
-
-
-@triton.jit
-def _int4_element(packed, odd):
-    """uint8 bytes and the int32 ``odd`` flag per element (element 2j low nibble, 2j + 1 high) -> int32 in [-8, 7]."""
-    nib = (packed.to(tl.int32) >> (odd * 4)) & 0xF
-    return (nib ^ 8) - 8
-
-
-@triton.jit
-def _fn_and_grad(x, ACT: tl.constexpr):
-    """(f(x), f'(x)) in fp32 for the elementwise functions of docs/design.md §6."""
-    if ACT == "silu":
-        s = tl.sigmoid(x)
-        return x * s, s * (1.0 + x * (1.0 - s))
-    elif ACT == "gelu":  # Phi(x), x phi(x)
-        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-        return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
-    elif ACT == "gelu_tanh":  # (1 + tanh y) / 2 = sigmoid(2y)
-        y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        s = tl.sigmoid(2.0 * y)
-        return x * s, s + 2.0 * x * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
-    else:  # relu2
-        r = tl.maximum(x, 0.0)
-        return r * r, 2.0 * r
-
-
-@triton.jit
-def _act_backward(g, u, dh, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, SWIGLU_OAI: tl.constexpr,
-                  CLAMP: tl.constexpr):
-    """fp32 (dL/dgate, dL/dup) from c1's gate/up values and dL/dh (non-gated: (dL/dc1, unused)).
-    The clamp passes the gradient where g <= L and -L <= u <= L (torch.clamp's convention)."""
-    if not GATED:
-        _, d = _fn_and_grad(g, ACT)
-        return dh * d, dh
-    if CLAMP:
-        g_pass = g <= limit
-        u_pass = (u >= -limit) & (u <= limit)
-        g = tl.minimum(g, limit)
-        u = tl.minimum(tl.maximum(u, -limit), limit)
-    if SWIGLU_OAI:  # (u + 1) g sigmoid(alpha g)
-        s = tl.sigmoid(alpha * g)
-        dg = dh * (u + 1.0) * s * (1.0 + alpha * g * (1.0 - s))
-        du = dh * g * s
-    else:
-        f, d = _fn_and_grad(g, ACT)
-        dg = dh * u * d
-        du = dh * f
-    if CLAMP:
-        dg = tl.where(g_pass, dg, 0.0)
-        du = tl.where(u_pass, du, 0.0)
-    return dg, du
 
 
 @triton.jit(do_not_specialize=["num_pid_m", "num_valid"])
@@ -96,27 +45,18 @@ def _moe_dgrad_kernel(
     NEED_DOT: tl.constexpr, BIAS_DOT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
     SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr, TENSOR_SCALE_COLS: tl.constexpr,
     W_TENSOR_SCALE: tl.constexpr, W_CHANNEL_SCALE: tl.constexpr, TILE_SCALES: tl.constexpr,
-    W_INT4: tl.constexpr, DEQUANT: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
+    W_PACKED: tl.constexpr, W_CODEC: tl.constexpr, DEQUANT: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
     BF16_RTNE: tl.constexpr,
 ):
     """EPILOGUE 0: store ``out [T·k, C]``; 1: activation backward into ``out = dc1 [T·k, N1]`` (C = I);
     2: no store. NEED_DOT: ``part[j, pid_n] = Σ_n acc[j, n]·d[j // D_DIV, n]`` (before the router weight),
     plus ``Σ_r a[j, r]·bias[e, r]`` in the ``pid_n == 0`` column (BIAS_DOT: the w2 bias term of dL/dw_j)."""
-    pid = tl.program_id(0)  # GROUP_M swizzle, as in the forward GEMM
-    num_pid_n = tl.cdiv(C, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = swizzle(C, num_pid_m, BLOCK_N, GROUP_M)  # the forward GEMM's prologue
     num_post_pad = tl.load(num_post_pad_ptr)
     if pid_m * BLOCK_M >= num_post_pad:
         return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_token = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < num_post_pad, other=num_valid).to(tl.int64)
-    mask_token = offs_token < num_valid
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_token, mask_token, expert = block_pairs(sorted_ids_ptr, expert_ids_ptr, pid_m, num_post_pad, num_valid,
+                                                 BLOCK_M)  # [BM], [BM], scalar
     # A -1 block (non-local pairs) runs no K step: its rows get zero gradients.
     num_k = tl.where(expert >= 0, tl.cdiv(R, BLOCK_K), 0)
     expert = tl.maximum(expert, 0)
@@ -126,7 +66,7 @@ def _moe_dgrad_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (offs_token // A_DIV)[:, None] * stride_am + offs_k[None, :]
     w_base = w_ptr + expert * stride_we
-    if W_INT4:  # element c in byte c // 2, nibble c % 2
+    if W_PACKED:  # element c in byte c // 2, its high half when c is odd
         w_cols = (offs_wn // 2).to(tl.int64) * stride_wc
         w_odd = (offs_wn % 2)[None, :]
     else:
@@ -144,16 +84,12 @@ def _moe_dgrad_kernel(
             bias_acc += tl.sum(a.to(tl.float32) * bias[None, :], axis=1)
         w = tl.load(w_base + offs_r[:, None].to(tl.int64) * stride_wr + w_cols[None, :], mask=mask_r[:, None],
                     other=0.0)
-        if W_INT4:
-            w = _int4_element(w, w_odd)
+        if W_PACKED:
+            w = decode_element(w, w_odd, W_CODEC)
         if DEQUANT:  # frozen quantized weights, dequantized in registers (fp32) per element
             w = w.to(tl.float32)
             if W_TENSOR_SCALE and TENSOR_SCALE_COLS == 2:  # gate / up halves of w13 along R
-                if INTERLEAVED:
-                    half = offs_r % 2
-                else:
-                    half = (offs_r >= R // 2).to(tl.int32)
-                w = w * tl.load(s_base + half * stride_sr)[:, None]
+                w = w * tl.load(s_base + tensor_scale_half(offs_r, R, INTERLEAVED) * stride_sr)[:, None]
             elif W_TENSOR_SCALE:
                 w = w * tl.load(s_base)
             elif W_CHANNEL_SCALE:  # one scale per forward output row = per R here
@@ -199,7 +135,7 @@ def _moe_dgrad_kernel(
             u = tl.load(rows_c1 + u_col[None, :], mask=mask_o, other=0.0).to(tl.float32)
         else:
             u = g
-        dg, du = _act_backward(g, u, acc, alpha, limit, ACT, GATED, SWIGLU_OAI, CLAMP)
+        dg, du = _gated_backward(g, u, acc, alpha, limit, ACT, GATED, SWIGLU_OAI, CLAMP)
         if BF16_RTNE:
             dg = _bf16_round(dg)
             du = _bf16_round(du)
@@ -334,7 +270,7 @@ def invoke_dgrad(a, a_div, w, out, align, block_m, numel, scheme: QuantScheme, *
         EPILOGUE=epilogue, NEED_DOT=d is not None, BIAS_DOT=bias is not None, INTERLEAVED=interleaved, **act_meta,
         TENSOR_SCALE_COLS=w_scale.shape[1] if flags.W_TENSOR_SCALE and w_scale.dim() > 1 else 1,
         W_TENSOR_SCALE=flags.W_TENSOR_SCALE, W_CHANNEL_SCALE=flags.W_CHANNEL_SCALE, TILE_SCALES=scheme.tiled,
-        W_INT4=flags.W_INT4, DEQUANT=scheme.quantized,
+        W_PACKED=scheme.packed, W_CODEC=scheme.kernel_kwargs()["W_CODEC"], DEQUANT=scheme.quantized,
         **_emulation(a.dtype, out.dtype if out is not None else a.dtype), **tiles,
     )
     return part

@@ -115,7 +115,7 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
         block_m = 16
         while block_m < 128 and block_m < 2 * rows_per_expert:
             block_m *= 2
-        if scheme.flags.W_INT4 and rows_per_expert <= 64:
+        if scheme.packed and rows_per_expert <= 64:
             # int4 unpacks in registers: 16 x 128 tiles up to 64 rows per expert (H200, G = 128: Qwen3 GEMM1
             # T=1 69 -> 31 us, T=256 727 -> 315 us; Mixtral GEMM1 T=256 2947 -> 2161 us)
             block_m = 16

@@ -14,7 +14,7 @@ Layout the kernel reads (one launch covers every expert):
 
 The quant scheme arrives as its ``GemmFlags`` (named bool constexprs); a False flag prunes its code (the
 PTX of every pre-int4 scheme is line for line the one of the former ``SCHEME`` int constexpr; H200,
-triton 3.6). int4 (``W_INT4``) loads each weight byte once and runs two BLOCK_K/2 dots per K step, even
+triton 3.6). Packed weights (``W_PACKED``; int4, decoded by ``formats.decode_pairs``) load each byte once and runs two BLOCK_K/2 dots per K step, even
 k against the low nibbles and odd k against the high ones; measured on H200 with G = 128 it beats int8 at
 decode for Qwen3-30B GEMM1 (T=1: 31 vs 55 us) but is ~5x slower than int8 in prefill (Mixtral GEMM1
 T=4096: 23.8 vs 4.7 ms): the register unpack and split dots bound it there.
@@ -31,26 +31,28 @@ import triton.language as tl
 
 from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
-from ._numerics import _bf16_round, _int4_unpack, _upcast_emulated
+from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
+from .formats import block_pairs, decode_pairs, swizzle, tensor_scale_half
 from .configs import TileConfig
 from .plan import launch
 
 
 @triton.jit
-def _int4_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, k_left, scale_off,
-               W_GROUP_SCALE: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """One K step on packed int4 weights: ``a_ptrs`` [BM, BK/2, 2] (k = 2j, 2j + 1), ``b_ptrs`` [BK/2, BN]
-    bytes, each loaded once. Even k meet the low nibbles, odd k the high ones: two dots of BK/2, exact in
-    the activation dtype (|q| <= 8), then the group scale of each column (BLOCK_K divides the group)."""
+def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, k_left, scale_off,
+                 W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                 FP32_IEEE: tl.constexpr):
+    """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK/2, 2] (k = 2j, 2j + 1), ``b_ptrs`` [BK/2,
+    BN] bytes, each loaded once. Even k meet the low halves, odd k the high ones (``decode_pairs``): two dots
+    of BK/2, exact in the activation dtype, then the group scale of each column (BLOCK_K divides the group)."""
     if EVEN_K:
         a = tl.load(a_ptrs, mask=mask_token[:, None, None], other=0.0)
         b = tl.load(b_ptrs)
     else:
         a = tl.load(a_ptrs, mask=mask_token[:, None, None] & (pair_k < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(2 * offs_j)[:, None] < k_left, other=0)
-    a_even, a_odd = tl.split(a)
-    b_lo, b_hi = _int4_unpack(b)
+    a_even, a_odd = tl.split(a)  # [BM, BK/2] each
+    b_lo, b_hi = decode_pairs(b, W_CODEC)  # [BK/2, BN] each
     if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
         a_even, a_odd = _upcast_emulated(a_even), _upcast_emulated(a_odd)
     b_lo, b_hi = b_lo.to(a_even.dtype), b_hi.to(a_even.dtype)
@@ -79,28 +81,15 @@ def _moe_gemm_kernel(
     HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     A_ROW_SCALE: tl.constexpr, W_TENSOR_SCALE: tl.constexpr, W_CHANNEL_SCALE: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_INT4: tl.constexpr,
-    FUSE_ACT: tl.constexpr, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_PACKED: tl.constexpr,
+    W_CODEC: tl.constexpr, FUSE_ACT: tl.constexpr, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr,
 ):
-    # GROUP_M swizzle: consecutive programs share a column band of B (one expert's weights) in L2.
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = swizzle(N, num_pid_m, BLOCK_N, GROUP_M)
     num_post_pad = tl.load(num_post_pad_ptr)
     if pid_m * BLOCK_M >= num_post_pad:
         return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_token = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < num_post_pad, other=num_valid_tokens)
-    offs_token = offs_token.to(tl.int64)
-    mask_token = offs_token < num_valid_tokens
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_token, mask_token, expert = block_pairs(sorted_ids_ptr, expert_ids_ptr, pid_m, num_post_pad,
+                                                 num_valid_tokens, BLOCK_M)  # [BM], [BM], scalar
 
     if FUSE_ACT:  # gated activation in the epilogue: the tile's columns j pair gate (even j) and up (odd j)
         # of output column pid_n·BN/2 + j/2; c is [rows, N/2], the activation's output.
@@ -129,7 +118,7 @@ def _moe_gemm_kernel(
     offs_bn = offs_cn % N
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = offs_token // A_DIV
-    if W_INT4:  # byte j of a K step holds k = 2j (low nibble) and 2j + 1: A is read as [BM, BK / 2, 2] pairs
+    if W_PACKED:  # byte j of a K step holds k = 2j (low half) and 2j + 1: A is read as [BM, BK / 2, 2] pairs
         offs_j = tl.arange(0, BLOCK_K // 2)
         pair_k = 2 * offs_j[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, BK / 2, 2]
         a_ptrs = a_ptr + a_rows[:, None, None] * stride_am + pair_k * stride_ak
@@ -144,9 +133,10 @@ def _moe_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if W_INT4:
-            acc = _int4_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, K - kk * BLOCK_K,
-                             ((kk * BLOCK_K) // GROUP_K) * stride_bsk, W_GROUP_SCALE, EVEN_K, UPCAST, FP32_IEEE)
+        if W_PACKED:
+            acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, K - kk * BLOCK_K,
+                               ((kk * BLOCK_K) // GROUP_K) * stride_bsk, W_CODEC, W_GROUP_SCALE, EVEN_K, UPCAST,
+                               FP32_IEEE)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
@@ -181,10 +171,7 @@ def _moe_gemm_kernel(
             b_s = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
             acc = acc * a_s[:, None] * b_s[None, :]
         elif W_TENSOR_SCALE and TENSOR_SCALE_COLS == 2:  # separate gate / up scales, looked up per column
-            if INTERLEAVED:
-                half = offs_bn % 2
-            else:
-                half = (offs_bn >= N // 2).to(tl.int32)
+            half = tensor_scale_half(offs_bn, N, INTERLEAVED)
             b_s = tl.load(b_scale_ptr + expert * stride_bse + half * stride_bsn)
             acc = acc * a_s[:, None] * b_s[None, :]
         elif W_TENSOR_SCALE:
@@ -214,9 +201,9 @@ def _moe_gemm_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _flag_kwargs(flags) -> dict:
-    """``flags.kwargs()`` once per flag set (``dataclasses.asdict`` costs ~10 us a launch)."""
-    return flags.kwargs()
+def _scheme_kwargs(scheme: QuantScheme) -> dict:
+    """``scheme.kernel_kwargs()`` once per scheme (``dataclasses.asdict`` costs ~10 us a launch)."""
+    return scheme.kernel_kwargs()
 
 
 def gemm_grid_rows(num_slots: int, numel: int, block_m: int) -> int:
@@ -268,8 +255,8 @@ def invoke_moe_gemm(
     if numel == 0 or N == 0:  # (numel > 0 means num_pid_m > 0: sorted_ids has at least numel slots)
         return c
     flags = scheme.flags
-    if flags.W_GROUP_SCALE != flags.W_INT4:
-        raise NotImplementedError(f"{scheme.name}: the GEMM applies [1, G] group scales to packed int4 weights only")
+    if flags.W_GROUP_SCALE != scheme.packed:
+        raise NotImplementedError(f"{scheme.name}: the GEMM applies [1, G] group scales to packed weights only")
     group_n, group_k = block if scheme.tiled else (1, 1)
     if scheme.tiled and group_k % bk:
         raise ValueError(f"BLOCK_K={bk} must divide the {scheme.name} scale tile's K size {group_k}")
@@ -311,7 +298,7 @@ def invoke_moe_gemm(
         UPCAST=interpret_mode() and a.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         FP32_IEEE=a.dtype == torch.float32,
         BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
-        **_flag_kwargs(flags), **act_kw,
+        **_scheme_kwargs(scheme), **act_kw,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c

@@ -13,8 +13,6 @@ full-precision copy of the weight stack exists; they are frozen (no weight gradi
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..schemes import FLT_MAX, Activation, QuantScheme
@@ -25,77 +23,11 @@ from .routing import score
 
 #: The gradients ``fused_experts_backward`` can compute, in the order of its ``needs`` and its result.
 GRADS = ("hidden_states", "w13", "w2", "w13_bias", "w2_bias", "topk_weights")
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def acc_dtype(*tensors) -> torch.dtype:
     """fp64 if any (floating) input is fp64, else fp32: the references never compute below fp32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-# --------------------------------------------------------------------------------------------- activations
-def _d_silu(x):
-    s = torch.sigmoid(x)
-    return s * (1.0 + x * (1.0 - s))
-
-
-def _d_gelu(x):  # Phi(x) + x phi(x)
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-
-
-def _d_gelu_tanh(x):  # 0.5(1 + t) + 0.5x(1 - t²)·y', t = tanh(y), y = c(x + 0.044715x³)
-    t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-
-
-def _d_relu2(x):
-    return 2.0 * torch.relu(x)
-
-
-#: f' of each elementwise function, keyed like the Triton kernels' ``ACT`` constexpr (``Activation.kernel``).
-DERIVATIVES = {"silu": _d_silu, "gelu": _d_gelu, "gelu_tanh": _d_gelu_tanh, "relu2": _d_relu2}
-
-
-def activation_forward(c1: torch.Tensor, act: Activation, alpha: float, limit: float) -> torch.Tensor:
-    """``act.reference`` in c1's own dtype (fp64 stays fp64): c1 [..., N1] -> [..., I]."""
-    if not act.gated:
-        return act.fn(c1)
-    g, u = act.gate_up(c1)
-    if act.clamps(limit):  # gate from above only, up on both sides (docs/design.md §6)
-        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
-    if act.swiglu_oai:
-        return (u + 1.0) * g * torch.sigmoid(alpha * g)
-    return act.fn(g) * u
-
-
-def activation_backward(c1: torch.Tensor, dh: torch.Tensor, act: Activation, alpha: float,
-                        limit: float) -> torch.Tensor:
-    """dL/dc1 [..., N1] from c1 [..., N1] and dL/dh [..., I] (non-gated: [..., N1]); math in dh's dtype.
-
-    The clamp passes the gradient where ``g <= L`` (gate) and ``-L <= u <= L`` (up), like ``torch.clamp``."""
-    c1 = c1.to(dh.dtype)
-    if not act.gated:
-        return dh * DERIVATIVES[act.kernel](c1)
-    g, u = act.gate_up(c1)
-    clamp = act.clamps(limit)
-    if clamp:
-        g_pass, u_pass = g <= limit, (u >= -limit) & (u <= limit)
-        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
-    if act.swiglu_oai:  # (u + 1)·g·σ(αg)
-        s = torch.sigmoid(alpha * g)
-        dg = dh * (u + 1.0) * s * (1.0 + alpha * g * (1.0 - s))
-        du = dh * g * s
-    else:  # f(g)·u
-        dg = dh * u * DERIVATIVES[act.kernel](g)
-        du = dh * act.fn(g)
-    if clamp:
-        dg, du = torch.where(g_pass, dg, 0.0), torch.where(u_pass, du, 0.0)
-    out = torch.empty(*dh.shape[:-1], 2 * dh.shape[-1], dtype=dh.dtype, device=dh.device)
-    og, ou = act.gate_up(out)
-    og.copy_(dg)
-    ou.copy_(du)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- experts
@@ -150,7 +82,7 @@ def fused_experts_forward(x, w13, w2, topk_weights, topk_ids, act: Activation, s
         if w13_bias is not None:
             h1 = h1 + w13_bias[e].to(acc)
         c1[tok * ex.k + slot] = h1
-        y = ex.q(activation_forward(h1, act, alpha, limit)) @ W2.T
+        y = ex.q(act.apply(h1, alpha, limit)) @ W2.T
         if w2_bias is not None:
             y = y + w2_bias[e].to(acc)
         out.index_add_(0, tok, y if on_input else y * rw)
@@ -187,7 +119,7 @@ def fused_experts_backward(grad_out, x, w13, w2, topk_weights, topk_ids, act: Ac
             h1 = a @ W13.T + (w13_bias[e].to(acc) if w13_bias is not None else 0.0)
         else:
             h1 = c1[tok * k + slot].to(acc)
-        h = ex.q(activation_forward(h1, act, alpha, limit))
+        h = ex.q(act.apply(h1, alpha, limit))
         g = grad_out[tok].to(acc)
         dh_u = g @ W2  # dL/dh before the router weight
         if n_tw and not on_input:  # dL/dw_j = <g_t, y_j> = <g_t W2, h_j> + <g_t, b2>
@@ -199,7 +131,7 @@ def fused_experts_backward(grad_out, x, w13, w2, topk_weights, topk_ids, act: Ac
             db2[e] = dy.sum(0)
         if not through_gemm1:
             continue
-        dc1 = activation_backward(h1, dh_u if on_input else dh_u * rw, act, alpha, limit)
+        dc1 = act.backward(h1, dh_u if on_input else dh_u * rw, alpha, limit)
         if n_w13:
             dw13[e] = dc1.T @ a
         if n_b13:

@@ -71,7 +71,6 @@ class GemmFlags:
     BLOCK_SCALES: bool = False  #: fp8 [1, gk] activation x [gn, gk] weight scales inside the K loop
     W_GROUP_SCALE: bool = False  #: weight scales per [1, gk] group along K, inside the K loop
     W_CAST: bool = False  #: integer weights cast to the activation dtype in registers
-    W_INT4: bool = False  #: two int4 values per byte along K (low nibble = even k)
 
     def kwargs(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,6 +97,17 @@ class QuantScheme:
     @property
     def fp8_dot(self) -> bool:
         return self.act is not None
+
+    @property
+    def packed(self) -> bool:
+        """Several weight values per storage byte along K (int4: two)."""
+        return self.weight is not None and self.weight.pack > 1
+
+    def kernel_kwargs(self) -> dict:
+        """The GEMMs' scheme constexprs: the flags, ``W_PACKED`` and the weight codec's name ``W_CODEC``
+        (``_kernels/formats.py`` decodes storage by it; ``"none"``: weights in the activation dtype)."""
+        return {**self.flags.kwargs(), "W_PACKED": self.packed,
+                "W_CODEC": self.weight.codec.kernel if self.weight is not None else "none"}
 
     @property
     def tiled(self) -> bool:
@@ -151,7 +161,7 @@ QUANT_SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (
     QuantScheme("fp8_channel", FP8_CHANNEL, FP8_TOKEN, GemmFlags(A_ROW_SCALE=True, W_CHANNEL_SCALE=True)),
     QuantScheme("fp8_block", FP8_BLOCK, FP8_GROUP, GemmFlags(BLOCK_SCALES=True)),
     QuantScheme("int8_w8a16", INT8_CHANNEL, None, GemmFlags(W_CHANNEL_SCALE=True, W_CAST=True)),
-    QuantScheme("int4_w4a16", INT4_GROUP, None, GemmFlags(W_GROUP_SCALE=True, W_CAST=True, W_INT4=True)),
+    QuantScheme("int4_w4a16", INT4_GROUP, None, GemmFlags(W_GROUP_SCALE=True, W_CAST=True)),
 )}
 
 

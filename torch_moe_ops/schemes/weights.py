@@ -22,6 +22,8 @@ class _Codec:
     dtype: torch.dtype  #: storage dtype
     qmax: float  #: scale divisor: ``scale = amax / qmax``
     pack: int = 1  #: values per storage element along K
+    #: the codec's name in the Triton kernels (``W_CODEC``): ``_kernels/formats.py`` decodes storage by it
+    kernel: str = ""
 
     def scale(self, amax: torch.Tensor) -> torch.Tensor:
         return amax.clamp_min(SCALE_EPS) / self.qmax
@@ -37,14 +39,14 @@ class _Codec:
 
 
 class _Fp8(_Codec):
-    dtype, qmax = FP8_DTYPE, FP8_MAX
+    dtype, qmax, kernel = FP8_DTYPE, FP8_MAX, "fp8"
 
     def encode(self, y):
         return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 class _Int8(_Codec):
-    dtype, qmax = torch.int8, INT8_MAX
+    dtype, qmax, kernel = torch.int8, INT8_MAX, "int8"
 
     def encode(self, y):
         return torch.round(y).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -54,7 +56,7 @@ class _Int4(_Codec):
     """Two's-complement nibbles, two per uint8 along K: element 2j low, 2j + 1 high. No scale floor:
     an all-zero group gets scale 0 and q = 0 (its inverse is taken as 0, never inf)."""
 
-    dtype, qmax, pack = torch.uint8, INT4_MAX, 2
+    dtype, qmax, pack, kernel = torch.uint8, INT4_MAX, 2, "int4"
 
     def scale(self, amax):
         return amax / INT4_MAX

@@ -1,0 +1,85 @@
+"""The one-place Triton code of activations and weight codecs (``_kernels/activation.py``'s ``_elementwise``,
+``_kernels/formats.py``) against the registry's torch side, and the compile-time refusal of unknown names
+(docs/architecture.md: no branch falls through). GPU, or CPU through the interpreter."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from torch_moe_ops._kernels.activation import _elementwise  # noqa: E402
+from torch_moe_ops._kernels.formats import decode_element, decode_pairs  # noqa: E402
+from torch_moe_ops.schemes import ACTIVATIONS, IDENTITY, WEIGHT_FORMATS  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit
+def _fn_grad_kernel(x_ptr, f_ptr, d_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    f, d = _elementwise(x, ACT)
+    tl.store(f_ptr + offs, f, mask=offs < n)
+    tl.store(d_ptr + offs, d, mask=offs < n)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, pairs_ptr, elems_ptr, n, W_CODEC: tl.constexpr, BLOCK: tl.constexpr):
+    """q: [n] bytes -> pairs [n, 2] (decode_pairs) and elems [2n] (decode_element), int32."""
+    j = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + j, mask=j < n, other=0)
+    lo, hi = decode_pairs(q, W_CODEC)
+    tl.store(pairs_ptr + 2 * j, lo.to(tl.int32), mask=j < n)
+    tl.store(pairs_ptr + 2 * j + 1, hi.to(tl.int32), mask=j < n)
+    c = tl.arange(0, 2 * BLOCK)
+    e = decode_element(tl.load(q_ptr + c // 2, mask=c < 2 * n, other=0), c % 2, W_CODEC)
+    tl.store(elems_ptr + c, e.to(tl.int32), mask=c < 2 * n)
+
+
+_KERNEL_NAMES = sorted({a.kernel for a in ACTIVATIONS.values() if not a.swiglu_oai} | {IDENTITY.kernel})
+
+
+@pytest.mark.parametrize("kernel", _KERNEL_NAMES)
+def test_elementwise_matches_the_registry_fn_and_grad(kernel):
+    """Each elementwise function's f and f' in Triton against its torch ``fn`` / ``grad`` (one activation, two
+    implementations that must agree), including large |x| (exp overflow) and 0."""
+    act = IDENTITY if kernel == IDENTITY.kernel else next(a for a in ACTIVATIONS.values() if a.kernel == kernel)
+    x = torch.cat([torch.randn(200) * 3, torch.tensor([0.0, -0.0, 1e-4, -30.0, 30.0, 90.0, -90.0])]).to(DEV)
+    f, d = torch.empty_like(x), torch.empty_like(x)
+    _fn_grad_kernel[(1,)](x, f, d, x.numel(), ACT=kernel, BLOCK=256)
+    torch.testing.assert_close(f, act.fn(x.double()).float(), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(d, act.grad(x.double()).float(), rtol=2e-5, atol=2e-6)
+
+
+def test_unknown_activation_name_fails_to_compile():
+    x = torch.zeros(4, device=DEV)
+    with pytest.raises(Exception, match="unknown activation"):
+        _fn_grad_kernel[(1,)](x, x.clone(), x.clone(), 4, ACT="swish_typo", BLOCK=4)
+
+
+@pytest.mark.parametrize("name", [n for n, f in WEIGHT_FORMATS.items() if f.pack > 1])
+def test_decode_matches_the_registry_codec(name):
+    """Every byte value through both Triton decoders against the codec's torch ``decode``."""
+    fmt = WEIGHT_FORMATS[name]
+    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(DEV)
+    pairs = torch.empty(256, 2, dtype=torch.int32, device=DEV)
+    elems = torch.empty(512, dtype=torch.int32, device=DEV)
+    _decode_kernel[(1,)](q, pairs, elems, 256, W_CODEC=fmt.codec.kernel, BLOCK=256)
+    want = fmt.codec.decode(q.cpu()).to(torch.int32)
+    assert torch.equal(pairs.view(-1).cpu(), want) and torch.equal(elems.cpu(), want)
+
+
+def test_unknown_codec_fails_to_compile():
+    q = torch.zeros(4, dtype=torch.uint8, device=DEV)
+    out = torch.empty(8, dtype=torch.int32, device=DEV)
+    with pytest.raises(Exception, match="unknown packed weight codec"):
+        _decode_kernel[(1,)](q, out, out.clone(), 4, W_CODEC="int3", BLOCK=4)
