@@ -15,8 +15,6 @@ No host sync, allocations static in T (docs/design.md §8), deterministic (no at
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
@@ -24,11 +22,10 @@ import triton.language as tl
 from .._platform import interpret_mode
 from ..schemes import Activation, QuantScheme, cdiv
 from ._numerics import _bf16_round
-from .activation import _gated_backward, act_and_mul, act_and_quant, quantize_activation
-from .align import align_block_size
-from .configs import get_config
+from .activation import _gated_backward
 from .formats import block_pairs, decode_element, swizzle, tensor_scale_half
-from .gemm import gemm_grid_rows, invoke_moe_gemm
+from .fused_experts import gemm1, gemm1_input, gemm2_input
+from .gemm import gemm_grid_rows
 from .moe_sum import moe_sum
 
 
@@ -305,67 +302,6 @@ def invoke_wgrad(dy, dy_div, a, a_div, dw, db, sorted_ids, bounds, block_m, nume
     )
 
 
-def _dequantized(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """fp8 activations q [M, K] with scales [M, 1] or [M, ceil(K / group)] -> fp32 [M, K]."""
-    if scale.shape[1] == 1:
-        return q.float() * scale
-    return q.float() * scale.repeat_interleave(group, 1)[:, : q.shape[1]]
-
-
-def _gemm1(x, w13, topk_weights, topk_ids, act, scheme, w13_scale, w13_bias, block, expert_map, on_input, c1,
-           zero_rows=False):
-    """The forward's steps 1-4 (docs/design.md §8): (GEMM1 tiles, alignment, GEMM1 input a1 and its row
-    divisor, c1 [T·k, N1] in x's dtype). ``c1`` given: reused as is. The tiles are the forward's: get_config
-    is a pure function of the shapes. ``zero_rows``: rows of dropped pairs are 0 (an op output), not garbage."""
-    aq, group = scheme.act, scheme.act_group(block)
-    (T, H), (E, N1), k = x.shape, w13.shape[:2], topk_ids.shape[1]
-    numel = T * k
-    cfg1 = get_config(T, E, N1, H, scheme, block, x.device, top_k=k)
-    align = align_block_size(topk_ids, E if expert_map is None else expert_map.numel(), cfg1.block_m, expert_map)
-    if on_input:  # one weighted copy of its token per pair (fp32 before fp8 quantization)
-        a1 = (x.float().unsqueeze(1) * topk_weights.float().unsqueeze(2)).view(numel, H)
-        a1, a1_div = (a1 if aq is not None else a1.to(x.dtype)), 1
-    else:
-        a1, a1_div = x, k
-    if c1 is None:
-        a1q, a1s = quantize_activation(a1, aq, group) if aq is not None else (a1, None)
-        c1 = (torch.zeros if zero_rows else torch.empty)((numel, N1), dtype=x.dtype, device=x.device)
-        invoke_moe_gemm(a1q, w13, c1, *align, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1s,
-                        w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved)
-    return cfg1, align, a1, a1_div, c1
-
-
-def _activation(c1, act, alpha, limit, aq, group):
-    """GEMM2's input as the forward computes it: (a2, scale) in x's dtype, or fp8 with its scales."""
-    if aq is None:
-        return act_and_mul(c1, act, alpha, limit), None
-    return act_and_quant(c1, act, alpha, limit, aq, group)
-
-
-def fused_experts_saving(x, w13, w2, topk_weights, topk_ids, act: Activation, scheme: QuantScheme, w13_scale,
-                         w2_scale, w13_bias, w2_bias, block, expert_map, on_input: bool, alpha: float, limit: float):
-    """The forward (``_kernels.fused_experts.fused_experts``, same arguments) that also returns GEMM1's output
-    for the backward: (out [T, H], c1 [T·k, N1]) in x's dtype; rows of dropped pairs of c1 are 0."""
-    T, H = x.shape
-    k, N1 = topk_ids.shape[1], w13.shape[1]
-    I = w2.shape[2] * (scheme.weight.pack if scheme.quantized else 1)
-    numel = T * k
-    if numel == 0:
-        return x.new_zeros((T, H)), x.new_zeros((0, N1))
-    cfg1, align, _, _, c1 = _gemm1(x, w13, topk_weights, topk_ids, act, scheme, w13_scale, w13_bias, block,
-                                   expert_map, on_input, None, zero_rows=True)
-    a2, a2_scale = _activation(c1, act, alpha, limit, scheme.act, scheme.act_group(block))
-    cfg2 = dataclasses.replace(get_config(T, w13.shape[0], H, I, scheme, block, x.device, top_k=k),
-                               block_m=cfg1.block_m)
-    c3 = (torch.zeros if k == 1 else torch.empty)((numel, H), dtype=x.dtype, device=x.device)
-    invoke_moe_gemm(a2, w2, c3, *align, top_k=1, config=cfg2, scheme=scheme, a_scale=a2_scale, w_scale=w2_scale,
-                    bias=w2_bias, block=block, topk_weights=None if on_input else topk_weights)
-    if k == 1:
-        return c3, c1
-    num_experts = w13.shape[0] if expert_map is None else expert_map.numel()
-    return moe_sum(c3.view(T, k, H), topk_ids=topk_ids, expert_map=expert_map, num_experts=num_experts), c1
-
-
 def fused_experts_backward(grad_out, x, w13, w2, topk_weights, topk_ids, act: Activation, scheme: QuantScheme,
                            w13_scale, w2_scale, w13_bias, w2_bias, block, expert_map, on_input: bool, alpha: float,
                            limit: float, needs, c1=None):
@@ -394,15 +330,17 @@ def fused_experts_backward(grad_out, x, w13, w2, topk_weights, topk_ids, act: Ac
         dtw = torch.zeros((T, k), dtype=torch.float32, device=dev) if n_tw else None
         return zero(dx), zero(dw13), zero(dw2), zero(db13), zero(db2), dtw
 
-    # The forward's alignment and GEMM1 input; GEMM1 itself is recomputed unless c1 was saved.
-    cfg1, align, a1, a1_div, c1 = _gemm1(x, w13, topk_weights, topk_ids, act, scheme, w13_scale, w13_bias, block,
-                                         expert_map, on_input, c1)
+    # The forward's steps (fused_experts.py): alignment and GEMM1 input; GEMM1 is recomputed unless c1 was saved.
+    cfg1, align, a1, a1_div = gemm1_input(x, w13, topk_weights, topk_ids, scheme, block, expert_map, on_input)
+    if c1 is None:
+        c1 = new((numel, N1), x.dtype)
+        gemm1(a1, a1_div, w13, c1, align, cfg1, scheme, w13_scale, w13_bias, block, act)
     bm, rw = cfg1.block_m, topk_weights.reshape(-1)
     num_experts = E if expert_map is None else expert_map.numel()
     a2 = None
     if n_w2 or (n_tw and not on_input):  # GEMM2's input, as the forward computed it
-        a2, a2_scale = _activation(c1, act, alpha, limit, aq, group)
-        a2 = a2 if a2_scale is None else _dequantized(a2, a2_scale, group)
+        a2, a2_scale = gemm2_input(c1, act, alpha, limit, scheme, block)
+        a2 = a2 if a2_scale is None else aq.dequantize(a2, a2_scale, group)
     g = grad_out.contiguous()
     through1 = n_x or n_w13 or n_b13 or (n_tw and on_input)
     tw_on_output = n_tw and not on_input

@@ -23,6 +23,42 @@ from .moe_sum import moe_sum
 from .routing import pair_block_alignment, topk_route
 
 
+def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
+                alignment: tuple | None = None):
+    """Steps 1-2 (docs/design.md §8), shared by the forward and the backward: (GEMM1's tiles, the alignment
+    (sorted_ids, expert_ids, num_post_pad) for its BLOCK_M, GEMM1's input a1 before activation quantization
+    [T or T·k, H], a1's rows per pair: k (row j // k of x) or 1 (one weighted copy per pair, on_input))."""
+    (T, H), (E, N1), k = x.shape, w13.shape[:2], topk_ids.shape[1]
+    cfg1 = get_config(T, E, N1, H, scheme, block, x.device, top_k=k)
+    if alignment is None:
+        alignment = align_block_size(topk_ids, E if expert_map is None else expert_map.numel(), cfg1.block_m,
+                                     expert_map)
+    if not on_input:
+        return cfg1, alignment, x, k
+    # Each pair gets its own weighted copy of its token: GEMM1 then reads row j, not j // k.
+    a1 = (x.float().unsqueeze(1) * topk_weights.float().unsqueeze(2)).view(T * k, H)
+    return cfg1, alignment, (a1 if scheme.act is not None else a1.to(x.dtype)), 1  # fp8: quantized from fp32
+
+
+def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
+          act: Activation, fused: tuple | None = None) -> None:
+    """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
+    epilogue) = a1 (quantized first for fp8 schemes) @ W13ᵀ + bias, rows of dropped pairs untouched."""
+    a1_scale = None
+    if scheme.act is not None:
+        a1, a1_scale = quantize_activation(a1, scheme.act, scheme.act_group(block))
+    invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
+                    w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused)
+
+
+def gemm2_input(c1, act: Activation, alpha: float, limit: float, scheme: QuantScheme, block):
+    """Step 4: GEMM2's input from GEMM1's output c1 [T·k, N1]: (a2 [T·k, I] in c1's dtype, None), or fp8
+    with its scales for fp8 schemes. Rows of dropped pairs map garbage to garbage that GEMM2 never reads."""
+    if scheme.act is None:
+        return act_and_mul(c1, act, alpha, limit), None
+    return act_and_quant(c1, act, alpha, limit, scheme.act, scheme.act_group(block))
+
+
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -41,8 +77,10 @@ def fused_experts(
     alpha: float,
     limit: float,
     alignment: tuple | None = None,
-) -> torch.Tensor:
-    """Routed experts of one MoE layer; returns a fresh ``[T, H]`` tensor in ``x.dtype``.
+    keep_c1: bool = False,
+):
+    """Routed experts of one MoE layer; returns a fresh ``[T, H]`` tensor in ``x.dtype`` (``keep_c1``: and
+    GEMM1's output c1 [T·k, N1] for the backward, rows of dropped pairs 0).
 
     x: [T, H] bf16/fp16/fp32. w13: [E, N1, H / pack] (N1 = ``act.n1(I)``: 2I gated, I otherwise); w2:
     [E, H, I / pack]; both in ``scheme.weight_dtypes(x.dtype)`` (x's dtype, fp8 e4m3fn, int8, or uint8
@@ -55,8 +93,6 @@ def fused_experts(
     ``act.limit``). Intermediates are kept in x's dtype. ``alignment``: (sorted_ids, expert_ids,
     num_post_pad) already made for this call's BLOCK_M (``fused_moe``'s pair blocks), else aligned here.
     """
-    aq = scheme.act
-    group = scheme.act_group(block)
     pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
     E, N1 = w13.shape[0], w13.shape[1]
@@ -65,55 +101,38 @@ def fused_experts(
     numel = T * k
     device = x.device
     if numel == 0:
-        return torch.zeros((T, H), dtype=x.dtype, device=device)
+        out = torch.zeros((T, H), dtype=x.dtype, device=device)
+        return (out, x.new_zeros((0, N1))) if keep_c1 else out
 
     # One BLOCK_M for both GEMMs: they share the alignment.
-    cfg1 = get_config(T, E, N1, H, scheme, block, device, top_k=k)
-    cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k)
-    cfg2 = dataclasses.replace(cfg2, block_m=cfg1.block_m)
-    num_experts = E if expert_map is None else expert_map.numel()
-    if alignment is None:
-        alignment = align_block_size(topk_ids, num_experts, cfg1.block_m, expert_map)
-    sorted_ids, expert_ids, num_post_pad = alignment
-
-    if on_input:
-        # Each pair gets its own weighted copy of its token: GEMM1 then reads row j, not j // k.
-        a1 = (x.float().unsqueeze(1) * topk_weights.float().unsqueeze(2)).view(numel, H)
-        a1 = a1 if aq is not None else a1.to(x.dtype)  # quantize straight from fp32
-        a1_rows_per_pair = 1
-    else:
-        a1, a1_rows_per_pair = x, k
-    a1_scale = None
-    if aq is not None:
-        a1, a1_scale = quantize_activation(a1, aq, group)
-
-    gemm_args = (sorted_ids, expert_ids, num_post_pad)
-    gemm1 = dict(top_k=a1_rows_per_pair, config=cfg1, scheme=scheme, a_scale=a1_scale, w_scale=w13_scale,
-                 bias=w13_bias, block=block, interleaved=act.interleaved)
-    if aq is None and act.gated and fuse_activation():  # GEMM1's epilogue writes the activation's output
+    cfg1, alignment, a1, a1_div = gemm1_input(x, w13, topk_weights, topk_ids, scheme, block, expert_map, on_input,
+                                              alignment)
+    cfg2 = dataclasses.replace(get_config(T, E, H, I, scheme, block, device, top_k=k), block_m=cfg1.block_m)
+    c1 = None
+    if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
-        invoke_moe_gemm(a1, w13, a2, *gemm_args, act=(act, alpha, limit), **gemm1)
+        gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
+              fused=(act, alpha, limit))
     else:
-        c1 = torch.empty((numel, N1), dtype=x.dtype, device=device)
-        invoke_moe_gemm(a1, w13, c1, *gemm_args, **gemm1)
-        # Rows of c1 for dropped pairs are garbage; the activation maps them to garbage that GEMM2 never reads.
-        if aq is None:
-            a2, a2_scale = act_and_mul(c1, act, alpha, limit), None
-        else:
-            a2, a2_scale = act_and_quant(c1, act, alpha, limit, aq, group)
+        c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
+        gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act)
+        a2, a2_scale = gemm2_input(c1, act, alpha, limit, scheme, block)
 
     # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).
     c3 = (torch.zeros if k == 1 else torch.empty)((numel, H), dtype=x.dtype, device=device)
     if k > 1 and debug_checks():
         c3.fill_(float("nan"))  # poison: a read of an unwritten row shows up as NaN in the output
     invoke_moe_gemm(
-        a2, w2, c3, *gemm_args, top_k=1, config=cfg2, scheme=scheme,
+        a2, w2, c3, *alignment, top_k=1, config=cfg2, scheme=scheme,
         a_scale=a2_scale, w_scale=w2_scale, bias=w2_bias, block=block,
         topk_weights=None if on_input else topk_weights,
     )
     if k == 1:  # [T, 1, H] is already the sum; c3 is a fresh tensor
-        return c3
-    return moe_sum(c3.view(T, k, H), topk_ids=topk_ids, expert_map=expert_map, num_experts=num_experts)
+        out = c3
+    else:
+        num_experts = E if expert_map is None else expert_map.numel()
+        out = moe_sum(c3.view(T, k, H), topk_ids=topk_ids, expert_map=expert_map, num_experts=num_experts)
+    return (out, c1) if keep_c1 else out
 
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, experts: tuple) -> torch.Tensor:

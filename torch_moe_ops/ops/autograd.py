@@ -96,9 +96,9 @@ def _train(a, on_triton: bool):
     check_expert_values(a.w13, a.topk_ids, a.expert_map)
     kernel_args = ex.kernel_args(a, a.topk_weights, a.topk_ids)
     if on_triton:
-        from .._kernels import backward as kernels
+        from .._kernels import fused_experts as kernels
 
-        return kernels.fused_experts_saving(*kernel_args)
+        return kernels.fused_experts(*kernel_args, keep_c1=True)
     out, c1 = reference_backward.fused_experts_forward(*kernel_args)
     return out.to(a.hidden_states.dtype), c1.to(a.hidden_states.dtype)
 
