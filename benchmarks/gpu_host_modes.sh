@@ -11,9 +11,11 @@ T0=$(date +%s)
 DIR=${OUT:-benchmarks/results/modes-$(date -u +%Y-%m-%d)}
 mkdir -p "$DIR"
 nvidia-smi -L
-echo "== GPU tests"
-timeout 240 python3 -m pytest -q -m cuda -n 4 -p no:cacheprovider tests/gpu/test_compile_kernels.py \
-  tests/gpu/test_direct_call.py tests/gpu/test_launch_plans.py 2>&1 | tail -n 15 | tee "$DIR/cuda_tests.log"
+# GPU_TESTS: what pytest runs (default: the host-overhead files; "tests" = the whole GPU suite, -m cuda)
+GPU_TESTS=${GPU_TESTS:-tests/gpu/test_compile_kernels.py tests/gpu/test_direct_call.py tests/gpu/test_launch_plans.py}
+echo "== GPU tests: $GPU_TESTS"
+timeout ${GPU_TESTS_TIMEOUT:-240} python3 -m pytest -q -m cuda -n 6 -p no:cacheprovider $GPU_TESTS 2>&1 \
+  | grep -E "passed|failed|error|FAILED|ERROR" | tail -n 40 | tee "$DIR/cuda_tests.log"
 echo "== host_profile $(( $(date +%s) - T0 )) s"
 timeout 60 python3 -m benchmarks.host_profile --out "$DIR" 2>&1 | grep "^{" | cut -c1-600
 for m in plans triton opaque; do
@@ -23,6 +25,7 @@ done
 for f in 0 1; do
   echo "== kernels, TORCH_MOE_OPS_FUSE_ACTIVATION=$f $(( $(date +%s) - T0 )) s"
   TORCH_MOE_OPS_FUSE_ACTIVATION=$f timeout 90 python3 -m benchmarks.run --shapes qwen3-30b-a3b --providers ours \
-    --schemes none,int8_w8a16,int4_w4a16 --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | tail -n 12
+    --schemes ${FUSED_SCHEMES:-none,int8_w8a16,int4_w4a16} --tokens ${FUSED_TOKENS:-1,4,16,64,256,1024,4096,16384} \
+    --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | tail -n 12
 done
 echo "== done $(( $(date +%s) - T0 )) s"
