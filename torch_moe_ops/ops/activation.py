@@ -58,8 +58,7 @@ def act_and_mul(x: torch.Tensor, activation: str = "silu", *, alpha: float | Non
     Args:
         x: [T, N] or [T, k, N] bf16/fp16/fp32, last dim contiguous. Gated activations split N into gate
             and up halves (``swigluoai``: interleaved, gate = even columns).
-        activation: silu, gelu, gelu_tanh (alias gelu_pytorch_tanh), swigluoai, or a ``*_no_mul`` form
-            (silu_no_mul, gelu_no_mul, gelu_tanh_no_mul, relu2_no_mul).
+        activation: a name of ``torch_moe_ops.schemes.ACTIVATIONS`` (alias gelu_pytorch_tanh).
         alpha: swigluoai's sigmoid slope (None: 1.702).
         limit: > 0 clamps the gate from above and the up half on both sides (clamped swiglu); None takes
             the activation's default (7.0 for swigluoai, 0 = off otherwise).

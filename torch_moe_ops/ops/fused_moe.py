@@ -12,7 +12,7 @@ import torch
 
 from .. import _platform, reference
 from .._kernels.plan import PlanCache, run_planned
-from ..schemes import QUANT_SCHEMES, Activation, QuantScheme, get_activation, get_quant_scheme
+from ..schemes import ACTIVATIONS, QUANT_SCHEMES, Activation, QuantScheme, get_activation, get_quant_scheme
 from . import _checks as C
 from ._registry import use_triton_on_cpu
 from .decompose import decompose
@@ -269,9 +269,9 @@ decompose(_fused_moe, FUSED_MOE, moe, FUSED_MOE.define_inference(cuda=_moe_cuda,
 
 
 # ------------------------------------------------------------------------------------------ public functions
-_EXPERTS_DOC = """
-        activation: silu (default), gelu, gelu_tanh, swigluoai (interleaved w13), or a ``*_no_mul`` form
-            (w13 is then [E, I, H]). ``relu2`` must be spelled ``relu2_no_mul``.
+_EXPERTS_DOC = f"""
+        activation: default silu; swigluoai takes an interleaved w13, a ``*_no_mul`` form w13 [E, I, H]. One of
+            {", ".join(ACTIVATIONS)} (``torch_moe_ops.schemes.ACTIVATIONS``).
         quant_scheme: ``none`` (w13/w2 in x's dtype), ``fp8_tensor``, ``fp8_channel``, ``fp8_block`` (fp8
             e4m3fn weights; activations quantized per token, or per 1 x block_k group for fp8_block, inside
             the op), ``int8_w8a16`` (int8 weights), ``int4_w4a16`` (uint8 w13 [E, N1, H/2], w2 [E, H, I/2]:
