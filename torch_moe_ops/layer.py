@@ -34,7 +34,7 @@ from .layer_inputs import check_hidden, check_like, restore, tokens
 from .layer_tensors import TensorMethods
 from .layer_loading import LoadingMethods
 from .loading import ExpertLayout, WeightLoader
-from .quantization.config import check_quant_config
+from .schemes.configs import check_quant_config
 from .schemes import NONE, SCORING_FUNCS, get_activation
 
 
