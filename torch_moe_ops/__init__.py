@@ -1,7 +1,7 @@
 """torch-moe-ops: Mixture-of-Experts ops for ``torch.compile``, registered under ``torch.ops.moe``."""
 from . import reference, schemes
 from .distributed import ParallelConfig
-from .layer import FusedMoE
+from .layer import FusedMoE, training  # ``from torch_moe_ops import training`` (docs/training.md)
 from .checkpoints import LoadReport, finalize_loading, load_checkpoint, reload_weights
 from .ops import (
     OP_NAMES,

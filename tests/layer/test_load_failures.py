@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
 from torch_moe_ops.errors import LoadError, TornWeightsError
 from torch_moe_ops.layer import FusedMoE
-from torch_moe_ops.loading import WeightLoader
+from torch_moe_ops.layer.loading import WeightLoader
 from torch_moe_ops.quantization import Fp8Config, Int8WeightOnlyConfig
 from torch_moe_ops.testing import random_moe_weights
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torch_moe_ops as moe
-from torch_moe_ops.quantization.config import check_quant_config
+from torch_moe_ops.schemes.configs import check_quant_config
 from torch_moe_ops.schemes import QUANT_SCHEME_ALIASES, QUANT_SCHEMES, WEIGHT_FORMAT_ALIASES, WEIGHT_FORMATS
 from torch_moe_ops.testing import sqnr_db
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import LoadError
-from .checks import check_finite, check_materialized
+from ..layer.loading.checks import check_finite, check_materialized
+from ..layer.loading.keys import describe
 from .formats import FORMATS, correction_bias_prefix, fused_transposed
 from .names import BLOCK_CHILD_RE, LAYER_INDEX_RE, parse_expert_name
-from .streamer import describe
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,14 @@ def _train_fake(a):
 
 _fused_experts_train = EXPERTS_TRAIN.define(cuda=lambda a: _train(a, True),
                                             cpu=lambda a: _train(a, use_triton_on_cpu()), fake=_train_fake)
+_TRAIN_DOC = """The saving forward (docs/training.md): ``fused_experts`` that also returns GEMM1's output.
+
+    Returns:
+        out: [T, H] as ``fused_experts``; c1: [T * top_k, N1] in hidden_states' dtype, which the backward reuses
+        instead of recomputing GEMM1 (no gradient flows into it). ``help(fused_experts)`` documents the arguments.
+    """
+#: ``fused_experts_train(hidden_states, w13, w2, topk_weights, topk_ids, *, activation="silu", ...) -> (out, c1)``
+fused_experts_train = EXPERTS_TRAIN.wrapper(5, _TRAIN_DOC, __name__)
 
 
 # ------------------------------------------------------------------------------------------ registrations

@@ -22,7 +22,7 @@ import torch
 
 from ...errors import LoadError
 from ...loading.progress import progress_bar
-from ...quantization.config import check_quant_config
+from ...schemes.configs import check_quant_config
 from .block import MoEBlock
 from .checkpoint import Checkpoint, checkpoint_files, parse
 from .models import MODEL_TYPES

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...quantization.config import check_quant_config
+from ...schemes.configs import check_quant_config
 from .block import MoEBlock
 from .convert import build_layer, experts_nbytes, layer_nbytes, move_experts, quantize_experts
 from .models import PLANNERS, BlockPlan, Unsupported, looks_like_moe, plan_block

@@ -1,5 +1,6 @@
 """Online-quantization configs for ``FusedMoE`` (docs/design.md §3, §10): frozen, hashable, one-liners that
-point at a ``QuantScheme`` of the registry (``torch_moe_ops.schemes``) and carry its scale tile.
+point at a ``QuantScheme`` of this registry and carry its scale tile. Public as
+``torch_moe_ops.Fp8Config`` / ``torch_moe_ops.quantization.Fp8Config`` (``quantization/`` re-exports them).
 
 The layer asks the config's ``quant_scheme`` for everything else (storage dtype, packed shape, scale shapes,
 the TP rule); no code outside the registry decodes a scheme name.
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schemes import QuantScheme, get_quant_scheme
+from .experts import QuantScheme, get_quant_scheme
 
 _FP8_GRANULARITIES = ("tensor", "channel", "block")
 

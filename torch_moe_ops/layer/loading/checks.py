@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..schemes import FP8_DTYPE
+from ...schemes import FP8_DTYPE
 
 #: the two NaN bytes of fp8 e4m3fn (it has no Inf): 0x7F (int8 max) and 0xFF (uint8 max)
 _FP8_NAN_U8, _FP8_NAN_I8 = 0xFF, 0x7F

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import LoadError, TornWeightsError
+from ...errors import LoadError, TornWeightsError
 from .keys import (BIASES, CORRECTION, LOADABLE, PREQUANTIZED, SCALES, WEIGHTS, Key, describe, expert_keys,
                    format_missing, mixed_formats, prequantized_experts, projection, required_keys, scale_key,
                    sort_key, with_scales)

@@ -20,7 +20,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..errors import LoadError
+from ...errors import LoadError, TornWeightsError
+from ...ops import quantize_weight_into
 from .checks import check_finite, check_materialized, check_scale
 from .keys import mixed_formats
 from .layout import ExpertLayout, orientation
@@ -111,14 +112,20 @@ class WeightLoader:
         except LoadError as exc:
             raise type(exc)(f"{self.where()}: {exc}") from None
 
-    def not_ready_message(self) -> str:
-        """Why forward refuses to run (``streamer.ready`` is False)."""
+    def not_ready_error(self, on_meta: bool) -> LoadError:
+        """Why forward refuses to run: the layer is ``on_meta`` (no data), or ``streamer.ready`` is False (a
+        fresh layer's storage is uninitialised memory, a load is incomplete, a reload tore the weights)."""
         s = self.streamer
+        if on_meta:
+            return LoadError(f"{self.where()}: the layer is on the meta device (no data): give it storage with "
+                             "model.to_empty(device=...), then load its weights (load_checkpoint, load_weights or "
+                             "weight_loader) and call torch_moe_ops.finalize_loading(model)")
         if s.torn:
-            return f"{self.where()}: {s.torn_message()}"
+            return TornWeightsError(f"{self.where()}: {s.torn_message()}")
         failed = f"; the last load failed: {s.failed}" if s.failed else ""
-        return (f"{self.where()}: weights are not loaded ({s.state}{failed}); load every expert (load_checkpoint, "
-                "load_weights, weight_loader or load_state_dict) and call torch_moe_ops.finalize_loading(model)")
+        return LoadError(f"{self.where()}: weights are not loaded ({s.state}{failed}); load every expert "
+                         "(load_checkpoint, load_weights, weight_loader or load_state_dict) and call "
+                         "torch_moe_ops.finalize_loading(model)")
 
     # ---------------------------------------------------------------------------------------- checks
     def check(self, targets: LoadTargets, param, loaded: torch.Tensor, shard_id=None, expert_id=None, *,
@@ -304,5 +311,4 @@ class WeightLoader:
         else:
             qweight, shards, s2 = params["w2_weight"][e], 1, params["w2_weight_scale"]
             scale = s2[e : e + 1] if s2.dim() == 1 else s2[e]  # per-tensor w2 scales are [E]
-        torch.ops.moe.quantize_weight_into(w, qweight, scale, qc.weight_scheme, block_shape=qc.kernel_block_shape,
-                                           shards=shards)
+        quantize_weight_into(w, qweight, scale, qc.weight_scheme, block_shape=qc.kernel_block_shape, shards=shards)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..schemes import FP8_DTYPE, cdiv
+from ...schemes import FP8_DTYPE, cdiv
 from .keys import SCALES, WEIGHTS
 from .layout import ExpertLayout
 

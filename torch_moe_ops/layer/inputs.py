@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from .ops._checks import FLOAT_DTYPES as ACTIVATION_DTYPES  # what every scheme computes in (the ops' rule)
-from .ops._checks import INDEX_DTYPES
+from ..ops._checks import FLOAT_DTYPES as ACTIVATION_DTYPES  # what every scheme computes in (the ops' rule)
+from ..ops._checks import INDEX_DTYPES
 
 #: the dtypes the ops take for each token tensor, checked here too so that the message names the layer
 _DTYPES = {"router_logits": ACTIVATION_DTYPES, "topk_weights": ACTIVATION_DTYPES, "topk_ids": INDEX_DTYPES}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schemes import Activation
+from ...schemes import Activation
 from .streamer import BIASES
 
 
