@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torch_moe_ops import Fp8Config, FusedMoE, Int4Config, ParallelConfig
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 from torch_moe_ops.distributed import comm, eplb, plan, tables_from_physical_to_logical
 
 from ._helpers import hf_checkpoint

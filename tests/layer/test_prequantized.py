@@ -8,10 +8,10 @@ import torch
 
 import torch_moe_ops as moe
 from torch_moe_ops import Fp8Config, FusedMoE, Int4Config, Int8Config, LoadError
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 from torch_moe_ops.loading import ExpertLayout, LoadTargets, WeightLoader
 from torch_moe_ops.loading.checks import first_nonfinite
-from torch_moe_ops.loading.names import parse_expert_name
+from torch_moe_ops.checkpoint.names import parse_expert_name
 from torch_moe_ops.schemes import get_activation
 
 from ._helpers import MoEModel

@@ -1,6 +1,6 @@
 """The safetensors side of ``from_pretrained``: which files, which tensors are routed experts, lazy reads.
 
-Files: the one rule of ``loading/sources.py`` (``select_files``): ``model.safetensors.index.json`` when
+Files: the one rule of ``checkpoint/files.py`` (``select_files``): ``model.safetensors.index.json`` when
 present (only the shards it names are opened), otherwise ``model.safetensors``, otherwise every
 ``*.safetensors`` but Mistral's ``consolidated*.safetensors``; files left out are reported as ignored.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...loading.sources import SAFETENSORS_DTYPES, select_files
+from ...checkpoint.files import SAFETENSORS_DTYPES, select_files
 
 _LAYER = r"^(?P<pre>(?:.*\.)?layers\.(?P<layer>\d+))\.(?P<blk>\w+)\."
 _PER_EXPERT = re.compile(_LAYER + r"experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\."
@@ -78,7 +78,7 @@ def parse(name: str) -> ExpertKey | None:
 
 
 def checkpoint_files(path: str) -> tuple[list[str], list[str]]:
-    """(safetensors files to read, files ignored as ``"file (why)"``): ``loading.sources.select_files``'s rule."""
+    """(safetensors files to read, files ignored as ``"file (why)"``): ``checkpoint.files.select_files``'s rule."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a folder (from_pretrained streams a local checkpoint folder; "
                                 "download a Hub model first, e.g. `hf download <repo> --local-dir <folder>`)")

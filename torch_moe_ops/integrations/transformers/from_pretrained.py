@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from ...errors import LoadError
-from ...loading.progress import progress_bar
+from ...checkpoint.progress import progress_bar
 from ...quantization.config import check_quant_config
 from .block import MoEBlock
 from .checkpoint import Checkpoint, checkpoint_files, parse
