@@ -6,6 +6,7 @@ formats, and the model-level loading functions. It sits above ``FusedMoE`` (it f
   reader (``SafetensorsFiles``: headers, lazy slices, tensors);
 - ``sources.py``: a checkpoint as ``(name, tensor, origin)`` (folder, file, dict, pairs, one-shot stream);
 - ``names.py``: the expert-name parsers; ``layouts.py``: how each model type stores its experts;
+- ``formats.py``: which pre-quantized format a checkpoint's experts are in (fp8 block / channel / tensor);
 - ``resolve.py``: checkpoint names -> what they fill in a model; ``progress.py``: the byte-counting bars;
 - ``report.py``, ``passes.py``, ``load.py``: ``LoadReport``, the check and write passes, and
   ``load_checkpoint`` / ``finalize_loading`` / ``reload_weights``.

@@ -127,12 +127,18 @@ class SafetensorsFiles:
 
     def header(self, name: str) -> tuple[list[int], str]:
         """``(shape, safetensors dtype string)`` of ``name``; no data is read."""
+        handle, path = self._handles[name], self._paths[name]
         try:
-            view = self.slice(name)
+            view = handle.get_slice(name)
             return list(view.get_shape()), view.get_dtype()
         except Exception as exc:
-            raise LoadError(f"{self._paths[name]}: cannot read the header of tensor {name!r} "
-                            f"({type(exc).__name__}: {exc})") from None
+            raise LoadError(f"{path}: cannot read the header of tensor {name!r} ({type(exc).__name__}: {exc})") from None
+
+    def spec(self, name: str) -> tuple[list[int], torch.dtype | None, str]:
+        """``(shape, torch dtype or None, safetensors dtype string)`` of ``name`` (``formats.detect_fp8``'s
+        header); no data is read."""
+        shape, code = self.header(name)
+        return shape, SAFETENSORS_DTYPES.get(code), code
 
     def shape(self, name: str) -> list[int]:
         return self.header(name)[0]
@@ -157,10 +163,11 @@ class SafetensorsFiles:
 
     def tensor(self, name: str) -> torch.Tensor:
         """One whole tensor, read now."""
+        handle, path = self._handles[name], self._paths[name]
         try:
-            return self._handles[name].get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as exc:
-            raise LoadError(f"{self._paths[name]}: cannot read tensor {name!r} ({type(exc).__name__}: {exc})") from None
+            raise LoadError(f"{path}: cannot read tensor {name!r} ({type(exc).__name__}: {exc})") from None
 
     def close(self) -> None:
         self._handles.clear()

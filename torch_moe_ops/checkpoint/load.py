@@ -9,7 +9,9 @@ Sources are opened by ``sources.py`` (safetensors through ``files.py``); names r
 ``resolve.py`` (``P.experts.{e}.*`` and fused expert tensors, the correction bias, the router and shared
 experts, anything else by its model name); the layout of fused expert tensors comes from the model type
 (``layouts.py``): the ``model_type`` argument, else ``model.config``, else the ``config.json`` next to a
-safetensors folder. The passes are ``passes.py``.
+safetensors folder. The passes are ``passes.py``. When a layer refuses the checkpoint's fp8 weights or
+scales, the error also names the format the checkpoint's experts are in (``formats.py``, the decision
+``from_pretrained`` builds its layers with).
 
 **All or nothing** (docs/online-quantization.md, "Failed loads"). A source that can be read again (a dict,
 a list, a safetensors folder) is checked in full before the first write: names, shapes, dtypes and pieces
@@ -22,17 +24,21 @@ machinery sits below it.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 from torch import nn
 
 from ..errors import LoadError, TornWeightsError
 from ..layer import FusedMoE
+from ..schemes import FP8_DTYPE
+from .formats import block_size_of, detect_source_fp8
+from .names import parse_expert_name
 from .passes import check_source, run
 from .progress import counted, progress_bar
 from .report import LoadReport
 from .resolve import Resolver
-from .sources import iter_checkpoint, model_type_for, open_source
+from .sources import folder_config, iter_checkpoint, model_type_for, open_source
 
 
 def name_layers(model: nn.Module) -> dict[str, FusedMoE]:
@@ -45,6 +51,27 @@ def name_layers(model: nn.Module) -> dict[str, FusedMoE]:
     return layers
 
 
+def _fp8_hint(model: nn.Module, source, src):
+    """``check_source``'s hint: when a layer refuses an fp8 weight or a weight scale, the format the checkpoint's
+    experts are in (``formats.detect_source_fp8``, from the specs again: headers only), if it has one."""
+    def hint(name: str, tensor) -> str:
+        try:
+            parsed = parse_expert_name(name)
+            fp8 = parsed is not None and (parsed.kind == "scale" or (parsed.kind == "weight"
+                                                                     and getattr(tensor, "dtype", None) == FP8_DTYPE))
+            if not fp8:
+                return ""
+            config = getattr(model, "config", None)
+            if config is None and isinstance(source, (str, os.PathLike)):
+                config = folder_config(os.fspath(source))
+            found = detect_source_fp8(src.specs(), block_size_of(config))
+        except Exception:  # a hint only: the refusal itself is the error
+            return ""
+        return f"; this checkpoint's experts are {found.describe()}" if found is not None else ""
+
+    return hint
+
+
 def _load(model: nn.Module, source, *, progress: bool, strict: bool, model_type: str | None,
           finalizing: bool = False) -> LoadReport:
     layers = name_layers(model)
@@ -53,7 +80,8 @@ def _load(model: nn.Module, source, *, progress: bool, strict: bool, model_type:
     model_type = model_type_for(model_type, getattr(model, "config", None), source)
     res, src = Resolver(model, layers, model_type), open_source(source)
     report = LoadReport(ignored_files=dict(src.ignored_files), model_type=model_type)
-    plan = None if src.one_shot else check_source(res, src, strict=strict, finalizing=finalizing, progress=progress)
+    plan = None if src.one_shot else check_source(res, src, strict=strict, finalizing=finalizing, progress=progress,
+                                                  hint=_fp8_hint(model, source, src))
     with progress_bar("Loading weights", src.nbytes(), progress) as bar:
         run(res, counted(src.tensors(), bar), plan, report, strict=strict)
     return report

@@ -4,6 +4,8 @@ source that can be read again (``check_source``: every check before the first wr
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..errors import LoadError, TornWeightsError
@@ -42,8 +44,10 @@ def _raise_in_context(exc: BaseException, where: str | None, tail: str):
     raise type(exc)(text + tail) from exc
 
 
-def check_source(res: Resolver, src, *, strict: bool, finalizing: bool, progress: bool):
-    """Every check, before any write: returns ``{name: (action, pieces)}`` or raises (nothing written)."""
+def check_source(res: Resolver, src, *, strict: bool, finalizing: bool, progress: bool,
+                 hint: Callable[[str, torch.Tensor], str] | None = None):
+    """Every check, before any write: returns ``{name: (action, pieces)}`` or raises (nothing written).
+    ``hint(name, tensor)``: more to say when a tensor's checks refuse it (``TypeError`` / ``ValueError``)."""
     plan, given = {}, Given()
     for name, tensor, origin in src.specs():
         try:
@@ -53,7 +57,8 @@ def check_source(res: Resolver, src, *, strict: bool, finalizing: bool, progress
             pieces = action.check(tensor, origin, values=src.in_memory)
             given.add(action, pieces, origin)
         except Exception as exc:
-            _raise_in_context(exc, describe_tensor(name, origin), "; nothing was written")
+            more = hint(name, tensor) if hint is not None and type(exc) in (TypeError, ValueError) else ""
+            _raise_in_context(exc, describe_tensor(name, origin), more + "; nothing was written")
         plan[name] = (action, pieces)
     if not src.in_memory:  # the values: one read of every tensor, freed before the next
         with progress_bar("Checking weights", src.nbytes(), progress) as bar:
