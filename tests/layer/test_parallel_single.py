@@ -133,10 +133,10 @@ def _package_imports(path: pathlib.Path) -> set[str]:
 
 
 def test_floors_below_the_layer_do_not_import_it():
-    """loading/, distributed/ and errors.py sit below layer.py; checkpoints.py above it. No file below imports
+    """loading/, distributed/ and errors.py sit below layer.py; checkpoint/ above it. No file below imports
     the layer or the checkpoint functions (so layer -> loading is never answered by loading -> layer), and
     ParallelConfig imports nothing that imports it."""
-    above = {"layer", "layer_loading", "checkpoints"}
+    above = {"layer", "layer_loading", "checkpoint"}
     below = [*sorted((PACKAGE / "loading").glob("*.py")), *sorted((PACKAGE / "distributed").glob("*.py")),
              PACKAGE / "errors.py"]
     for path in below:
@@ -144,4 +144,4 @@ def test_floors_below_the_layer_do_not_import_it():
         assert not hits, f"{path.relative_to(PACKAGE)} imports {hits}"
     assert _package_imports(PACKAGE / "distributed" / "config.py") == set()
     assert _package_imports(PACKAGE / "errors.py") == set()
-    assert "checkpoints" not in {m.split(".")[0] for m in _package_imports(PACKAGE / "layer.py")}
+    assert "checkpoint" not in {m.split(".")[0] for m in _package_imports(PACKAGE / "layer.py")}
