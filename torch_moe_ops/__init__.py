@@ -2,7 +2,7 @@
 from . import reference, schemes
 from .distributed import ParallelConfig
 from .layer import FusedMoE, training  # ``from torch_moe_ops import training`` (docs/training.md)
-from .checkpoints import LoadReport, finalize_loading, load_checkpoint, reload_weights
+from .checkpoint import LoadReport, finalize_loading, load_checkpoint, reload_weights
 from .ops import (
     OP_NAMES,
     act_and_mul,

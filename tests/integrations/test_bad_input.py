@@ -239,6 +239,22 @@ def test_bad_paths(tmp_path, checkpoint):
         _load(path)
 
 
+def test_files_are_read_by_the_one_reader(tmp_path, checkpoint):
+    """from_pretrained reads through load_checkpoint's safetensors reader (torch_moe_ops/checkpoint/files.py):
+    a tensor the index places in another file, and a corrupt file, are LoadErrors naming them."""
+    path = checkpoint()
+    names = list(load_file(os.path.join(path, "model.safetensors")))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"weight_map": {**{n: "model.safetensors" for n in names}, "x": "model.safetensors"}}, fh)
+    with pytest.raises(LoadError, match=r"checkpoint tensor 'x' is listed in model.safetensors, but it is in none"):
+        _load(path)
+    os.remove(os.path.join(path, "model.safetensors.index.json"))
+    with open(os.path.join(path, "model.safetensors"), "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(LoadError, match=r"model.safetensors: not a readable safetensors file"):
+        _load(path)
+
+
 def test_meta_model_is_refused():
     from transformers import AutoModelForCausalLM
 

@@ -87,7 +87,7 @@ def hf_checkpoint(num_layers=2, E=8, H=64, I=48, *, style="qwen", seed=0, dtype=
 
 
 def loaded_model(sd, *, num_layers=2, E=8, k=2, H=64, I=48, **kw):
-    from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint
+    from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 
     model = MoEModel(num_layers, E, k, H, I, **kw)
     load_checkpoint(model, sd, progress=False)

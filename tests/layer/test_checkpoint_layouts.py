@@ -1,6 +1,6 @@
 """load_checkpoint decides expert layouts from the model type, never from an ambiguous (square) shape;
 Ernie's [1, E] correction bias; transformers v5 in-memory state dicts; legacy per-expert and fused
-checkpoints (docs/design.md §11, loading/formats.py)."""
+checkpoints (docs/design.md §11, checkpoint/layouts.py)."""
 import json
 from types import SimpleNamespace
 
@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
+from torch_moe_ops.checkpoint.layouts import FORMATS, fused_transposed, model_type_of
 from torch_moe_ops.layer import FusedMoE
-from torch_moe_ops.loading.formats import FORMATS, fused_transposed, model_type_of
 from torch_moe_ops.quantization import Fp8Config
 
 from ._helpers import MoEModel, expert_tensors, hf_checkpoint

@@ -6,7 +6,7 @@ import torch._dynamo.testing
 from torch import nn
 
 from torch_moe_ops import Fp8Config, FusedMoE, Int4Config, Int8Config
-from torch_moe_ops.checkpoints import finalize_loading
+from torch_moe_ops.checkpoint import finalize_loading
 from torch_moe_ops.testing import random_moe_weights, sqnr_db
 
 E, K, H, I = 5, 2, 96, 32  # E odd, H not a power of two, H != I (no square experts); int4 groups of 32

@@ -6,7 +6,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from torch_moe_ops import Fp8Config, FusedMoE, Int8Config, LoadError, ParallelConfig
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 from torch_moe_ops.testing import random_moe_weights, sqnr_db
 
 from ._helpers import MoEModel, hf_checkpoint, moe_layers

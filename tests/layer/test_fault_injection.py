@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 from torch_moe_ops.errors import LoadError, TornWeightsError
 from torch_moe_ops.quantization import Fp8Config, Int4Config, Int8WeightOnlyConfig
 

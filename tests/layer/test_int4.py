@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 import torch_moe_ops
 from torch_moe_ops import Fp8Config, Int4Config, ParallelConfig, quantize_weight
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 from torch_moe_ops.layer import FusedMoE
 from torch_moe_ops.schemes import get_weight_format
 from torch_moe_ops.testing import random_moe_weights, sqnr_db

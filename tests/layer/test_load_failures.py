@@ -5,7 +5,7 @@ import torch
 import torch._dynamo.testing
 from safetensors.torch import save_file
 
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 from torch_moe_ops.errors import LoadError, TornWeightsError
 from torch_moe_ops.layer import FusedMoE
 from torch_moe_ops.layer.loading import WeightLoader

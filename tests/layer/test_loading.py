@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from torch_moe_ops.layer import FusedMoE
-from torch_moe_ops.checkpoints import LoadReport, finalize_loading, load_checkpoint
+from torch_moe_ops.checkpoint import LoadReport, finalize_loading, load_checkpoint
 from torch_moe_ops.quantization import Fp8Config
 
 from ._helpers import MoEModel, expert_tensors, hf_checkpoint, moe_layers

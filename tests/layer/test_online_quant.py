@@ -6,7 +6,7 @@ import torch
 
 from torch_moe_ops import quantize_weight
 from torch_moe_ops.layer import FusedMoE
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 from torch_moe_ops.quantization import Fp8Config, Int4Config, LoadError
 from torch_moe_ops.testing import random_moe_weights
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torch_moe_ops import Fp8Config, FusedMoE, Int4Config, ParallelConfig
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 from torch_moe_ops.distributed import comm, eplb, plan, tables_from_physical_to_logical
 
 from ._helpers import hf_checkpoint
@@ -134,10 +134,10 @@ def _package_imports(path: pathlib.Path) -> set[str]:
 
 def test_floors_below_the_layer_do_not_import_it():
     """layer/loading/, distributed/ and errors.py sit below the layer's module; the checkpoint pipeline
-    (checkpoints.py, loading/) above the layer. No file below imports the layer's module or the checkpoint
+    (checkpoint/) above the layer. No file below imports the layer's module or the checkpoint
     functions (so layer -> layer.loading is never answered by layer.loading -> layer), the layer imports nothing
     of the pipeline, and ParallelConfig imports nothing that imports it."""
-    pipeline = {"checkpoints", "checkpoint", "loading"}
+    pipeline = {"checkpoint", "integrations"}
 
     def above_loader(m: str) -> bool:
         return m.split(".")[0] in pipeline or (m.split(".")[0] == "layer" and not m.startswith("layer.loading"))

@@ -8,10 +8,10 @@ import torch
 
 import torch_moe_ops as moe
 from torch_moe_ops import Fp8Config, FusedMoE, Int4Config, Int8Config, LoadError
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint.names import parse_expert_name
 from torch_moe_ops.layer.loading import ExpertLayout, LoadTargets, WeightLoader
 from torch_moe_ops.layer.loading.checks import first_nonfinite
-from torch_moe_ops.loading.names import parse_expert_name
 from torch_moe_ops.schemes import get_activation
 
 from ._helpers import MoEModel
@@ -448,3 +448,25 @@ def test_end_to_end_safetensors_fp8_checkpoint(tmp_path, scheme):
 
 def sqnr(a: torch.Tensor, ref: torch.Tensor) -> float:
     return 10 * torch.log10(ref.pow(2).sum() / (a - ref).pow(2).sum()).item()
+
+
+def test_a_refused_fp8_checkpoint_names_its_format():
+    """The checkpoint pipeline decides a checkpoint's fp8 format once (checkpoint/formats.py, from_pretrained's
+    decision too): load_checkpoint names it when a layer refuses the fp8 pieces; nothing is written."""
+    from types import SimpleNamespace
+
+    ws = weights()
+    model = MoEModel(1, E, K, H, I)
+    with pytest.raises(TypeError, match=r"quant_config is None.*this checkpoint's experts are pre-quantized as "
+                                        r"Fp8Config\(scheme='channel'.*; nothing was written$"):
+        load_checkpoint(model, checkpoint(ws, CONFIGS["channel"]), progress=False)
+    model = MoEModel(1, E, K, H, I, quant_config=CONFIGS["channel"])
+    with pytest.raises(ValueError, match=r"scale shape \[\] .*this checkpoint's experts are pre-quantized as "
+                                         r"Fp8Config\(scheme='tensor'.*; nothing was written$"):
+        load_checkpoint(model, checkpoint(ws, CONFIGS["tensor"]), progress=False)
+    with pytest.raises(TypeError, match=r"this checkpoint's experts are fp8 with block scales \(weight_scale_inv\)"):
+        load_checkpoint(MoEModel(1, E, K, H, I), checkpoint(ws, BLOCK), progress=False)
+    model.config = SimpleNamespace(quantization_config={"weight_block_size": [32, 32]})
+    with pytest.raises(ValueError, match=r"pre-quantized as Fp8Config\(scheme='block', block_shape=\(32, 32\)\)"):
+        load_checkpoint(model, checkpoint(ws, BLOCK), progress=False)
+    assert model.layers[0].experts.load_state == "fresh"

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
-from torch_moe_ops.loading.progress import NON_TTY_INTERVAL, progress_bar
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint.progress import NON_TTY_INTERVAL, progress_bar
 
 from ._helpers import MoEModel, hf_checkpoint
 

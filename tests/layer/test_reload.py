@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 from torch_moe_ops.quantization import Fp8Config, Int4Config, LoadError
 
 from ._helpers import SCHEMES, LiveTensorBytes, MoEModel, hf_checkpoint, loaded_model, moe_layers

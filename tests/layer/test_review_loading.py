@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import torch_moe_ops as moe
 from torch_moe_ops import Fp8Config, FusedMoE, LoadError, TornWeightsError
-from torch_moe_ops.checkpoints import finalize_loading, load_checkpoint, reload_weights
+from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 
 from ._helpers import MoEModel, hf_checkpoint
 

@@ -1,134 +1,109 @@
-"""The safetensors side of ``from_pretrained``: which files, which tensors are routed experts, lazy reads.
+"""Which checkpoint tensors belong to which planned MoE block of a transformers model (``from_pretrained``).
 
-Files: the one rule of ``loading/sources.py`` (``select_files``): ``model.safetensors.index.json`` when
-present (only the shards it names are opened), otherwise ``model.safetensors``, otherwise every
-``*.safetensors`` but Mistral's ``consolidated*.safetensors``; files left out are reported as ignored.
-
-Expert tensor names (``L`` the decoder layer, ``e`` the expert; ``P`` any block prefix such as
-``model.layers.L.mlp`` / ``.block_sparse_moe`` / ``.feed_forward``):
-
-- per expert: ``P.experts.e.{w1|w3|w2|gate_proj|up_proj|down_proj}.{weight|bias}``, with fp8 checkpoints'
-  ``weight_scale_inv`` (block) / ``weight_scale`` (tensor, channel) and ``input_scale`` siblings;
-- fused, all experts: ``P.experts.{gate_up_proj|down_proj}[_bias]`` (GPT-OSS, Llama-4: stored transposed),
-  ``P.{input_linear|output_linear}.weight`` (Granite); MXFP4 ``_blocks`` / ``_scales`` are recognised and refused;
-- routing bias: ``P.gate.e_score_correction_bias`` (DeepSeek-V3, GLM) or ``P.moe_statics.e_score_correction_bias``
-  (Ernie, ``[1, E]``).
+Files, tensor names, layouts and pre-quantized formats are the checkpoint pipeline's (``torch_moe_ops/checkpoint/``:
+``files.select_files`` and the one safetensors reader ``files.SafetensorsFiles``, ``names.parse_block_tensor``,
+``formats.detect_fp8``). What is transformers' is here: a local folder is required, blocks are found by their
+module path in the model transformers built, the legacy block names transformers renames (Mixtral's
+``block_sparse_moe``), a model class's ``_keys_to_ignore_on_load_unexpected``, and the number of experts of the
+planned block.
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
+from ...checkpoint.files import FileSelection, SafetensorsFiles, select_files
+from ...checkpoint.formats import mxfp4_error
+from ...checkpoint.names import BlockTensor, layer_index, parse_block_tensor
+from ...errors import LoadError
+from .models import BlockPlan
 
-from ...loading.sources import SAFETENSORS_DTYPES, select_files
-
-_LAYER = r"^(?P<pre>(?:.*\.)?layers\.(?P<layer>\d+))\.(?P<blk>\w+)\."
-_PER_EXPERT = re.compile(_LAYER + r"experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\."
-                                  r"(?P<kind>weight|bias|weight_scale_inv|weight_scale|input_scale)$")
-_FUSED = re.compile(_LAYER + r"experts\.(?P<proj>gate_up_proj|down_proj)"
-                              r"(?P<kind>|\.weight|_bias|\.bias|_blocks|_scales)$")
-_GRANITE = re.compile(_LAYER + r"(?P<proj>input_linear|output_linear)\.(?P<kind>weight)$")
-_CORRECTION = re.compile(_LAYER + r"(?:gate\.|moe_statics\.|gate\.moe_statics\.)e_score_correction_bias$")
-_SHARD = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2", "down_proj": "w2",
-          "gate_up_proj": "w13", "input_linear": "w13", "output_linear": "w2"}
-#: safetensors dtype strings of fp8 e4m3 (the only pre-quantized format read)
-FP8_DTYPES = ("F8_E4M3",)
+_LEGACY_BLOCK_NAMES = ("block_sparse_moe",)  #: checkpoint names transformers renames to the block's (Mixtral, PhiMoE)
 
 
-@dataclass(frozen=True)
-class ExpertKey:
-    """One routed-expert tensor of the checkpoint. expert: None for a fused all-experts tensor. shard: ``w1``
-    (gate), ``w3`` (up), ``w2`` (down), ``w13`` (fused gate_up) or ``correction``. kind: ``weight``, ``bias``,
-    ``scale`` (fp8 ``weight_scale`` / ``weight_scale_inv``), ``input_scale`` or ``mxfp4``."""
-
-    name: str
-    pre: str
-    layer: int
-    blk: str
-    expert: int | None
-    shard: str
-    kind: str
-    scale_inv: bool = False
-
-    def blk_ok(self, attr: str, legacy: tuple[str, ...]) -> bool:
-        """Whether this tensor can belong to a block at attribute ``attr`` of its decoder layer."""
-        return self.blk == attr or self.blk in legacy
-
-
-def parse(name: str) -> ExpertKey | None:
-    """The expert tensor ``name`` describes, or None for any other tensor."""
-    m = _PER_EXPERT.match(name)
-    if m is not None:
-        kind = m["kind"]
-        k = {"weight_scale_inv": "scale", "weight_scale": "scale"}.get(kind, kind)
-        return ExpertKey(name, m["pre"], int(m["layer"]), m["blk"], int(m["expert"]), _SHARD[m["proj"]], k,
-                         kind == "weight_scale_inv")
-    for rx in (_FUSED, _GRANITE):
-        m = rx.match(name)
-        if m is not None:
-            kind = m["kind"]
-            k = "mxfp4" if kind in ("_blocks", "_scales") else ("bias" if "bias" in kind else "weight")
-            return ExpertKey(name, m["pre"], int(m["layer"]), m["blk"], None, _SHARD[m["proj"]], k)
-    m = _CORRECTION.match(name)
-    if m is not None:
-        return ExpertKey(name, m["pre"], int(m["layer"]), m["blk"], None, "correction", "bias")
-    return None
-
-
-def checkpoint_files(path: str) -> tuple[list[str], list[str]]:
-    """(safetensors files to read, files ignored as ``"file (why)"``): ``loading.sources.select_files``'s rule."""
+def checkpoint_files(path: str) -> FileSelection:
+    """The safetensors files of a local checkpoint folder (``checkpoint.files.select_files``'s rule)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a folder (from_pretrained streams a local checkpoint folder; "
                                 "download a Hub model first, e.g. `hf download <repo> --local-dir <folder>`)")
-    selection = select_files(path)
-    return selection.files, [f"{f} ({why})" for f, why in selection.ignored.items()]
+    return select_files(path)
 
 
-class Checkpoint:
-    """Lazy view of a checkpoint's tensors: ``slice(name)`` (safetensors slice, nothing read), ``tensor``,
-    ``shape``, ``dtype`` and ``file`` of each name. Holds the files open until ``close``."""
+@dataclass
+class BlockKeys:
+    """The checkpoint tensors of one block: per expert ``{e: {(shard, kind): key}}``, fused all-experts
+    tensors ``{(shard, kind): key}``, the correction bias."""
 
-    def __init__(self, files: list[str]):
-        from safetensors import safe_open
+    per_expert: dict = field(default_factory=dict)
+    fused: dict = field(default_factory=dict)
+    correction: BlockTensor | None = None
+    input_scales: int = 0
 
-        self.files = files
-        self._handles = [safe_open(f, framework="pt", device="cpu") for f in files]
-        self._where: dict[str, int] = {}
-        for i, h in enumerate(self._handles):
-            for name in h.keys():
-                if name in self._where:
-                    raise ValueError(f"tensor {name} is in two files: {files[self._where[name]]} and {files[i]}")
-                self._where[name] = i
+    def add(self, key: BlockTensor) -> None:
+        if key.kind == "input_scale":
+            self.input_scales += 1
+        elif key.shard == "correction":
+            self.correction = key
+        elif key.expert is None:
+            self.fused[(key.shard, key.kind)] = key
+        else:
+            self.per_expert.setdefault(key.expert, {})[(key.shard, key.kind)] = key
+
+    def all(self) -> list[BlockTensor]:
+        keys = [k for d in self.per_expert.values() for k in d.values()] + list(self.fused.values())
+        return keys + ([self.correction] if self.correction is not None else [])
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return [k.name for k in self.all()]
 
-    def slice(self, name: str):
-        return self._handles[self._where[name]].get_slice(name)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+def assign_keys(ckpt: SafetensorsFiles, blocks: dict[str, object], other_moe: list[str], cls) -> tuple:
+    """({block path: BlockKeys}, non-expert names for transformers, {name: why ignored})."""
+    by_layer: dict[int, list[str]] = {}
+    for path in blocks:
+        by_layer.setdefault(layer_index(path), []).append(path)
+    unsupported_layers = {layer_index(p) for p in other_moe}
+    attrs = {p.rpartition(".")[2] for p in blocks} | set(_LEGACY_BLOCK_NAMES)
+    ignore = [re.compile(p) for p in (getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    per_block = {path: BlockKeys() for path in blocks}
+    others, ignored = [], {}
+    for name in ckpt.names():
+        key = parse_block_tensor(name)
+        if key is not None and key.blk not in attrs:
+            key = None  # e.g. Granite's shared_mlp.input_linear: expert-like names under another child
+        hits = [] if key is None else [p for p in by_layer.get(key.layer, [])
+                                       if key.blk_ok(p.rpartition(".")[2], _LEGACY_BLOCK_NAMES)]
+        if key is None or (not hits and key.layer in unsupported_layers):
+            others.append(name)  # not an expert, or an expert of a block transformers keeps
+            continue
+        if not hits:
+            if any(rx.search(name) for rx in ignore):
+                ignored[name] = f"{cls.__name__} ignores this layer (_keys_to_ignore_on_load_unexpected)"
+                continue
+            raise LoadError(f"checkpoint tensor {name} ({ckpt.file(name)}) is a routed expert of layer {key.layer}, "
+                            f"but the model has no MoE block there (MoE blocks at layers {sorted(by_layer)}); "
+                            "a checkpoint of another model, or a config mismatch")
+        if len(hits) > 1:  # several MoE stacks with this layer index: the one whose prefix the name ends with
+            stack = key.pre.rpartition("layers.")[0].rstrip(".")
+            hits = [p for p in hits if p.rpartition("layers.")[0].rstrip(".").endswith(stack)] or hits
+            if len(hits) > 1:
+                raise LoadError(f"checkpoint tensor {name}: cannot tell which of {hits} it belongs to")
+        per_block[hits[0]].add(key)
+    return per_block, others, ignored
 
-    def shape(self, name: str) -> list[int]:
-        return list(self.slice(name).get_shape())
 
-    def dtype_str(self, name: str) -> str:
-        return self.slice(name).get_dtype()
+def check_keys(path: str, plan: BlockPlan, keys: BlockKeys, ckpt: SafetensorsFiles) -> None:
+    """Extra experts and refused formats, before anything is read."""
+    E = plan.num_experts
+    for k in keys.all():
+        if k.kind == "mxfp4":
+            raise mxfp4_error(f"{path}: {k.name}")
+        if k.expert is not None and k.expert >= E:
+            raise LoadError(f"{path}: checkpoint tensor {k.name} is expert {k.expert}, but the model has {E} experts "
+                            "(a checkpoint of another model size?)")
+        if k.expert is None and k.shard != "correction" and ckpt.shape(k.name)[0] != E:
+            raise LoadError(f"{path}: checkpoint tensor {k.name} holds {ckpt.shape(k.name)[0]} experts, the model {E}")
 
-    def dtype(self, name: str) -> torch.dtype | None:
-        return SAFETENSORS_DTYPES.get(self.dtype_str(name))
 
-    def nbytes(self, name: str) -> int:
-        dt = self.dtype(name)
-        n = 1
-        for d in self.shape(name):
-            n *= d
-        return n * (dt.itemsize if dt is not None else 1)
-
-    def file(self, name: str) -> str:
-        return os.path.basename(self.files[self._where[name]])
-
-    def close(self) -> None:
-        self._handles.clear()
+__all__ = ["BlockKeys", "assign_keys", "check_keys", "checkpoint_files"]

@@ -8,6 +8,9 @@ precision on the device.
 3. Each block's experts stream from the safetensors files into a ``FusedMoE`` allocated at its final
    (quantized) size on the device, one expert at a time (``stream.py``).
 
+Files, the safetensors reader, expert names and the pre-quantized format are the checkpoint pipeline's
+(``torch_moe_ops/checkpoint/``); which tensors go to which block is ``checkpoint.py`` here.
+
 Peak device memory: the final model + one expert's full-precision staging (+ a transient copy), within
 final + 2 experts + 64 MiB. Blocks the package cannot replace are loaded by transformers unchanged and
 named in the report.
@@ -15,21 +18,20 @@ named in the report.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 
 import torch
 
+from ...checkpoint.files import SafetensorsFiles as Checkpoint  # the one reader (tests patch this name)
+from ...checkpoint.formats import block_size_of, detect_fp8
+from ...checkpoint.progress import progress_bar
 from ...errors import LoadError
-from ...loading.progress import progress_bar
 from ...schemes.configs import check_quant_config
 from .block import MoEBlock
-from .checkpoint import Checkpoint, checkpoint_files, parse
+from .checkpoint import assign_keys, check_keys, checkpoint_files
 from .models import MODEL_TYPES
 from .patch import PatchReport, _check_layer, _set_child, find_blocks, record_router_logits
-from .stream import BlockKeys, check_keys, fp8_scheme, load_experts
-
-_LEGACY_BLOCK_NAMES = ("block_sparse_moe",)  #: checkpoint names transformers renames to the block's (Mixtral, PhiMoE)
+from .stream import load_experts
 
 
 def _model_class(config, model_class):
@@ -82,52 +84,6 @@ def _dtype(dtype, config, ckpt: Checkpoint) -> torch.dtype:
     return torch.float32
 
 
-def _block_size(config):
-    """``quantization_config.weight_block_size`` of a pre-quantized config (a dict or a config object)."""
-    qc = getattr(config, "quantization_config", None) or {}
-    return qc.get("weight_block_size") if isinstance(qc, dict) else getattr(qc, "weight_block_size", None)
-
-
-def _layer_of(path: str) -> int | None:
-    found = re.findall(r"(?:^|\.)layers\.(\d+)(?:\.|$)", path)
-    return int(found[-1]) if found else None
-
-
-def _assign_keys(ckpt: Checkpoint, blocks: dict[str, object], other_moe: list[str], cls) -> tuple:
-    """({block path: BlockKeys}, non-expert names for transformers, {name: why ignored})."""
-    by_layer: dict[int, list[str]] = {}
-    for path in blocks:
-        by_layer.setdefault(_layer_of(path), []).append(path)
-    unsupported_layers = {_layer_of(p) for p in other_moe}
-    attrs = {p.rpartition(".")[2] for p in blocks} | set(_LEGACY_BLOCK_NAMES)
-    ignore = [re.compile(p) for p in (getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    per_block = {path: BlockKeys() for path in blocks}
-    others, ignored = [], {}
-    for name in ckpt.names():
-        key = parse(name)
-        if key is not None and key.blk not in attrs:
-            key = None  # e.g. Granite's shared_mlp.input_linear: expert-like names under another child
-        hits = [] if key is None else [p for p in by_layer.get(key.layer, [])
-                                       if key.blk_ok(p.rpartition(".")[2], _LEGACY_BLOCK_NAMES)]
-        if key is None or (not hits and key.layer in unsupported_layers):
-            others.append(name)  # not an expert, or an expert of a block transformers keeps
-            continue
-        if not hits:
-            if any(rx.search(name) for rx in ignore):
-                ignored[name] = f"{cls.__name__} ignores this layer (_keys_to_ignore_on_load_unexpected)"
-                continue
-            raise LoadError(f"checkpoint tensor {name} ({ckpt.file(name)}) is a routed expert of layer {key.layer}, "
-                            f"but the model has no MoE block there (MoE blocks at layers {sorted(by_layer)}); "
-                            "a checkpoint of another model, or a config mismatch")
-        if len(hits) > 1:  # several MoE stacks with this layer index: the one whose prefix the name ends with
-            stack = key.pre.rpartition("layers.")[0].rstrip(".")
-            hits = [p for p in hits if p.rpartition("layers.")[0].rstrip(".").endswith(stack)] or hits
-            if len(hits) > 1:
-                raise LoadError(f"checkpoint tensor {name}: cannot tell which of {hits} it belongs to")
-        per_block[hits[0]].add(key)
-    return per_block, others, ignored
-
-
 def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_class=None, progress: bool = True,
                     strict: bool = True, **hf_kwargs):
     """Load a transformers MoE model from a local safetensors folder with torch_moe_ops experts.
@@ -150,10 +106,11 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
 
     quant_config = check_quant_config(quant_config)
     path = os.fspath(path)
-    files, ignored_files = checkpoint_files(path)
+    selection = checkpoint_files(path)
+    files, ignored_files = selection.files, [f"{f} ({why})" for f, why in selection.ignored.items()]
     config = hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
     cls = _model_class(config, model_class)
-    ckpt = Checkpoint(files)
+    ckpt = Checkpoint(selection)
     try:
         dt = _dtype(dtype, config, ckpt)
         sink: dict = {}
@@ -165,10 +122,12 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
             raise ValueError(f"{cls.__name__} (model_type {config.model_type!r}) has no MoE block torch_moe_ops can "
                              f"replace{': ' + str(unsupported) if unsupported else ''}; supported model types: "
                              f"{sorted(MODEL_TYPES)}")
-        per_block, others, ignored = _assign_keys(ckpt, blocks, list(unsupported), cls)
+        per_block, others, ignored = assign_keys(ckpt, blocks, list(unsupported), cls)
         for p, plan in blocks.items():
             check_keys(p, plan, per_block[p], ckpt)
-        fp8 = {p: fp8_scheme(p, per_block[p], ckpt, _block_size(config)) for p in blocks}
+        block_size = block_size_of(config)
+        fp8 = {p: detect_fp8(p, per_block[p].names(), ckpt.spec, block_size) for p in blocks}
+        fp8 = {p: f.config() if f is not None else None for p, f in fp8.items()}
         _check_fp8(fp8, quant_config)
         state = {name: ckpt.slice(name) for name in others}
         model, info = skeleton.from_pretrained(None, config=config, state_dict=state, dtype=dt,
@@ -181,7 +140,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
             model.generation_config = GenerationConfig.from_pretrained(path)
         if device is not None and "device_map" not in hf_kwargs:
             model.to(device)
-        total = sum(ckpt.nbytes(k.name) for keys in per_block.values() for k in keys.all())
+        total = sum(ckpt.nbytes(k.name) or 0 for keys in per_block.values() for k in keys.all())
         report.expert_bytes_before = total  # in the checkpoint's dtypes
         with progress_bar("Loading experts", total, progress) as bar:
             for p, plan in sink["blocks"].items():

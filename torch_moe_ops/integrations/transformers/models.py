@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...loading.formats import fused_transposed
+from ...checkpoint.layouts import fused_transposed
 
 
 class Unsupported(ValueError):
@@ -130,10 +130,10 @@ def _param(module: nn.Module, name: str) -> torch.Tensor:
 
 def _stacked(experts: nn.Module, kind: str, bias: bool = False) -> ExpertTensors:
     """HF's fused 3-D expert tensors ``gate_up_proj`` / ``down_proj`` (+ ``*_bias``), laid out as model type
-    ``kind`` stores them (``loading/formats.py``)."""
+    ``kind`` stores them (``checkpoint/layouts.py``)."""
     transposed = fused_transposed(kind)
     if transposed is None:
-        raise Unsupported(f"model type {kind!r} has no known expert layout (torch_moe_ops.loading.formats)")
+        raise Unsupported(f"model type {kind!r} has no known expert layout (torch_moe_ops.checkpoint.layouts)")
     for flag, want in (("has_gate", True), ("has_post_expert_norm", False), ("_is_expert_parallel", False)):
         if getattr(experts, flag, want) != want:
             raise Unsupported(f"{type(experts).__name__}.{flag}={not want} is not supported")

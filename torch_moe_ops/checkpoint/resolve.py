@@ -8,7 +8,7 @@ tensor outside the layers (router, shared experts), or a reason to ignore it.
 ``P`` is matched to a ``FusedMoE`` by module path (``P.experts`` or ``P``, either one a dotted suffix of
 the other), then by layer index (``layers.{L}``), then, when the model has a single ``FusedMoE``, to it.
 
-Layouts come from knowledge, not from shapes (``formats.py``): a per-expert weight is an ``nn.Linear``
+Layouts come from knowledge, not from shapes (``layouts.py``): a per-expert weight is an ``nn.Linear``
 ``[out, in]`` (``transposed=False``); a fused all-experts weight takes the model type's orientation, and
 when the model type is unknown a square (ambiguous) one is refused before anything is written.
 """
@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import LoadError
 from ..layer.loading.checks import check_finite, check_materialized
 from ..layer.loading.keys import describe
-from .formats import FORMATS, correction_bias_prefix, fused_transposed
+from .layouts import FORMATS, correction_bias_prefix, fused_transposed
 from .names import BLOCK_CHILD_RE, LAYER_INDEX_RE, parse_expert_name
 
 
@@ -132,7 +132,7 @@ class Given:
 
 
 class Resolver:
-    """model_type: decides the layout of fused expert weights (``formats.FORMATS``); None or unknown:
+    """model_type: decides the layout of fused expert weights (``layouts.FORMATS``); None or unknown:
     non-square ones are inferred from their shape, square ones are refused."""
 
     def __init__(self, model: nn.Module, layers: dict, model_type: str | None = None):
@@ -148,7 +148,7 @@ class Resolver:
     # -------------------------------------------------------------------------------------- actions
     def action(self, name: str) -> Action:
         parsed = parse_expert_name(name)
-        if parsed is not None:
+        if parsed is not None and parsed.kind != "mxfp4":  # MXFP4 blocks fill nothing: looked up by name below
             return self._oriented(self._expert(name, parsed), parsed)
         if (hit := self._correction_layer(name)) is not None:
             return Action(name, hit[0], hit[1], (("e_score_correction_bias", None, None),), view=_one_group)
