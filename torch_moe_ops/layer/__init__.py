@@ -1,4 +1,4 @@
-"""``FusedMoE`` as a package (docs/design.md §14): the module and its forward (``module.py``), composed of its
+"""``FusedMoE`` as a package (docs/architecture.md): the module and its forward (``module.py``), composed of its
 static facts (``spec.py``), tensors (``storage.py``), placement tables and EPLB (``tables.py``), loading API
 (``weights.py``), input rules (``inputs.py``), op calls (``calls.py``), training rules (``training.py``) and the
 per-layer loading machinery (``loading/``)."""
