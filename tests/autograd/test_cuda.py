@@ -11,7 +11,7 @@ import torch
 import torch_moe_ops
 from torch_moe_ops import testing
 
-from ._dense import assert_grad_close
+from tests.grad_oracle import assert_grad_close
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"

@@ -12,8 +12,8 @@ import torch
 import torch_moe_ops
 from torch_moe_ops.reference.quant import fake_quantize_activation
 
-from ._cases import expert_case, requires_grad
-from ._dense import assert_grad_close, dense_experts, grads_of
+from tests.grad_cases import expert_case, requires_grad
+from tests.grad_oracle import assert_grad_close, dense_experts, grads_of
 
 NAMES = ("hidden_states", "topk_weights", "w13_bias", "w2_bias")
 _DENSE = dict(hidden_states="x", topk_weights="tw", w13_bias="b13", w2_bias="b2")

@@ -1,5 +1,5 @@
 """Gradients of ``fused_experts`` / ``fused_moe`` / ``topk_route`` (CPU reference backend) against autograd of
-the fp64 dense oracle (``_dense.py``) on the same inputs.
+the fp64 dense oracle (``tests/grad_oracle.py``) on the same inputs.
 
 Tolerances (``assert_grad_close``: norm-relative error per gradient, with a small absolute floor): fp32
 1e-5: the op computes in fp32 with reductions over at most ~70 terms, i.e. ~1e-7 relative, and 100x leaves
@@ -12,8 +12,8 @@ import torch
 import torch_moe_ops
 from torch_moe_ops.schemes import ACTIVATIONS
 
-from ._cases import DIFF, expert_case, requires_grad
-from ._dense import assert_grad_close, dense_experts, dense_route_weights, grads_of
+from tests.grad_cases import DIFF, expert_case, requires_grad
+from tests.grad_oracle import assert_grad_close, dense_experts, dense_route_weights, grads_of
 
 _DENSE = dict(hidden_states="x", w13="w13", w2="w2", topk_weights="tw", w13_bias="b13", w2_bias="b2")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from ._cases import DIFF, expert_case, requires_grad
+from tests.grad_cases import DIFF, expert_case, requires_grad
 
 try:
     from expecttest import TestCase

@@ -7,7 +7,7 @@ import torch
 from torch_moe_ops.reference import backward as RB
 from torch_moe_ops.schemes import ACTIVATIONS, get_activation, get_quant_scheme
 
-from ._cases import random_ids
+from tests.grad_cases import random_ids
 
 NONE = get_quant_scheme("none")
 F64 = torch.float64

@@ -10,8 +10,8 @@ import torch
 import torch_moe_ops
 from torch_moe_ops._kernels import backward as KB
 
-from ._cases import DIFF, expert_case, requires_grad
-from ._dense import assert_grad_close
+from tests.grad_cases import DIFF, expert_case, requires_grad
+from tests.grad_oracle import assert_grad_close
 
 CASES = {
     "none-fp32-silu-bias": dict(),

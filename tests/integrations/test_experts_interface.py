@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ._models import config, make
+from tests.hf_models import config, make
 
 pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ import torch
 
 from torch_moe_ops import Fp8Config, FusedMoE, Int8Config, load_checkpoint
 
-from ..layer._helpers import MoEModel, hf_checkpoint
-from ._models import hf_blocks, make, our_blocks
+from tests.moe_models import MoEModel, hf_checkpoint
+from tests.hf_models import hf_blocks, make, our_blocks
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

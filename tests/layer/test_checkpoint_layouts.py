@@ -14,10 +14,10 @@ from torch_moe_ops.checkpoint.layouts import FORMATS, fused_transposed, model_ty
 from torch_moe_ops.layer import FusedMoE
 from torch_moe_ops.quantization import Fp8Config
 
-from ._helpers import MoEModel, expert_tensors, hf_checkpoint
+from tests.moe_models import MoEModel, expert_tensors, hf_checkpoint
 
 pytest.importorskip("transformers")
-from tests.integrations._models import MODELS, first, hf_blocks, make  # noqa: E402
+from tests.hf_models import MODELS, first, hf_blocks, make  # noqa: E402
 from torch_moe_ops.integrations.transformers.models import plan_block  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from torch_moe_ops import Fp8Config, FusedMoE, Int8Config, LoadError, ParallelCo
 from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 from torch_moe_ops.testing import random_moe_weights, sqnr_db
 
-from ._helpers import MoEModel, hf_checkpoint, moe_layers
+from tests.moe_models import MoEModel, hf_checkpoint, moe_layers
 from .test_ergonomics import CONFIGS, NAME, QUANT, E, H, I, K, _loaded, _x
 
 

@@ -14,7 +14,7 @@ from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_w
 from torch_moe_ops.errors import LoadError, TornWeightsError
 from torch_moe_ops.quantization import Fp8Config, Int4Config, Int8WeightOnlyConfig
 
-from ._helpers import MoEModel, moe_layers
+from tests.moe_models import MoEModel, moe_layers
 
 E, K, H, I, T = 3, 2, 64, 32, 5
 SCHEMES = {"none": None, "fp8_tensor": Fp8Config("tensor"), "fp8_block": Fp8Config("block", block_shape=(32, 32)),

@@ -18,7 +18,7 @@ from torch_moe_ops.layer import FusedMoE
 from torch_moe_ops.schemes import get_weight_format
 from torch_moe_ops.testing import random_moe_weights, sqnr_db
 
-from ._helpers import LiveTensorBytes, MoEModel, expert_tensors, hf_checkpoint, loaded_model, moe_layers
+from tests.moe_models import LiveTensorBytes, MoEModel, expert_tensors, hf_checkpoint, loaded_model, moe_layers
 
 E, K = 8, 2
 GROUPS = (32, 64, 128)

@@ -9,7 +9,7 @@ from torch_moe_ops.layer import FusedMoE
 from torch_moe_ops.quantization import Fp8Config, Int8WeightOnlyConfig, LoadError
 from torch_moe_ops.testing import random_moe_weights, sqnr_db
 
-from ._helpers import QUANT_SCHEMES, SCHEMES
+from tests.moe_models import QUANT_SCHEMES, SCHEMES
 
 E, K, H, I, T = 8, 2, 64, 48, 33
 

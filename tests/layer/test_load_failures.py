@@ -12,7 +12,7 @@ from torch_moe_ops.layer.loading import WeightLoader
 from torch_moe_ops.quantization import Fp8Config, Int8WeightOnlyConfig
 from torch_moe_ops.testing import random_moe_weights
 
-from ._helpers import MoEModel, hf_checkpoint, loaded_model
+from tests.moe_models import MoEModel, hf_checkpoint, loaded_model
 
 E, K, H, I = 3, 2, 64, 32
 L = 2

@@ -8,7 +8,7 @@ from torch_moe_ops.layer import FusedMoE
 from torch_moe_ops.checkpoint import LoadReport, finalize_loading, load_checkpoint
 from torch_moe_ops.quantization import Fp8Config
 
-from ._helpers import MoEModel, expert_tensors, hf_checkpoint, moe_layers
+from tests.moe_models import MoEModel, expert_tensors, hf_checkpoint, moe_layers
 
 L, E, K, H, I = 2, 8, 2, 64, 48
 

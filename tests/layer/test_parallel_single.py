@@ -11,7 +11,7 @@ from torch_moe_ops import Fp8Config, FusedMoE, Int4Config, ParallelConfig
 from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 from torch_moe_ops.distributed import comm, eplb, plan, tables_from_physical_to_logical
 
-from ._helpers import hf_checkpoint
+from tests.moe_models import hf_checkpoint
 
 E, K, H, I, R = 6, 2, 64, 64, 2
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "torch_moe_ops"

@@ -14,7 +14,7 @@ from torch_moe_ops.layer.loading import ExpertLayout, LoadTargets, WeightLoader
 from torch_moe_ops.layer.loading.checks import first_nonfinite
 from torch_moe_ops.schemes import get_activation
 
-from ._helpers import MoEModel
+from tests.moe_models import MoEModel
 
 E, K, H, I = 5, 2, 100, 64  # E not a power of two; H not a multiple of the 32-wide tiles (partial K tiles)
 BLOCK = Fp8Config("block", block_shape=(32, 32))

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 from torch_moe_ops.checkpoint.progress import NON_TTY_INTERVAL, progress_bar
 
-from ._helpers import MoEModel, hf_checkpoint
+from tests.moe_models import MoEModel, hf_checkpoint
 
 L, E, K, H, I = 2, 6, 2, 40, 24
 

@@ -6,7 +6,7 @@ import torch._dynamo.testing
 from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 from torch_moe_ops.quantization import Fp8Config, Int4Config, LoadError
 
-from ._helpers import SCHEMES, LiveTensorBytes, MoEModel, hf_checkpoint, loaded_model, moe_layers
+from tests.moe_models import SCHEMES, LiveTensorBytes, MoEModel, hf_checkpoint, loaded_model, moe_layers
 
 L, E, K, H, I = 2, 8, 2, 64, 48
 

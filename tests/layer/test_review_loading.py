@@ -11,7 +11,7 @@ import torch_moe_ops as moe
 from torch_moe_ops import Fp8Config, FusedMoE, LoadError, TornWeightsError
 from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 
-from ._helpers import MoEModel, hf_checkpoint
+from tests.moe_models import MoEModel, hf_checkpoint
 
 E, K, H, I = 5, 2, 100, 48  # H and I not multiples of the 32-wide blocks: ceil-division scale grids
 BLOCK = Fp8Config("block", block_shape=(32, 32))

@@ -1,5 +1,5 @@
-"""Shared pieces of the layer tests: a small MoE model, synthetic Hugging Face checkpoints, and a live
-tensor-byte counter for CPU peak-memory checks."""
+"""Shared pieces of the layer and checkpoint tests: a small MoE model, synthetic Hugging Face checkpoints, and a
+live tensor-byte counter for CPU peak-memory checks."""
 from __future__ import annotations
 
 import torch
