@@ -4,7 +4,7 @@ gradient of a quantized weight (or of its scales) is a clear error at the op bou
 
 The oracle is the dense fp64 model on the dequantized weights whose GEMM inputs go through the package's
 fake quantization with an STE (``a + (q(a) - a).detach()``): the same quantized values the op's GEMMs saw.
-Tolerance 1e-4 (``assert_grad_close``): fp32 math as in test_grads.py, plus the rare fp8 rounding flip of an
+Tolerance 1e-4 (``assert_grad_close``): fp32 math as in test_autograd.py, plus the rare fp8 rounding flip of an
 intermediate the oracle computes in fp64 (c1, f(c1)) instead of fp32."""
 import pytest
 import torch

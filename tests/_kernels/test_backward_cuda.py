@@ -1,7 +1,7 @@
 """GPU-only (``pytest -m cuda``): the Triton backward on CUDA against the CPU reference backward at model-like
 shapes, no host synchronization in fwd + bwd, and CUDA-graph capture / replay of fwd + bwd.
 
-Tolerances (``assert_grad_close``): bf16 2e-2 (test_triton_backward.py: the Triton path rounds c1, GEMM2's
+Tolerances (``assert_grad_close``): bf16 2e-2 (test_backward.py: the Triton path rounds c1, GEMM2's
 input and dc1 to bf16, the reference keeps fp32); fp8 / int weight schemes 3e-2 (those rounded values are
 re-quantized to fp8, so a few activation codes differ by one step); fp32 1e-4 (fp32 dots on the GPU with
 ``input_precision="ieee"``, sums over up to 2880 terms in a different order)."""
