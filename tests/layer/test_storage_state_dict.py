@@ -1,5 +1,6 @@
-"""Hostile review of FusedMoE's tensor conversions (docs/design.md §10.1): meta and to_empty, deepcopy,
-load_state_dict (also assign=True into a meta-built layer), dtype casts of quantized layers, refused casts."""
+"""FusedMoE's tensors copied and converted (``layer/storage.py``, docs/design.md §10.1): deepcopy, load_state_dict
+(also assign=True into a meta-built layer, another dtype, another storage format), meta and to_empty round trips,
+half() of quantized layers, refused casts."""
 import copy
 
 import pytest

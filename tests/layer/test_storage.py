@@ -1,5 +1,6 @@
-"""FusedMoE under nn.Module's conversions (docs/design.md §10.1): meta-device construction + to_empty +
-reset_parameters, and dtype casts that never touch quantized storage, scales or the correction bias."""
+"""FusedMoE's tensors under nn.Module's conversions (``layer/storage.py``, docs/design.md §10.1): meta-device
+construction + to_empty + reset_parameters, and dtype casts that never touch quantized storage, scales or the
+correction bias (deepcopy and state dicts: test_storage_state_dict.py)."""
 import pytest
 import torch
 from torch import nn
@@ -10,10 +11,10 @@ from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 from torch_moe_ops.testing import random_moe_weights, sqnr_db
 
 from tests.moe_models import MoEModel, hf_checkpoint, moe_layers
-from .test_ergonomics import CONFIGS, NAME, QUANT, E, H, I, K, _loaded, _x
+from ._layer import CONFIGS, NAME, QUANT, E, H, I, K, _loaded, _x
 
 
-# ------------------------------------------------------------------------------------ 4. meta construction
+# ------------------------------------------------------------------------------------ 1. meta construction
 def _model(qc, device=None, **kw):
     kw = dict(quant_config=qc, has_bias=True, use_correction_bias=True, **kw)
     if device == "meta":
@@ -111,7 +112,7 @@ def test_fake_tensor_mode_still_builds_loads_and_runs(scheme):
             layer(*_x(3, 5, dtype=torch.float64))
 
 
-# ------------------------------------------------------------------------------------ 5. dtype casts
+# ------------------------------------------------------------------------------------ 2. dtype casts
 CASTS = {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(), "float": lambda m: m.float(),
          "to_cpu_fp32": lambda m: m.to("cpu", torch.float32)}
 TARGET = {"to_bf16": torch.bfloat16, "half": torch.float16, "float": torch.float32, "to_cpu_fp32": torch.float32}
