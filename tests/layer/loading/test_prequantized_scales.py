@@ -1,17 +1,15 @@
-"""Hostile review of pre-quantized fp8 loading and load_checkpoint's file and layout rules (docs/design.md §11):
-scales before weights, scales twice, ceil-division block grids, per-tensor scale shapes, bad scale values, a
-one-shot stream that dies midway, broken folders and a model type that contradicts the checkpoint."""
-import json
-
+"""Pre-quantized fp8 pieces whose scale grids are not whole tiles (``layer/loading/prequantized.py``,
+docs/design.md §11): ceil-division block grids with the scale before or after its weight, a scale loaded twice,
+per-tensor scale shapes, bad scale values refused before anything is recorded, and a one-shot pre-quantized
+stream that dies midway (torn, then healed in place by a complete reload)."""
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import torch_moe_ops as moe
 from torch_moe_ops import Fp8Config, FusedMoE, LoadError, TornWeightsError
 from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint, reload_weights
 
-from tests.moe_models import MoEModel, hf_checkpoint
+from tests.moe_models import MoEModel
 
 E, K, H, I = 5, 2, 100, 48  # H and I not multiples of the 32-wide blocks: ceil-division scale grids
 BLOCK = Fp8Config("block", block_shape=(32, 32))
@@ -137,76 +135,3 @@ def test_prequantized_stream_dying_midway_tears_then_a_complete_reload_heals_in_
     finalize_loading(ref)
     for n, p in layer.named_parameters():
         assert torch.equal(p.view(torch.uint8), ref.layers[0].experts.get_parameter(n).view(torch.uint8)), n
-
-
-# ------------------------------------------------------------------------------------------ folders, layouts
-def _folder(tmp_path, sd, files=2):
-    names = sorted(sd)
-    shards = {f"model-{i + 1:05d}-of-{files:05d}.safetensors": names[i::files] for i in range(files)}
-    for f, keys in shards.items():
-        save_file({k: sd[k].contiguous() for k in keys}, str(tmp_path / f))
-    weight_map = {k: f for f, keys in shards.items() for k in keys}
-    return shards, weight_map
-
-
-def _write_index(tmp_path, weight_map):
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def test_broken_folders_raise_before_anything_is_written(tmp_path):
-    Hs, Is = 64, 48
-    sd = hf_checkpoint(1, E, Hs, Is, style="mixtral")
-    shards, weight_map = _folder(tmp_path, sd)
-    model = MoEModel(1, E, K, Hs, Is, params_dtype=torch.float32)
-    name = next(iter(weight_map))
-    _write_index(tmp_path, {**weight_map, "model.extra": "model-00009-of-00009.safetensors"})
-    with pytest.raises(FileNotFoundError, match=r"names shards that are not in .*\['model-00009-of-00009"):
-        load_checkpoint(model, str(tmp_path), progress=False)
-    wrong = next(f for f in shards if f != weight_map[name])
-    _write_index(tmp_path, {**weight_map, name: wrong})
-    with pytest.raises(LoadError, match=rf"checkpoint tensor '{name}' is listed in {wrong}, but it is in"):
-        load_checkpoint(model, str(tmp_path), progress=False)
-    assert model.layers[0].experts.load_state == "fresh"
-    for f in shards:
-        (tmp_path / f).rename(tmp_path / ("consolidated" + f.removeprefix("model")))
-    (tmp_path / "model.safetensors.index.json").unlink()
-    with pytest.raises(FileNotFoundError, match="has only consolidated.*convert it"):
-        load_checkpoint(model, str(tmp_path), progress=False)
-
-
-@pytest.mark.parametrize("where", ["argument", "config.json"])
-def test_a_model_type_contradicting_the_fused_layout_is_named(tmp_path, where):
-    """A Mixtral-v5 fused checkpoint ([E, 2I, H], [E, H, I], non-square) said to be GPT-OSS (transposed)."""
-    Hs, Is = 64, 48
-    sd = hf_checkpoint(1, E, Hs, Is, style="fused")
-    model = MoEModel(1, E, K, Hs, Is, params_dtype=torch.float32)
-    if where == "argument":
-        call = lambda: load_checkpoint(model, sd, model_type="gpt_oss", progress=False)  # noqa: E731
-    else:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
-        (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
-        call = lambda: load_checkpoint(model, str(tmp_path), progress=False)  # noqa: E731
-    with pytest.raises(ValueError, match=r"experts.(gate_up|down)_proj'.*shape \[5, (96|64), (64|48)\] is the "
-                                         r"\[E, out, in\] layout, but model type 'gpt_oss' stores fused experts \[E, in, out\].*nothing was "
-                                         "written"):
-        call()
-    assert model.layers[0].experts.load_state == "fresh"
-    load_checkpoint(model, sd, model_type="mixtral", progress=False)
-    finalize_loading(model)
-
-
-def test_bare_layer_state_names_without_prefix_load():
-    """``load_checkpoint(layer, {"experts.0.gate_proj.weight": ...})``: names relative to a bare FusedMoE."""
-    from torch_moe_ops import FusedMoE, finalize_loading, load_checkpoint
-
-    E_, H_, I_ = 3, 16, 8
-    w13, w2 = torch.randn(E_, 2 * I_, H_), torch.randn(E_, H_, I_)
-    sd = {}
-    for e in range(E_):
-        sd[f"experts.{e}.gate_proj.weight"] = w13[e, :I_]
-        sd[f"experts.{e}.up_proj.weight"] = w13[e, I_:]
-        sd[f"experts.{e}.down_proj.weight"] = w2[e]
-    layer = FusedMoE(E_, 2, H_, I_, params_dtype=torch.float32, device="cpu")
-    report = load_checkpoint(layer, sd, progress=False)
-    finalize_loading(layer)
-    assert not report.ignored and torch.equal(layer.w13_weight, w13) and torch.equal(layer.w2_weight, w2)

@@ -1,4 +1,5 @@
-"""Streaming online quantization (docs/design.md §10): per-expert staging, peak memory, finalize errors."""
+"""Streaming online quantization (``layer/loading/streamer.py``, docs/design.md §10): per-expert staging, peak
+memory, finalize errors."""
 import gc
 
 import pytest
@@ -10,7 +11,8 @@ from torch_moe_ops.checkpoint import finalize_loading, load_checkpoint
 from torch_moe_ops.quantization import Fp8Config, Int4Config, LoadError
 from torch_moe_ops.testing import random_moe_weights
 
-from tests.moe_models import QUANT_SCHEMES, SCHEMES, LiveTensorBytes, MoEModel, expert_tensors, hf_checkpoint, moe_layers
+from tests.moe_models import (QUANT_SCHEMES, SCHEMES, LiveTensorBytes, MoEModel, expert_tensors, hf_checkpoint,
+                              moe_layers)
 
 E, K, H, I = 8, 2, 64, 48
 MiB = 2**20

@@ -1,4 +1,5 @@
-"""load_checkpoint: Hugging Face name mapping, sources, progress bar, report (docs/design.md §11)."""
+"""load_checkpoint: Hugging Face name mapping (also a bare layer's own names), sources, progress bar, report
+(docs/design.md §11)."""
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -208,3 +209,20 @@ def test_model_without_fused_moe_is_an_error():
 
 def test_report_type():
     assert isinstance(load_checkpoint(MoEModel(1, E, K, H, I), {}, progress=False), LoadReport)
+
+
+def test_bare_layer_state_names_without_prefix_load():
+    """``load_checkpoint(layer, {"experts.0.gate_proj.weight": ...})``: names relative to a bare FusedMoE."""
+    from torch_moe_ops import FusedMoE, finalize_loading, load_checkpoint
+
+    E_, H_, I_ = 3, 16, 8
+    w13, w2 = torch.randn(E_, 2 * I_, H_), torch.randn(E_, H_, I_)
+    sd = {}
+    for e in range(E_):
+        sd[f"experts.{e}.gate_proj.weight"] = w13[e, :I_]
+        sd[f"experts.{e}.up_proj.weight"] = w13[e, I_:]
+        sd[f"experts.{e}.down_proj.weight"] = w2[e]
+    layer = FusedMoE(E_, 2, H_, I_, params_dtype=torch.float32, device="cpu")
+    report = load_checkpoint(layer, sd, progress=False)
+    finalize_loading(layer)
+    assert not report.ignored and torch.equal(layer.w13_weight, w13) and torch.equal(layer.w2_weight, w2)

@@ -1,6 +1,7 @@
 """load_checkpoint decides expert layouts from the model type, never from an ambiguous (square) shape;
 Ernie's [1, E] correction bias; transformers v5 in-memory state dicts; legacy per-expert and fused
-checkpoints (docs/design.md §11, checkpoint/layouts.py)."""
+checkpoints (docs/design.md §11, checkpoint/layouts.py); the files a folder's index names, never Mistral's
+consolidated copy (checkpoint/files.py)."""
 import json
 from types import SimpleNamespace
 
