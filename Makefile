@@ -13,7 +13,7 @@ HF_OLDEST_VENV ?= .venv-hf-oldest
 HF_OLDEST_PY := $(HF_OLDEST_VENV)/bin/python
 HF_OLDEST_STAMP := $(HF_OLDEST_VENV)/.torch-moe-ops-installed
 HF_LOWER = $(shell sed -n 's/^hf = \[.*"transformers>=\([0-9][0-9.]*\).*/\1/p' pyproject.toml)
-HF_TESTS ?= tests/integrations tests/layer/test_checkpoint_layouts.py tests/test_doc_examples.py
+HF_TESTS ?= tests/integrations tests/checkpoint/test_layouts.py tests/test_doc_examples.py
 
 .PHONY: demo test test-cuda test-hf-oldest install clean
 

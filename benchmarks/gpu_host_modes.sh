@@ -12,7 +12,7 @@ DIR=${OUT:-benchmarks/results/modes-$(date -u +%Y-%m-%d)}
 mkdir -p "$DIR"
 nvidia-smi -L
 # GPU_TESTS: what pytest runs (default: the host-overhead files; "tests" = the whole GPU suite, -m cuda)
-GPU_TESTS=${GPU_TESTS:-tests/gpu/test_compile_kernels.py tests/gpu/test_direct_call.py tests/gpu/test_launch_plans.py}
+GPU_TESTS=${GPU_TESTS:-tests/ops/test_decompose_cuda.py tests/ops/test_direct_call_cuda.py tests/_kernels/test_plan_cuda.py}
 echo "== GPU tests: $GPU_TESTS"
 timeout ${GPU_TESTS_TIMEOUT:-240} python3 -m pytest -q -m cuda -n 6 -p no:cacheprovider $GPU_TESTS 2>&1 \
   | grep -E "passed|failed|error|FAILED|ERROR" | tail -n 40 | tee "$DIR/cuda_tests.log"

@@ -126,7 +126,7 @@ def test_generation_setup_and_decode_rate():
     """eager: transformers' default DynamicCache, no compile; compiled: static cache + CompileConfig(mode="default",
     fullgraph) -- what generate compiles the decode step with; the rate is a difference of two generate calls."""
     pytest.importorskip("transformers")
-    from tests.integrations._models import make
+    from tests.hf_models import make
     from torch_moe_ops.demo import measure
 
     model = make("qwen3_moe")

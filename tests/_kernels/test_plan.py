@@ -1,4 +1,4 @@
-"""Launch plans' record/replay logic on CPU with a stand-in kernel (the CUDA side: tests/gpu/test_launch_plans.py).
+"""Launch plans' record/replay logic on CPU with a stand-in kernel (the CUDA side: tests/_kernels/test_plan_cuda.py).
 
 The stand-in has Triton's surface (``kernel[grid](*args, **kw)`` returning a compiled object whose ``run`` takes
 grid, stream, function, metadata, hooks, then every argument) and computes ``out = a * SCALE + b`` over ``n``

@@ -11,7 +11,7 @@ from torch import nn
 
 from torch_moe_ops import Int4Config, Int8Config, LoadError, Fp8Config
 
-from ._models import H, first, hf_blocks, make, our_blocks
+from tests.hf_models import H, first, hf_blocks, make, our_blocks
 
 pytest.importorskip("transformers")
 
@@ -258,7 +258,7 @@ def test_files_are_read_by_the_one_reader(tmp_path, checkpoint):
 def test_meta_model_is_refused():
     from transformers import AutoModelForCausalLM
 
-    from ._models import config
+    from tests.hf_models import config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config("mixtral"))

@@ -6,7 +6,7 @@ import torch._dynamo.testing
 from torch import nn
 from torch._dynamo.utils import counters
 
-from ._models import H, first, hf_blocks, make, patched_copy
+from tests.hf_models import H, first, hf_blocks, make, patched_copy
 
 pytest.importorskip("transformers")
 

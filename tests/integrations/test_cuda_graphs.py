@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from torch_moe_ops import Fp8Config, Int8Config
 from torch_moe_ops.testing import sqnr_db
 
-from ._models import make
+from tests.hf_models import make
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.cuda

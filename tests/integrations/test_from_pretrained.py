@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from torch_moe_ops import Fp8Config, Int8Config, quantize_weight
 
-from ._models import MODELS, make, nbytes, our_blocks, patched_copy, peak_bytes
+from tests.hf_models import MODELS, make, nbytes, our_blocks, patched_copy, peak_bytes
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

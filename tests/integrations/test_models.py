@@ -8,7 +8,7 @@ import torch
 
 from torch_moe_ops import Fp8Config, Int4Config, Int8Config
 
-from ._models import H, MODELS, clear_routing, first, hf_blocks, make, masked_sqnr, our_blocks, patched_copy
+from tests.hf_models import H, MODELS, clear_routing, first, hf_blocks, make, masked_sqnr, our_blocks, patched_copy
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -6,7 +6,7 @@ import torch
 
 from torch_moe_ops import Fp8Config
 
-from ._models import make, nbytes, our_blocks, peak_bytes
+from tests.hf_models import make, nbytes, our_blocks, peak_bytes
 
 pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from torch_moe_ops.quantization import Fp8Config
 
-from ._helpers import SCHEMES, hf_checkpoint, loaded_model
+from tests.moe_models import SCHEMES, hf_checkpoint, loaded_model
 
 L, E, K, H, I = 3, 8, 2, 64, 48
 TOKENS = (1, 2, 17, 33)

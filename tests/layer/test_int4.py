@@ -18,7 +18,7 @@ from torch_moe_ops.layer import FusedMoE
 from torch_moe_ops.schemes import get_weight_format
 from torch_moe_ops.testing import random_moe_weights, sqnr_db
 
-from ._helpers import LiveTensorBytes, MoEModel, expert_tensors, hf_checkpoint, loaded_model, moe_layers
+from tests.moe_models import LiveTensorBytes, MoEModel, expert_tensors, hf_checkpoint, loaded_model, moe_layers
 
 E, K = 8, 2
 GROUPS = (32, 64, 128)
@@ -121,7 +121,7 @@ def test_each_expert_quantized_as_soon_as_complete():
 
 @pytest.mark.parametrize("ckpt_dtype", [torch.bfloat16, torch.float32])
 def test_peak_memory_cpu(ckpt_dtype):
-    """The fp8 bound (test_online_quant.py) for int4: peak <= final + 2 experts + 64 MiB, and tighter, one
+    """The fp8 bound (loading/test_streamer.py) for int4: peak <= final + 2 experts + 64 MiB, and tighter, one
     expert's w13 staging plus (fp32 checkpoint) its w2 conversion."""
     L, H, I = 4, 256, 128
     sd = hf_checkpoint(L, E, H, I, dtype=ckpt_dtype)

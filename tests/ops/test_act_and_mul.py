@@ -3,7 +3,7 @@ outputs to one rounding step of the output dtype (the op computes in fp32 and ca
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 
 from ._data import padded

@@ -3,7 +3,7 @@ sentinel padding, counts and expert_ids exact, deterministic."""
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 
 from ._data import random_expert_map, random_ids

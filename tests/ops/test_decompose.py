@@ -2,7 +2,7 @@
 (ops/decompose.py, docs/host-overhead.md), checked on this GPU-less machine: fused_moe traced on fake CUDA tensors through
 AOTAutograd (tests/ops/trace_fake_cuda.py, in a subprocess without TRITON_INTERPRET). The graph must hold our
 kernels and nothing that moves data (no copy of an input: torch's mutation analysis must see that no kernel
-writes one), and a symbolic T must be guarded to its token bucket only. On the GPU, tests/gpu/test_compile_kernels.py
+writes one), and a symbolic T must be guarded to its token bucket only. On the GPU, tests/ops/test_decompose_cuda.py
 checks the compiled results bitwise against eager."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_symbolic_T_is_guarded_to_its_token_bucket(traced):
     assert "T > 4096" in big and "T <= 16384" in big, big
 
 
-def test_the_other_modes_call_one_op(traced):  # (an unbacked T too: tests/gpu/test_compile_kernels.py)
+def test_the_other_modes_call_one_op(traced):  # (an unbacked T too: tests/ops/test_decompose_cuda.py)
     assert traced[("none", 1, False, "opaque")]["nodes"] == ["moe.fused_moe.default"]
     plans = traced[("fp8_block", 24, True, "plans")]
     assert plans["nodes"] == ["moe._fused_moe_inference.default"]

@@ -21,7 +21,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 from torch_moe_ops.testing import random_moe_weights, rel_error, sqnr_db
 

@@ -4,7 +4,7 @@ relative on the same quantized weights, SQNR > 20 dB against the unquantized fp3
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 from torch_moe_ops.testing import random_moe_weights, rel_error, sqnr_db
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 from torch_moe_ops.testing import random_moe_weights, sqnr_db
 

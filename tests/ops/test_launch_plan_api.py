@@ -1,4 +1,4 @@
-"""The launch-plan surface that CPU can check (the replay itself: tests/gpu/test_launch_plans.py)."""
+"""The launch-plan surface that CPU can check (the replay itself: tests/_kernels/test_plan_cuda.py)."""
 from __future__ import annotations
 
 import torch

@@ -3,7 +3,7 @@ require the relative error of a single output rounding (fp32 accumulation, one c
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 
 from ._data import padded

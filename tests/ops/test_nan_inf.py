@@ -2,7 +2,7 @@
 output row only, in every scheme, activation layout and on-input weighting, on the reference and on the
 Triton kernels (TORCH_MOE_OPS_BACKEND=triton, CPU through the interpreter). An Inf gives what the reference
 gives (non-finite exactly where it is). Every other row is bit for bit the row of a run without the bad
-tokens. The GPU counterpart is tests/gpu/test_nan_inf_cuda.py."""
+tokens. The GPU counterpart is tests/ops/test_nan_inf_cuda.py."""
 from __future__ import annotations
 
 import os

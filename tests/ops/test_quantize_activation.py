@@ -5,7 +5,7 @@ batch (the spec's improvement over vLLM's batch-global scale). SQNR of the dequa
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 from torch_moe_ops.testing import sqnr_db
 

@@ -11,7 +11,7 @@ rounding mode drops SQNR to ~0-15 dB)."""
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 from torch_moe_ops.testing import sqnr_db
 

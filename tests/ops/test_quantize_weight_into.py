@@ -3,7 +3,7 @@ view of fp8 storage, int8), data_ptr unchanged, per-expert slices of a layer's b
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 
 from ._data import padded

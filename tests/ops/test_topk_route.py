@@ -3,7 +3,7 @@ on the same fp32 scores; the spec's 1e-2 / 2e-2 bounds are for kernels that may 
 import pytest
 import torch
 
-from tests import oracle
+from . import oracle
 import torch_moe_ops
 
 WATOL = 1e-5
