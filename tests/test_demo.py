@@ -162,7 +162,7 @@ def test_defaults_per_demo():
     for flag, mode in (([], "hf"), (["--layer"], "layer")):
         args = resolve(p.parse_args(flag))
         assert {k: getattr(args, k) for k in DEFAULTS[mode]} == DEFAULTS[mode]
-    assert _args("--compile", "all").compile == frozenset(ROWS + ["fp8_tensor", "fp8_channel"])
+    assert _args("--compile", "all").compile == frozenset(ROWS + ["fp8_tensor", "fp8_channel", "mxfp4"])
     assert _args("--compile", "off").compile == frozenset()
     assert _args().compile == frozenset({"hf", "none", "fp8_block"})  # transformers and ours, compiled, by default
     with pytest.raises(SystemExit):

@@ -17,7 +17,7 @@ from .ops import (
     topk_route,
 )
 from .errors import TornWeightsError
-from .quantization import Fp8Config, Int4Config, Int8Config, Int8WeightOnlyConfig, LoadError
+from .quantization import Fp8Config, Int4Config, Int8Config, Int8WeightOnlyConfig, LoadError, Mxfp4Config
 from .schemes import QUANT_SCHEMES as EXPERT_SCHEMES
 from .integrations import hf_registration as _hf_registration
 
@@ -39,6 +39,7 @@ __all__ = [
     "Fp8Config",
     "FusedMoE",
     "Int4Config",
+    "Mxfp4Config",
     "Int8Config",
     "Int8WeightOnlyConfig",
     "ParallelConfig",

@@ -25,6 +25,7 @@ CASES = {
     "fp8_block-bf16-32": dict(scheme="fp8_block", dtype=torch.bfloat16, H=64, I=32, block_shape=[32, 32]),
     "int8-relu2_no_mul": dict(scheme="int8_w8a16", activation="relu2_no_mul"),
     "int4-G32-strided": dict(scheme="int4_w4a16", H=64, I=32, block_shape=[1, 32], strided=True),
+    "mxfp4-bf16-swigluoai": dict(scheme="mxfp4", dtype=torch.bfloat16, activation="swigluoai", H=64, I=32),
     "T0": dict(T=0),
 }
 FROZEN = ("hidden_states", "topk_weights", "w13_bias", "w2_bias")

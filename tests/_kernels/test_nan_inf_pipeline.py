@@ -43,7 +43,7 @@ def _weights_for(sch, w, block):
         return wq.to(DEVICE), None, wq.float()
     fmt = sch.weight
     q = torch.empty(fmt.packed_shape(w.shape), dtype=fmt.qdtype, device=DEVICE)
-    s = torch.empty(fmt.scale_shape(w.shape, block, 1), device=DEVICE)
+    s = torch.empty(fmt.scale_shape(w.shape, block, 1), dtype=fmt.scale_dtype, device=DEVICE)
     quant.quantize_weight_into(w.to(DEVICE), q, s, fmt, block, 1)
     return q, sch.canonical_scale(s), fmt.dequantize(q.cpu(), s.cpu(), block)
 

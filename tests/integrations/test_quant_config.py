@@ -14,7 +14,7 @@ from tests.hf_models import hf_blocks, make, our_blocks
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-NAMES = r"'none', 'fp8_tensor', 'fp8_channel', 'fp8_block', 'int8_w8a16', 'int4_w4a16'"
+NAMES = r"'none', 'fp8_tensor', 'fp8_channel', 'fp8_block', 'int8_w8a16', 'int4_w4a16', 'mxfp4'"
 
 
 def _storage(block):

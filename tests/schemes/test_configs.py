@@ -43,7 +43,7 @@ def test_fused_moe_int4_name_equals_int4_config():
 
 
 def test_quant_config_fp8_alone_and_wrong_types():
-    names = r"'none', 'fp8_tensor', 'fp8_channel', 'fp8_block', 'int8_w8a16', 'int4_w4a16'"
+    names = r"'none', 'fp8_tensor', 'fp8_channel', 'fp8_block', 'int8_w8a16', 'int4_w4a16', 'mxfp4'"
     with pytest.raises(ValueError, match=r"quant_config='fp8' is not a scheme name \(fp8 needs a granularity: "
                                          r"'fp8_tensor', 'fp8_channel' or 'fp8_block'\).*one of " + names):
         moe.FusedMoE(E, K, H, I, quant_config="fp8")

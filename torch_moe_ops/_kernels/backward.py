@@ -23,7 +23,7 @@ from .._platform import interpret_mode
 from ..schemes import Activation, QuantScheme, cdiv
 from ._numerics import _bf16_round
 from .activation import _gated_backward
-from .formats import block_pairs, decode_element, swizzle, tensor_scale_half
+from .formats import block_pairs, decode_element, decode_scale, swizzle, tensor_scale_half
 from .fused_experts import gemm1, gemm1_input, gemm2_input
 from .gemm import gemm_grid_rows
 from .moe_sum import moe_sum
@@ -93,7 +93,7 @@ def _moe_dgrad_kernel(
                 w = w * tl.load(s_base + offs_r * stride_sr, mask=mask_r, other=0.0)[:, None]
             elif TILE_SCALES:  # [GROUP_R, GROUP_C] tiles (fp8_block) or [1, G] groups (int4)
                 s_ptrs = s_base + (offs_r // GROUP_R)[:, None] * stride_sr + (offs_wn // GROUP_C)[None, :] * stride_sc
-                w = w * tl.load(s_ptrs, mask=mask_r[:, None], other=0.0)
+                w = w * decode_scale(tl.load(s_ptrs, mask=mask_r[:, None], other=0), W_CODEC)
         if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
             a = a.to(tl.float32)
             w = w.to(tl.float32)

@@ -27,6 +27,9 @@ def decode_pairs(packed, W_CODEC: tl.constexpr):
         lo = (b << 4).to(tl.int8) >> 4
         hi = b >> 4
         return lo.to(tl.int8), hi.to(tl.int8)
+    elif W_CODEC == "fp4_e2m1":
+        b = packed.to(tl.int32)
+        return _fp4_e2m1(b & 0xF), _fp4_e2m1(b >> 4)
     else:
         tl.static_assert(False, "unknown packed weight codec (add its branch to decode_pairs)")
 
@@ -35,11 +38,35 @@ def decode_pairs(packed, W_CODEC: tl.constexpr):
 def decode_element(packed, odd, W_CODEC: tl.constexpr):
     """Packed bytes gathered per element and the int32 ``odd`` flag (element c in byte c // 2, high half when
     odd) -> the element's value (int32 for integer codecs)."""
+    nib = (packed.to(tl.int32) >> (odd * 4)) & 0xF
     if W_CODEC == "int4":
-        nib = (packed.to(tl.int32) >> (odd * 4)) & 0xF
         return (nib ^ 8) - 8
+    elif W_CODEC == "fp4_e2m1":
+        return _fp4_e2m1(nib)
     else:
         tl.static_assert(False, "unknown packed weight codec (add its branch to decode_element)")
+
+
+@triton.jit
+def decode_scale(s, W_CODEC: tl.constexpr):
+    """Stored weight scales -> fp32: fp32 scales as they are; mxfp4's E8M0 bytes ``2^(s - 127)`` (255: NaN)."""
+    if W_CODEC == "fp4_e2m1":
+        b = s.to(tl.int32)
+        v = (b << 23).to(tl.float32, bitcast=True)  # the exponent field alone: 2^(b - 127) for b in [1, 254]
+        v = tl.where(b == 0, 5.877471754111438e-39, v)  # 2^-127, an fp32 subnormal
+        return tl.where(b == 255, float("nan"), v)
+    else:
+        return s
+
+
+@triton.jit
+def _fp4_e2m1(code):
+    """int32 E2M1 codes [0, 16) -> fp32 values, built as fp32 bits: sign = bit 3, exponent e = bits 1-2,
+    mantissa m = bit 0; e = 0: m · 0.5; else (1 + m/2) · 2^(e - 1). Exact in bf16 / fp16 too."""
+    e = (code >> 1) & 3
+    m = code & 1
+    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22))
+    return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -33,7 +33,7 @@ from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
-from .formats import block_pairs, decode_pairs, swizzle, tensor_scale_half
+from .formats import block_pairs, decode_pairs, decode_scale, swizzle, tensor_scale_half
 from .configs import TileConfig
 from .plan import launch
 
@@ -63,7 +63,7 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, 
         d = tl.dot(a_even, b_lo)
         d = tl.dot(a_odd, b_hi, d)
     if W_GROUP_SCALE:
-        d = d * tl.load(b_scale_ptrs + scale_off)[None, :]
+        d = d * decode_scale(tl.load(b_scale_ptrs + scale_off), W_CODEC)[None, :]
     return acc + d
 
 

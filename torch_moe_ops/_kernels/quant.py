@@ -164,8 +164,8 @@ def quantize_weight_into(
     w: [E, N, K] or [N, K] bf16/fp16/fp32, ``stride(-1) == 1`` (other strides may be padded).
     qweight: ``fmt.packed_shape(w.shape)`` in ``fmt.qdtype``, ``stride(-1) == 1``: fp8 (or its uint8
     bytes) / int8 [.., N, K]; int4 uint8 [.., N, K / 2].
-    scale: fp32 ``fmt.scale_shape``: per tensor [E, shards], per channel [E, N], fp8_block
-    [E, cdiv(N, bn), cdiv(K, bk)], int4_group [E, N, K / G] (no E for 2-D w).
+    scale: ``fmt.scale_shape`` in ``fmt.scale_dtype``: fp32 per tensor [E, shards], per channel [E, N], fp8_block
+    [E, cdiv(N, bn), cdiv(K, bk)], int4_group [E, N, K / G]; mxfp4 uint8 [E, N, K / 32] (no E for 2-D w).
     block: canonical ``fmt.block_shape(...)`` (None for untiled formats). shards: per tensor only (w13:
     gate, up). Arguments arrive validated by the ops layer."""
     if w.dim() == 2:
@@ -185,5 +185,9 @@ def quantize_weight_into(
         _per_block(w, qweight, scale, block, codec)
     elif fmt.quantizer == "tensor":
         per_tensor(w, qweight, scale.reshape(E, shards), shards, codec)
+    elif fmt.quantizer == "reference":  # no Triton quantizer yet (mxfp4): the registry's torch math, on the device
+        q, s = fmt.quantize(w, block, shards)
+        qweight.copy_(q)
+        scale.copy_(s)
     else:
         raise ValueError(f"no quantization kernel for {fmt!r}")

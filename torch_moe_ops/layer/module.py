@@ -244,7 +244,7 @@ class FusedMoE(nn.Module):
         the placement tables as at construction (collective in spirit: every rank resets), ``expert_load`` zero,
         in place (every ``data_ptr`` is kept). ``to_empty`` calls it on a meta-built layer; FSDP /
         torchtitan-style code that calls ``reset_parameters()`` after ``to_empty`` gets the same result."""
-        storage.reset(self._parameters)
+        storage.reset(self.spec, self._parameters)
         tables.reset_buffers(self.spec, self._buffers)
         self._bind_tensors()
         self.loader = self._new_loader()

@@ -64,8 +64,9 @@ def make_parameters(spec: LayerSpec, dev: torch.device) -> dict[str, nn.Paramete
         # per-tensor formats: one w13 scale per gate/up half, and w2 scales [E]
         s13 = qc.scale_shape(E, N1, H, spec.layout.w13_shards)
         s2 = qc.scale_shape(E, H, I, 0 if qc.quant_scheme.weight.sharded else 1)
-        out["w13_weight_scale"] = param(torch.ones(s13, dtype=torch.float32, device=dev))
-        out["w2_weight_scale"] = param(torch.ones(s2, dtype=torch.float32, device=dev))
+        fmt = qc.quant_scheme.weight  # scales in the format's storage (fp32, or mxfp4's E8M0 bytes), "one" each
+        out["w13_weight_scale"] = param(torch.full(s13, fmt.codec.scale_one, dtype=fmt.scale_dtype, device=dev))
+        out["w2_weight_scale"] = param(torch.full(s2, fmt.codec.scale_one, dtype=fmt.scale_dtype, device=dev))
     biases = spec.has_bias
     out["w13_bias"] = param(torch.zeros(E, N1, dtype=dtype, device=dev)) if biases else None
     out["w2_bias"] = param(torch.zeros(E, H, dtype=dtype, device=dev)) if biases else None
@@ -94,15 +95,15 @@ def attach_weight_loader(params: Mapping, weight_loader: Callable) -> None:
 
 
 @torch.no_grad()
-def reset(params: Mapping) -> None:
+def reset(spec: LayerSpec, params: Mapping) -> None:
     """The parameters other than the expert weights as at construction, in place (every ``data_ptr`` is kept):
-    biases and the correction bias zero, scales one."""
+    biases and the correction bias zero, scales one (as the format stores one: mxfp4's E8M0 byte 127)."""
     for name in ("w13_bias", "w2_bias", "e_score_correction_bias"):
         if params.get(name) is not None:
             params[name].zero_()
     for name in ("w13_weight_scale", "w2_weight_scale"):
         if params.get(name) is not None:
-            params[name].fill_(1.0)
+            params[name].fill_(spec.quant_config.quant_scheme.weight.codec.scale_one)
 
 
 # ------------------------------------------------------------------------------------------ dtype casts

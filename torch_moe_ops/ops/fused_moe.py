@@ -35,7 +35,7 @@ EXPERTS_SCHEMA, MOE_SCHEMA = FUSED_EXPERTS.schema, FUSED_MOE.schema
 def _check_scale(scale, name, scheme: QuantScheme, shapes, what):
     """``shapes``: the accepted shapes for ``scale`` (first canonical); returns the kernels' view of it."""
     C.check(scale is not None, f"quant_scheme={scheme.name!r} needs {name} ({what})")
-    C.check_tensor(scale, name, dtypes=(torch.float32,), contiguous=True)
+    C.check_tensor(scale, name, dtypes=(scheme.weight.scale_dtype,), contiguous=True)
     for shape in shapes:
         if scale.dim() == len(shape) and all(a == b for a, b in zip(scale.shape, shape)):
             return scheme.canonical_scale(scale)

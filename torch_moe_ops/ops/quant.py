@@ -37,7 +37,7 @@ def check_quantize_weight_into(w, qweight, scale, scheme, block_shape, shards):
     C.check_tensor(qweight, "qweight", dtypes=fmt.storage_dtypes, last_contiguous=True)
     packed = " (the shape of w)" if fmt.pack == 1 else f" (w's shape with K / {fmt.pack}: {fmt.pack} values per byte)"
     C.check_shape(qweight, "qweight", fmt.packed_shape(tuple(w.shape)), packed)
-    C.check_tensor(scale, "scale", dtypes=(torch.float32,), contiguous=True)
+    C.check_tensor(scale, "scale", dtypes=(fmt.scale_dtype,), contiguous=True)
     C.check_shape(scale, "scale", fmt.scale_shape(tuple(w.shape), block, shards), f" for scheme {fmt.name!r}")
     C.check_same_device(w=w, qweight=qweight, scale=scale)
     return fmt, block
@@ -60,7 +60,7 @@ def quantize_into(w, qweight, scale, scheme, block_shape, shards, on_triton):
 
 def _new_quantized(w, fmt: WeightFormat, block, shards):
     qweight = torch.empty(fmt.packed_shape(tuple(w.shape)), dtype=fmt.qdtype, device=w.device)
-    scale = torch.empty(fmt.scale_shape(tuple(w.shape), block, shards), dtype=torch.float32, device=w.device)
+    scale = torch.empty(fmt.scale_shape(tuple(w.shape), block, shards), dtype=fmt.scale_dtype, device=w.device)
     return qweight, scale
 
 
@@ -143,18 +143,22 @@ def quantize_weight(
 
     Args:
         w: [E, N, K] or [N, K] bf16/fp16/fp32, last dim contiguous.
-        scheme: ``fp8_tensor`` | ``fp8_channel`` | ``fp8_block`` | ``int8_channel`` | ``int4_group``
+        scheme: ``fp8_tensor`` | ``fp8_channel`` | ``fp8_block`` | ``int8_channel`` | ``int4_group`` | ``mxfp4``
             (docs/design.md §3).
         block_shape: the scale tile: [bn, bk] for fp8_block (default [128, 128]; N and K need not be
-            multiples); [1, G] for int4_group (G in {32, 64, 128}, default [1, 128]; K % G == 0).
+            multiples); [1, G] for int4_group (G in {32, 64, 128}, default [1, 128]; K % G == 0); mxfp4:
+            [1, 32] only (K % 32 == 0).
         shards: fp8_tensor only: one scale per contiguous row shard (w13 with shards=2: gate and up).
 
     Returns:
         qweight: float8_e4m3fn [.., N, K] (fp8), int8 [.., N, K] (int8_channel), or uint8 [.., N, K // 2]
-            (int4_group: element 2j in the low nibble, 2j + 1 in the high one, two's complement).
+            (int4_group: element 2j in the low nibble, 2j + 1 in the high one, two's complement; mxfp4: E2M1
+            codes in the same order).
         scale: fp32; fp8_tensor [E, shards], channel [E, N], fp8_block [E, ceil(N/bn), ceil(K/bk)],
             int4_group [E, N, K // G] (no E for 2-D w). fp8/int8: ``scale = max(amax, 1e-4) / QMAX``;
-            int4: ``scale = amax / 7`` (an all-zero group gets scale 0 and q 0). Never NaN.
+            int4: ``scale = amax / 7`` (an all-zero group gets scale 0 and q 0). Never NaN for finite w.
+            mxfp4: uint8 E8M0 bytes [E, N, K // 32], ``2^(s - 127)`` with ``s = floor(log2(amax)) - 2 + 127``
+            (OCP MX; docs/design.md §3).
     """
     return torch.ops.moe.quantize_weight(w, scheme, block_shape, shards)
 

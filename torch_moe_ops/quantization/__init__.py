@@ -3,6 +3,6 @@
 (``torch_moe_ops/schemes/configs.py``); ``LoadError`` is re-exported for callers of the first release (its home
 is ``torch_moe_ops.errors``)."""
 from ..errors import LoadError
-from ..schemes.configs import Fp8Config, Int4Config, Int8Config, Int8WeightOnlyConfig, QuantConfig
+from ..schemes.configs import Fp8Config, Int4Config, Int8Config, Int8WeightOnlyConfig, Mxfp4Config, QuantConfig
 
-__all__ = ["Fp8Config", "Int4Config", "Int8Config", "Int8WeightOnlyConfig", "LoadError", "QuantConfig"]
+__all__ = ["Fp8Config", "Int4Config", "Int8Config", "Int8WeightOnlyConfig", "LoadError", "Mxfp4Config", "QuantConfig"]

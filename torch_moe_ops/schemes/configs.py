@@ -125,9 +125,21 @@ class Int4Config(QuantConfig):
         return get_quant_scheme("int4_w4a16")
 
 
+@dataclass(frozen=True)
+class Mxfp4Config(QuantConfig):
+    """OCP MX fp4 weights: E2M1 values two per byte with one E8M0 scale byte per 32 along K (GPT-OSS's
+    format); activations stay bf16/fp16, the GEMM dequantizes. H and I must be multiples of 32."""
+
+    block = (1, 32)
+
+    @property
+    def quant_scheme(self) -> QuantScheme:
+        return get_quant_scheme("mxfp4")
+
+
 #: The config a scheme name stands for (each scheme's default tile); ``check_quant_config`` reads it.
 DEFAULT_CONFIGS: dict[QuantScheme, QuantConfig] = {c.quant_scheme: c for c in (
-    Fp8Config("tensor"), Fp8Config("channel"), Fp8Config("block"), Int8Config(), Int4Config())}
+    Fp8Config("tensor"), Fp8Config("channel"), Fp8Config("block"), Int8Config(), Int4Config(), Mxfp4Config())}
 
 
 def check_quant_config(quant_config, what: str = "quant_config") -> QuantConfig | None:
@@ -143,7 +155,8 @@ def check_quant_config(quant_config, what: str = "quant_config") -> QuantConfig 
             hint = " (fp8 needs a granularity: 'fp8_tensor', 'fp8_channel' or 'fp8_block')" \
                 if quant_config == "fp8" else ""
             raise ValueError(f"{what}={quant_config!r} is not a scheme name{hint}; use a config "
-                             f"(torch_moe_ops.Fp8Config(...), Int8Config(), Int4Config(...)) or one of {names}") from None
+                             f"(torch_moe_ops.Fp8Config(...), Int8Config(), Int4Config(...), Mxfp4Config()) or one of "
+                             f"{names}") from None
         return DEFAULT_CONFIGS.get(scheme)
-    raise TypeError(f"{what} must be None, a scheme name ({names}) or torch_moe_ops.Fp8Config(...), Int8Config() "
-                    f"or Int4Config(...), got {type(quant_config).__name__}")
+    raise TypeError(f"{what} must be None, a scheme name ({names}) or torch_moe_ops.Fp8Config(...), Int8Config(), "
+                    f"Int4Config(...) or Mxfp4Config(), got {type(quant_config).__name__}")

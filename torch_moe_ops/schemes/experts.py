@@ -13,7 +13,8 @@ import torch
 
 from ._lookup import lookup
 from .numerics import FP8_DTYPE, FP8_MAX, SCALE_EPS, cdiv
-from .weights import FP8_BLOCK, FP8_CHANNEL, FP8_TENSOR, INT4_GROUP, INT8_CHANNEL, WEIGHT_FORMAT_ALIASES, WeightFormat
+from .weights import (FP8_BLOCK, FP8_CHANNEL, FP8_TENSOR, INT4_GROUP, INT8_CHANNEL, MXFP4, WEIGHT_FORMAT_ALIASES,
+                      WeightFormat)
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -162,6 +163,8 @@ QUANT_SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (
     QuantScheme("fp8_block", FP8_BLOCK, FP8_GROUP, GemmFlags(BLOCK_SCALES=True)),
     QuantScheme("int8_w8a16", INT8_CHANNEL, None, GemmFlags(W_CHANNEL_SCALE=True, W_CAST=True)),
     QuantScheme("int4_w4a16", INT4_GROUP, None, GemmFlags(W_GROUP_SCALE=True, W_CAST=True)),
+    # OCP MX fp4 weights (E2M1 + E8M0 scales per 32 along K), bf16 / fp16 activations: dequantized in the GEMM
+    QuantScheme("mxfp4", MXFP4, None, GemmFlags(W_GROUP_SCALE=True, W_CAST=True)),
 )}
 
 

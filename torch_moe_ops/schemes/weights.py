@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ._lookup import lookup
-from .numerics import FP8_DTYPE, FP8_MAX, INT4_MAX, INT4_MIN, INT8_MAX, SCALE_EPS, cdiv
+from .numerics import (E8M0_BIAS, FP4_E2M1_VALUES, FP4_MAX, FP8_DTYPE, FP8_MAX, INT4_MAX, INT4_MIN, INT8_MAX, SCALE_EPS,
+                       cdiv)
 
 
 # ------------------------------------------------------------------------------------------ element codecs
@@ -24,6 +25,9 @@ class _Codec:
     pack: int = 1  #: values per storage element along K
     #: the codec's name in the Triton kernels (``W_CODEC``): ``_kernels/formats.py`` decodes storage by it
     kernel: str = ""
+    #: how scales are stored (fp32 unless the codec fixes its own scale encoding) and the stored "1.0"
+    scale_dtype: torch.dtype = torch.float32
+    scale_one: float = 1.0
 
     def scale(self, amax: torch.Tensor) -> torch.Tensor:
         return amax.clamp_min(SCALE_EPS) / self.qmax
@@ -36,6 +40,14 @@ class _Codec:
 
     def decode(self, q: torch.Tensor) -> torch.Tensor:
         return q.float()
+
+    def store_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """fp32 scales -> their stored form (``scale_dtype``)."""
+        return scale
+
+    def load_scale(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored scales -> fp32."""
+        return stored.float()
 
 
 class _Fp8(_Codec):
@@ -73,6 +85,50 @@ class _Int4(_Codec):
         return ((nib ^ 8) - 8).float()
 
 
+class _Mxfp4(_Codec):
+    """OCP MX fp4 as GPT-OSS stores it: E2M1 codes two per uint8 along K (element 2j low nibble, bit 3 the sign),
+    one E8M0 scale byte ``s`` (value ``2^(s - 127)``, 255 = NaN) per 32 values along K.
+
+    Quantization (OCP MX v1.0): the group's scale is ``2^(floor(log2(amax)) - 2)`` (2 = E2M1's largest
+    exponent), so ``amax / scale`` lies in [4, 8); each value / scale rounds to the nearest E2M1 value, ties to
+    the even code, saturating at ±6. An all-zero group gets ``2^-127`` (byte 0); a NaN group byte 255; an
+    infinite amax the largest scale ``2^127`` (its values saturate)."""
+
+    dtype, qmax, pack, kernel = torch.uint8, FP4_MAX, 2, "fp4_e2m1"
+    scale_dtype, scale_one = torch.uint8, float(E8M0_BIAS)
+    _MIDPOINTS = tuple((a + b) / 2 for a, b in zip(FP4_E2M1_VALUES, FP4_E2M1_VALUES[1:]))
+
+    def scale(self, amax):
+        _, ex = torch.frexp(amax)  # amax = m · 2^ex, m in [0.5, 1): floor(log2(amax)) = ex - 1
+        e = torch.where(amax > 0, ex - 3, torch.full_like(ex, -E8M0_BIAS)).clamp(-E8M0_BIAS, E8M0_BIAS)
+        e = torch.where(torch.isinf(amax), torch.full_like(e, E8M0_BIAS), e)
+        s = torch.ldexp(torch.ones_like(amax), e)
+        return torch.where(torch.isnan(amax), torch.full_like(s, float("nan")), s)
+
+    def encode(self, y):
+        mag = y.abs()
+        mids = torch.tensor(self._MIDPOINTS, dtype=mag.dtype, device=mag.device)
+        code = (mag[..., None] > mids).sum(-1)  # nearest value, ties down
+        tie = (code < len(mids)) & (mag == mids[code.clamp(max=len(mids) - 1)])
+        code = code + (tie & (code % 2 == 1)).long()  # ties to the even code (its mantissa bit is 0)
+        code = torch.where(torch.isnan(y), torch.zeros_like(code), code) | (torch.signbit(y).long() << 3)
+        return (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+
+    def decode(self, q):
+        lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=q.device)
+        nib = torch.stack([q & 0xF, q >> 4], -1).flatten(-2).long()
+        return torch.where(nib >= 8, -lut[nib & 7], lut[nib & 7])
+
+    def store_scale(self, scale):
+        _, ex = torch.frexp(scale)  # scale = 0.5 · 2^ex exactly (a power of two)
+        byte = torch.where(scale > 0, ex - 1 + E8M0_BIAS, torch.zeros_like(ex)).clamp(0, 254)
+        return torch.where(torch.isnan(scale), torch.full_like(byte, 255), byte).to(torch.uint8)
+
+    def load_scale(self, stored):
+        s = torch.ldexp(torch.ones(stored.shape, device=stored.device), stored.to(torch.int32) - E8M0_BIAS)
+        return torch.where(stored == 255, torch.full_like(s, float("nan")), s)
+
+
 # ------------------------------------------------------------------------------------------ formats
 @dataclass(frozen=True, eq=False)
 class WeightFormat:
@@ -100,6 +156,11 @@ class WeightFormat:
     @property
     def pack(self) -> int:
         return self.codec.pack
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """Stored scales: fp32, or the codec's own encoding (mxfp4: E8M0 bytes)."""
+        return self.codec.scale_dtype
 
     @property
     def storage_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -152,15 +213,15 @@ class WeightFormat:
         raise NotImplementedError
 
     def quantize(self, w: torch.Tensor, block=None, shards: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """w: [E, N, K] float -> (q [E, N, K / pack] storage dtype, scale fp32 ``scale_shape``)."""
+        """w: [E, N, K] float -> (q [E, N, K / pack] storage dtype, scale ``scale_shape`` in ``scale_dtype``)."""
         scale = self.codec.scale(self.amax(w.float(), block, shards))
         inv = self.expand(self.codec.inverse(scale), w.shape, block)
-        return self.codec.encode(w.float() * inv), scale
+        return self.codec.encode(w.float() * inv), self.codec.store_scale(scale)
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, block=None) -> torch.Tensor:
         """Inverse of ``quantize``: q [E, N, K / pack] -> fp32 [E, N, K]."""
         values = self.codec.decode(q)
-        return values * self.expand(scale.float(), values.shape, block)
+        return values * self.expand(self.codec.load_scale(scale), values.shape, block)
 
     def __repr__(self) -> str:
         return f"WeightFormat({self.name!r})"
@@ -247,11 +308,16 @@ class _Tiled(WeightFormat):
 
 
 class _Group(_Tiled):
-    """int4 groups: ``block = (1, G)``, G in {32, 64, 128}, K divisible by G."""
+    """int4 groups: ``block = (1, G)``, G in {32, 64, 128}, K divisible by G (mxfp4: G = 32 only)."""
 
     exact_k = True
     quantizer = "groups"
     GROUPS = (32, 64, 128)
+
+    def __init__(self, *args, groups: tuple[int, ...] = (32, 64, 128), quantizer: str = "groups", **kw):
+        super().__init__(*args, **kw)
+        object.__setattr__(self, "GROUPS", groups)
+        object.__setattr__(self, "quantizer", quantizer)
 
     def block_shape(self, block_shape, name="block_shape"):
         block = super().block_shape(block_shape, name)
@@ -265,9 +331,11 @@ FP8_CHANNEL = _PerChannel("fp8_channel", _Fp8(), alt_storage=(torch.uint8,))
 FP8_BLOCK = _Tiled("fp8_block", _Fp8(), default_block=(128, 128), alt_storage=(torch.uint8,))
 INT8_CHANNEL = _PerChannel("int8_channel", _Int8())
 INT4_GROUP = _Group("int4_group", _Int4(), default_block=(1, 128))
+#: quantizer "reference": the registry's torch math on the weights' device (no Triton quantizer yet)
+MXFP4 = _Group("mxfp4", _Mxfp4(), default_block=(1, 32), groups=(32,), quantizer="reference")
 
 WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP8_TENSOR, FP8_CHANNEL, FP8_BLOCK, INT8_CHANNEL,
-                                                               INT4_GROUP)}
+                                                               INT4_GROUP, MXFP4)}
 
 
 #: ``fused_experts``' scheme names (and the short ones) name their weight format too: one name per scheme.
