@@ -51,7 +51,8 @@ def _check_weight(w, scheme, qdtype, block_shape=None, shards=1, qpad=0):
     want_q, want_s = ref_quant.quantize_weight(w.cpu(), fmt, block, shards)
     qshape = fmt.packed_shape(w.shape)
     q = torch.empty(*qshape[:-1], qshape[-1] + qpad, dtype=qdtype, device=DEVICE)[..., : qshape[-1]]
-    s = torch.full(want_s.shape, float("nan"), dtype=torch.float32, device=DEVICE)
+    nan = float("nan") if fmt.scale_dtype.is_floating_point else 255  # NaN, also as an E8M0 byte
+    s = torch.full(want_s.shape, nan, dtype=fmt.scale_dtype, device=DEVICE)
     quant.quantize_weight_into(w, q, s, fmt, block, shards)
     assert torch.equal(s.cpu(), want_s), "scales differ"
     assert torch.equal(_bits(q), _bits(want_q)), "q differs"
@@ -78,6 +79,11 @@ CASES = [
     pytest.param((2, 5, 256), "fp32", "int4_group", "u8", (1, 128), 1, 32, False, id="int4-G128-N5-strided-fp32"),
     pytest.param((3, 9, 4096), "bf16", "int4_group", "u8", None, 1, 0, False, id="int4-default-G128-K4096"),
     pytest.param((45, 96), "bf16", "int4_group", "u8", (1, 32), 1, 0, True, id="2d-int4-G32-zero"),
+    # mxfp4: E8M0 scale bytes, E2M1 ties to even (the 3.0 entries give amax 3: scale 2^-1, so 0.75·k values tie)
+    pytest.param((3, 7, 128), "bf16", "mxfp4", "u8", None, 1, 0, False, id="mxfp4-N7"),
+    pytest.param((2, 33, 192), "fp16", "mxfp4", "u8", (1, 32), 1, 64, True, id="mxfp4-N33-strided-zero"),
+    pytest.param((2, 5, 2880), "fp32", "mxfp4", "u8", None, 1, 32, False, id="mxfp4-K2880-strided-fp32"),
+    pytest.param((45, 96), "bf16", "mxfp4", "u8", None, 1, 0, True, id="2d-mxfp4-zero"),
 ]
 
 
@@ -126,6 +132,17 @@ def test_quantize_weight_int4_rounds_half_even_and_packs_low_nibble_first():
     assert q[0].cpu().tolist() == [nib[2 * j] | (nib[2 * j + 1] << 4) for j in range(16)]
     values = INT4.dequantize(q.cpu()[None], s.cpu()[None], (1, 32))[0, 0]
     assert torch.equal(values, torch.tensor(want, dtype=torch.float32))
+
+
+def test_quantize_weight_mxfp4_ties_subnormal_and_huge_groups():
+    """Every E2M1 midpoint (ties to the even code), a group whose amax is subnormal (byte 0), an all-zero group,
+    a huge value (byte 254 region) against the registry's quantizer bit for bit."""
+    w = torch.zeros(4, 64)
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    w[0, :32] = torch.cat([mids, -mids, mids * 0.5, -mids * 0.25])  # amax 6: scale 2^0
+    w[1, 0] = 1e-41
+    w[2, 32:] = torch.randn(32) * 1e30
+    _check_weight(w.to(DEVICE), "mxfp4", torch.uint8)
 
 
 def test_quantize_weight_int4_refuses_k_not_divisible_by_group():

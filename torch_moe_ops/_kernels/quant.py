@@ -86,14 +86,28 @@ def _quant_weight_block_kernel(
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
 
 
+@triton.jit
+def _e2m1_codes(y):
+    """fp32 y (already divided by the scale) -> E2M1 codes [0, 16) int32: nearest magnitude of 0, 0.5, 1, 1.5, 2,
+    3, 4, 6 (ties to the even code: the midpoints 0.75, 1.75 and 3.5 round up), saturating at 6; bit 3 = sign
+    bit of y. NaN -> magnitude code 0 (its group's scale byte is NaN)."""
+    a = tl.abs(y)
+    code = ((a > 0.25).to(tl.int32) + (a > 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) + (a > 1.75).to(tl.int32)
+            + (a > 2.5).to(tl.int32) + (a > 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    code += ((a == 0.75) | (a == 1.75) | (a == 3.5)).to(tl.int32)
+    return code | (((y.to(tl.int32, bitcast=True) >> 31) & 1) << 3)
+
+
 @triton.jit(do_not_specialize=["rows"])
 def _quant_weight_group_kernel(
     w_ptr, q_ptr, s_ptr, rows, N, groups,
     stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
     G: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK_R: tl.constexpr, NG: tl.constexpr,
+    W_CODEC: tl.constexpr,
 ):
-    """int4 groups. w: [E, N, K] -> q uint8: [E, N, K / 2] (element 2j in the low nibble of byte j, 2j + 1
-    in the high one), s: [E, N, K / G]; rows = E*N flattened; grid (row blocks, blocks of NG groups).
+    """Packed groups (int4, mxfp4). w: [E, N, K] -> q uint8: [E, N, K / 2] (element 2j in the low nibble of byte
+    j, 2j + 1 in the high one), s: [E, N, K / G] (int4: fp32 amax / 7; mxfp4: E8M0 bytes, OCP MX: docs/design.md
+    §3); rows = E*N flattened; grid (row blocks, blocks of NG groups).
 
     The tile is [BLOCK_R, NG, G / 2, 2]: its last axis is the (even, odd) pair of one byte."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -104,14 +118,26 @@ def _quant_weight_group_kernel(
     w_row = w_ptr + e * stride_we + n * stride_wn
     ptrs = w_row[:, None, None, None] + (2 * byte)[None, :, :, None] + tl.arange(0, 2)[None, None, None, :]
     x = tl.load(ptrs, mask=mask[:, :, None, None], other=0.0).to(tl.float32)
-    amax = _from_bits(tl.max(tl.max(_abs_bits(x), axis=3), axis=2))  # [BLOCK_R, NG]; NaN propagates
-    scale, inv = _scale_of(amax, QMAX, 0.0)  # no floor
+    amax_bits = tl.max(tl.max(_abs_bits(x), axis=3), axis=2)  # [BLOCK_R, NG]; NaN propagates
     lo, hi = tl.split(x)
-    inv = inv[:, :, None]
-    packed = _int4_nibbles(lo, inv, QMIN, QMAX) | (_int4_nibbles(hi, inv, QMIN, QMAX) << 4)
+    if W_CODEC == "int4":
+        scale, inv = _scale_of(_from_bits(amax_bits), QMAX, 0.0)  # no floor
+        inv = inv[:, :, None]
+        packed = _int4_nibbles(lo, inv, QMIN, QMAX) | (_int4_nibbles(hi, inv, QMIN, QMAX) << 4)
+    elif W_CODEC == "fp4_e2m1":
+        # scale 2^(floor(log2 amax) - 2): its E8M0 byte is amax's exponent field - 2 (0 for zero / subnormal
+        # amax, 254 for inf, 255 for NaN); 1 / scale = 2^(127 - byte) built as bits (2^-127 for byte 254)
+        field = (amax_bits >> 23) & 0xFF
+        scale = tl.where(amax_bits > 0x7F800000, 255, tl.where(field == 255, 254, tl.maximum(field - 2, 0)))
+        inv = tl.where(scale >= 254, 5.877471754111438e-39, ((254 - scale) << 23).to(tl.float32, bitcast=True))
+        inv = inv[:, :, None]
+        packed = _e2m1_codes(lo * inv) | (_e2m1_codes(hi * inv) << 4)
+    else:
+        tl.static_assert(False, "no group quantizer for this codec")
     q_row = q_ptr + e * stride_qe + n * stride_qn
     tl.store(q_row[:, None, None] + byte[None, :, :], packed.to(tl.uint8), mask=mask[:, :, None])
-    tl.store(s_ptr + e[:, None] * stride_se + n[:, None] * stride_sn + grp[None, :] * stride_sg, scale, mask=mask)
+    tl.store(s_ptr + e[:, None] * stride_se + n[:, None] * stride_sn + grp[None, :] * stride_sg,
+             scale.to(s_ptr.dtype.element_ty), mask=mask)
 
 
 def _per_row(w, q, scale, codec):
@@ -151,7 +177,7 @@ def _per_group(w, q, scale, fmt: WeightFormat, block):
     _quant_weight_group_kernel[(triton.cdiv(E * N, block_r), triton.cdiv(groups, ng))](
         w, q, scale, E * N, N, groups,
         w.stride(0), w.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1), scale.stride(2),
-        G=G, QMIN=INT4_MIN, QMAX=fmt.qmax, BLOCK_R=block_r, NG=ng,
+        G=G, QMIN=INT4_MIN, QMAX=fmt.qmax, BLOCK_R=block_r, NG=ng, W_CODEC=fmt.codec.kernel,
         num_warps=8 if block_r * ng * G >= 4096 else 4,
     )
 
@@ -185,9 +211,5 @@ def quantize_weight_into(
         _per_block(w, qweight, scale, block, codec)
     elif fmt.quantizer == "tensor":
         per_tensor(w, qweight, scale.reshape(E, shards), shards, codec)
-    elif fmt.quantizer == "reference":  # no Triton quantizer yet (mxfp4): the registry's torch math, on the device
-        q, s = fmt.quantize(w, block, shards)
-        qweight.copy_(q)
-        scale.copy_(s)
     else:
         raise ValueError(f"no quantization kernel for {fmt!r}")
