@@ -111,9 +111,31 @@ def test_quantize_weight_into_keeps_storage_and_refuses_fp32_scales():
 def test_fused_experts_equals_dequantized_bf16(backend, activation, bias, T, monkeypatch):
     """mxfp4 values times power-of-two scales are exact in bf16: the op on packed weights equals the op on
     their dequantized bf16 copy (same backend, same accumulation order up to exact scalings)."""
-    if backend == "triton":
+    dev = "cpu"
+    if backend == "triton":  # the GPU's kernels, or the interpreter's on CPU tensors
         pytest.importorskip("triton")
-        monkeypatch.setenv("TORCH_MOE_OPS_BACKEND", "triton")
+        if torch.cuda.is_available():
+            dev = "cuda"
+        else:
+            monkeypatch.setenv("TORCH_MOE_OPS_BACKEND", "triton")
+    torch.set_default_device(dev)
+    try:
+        _equals_dequantized(activation, bias, T)
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation,bias,T", [("swigluoai", True, 9), ("silu", False, 1), ("silu", False, 300)])
+def test_fused_experts_on_the_gpu_equals_dequantized_bf16(activation, bias, T):
+    torch.set_default_device("cuda")
+    try:
+        _equals_dequantized(activation, bias, T)
+    finally:
+        torch.set_default_device(None)
+
+
+def _equals_dequantized(activation, bias, T):
     E, k, H, I = 5, 2, 64, 96
     n1 = 2 * I
     w13, w2 = torch.randn(E, n1, H) * 0.1, torch.randn(E, H, I) * 0.1
