@@ -16,7 +16,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from torch_moe_ops._kernels.activation import _elementwise  # noqa: E402
-from torch_moe_ops._kernels.formats import decode_element, decode_pairs  # noqa: E402
+from torch_moe_ops._kernels.formats import decode_element, decode_pairs, decode_scale  # noqa: E402
 from torch_moe_ops.schemes import ACTIVATIONS, IDENTITY, WEIGHT_FORMATS  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -43,6 +43,12 @@ def _decode_kernel(q_ptr, pairs_ptr, elems_ptr, n, W_CODEC: tl.constexpr, BLOCK:
     c = tl.arange(0, 2 * BLOCK)
     e = decode_element(tl.load(q_ptr + c // 2, mask=c < 2 * n, other=0), c % 2, W_CODEC)
     tl.store(elems_ptr + c, e.to(tl.int32), mask=c < 2 * n)
+
+
+@triton.jit
+def _scale_kernel(s_ptr, out_ptr, n, W_CODEC: tl.constexpr, BLOCK: tl.constexpr):
+    j = tl.arange(0, BLOCK)
+    tl.store(out_ptr + j, decode_scale(tl.load(s_ptr + j, mask=j < n), W_CODEC).to(tl.float32), mask=j < n)
 
 
 _KERNEL_NAMES = sorted({a.kernel for a in ACTIVATIONS.values() if not a.swiglu_oai} | {IDENTITY.kernel})
@@ -76,6 +82,19 @@ def test_decode_matches_the_registry_codec(name):
     _decode_kernel[(1,)](q, pairs, elems, 256, W_CODEC=fmt.codec.kernel, BLOCK=256)
     want = fmt.codec.decode(q.cpu()).to(torch.int32)
     assert torch.equal(pairs.view(-1).cpu(), want) and torch.equal(elems.cpu(), want)
+
+
+@pytest.mark.parametrize("name", [n for n, f in WEIGHT_FORMATS.items() if f.scale_dtype == torch.uint8])
+def test_decode_scale_matches_the_registry(name):
+    """Every stored scale byte (E8M0: 2^(s - 127), 0 a subnormal, 255 NaN) against the codec's ``load_scale``."""
+    fmt = WEIGHT_FORMATS[name]
+    s = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(DEV)
+    out = torch.empty(256, dtype=torch.float32, device=DEV)
+    _scale_kernel[(1,)](s, out, 256, W_CODEC=fmt.codec.kernel, BLOCK=256)
+    want = fmt.codec.load_scale(s.cpu())
+    assert torch.equal(out.cpu().isnan(), want.isnan())
+    fin = ~want.isnan()
+    assert torch.equal(out.cpu()[fin], want[fin])
 
 
 def test_unknown_codec_fails_to_compile():
