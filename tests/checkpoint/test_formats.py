@@ -90,3 +90,22 @@ def test_a_refused_fp8_checkpoint_names_its_format():
     with pytest.raises(ValueError, match=r"pre-quantized as Fp8Config\(scheme='block', block_shape=\(32, 32\)\)"):
         load_checkpoint(model, checkpoint(ws, BLOCK), progress=False)
     assert model.layers[0].experts.load_state == "fresh"
+
+
+def test_mxfp4_blocks_are_refused_by_name_before_anything_is_written():
+    """GPT-OSS's ``*_blocks`` / ``*_scales`` expert tensors are not read yet: ``load_checkpoint`` names the tensor
+    and the way to mxfp4 experts (a bf16 checkpoint into ``Mxfp4Config``), and writes nothing (the router too)."""
+    from torch_moe_ops import Mxfp4Config
+    from torch_moe_ops.errors import LoadError
+
+    e, h, i = 4, 64, 32
+    model = MoEModel(1, e, 2, h, i, quant_config=Mxfp4Config(), activation="swigluoai")
+    router = model.layers[0].gate.weight.clone()
+    pre = "model.layers.0.mlp"
+    sd = {f"{pre}.gate.weight": torch.randn(e, h),
+          f"{pre}.experts.gate_up_proj_blocks": torch.zeros(e, 2 * i, h // 32, 16, dtype=torch.uint8),
+          f"{pre}.experts.gate_up_proj_scales": torch.full((e, 2 * i, h // 32), 127, dtype=torch.uint8)}
+    with pytest.raises(LoadError, match=r"model.layers.0.mlp.experts.gate_up_proj_blocks is pre-quantized MXFP4 .*"
+                                        r"Mxfp4Config\(\)"):
+        load_checkpoint(model, sd, progress=False)
+    assert torch.equal(model.layers[0].gate.weight, router) and model.layers[0].experts.load_state == "fresh"

@@ -55,8 +55,10 @@ class Fp8Format:
 
 def mxfp4_error(what: str) -> LoadError:
     """The refusal of an MXFP4 tensor (``_blocks`` / ``_scales``: names kind ``mxfp4``); ``what`` names it."""
-    return LoadError(f"{what} is MXFP4 (GPT-OSS's original format), which torch_moe_ops does not read; use a bf16 "
-                     "checkpoint (e.g. load with transformers' Mxfp4Config(dequantize=True) and save_pretrained)")
+    return LoadError(f"{what} is pre-quantized MXFP4 (GPT-OSS's original format), which torch_moe_ops does not read "
+                     "yet; load a bf16 checkpoint (e.g. made with transformers' Mxfp4Config(dequantize=True) and "
+                     "save_pretrained) into FusedMoE(quant_config=torch_moe_ops.Mxfp4Config()) to keep the experts in "
+                     "mxfp4")
 
 
 def block_size_of(config) -> tuple[int, int] | None:

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import LoadError
 from ..layer.loading.checks import check_finite, check_materialized
 from ..layer.loading.keys import describe
+from .formats import mxfp4_error
 from .layouts import FORMATS, correction_bias_prefix, fused_transposed
 from .names import BLOCK_CHILD_RE, LAYER_INDEX_RE, parse_expert_name
 
@@ -148,7 +149,9 @@ class Resolver:
     # -------------------------------------------------------------------------------------- actions
     def action(self, name: str) -> Action:
         parsed = parse_expert_name(name)
-        if parsed is not None and parsed.kind != "mxfp4":  # MXFP4 blocks fill nothing: looked up by name below
+        if parsed is not None and parsed.kind == "mxfp4" and self.layer(parsed.prefix) is not None:
+            raise mxfp4_error(name)  # an expert tensor of a FusedMoE: refused by name, before anything is written
+        if parsed is not None and parsed.kind != "mxfp4":  # other MXFP4 names: looked up by name below
             return self._oriented(self._expert(name, parsed), parsed)
         if (hit := self._correction_layer(name)) is not None:
             return Action(name, hit[0], hit[1], (("e_score_correction_bias", None, None),), view=_one_group)
