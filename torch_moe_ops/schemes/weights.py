@@ -28,6 +28,9 @@ class _Codec:
     #: how scales are stored (fp32 unless the codec fixes its own scale encoding) and the stored "1.0"
     scale_dtype: torch.dtype = torch.float32
     scale_one: float = 1.0
+    #: pre-quantized checkpoints: the weight dtype they store this codec in (None: not read) and their scales'
+    checkpoint_dtype: torch.dtype | None = None
+    checkpoint_scale_dtypes: tuple[torch.dtype, ...] = ()
 
     def scale(self, amax: torch.Tensor) -> torch.Tensor:
         return amax.clamp_min(SCALE_EPS) / self.qmax
@@ -52,6 +55,7 @@ class _Codec:
 
 class _Fp8(_Codec):
     dtype, qmax, kernel = FP8_DTYPE, FP8_MAX, "fp8"
+    checkpoint_dtype, checkpoint_scale_dtypes = FP8_DTYPE, (torch.float32, torch.bfloat16)
 
     def encode(self, y):
         return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -96,6 +100,7 @@ class _Mxfp4(_Codec):
 
     dtype, qmax, pack, kernel = torch.uint8, FP4_MAX, 2, "fp4_e2m1"
     scale_dtype, scale_one = torch.uint8, float(E8M0_BIAS)
+    checkpoint_dtype, checkpoint_scale_dtypes = torch.uint8, (torch.uint8,)  # GPT-OSS: packed bytes, E8M0 bytes
     _MIDPOINTS = tuple((a + b) / 2 for a, b in zip(FP4_E2M1_VALUES, FP4_E2M1_VALUES[1:]))
 
     def scale(self, amax):

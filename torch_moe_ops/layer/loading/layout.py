@@ -72,8 +72,9 @@ class ExpertLayout:
             return (rows,)
         return (rows, I if shard == "w2" else H)
 
-    def tp_slice(self, name: str, t: torch.Tensor, shard: str) -> torch.Tensor:
-        """This TP rank's part of an oriented, checkpoint-shaped per-expert tensor."""
+    def tp_slice(self, name: str, t: torch.Tensor, shard: str, pack: int = 1) -> torch.Tensor:
+        """This TP rank's part of an oriented, checkpoint-shaped per-expert tensor (``pack``: values per element
+        along ``in``, for pre-quantized packed weights: w2's column slice is in storage units)."""
         if self.tp_size == 1:
             return t
         I, If, r = self.intermediate, self.intermediate_full, self.tp_rank
@@ -83,7 +84,7 @@ class ExpertLayout:
         if shard == "w2":
             if name == "w2_bias":  # the TP all-reduce adds it once: only TP rank 0 holds the real bias
                 return t if r == 0 else torch.zeros_like(t)
-            return t[:, lo:hi]
+            return t[:, lo // pack : hi // pack]
         # a fused w13 in the layer's row order
         if not self.gated:
             return t[lo:hi]

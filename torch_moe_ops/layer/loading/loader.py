@@ -192,9 +192,11 @@ class WeightLoader:
             shape, where = loaded.shape, f"{self.where()}: {name} expert {p} shard {shard!r}"
         if pre:
             self.pre.check_piece(name, shard, shape if slots else None, transposed, where)
-        # a pre-quantized weight is never transposed (its scale is laid out for [out, in])
+        # a pre-quantized weight is never transposed (its scale is laid out for [out, in]); packed: in / pack
+        expected = lay.expected_shape(name, shard)
+        expected = self.pre.stored_shape(expected) if pre and name in WEIGHTS else expected
         transpose = bool(slots) and name not in SCALES and orientation(
-            shape, lay.expected_shape(name, shard), False if pre else transposed, where)
+            shape, expected, False if pre else transposed, where)
         shards = (("w1", "w3") if lay.gated else ("w1",)) if shard == "w13" else (shard,)
         marks = (name,) + ((PREQUANTIZED,) if pre and name in WEIGHTS else ())  # PREQUANTIZED: see keys.py
         keys = tuple(tuple((n, e, s) for n in marks for s in shards) for _, _, e in slots)

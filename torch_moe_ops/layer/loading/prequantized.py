@@ -23,7 +23,7 @@ from ...schemes import FP8_DTYPE, cdiv
 from .keys import SCALES, WEIGHTS
 from .layout import ExpertLayout
 
-_SCALE_DTYPES = (torch.float32, torch.bfloat16)
+_SCALE_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.uint8: "uint8 (E8M0 bytes)"}
 
 
 class Prequantized:
@@ -31,9 +31,10 @@ class Prequantized:
 
     def __init__(self, layout: ExpertLayout, quant_config, where: Callable[[], str]):
         self.layout, self.quant_config, self.where = layout, quant_config, where
-        fp8 = quant_config is not None and quant_config.quant_scheme.weight.qdtype == FP8_DTYPE
-        self.fmt = quant_config.quant_scheme.weight if fp8 else None  #: None: the layer takes no fp8 pieces
-        self.block = quant_config.block if fp8 else None
+        fmt = quant_config.quant_scheme.weight if quant_config is not None else None
+        takes = fmt is not None and fmt.codec.checkpoint_dtype is not None  # fp8 and mxfp4 checkpoints are read
+        self.fmt = fmt if takes else None  #: None: the layer takes no pre-quantized pieces
+        self.block = quant_config.block if takes else None
 
     # ---------------------------------------------------------------------------------------- checks
     def classify(self, name: str, dtype: torch.dtype, where: str) -> bool:
@@ -41,23 +42,29 @@ class Prequantized:
         raises ``TypeError`` for a dtype or a layer that cannot take it."""
         if name in SCALES:
             self.require(where, "a weight scale (of a pre-quantized checkpoint)")
-            if dtype not in _SCALE_DTYPES:
-                raise TypeError(f"{where}: weight scales must be fp32 or bf16, got {dtype}")
+            if dtype not in self.fmt.codec.checkpoint_scale_dtypes:
+                names = " or ".join(_SCALE_DTYPE_NAMES[d] for d in self.fmt.codec.checkpoint_scale_dtypes)
+                raise TypeError(f"{where}: weight scales must be {names}, got {dtype}")
             return True
         if dtype == FP8_DTYPE:
-            self.require(where, "a pre-quantized float8_e4m3fn weight")
+            self.require(where, "a pre-quantized float8_e4m3fn weight", dtype)
+            return True
+        if self.fmt is not None and dtype == self.fmt.codec.checkpoint_dtype:  # mxfp4: the packed E2M1 bytes
             return True
         if dtype.is_floating_point and dtype.itemsize == 1:
             raise TypeError(f"{where}: {dtype} weights are not read; pre-quantized checkpoints must be float8_e4m3fn "
                             "(e4m3, the format of the fp8 kernels)")
         if not dtype.is_floating_point:
+            mx = (" (uint8 weights are pre-quantized mxfp4 bytes, read by FusedMoE(quant_config=Mxfp4Config()) "
+                  "with their uint8 E8M0 scales)") if dtype == torch.uint8 else ""
             raise TypeError(f"{where}: checkpoint weights must be bf16/fp16/fp32, or float8_e4m3fn with their scales "
-                            f"(pre-quantized), got {dtype}")
+                            f"(pre-quantized), got {dtype}{mx}")
         return False
 
-    def require(self, where: str, what: str) -> None:
-        """Refuse a pre-quantized piece unless the layer stores fp8 weights (naming the layer's config)."""
-        if self.fmt is None:
+    def require(self, where: str, what: str, dtype: torch.dtype | None = None) -> None:
+        """Refuse a pre-quantized piece unless the layer stores weights of its format (``dtype``: the piece's
+        weight dtype, which must be the layer's checkpoint dtype), naming the layer's config."""
+        if self.fmt is None or (dtype is not None and dtype != self.fmt.codec.checkpoint_dtype):
             qc = self.quant_config
             has = "full-precision weights" if qc is None else f"{qc.quant_scheme.weight.name} weights"
             raise TypeError(f"{where}: {what} cannot fill this layer: its quant_config "
@@ -97,12 +104,16 @@ class Prequantized:
         N, K = self._dims(name, shard)
         text = " or ".join(str(list(f)) for f in forms)
         hint = ""
-        if self.block is not None and len(shape) == 2:
+        if self.fmt.quantizer == "blocks" and len(shape) == 2:
             fits = _blocks_fitting(N, K, shape)
             hint = (f"; it is the grid of block {list(fits)}: a checkpoint quantized with weight_block_size "
                     f"{list(fits)}? build the layer with Fp8Config('block', block_shape={fits})") if fits else ""
         raise ValueError(f"{where}: scale shape {list(shape)} is not a scale of this layer's {self.quant_config!r} "
                          f"for a [{N}, {K}] weight (expects {text}){hint}")
+
+    def stored_shape(self, expected: tuple) -> tuple:
+        """A pre-quantized weight's ``[out, in]`` shape for a logical ``expected`` one (mxfp4: ``in / 2`` bytes)."""
+        return tuple(self.fmt.packed_shape(expected))
 
     # ---------------------------------------------------------------------------------------- writes
     def prepare(self, name: str, t: torch.Tensor, shard: str) -> torch.Tensor:
@@ -110,9 +121,9 @@ class Prequantized:
         shape for ``destination`` (a per-tensor value broadcast to the entries it fills)."""
         lay = self.layout
         if name in WEIGHTS:
-            return lay.tp_slice(name, t, shard)
+            return lay.tp_slice(name, t, shard, pack=self.fmt.pack)
         canon = self._forms(name, shard)[0]
-        s = t.float()
+        s = t.to(self.fmt.scale_dtype)
         if self.fmt.sharded:  # a TP slice keeps the tensor's scale
             return s.reshape(1).expand(canon) if s.numel() == 1 else s.reshape(canon)
         s = s.reshape(canon)  # [N, 1] -> [N]
