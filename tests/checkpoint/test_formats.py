@@ -92,20 +92,55 @@ def test_a_refused_fp8_checkpoint_names_its_format():
     assert model.layers[0].experts.load_state == "fresh"
 
 
-def test_mxfp4_blocks_are_refused_by_name_before_anything_is_written():
-    """GPT-OSS's ``*_blocks`` / ``*_scales`` expert tensors are not read yet: ``load_checkpoint`` names the tensor
-    and the way to mxfp4 experts (a bf16 checkpoint into ``Mxfp4Config``), and writes nothing (the router too)."""
+def _gpt_oss_mxfp4(e, h, i):
+    """A GPT-OSS-style MXFP4 state dict (``*_blocks`` [E, N, K/32, 16], ``*_scales`` [E, N, K/32], bf16 biases and
+    router) made by quantizing a source layer online, and that layer."""
     from torch_moe_ops import Mxfp4Config
-    from torch_moe_ops.errors import LoadError
+
+    torch.manual_seed(0)
+    src = FusedMoE(e, 2, h, i, quant_config=Mxfp4Config(), activation="swigluoai", has_bias=True)
+    b13, b2 = torch.randn(e, 2 * i).bfloat16() * 0.1, torch.randn(e, h).bfloat16() * 0.1
+    src.load_weights(torch.randn(e, 2 * i, h).bfloat16() * 0.1, torch.randn(e, h, i).bfloat16() * 0.1,
+                     w13_bias=b13, w2_bias=b2)
+    pre = "model.layers.0.mlp"
+    sd = {f"{pre}.gate.weight": torch.randn(e, h).bfloat16(),
+          f"{pre}.experts.gate_up_proj_blocks": src.w13_weight.view(e, 2 * i, h // 32, 16).clone(),
+          f"{pre}.experts.gate_up_proj_scales": src.w13_weight_scale.clone(), f"{pre}.experts.gate_up_proj_bias": b13,
+          f"{pre}.experts.down_proj_blocks": src.w2_weight.view(e, h, i // 32, 16).clone(),
+          f"{pre}.experts.down_proj_scales": src.w2_weight_scale.clone(), f"{pre}.experts.down_proj_bias": b2}
+    return sd, src
+
+
+@pytest.mark.parametrize("source", ["dict", "safetensors"])
+def test_gpt_oss_mxfp4_blocks_load_bitwise_into_mxfp4_layers(tmp_path, source):
+    """``load_checkpoint`` writes GPT-OSS's packed blocks and E8M0 scales as they are (never dequantized), from a
+    dict or a safetensors folder (checked from its headers first)."""
+    from safetensors.torch import save_file
+
+    from torch_moe_ops import Mxfp4Config
 
     e, h, i = 4, 64, 32
-    model = MoEModel(1, e, 2, h, i, quant_config=Mxfp4Config(), activation="swigluoai")
+    sd, src = _gpt_oss_mxfp4(e, h, i)
+    if source == "safetensors":
+        save_file(sd, str(tmp_path / "model.safetensors"))
+    model = MoEModel(1, e, 2, h, i, quant_config=Mxfp4Config(), activation="swigluoai", has_bias=True)
+    report = load_checkpoint(model, sd if source == "dict" else str(tmp_path), progress=False)
+    finalize_loading(model)
+    layer = model.layers[0].experts
+    assert len(report.loaded) == len(sd) and not report.ignored
+    assert all(torch.equal(getattr(layer, n), getattr(src, n)) for n in ("w13_weight", "w13_weight_scale",
+                                                                           "w2_weight", "w2_weight_scale", "w13_bias"))
+    x = torch.randn(3, h).bfloat16()
+    logits = torch.randn(3, e)
+    assert torch.equal(layer(x, logits), src(x, logits))
+
+
+def test_gpt_oss_mxfp4_blocks_into_another_layer_name_the_config_and_write_nothing():
+    e, h, i = 4, 64, 32
+    sd, _ = _gpt_oss_mxfp4(e, h, i)
+    model = MoEModel(1, e, 2, h, i, activation="swigluoai", has_bias=True)
     router = model.layers[0].gate.weight.clone()
-    pre = "model.layers.0.mlp"
-    sd = {f"{pre}.gate.weight": torch.randn(e, h),
-          f"{pre}.experts.gate_up_proj_blocks": torch.zeros(e, 2 * i, h // 32, 16, dtype=torch.uint8),
-          f"{pre}.experts.gate_up_proj_scales": torch.full((e, 2 * i, h // 32), 127, dtype=torch.uint8)}
-    with pytest.raises(LoadError, match=r"model.layers.0.mlp.experts.gate_up_proj_blocks is pre-quantized MXFP4 .*"
-                                        r"Mxfp4Config\(\)"):
+    with pytest.raises(TypeError, match=r"gate_up_proj_(blocks|scales).*(uint8 weights are pre-quantized mxfp4 bytes|"
+                                        r"quant_config is None).*nothing was written"):
         load_checkpoint(model, sd, progress=False)
     assert torch.equal(model.layers[0].gate.weight, router) and model.layers[0].experts.load_state == "fresh"

@@ -3,7 +3,8 @@ the one place that decides "fp8 block / channel / tensor with these scales", fro
 (no data is read).
 
 - float weights (bf16 / fp16 / fp32, and float8_e5m2, which the layer refuses by name): not pre-quantized;
-  weights of a non-float dtype are refused here, and so is GPT-OSS's MXFP4 (``mxfp4_error``);
+  weights of a non-float dtype are refused here, and so is GPT-OSS's MXFP4 in ``from_pretrained``
+  (``mxfp4_error``; ``load_checkpoint`` reads it into ``Mxfp4Config`` layers);
 - float8_e4m3fn weights (every expert weight of the block, per-expert tensors only) with ``weight_scale_inv``
   siblings (DeepSeek-V3): block scales, of the block the checkpoint's ``quantization_config.weight_block_size``
   names (default 128 x 128); with ``weight_scale``: one value per weight is per tensor, one per weight row
@@ -55,10 +56,9 @@ class Fp8Format:
 
 def mxfp4_error(what: str) -> LoadError:
     """The refusal of an MXFP4 tensor (``_blocks`` / ``_scales``: names kind ``mxfp4``); ``what`` names it."""
-    return LoadError(f"{what} is pre-quantized MXFP4 (GPT-OSS's original format), which torch_moe_ops does not read "
-                     "yet; load a bf16 checkpoint (e.g. made with transformers' Mxfp4Config(dequantize=True) and "
-                     "save_pretrained) into FusedMoE(quant_config=torch_moe_ops.Mxfp4Config()) to keep the experts in "
-                     "mxfp4")
+    return LoadError(f"{what} is pre-quantized MXFP4 (GPT-OSS's original format), which from_pretrained does not read "
+                     "yet; build the model with FusedMoE(quant_config=torch_moe_ops.Mxfp4Config()) experts (patch) and "
+                     "load it with torch_moe_ops.load_checkpoint, which writes the blocks and scales as they are")
 
 
 def block_size_of(config) -> tuple[int, int] | None:

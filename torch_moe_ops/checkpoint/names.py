@@ -12,8 +12,8 @@ state, ``experts.0.w1.weight``):
   per tensor or per channel), kind ``scale``; ``….input_scale`` (static activation scales), kind
   ``input_scale``;
 - ``P.experts.gate_up_proj`` / ``P.experts.down_proj`` (fused [E, N1, H] / [E, H, I], optionally
-  ``.weight``; ``_bias`` / ``.bias`` for biases; ``_blocks`` / ``_scales``: GPT-OSS's MXFP4, kind ``mxfp4``,
-  which nothing reads);
+  ``.weight``; ``_bias`` / ``.bias`` for biases; ``_blocks`` / ``_scales``: GPT-OSS's MXFP4, kinds ``mxfp4`` /
+  ``mxfp4_scale``, read by ``load_checkpoint`` into ``Mxfp4Config`` layers);
 - ``P.{input_linear|output_linear}.weight`` (Granite-MoE: fused [E, 2I, H] / [E, H, I], read as
   ``gate_up_proj`` / ``down_proj``);
 - ``P.{gate|shared_expert(s)|shared_expert_gate}.*``: children of the MoE block;
@@ -44,15 +44,16 @@ _KINDS = {"weight": "weight", "bias": "bias", "weight_scale_inv": "scale", "weig
           "input_scale": "input_scale"}
 #: fused-tensor suffix -> ExpertName.kind
 _FUSED_KINDS = {None: "weight", ".weight": "weight", ".bias": "bias", "_bias": "bias", "_blocks": "mxfp4",
-                "_scales": "mxfp4"}
+                "_scales": "mxfp4_scale"}
 
 
 @dataclass(frozen=True)
 class ExpertName:
     """One expert tensor's name, parsed. expert: the logical expert, or None for a fused all-experts
-    tensor. proj: the checkpoint's projection name. kind: ``weight``, ``bias``, ``scale`` (a pre-quantized
-    weight's scale), ``input_scale`` (a static activation scale) or ``mxfp4`` (GPT-OSS's ``_blocks`` /
-    ``_scales``). scale_inv: a scale named ``weight_scale_inv`` (DeepSeek's block scales)."""
+    tensor. proj: the checkpoint's projection name. kind: ``weight``, ``bias``, ``scale`` (a pre-quantized fp8
+    weight's scale), ``input_scale`` (a static activation scale), ``mxfp4`` (GPT-OSS's packed ``_blocks``
+    ``[E, N, K/32, 16]``) or ``mxfp4_scale`` (their E8M0 ``_scales`` ``[E, N, K/32]``). scale_inv: a scale
+    named ``weight_scale_inv`` (DeepSeek's block scales)."""
 
     prefix: str
     expert: int | None
@@ -77,7 +78,7 @@ class ExpertName:
 
     def target(self, shard: str | None) -> str:
         """The ``FusedMoE`` parameter the tensor fills (``input_scale`` fills none: ask ``kind`` first)."""
-        suffix = {"bias": "_bias", "scale": "_weight_scale"}.get(self.kind, "_weight")
+        suffix = {"bias": "_bias", "scale": "_weight_scale", "mxfp4_scale": "_weight_scale"}.get(self.kind, "_weight")
         return ("w2" if shard == "w2" else "w13") + suffix
 
 

@@ -23,7 +23,6 @@ from torch import nn
 from ..errors import LoadError
 from ..layer.loading.checks import check_finite, check_materialized
 from ..layer.loading.keys import describe
-from .formats import mxfp4_error
 from .layouts import FORMATS, correction_bias_prefix, fused_transposed
 from .names import BLOCK_CHILD_RE, LAYER_INDEX_RE, parse_expert_name
 
@@ -149,9 +148,7 @@ class Resolver:
     # -------------------------------------------------------------------------------------- actions
     def action(self, name: str) -> Action:
         parsed = parse_expert_name(name)
-        if parsed is not None and parsed.kind == "mxfp4" and self.layer(parsed.prefix) is not None:
-            raise mxfp4_error(name)  # an expert tensor of a FusedMoE: refused by name, before anything is written
-        if parsed is not None and parsed.kind != "mxfp4":  # other MXFP4 names: looked up by name below
+        if parsed is not None:
             return self._oriented(self._expert(name, parsed), parsed)
         if (hit := self._correction_layer(name)) is not None:
             return Action(name, hit[0], hit[1], (("e_score_correction_bias", None, None),), view=_one_group)
@@ -180,8 +177,10 @@ class Resolver:
             return Action(name, ignored=f"non-gated activation {layer.activation!r} has no gate projection")
         target = parsed.target(shard)
         # a weight scale is never ignored: without a quant config its weight_loader call names the mismatch
-        if getattr(layer, target) is None and parsed.kind != "scale":
+        if getattr(layer, target) is None and parsed.kind not in ("scale", "mxfp4_scale"):
             return Action(name, ignored=f"{path} has no {target} (has_bias=False)")
+        if parsed.kind == "mxfp4":  # GPT-OSS's packed [E, N, K/32, 16] bytes: [E, N, K/2], already [out, in]
+            return Action(name, path, layer, ((target, shard, None),), transposed=False, view=_packed_rows)
         if parsed.expert is None:
             return Action(name, path, layer, ((target, shard, None),))
         # checkpoint names address logical experts: fill every physical replica (those on this rank)
@@ -189,7 +188,8 @@ class Resolver:
 
     def _oriented(self, action: Action, parsed) -> Action:
         """An expert weight's layout from knowledge: per expert ``[out, in]``, fused the model type's."""
-        if action.ignored is not None or parsed.bias or not (parsed.expert is None or action.name.endswith(".weight")):
+        if (action.ignored is not None or parsed.bias or parsed.kind.startswith("mxfp4")
+                or not (parsed.expert is None or action.name.endswith(".weight"))):
             return action
         if parsed.expert is not None:
             return replace(action, transposed=False)  # an nn.Linear weight
@@ -262,6 +262,12 @@ class Resolver:
                 if cand in self.tensors:
                     return cand, self.tensors[cand]
         return None
+
+
+def _packed_rows(t: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's MXFP4 ``_blocks`` ``[E, N, K/32, 16]`` as the layer's packed ``[E, N, K/2]`` (a view); any other
+    shape is left for the loader's shape check to name."""
+    return t.flatten(-2) if t.dim() == 4 else t
 
 
 def _one_group(t: torch.Tensor) -> torch.Tensor:
