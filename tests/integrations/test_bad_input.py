@@ -192,12 +192,21 @@ def test_wrong_expert_shape_names_the_tensor(checkpoint):
         _load(checkpoint(edit=bad))
 
 
-def test_mxfp4_is_refused(checkpoint):
-    def mx(sd):
+def test_mxfp4_blocks_mixed_with_float_experts_or_without_scales_are_refused(checkpoint):
+    def mixed(sd):
         sd["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(4, 64, 2, 16, dtype=torch.uint8)
 
-    with pytest.raises(LoadError, match="MXFP4"):
-        _load(checkpoint("gpt_oss", edit=mx))
+    with pytest.raises(LoadError, match=r"model.layers.0.mlp: MXFP4 expert blocks mixed with other expert weights"):
+        _load(checkpoint("gpt_oss", edit=mixed))
+
+    def no_scales(sd):
+        for proj in ("gate_up_proj", "down_proj"):
+            w = sd.pop(f"model.layers.0.mlp.experts.{proj}")
+            sd[f"model.layers.0.mlp.experts.{proj}_blocks"] = torch.zeros(w.shape[0], w.shape[2], w.shape[1] // 32, 16,
+                                                                          dtype=torch.uint8)
+
+    with pytest.raises(LoadError, match=r"MXFP4 experts' down_proj_scales is missing"):
+        _load(checkpoint("gpt_oss", edit=no_scales))
 
 
 def test_missing_router_weights_are_an_error(checkpoint):

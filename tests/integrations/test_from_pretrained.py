@@ -181,3 +181,48 @@ def test_cuda_peak_within_final_plus_two_experts(tmp_path):
     assert torch.cuda.max_memory_allocated() - base <= final + 2 * expert + (64 << 20)
     ids = torch.randint(0, 96, (2, 9), device="cuda")
     assert torch.isfinite(ours(ids).logits).all()
+
+
+def _gpt_oss_mxfp4_folder(model, path):
+    """``model``'s GPT-OSS checkpoint as the Hub ships it: experts as MXFP4 ``*_blocks`` [E, N, K/32, 16] and E8M0
+    ``*_scales`` (quantized here by the OCP rule), ``quantization_config.quant_method = "mxfp4"``; returns the
+    same model with its experts replaced by their dequantized values (what the checkpoint means, in bf16)."""
+    from torch_moe_ops import reference
+
+    model.save_pretrained(path)
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    with torch.no_grad():
+        for name in [n for n in sd if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            w = sd.pop(name).transpose(1, 2).contiguous()  # HF stores [E, in, out]: the blocks are [E, out, in]
+            q, s = quantize_weight(w, "mxfp4")
+            E, N, K = w.shape
+            sd[name + "_blocks"], sd[name + "_scales"] = q.view(E, N, K // 32, 16), s
+            model.get_parameter(name.removeprefix("model.") if name not in dict(model.named_parameters()) else name
+                                ).copy_(reference.dequantize_weight(q, s, "mxfp4").transpose(1, 2))
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                      "model.layers.*.mlp.router"]}
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    return model
+
+
+def test_gpt_oss_mxfp4_folder_stays_mxfp4(tmp_path):
+    """A GPT-OSS MXFP4 folder loads with its experts packed as stored (blocks and scales bitwise, ~0.27x the
+    bf16 bytes) and computes what the checkpoint means: the bf16 model on the dequantized experts (bf16 noise)."""
+    torch.manual_seed(11)
+    model = _gpt_oss_mxfp4_folder(make("gpt_oss").to(torch.bfloat16), str(tmp_path))
+    ours = _load(str(tmp_path))
+    report = ours.torch_moe_ops_report
+    assert report.quant_scheme == "mxfp4" and report.loading["prequantized"] == "Mxfp4Config()"
+    sd = load_file(os.path.join(tmp_path, "model.safetensors"))
+    for i, block in enumerate(our_blocks(ours)):
+        pre = f"model.layers.{i}.mlp.experts."
+        assert torch.equal(block.experts.w13_weight, sd[pre + "gate_up_proj_blocks"].flatten(-2))
+        assert torch.equal(block.experts.w2_weight_scale, sd[pre + "down_proj_scales"])
+    assert report.expert_bytes_after < 0.4 * sum(t.numel() * 2 for t in model.parameters() if t.dim() == 3)
+    ids = torch.randint(0, 96, (2, 9))
+    want, got = _logits(model, ids).float(), _logits(ours, ids).float()
+    assert ((got - want).norm() / want.norm()) < 2e-2
+    with pytest.raises(ValueError, match=r"pre-quantized as Mxfp4Config\(\).*quant_config=None or Mxfp4Config\(\)"):
+        _load(str(tmp_path), Int8Config())

@@ -3,8 +3,8 @@ the one place that decides "fp8 block / channel / tensor with these scales", fro
 (no data is read).
 
 - float weights (bf16 / fp16 / fp32, and float8_e5m2, which the layer refuses by name): not pre-quantized;
-  weights of a non-float dtype are refused here, and so is GPT-OSS's MXFP4 in ``from_pretrained``
-  (``mxfp4_error``; ``load_checkpoint`` reads it into ``Mxfp4Config`` layers);
+  weights of a non-float dtype are refused here; GPT-OSS's MXFP4 (``*_blocks`` with their ``*_scales``) is
+  ``Mxfp4Config()`` (``detect_prequantized``, the decision ``from_pretrained`` builds its layers with);
 - float8_e4m3fn weights (every expert weight of the block, per-expert tensors only) with ``weight_scale_inv``
   siblings (DeepSeek-V3): block scales, of the block the checkpoint's ``quantization_config.weight_block_size``
   names (default 128 x 128); with ``weight_scale``: one value per weight is per tensor, one per weight row
@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import LoadError
-from ..quantization import Fp8Config
+from ..quantization import Fp8Config, Mxfp4Config
 from ..schemes import FP8_DTYPE
 from .names import parse_expert_name
 
@@ -52,13 +52,6 @@ class Fp8Format:
             return ("fp8 with block scales (weight_scale_inv): Fp8Config('block', block_shape=...) of the block "
                     "its quantization_config.weight_block_size names")
         return f"pre-quantized as {self.config()}"
-
-
-def mxfp4_error(what: str) -> LoadError:
-    """The refusal of an MXFP4 tensor (``_blocks`` / ``_scales``: names kind ``mxfp4``); ``what`` names it."""
-    return LoadError(f"{what} is pre-quantized MXFP4 (GPT-OSS's original format), which from_pretrained does not read "
-                     "yet; build the model with FusedMoE(quant_config=torch_moe_ops.Mxfp4Config()) experts (patch) and "
-                     "load it with torch_moe_ops.load_checkpoint, which writes the blocks and scales as they are")
 
 
 def block_size_of(config) -> tuple[int, int] | None:
@@ -104,6 +97,25 @@ def detect_fp8(where: str, names: Iterable[str], header: Header, block_size=None
     raise LoadError(f"{where}: cannot tell the fp8 granularity of {first} {shape} (weight rows {rows})")
 
 
+def detect_prequantized(where: str, names: Iterable[str], header: Header, block_size=None):
+    """The quant config one MoE block's pre-quantized experts need as they are: ``Mxfp4Config()`` for GPT-OSS's
+    MXFP4 (``*_blocks`` with their ``*_scales``), the ``Fp8Config`` of an fp8 checkpoint (``detect_fp8``), or None
+    for float experts; ``LoadError`` (starting with ``where``) for a mix or a missing half."""
+    parsed = [(n, p) for n in names if (p := parse_expert_name(n)) is not None]
+    mx = {(p.proj, p.kind) for _, p in parsed if p.kind.startswith("mxfp4")}
+    if not mx:
+        f = detect_fp8(where, names, header, block_size)
+        return f.config() if f is not None else None
+    floats = [n for n, p in parsed if p.kind in ("weight", "scale")]
+    if floats:
+        raise LoadError(f"{where}: MXFP4 expert blocks mixed with other expert weights ({floats[0]})")
+    for proj in sorted({proj for proj, _ in mx}):
+        for kind, what in (("mxfp4", "_blocks"), ("mxfp4_scale", "_scales")):
+            if (proj, kind) not in mx:
+                raise LoadError(f"{where}: MXFP4 experts' {proj}{what} is missing (blocks and scales come in pairs)")
+    return Mxfp4Config()
+
+
 def detect_source_fp8(specs: Iterable[tuple], block_size=None) -> Fp8Format | None:
     """The one fp8 format of every MoE block of a source's ``(name, tensor, origin)`` specs (tensors may be
     meta: only shapes and dtypes are used), or None when it has none or several; ``LoadError`` as
@@ -121,4 +133,4 @@ def detect_source_fp8(specs: Iterable[tuple], block_size=None) -> Fp8Format | No
     return found.pop() if len(found) == 1 else None
 
 
-__all__ = ["DEFAULT_BLOCK", "Fp8Format", "block_size_of", "detect_fp8", "detect_source_fp8", "mxfp4_error"]
+__all__ = ["DEFAULT_BLOCK", "Fp8Format", "block_size_of", "detect_fp8", "detect_prequantized", "detect_source_fp8"]

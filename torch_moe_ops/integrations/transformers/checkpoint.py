@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 
 from ...checkpoint.files import FileSelection, SafetensorsFiles, select_files
-from ...checkpoint.formats import mxfp4_error
 from ...checkpoint.names import BlockTensor, layer_index, parse_block_tensor
 from ...errors import LoadError
 from .models import BlockPlan
@@ -97,8 +96,6 @@ def check_keys(path: str, plan: BlockPlan, keys: BlockKeys, ckpt: SafetensorsFil
     """Extra experts and refused formats, before anything is read."""
     E = plan.num_experts
     for k in keys.all():
-        if k.kind.startswith("mxfp4"):  # from_pretrained does not read them yet (load_checkpoint does)
-            raise mxfp4_error(f"{path}: {k.name}")
         if k.expert is not None and k.expert >= E:
             raise LoadError(f"{path}: checkpoint tensor {k.name} is expert {k.expert}, but the model has {E} experts "
                             "(a checkpoint of another model size?)")

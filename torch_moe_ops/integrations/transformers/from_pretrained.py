@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from ...checkpoint.files import SafetensorsFiles as Checkpoint  # the one reader (tests patch this name)
-from ...checkpoint.formats import block_size_of, detect_fp8
+from ...checkpoint.formats import block_size_of, detect_prequantized
 from ...checkpoint.progress import progress_bar
 from ...errors import LoadError
 from ...schemes.configs import check_quant_config
@@ -67,6 +67,21 @@ def _skeleton_class(cls, quant_config, sink: dict):
                                        "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
 
 
+def _without_mxfp4(config):
+    """``config`` without transformers' own MXFP4 ``quantization_config`` (GPT-OSS): its experts are ours and
+    stay packed (``Mxfp4Config``), and every other tensor of such a checkpoint is a float one. A copy; any other
+    quantization config is left to transformers."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "mxfp4":
+        return config
+    import copy
+
+    config = copy.deepcopy(config)
+    del config.quantization_config
+    return config
+
+
 def _dtype(dtype, config, ckpt: Checkpoint) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -90,7 +105,8 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
 
     Args:
         path: checkpoint folder (``config.json`` + safetensors; ``model.safetensors.index.json`` respected).
-        quant_config: None (the checkpoint's precision; a pre-quantized fp8 checkpoint stays as it is),
+        quant_config: None (the checkpoint's precision; a pre-quantized fp8 checkpoint, or GPT-OSS's MXFP4, stays
+            as it is),
             ``Fp8Config`` / ``Int8Config`` / ``Int4Config`` or a scheme name such as ``"fp8_block"`` (experts
             quantized while they stream).
         device: where the model goes (default: cpu). dtype: model dtype (default: the config's).
@@ -108,7 +124,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
     path = os.fspath(path)
     selection = checkpoint_files(path)
     files, ignored_files = selection.files, [f"{f} ({why})" for f, why in selection.ignored.items()]
-    config = hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
+    config = _without_mxfp4(hf_kwargs.pop("config", None) or AutoConfig.from_pretrained(path))
     cls = _model_class(config, model_class)
     ckpt = Checkpoint(selection)
     try:
@@ -126,8 +142,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
         for p, plan in blocks.items():
             check_keys(p, plan, per_block[p], ckpt)
         block_size = block_size_of(config)
-        fp8 = {p: detect_fp8(p, per_block[p].names(), ckpt.spec, block_size) for p in blocks}
-        fp8 = {p: f.config() if f is not None else None for p, f in fp8.items()}
+        fp8 = {p: detect_prequantized(p, per_block[p].names(), ckpt.spec, block_size) for p in blocks}
         _check_fp8(fp8, quant_config)
         state = {name: ckpt.slice(name) for name in others}
         model, info = skeleton.from_pretrained(None, config=config, state_dict=state, dtype=dt,

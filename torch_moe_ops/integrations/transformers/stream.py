@@ -9,8 +9,9 @@ square ``down_proj`` of GPT-OSS is never guessed from its shape), converted here
 Pre-quantized fp8 e4m3 checkpoints take the same path: their weights and scales are ``weight_loader``
 pieces of a layer whose ``Fp8Config`` matches the checkpoint (``checkpoint/formats.py`` decides it: block
 ``weight_scale_inv`` with DeepSeek-V3's ``weight_block_size``, per-tensor or per-channel ``weight_scale``),
-written as they are, never re-quantized (the piece rules: ``loading/prequantized.py``). Tensors are read
-through the one safetensors reader (``checkpoint.files.SafetensorsFiles``), one expert at a time.
+written as they are, never re-quantized (the piece rules: ``layer/loading/prequantized.py``); so are GPT-OSS's
+MXFP4 ``*_blocks`` / ``*_scales`` into ``Mxfp4Config`` layers. Tensors are read through the one safetensors reader
+(``checkpoint.files.SafetensorsFiles``), one expert at a time.
 """
 from __future__ import annotations
 
@@ -61,7 +62,11 @@ def load_experts(path, plan: BlockPlan, keys: BlockKeys, ckpt: SafetensorsFiles,
             for (shard, kind), sl in slices.items():
                 key, t = fused[(shard, kind)], sl[e]
                 prefix, shard_id = ("w2", "w2") if shard == "w2" else ("w13", None)  # None: fused gate_up rows
-                if kind == "weight":
+                if kind == "mxfp4":  # GPT-OSS's packed bytes [N, K/32, 16] -> [N, K/2], [out, in] as stored
+                    load(key, prefix + "_weight", t.flatten(-2), shard_id, e, transposed=False)
+                elif kind == "mxfp4_scale":
+                    load(key, prefix + "_weight_scale", t, shard_id, e)
+                elif kind == "weight":
                     t = ex.expert_w13(t) if shard == "w13" else ex.expert_w2(t)
                     load(key, prefix + "_weight", t, shard_id, e, transposed=False)
                 else:
