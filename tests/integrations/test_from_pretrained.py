@@ -226,3 +226,12 @@ def test_gpt_oss_mxfp4_folder_stays_mxfp4(tmp_path):
     assert ((got - want).norm() / want.norm()) < 2e-2
     with pytest.raises(ValueError, match=r"pre-quantized as Mxfp4Config\(\).*quant_config=None or Mxfp4Config\(\)"):
         _load(str(tmp_path), Int8Config())
+    # transformers' own reading of the folder (its MXFP4 dequantizer): the same logits to bf16 noise
+    import transformers
+
+    if not hasattr(transformers, "Mxfp4Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no Mxfp4Config")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.bfloat16).eval()
+    theirs = _logits(hf, ids).float()
+    assert ((got - theirs).norm() / theirs.norm()) < 2e-2
