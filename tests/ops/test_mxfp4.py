@@ -17,7 +17,7 @@ from torch.library import opcheck
 import torch_moe_ops
 from torch_moe_ops.testing import sqnr_db
 
-from .test_contract import UTILS
+from .test_contract import UTILS, _compile_run
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -165,3 +165,18 @@ def test_fused_experts_refuses_fp32_scales_and_opcheck():
                                     w2_scale=s2)
     opcheck(torch.ops.moe.fused_experts.default, (x, q13, q2, weights, ids),
             dict(quant_scheme="mxfp4", w13_scale=s13, w2_scale=s2), test_utils=UTILS)
+
+
+def test_compile_fused_moe_no_recompiles():
+    """``fused_moe`` on mxfp4 weights under ``torch.compile(fullgraph=True, dynamic=True)``: one graph for every T,
+    equal to eager."""
+    E, k, H, I = 6, 2, 64, 32
+    q13, s13 = torch_moe_ops.quantize_weight(torch.randn(E, 2 * I, H) * 0.1, "mxfp4")
+    q2, s2 = torch_moe_ops.quantize_weight(torch.randn(E, H, I) * 0.1, "mxfp4")
+    gate = torch.randn(E, H) / 10
+
+    def fn(x, gate, q13, q2, s13, s2):
+        return torch_moe_ops.fused_moe(x, (x @ gate.t().to(x.dtype)).float(), q13, q2, k, quant_scheme="mxfp4",
+                                       w13_scale=s13, w2_scale=s2, activation="swigluoai")
+
+    _compile_run(fn, lambda t: (torch.randn(t, H).bfloat16() / 10, gate, q13, q2, s13, s2))
