@@ -29,14 +29,15 @@ SCHEMES = ("bf16", "fp8_block")  #: every case runs with these; int4 runs a subs
 
 
 def quant(scheme):
-    from torch_moe_ops import Fp8Config, Int4Config
+    from torch_moe_ops import Fp8Config, Int4Config, Mxfp4Config
 
-    configs = {"bf16": None, "fp8_block": Fp8Config("block", block_shape=(16, 16)), "int4": Int4Config(group_size=32)}
+    configs = {"bf16": None, "fp8_block": Fp8Config("block", block_shape=(16, 16)), "int4": Int4Config(group_size=32),
+               "mxfp4": Mxfp4Config()}
     return configs[scheme]
 
 
 def inter(world):
-    return 32 * world  # I/tp = 32 for tp = world: a multiple of the (16, 16) fp8 block and of the int4 group 32
+    return 32 * world  # I/tp = 32 for tp = world: a multiple of the (16, 16) fp8 block and of the int4 / mxfp4 group 32
 
 
 def checkpoint(I, seed=0, bias=False):
@@ -218,6 +219,11 @@ def cases(world: int) -> dict:
     out["load-ep-int4"] = lambda r, w, o: case_loading(r, w, "ep", "int4", o)
     out["load-tp-int4"] = lambda r, w, o: case_loading(r, w, "tp", "int4", o)
     out["rebalance-all_to_all-int4"] = lambda r, w, o: case_rebalance(r, w, "int4", "all_to_all")
+    # mxfp4 (E8M0 uint8 scales, group 32): TP slices in storage units, EP with replicas, loading, a rebalance
+    out["tp-mxfp4"] = lambda r, w, o: case_forward(r, w, "tp", "mxfp4")
+    out["ep-all_to_all-R2-mxfp4"] = lambda r, w, o: case_forward(r, w, "ep", "mxfp4", "all_to_all", 2)
+    out["load-tp-mxfp4"] = lambda r, w, o: case_loading(r, w, "tp", "mxfp4", o)
+    out["rebalance-all_gather-mxfp4"] = lambda r, w, o: case_rebalance(r, w, "mxfp4", "all_gather")
     for s in SCHEMES:
         for mode in ("all_to_all", "all_gather"):
             out[f"rebalance-{mode}-{s}"] = lambda r, w, o, s=s, m=mode: case_rebalance(r, w, s, m)

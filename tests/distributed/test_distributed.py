@@ -72,7 +72,7 @@ def _write_checkpoints(outdir, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_world(tmp_path, world):
     """Every case of ``_worker.cases(world)`` (TP, EP all-to-all / all-gather with and without 2 redundant
-    experts, bf16 and fp8_block, a subset with int4 group 32, T in {1, 5, 64}, skewed routing leaving ranks without tokens; loading and
+    experts, bf16 and fp8_block, subsets with int4 group 32 and mxfp4, T in {1, 5, 64}, skewed routing leaving ranks without tokens; loading and
     reload from safetensors; rebalance; compile) on ``world`` ranks, compared with the single-process layer."""
     _write_checkpoints(tmp_path, world)
     results, codes, logs = launch(world, "main", tmp_path)
