@@ -4,6 +4,17 @@ from __future__ import annotations
 import torch
 
 
+def moe_problem(T: int, E: int, K: int, H: int, I: int, dtype=torch.bfloat16) -> tuple:
+    """(x [T, H], w13 [E, 2I, H], w2 [E, H, I] in ``dtype``, router weights and ids [T, K] from ``topk_route``)."""
+    import torch_moe_ops
+
+    x = torch.randn(T, H, dtype=dtype)
+    w13 = (torch.randn(E, 2 * I, H) / 10).to(dtype)
+    w2 = (torch.randn(E, H, I) / 10).to(dtype)
+    weights, ids = torch_moe_ops.topk_route(torch.randn(T, E), K, renormalize=True)
+    return x, w13, w2, weights, ids
+
+
 def random_ids(T: int, k: int, E: int, experts=None, dtype=torch.int32) -> torch.Tensor:
     """[T, k] distinct expert ids per token, drawn from ``experts`` (default: all E)."""
     pool = torch.arange(E) if experts is None else torch.as_tensor(experts)

@@ -1,22 +1,19 @@
 """Dtype errors at the op boundary (``ops/_checks.py``) blame the argument most likely wrong: mixed unquantized
 dtypes name hidden_states or the weight, quantized storage without a ``quant_scheme`` asks for the scheme (and
 names it), float weights under a quantized scheme suggest ``quantize_weight`` (issue 21)."""
+import functools
 import re
 
 import pytest
 import torch
 
 import torch_moe_ops as moe
+from ._data import moe_problem
 
 T, E, K, H, I = 8, 4, 2, 256, 128
 
 
-def _problem(dtype=torch.bfloat16):
-    x = torch.randn(T, H, dtype=dtype)
-    w13 = (torch.randn(E, 2 * I, H) / 10).to(dtype)
-    w2 = (torch.randn(E, H, I) / 10).to(dtype)
-    weights, ids = moe.topk_route(torch.randn(T, E), K, renormalize=True)
-    return x, w13, w2, weights, ids
+_problem = functools.partial(moe_problem, T, E, K, H, I)  # (x, w13, w2, weights, ids); dtype=...
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])  # the fake (meta) path raises the same message

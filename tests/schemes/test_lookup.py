@@ -1,22 +1,20 @@
 """Scheme names resolve once, in the registry (``schemes/_lookup.py``, docs/design.md §3): one name per scheme
 (the weight format's name and the scheme's name are aliases of each other, in ``quantize_weight`` and
 ``fused_experts`` alike), and an unknown name's error lists every name and alias (issue 21)."""
+import functools
+
 import pytest
 import torch
 
 import torch_moe_ops as moe
+from tests.ops._data import moe_problem
 from torch_moe_ops.schemes import QUANT_SCHEME_ALIASES, QUANT_SCHEMES, WEIGHT_FORMAT_ALIASES, WEIGHT_FORMATS
 from torch_moe_ops.testing import sqnr_db
 
 T, E, K, H, I = 8, 4, 2, 256, 128
 
 
-def _problem(dtype=torch.bfloat16):
-    x = torch.randn(T, H, dtype=dtype)
-    w13 = (torch.randn(E, 2 * I, H) / 10).to(dtype)
-    w2 = (torch.randn(E, H, I) / 10).to(dtype)
-    weights, ids = moe.topk_route(torch.randn(T, E), K, renormalize=True)
-    return x, w13, w2, weights, ids
+_problem = functools.partial(moe_problem, T, E, K, H, I)  # (x, w13, w2, weights, ids); dtype=...
 
 
 @pytest.mark.parametrize("names", [("int4_w4a16", "int4_group", "int4"), ("int8_w8a16", "int8_channel", "int8")],
