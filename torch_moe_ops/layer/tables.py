@@ -56,8 +56,7 @@ def physical_ids(spec: LayerSpec, buffers: Mapping, logical_id: int, where: Call
         return [logical_id]
     if not isinstance(logical_id, int) or not 0 <= logical_id < spec.num_experts:
         raise ValueError(f"{where()}: logical expert id must be an int in [0, {spec.num_experts}), got {logical_id!r}")
-    # host-ok: a loading-time lookup, not a forward path
-    return [p for p in buffers["logical_to_physical"][logical_id].tolist() if p >= 0]
+    return [p for p in buffers["logical_to_physical"][logical_id].tolist() if p >= 0]  # host-ok: loading-time lookup
 
 
 def rebalance(spec: LayerSpec, params: Mapping, buffers: Mapping, new_logical_to_physical,
