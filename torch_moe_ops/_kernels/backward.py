@@ -267,7 +267,7 @@ def invoke_dgrad(a, a_div, w, out, align, block_m, numel, scheme: QuantScheme, *
         EPILOGUE=epilogue, NEED_DOT=d is not None, BIAS_DOT=bias is not None, INTERLEAVED=interleaved, **act_meta,
         TENSOR_SCALE_COLS=w_scale.shape[1] if flags.W_TENSOR_SCALE and w_scale.dim() > 1 else 1,
         W_TENSOR_SCALE=flags.W_TENSOR_SCALE, W_CHANNEL_SCALE=flags.W_CHANNEL_SCALE, TILE_SCALES=scheme.tiled,
-        W_PACKED=scheme.packed, W_CODEC=scheme.kernel_kwargs()["W_CODEC"], DEQUANT=scheme.quantized,
+        W_PACKED=scheme.packed, W_CODEC=scheme.codec, DEQUANT=scheme.quantized,
         **_emulation(a.dtype, out.dtype if out is not None else a.dtype), **tiles,
     )
     return part

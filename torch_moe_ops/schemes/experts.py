@@ -107,8 +107,12 @@ class QuantScheme:
     def kernel_kwargs(self) -> dict:
         """The GEMMs' scheme constexprs: the flags, ``W_PACKED`` and the weight codec's name ``W_CODEC``
         (``_kernels/formats.py`` decodes storage by it; ``"none"``: weights in the activation dtype)."""
-        return {**self.flags.kwargs(), "W_PACKED": self.packed,
-                "W_CODEC": self.weight.codec.kernel if self.weight is not None else "none"}
+        return {**self.flags.kwargs(), "W_PACKED": self.packed, "W_CODEC": self.codec}
+
+    @property
+    def codec(self) -> str:
+        """The weight codec's name in the kernels (``W_CODEC``); ``"none"``: weights in the activation dtype."""
+        return self.weight.codec.kernel if self.weight is not None else "none"
 
     @property
     def tiled(self) -> bool:
