@@ -56,7 +56,8 @@ def test_refusals_write_nothing():
     before = [p.clone() for p in dst.parameters()]
     bad = src.w2_weight_scale[0].clone()
     bad[3, 1] = 255
-    with pytest.raises(ValueError, match=r"E8M0 scale byte 255 is NaN \(first at index \[3, 1\]\).*wrote nothing"):
+    with pytest.raises(ValueError, match=r"w2_weight_scale expert 0 shard 'w2': non-finite values \(first at index \[3, 1\]: nan\).*"
+                                        r"wrote nothing"):
         dst.weight_loader(dst.w2_weight_scale, bad, shard_id="w2", expert_id=0)
     with pytest.raises(TypeError, match=r"weight scales must be uint8 \(E8M0 bytes\), got torch.float32"):
         dst.weight_loader(dst.w2_weight_scale, bad.float(), shard_id="w2", expert_id=0)

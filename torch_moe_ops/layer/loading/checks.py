@@ -50,13 +50,10 @@ def check_finite(t: torch.Tensor, where: str, offset: tuple[int, ...] = ()) -> N
 
 
 def check_scale(t: torch.Tensor, where: str, offset: tuple[int, ...] = ()) -> None:
-    """A pre-quantized weight scale (``real = q * scale``; mxfp4: E8M0 bytes, 255 = NaN): finite and >= 0, else
-    ``ValueError`` naming
+    """A pre-quantized weight scale's values (``real = q * scale``; fp32, or decoded by its codec): finite and >= 0,
+    else ``ValueError`` naming
     ``where`` and the first bad index (a negative scale flips the weight's sign: never a valid export)."""
     check_finite(t, where, offset)
-    if t.dtype == torch.uint8 and t.numel() and int(t.max()) == 255:  # host-ok: load-time check
-        index = [int(i) for i in (t == 255).nonzero()[0]]  # host-ok: error path
-        raise ValueError(f"{where}: E8M0 scale byte 255 is NaN (first at index {list(offset) + index})")
     if t.numel() and float(t.min()) < 0:  # host-ok: load-time check
         index = [int(i) for i in (t < 0).nonzero()[0]]  # host-ok: error path
         raise ValueError(f"{where}: negative weight scale (first at index {list(offset) + index}: "

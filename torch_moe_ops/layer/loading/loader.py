@@ -163,12 +163,15 @@ class WeightLoader:
         if not piece.slots:
             return  # another rank's expert: nothing is read
         check_materialized(loaded, piece.where)
-        check = check_scale if piece.name in SCALES else check_finite
+        if piece.name in SCALES:  # scale values, decoded from the format's storage (an E8M0 byte 255 is NaN)
+            check, values = check_scale, self.pre.fmt.codec.load_scale
+        else:
+            check, values = check_finite, lambda t: t
         indices = sorted({index for index, _, _ in piece.slots if index is not None})
         if not indices:
-            check(loaded, piece.where)
+            check(values(loaded), piece.where)
         for e in indices:  # an all-experts tensor: name the expert the bad value belongs to
-            check(loaded[e], f"{self.where()}: {piece.name} expert {e} shard {piece.shard!r}", (e,))
+            check(values(loaded[e]), f"{self.where()}: {piece.name} expert {e} shard {piece.shard!r}", (e,))
 
     def _expert_piece(self, targets, name, loaded, shard, expert_id, transposed) -> Piece:
         lay, pre = self.layout, False
