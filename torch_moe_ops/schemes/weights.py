@@ -319,10 +319,6 @@ class _Group(_Tiled):
     quantizer = "groups"
     GROUPS = (32, 64, 128)
 
-    def __init__(self, *args, groups: tuple[int, ...] = (32, 64, 128), **kw):
-        super().__init__(*args, **kw)
-        object.__setattr__(self, "GROUPS", groups)
-
     def block_shape(self, block_shape, name="block_shape"):
         block = super().block_shape(block_shape, name)
         if block[0] != 1 or block[1] not in self.GROUPS:
@@ -335,7 +331,13 @@ FP8_CHANNEL = _PerChannel("fp8_channel", _Fp8(), alt_storage=(torch.uint8,))
 FP8_BLOCK = _Tiled("fp8_block", _Fp8(), default_block=(128, 128), alt_storage=(torch.uint8,))
 INT8_CHANNEL = _PerChannel("int8_channel", _Int8())
 INT4_GROUP = _Group("int4_group", _Int4(), default_block=(1, 128))
-MXFP4 = _Group("mxfp4", _Mxfp4(), default_block=(1, 32), groups=(32,))
+class _Mx(_Group):
+    """OCP MX groups: 32 values along K share one scale, always."""
+
+    GROUPS = (32,)
+
+
+MXFP4 = _Mx("mxfp4", _Mxfp4(), default_block=(1, 32))
 
 WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP8_TENSOR, FP8_CHANNEL, FP8_BLOCK, INT8_CHANNEL,
                                                                INT4_GROUP, MXFP4)}
