@@ -142,13 +142,13 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
         for p, plan in blocks.items():
             check_keys(p, plan, per_block[p], ckpt)
         block_size = block_size_of(config)
-        fp8 = {p: detect_prequantized(p, per_block[p].names(), ckpt.spec, block_size) for p in blocks}
-        _check_fp8(fp8, quant_config)
+        pre = {p: detect_prequantized(p, per_block[p].names(), ckpt.spec, block_size) for p in blocks}
+        _check_prequantized(pre, quant_config)
         state = {name: ckpt.slice(name) for name in others}
         model, info = skeleton.from_pretrained(None, config=config, state_dict=state, dtype=dt,
                                                output_loading_info=True, **hf_kwargs)
         model.__class__ = cls
-        report = _report(quant_config, fp8, sink["unsupported"], files, ignored_files, ignored, info)
+        report = _report(quant_config, pre, sink["unsupported"], files, ignored_files, ignored, info)
         _check_info(info, strict, report)
         gen = os.path.join(path, "generation_config.json")
         if os.path.exists(gen):
@@ -159,7 +159,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
         report.expert_bytes_before = total  # in the checkpoint's dtypes
         with progress_bar("Loading experts", total, progress) as bar:
             for p, plan in sink["blocks"].items():
-                _load_block(model, p, plan, per_block[p], ckpt, quant_config, fp8[p], device, dt, bar, report)
+                _load_block(model, p, plan, per_block[p], ckpt, quant_config, pre[p], device, dt, bar, report)
     finally:
         ckpt.close()
     model.eval()
@@ -169,10 +169,10 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
     return model
 
 
-def _load_block(model, path, plan, keys, ckpt, quant_config, fp8, device, dt, bar, report) -> None:
+def _load_block(model, path, plan, keys, ckpt, quant_config, pre, device, dt, bar, report) -> None:
     block: MoEBlock = model.get_submodule(path)
     dev = torch.device(device) if device is not None else block.router_linear().weight.device
-    layer = load_experts(path, plan, keys, ckpt, fp8 if fp8 is not None else quant_config, dev, dt, bar)
+    layer = load_experts(path, plan, keys, ckpt, pre if pre is not None else quant_config, dev, dt, bar)
     block.experts = layer
     record_router_logits(model, block)
     report.replaced[path] = f"{plan.block_class} -> MoEBlock({plan.describe()}, {layer.quant_scheme})"
@@ -183,18 +183,20 @@ def _load_block(model, path, plan, keys, ckpt, quant_config, fp8, device, dt, ba
                             "quantized dynamically per token)")
 
 
-def _check_fp8(fp8: dict, quant_config) -> None:
-    schemes = {str(q) for q in fp8.values()}
+def _check_prequantized(pre: dict, quant_config) -> None:
+    """``pre``: {block path: the config its pre-quantized experts need, or None}; one format, and no other
+    ``quant_config`` than it."""
+    schemes = {str(q) for q in pre.values()}
     if len(schemes) > 1:
         raise LoadError(f"the checkpoint mixes expert formats across layers: {sorted(schemes)}")
-    pre = next(iter(fp8.values()), None)
-    if pre is not None and quant_config is not None and quant_config != pre:
-        raise ValueError(f"the checkpoint's experts are pre-quantized as {pre}; quant_config={quant_config} would "
-                         f"need re-quantizing them. Pass quant_config=None or {pre}")
+    first = next(iter(pre.values()), None)
+    if first is not None and quant_config is not None and quant_config != first:
+        raise ValueError(f"the checkpoint's experts are pre-quantized as {first}; quant_config={quant_config} would "
+                         f"need re-quantizing them. Pass quant_config=None or {first}")
 
 
-def _report(quant_config, fp8, unsupported, files, ignored_files, ignored, info) -> PatchReport:
-    pre = next((q for q in fp8.values() if q is not None), None)
+def _report(quant_config, pre_by_block, unsupported, files, ignored_files, ignored, info) -> PatchReport:
+    pre = next((q for q in pre_by_block.values() if q is not None), None)
     qc = pre or quant_config
     report = PatchReport(skipped=dict(unsupported), quant_scheme=qc.quant_scheme.name if qc is not None else "none")
     report.loading = {"files": [os.path.basename(f) for f in files], "ignored_files": ignored_files,
