@@ -197,8 +197,7 @@ def _gpt_oss_mxfp4_folder(model, path):
             q, s = quantize_weight(w, "mxfp4")
             E, N, K = w.shape
             sd[name + "_blocks"], sd[name + "_scales"] = q.view(E, N, K // 32, 16), s
-            model.get_parameter(name.removeprefix("model.") if name not in dict(model.named_parameters()) else name
-                                ).copy_(reference.dequantize_weight(q, s, "mxfp4").transpose(1, 2))
+            model.get_parameter(name).copy_(reference.dequantize_weight(q, s, "mxfp4").transpose(1, 2))
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     cfg = json.load(open(os.path.join(path, "config.json")))
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
