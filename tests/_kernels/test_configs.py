@@ -153,22 +153,31 @@ def test_table_keys_come_from_the_scheme_objects():
 
 
 @pytest.mark.parametrize("G", [32, 64, 128])
-def test_int4_block_k_divides_the_group(G):
-    """int4: 16 x 128 tiles up to 64 rows per expert, the 16-bit heuristic beyond; BLOCK_K | G (so
-    BLOCK_K <= G: each K step lies in one group) and BLOCK_K >= 32 (one K/2 >= 16 dot per nibble)."""
+def test_int4_block_k_fits_the_group(G):
+    """int4: 16 x 128 tiles up to 64 rows per expert, the 16-bit heuristic beyond; BLOCK_K divides G or is a
+    multiple of it (gemm._packed_step scales before the dot then), and BLOCK_K >= 32 (one K/2 >= 16 dot per
+    nibble)."""
     for T in (1, 16, 64, 256, 1024, 16384):
         for N, K in ((4096, 2048), (2048, 2048), (256, G), (40, 4 * G)):
             cfg = default_config(T, 8, N, K, INT4, (1, G), top_k=2)
             bf16 = default_config(T, 8, N, K, NONE, top_k=2)
-            assert G % cfg.block_k == 0 and 32 <= cfg.block_k <= G, (T, N, K, cfg)
+            assert (G % cfg.block_k == 0 or cfg.block_k % G == 0) and cfg.block_k >= 32, (T, N, K, cfg)
             if T * 2 / 8 <= 64:
-                want = TileConfig(16, min(128, max(16, 1 << (N - 1).bit_length())), G,  # K >= G here
+                want = TileConfig(16, min(128, max(16, 1 << (N - 1).bit_length())), min(128, max(K, 32)),
                                   16 if T * 2 / 8 > 16 else 1, 4, 4)
                 assert cfg == want, (T, N, K, cfg)
             else:
-                assert cfg.block_k == min(bf16.block_k, G), (T, N, K, cfg)
-                assert dataclasses.replace(cfg, block_k=bf16.block_k) == bf16  # only BLOCK_K differs
+                # powers of two: BLOCK_K divides G or is a multiple of it, so the 16-bit tiles serve as they are
+                assert cfg == dataclasses.replace(bf16, block_k=max(bf16.block_k, 32)), (T, N, K, cfg)
     assert default_config(1, 8, 4096, 2048, INT4, None, top_k=2) == TileConfig(16, 128, 128, 1, 4, 4)  # [1, 128]
+
+
+def test_mxfp4_decode_tiles_span_four_groups():
+    """mxfp4's G = 32: decode takes BLOCK_K = 128 (four groups a K step, scaled before the dot)."""
+    mx = QUANT_SCHEMES["mxfp4"]
+    cfg = default_config(1, 32, 5760, 2880, mx, (1, 32), top_k=4)
+    assert cfg == TileConfig(16, 128, 128, 1, 4, 4)
+    assert default_config(1, 32, 64, 32, mx, (1, 32), top_k=4).block_k == 32
 
 
 def test_int4_interpreter_tiles(monkeypatch):
@@ -182,16 +191,16 @@ def test_int4_tuned_entry_read_by_its_key_and_unusable_block_k_rejected(tmp_path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(configs, "device_name", lambda index: "Fake GPU")
     monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
-    good, bad = TileConfig(16, 128, 32, 1, 4, 4), TileConfig(16, 128, 64, 1, 4, 4)
+    good, bad = TileConfig(16, 128, 64, 1, 4, 4), TileConfig(16, 128, 96, 1, 4, 4)
     _write_table(tmp_path, "Fake GPU", [
         {"E": 8, "N": 1024, "K": 512, "scheme": "int4_w4a16_1x32", "configs": {"16": good.to_dict()}},
-        {"E": 8, "N": 1024, "K": 256, "scheme": "int4_w4a16_1x32", "configs": {"16": bad.to_dict()}},
+        {"E": 8, "N": 1024, "K": 256, "scheme": "int4_w4a16_1x64", "configs": {"16": bad.to_dict()}},
     ])
     assert get_config(3, 8, 1024, 512, INT4, (1, 32), CUDA0, top_k=2) == good
     # another group size is another key: heuristic
     assert get_config(3, 8, 1024, 512, INT4, (1, 64), CUDA0, top_k=2) == default_config(3, 8, 1024, 512, INT4, (1, 64),
                                                                                         top_k=2)
-    # BLOCK_K = 64 > G = 32: falls back to the heuristic
-    got = get_config(3, 8, 1024, 256, INT4, (1, 32), CUDA0, top_k=2)
-    assert got == default_config(3, 8, 1024, 256, INT4, (1, 32), top_k=2) and got.block_k == 32
+    # BLOCK_K = 96 neither divides G = 64 nor is a multiple of it: falls back to the heuristic
+    got = get_config(3, 8, 1024, 256, INT4, (1, 64), CUDA0, top_k=2)
+    assert got == default_config(3, 8, 1024, 256, INT4, (1, 64), top_k=2) and got.block_k == 128
 

@@ -15,7 +15,7 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 from torch_moe_ops._kernels.align import align_block_size  # noqa: E402
 from torch_moe_ops._kernels.configs import TileConfig  # noqa: E402
 from torch_moe_ops._kernels.gemm import invoke_moe_gemm  # noqa: E402
-from torch_moe_ops.schemes import NONE  # noqa: E402
+from torch_moe_ops.schemes import NONE, get_quant_scheme  # noqa: E402
 
 from ._experts import DEVICE, DTYPES, INT4  # noqa: E402
 
@@ -42,13 +42,15 @@ def test_gemm_minus_one_block_stores_zeros_and_skips_tail():
     assert c[[6, 7, 8]].isnan().all()
 
 
-@pytest.mark.parametrize("G,bk,dtype", [(32, 32, "bf16"), (32, 32, "fp32"), (64, 32, "fp16"), (128, 32, "fp32"),
-                                        (128, 64, "bf16"), (128, 128, "bf16")])
-def test_gemm_int4_unpacks_nibbles_and_scales_each_group(G, bk, dtype):
+@pytest.mark.parametrize("G,bk,dtype,K", [(32, 32, "bf16", 64), (32, 32, "fp32", 64), (64, 32, "fp16", 128),
+                                          (128, 32, "fp32", 256), (128, 64, "bf16", 256), (128, 128, "bf16", 256),
+                                          (32, 64, "bf16", 96), (32, 128, "fp32", 160), (64, 128, "fp16", 192)])
+def test_gemm_int4_unpacks_nibbles_and_scales_each_group(G, bk, dtype, K):
     """Every byte value (so every nibble, -8 included), random per-group scales, BLOCK_K < G (several K
-    steps per group) and BLOCK_K = G; N not a multiple of BLOCK_N. Against a[j // k] @ dequantize(w)[e]ᵀ."""
+    steps per group), BLOCK_K = G and BLOCK_K = n·G (scales applied before the dot; a K tail of whole groups;
+    fp16 falls back to BLOCK_K = G); N not a multiple of BLOCK_N. Against a[j // k] @ dequantize(w)[e]ᵀ."""
     dt = DTYPES[dtype]
-    T, k, E, N, K = 9, 2, 3, 40, 2 * G
+    T, k, E, N = 9, 2, 3, 40
     fmt = INT4.weight
     a = torch.randn(T, K).to(dt)
     q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8)
@@ -76,9 +78,38 @@ def test_gemm_int4_refuses_block_k_not_dividing_the_group_or_too_small():
     s = torch.ones(E, N, K // 32, device=DEVICE)
     ids = torch.zeros(4, 1, dtype=torch.int32, device=DEVICE)
     c = torch.empty(4, N, device=DEVICE)
-    with pytest.raises(ValueError, match="BLOCK_K=64 must divide"):
-        invoke_moe_gemm(a, q, c, *align_block_size(ids, E, 16), top_k=1, config=TileConfig(16, 32, 64, 1, 4, 1),
-                        scheme=INT4, w_scale=s, block=(1, 32))
+    with pytest.raises(ValueError, match="BLOCK_K=96 must divide .* or be a multiple of it"):
+        invoke_moe_gemm(a, q, c, *align_block_size(ids, E, 16), top_k=1, config=TileConfig(16, 32, 96, 1, 4, 1),
+                        scheme=INT4, w_scale=s, block=(1, 64))
     with pytest.raises(ValueError, match="BLOCK_K=16 must be a multiple of 32"):  # two K/2 dots need K >= 16 each
         invoke_moe_gemm(a, q, c, *align_block_size(ids, E, 16), top_k=1, config=TileConfig(16, 32, 16, 1, 4, 1),
                         scheme=INT4, w_scale=s, block=(1, 32))
+
+
+@pytest.mark.parametrize("bk,dtype,K", [(32, "bf16", 96), (64, "bf16", 96), (128, "bf16", 160), (128, "fp32", 128),
+                                        (64, "fp16", 128)])
+def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bk, dtype, K):
+    """mxfp4: every E2M1 byte, E8M0 scale bytes over a wide range (2^-20 .. 2^10, fp16 2^2; and 0 = 2^-127), BLOCK_K = G
+    (scale after the dot) and n·G (scale before it, exact for powers of two), a K tail of whole groups.
+    Against a[j // k] @ dequantize(w)[e]ᵀ in fp32."""
+    mx = get_quant_scheme("mxfp4")
+    dt = DTYPES[dtype]
+    T, k, E, N = 7, 2, 3, 40
+    a = torch.randn(T, K).to(dt)
+    q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8)
+    q.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    top = 3 if dt == torch.float16 else 11  # fp16 outputs overflow past ~2^4 scales
+    s = torch.randint(127 - 20, 127 + top, (E, N, K // 32), dtype=torch.uint8)
+    s.view(-1)[0] = 0
+    _, ids = torch.rand(T, E).topk(k, dim=-1)
+    ids = ids.to(torch.int32)
+    cfg = TileConfig(16, 32, bk, 1, 4, 1)
+    c = torch.full((T * k, N), float("nan"), dtype=dt, device=DEVICE)
+    align = align_block_size(ids.to(DEVICE), E, cfg.block_m)
+    invoke_moe_gemm(a.to(DEVICE), q.to(DEVICE), c, *align, top_k=k, config=cfg, scheme=mx, w_scale=s.to(DEVICE),
+                    block=(1, 32))
+    w_ref = mx.weight.dequantize(q, s, (1, 32))  # [E, N, K] fp32
+    j = torch.arange(T * k)
+    ref = torch.einsum("jk,jnk->jn", a.float()[j // k], w_ref[ids.view(-1).long()])
+    err = (c.cpu().float() - ref).norm() / ref.norm()
+    assert err < (1e-6 if dt == torch.float32 else 4e-3), err  # only the output's rounding (and fp32 sums)

@@ -98,7 +98,9 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
     128×256 with 4 stages (17–20 % faster than 128×128×3 at T = 16384); fp8 decode tiles use 3 stages
     (Qwen3 fp8 T=1 GEMM2: 89 µs with 4, 12 µs with 3). int4 takes 16 x 128 tiles up to 64 rows per expert
     and the 16-bit tiles beyond (within 3 % of the best of 13 tiles at T = 4096 on H200), BLOCK_K cut to
-    divide the group and at least 32 (measured with G = 128 only; no tuned tables yet)."""
+    divide the group and at least 32 (measured with G = 128 only; no tuned tables yet). Smaller groups (int4
+    G = 32 / 64, mxfp4) keep BLOCK_K = 128 and scale each value before the dot (``gemm._packed_step``): a
+    K step of G = 32 would run two 16-deep dots per 16 bytes of a weight row (not yet measured against it)."""
     block = _block(scheme, block)
     fp8 = scheme.fp8_dot
     if scheme.flags.BLOCK_SCALES:
@@ -133,7 +135,7 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
     if fp8:
         block_k = max(block_k, 32)  # an fp8 tl.dot needs K >= 32 on the GPU; a tiny K is masked instead
     block_k = max(block_k, _min_block_k(scheme))
-    if scheme.tiled:
+    if scheme.tiled and not (scheme.flags.W_GROUP_SCALE and block_k % block[1] == 0):
         block_k = _fit_block_k(block_k, block[1], floor=max(32 if fp8 else 16, _min_block_k(scheme)))
     return dataclasses.replace(cfg, block_n=_shrink_to(N, cfg.block_n), block_k=block_k)
 
@@ -182,12 +184,12 @@ def lookup_tuned(table: dict[int, TileConfig], T: int) -> TileConfig:
 
 
 def _usable(cfg: TileConfig, scheme: QuantScheme, block) -> bool:
-    """A tuned config fits the scheme: BLOCK_K divides the scale tile's K size (so is at most it) and is a
-    multiple of what packed weights need."""
+    """A tuned config fits the scheme: BLOCK_K divides the scale tile's K size (or, for [1, G] groups, is a
+    multiple of G) and is a multiple of what packed weights need."""
     if cfg.block_k % _min_block_k(scheme):
         return False
     if scheme.tiled:
-        return block[1] % cfg.block_k == 0
+        return block[1] % cfg.block_k == 0 or (scheme.flags.W_GROUP_SCALE and cfg.block_k % block[1] == 0)
     return True
 
 

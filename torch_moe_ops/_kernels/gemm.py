@@ -39,12 +39,14 @@ from .plan import launch
 
 
 @triton.jit
-def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, k_left, scale_off,
-                 W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                 FP32_IEEE: tl.constexpr):
+def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, k_left, scale_off, stride_bsk,
+                 W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
     """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK/2, 2] (k = 2j, 2j + 1), ``b_ptrs`` [BK/2,
     BN] bytes, each loaded once. Even k meet the low halves, odd k the high ones (``decode_pairs``): two dots
-    of BK/2, exact in the activation dtype, then the group scale of each column (BLOCK_K divides the group)."""
+    of BK/2. BLOCK_K ≤ GROUP_K: the values are exact in the activation dtype and the step's one group scale
+    multiplies the dot; BLOCK_K = n·GROUP_K: each value is scaled before the dot (``[BK/G, BN]`` scales,
+    docs/kernels.md "Groups smaller than a K step")."""
     if EVEN_K:
         a = tl.load(a_ptrs, mask=mask_token[:, None, None], other=0.0)
         b = tl.load(b_ptrs)
@@ -55,14 +57,27 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, 
     b_lo, b_hi = decode_pairs(b, W_CODEC)  # [BK/2, BN] each
     if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
         a_even, a_odd = _upcast_emulated(a_even), _upcast_emulated(a_odd)
-    b_lo, b_hi = b_lo.to(a_even.dtype), b_hi.to(a_even.dtype)
+    SCALE_IN_K: tl.constexpr = W_GROUP_SCALE and BLOCK_K > GROUP_K
+    if SCALE_IN_K:  # [BK/G, BN] scales, each repeated over its G/2 rows of b_lo and of b_hi
+        offs_g = tl.arange(0, BLOCK_K // GROUP_K)
+        s_ptrs = b_scale_ptrs[None, :] + (scale_off + offs_g[:, None] * stride_bsk)
+        if EVEN_K:
+            s = tl.load(s_ptrs)
+        else:
+            s = tl.load(s_ptrs, mask=(offs_g * GROUP_K)[:, None] < k_left, other=0)
+        s = decode_scale(s, W_CODEC)
+        s = tl.reshape(tl.broadcast_to(s[:, None, :], (BLOCK_K // GROUP_K, GROUP_K // 2, s.shape[1])),
+                       (BLOCK_K // 2, s.shape[1]))  # [BK/2, BN]
+        b_lo, b_hi = (b_lo.to(tl.float32) * s).to(a_even.dtype), (b_hi.to(tl.float32) * s).to(a_even.dtype)
+    else:
+        b_lo, b_hi = b_lo.to(a_even.dtype), b_hi.to(a_even.dtype)
     if FP32_IEEE:
         d = tl.dot(a_even, b_lo, input_precision="ieee")
         d = tl.dot(a_odd, b_hi, d, input_precision="ieee")
     else:
         d = tl.dot(a_even, b_lo)
         d = tl.dot(a_odd, b_hi, d)
-    if W_GROUP_SCALE:
+    if W_GROUP_SCALE and not SCALE_IN_K:
         d = d * decode_scale(tl.load(b_scale_ptrs + scale_off), W_CODEC)[None, :]
     return acc + d
 
@@ -135,8 +150,8 @@ def _moe_gemm_kernel(
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if W_PACKED:
             acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, K - kk * BLOCK_K,
-                               ((kk * BLOCK_K) // GROUP_K) * stride_bsk, W_CODEC, W_GROUP_SCALE, EVEN_K, UPCAST,
-                               FP32_IEEE)
+                               ((kk * BLOCK_K) // GROUP_K) * stride_bsk, stride_bsk, W_CODEC, W_GROUP_SCALE,
+                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
@@ -241,7 +256,9 @@ def invoke_moe_gemm(
     a_scale: fp32 [rows(a), 1] (per-row activation scales) or [rows(a), ceil(K/bk)] (fp8_block).
     w_scale: fp32, canonical (``scheme.canonical_scale``): [E, 1|2] per tensor, [E, N] per channel,
     [E, ceil(N/bn), ceil(K/bk)] per tile / group. block: canonical ``scheme.block_shape(...)``, None for
-    untiled schemes; ``config.block_k`` must divide ``block[1]`` (int4: and be a multiple of 32).
+    untiled schemes; ``config.block_k`` must divide ``block[1]`` or, for [1, G] groups, be a multiple of G
+    (packed: and a multiple of 32). A multiple scales the values before the dot, rounding ``value · scale`` to
+    the activation dtype (exact for mxfp4's powers of two in bf16; fp16 activations keep BLOCK_K = G).
     bias: [E, N] any float dtype, added after dequantization. topk_weights: [T, k] fp32, multiplied in
     (fp32, before the downcast) when given. ``interleaved``: per-tensor ``[E, 2]`` halves are n % 2.
     ``act``: (gated ``Activation``, alpha, limit) to apply in the epilogue: ``c`` is then ``[T·k, N/2]``, the
@@ -258,8 +275,11 @@ def invoke_moe_gemm(
     if flags.W_GROUP_SCALE != scheme.packed:
         raise NotImplementedError(f"{scheme.name}: the GEMM applies [1, G] group scales to packed weights only")
     group_n, group_k = block if scheme.tiled else (1, 1)
-    if scheme.tiled and group_k % bk:
-        raise ValueError(f"BLOCK_K={bk} must divide the {scheme.name} scale tile's K size {group_k}")
+    if scheme.tiled and group_k % bk and not (flags.W_GROUP_SCALE and bk % group_k == 0):
+        raise ValueError(f"BLOCK_K={bk} must divide the {scheme.name} scale tile's K size {group_k}"
+                         + (" or be a multiple of it" if flags.W_GROUP_SCALE else ""))
+    if flags.W_GROUP_SCALE and bk > group_k and a.dtype == torch.float16:
+        bk = group_k  # value · scale can leave fp16's range: fp16 scales after the dot
     if pack > 1 and bk % (16 * pack):  # each of the pack dots of a K step needs K >= 16
         raise ValueError(f"BLOCK_K={bk} must be a multiple of {16 * pack} for packed {scheme.name} weights")
     dummy = sorted_ids  # never dereferenced (the constexpr flags prune every use); not c, which the kernel
