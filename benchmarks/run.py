@@ -2,7 +2,9 @@
 
 Measures the device's copy bandwidth and bf16/fp8 matmul peaks in the same run, times every
 (shape, scheme, T, provider) cell with ``triton.testing.do_bench`` (median; CUDA-graph replay for graph
-providers), and writes JSON with the roofline, the fraction of roofline and the ratio to each peer."""
+providers), and writes JSON with the roofline, the fraction of roofline and the ratio to each peer. A cell
+whose touched weights are under ``L2_DEFEAT_BYTES`` runs n calls on n copies of the weights per timed call
+(``weight_copies`` in the JSON) and reports a call's share, so that weights come from HBM as in a model."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +82,30 @@ def bench_quantize(ceilings: dict) -> list:
     return rows
 
 
+#: A cell whose touched weights are smaller than this rotates through copies of every weight tensor, so that
+#: each replay reads its weights from HBM, not from the 50 MB (H100) / 60 MB (H200) L2.
+L2_DEFEAT_BYTES = 200e6
+#: At most this much memory goes to the copies (the largest full weight sets are DeepSeek-V3's, ~11-23 GB).
+COPIES_MAX_BYTES = 24e9
+
+
+def l2_copies(touched_bytes: float, data, rotations: list) -> int:
+    """How many weight sets a cell rotates through (1 = the original only): enough that the sets together
+    touch ``L2_DEFEAT_BYTES``, capped by ``COPIES_MAX_BYTES``. Clones what ``rotations`` lacks: each entry
+    is a namespace of the data's tensors (weights, scales, biases) and its ``quant`` keywords, overriding the
+    case's."""
+    tensors = {k: v for k, v in vars(data).items() if isinstance(v, torch.Tensor)}
+    full = sum(t.numel() * t.element_size() for t in tensors.values())
+    want = -(-L2_DEFEAT_BYTES // max(touched_bytes, 1))
+    copies = int(max(1, min(want, COPIES_MAX_BYTES // max(full, 1))))
+    while len(rotations) < copies - 1:
+        r = SimpleNamespace(**{k: v.clone() for k, v in tensors.items()})
+        r.quant = experts_kwargs(data.qscheme.name, r.s13 if data.s13 is not None else None,
+                                 r.s2 if data.s2 is not None else None, data.block)  # the copies' scales
+        rotations.append(r)
+    return copies
+
+
 def make_weights(shape, scheme):
     """bf16 weights and, for a quantized scheme, the registry's quantization of them (``case.quant``: the
     ``fused_experts`` keywords; ``case.block``: the scale tile, int4's group fitted to H and I)."""
@@ -128,6 +154,7 @@ def main(argv=None) -> int:
             if args.schemes and scheme not in args.schemes.split(","):
                 continue
             data = make_weights(shape, scheme)
+            rotations = []  # weight copies cloned on demand (l2_copies), shared by the scheme's T values
             # fp8 x fp8 dots run at the fp8 peak; weight-only schemes (int8, int4) and bf16 at the bf16 one
             peak = ceilings["bf16_TFLOPs"]
             if data.qscheme.fp8_dot:
@@ -142,26 +169,29 @@ def main(argv=None) -> int:
                                        topk_ids=ids, bias13=bias, **vars(data))
                 touched = int(torch.unique(ids).numel())
                 roof = roofline_s(shape, T, scheme, touched, ceilings["copy_GBps"] * 1e9, peak * 1e12, data.block)
+                wbytes = roof["bytes"] - 2 * T * shape.H * 2
+                copies = l2_copies(wbytes, data, rotations)
+                cases = [case] + [SimpleNamespace(**{**vars(case), **vars(r)}) for r in rotations[:copies - 1]]
                 for name in args.providers.split(","):
                     prov = REGISTRY[name]
-                    fn = prov.build(case)
-                    if fn is None:
+                    fns = [prov.build(c) for c in cases]
+                    if fns[0] is None:
                         continue
                     try:
-                        ms = do_bench_ms(fn, prov.graph)
+                        ms = do_bench_ms(lambda: [f() for f in fns], prov.graph) / len(fns)
                     except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, not fatal
                         print(f"{shape.name} {scheme} T={T} {name}: FAILED {exc!r}"[:300], flush=True)
                         cells.append(dict(shape=shape.name, scheme=scheme, T=T, provider=name, error=repr(exc)[:300]))
                         continue
                     cell = dict(shape=shape.name, scheme=scheme, T=T, provider=name, ms=ms, **roof,
                                 frac_roof=roof["roof_s"] * 1e3 / ms, tflops=roof["flops"] / ms / 1e9,
-                                experts_touched=touched)
+                                experts_touched=touched, weight_copies=len(fns))
                     cells.append(cell)
                     print(f"{shape.name:<14} {scheme:<11} T={T:<6} {name:<18} {ms:9.4f} ms "
                           f"roof {roof['roof_s'] * 1e3:8.4f} ms ({cell['frac_roof'] * 100:5.1f}%) "
                           f"{cell['tflops']:7.1f} TFLOP/s", flush=True)
                 torch.cuda.empty_cache()
-            del data
+            del data, rotations
             torch.cuda.empty_cache()
             _write(args.out, ceilings, cells)
     _write(args.out, ceilings, cells)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from torch_moe_ops.schemes import get_activation, get_quant_scheme
+from torch_moe_ops.schemes import QUANT_SCHEMES, get_activation, get_quant_scheme
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,13 @@ class MoEShape:
         return get_activation(self.activation).n1(self.I)
 
 
+ALL_SCHEMES = tuple(QUANT_SCHEMES)  #: every scheme of the registry, in its order
 SHAPES = {
-    "qwen3-30b-a3b": MoEShape("Qwen3-30B-A3B", 128, 8, 2048, 768,
-                              schemes=("none", "fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16",
-                                       "int4_w4a16")),
-    "mixtral-8x7b": MoEShape("Mixtral-8x7B", 8, 2, 4096, 14336),
-    "gpt-oss-20b": MoEShape("GPT-OSS-20B", 32, 4, 2880, 2880, activation="swigluoai", bias=True),
-    "deepseek-v3": MoEShape("DeepSeek-V3", 256, 8, 7168, 2048, schemes=("fp8_block",),
+    "qwen3-30b-a3b": MoEShape("Qwen3-30B-A3B", 128, 8, 2048, 768, schemes=ALL_SCHEMES),
+    "mixtral-8x7b": MoEShape("Mixtral-8x7B", 8, 2, 4096, 14336, schemes=ALL_SCHEMES),
+    "gpt-oss-20b": MoEShape("GPT-OSS-20B", 32, 4, 2880, 2880, activation="swigluoai", bias=True,
+                            schemes=ALL_SCHEMES),
+    "deepseek-v3": MoEShape("DeepSeek-V3", 256, 8, 7168, 2048, schemes=ALL_SCHEMES,
                             routing=dict(num_expert_group=8, topk_group=4, scoring_func="sigmoid")),
 }
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
@@ -42,7 +42,7 @@ QUANT_SHAPES = {"qwen3-w13": (341, 1536, 2048), "deepseek-w13": (34, 4096, 7168)
 
 def expert_bytes(shape: MoEShape, scheme: str, block=None) -> int:
     """Bytes of one expert's w13 and w2 in ``scheme``: bf16 for ``none``, else the format's packed storage
-    (int4: half a byte per weight) plus its fp32 scales."""
+    (int4 / mxfp4: half a byte per weight) plus its scales (fp32; mxfp4: one E8M0 byte per 32 weights)."""
     qs = get_quant_scheme(scheme)
     fmt, block = qs.weight, qs.block_shape(block)  # None -> the scheme's default tile (if it has one)
     total = 0
@@ -51,7 +51,7 @@ def expert_bytes(shape: MoEShape, scheme: str, block=None) -> int:
             total += N * K * 2
             continue
         packed, scales = fmt.packed_shape((1, N, K)), fmt.scale_shape((1, N, K), block)
-        total += math.prod(packed) * fmt.qdtype.itemsize + math.prod(scales) * 4
+        total += math.prod(packed) * fmt.qdtype.itemsize + math.prod(scales) * fmt.scale_dtype.itemsize
     return total
 
 

@@ -1,0 +1,49 @@
+"""benchmarks/run.py and benchmarks/shapes.py pieces that run without a GPU: the roofline's weight bytes per
+format (mxfp4's one-byte scales) and the L2-defeating weight copies (how many, what they replace)."""
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks import run
+from benchmarks.shapes import SHAPES, expert_bytes
+from torch_moe_ops.schemes import QUANT_SCHEMES
+from torch_moe_ops.testing import experts_kwargs
+
+
+def test_every_shape_benchmarks_every_scheme():
+    for shape in SHAPES.values():
+        assert set(shape.schemes) == set(QUANT_SCHEMES), shape.name
+
+
+def test_expert_bytes_per_format():
+    oss = SHAPES["gpt-oss-20b"]  # w13 [5760, 2880], w2 [2880, 2880]
+    weights = 5760 * 2880 + 2880 * 2880
+    assert expert_bytes(oss, "none") == 2 * weights
+    assert expert_bytes(oss, "mxfp4") == weights // 2 + weights // 32  # E8M0: one byte per 32 weights
+    assert expert_bytes(oss, "int8_w8a16") == weights + 4 * (5760 + 2880)  # fp32 per-channel scales
+
+
+def _data(scheme="int4_w4a16", E=4, N=64, K=64):
+    q13 = torch.randint(0, 255, (E, N, K // 2), dtype=torch.uint8)
+    s13 = torch.rand(E, N, K // 32)
+    q2, s2 = q13.clone(), s13.clone()
+    return SimpleNamespace(w13=None, w2=None, b13=None, b2=None, q13=q13, q2=q2, s13=s13, s2=s2, block=(1, 32),
+                           quant=experts_kwargs(scheme, s13, s2, (1, 32)), qscheme=QUANT_SCHEMES[scheme])
+
+
+def test_l2_copies_rotate_every_tensor_and_the_scales_in_quant(monkeypatch):
+    data = _data()
+    full = sum(t.numel() * t.element_size() for t in (data.q13, data.q2, data.s13, data.s2))
+    monkeypatch.setattr(run, "L2_DEFEAT_BYTES", 10 * full)
+    rotations = []
+    assert run.l2_copies(full / 2, data, rotations) == 20 and len(rotations) == 19
+    r = rotations[3]
+    for name in ("q13", "q2", "s13", "s2"):
+        got, orig = getattr(r, name), getattr(data, name)
+        assert torch.equal(got, orig) and got.data_ptr() != orig.data_ptr(), name
+    assert r.quant["w13_scale"] is r.s13 and r.quant["w2_scale"] is r.s2 and r.quant["block_shape"] == [1, 32]
+    # a later, larger cell reuses the copies; touched bytes past the threshold take the original alone
+    assert run.l2_copies(full, data, rotations) == 10 and len(rotations) == 19
+    assert run.l2_copies(20 * full, data, rotations) == 1
+    monkeypatch.setattr(run, "COPIES_MAX_BYTES", 3 * full)  # the memory cap wins
+    assert run.l2_copies(1, data, rotations) == 3
