@@ -4,7 +4,8 @@
 # compile mode (TORCH_MOE_OPS_COMPILE = plans / triton / opaque, docs/host-overhead.md), and GEMM1 with the
 # activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION=1) against the two-kernel path on the Qwen3 shape (kernel time,
 # CUDA graphs). Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json,
-# run-fused-<0|1>.json, and the logs; the summary is printed.
+# run-fused-<0|1>.json, and the logs (cuda_tests.log: pytest's whole output); the summary is printed. Steps that
+# would end past LIMIT_S (default 580 s) are skipped and named.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -14,17 +15,22 @@ nvidia-smi -L
 # GPU_TESTS: what pytest runs (default: the host-overhead files; "tests" = the whole GPU suite, -m cuda)
 GPU_TESTS=${GPU_TESTS:-tests/ops/test_decompose_cuda.py tests/ops/test_direct_call_cuda.py tests/_kernels/test_plan_cuda.py}
 echo "== GPU tests: $GPU_TESTS"
-timeout ${GPU_TESTS_TIMEOUT:-240} python3 -m pytest -q -m cuda -n 6 -p no:cacheprovider $GPU_TESTS 2>&1 \
-  | grep -E "passed|failed|error|FAILED|ERROR" | tail -n 40 | tee "$DIR/cuda_tests.log"
+timeout ${GPU_TESTS_TIMEOUT:-240} python3 -m pytest -q -m cuda -n 6 -p no:cacheprovider -rfE $GPU_TESTS \
+  > "$DIR/cuda_tests.log" 2>&1
+grep -E "passed|failed|error|FAILED|ERROR" "$DIR/cuda_tests.log" | tail -n 40
+# left(): seconds until LIMIT_S (default 580) from the start; a step that cannot fit is skipped
+left() { echo $(( ${LIMIT_S:-580} - ($(date +%s) - T0) )); }
 echo "== host_profile $(( $(date +%s) - T0 )) s"
 timeout 60 python3 -m benchmarks.host_profile --out "$DIR" 2>&1 | grep "^{" | cut -c1-600
 for m in plans triton opaque; do
+  [ "$(left)" -lt 40 ] && { echo "== skipped: stack $m"; continue; }
   echo "== stack, TORCH_MOE_OPS_COMPILE=$m $(( $(date +%s) - T0 )) s"
-  TORCH_MOE_OPS_COMPILE=$m timeout 70 python3 -m benchmarks.host --out "$DIR/stack-$m" --only stack 2>&1 | grep "stack "
+  TORCH_MOE_OPS_COMPILE=$m timeout $(( $(left) < 70 ? $(left) : 70 )) python3 -m benchmarks.host --out "$DIR/stack-$m" --only stack 2>&1 | grep "stack "
 done
 for f in 0 1; do
+  [ "$(left)" -lt 40 ] && { echo "== skipped: kernels, fused activation $f"; continue; }
   echo "== kernels, TORCH_MOE_OPS_FUSE_ACTIVATION=$f $(( $(date +%s) - T0 )) s"
-  TORCH_MOE_OPS_FUSE_ACTIVATION=$f timeout 90 python3 -m benchmarks.run --shapes qwen3-30b-a3b --providers ours \
+  TORCH_MOE_OPS_FUSE_ACTIVATION=$f timeout $(( $(left) < 90 ? $(left) : 90 )) python3 -m benchmarks.run --shapes qwen3-30b-a3b --providers ours \
     --schemes ${FUSED_SCHEMES:-none,int8_w8a16,int4_w4a16} --tokens ${FUSED_TOKENS:-1,4,16,64,256,1024,4096,16384} \
     --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | tail -n 12
 done
