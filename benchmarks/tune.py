@@ -11,6 +11,12 @@ Examples (GPU only)::
     python benchmarks/tune.py --E 8 --N 28672 --K 4096 --top-k 2 --scheme fp8_channel --T 64 1024
     python benchmarks/tune.py --model deepseek-v3 --scheme fp8_block --space quick --T 64 1024
     python benchmarks/tune.py --model qwen3-30b-a3b --scheme int4_w4a16 --block-shape 1 128 --T 1 16 256
+    python benchmarks/tune.py --model all --scheme all     # a new GPU: every preset layer and scheme
+
+The roof column's ceilings (copy bandwidth, bf16 matmul) and the shared-memory limit are the GPU's own,
+measured or read at the start. Weights are copied until one timed call touches 200 MB of them, so that
+decode tiles are chosen for weights streamed from HBM. The file records the GPU's compute capability:
+a GPU of the same family without a table of its own uses it (``_kernels/configs.py``).
 
 The output (default ``torch_moe_ops/_kernels/tuned/<device>.json``) is merged into: entries of other
 shapes and token counts are kept; timings are stored next to the configs for the record.
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch_moe_ops.schemes import QUANT_SCHEMES, QuantScheme, get_quant_scheme  # noqa: E402
 from torch_moe_ops._kernels.configs import TUNED_DIR, TileConfig, default_config  # noqa: E402
+from torch_moe_ops.testing import fitting_block  # noqa: E402
 
 #: (E, top_k, H, I per partition) of common MoE layers.
 MODELS = {
@@ -38,12 +45,17 @@ MODELS = {
     "gpt-oss-20b": (32, 4, 2880, 2880),
     "deepseek-v3": (256, 8, 7168, 2048),
 }
-SMEM_BYTES = 227 * 1024  # H100 / H200 per-block shared memory limit
+SMEM_BYTES = 227 * 1024  # H100 / H200 per-block shared memory limit (the GPU's own is read when there is one)
+#: Weight copies rotate until the copies' touched bytes reach this (the L2 is 50-60 MB on an H100 / H200),
+#: within COPIES_MAX_BYTES of memory: a decode tile is chosen for weights streamed from HBM, as in a model.
+L2_DEFEAT_BYTES, COPIES_MAX_BYTES = 200e6, 8e9
 
 
-def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: QuantScheme, block, space: str, block_m=None):
-    """Tile candidates worth timing for T tokens (pruned by rows per expert, shared memory and K; a tiled
-    scheme's BLOCK_K must divide its scale tile's K). K is the logical reduction size."""
+def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: QuantScheme, block, space: str, block_m=None,
+               smem: int = SMEM_BYTES):
+    """Tile candidates worth timing for T tokens (pruned by rows per expert, ``smem`` bytes of shared memory
+    and K; a tiled scheme's BLOCK_K must divide its scale tile's K, or for [1, G] groups may be a multiple of
+    G). K is the logical reduction size."""
     rows_per_expert = max(1, T * top_k // E)
     if block_m is None:  # the three largest BLOCK_M that one expert's rows can still fill halfway
         bms = [b for b in (16, 32, 64, 128) if b <= max(16, 2 * rows_per_expert)][-3:]
@@ -56,8 +68,8 @@ def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: QuantScheme, 
     bks = (128,) if fp8 else ((64, 128) if quick else (32, 64, 128, 256))
     if scheme.flags.BLOCK_SCALES:
         bks = tuple(b for b in (64, 128) if block[1] % b == 0)
-    elif scheme.tiled:  # weight-only groups: any BLOCK_K that divides the group
-        bks = tuple(b for b in (32, 64, 128) if block[1] % b == 0)
+    elif scheme.tiled:  # weight-only groups: BLOCK_K divides the group, or spans several (scaled before the dot)
+        bks = tuple(b for b in (32, 64, 128) if block[1] % b == 0 or b % block[1] == 0)
     warps = (4, 8)
     stages = (3, 4) if quick else (2, 3, 4, 5)
     a_bytes = 1 if fp8 else 2
@@ -66,7 +78,7 @@ def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: QuantScheme, 
     for bm, bn, bk, nw, ns in itertools.product(bms, bns, bks, warps, stages):
         if bk > max(32, 2 * K) or bn > max(32, 2 * N):
             continue
-        if (bm * bk * a_bytes + bk * bn * b_bytes) * ns > SMEM_BYTES:
+        if (bm * bk * a_bytes + bk * bn * b_bytes) * ns > smem:
             continue
         # GROUP_M only matters once an expert spans several row blocks; 16 covers every real case
         gm = 16 if rows_per_expert > bm else 1
@@ -113,6 +125,17 @@ class GemmProblem:
         self.topk_ids = ids.to(torch.int32)
         self.c = torch.empty(T * top_k, N, device="cuda", dtype=dtype)
         self._align = {}
+        # L2 defeated: enough copies of the weights that one timed call touches L2_DEFEAT_BYTES of them
+        full = self.w.numel() * self.w.element_size()
+        want = -(-L2_DEFEAT_BYTES // max(1.0, self.touched_weight_bytes()))
+        n = int(max(1, min(want, COPIES_MAX_BYTES // max(full, 1))))
+        self.weights = [(self.w, self.w_scale)] + [
+            (self.w.clone(), self.w_scale.clone() if self.w_scale is not None else None) for _ in range(n - 1)]
+
+    def touched_weight_bytes(self) -> float:
+        """Expected stored bytes of the experts T tokens touch under uniform routing (int4: K / 2 per row)."""
+        touched = self.E * (1 - (1 - 1 / self.E) ** (self.T * self.top_k))
+        return touched * self.w[0].numel() * self.w.element_size()
 
     def align(self, block_m):
         if block_m not in self._align:
@@ -122,18 +145,20 @@ class GemmProblem:
         return self._align[block_m]
 
     def run(self, cfg: TileConfig):
+        """One GEMM on each weight copy in turn (``bench`` divides by ``len(self.weights)``)."""
         from torch_moe_ops._kernels.gemm import invoke_moe_gemm
 
-        invoke_moe_gemm(
-            self.a, self.w, self.c, *self.align(cfg.block_m), top_k=self.a_div, config=cfg, scheme=self.scheme,
-            a_scale=self.a_scale, w_scale=self.w_scale, block=self.block,
-            topk_weights=self.topk_weights if self.a_div == 1 else None,
-        )
+        align = self.align(cfg.block_m)
+        for w, w_scale in self.weights:
+            invoke_moe_gemm(
+                self.a, w, self.c, *align, top_k=self.a_div, config=cfg, scheme=self.scheme,
+                a_scale=self.a_scale, w_scale=w_scale, block=self.block,
+                topk_weights=self.topk_weights if self.a_div == 1 else None,
+            )
 
     def roofline_us(self, peak_tflops, bandwidth_gbs):
         """max(bytes of touched experts / bandwidth, flops / peak) in µs, for the fraction of roof."""
-        touched = self.E * (1 - (1 - 1 / self.E) ** (self.T * self.top_k))  # expected, uniform routing
-        w_bytes = touched * self.w[0].numel() * self.w.element_size()  # stored bytes (int4: K / 2 per row)
+        w_bytes = self.touched_weight_bytes()
         io_bytes = self.a.numel() * self.a.element_size() + self.c.numel() * self.c.element_size()
         flops = 2 * self.T * self.top_k * self.N * self.K
         return max((w_bytes + io_bytes) / (bandwidth_gbs * 1e3), flops / (peak_tflops * 1e6))
@@ -146,12 +171,13 @@ def bench(fn, warmup_ms=25, rep_ms=100) -> float:
 
 
 def tune_gemm(problem: GemmProblem, cands, default, verbose=False):
-    """Time every candidate; returns (best config, best µs, default µs)."""
+    """Time every candidate (µs per GEMM: a timed call runs one per weight copy); returns (best config, best
+    µs, default µs)."""
     best, best_us = None, float("inf")
     default_us = None
     for cfg in cands:
         try:
-            us = bench(lambda: problem.run(cfg))
+            us = bench(lambda: problem.run(cfg)) / len(problem.weights)
         except Exception as exc:  # out of resources for this tile: skip it
             if verbose:
                 print(f"    skip {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
@@ -165,11 +191,13 @@ def tune_gemm(problem: GemmProblem, cands, default, verbose=False):
     return best, best_us, default_us
 
 
-def merge_into(path: Path, device: str, E: int, N: int, K: int, skey: str, results: dict):
+def merge_into(path: Path, device: str, E: int, N: int, K: int, skey: str, results: dict, capability=None):
     data = json.loads(path.read_text()) if path.exists() else {"device": device, "entries": []}
     import triton
 
     data["device"], data["triton"], data["torch"] = device, triton.__version__, torch.__version__
+    if capability is not None:  # GPUs of this family without a table of their own use this one
+        data["capability"] = list(capability)
     data["written_by"] = "benchmarks/tune.py (do_bench median, uniform random routing, bf16 activations)"
     entry = next((e for e in data["entries"] if (e["E"], e["N"], e["K"], e["scheme"]) == (E, N, K, skey)), None)
     if entry is None:
@@ -202,54 +230,86 @@ def _dumps(data: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), help="tune both GEMMs of this layer (E, k, H, I preset)")
+    p.add_argument("--model", choices=sorted(MODELS) + ["all"],
+                   help="tune both GEMMs of this layer (E, k, H, I preset); all: every preset")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: I per partition = I / tp")
     p.add_argument("--E", type=int, help="local experts (single-GEMM mode)")
     p.add_argument("--N", type=int, help="GEMM output width (single-GEMM mode)")
     p.add_argument("--K", type=int, help="GEMM reduction size (single-GEMM mode)")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--gemm2", action="store_true", help="single-GEMM mode: A rows are pairs (top_k = 1 addressing)")
-    p.add_argument("--scheme", default="none", choices=sorted(QUANT_SCHEMES))
+    p.add_argument("--scheme", default="none", choices=sorted(QUANT_SCHEMES) + ["all"],
+                   help="all: every scheme of the registry with its default scale tile")
     p.add_argument("--block-shape", type=int, nargs=2, default=None,
                    help="scale tile of a tiled scheme (fp8_block: bn bk, default 128 128; int4_w4a16: 1 G, "
                         "default 1 128)")
     p.add_argument("--T", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
     p.add_argument("--space", choices=("quick", "full"), default="quick")
     p.add_argument("--out", type=Path, help="JSON file to merge into (default: tuned/<device>.json)")
-    p.add_argument("--peak-tflops", type=float, default=767.0, help="bf16 matmul ceiling for the roof column")
-    p.add_argument("--bandwidth", type=float, default=3029.0, help="copy bandwidth GB/s for the roof column")
+    p.add_argument("--peak-tflops", type=float, help="bf16 matmul ceiling for the roof column (default: measured)")
+    p.add_argument("--bandwidth", type=float, help="copy bandwidth GB/s for the roof column (default: measured)")
     p.add_argument("--dry-run", action="store_true", help="print, do not write the table")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
-    scheme = get_quant_scheme(args.scheme)
+    schemes = [get_quant_scheme(n) for n in (QUANT_SCHEMES if args.scheme == "all" else [args.scheme])]
+    if args.scheme == "all" and args.block_shape is not None:
+        p.error("--scheme all tunes each scheme's default tile: give one scheme with --block-shape")
     try:
-        block = scheme.block_shape(args.block_shape, "--block-shape")
+        blocks = [sc.block_shape(args.block_shape, "--block-shape") for sc in schemes]
     except ValueError as exc:
         p.error(str(exc))
     if not torch.cuda.is_available():
         p.error("tuning needs a CUDA GPU")
     if args.model:
-        E, k, H, I = MODELS[args.model]
-        I //= args.tp
-        gemms = [("gemm1", E, 2 * I, H, k, k), ("gemm2", E, H, I, k, 1)]
+        layers = []
+        for m in sorted(MODELS) if args.model == "all" else [args.model]:
+            E, k, H, I = MODELS[m]
+            I //= args.tp
+            layers.append([("gemm1", E, 2 * I, H, k, k), ("gemm2", E, H, I, k, 1)])
     else:
         if None in (args.E, args.N, args.K):
             p.error("give --model, or --E, --N and --K")
-        gemms = [("gemm", args.E, args.N, args.K, args.top_k, 1 if args.gemm2 else args.top_k)]
+        layers = [[("gemm", args.E, args.N, args.K, args.top_k, 1 if args.gemm2 else args.top_k)]]
     device = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties()
+    smem = getattr(props, "shared_memory_per_block_optin", SMEM_BYTES)
+    capability = (props.major, props.minor)
+    if args.peak_tflops is None or args.bandwidth is None:
+        from benchmarks.run import measure_ceilings
+
+        ceilings = measure_ceilings()
+        args.peak_tflops = args.peak_tflops or ceilings["bf16_TFLOPs"]
+        args.bandwidth = args.bandwidth or ceilings["copy_GBps"]
     out = args.out or TUNED_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") + ".json")
+    print(f"device: {device} (sm{capability[0]}{capability[1]}, {smem // 1024} KiB shared memory per block, "
+          f"{args.bandwidth:.0f} GB/s, {args.peak_tflops:.0f} bf16 TFLOP/s); "
+          f"writing {out if not args.dry_run else '(dry run)'}")
+    for scheme, block in zip(schemes, blocks):
+        for gemms in layers:
+            if args.block_shape is None and scheme.tiled:  # the default tile, its K halved to fit (int4 on 2880)
+                block = fitting_block(scheme, *(K for _, _, _, K, _, _ in gemms))
+            tune_layer(args, scheme, block, gemms, device, capability, smem, out)
+
+
+def tune_layer(args, scheme, block, gemms, device, capability, smem, out):
+    """Both GEMMs of one layer (or one GEMM) at every T of ``args.T``; merged into ``out`` after each T."""
     skey = scheme.table_key(block)
     chosen_bm: dict[int, int] = {}
-    print(f"device: {device}; scheme {skey}; writing {out if not args.dry_run else '(dry run)'}")
     for name, E, N, K, top_k, a_div in gemms:
+        if scheme.weight is not None:
+            try:
+                scheme.weight.check_shape((E, N, K), block, 1, "w")
+            except ValueError as exc:
+                print(f"{skey} {name}: E={E} N={N} K={K}: skipped ({exc})")
+                continue
         results = {}
-        print(f"{name}: E={E} N={N} K={K} top_k={top_k}")
-        print(f"{'T':>7} {'best us':>9} {'default us':>10} {'roof %':>7}  config")
+        print(f"{skey} {name}: E={E} N={N} K={K} top_k={top_k}")
+        print(f"{'T':>7} {'best us':>9} {'default us':>10} {'roof %':>7} {'copies':>6}  config")
         for T in args.T:
             problem = GemmProblem(T, E, N, K, top_k, a_div, scheme, block)
             fixed_bm = chosen_bm.get(T) if name == "gemm2" else None
-            cands, default = candidates(T, top_k, E, N, K, scheme, block, args.space, fixed_bm)
+            cands, default = candidates(T, top_k, E, N, K, scheme, block, args.space, fixed_bm, smem)
             best, us, default_us = tune_gemm(problem, cands, default, args.verbose)
             if best is None:
                 print(f"{T:>7} no candidate ran")
@@ -259,11 +319,11 @@ def main(argv=None):
             results[T] = (best, us)
             roof = problem.roofline_us(args.peak_tflops, args.bandwidth)
             dflt = f"{default_us:10.1f}" if default_us is not None else f"{'-':>10}"
-            print(f"{T:>7} {us:9.1f} {dflt} {100 * roof / us:6.0f}%  {best}")
+            print(f"{T:>7} {us:9.1f} {dflt} {100 * roof / us:6.0f}% {len(problem.weights):>6}  {best}")
             del problem
             torch.cuda.empty_cache()
             if not args.dry_run:  # after every T, so an interrupted sweep keeps what it measured
-                merge_into(out, device, E, N, K, skey, {T: results[T]})
+                merge_into(out, device, E, N, K, skey, {T: results[T]}, capability)
 
 
 if __name__ == "__main__":

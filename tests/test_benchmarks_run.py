@@ -47,3 +47,14 @@ def test_l2_copies_rotate_every_tensor_and_the_scales_in_quant(monkeypatch):
     assert run.l2_copies(20 * full, data, rotations) == 1
     monkeypatch.setattr(run, "COPIES_MAX_BYTES", 3 * full)  # the memory cap wins
     assert run.l2_copies(1, data, rotations) == 3
+
+
+def test_tune_candidates_span_groups_and_fit_shared_memory():
+    from benchmarks import tune
+
+    mx = QUANT_SCHEMES["mxfp4"]
+    cands, default = tune.candidates(1, 4, 32, 5760, 2880, mx, (1, 32), "quick")
+    assert {c.block_k for c in cands} == {32, 64, 128} and default in cands  # one group a K step, or several
+    small, _ = tune.candidates(1, 4, 32, 5760, 2880, mx, (1, 32), "quick", smem=16 * 1024)
+    assert small and all((c.block_m * c.block_k * 2 + c.block_k * c.block_n / 2) * c.num_stages <= 16 * 1024
+                         for c in small if c != default)

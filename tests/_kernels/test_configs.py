@@ -109,6 +109,33 @@ def test_get_config_reads_tuned_table(tmp_path, monkeypatch):
     assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == default_config(3, 8, 1024, 512, NONE, top_k=2)
 
 
+def test_same_family_table_serves_a_gpu_without_its_own(tmp_path, monkeypatch):
+    """An H200 with no table takes an H100's (same compute capability); its own table wins once it has one;
+    another family, or a file that names no capability, gives the heuristic."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(configs, "device_name", lambda index: "Fake H200")
+    monkeypatch.setattr(configs, "device_family", lambda index: "sm90")
+    monkeypatch.setenv(configs.TUNED_DIR_ENV, str(tmp_path))
+    h100, h200 = TileConfig(16, 32, 256, 1, 4, 5), TileConfig(32, 64, 128, 1, 4, 3)
+    entry = dict(E=8, N=1024, K=512, scheme="none")
+    (tmp_path / "a.json").write_text(json.dumps({"device": "Fake H100", "capability": [9, 0],
+                                                 "entries": [dict(entry, configs={"16": h100.to_dict()})]}))
+    heuristic = default_config(3, 8, 1024, 512, NONE, top_k=2)
+    assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == h100
+    monkeypatch.setattr(configs, "device_family", lambda index: "sm100")
+    assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == heuristic
+    monkeypatch.setattr(configs, "device_family", lambda index: "sm90")
+    (tmp_path / "b.json").write_text(json.dumps({"device": "Fake H200",
+                                                 "entries": [dict(entry, configs={"16": h200.to_dict()})]}))
+    configs._cuda_config.cache_clear(), configs._load_tables.cache_clear()  # (lookups are cached per process)
+    assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == h200
+    (tmp_path / "a.json").write_text(json.dumps({"device": "Fake H100",  # no capability: no family entry
+                                                 "entries": [dict(entry, configs={"16": h100.to_dict()})]}))
+    (tmp_path / "b.json").unlink()
+    configs._cuda_config.cache_clear(), configs._load_tables.cache_clear()
+    assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == heuristic
+
+
 def test_get_config_rejects_unusable_tuned_entry(tmp_path, monkeypatch):
     """A tuned BLOCK_K that does not divide the fp8 block falls back to the heuristic."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -124,6 +151,7 @@ def test_packaged_tables_parse():
     for path in configs._tuned_files():
         data = json.loads(path.read_text())
         assert isinstance(data["device"], str)
+        assert len(data["capability"]) == 2, path  # so a GPU of the same family without a table can use it
         for entry in data["entries"]:
             for t, cfg in entry["configs"].items():
                 assert int(t) >= 1

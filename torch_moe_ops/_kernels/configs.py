@@ -8,7 +8,9 @@ Tuned tables live in ``torch_moe_ops/_kernels/tuned/*.json`` (written by ``bench
                   "configs": {"1": {"block_m": 16, "block_n": 64, "block_k": 128, "group_m": 1,
                                     "num_warps": 4, "num_stages": 4}, "64": {...}}}]}
 
-An entry is keyed by ``(device name, E local, N, K, scheme.table_key(block))`` (N, K of *this* GEMM, K
+A file may name its GPU's ``"capability": [9, 0]``: its entries then also serve GPUs of that family with no
+table of their own (an H200 uses an H100's tiles). An entry is keyed by
+``(device name, E local, N, K, scheme.table_key(block))`` (N, K of *this* GEMM, K
 logical: GEMM1 is ``(2I or I, H)``, GEMM2 ``(H, I)``; the key is the scheme name, plus the scale tile for
 tiled schemes: ``fp8_block_128x128``, ``int4_w4a16_1x128``) and maps a token count T to a config. Lookup
 takes the entry of the smallest tuned T ≥ T, else the largest tuned T: a config tuned for more rows than
@@ -157,15 +159,24 @@ def _tuned_files(extra_dir: str | None = None) -> list[Path]:
 
 @functools.cache
 def _load_tables(files: tuple[Path, ...]) -> dict:
-    """{(device, E, N, K, scheme): {T: TileConfig}} from every tuned file (later files win)."""
+    """{(device, E, N, K, scheme): {T: TileConfig}} from every tuned file (later files win), and the same
+    under ``family(capability)`` for files that name their GPU's compute capability."""
     tables: dict = {}
     for path in files:
         data = json.loads(path.read_text())
+        owners = [data["device"]] + ([family(data["capability"])] if data.get("capability") else [])
         for entry in data.get("entries", []):
-            key = (data["device"], int(entry["E"]), int(entry["N"]), int(entry["K"]), entry["scheme"])
             configs = {int(t): TileConfig.from_dict(c) for t, c in entry["configs"].items()}
-            tables.setdefault(key, {}).update(configs)
+            for owner in owners:
+                key = (owner, int(entry["E"]), int(entry["N"]), int(entry["K"]), entry["scheme"])
+                tables.setdefault(key, {}).update(configs)
     return tables
+
+
+def family(capability) -> str:
+    """The table owner that GPUs of one compute capability share: ``"sm90"`` for an H100 or an H200."""
+    major, minor = capability
+    return f"sm{int(major)}{int(minor)}"
 
 
 def tuned_tables() -> dict:
@@ -175,6 +186,15 @@ def tuned_tables() -> dict:
 @functools.cache
 def device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def device_family(index: int) -> str | None:
+    """``family`` of the GPU's compute capability (None when it cannot be read)."""
+    try:
+        return family(torch.cuda.get_device_capability(index))
+    except (RuntimeError, AssertionError):
+        return None
 
 
 def lookup_tuned(table: dict[int, TileConfig], T: int) -> TileConfig:
@@ -236,16 +256,19 @@ def get_config(
         return interpreter_config(scheme, block)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_config(T, E, N, K, scheme, _block(scheme, block), top_k, device_name(index),
-                        os.environ.get(TUNED_DIR_ENV))
+                        device_family(index), os.environ.get(TUNED_DIR_ENV))
 
 
 @functools.lru_cache(maxsize=4096)
-def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, extra_dir) -> TileConfig:
-    """Cached: a decode step pays a dict lookup, not a directory scan (key includes the table location)."""
+def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_dir) -> TileConfig:
+    """Cached: a decode step pays a dict lookup, not a directory scan (key includes the table location).
+    This GPU's table first, then one of a GPU of the same compute capability (an H200 takes an H100's), then
+    the heuristic."""
     tables = _load_tables(tuple(_tuned_files(extra_dir)))
-    table = tables.get((dev_name, E, N, K, scheme.table_key(block)))
-    if table:
-        cfg = lookup_tuned(table, T)
-        if _usable(cfg, scheme, block):
-            return cfg
+    for owner in (dev_name, dev_family):
+        table = tables.get((owner, E, N, K, scheme.table_key(block)))
+        if table:
+            cfg = lookup_tuned(table, T)
+            if _usable(cfg, scheme, block):
+                return cfg
     return default_config(T, E, N, K, scheme, block, top_k=top_k)
