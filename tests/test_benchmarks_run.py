@@ -58,3 +58,20 @@ def test_tune_candidates_span_groups_and_fit_shared_memory():
     small, _ = tune.candidates(1, 4, 32, 5760, 2880, mx, (1, 32), "quick", smem=16 * 1024)
     assert small and all((c.block_m * c.block_k * 2 + c.block_k * c.block_n / 2) * c.num_stages <= 16 * 1024
                          for c in small if c != default)
+
+
+def test_load_peak_pipeline_on_cpu(tmp_path, capsys):
+    """benchmarks/load_peak.py end to end at a CPU size: the Hub's GPT-OSS MXFP4 layout, loaded packed."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("transformers")
+    from benchmarks import load_peak
+
+    assert load_peak.main(["--layers", "3", "--small", "--device", "cpu", "--dir", str(tmp_path / "ckpt"),
+                           "--out", str(tmp_path / "r.json")]) == 0
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["quant_scheme"] == "mxfp4" and row["file_bytes"] > row["expert_bytes"] > 0
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert "model.layers.2.mlp.experts.down_proj_scales" in index["weight_map"]

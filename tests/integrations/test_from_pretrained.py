@@ -234,3 +234,22 @@ def test_gpt_oss_mxfp4_folder_stays_mxfp4(tmp_path):
         str(tmp_path), quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.bfloat16).eval()
     theirs = _logits(hf, ids).float()
     assert ((got - theirs).norm() / theirs.norm()) < 2e-2
+
+
+@pytest.mark.cuda
+def test_cuda_gpt_oss_mxfp4_load_peak_within_final_plus_two_experts(tmp_path):
+    """Packed blocks and scales go to the GPU as stored: no bf16 expert is ever built there, so the peak stays
+    within the final model plus two packed experts (benchmarks/load_peak.py measures the GPT-OSS-20B size)."""
+    torch.manual_seed(5)
+    model = make("gpt_oss", hidden_size=256, intermediate_size=512, num_local_experts=16).to(torch.bfloat16)
+    _gpt_oss_mxfp4_folder(model, str(tmp_path))
+    expert = 3 * 256 * 512 // 2 + 3 * 256 * 512 // 32  # packed bytes + E8M0 scales of one expert
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ours = _load(str(tmp_path), device="cuda")
+    final = torch.cuda.memory_allocated() - base
+    assert ours.torch_moe_ops_report.quant_scheme == "mxfp4"
+    assert torch.cuda.max_memory_allocated() - base <= final + 2 * expert + (64 << 20)
+    ids = torch.randint(0, 96, (2, 9), device="cuda")
+    assert torch.isfinite(ours(ids).logits).all()
