@@ -19,19 +19,45 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_pairs(packed, W_CODEC: tl.constexpr):
-    """Packed bytes ``[..., BK/2, BN]`` (element 2j of K in byte j's low half) -> (even-k values, odd-k values),
-    each exact in the activation dtype."""
-    if W_CODEC == "int4":  # two's complement nibbles; the int8 casts keep the shifts arithmetic
-        b = packed.to(tl.int8, bitcast=True)
-        lo = (b << 4).to(tl.int8) >> 4
-        hi = b >> 4
-        return lo.to(tl.int8), hi.to(tl.int8)
-    elif W_CODEC == "fp4_e2m1":
+def decode_pairs(packed, W_CODEC: tl.constexpr, DT: tl.constexpr):
+    """Packed bytes ``[..., BK/2, BN]`` (element 2j of K in byte j's low half) -> (even-k values, odd-k values)
+    in ``DT`` (the dot's dtype: bf16, fp16 or fp32), exact. Built from bits with a few integer ops and one
+    packed float op a value (docs/kernels.md "Decoding 4-bit values"): a decode GEMM's K loop spends its
+    issue slots here."""
+    if DT == tl.float32:
         b = packed.to(tl.int32)
-        return _fp4_e2m1(b & 0xF), _fp4_e2m1(b >> 4)
-    else:
-        tl.static_assert(False, "unknown packed weight codec (add its branch to decode_pairs)")
+        if W_CODEC == "int4":  # nibble ^ 8 in the mantissa of 2^23 (one ulp = 1), minus 2^23 + 8
+            lo = (((b ^ 0x8) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            hi = ((((b >> 4) ^ 0x8) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            return lo, hi
+        elif W_CODEC == "fp4_e2m1":  # sign, exponent and mantissa bits in fp32's places: value · 2^-126
+            lo = (((b & 0x8) << 28) | ((b & 0x7) << 22)).to(tl.float32, bitcast=True)
+            hi = (((b & 0x80) << 24) | ((b & 0x70) << 18)).to(tl.float32, bitcast=True)
+            return lo * 8.507059173023462e+37, hi * 8.507059173023462e+37  # 2^126, exact (subnormals kept)
+        else:
+            tl.static_assert(False, "unknown packed weight codec (add its branch to decode_pairs)")
+    else:  # 16-bit lanes: the float op runs two values at a time
+        tl.static_assert((DT == tl.bfloat16) or (DT == tl.float16), "decode_pairs: bf16, fp16 or fp32 dots")
+        b = packed.to(tl.int32)
+        BF16: tl.constexpr = DT == tl.bfloat16
+        if W_CODEC == "int4":  # nibble ^ 8 as the low mantissa bits of 128 (bf16) / 1024 (fp16), minus 136 / 1032
+            magic = 0x4300 if BF16 else 0x6400
+            lo = (((b ^ 0x8) & 0xF) | magic).to(tl.int16).to(DT, bitcast=True)
+            hi = ((((b >> 4) ^ 0x8) & 0xF) | magic).to(tl.int16).to(DT, bitcast=True)
+            off = tl.full((), 136.0 if BF16 else 1032.0, DT)
+            return lo - off, hi - off
+        elif W_CODEC == "fp4_e2m1":  # value · 2^-126 (bf16: fp32's exponent) or · 2^-14 (fp16), then rescaled
+            if BF16:
+                lo = ((b & 0x8) << 12) | ((b & 0x7) << 6)
+                hi = ((b & 0x80) << 8) | ((b & 0x70) << 2)
+                f = tl.full((), 8.507059173023462e+37, DT)  # 2^126
+            else:
+                lo = ((b & 0x8) << 12) | ((b & 0x7) << 9)
+                hi = ((b & 0x80) << 8) | ((b & 0x70) << 5)
+                f = tl.full((), 16384.0, DT)  # 2^14
+            return lo.to(tl.int16).to(DT, bitcast=True) * f, hi.to(tl.int16).to(DT, bitcast=True) * f
+        else:
+            tl.static_assert(False, "unknown packed weight codec (add its branch to decode_pairs)")
 
 
 @triton.jit
@@ -57,6 +83,16 @@ def decode_scale(s, W_CODEC: tl.constexpr):
         return tl.where(b == 255, float("nan"), v)
     else:
         return s
+
+
+@triton.jit
+def scale_values(v, s, W_CODEC: tl.constexpr):
+    """Decoded values ``v`` (the dot's dtype) times their fp32 scales, in the dot's dtype: mxfp4's powers of
+    two multiply in that dtype, exactly and two at a time; other scales multiply in fp32 and round once."""
+    if W_CODEC == "fp4_e2m1":
+        return v * s.to(v.dtype)
+    else:
+        return (v.to(tl.float32) * s).to(v.dtype)
 
 
 @triton.jit

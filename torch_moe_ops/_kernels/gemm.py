@@ -33,7 +33,7 @@ from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
-from .formats import block_pairs, decode_pairs, decode_scale, swizzle, tensor_scale_half
+from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half
 from .configs import TileConfig
 from .plan import launch
 
@@ -54,9 +54,9 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, 
         a = tl.load(a_ptrs, mask=mask_token[:, None, None] & (pair_k < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(2 * offs_j)[:, None] < k_left, other=0)
     a_even, a_odd = tl.split(a)  # [BM, BK/2] each
-    b_lo, b_hi = decode_pairs(b, W_CODEC)  # [BK/2, BN] each
     if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
         a_even, a_odd = _upcast_emulated(a_even), _upcast_emulated(a_odd)
+    b_lo, b_hi = decode_pairs(b, W_CODEC, a_even.dtype)  # [BK/2, BN] each, in the dot's dtype
     SCALE_IN_K: tl.constexpr = W_GROUP_SCALE and BLOCK_K > GROUP_K
     if SCALE_IN_K:  # [BK/G, BN] scales, each repeated over its G/2 rows of b_lo and of b_hi
         offs_g = tl.arange(0, BLOCK_K // GROUP_K)
@@ -68,9 +68,7 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, 
         s = decode_scale(s, W_CODEC)
         s = tl.reshape(tl.broadcast_to(s[:, None, :], (BLOCK_K // GROUP_K, GROUP_K // 2, s.shape[1])),
                        (BLOCK_K // 2, s.shape[1]))  # [BK/2, BN]
-        b_lo, b_hi = (b_lo.to(tl.float32) * s).to(a_even.dtype), (b_hi.to(tl.float32) * s).to(a_even.dtype)
-    else:
-        b_lo, b_hi = b_lo.to(a_even.dtype), b_hi.to(a_even.dtype)
+        b_lo, b_hi = scale_values(b_lo, s, W_CODEC), scale_values(b_hi, s, W_CODEC)
     if FP32_IEEE:
         d = tl.dot(a_even, b_lo, input_precision="ieee")
         d = tl.dot(a_odd, b_hi, d, input_precision="ieee")

@@ -1,0 +1,221 @@
+"""Compile the package's Triton kernels for Hopper (sm_90a) on a machine without a GPU, and report what the
+compiler made of them: registers, spills, shared memory, matrix instructions, SASS size.
+
+Every launch of a real pipeline call (CPU tensors, GPU tile configs of the H100 table or the heuristic) is
+compiled instead of run: ``JITFunction.run`` is switched to Triton's warm-up mode under a stand-in driver that
+names an sm_90 target. No kernel runs, so outputs are garbage; only the compiled code is looked at. Use the
+Triton version the GPU has (3.6 on the device image)::
+
+    pip install --no-deps --target .scratch/t36 triton==3.6.0
+    PYTHONPATH=.scratch/t36 python tools/sm90_compile.py                  # every scheme, T = 1 / 64 / 4096
+    PYTHONPATH=.scratch/t36 python tools/sm90_compile.py --schemes mxfp4 --T 1 --sass /tmp/sass
+
+A kernel that fails to compile for the GPU fails here, with Triton's error (the CPU interpreter accepts
+constructs the GPU compiler rejects). Columns: regs / spill bytes (ptxas -v), shared bytes, the count of
+HGMMA (Hopper warpgroup MMA), QGMMA (its fp8 form) and HMMA (the older mma.sync) instructions, and SASS
+instructions in total and inside the kernel's main loop (the instructions between the hottest backward
+branch and its target, a proxy for the K loop's cost).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+DEVICE_NAME = "NVIDIA H100 80GB HBM3"
+
+
+class _Sm90Driver(type(driver.active) if False else object):
+    """What ``JITFunction.run`` asks of the active driver, without a GPU: one device, an sm_90 target."""
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def is_active(self):
+        return True
+
+
+COMPILED: list = []
+
+
+def _install(tiles: str | None = None):
+    """Warm-up instead of launch, the stand-in driver, GPU tile configs for CPU tensors (``tiles``:
+    "BMxBNxBK[xWARPSxSTAGES]" for every GEMM instead)."""
+    driver.set_active(_Sm90Driver())
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        if kernel is not None and all(k is not kernel for _, k in COMPILED):
+            COMPILED.append((self, kernel))
+        return kernel
+
+    JITFunction.run = compile_only
+    from torch_moe_ops._kernels import configs, fused_experts
+
+    configs.device_name = lambda index: DEVICE_NAME
+    configs.device_family = lambda index: "sm90"
+    get_config = configs.get_config
+
+    def gpu_config(T, E, N, K, scheme, block, device=None, *, top_k):
+        if tiles:
+            v = [int(t) for t in tiles.split("x")]
+            return configs.TileConfig(*v[:3], 1, *(v[3:] or [4, 4]))
+        return get_config(T, E, N, K, scheme, block, torch.device("cuda", 0), top_k=top_k)
+
+    fused_experts.get_config = gpu_config
+
+
+def _tools_bin(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers, spill store bytes) from ptxas -v on the kernel's PTX."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    out = subprocess.run([_tools_bin("ptxas"), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else -1
+
+
+def sass_of(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    out = subprocess.run([_tools_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    return out
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def sass_summary(sass: str) -> dict:
+    """Instruction counts, and the length of the largest loop (a backward BRA: its target to itself)."""
+    instrs = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTR.finditer(sass)]
+    ops = [op for _, op, _ in instrs]
+    loop = 0
+    for addr, op, rest in instrs:
+        tgt = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if tgt and int(tgt.group(1), 16) < addr:
+            loop = max(loop, sum(1 for a, _, _ in instrs if int(tgt.group(1), 16) <= a <= addr))
+    count = lambda p: sum(1 for o in ops if o.startswith(p))  # noqa: E731
+    return dict(total=len(ops), loop=loop, hgmma=count("HGMMA"), qgmma=count("QGMMA"), hmma=count("HMMA"))
+
+
+def _cases(schemes, tokens, dtypes):
+    """(label, thunk) of pipeline calls whose launches get compiled."""
+    from torch_moe_ops._kernels import fused_experts as kernels
+    from torch_moe_ops.schemes import get_activation, get_quant_scheme
+    from torch_moe_ops.testing import fitting_block, w13_shards
+
+    shapes = {"qwen3": (128, 8, 2048, 768, "silu", False), "gpt-oss": (32, 4, 2880, 2880, "swigluoai", True)}
+    for name in schemes:
+        scheme = get_quant_scheme(name)
+        for shape, (E, k, H, I, act_name, bias) in shapes.items():
+            act = get_activation(act_name)
+            try:
+                block = fitting_block(scheme, H, I)
+            except ValueError:
+                continue
+            n1, fmt = act.n1(I), scheme.weight
+            if fmt is None:  # weights of the right storage and shape; their values do not matter here
+                q13, q2, s13, s2 = torch.zeros(E, n1, H), torch.zeros(E, H, I), None, None
+            else:
+                q13, q2 = (torch.zeros(fmt.packed_shape((E, N, K)), dtype=fmt.qdtype) for N, K in ((n1, H), (H, I)))
+                s13, s2 = (scheme.canonical_scale(torch.ones(fmt.scale_shape((E, N, K), block, *sh),
+                                                             dtype=fmt.scale_dtype))
+                           for N, K, sh in ((n1, H, (w13_shards(scheme, act),)), (H, I, ())))
+            b13 = torch.zeros(E, n1) if bias else None
+            b2 = torch.zeros(E, H) if bias else None
+            for dtype in dtypes:
+                dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+                if scheme.weight is None and dt != torch.bfloat16:
+                    continue
+                qa, qb = (q13.to(dt), q2.to(dt)) if scheme.weight is None else (q13, q2)
+                for T in tokens:
+                    x = torch.randn(T, H).to(dt)
+                    w, ids = torch.rand(T, E).topk(k, dim=-1)
+
+                    def call(x=x, w=w, ids=ids, qa=qa, qb=qb):
+                        kernels.fused_experts(x, qa, qb, w.float(), ids.to(torch.int32), act, scheme, s13, s2, b13,
+                                              b2, block, None, False, act.alpha(None), act.limit(None))
+
+                    yield f"{name} {shape} {dtype} T={T}", call
+
+
+def main(argv=None) -> int:
+    from torch_moe_ops.schemes import QUANT_SCHEMES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--schemes", default=",".join(QUANT_SCHEMES))
+    p.add_argument("--T", type=int, nargs="+", default=[1, 64, 4096])
+    p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--kernels", default="_moe_gemm_kernel", help="kernel names to report (comma list; all: every one)")
+    p.add_argument("--sass", type=Path, help="folder to write each reported kernel's SASS into")
+    p.add_argument("--tiles", help="BMxBNxBK[xWARPSxSTAGES] for every GEMM instead of the GPU's configs")
+    args = p.parse_args(argv)
+    _install(args.tiles)
+    failures = 0
+    print(f"triton {triton.__version__}, target sm_90a ({DEVICE_NAME} tiles)")
+    print(f"{'case':<34} {'kernel':<22} {'tiles':<18} {'regs':>4} {'spill':>5} {'smem':>6} {'HGMMA':>5} "
+          f"{'QGMMA':>5} {'HMMA':>4} {'sass':>5} {'loop':>4}")
+    for label, call in _cases(args.schemes.split(","), args.T, args.dtypes.split(",")):
+        COMPILED.clear()
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - report every failing case, keep going
+            failures += 1
+            print(f"{label:<34} FAILED: {type(exc).__name__}: {str(exc)[:400]}")
+            continue
+        for fn, kernel in COMPILED:
+            name = fn.__name__
+            if args.kernels != "all" and name not in args.kernels.split(","):
+                continue
+            c = kernel.src.constants if hasattr(kernel.src, "constants") else {}
+            consts = {k[0] if isinstance(k, tuple) else k: v for k, v in dict(c).items()}
+            names = fn.arg_names
+            pick = lambda n: consts.get(names.index(n), consts.get(n, "?")) if n in names else "-"  # noqa: E731
+            tiles = f"{pick('BLOCK_M')}x{pick('BLOCK_N')}x{pick('BLOCK_K')}"
+            regs, spill = ptxas_report(kernel.asm["ptx"])
+            sass = sass_of(kernel.asm["cubin"])
+            s = sass_summary(sass)
+            print(f"{label:<34} {name[:22]:<22} {tiles:<18} {regs:>4} {spill:>5} {kernel.metadata.shared:>6} "
+                  f"{s['hgmma']:>5} {s['qgmma']:>5} {s['hmma']:>4} {s['total']:>5} {s['loop']:>4}")
+            if args.sass:
+                args.sass.mkdir(parents=True, exist_ok=True)
+                (args.sass / f"{label.replace(' ', '_')}-{name}.sass").write_text(sass)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
