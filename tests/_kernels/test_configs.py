@@ -182,9 +182,9 @@ def test_table_keys_come_from_the_scheme_objects():
 
 @pytest.mark.parametrize("G", [32, 64, 128])
 def test_int4_block_k_fits_the_group(G):
-    """int4: 16 x 128 tiles up to 64 rows per expert, the 16-bit heuristic beyond; BLOCK_K divides G or is a
-    multiple of it (gemm._packed_step scales before the dot then), and BLOCK_K >= 32 (one K/2 >= 16 dot per
-    nibble)."""
+    """int4: 16 x 128 tiles up to 64 rows per expert, 128 x 64 tiles on the 16-bit BLOCK_M beyond; BLOCK_K
+    divides G or is a multiple of it (gemm._packed_step scales before the dot then), and BLOCK_K >= 32 (one
+    K/2 >= 16 dot per nibble)."""
     for T in (1, 16, 64, 256, 1024, 16384):
         for N, K in ((4096, 2048), (2048, 2048), (256, G), (40, 4 * G)):
             cfg = default_config(T, 8, N, K, INT4, (1, G), top_k=2)
@@ -194,9 +194,10 @@ def test_int4_block_k_fits_the_group(G):
                 want = TileConfig(16, min(128, max(16, 1 << (N - 1).bit_length())), min(128, max(K, 32)),
                                   16 if T * 2 / 8 > 16 else 1, 4, 4)
                 assert cfg == want, (T, N, K, cfg)
-            else:
-                # powers of two: BLOCK_K divides G or is a multiple of it, so the 16-bit tiles serve as they are
-                assert cfg == dataclasses.replace(bf16, block_k=max(bf16.block_k, 32)), (T, N, K, cfg)
+            else:  # prefill: the 16-bit BLOCK_M and GROUP_M, 128 x 64 tiles and 8 warps (no spills)
+                want = TileConfig(bf16.block_m, min(128, max(16, 1 << (N - 1).bit_length())), max(32, min(64, K)),
+                                  bf16.group_m, 8, 4)
+                assert cfg == want, (T, N, K, cfg)
     assert default_config(1, 8, 4096, 2048, INT4, None, top_k=2) == TileConfig(16, 128, 128, 1, 4, 4)  # [1, 128]
 
 

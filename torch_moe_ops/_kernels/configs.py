@@ -124,6 +124,10 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
             # T=1 69 -> 31 us, T=256 727 -> 315 us; Mixtral GEMM1 T=256 2947 -> 2161 us)
             block_m = 16
             tiles = dict(block_n=128, block_k=128, num_warps=4, num_stages=4)
+        elif scheme.packed:  # the 16-bit 128 x 256 tiles spill ~500-900 B a thread once values are decoded in
+            # registers (tools/sm90_compile.py, triton 3.6): 128 x 128 x 64 with 8 warps spills none and issues
+            # ~40 % fewer K-loop instructions per MAC (not yet timed)
+            tiles = dict(block_n=128, block_k=64, num_warps=8, num_stages=4)
         elif block_m <= 32:  # decode: memory bound, many narrow column tiles keep every SM streaming weights
             # ...except fp8 with a handful of rows (Qwen3 fp8_tensor T=1 GEMM1 on H100: 114.5 us at 64, 21.6 at 128)
             block_n = 128 if fp8 and T * top_k <= 64 else 64

@@ -14,10 +14,11 @@ Layout the kernel reads (one launch covers every expert):
 
 The quant scheme arrives as its ``GemmFlags`` (named bool constexprs); a False flag prunes its code (the
 PTX of every pre-int4 scheme is line for line the one of the former ``SCHEME`` int constexpr; H200,
-triton 3.6). Packed weights (``W_PACKED``; int4, decoded by ``formats.decode_pairs``) load each byte once and runs two BLOCK_K/2 dots per K step, even
-k against the low nibbles and odd k against the high ones; measured on H200 with G = 128 it beats int8 at
-decode for Qwen3-30B GEMM1 (T=1: 31 vs 55 us) but is ~5x slower than int8 in prefill (Mixtral GEMM1
-T=4096: 23.8 vs 4.7 ms): the register unpack and split dots bound it there.
+triton 3.6). Packed weights (``W_PACKED``: int4, mxfp4, decoded by ``formats.decode_pairs`` in the dot's
+dtype) load each byte once and run two BLOCK_K/2 dots per K step, even k against the low nibbles and odd k
+against the high ones; groups smaller than a K step are scaled before the dots (docs/kernels.md). Measured
+on H200 with G = 128 and the former decode (2026-12-01): int4 beat int8 at decode for Qwen3-30B GEMM1
+(T=1: 31 vs 55 us) but was ~5x slower than int8 in prefill (Mixtral GEMM1 T=4096: 23.8 vs 4.7 ms).
 Token counts are runtime arguments in ``do_not_specialize`` (never constexpr), so a sweep over T compiles
 the kernel once; all offsets that scale with tokens or experts are int64 (``T·k·N > 2³¹`` is fine).
 """
