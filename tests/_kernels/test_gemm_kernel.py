@@ -42,6 +42,22 @@ def test_gemm_minus_one_block_stores_zeros_and_skips_tail():
     assert c[[6, 7, 8]].isnan().all()
 
 
+def _packed_gemm(a, q, s, scheme, block, k, bk):
+    """GEMM1 addressing (row j // k of a) on random top-k routing over q's E experts, 16 x 32 x bk tiles:
+    (c [T·k, N] in a's dtype, NaN-poisoned first; the fp32 reference a[j // k] @ dequantize(q, s)[e]ᵀ)."""
+    T, (E, N, _) = a.shape[0], q.shape
+    _, ids = torch.rand(T, E).topk(k, dim=-1)
+    ids = ids.to(torch.int32)
+    cfg = TileConfig(16, 32, bk, 1, 4, 1)
+    c = torch.full((T * k, N), float("nan"), dtype=a.dtype, device=DEVICE)
+    align = align_block_size(ids.to(DEVICE), E, cfg.block_m)
+    invoke_moe_gemm(a.to(DEVICE), q.to(DEVICE), c, *align, top_k=k, config=cfg, scheme=scheme, w_scale=s.to(DEVICE),
+                    block=block)
+    w_ref = scheme.weight.dequantize(q, s, block)  # [E, N, K] fp32
+    j = torch.arange(T * k)
+    return c.cpu(), torch.einsum("jk,jnk->jn", a.float()[j // k], w_ref[ids.view(-1).long()])
+
+
 @pytest.mark.parametrize("G,bk,dtype,K", [(32, 32, "bf16", 64), (32, 32, "fp32", 64), (64, 32, "fp16", 128),
                                           (128, 32, "fp32", 256), (128, 64, "bf16", 256), (128, 128, "bf16", 256),
                                           (32, 64, "bf16", 96), (32, 128, "fp32", 160), (64, 128, "fp16", 192)])
@@ -56,19 +72,10 @@ def test_gemm_int4_unpacks_nibbles_and_scales_each_group(G, bk, dtype, K):
     q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8)
     q.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)  # every byte value at least once
     s = torch.rand(E, N, K // G) + 0.1
-    _, ids = torch.rand(T, E).topk(k, dim=-1)
-    ids = ids.to(torch.int32)
-    cfg = TileConfig(16, 32, bk, 1, 4, 1)
-    c = torch.full((T * k, N), float("nan"), dtype=dt, device=DEVICE)
-    align = align_block_size(ids.to(DEVICE), E, cfg.block_m)
-    invoke_moe_gemm(a.to(DEVICE), q.to(DEVICE), c, *align, top_k=k, config=cfg, scheme=INT4, w_scale=s.to(DEVICE),
-                    block=(1, G))
-    w_ref = fmt.dequantize(q, s, (1, G))  # [E, N, K] fp32
+    c, ref = _packed_gemm(a, q, s, INT4, (1, G), k, bk)
     assert {int(v) for v in fmt.codec.decode(q).unique()} == set(range(-8, 8))
-    j = torch.arange(T * k)
-    ref = torch.einsum("jk,jnk->jn", a.float()[j // k], w_ref[ids.view(-1).long()])
     tol = dict(atol=1e-4, rtol=1e-5) if dt == torch.float32 else dict(atol=0.05, rtol=1e-2)
-    torch.testing.assert_close(c.cpu().float(), ref, **tol)
+    torch.testing.assert_close(c.float(), ref, **tol)
 
 
 def test_gemm_int4_refuses_block_k_not_dividing_the_group_or_too_small():
@@ -89,8 +96,8 @@ def test_gemm_int4_refuses_block_k_not_dividing_the_group_or_too_small():
 @pytest.mark.parametrize("bk,dtype,K", [(32, "bf16", 96), (64, "bf16", 96), (128, "bf16", 160), (128, "fp32", 128),
                                         (64, "fp16", 128)])
 def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bk, dtype, K):
-    """mxfp4: every E2M1 byte, E8M0 scale bytes over a wide range (2^-20 .. 2^10, fp16 2^2; and 0 = 2^-127), BLOCK_K = G
-    (scale after the dot) and n·G (scale before it, exact for powers of two), a K tail of whole groups.
+    """mxfp4: every E2M1 byte, E8M0 scale bytes over a wide range (2^-20 .. 2^10, fp16 2^2; and 0 = 2^-127),
+    BLOCK_K = G (scale after the dot) and n·G (scale before it, exact for powers of two), a K tail of whole groups.
     Against a[j // k] @ dequantize(w)[e]ᵀ in fp32."""
     mx = get_quant_scheme("mxfp4")
     dt = DTYPES[dtype]
@@ -101,15 +108,6 @@ def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bk, dtype, K):
     top = 3 if dt == torch.float16 else 11  # fp16 outputs overflow past ~2^4 scales
     s = torch.randint(127 - 20, 127 + top, (E, N, K // 32), dtype=torch.uint8)
     s.view(-1)[0] = 0
-    _, ids = torch.rand(T, E).topk(k, dim=-1)
-    ids = ids.to(torch.int32)
-    cfg = TileConfig(16, 32, bk, 1, 4, 1)
-    c = torch.full((T * k, N), float("nan"), dtype=dt, device=DEVICE)
-    align = align_block_size(ids.to(DEVICE), E, cfg.block_m)
-    invoke_moe_gemm(a.to(DEVICE), q.to(DEVICE), c, *align, top_k=k, config=cfg, scheme=mx, w_scale=s.to(DEVICE),
-                    block=(1, 32))
-    w_ref = mx.weight.dequantize(q, s, (1, 32))  # [E, N, K] fp32
-    j = torch.arange(T * k)
-    ref = torch.einsum("jk,jnk->jn", a.float()[j // k], w_ref[ids.view(-1).long()])
-    err = (c.cpu().float() - ref).norm() / ref.norm()
+    c, ref = _packed_gemm(a, q, s, mx, (1, 32), k, bk)
+    err = (c.float() - ref).norm() / ref.norm()
     assert err < (1e-6 if dt == torch.float32 else 4e-3), err  # only the output's rounding (and fp32 sums)
