@@ -11,7 +11,8 @@ Triton version the GPU has (3.6 on the device image)::
     PYTHONPATH=.scratch/t36 python tools/sm90_compile.py --schemes mxfp4 --T 1 --sass /tmp/sass
 
 A kernel that fails to compile for the GPU fails here, with Triton's error (the CPU interpreter accepts
-constructs the GPU compiler rejects). Columns: regs / spill bytes (ptxas -v), shared bytes, the count of
+constructs the GPU compiler rejects: ``continue`` in a loop, layouts its sm90 passes cannot lower), and the
+exit status is 1; ``tests/test_sm90_compile.py`` runs it in CI. Columns: regs / spill bytes (ptxas -v), shared bytes, the count of
 HGMMA (Hopper warpgroup MMA), QGMMA (its fp8 form) and HMMA (the older mma.sync) instructions, and SASS
 instructions in total and inside the kernel's main loop (the instructions between the hottest backward
 branch and its target, a proxy for the K loop's cost).
@@ -132,13 +133,19 @@ def sass_summary(sass: str) -> dict:
     return dict(total=len(ops), loop=loop, hgmma=count("HGMMA"), qgmma=count("QGMMA"), hmma=count("HMMA"))
 
 
-def _cases(schemes, tokens, dtypes):
-    """(label, thunk) of pipeline calls whose launches get compiled."""
+#: (E, top_k, H, I, activation, biases) of the layers whose GEMMs are compiled
+SHAPES = {"qwen3": (128, 8, 2048, 768, "silu", False), "gpt-oss": (32, 4, 2880, 2880, "swigluoai", True)}
+
+
+def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES)):
+    """(label, thunk) of pipeline calls whose launches get compiled: the forward, and with ``backward`` its
+    gradients."""
     from torch_moe_ops._kernels import fused_experts as kernels
+    from torch_moe_ops._kernels.backward import fused_experts_backward
     from torch_moe_ops.schemes import get_activation, get_quant_scheme
     from torch_moe_ops.testing import fitting_block, w13_shards
 
-    shapes = {"qwen3": (128, 8, 2048, 768, "silu", False), "gpt-oss": (32, 4, 2880, 2880, "swigluoai", True)}
+    shapes = {k: v for k, v in SHAPES.items() if k in shape_names}
     for name in schemes:
         scheme = get_quant_scheme(name)
         for shape, (E, k, H, I, act_name, bias) in shapes.items():
@@ -171,6 +178,16 @@ def _cases(schemes, tokens, dtypes):
                                               b2, block, None, False, act.alpha(None), act.limit(None))
 
                     yield f"{name} {shape} {dtype} T={T}", call
+                    if backward:  # every gradient a scheme gives: frozen quantized experts pass dx and dw only
+                        trainable = scheme.weight is None
+
+                        def grad(x=x, w=w, ids=ids, qa=qa, qb=qb, trainable=trainable):
+                            needs = (True, trainable, trainable, trainable and bias, trainable and bias, True)
+                            fused_experts_backward(torch.randn_like(x), x, qa, qb, w.float(), ids.to(torch.int32),
+                                                   act, scheme, s13, s2, b13, b2, block, None, False,
+                                                   act.alpha(None), act.limit(None), needs)
+
+                        yield f"{name} {shape} {dtype} T={T} bwd", grad
 
 
 def main(argv=None) -> int:
@@ -180,16 +197,20 @@ def main(argv=None) -> int:
     p.add_argument("--schemes", default=",".join(QUANT_SCHEMES))
     p.add_argument("--T", type=int, nargs="+", default=[1, 64, 4096])
     p.add_argument("--dtypes", default="bf16")
-    p.add_argument("--kernels", default="_moe_gemm_kernel", help="kernel names to report (comma list; all: every one)")
+    p.add_argument("--kernels", default="_moe_gemm_kernel",
+                   help="kernel names to report (comma list; all: every one; none: compile only)")
     p.add_argument("--sass", type=Path, help="folder to write each reported kernel's SASS into")
     p.add_argument("--tiles", help="BMxBNxBK[xWARPSxSTAGES] for every GEMM instead of the GPU's configs")
+    p.add_argument("--backward", action="store_true", help="also the gradients (dgrad, wgrad, their epilogues)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"layers, of {list(SHAPES)}")
     args = p.parse_args(argv)
     _install(args.tiles)
     failures = 0
     print(f"triton {triton.__version__}, target sm_90a ({DEVICE_NAME} tiles)")
     print(f"{'case':<34} {'kernel':<22} {'tiles':<18} {'regs':>4} {'spill':>5} {'smem':>6} {'HGMMA':>5} "
           f"{'QGMMA':>5} {'HMMA':>4} {'sass':>5} {'loop':>4}")
-    for label, call in _cases(args.schemes.split(","), args.T, args.dtypes.split(",")):
+    for label, call in _cases(args.schemes.split(","), args.T, args.dtypes.split(","), args.backward,
+                              args.shapes.split(",")):
         COMPILED.clear()
         try:
             call()

@@ -23,10 +23,22 @@ from .._platform import interpret_mode
 from ..schemes import Activation, QuantScheme, cdiv
 from ._numerics import _bf16_round
 from .activation import _gated_backward
-from .formats import block_pairs, decode_element, decode_scale, swizzle, tensor_scale_half
+from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half
 from .fused_experts import gemm1, gemm1_input, gemm2_input
 from .gemm import gemm_grid_rows
 from .moe_sum import moe_sum
+
+
+@triton.jit
+def _dot(acc, a, w, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """acc + a @ w, w in a's dtype (the interpreter: both in fp32, its bf16 dot multiplies raw bit patterns)."""
+    if UPCAST:
+        a, w = a.to(tl.float32), w.to(tl.float32)
+    else:
+        w = w.to(a.dtype)
+    if FP32_IEEE:
+        return tl.dot(a, w, acc, input_precision="ieee")
+    return tl.dot(a, w, acc)
 
 
 @triton.jit(do_not_specialize=["num_pid_m", "num_valid"])
@@ -63,14 +75,24 @@ def _moe_dgrad_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (offs_token // A_DIV)[:, None] * stride_am + offs_k[None, :]
     w_base = w_ptr + expert * stride_we
-    if W_PACKED:  # element c in byte c // 2, its high half when c is odd
-        w_cols = (offs_wn // 2).to(tl.int64) * stride_wc
-        w_odd = (offs_wn % 2)[None, :]
+    if W_PACKED:  # byte j holds columns 2j (low half) and 2j + 1: each byte loaded once, decoded as a pair
+        offs_wj = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % (C // 2)  # [BN/2] wrapped
+        w_cols = offs_wj.to(tl.int64) * stride_wc
+        s_cols = ((2 * offs_wj) // GROUP_C) * stride_sc  # the pair's [1, G] group (G is even)
     else:
         w_cols = offs_wn.to(tl.int64) * stride_wc
+        s_cols = (offs_wn // GROUP_C) * stride_sc
     s_base = w_scale_ptr + expert * stride_se
+    if UPCAST or FP32_IEEE:  # the dot's dtype: fp32 in the interpreter (its bf16 dot is wrong) and for fp32
+        DOT_DT: tl.constexpr = tl.float32
+    else:
+        DOT_DT: tl.constexpr = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_PACKED:  # even and odd output columns accumulate apart (a packed operand fed to one dot through
+        # join + reshape breaks Triton 3.6's sm90 dot-operand pass: "Illegal shared layout")
+        acc_lo = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+        acc_hi = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kk in range(0, num_k):
         offs_r = kk * BLOCK_K + offs_k
@@ -81,30 +103,29 @@ def _moe_dgrad_kernel(
             bias_acc += tl.sum(a.to(tl.float32) * bias[None, :], axis=1)
         w = tl.load(w_base + offs_r[:, None].to(tl.int64) * stride_wr + w_cols[None, :], mask=mask_r[:, None],
                     other=0.0)
-        if W_PACKED:
-            w = decode_element(w, w_odd, W_CODEC)
-        if DEQUANT:  # frozen quantized weights, dequantized in registers (fp32) per element
-            w = w.to(tl.float32)
-            if W_TENSOR_SCALE and TENSOR_SCALE_COLS == 2:  # gate / up halves of w13 along R
-                w = w * tl.load(s_base + tensor_scale_half(offs_r, R, INTERLEAVED) * stride_sr)[:, None]
-            elif W_TENSOR_SCALE:
-                w = w * tl.load(s_base)
-            elif W_CHANNEL_SCALE:  # one scale per forward output row = per R here
-                w = w * tl.load(s_base + offs_r * stride_sr, mask=mask_r, other=0.0)[:, None]
-            elif TILE_SCALES:  # [GROUP_R, GROUP_C] tiles (fp8_block) or [1, G] groups (int4)
-                s_ptrs = s_base + (offs_r // GROUP_R)[:, None] * stride_sr + (offs_wn // GROUP_C)[None, :] * stride_sc
-                w = w * decode_scale(tl.load(s_ptrs, mask=mask_r[:, None], other=0), W_CODEC)
-        if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
+        if W_PACKED:  # [BK, BN/2] bytes -> even / odd columns' values in the dot's dtype, scaled per group
+            lo, hi = decode_pairs(w, W_CODEC, DOT_DT)
+            s_ptrs = s_base + (offs_r // GROUP_R)[:, None] * stride_sr + s_cols[None, :]
+            s = decode_scale(tl.load(s_ptrs, mask=mask_r[:, None], other=0), W_CODEC)
+            acc_lo = _dot(acc_lo, a, scale_values(lo, s, W_CODEC), UPCAST, FP32_IEEE)
+            acc_hi = _dot(acc_hi, a, scale_values(hi, s, W_CODEC), UPCAST, FP32_IEEE)
         else:
-            w = w.to(a.dtype)
-        if FP32_IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+            if DEQUANT:  # frozen quantized weights, dequantized in registers (fp32) per element
+                w = w.to(tl.float32)
+                if W_TENSOR_SCALE and TENSOR_SCALE_COLS == 2:  # gate / up halves of w13 along R
+                    w = w * tl.load(s_base + tensor_scale_half(offs_r, R, INTERLEAVED) * stride_sr)[:, None]
+                elif W_TENSOR_SCALE:
+                    w = w * tl.load(s_base)
+                elif W_CHANNEL_SCALE:  # one scale per forward output row = per R here
+                    w = w * tl.load(s_base + offs_r * stride_sr, mask=mask_r, other=0.0)[:, None]
+                elif TILE_SCALES:  # [GROUP_R, GROUP_C] tiles (fp8_block)
+                    s_ptrs = s_base + (offs_r // GROUP_R)[:, None] * stride_sr + s_cols[None, :]
+                    w = w * decode_scale(tl.load(s_ptrs, mask=mask_r[:, None], other=0), W_CODEC)
+            acc = _dot(acc, a, w, UPCAST, FP32_IEEE)
         a_ptrs += BLOCK_K
 
+    if W_PACKED:  # columns 2j, 2j + 1 side by side again
+        acc = tl.reshape(tl.join(acc_lo, acc_hi), (BLOCK_M, BLOCK_N))
     mask_o = mask_token[:, None] & mask_n[None, :]
     if NEED_DOT:  # router-weight gradient, one partial sum per column tile (summed by the launcher)
         d = tl.load(d_ptr + (offs_token // D_DIV)[:, None] * stride_dm + offs_n[None, :], mask=mask_o, other=0.0)

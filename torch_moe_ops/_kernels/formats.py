@@ -61,19 +61,6 @@ def decode_pairs(packed, W_CODEC: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def decode_element(packed, odd, W_CODEC: tl.constexpr):
-    """Packed bytes gathered per element and the int32 ``odd`` flag (element c in byte c // 2, high half when
-    odd) -> the element's value (int32 for integer codecs)."""
-    nib = (packed.to(tl.int32) >> (odd * 4)) & 0xF
-    if W_CODEC == "int4":
-        return (nib ^ 8) - 8
-    elif W_CODEC == "fp4_e2m1":
-        return _fp4_e2m1(nib)
-    else:
-        tl.static_assert(False, "unknown packed weight codec (add its branch to decode_element)")
-
-
-@triton.jit
 def decode_scale(s, W_CODEC: tl.constexpr):
     """Stored weight scales -> fp32: fp32 scales as they are; mxfp4's E8M0 bytes ``2^(s - 127)`` (255: NaN)."""
     if W_CODEC == "fp4_e2m1":
@@ -88,21 +75,12 @@ def decode_scale(s, W_CODEC: tl.constexpr):
 @triton.jit
 def scale_values(v, s, W_CODEC: tl.constexpr):
     """Decoded values ``v`` (the dot's dtype) times their fp32 scales, in the dot's dtype: mxfp4's powers of
-    two multiply in that dtype, exactly and two at a time; other scales multiply in fp32 and round once."""
-    if W_CODEC == "fp4_e2m1":
+    two multiply in bf16 / fp32, exactly and (bf16) two at a time; other scales, and fp16 (whose range a
+    scale can leave), multiply in fp32 and round once."""
+    if W_CODEC == "fp4_e2m1" and v.dtype != tl.float16:
         return v * s.to(v.dtype)
     else:
         return (v.to(tl.float32) * s).to(v.dtype)
-
-
-@triton.jit
-def _fp4_e2m1(code):
-    """int32 E2M1 codes [0, 16) -> fp32 values, built as fp32 bits: sign = bit 3, exponent e = bits 1-2,
-    mantissa m = bit 0; e = 0: m · 0.5; else (1 + m/2) · 2^(e - 1). Exact in bf16 / fp16 too."""
-    e = (code >> 1) & 3
-    m = code & 1
-    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22))
-    return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
