@@ -201,11 +201,13 @@ def test_int4_block_k_fits_the_group(G):
     assert default_config(1, 8, 4096, 2048, INT4, None, top_k=2) == TileConfig(16, 128, 128, 1, 4, 4)  # [1, 128]
 
 
-def test_mxfp4_decode_tiles_span_four_groups():
-    """mxfp4's G = 32: decode takes BLOCK_K = 128 (four groups a K step, scaled before the dot)."""
+def test_mxfp4_decode_tiles_span_several_groups():
+    """mxfp4's G = 32: decode takes BLOCK_K = 128 (four groups a K step, scaled before the dot), halved down to
+    64 while it leaves a K tail (GPT-OSS's K = 2880: 64), never below 64 for that (K = 2080 keeps 128)."""
     mx = QUANT_SCHEMES["mxfp4"]
-    cfg = default_config(1, 32, 5760, 2880, mx, (1, 32), top_k=4)
-    assert cfg == TileConfig(16, 128, 128, 1, 4, 4)
+    assert default_config(1, 128, 1536, 2048, mx, (1, 32), top_k=8) == TileConfig(16, 128, 128, 1, 4, 4)
+    assert default_config(1, 32, 5760, 2880, mx, (1, 32), top_k=4) == TileConfig(16, 128, 64, 1, 4, 4)
+    assert default_config(1, 32, 5760, 2080, mx, (1, 32), top_k=4).block_k == 128
     assert default_config(1, 32, 64, 32, mx, (1, 32), top_k=4).block_k == 32
 
 

@@ -141,6 +141,9 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
     if fp8:
         block_k = max(block_k, 32)  # an fp8 tl.dot needs K >= 32 on the GPU; a tiny K is masked instead
     block_k = max(block_k, _min_block_k(scheme))
+    if scheme.packed and K % block_k:  # a masked K tail in every step of a decoding loop costs registers:
+        # GPT-OSS's K = 2880 spills at BLOCK_K 128, not at 64 (tools/sm90_compile.py); halve to 64 if that helps
+        block_k = next((b for b in (block_k // 2, block_k // 4) if b >= 64 and K % b == 0), block_k)
     if scheme.tiled and not (scheme.flags.W_GROUP_SCALE and block_k % block[1] == 0):
         block_k = _fit_block_k(block_k, block[1], floor=max(32 if fp8 else 16, _min_block_k(scheme)))
     return dataclasses.replace(cfg, block_n=_shrink_to(N, cfg.block_n), block_k=block_k)
