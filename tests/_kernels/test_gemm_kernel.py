@@ -42,13 +42,13 @@ def test_gemm_minus_one_block_stores_zeros_and_skips_tail():
     assert c[[6, 7, 8]].isnan().all()
 
 
-def _packed_gemm(a, q, s, scheme, block, k, bk):
-    """GEMM1 addressing (row j // k of a) on random top-k routing over q's E experts, 16 x 32 x bk tiles:
+def _packed_gemm(a, q, s, scheme, block, k, bk, bm=16):
+    """GEMM1 addressing (row j // k of a) on random top-k routing over q's E experts, bm x 32 x bk tiles:
     (c [T·k, N] in a's dtype, NaN-poisoned first; the fp32 reference a[j // k] @ dequantize(q, s)[e]ᵀ)."""
     T, (E, N, _) = a.shape[0], q.shape
     _, ids = torch.rand(T, E).topk(k, dim=-1)
     ids = ids.to(torch.int32)
-    cfg = TileConfig(16, 32, bk, 1, 4, 1)
+    cfg = TileConfig(bm, 32, bk, 1, 4, 1)
     c = torch.full((T * k, N), float("nan"), dtype=a.dtype, device=DEVICE)
     align = align_block_size(ids.to(DEVICE), E, cfg.block_m)
     invoke_moe_gemm(a.to(DEVICE), q.to(DEVICE), c, *align, top_k=k, config=cfg, scheme=scheme, w_scale=s.to(DEVICE),
@@ -93,12 +93,13 @@ def test_gemm_int4_refuses_block_k_not_dividing_the_group_or_too_small():
                         scheme=INT4, w_scale=s, block=(1, 32))
 
 
-@pytest.mark.parametrize("bk,dtype,K", [(32, "bf16", 96), (64, "bf16", 96), (128, "bf16", 160), (128, "fp32", 128),
-                                        (64, "fp16", 128)])
-def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bk, dtype, K):
+@pytest.mark.parametrize("bm,bk,dtype,K", [(16, 32, "bf16", 96), (16, 64, "bf16", 96), (16, 128, "bf16", 160),
+                                           (16, 128, "fp32", 128), (16, 64, "fp16", 128), (64, 64, "bf16", 160),
+                                           (64, 32, "fp16", 96)])
+def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bm, bk, dtype, K):
     """mxfp4: every E2M1 byte, E8M0 scale bytes over a wide range (2^-20 .. 2^10, fp16 2^2; and 0 = 2^-127),
-    BLOCK_K = G (scale after the dot) and n·G (scale before it, exact for powers of two), a K tail of whole groups.
-    Against a[j // k] @ dequantize(w)[e]ᵀ in fp32."""
+    BLOCK_K = G (scale after the dot) and n·G (scale before it, exact for powers of two), a K tail of whole
+    groups, BLOCK_M 64 (one dot a K step: JOIN_K). Against a[j // k] @ dequantize(w)[e]ᵀ in fp32."""
     mx = get_quant_scheme("mxfp4")
     dt = DTYPES[dtype]
     T, k, E, N = 7, 2, 3, 40
@@ -108,6 +109,6 @@ def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bk, dtype, K):
     top = 3 if dt == torch.float16 else 11  # fp16 outputs overflow past ~2^4 scales
     s = torch.randint(127 - 20, 127 + top, (E, N, K // 32), dtype=torch.uint8)
     s.view(-1)[0] = 0
-    c, ref = _packed_gemm(a, q, s, mx, (1, 32), k, bk)
+    c, ref = _packed_gemm(a, q, s, mx, (1, 32), k, bk, bm)
     err = (c.float() - ref).norm() / ref.norm()
     assert err < (1e-6 if dt == torch.float32 else 4e-3), err  # only the output's rounding (and fp32 sums)

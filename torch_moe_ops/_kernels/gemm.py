@@ -42,10 +42,12 @@ from .plan import launch
 @triton.jit
 def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, k_left, scale_off, stride_bsk,
                  W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
+                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, JOIN_K: tl.constexpr):
     """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK/2, 2] (k = 2j, 2j + 1), ``b_ptrs`` [BK/2,
     BN] bytes, each loaded once. Even k meet the low halves, odd k the high ones (``decode_pairs``): two dots
-    of BK/2. BLOCK_K ≤ GROUP_K: the values are exact in the activation dtype and the step's one group scale
+    of BK/2, or with JOIN_K the values put back in K order and one dot of BK (docs/kernels.md: fewer
+    registers and K-loop instructions for mxfp4 prefill tiles, more for int4 and for decode tiles).
+    BLOCK_K ≤ GROUP_K: the values are exact in the activation dtype and the step's one group scale
     multiplies the dot; BLOCK_K = n·GROUP_K: each value is scaled before the dot (``[BK/G, BN]`` scales,
     docs/kernels.md "Groups smaller than a K step")."""
     if EVEN_K:
@@ -70,7 +72,14 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, 
         s = tl.reshape(tl.broadcast_to(s[:, None, :], (BLOCK_K // GROUP_K, GROUP_K // 2, s.shape[1])),
                        (BLOCK_K // 2, s.shape[1]))  # [BK/2, BN]
         b_lo, b_hi = scale_values(b_lo, s, W_CODEC), scale_values(b_hi, s, W_CODEC)
-    if FP32_IEEE:
+    if JOIN_K:  # one dot over the whole step: the values back in K order, [BK/2, 2, BN] -> [BK, BN]
+        b_full = tl.reshape(tl.permute(tl.join(b_lo, b_hi), (0, 2, 1)), (BLOCK_K, b_lo.shape[1]))
+        a_full = tl.reshape(tl.join(a_even, a_odd), (a_even.shape[0], BLOCK_K))
+        if FP32_IEEE:
+            d = tl.dot(a_full, b_full, input_precision="ieee")
+        else:
+            d = tl.dot(a_full, b_full)
+    elif FP32_IEEE:
         d = tl.dot(a_even, b_lo, input_precision="ieee")
         d = tl.dot(a_odd, b_hi, d, input_precision="ieee")
     else:
@@ -97,6 +106,7 @@ def _moe_gemm_kernel(
     A_ROW_SCALE: tl.constexpr, W_TENSOR_SCALE: tl.constexpr, W_CHANNEL_SCALE: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_PACKED: tl.constexpr,
     W_CODEC: tl.constexpr, FUSE_ACT: tl.constexpr, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr,
+    JOIN_K: tl.constexpr,
 ):
     pid_m, pid_n = swizzle(N, num_pid_m, BLOCK_N, GROUP_M)
     num_post_pad = tl.load(num_post_pad_ptr)
@@ -150,7 +160,7 @@ def _moe_gemm_kernel(
         if W_PACKED:
             acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, K - kk * BLOCK_K,
                                ((kk * BLOCK_K) // GROUP_K) * stride_bsk, stride_bsk, W_CODEC, W_GROUP_SCALE,
-                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE)
+                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE, JOIN_K)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
@@ -318,6 +328,7 @@ def invoke_moe_gemm(
         FP32_IEEE=a.dtype == torch.float32,
         BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
         **_scheme_kwargs(scheme), **act_kw,
+        JOIN_K=scheme.codec == "fp4_e2m1" and bm >= 64,  # mxfp4 prefill: one dot a step (docs/kernels.md)
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
