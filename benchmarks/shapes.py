@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from torch_moe_ops.schemes import QUANT_SCHEMES, get_activation, get_quant_scheme
 
 
@@ -51,7 +53,8 @@ def expert_bytes(shape: MoEShape, scheme: str, block=None) -> int:
             total += N * K * 2
             continue
         packed, scales = fmt.packed_shape((1, N, K)), fmt.scale_shape((1, N, K), block)
-        total += math.prod(packed) * fmt.qdtype.itemsize + math.prod(scales) * fmt.scale_dtype.itemsize
+        scale_dtype = getattr(fmt, "scale_dtype", torch.float32)  # (a base tree of gpu_kernels.sh may predate it)
+        total += math.prod(packed) * fmt.qdtype.itemsize + math.prod(scales) * scale_dtype.itemsize
     return total
 
 

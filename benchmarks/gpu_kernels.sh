@@ -1,0 +1,60 @@
+#!/bin/bash
+# The kernel issues' open measurements in ONE device call (10-minute limit; steps that cannot end in time are
+# skipped and named): the GPU suite, then `fused_experts` times of this tree against a base tree on the same
+# GPU (same runner, weights rotated past L2), mxfp4 included for this tree, then the GPT-OSS-20B MXFP4 load peak.
+#
+# Run from a snapshot of the tree with the base package beside it (this machine; .scratch is git-ignored):
+#   rm -rf .scratch/snap && mkdir -p .scratch/snap/old
+#   git archive HEAD torch_moe_ops tests benchmarks tools pyproject.toml | tar -x -C .scratch/snap
+#   git archive <base commit> torch_moe_ops | tar -x -C .scratch/snap/old
+# then `run` with carry [".scratch/snap"] and the command `cd .scratch/snap && bash benchmarks/gpu_kernels.sh`.
+# Without old/ the comparison is skipped. Results under $OUT (or benchmarks/results/kernels-<date>):
+# cuda_suite.log (pytest's output), k-new.json / k-old.json (+ logs), load_peak.json; the table is printed.
+# Knobs: SUITE_S (default 240), SHAPES, SCHEMES, TOKENS, LIMIT_S (default 585), SKIP_SUITE=1, SKIP_LOAD=1.
+set -u
+export PYTHONUNBUFFERED=1
+T0=$(date +%s); R=$PWD
+DIR=${OUT:-benchmarks/results/kernels-$(date -u +%Y-%m-%d)}
+mkdir -p "$DIR"
+left() { echo $(( ${LIMIT_S:-585} - ($(date +%s) - T0) )); }
+nvidia-smi -L
+if [ "${SKIP_SUITE:-0}" != 1 ]; then
+  PYTHONPATH=$R timeout ${SUITE_S:-240} python3 -m pytest -q -m cuda -n 8 -p no:cacheprovider -rfE tests \
+    > "$DIR/cuda_suite.log" 2>&1
+  echo "== suite rc=$? $(( $(date +%s) - T0 )) s"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$DIR/cuda_suite.log" | tail -n 25 | cut -c1-300
+fi
+A="--providers ours --no-quant --shapes ${SHAPES:-gpt-oss-20b,qwen3-30b-a3b} --tokens ${TOKENS:-1,16,64,4096}"
+NEW_SCHEMES=${SCHEMES:-none,int8_w8a16,int4_w4a16,mxfp4}
+OLD_SCHEMES=$(python3 -c "import sys; print(','.join(s for s in '$NEW_SCHEMES'.split(',') if s != 'mxfp4'))")
+if [ "$(left)" -gt 60 ]; then
+  share=$([ -d "$R/old/torch_moe_ops" ] && echo $(( $(left) / 2 )) || echo $(( $(left) - 60 )))
+  (PYTHONPATH=$R timeout $share python3 -m benchmarks.run $A --schemes $NEW_SCHEMES --out "$DIR/k-new.json" \
+    > "$DIR/k-new.log" 2>&1); echo "== new rc=$? $(( $(date +%s) - T0 )) s"
+else echo "== skipped: new kernel times"; fi
+if [ -d "$R/old/torch_moe_ops" ] && [ "$(left)" -gt 60 ]; then
+  rm -rf "$R/old/benchmarks"; cp -r "$R/benchmarks" "$R/old/"
+  (cd "$R/old" && PYTHONPATH=$R/old timeout $(( $(left) - 45 )) python3 -m benchmarks.run $A --schemes $OLD_SCHEMES \
+    --out "$DIR/k-old.json" > "$DIR/k-old.log" 2>&1); echo "== old rc=$? $(( $(date +%s) - T0 )) s"
+else echo "== skipped: base kernel times"; fi
+PYTHONPATH=$R python3 - "$DIR" <<'PY'
+import json, sys
+rows = {}
+for v in ("old", "new"):
+    try:
+        cells = json.load(open(f"{sys.argv[1]}/k-{v}.json"))["cells"]
+    except Exception as exc:  # noqa: BLE001
+        print(f"{v}: no results ({exc})"); continue
+    for c in cells:
+        if "ms" in c:
+            rows.setdefault((c["shape"], c["scheme"], c["T"]), {})[v] = (c["ms"], c.get("frac_roof", 0))
+for k, d in sorted(rows.items()):
+    o, n = d.get("old", (float("nan"), 0)), d.get("new", (float("nan"), 0))
+    print(f"{k[0]:<14} {k[1]:<11} T={k[2]:<5} base {o[0]*1e3:8.1f} us  this {n[0]*1e3:8.1f} us "
+          f"({100*n[1]:3.0f}% roof)  this/base {n[0]/o[0]:6.3f}")
+PY
+if [ "${SKIP_LOAD:-0}" != 1 ] && [ "$(left)" -gt 100 ]; then
+  PYTHONPATH=$R timeout $(( $(left) - 5 )) python3 -m benchmarks.load_peak --dir /tmp/gptoss --out "$DIR/load_peak.json" \
+    2>&1 | tail -n 1 | cut -c1-600
+else echo "== skipped: load peak"; fi
+echo "== done $(( $(date +%s) - T0 )) s"
