@@ -73,12 +73,22 @@ def decode_scale(s, W_CODEC: tl.constexpr):
 
 
 @triton.jit
-def scale_values(v, s, W_CODEC: tl.constexpr):
-    """Decoded values ``v`` (the dot's dtype) times their fp32 scales, in the dot's dtype: mxfp4's powers of
-    two multiply in bf16 / fp32, exactly and (bf16) two at a time; other scales, and fp16 (whose range a
-    scale can leave), multiply in fp32 and round once."""
-    if W_CODEC == "fp4_e2m1" and v.dtype != tl.float16:
-        return v * s.to(v.dtype)
+def value_scales(s, W_CODEC: tl.constexpr, DT: tl.constexpr):
+    """Decoded fp32 scales -> the dtype ``scale_values`` multiplies in: mxfp4's powers of two in the dot's
+    dtype ``DT`` when that is exact (bf16 / fp32: fp32's exponent range), else fp32 (fp16's range is narrower;
+    other codecs' scales are not powers of two). Convert before broadcasting: once per group, not per value."""
+    if W_CODEC == "fp4_e2m1" and DT != tl.float16:
+        return s.to(DT)
+    else:
+        return s
+
+
+@triton.jit
+def scale_values(v, s):
+    """Decoded values ``v`` (the dot's dtype) times their scales from ``value_scales``, in the dot's dtype:
+    two at a time and exact when ``s`` is in v's dtype, else in fp32 and rounded once."""
+    if s.dtype == v.dtype:
+        return v * s
     else:
         return (v.to(tl.float32) * s).to(v.dtype)
 

@@ -34,7 +34,7 @@ from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
-from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half
+from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half, value_scales
 from .configs import TileConfig
 from .plan import launch
 
@@ -68,10 +68,10 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, 
             s = tl.load(s_ptrs)
         else:
             s = tl.load(s_ptrs, mask=(offs_g * GROUP_K)[:, None] < k_left, other=0)
-        s = decode_scale(s, W_CODEC)
+        s = value_scales(decode_scale(s, W_CODEC), W_CODEC, a_even.dtype)
         s = tl.reshape(tl.broadcast_to(s[:, None, :], (BLOCK_K // GROUP_K, GROUP_K // 2, s.shape[1])),
                        (BLOCK_K // 2, s.shape[1]))  # [BK/2, BN]
-        b_lo, b_hi = scale_values(b_lo, s, W_CODEC), scale_values(b_hi, s, W_CODEC)
+        b_lo, b_hi = scale_values(b_lo, s), scale_values(b_hi, s)
     if JOIN_K:  # one dot over the whole step: the values back in K order, [BK/2, 2, BN] -> [BK, BN]
         b_full = tl.reshape(tl.permute(tl.join(b_lo, b_hi), (0, 2, 1)), (BLOCK_K, b_lo.shape[1]))
         a_full = tl.reshape(tl.join(a_even, a_odd), (a_even.shape[0], BLOCK_K))
