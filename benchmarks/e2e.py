@@ -11,7 +11,7 @@ at a time, freed between impls.
 Impls: ``hf_eager`` (transformers' per-expert loop, ``experts_implementation="eager"``), ``hf_grouped_mm``
 (transformers 5.25's default; its ``generate`` switches it to ``batched_mm`` for the decode steps on CUDA),
 ``ours_<scheme>``: the eager-experts model after ``torch_moe_ops.integrations.transformers.patch(model,
-quant_config)`` with None (bf16), fp8_block, int8_w8a16, int4_w4a16.
+quant_config)`` with None (bf16), fp8_block, int8_w8a16, int4_w4a16, mxfp4.
 
 Modes (``torch_moe_ops.demo.measure.generation_setup``): ``eager``: ``generate`` as is (DynamicCache);
 ``compiled``: transformers' own compile path: ``cache_implementation="static"`` and ``compile_config=
@@ -53,7 +53,7 @@ import torch
 
 from benchmarks.env import Log, csv_arg, env_info, write_env, write_json
 
-IMPLS = ("ours_none", "ours_fp8_block", "hf_grouped_mm", "ours_int8_w8a16", "ours_int4_w4a16", "hf_eager")
+IMPLS = ("ours_none", "ours_fp8_block", "hf_grouped_mm", "ours_int8_w8a16", "ours_int4_w4a16", "ours_mxfp4", "hf_eager")
 QUICK_IMPLS = ("ours_none", "ours_fp8_block", "hf_grouped_mm")
 MODES = ("eager", "compiled")
 BATCHES = (1, 8)

@@ -183,3 +183,14 @@ def test_layer_demo_still_reachable(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "fused_moe, E=4 k=2 H=64 I=32 T=4" in out and "\nnone " in out
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_channel", "fp8_block", "int8_w8a16", "int4_w4a16", "mxfp4"])
+def test_every_scheme_has_a_pipeline_config(scheme):
+    """``demo --layer --quant <scheme>`` loads in every scheme (mxfp4 once failed here: 'no FusedMoE config')."""
+    from torch_moe_ops.demo.pipeline import quant_config
+    from torch_moe_ops.schemes import get_quant_scheme
+
+    cfg = quant_config(scheme, 256, 96)  # int4: the largest group dividing both (32)
+    assert cfg.quant_scheme is get_quant_scheme(scheme)
+    assert quant_config("none", 256, 96) is None

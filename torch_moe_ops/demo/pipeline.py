@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from .. import FusedMoE, _platform, finalize_loading, load_checkpoint, reload_weights
-from ..quantization import Fp8Config, Int4Config, Int8Config
+from ..quantization import Int4Config
 from ..schemes import get_quant_scheme
+from ..schemes.configs import DEFAULT_CONFIGS
 from ..testing import fitting_block, sqnr_db, time_per_call
 
-#: Every online config; ``quant_config`` picks the one of a scheme whose tile suits H and I.
-_CONFIGS = (Fp8Config("tensor"), Fp8Config("channel"), Fp8Config("block"), Int8Config(),
-            Int4Config(group_size=128), Int4Config(group_size=64), Int4Config(group_size=32))
+#: Every scheme's default config, and int4's smaller groups; ``quant_config`` picks the one of a scheme whose
+#: tile suits H and I.
+_CONFIGS = (*DEFAULT_CONFIGS.values(), Int4Config(group_size=64), Int4Config(group_size=32))
 
 
 def quant_config(name: str, H: int, I: int, flag: str = "--quant"):
