@@ -162,7 +162,26 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES)):
     from torch_moe_ops.schemes import get_activation, get_quant_scheme
     from torch_moe_ops.testing import fitting_block, w13_shards
 
+    from torch_moe_ops._kernels.quant import quantize_weight_into
+    from torch_moe_ops._kernels.routing import pair_block_alignment, topk_route
+
     shapes = {k: v for k, v in SHAPES.items() if k in shape_names}
+    for T in tokens:  # routing: softmax, and DeepSeek's grouped sigmoid with a correction bias; T = 1 pair blocks
+        logits = torch.randn(T, 256, dtype=torch.bfloat16)
+        pairs = (pair_block_alignment(T, 8, 16, "cpu"), 16, 256, None) if T == 1 else None
+        yield f"routing T={T}", lambda lg=logits, pb=pairs: topk_route(lg, 8, pair_blocks=pb)
+        yield f"routing grouped T={T}", lambda lg=logits: topk_route(
+            lg, 8, True, "sigmoid", 8, 4, torch.zeros(256), 2.5)
+    for name in schemes:  # online weight quantization: one expert stack of each format
+        fmt = get_quant_scheme(name).weight
+        if fmt is not None:
+            blk = fitting_block(get_quant_scheme(name), 2048, 768)
+            sh = (2 if fmt.sharded else 1,)
+            w = torch.randn(2, 1536, 2048, dtype=torch.bfloat16)
+            q = torch.empty(fmt.packed_shape(w.shape), dtype=fmt.qdtype)
+            sc = torch.empty(fmt.scale_shape(w.shape, blk, *sh), dtype=fmt.scale_dtype)
+            yield f"quantize {fmt.name}", lambda w=w, q=q, sc=sc, fmt=fmt, blk=blk, sh=sh: quantize_weight_into(
+                w, q, sc, fmt, blk, *sh)
     for name in schemes:
         scheme = get_quant_scheme(name)
         for shape, (E, k, H, I, act_name, bias) in shapes.items():
