@@ -60,11 +60,13 @@ def _packed_gemm(a, q, s, scheme, block, k, bk, bm=16):
 
 @pytest.mark.parametrize("G,bk,dtype,K", [(32, 32, "bf16", 64), (32, 32, "fp32", 64), (64, 32, "fp16", 128),
                                           (128, 32, "fp32", 256), (128, 64, "bf16", 256), (128, 128, "bf16", 256),
-                                          (32, 64, "bf16", 96), (32, 128, "fp32", 160), (64, 128, "fp16", 192)])
+                                          (32, 64, "bf16", 96), (32, 128, "fp32", 160), (64, 128, "fp16", 192),
+                                          (32, 128, "bf16", 64)])
 def test_gemm_int4_unpacks_nibbles_and_scales_each_group(G, bk, dtype, K):
     """Every byte value (so every nibble, -8 included), random per-group scales, BLOCK_K < G (several K
-    steps per group), BLOCK_K = G and BLOCK_K = n·G (scales applied before the dot; a K tail of whole groups;
-    fp16 falls back to BLOCK_K = G); N not a multiple of BLOCK_N. Against a[j // k] @ dequantize(w)[e]ᵀ."""
+    steps per group), BLOCK_K = G and BLOCK_K = n·G (scales applied before the dot; a K tail of whole groups,
+    K < BLOCK_K; fp16 falls back to BLOCK_K = G); N not a multiple of BLOCK_N. Against
+    a[j // k] @ dequantize(w)[e]ᵀ."""
     dt = DTYPES[dtype]
     T, k, E, N = 9, 2, 3, 40
     fmt = INT4.weight
@@ -95,7 +97,7 @@ def test_gemm_int4_refuses_block_k_not_dividing_the_group_or_too_small():
 
 @pytest.mark.parametrize("bm,bk,dtype,K", [(16, 32, "bf16", 96), (16, 64, "bf16", 96), (16, 128, "bf16", 160),
                                            (16, 128, "fp32", 128), (16, 64, "fp16", 128), (64, 64, "bf16", 160),
-                                           (64, 32, "fp16", 96)])
+                                           (64, 32, "fp16", 96), (16, 128, "bf16", 64)])
 def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bm, bk, dtype, K):
     """mxfp4: every E2M1 byte, E8M0 scale bytes over a wide range (2^-20 .. 2^10, fp16 2^2; and 0 = 2^-127),
     BLOCK_K = G (scale after the dot) and n·G (scale before it, exact for powers of two), a K tail of whole
