@@ -40,26 +40,25 @@ from .plan import launch
 
 
 @triton.jit
-def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, k_left, scale_off, stride_bsk,
+def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, k_left, scale_off, stride_bsk,
                  W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, JOIN_K: tl.constexpr):
-    """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK/2, 2] (k = 2j, 2j + 1), ``b_ptrs`` [BK/2,
-    BN] bytes, each loaded once. Even k meet the low halves, odd k the high ones (``decode_pairs``): two dots
+    """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK] (loaded whole: 16-byte loads; its
+    columns 2j and 2j + 1 split in registers), ``b_ptrs`` [BK/2, BN] bytes, each loaded once. Even k meet the low halves, odd k the high ones (``decode_pairs``): two dots
     of BK/2, or with JOIN_K the values put back in K order and one dot of BK (docs/kernels.md: fewer
     registers and K-loop instructions for mxfp4 prefill tiles, more for int4 and for decode tiles).
     BLOCK_K ≤ GROUP_K: the values are exact in the activation dtype and the step's one group scale
     multiplies the dot; BLOCK_K = n·GROUP_K: each value is scaled before the dot (``[BK/G, BN]`` scales,
     docs/kernels.md "Groups smaller than a K step")."""
     if EVEN_K:
-        a = tl.load(a_ptrs, mask=mask_token[:, None, None], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
         b = tl.load(b_ptrs)
     else:
-        a = tl.load(a_ptrs, mask=mask_token[:, None, None] & (pair_k < k_left), other=0.0)
+        a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(2 * offs_j)[:, None] < k_left, other=0)
-    a_even, a_odd = tl.split(a)  # [BM, BK/2] each
     if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
-        a_even, a_odd = _upcast_emulated(a_even), _upcast_emulated(a_odd)
-    b_lo, b_hi = decode_pairs(b, W_CODEC, a_even.dtype)  # [BK/2, BN] each, in the dot's dtype
+        a = _upcast_emulated(a)
+    b_lo, b_hi = decode_pairs(b, W_CODEC, a.dtype)  # [BK/2, BN] each, in the dot's dtype
     SCALE_IN_K: tl.constexpr = W_GROUP_SCALE and BLOCK_K > GROUP_K
     if SCALE_IN_K:  # [BK/G, BN] scales, each repeated over its G/2 rows of b_lo and of b_hi
         offs_g = tl.arange(0, BLOCK_K // GROUP_K)
@@ -68,23 +67,24 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, 
             s = tl.load(s_ptrs)
         else:
             s = tl.load(s_ptrs, mask=(offs_g * GROUP_K)[:, None] < k_left, other=0)
-        s = value_scales(decode_scale(s, W_CODEC), W_CODEC, a_even.dtype)
+        s = value_scales(decode_scale(s, W_CODEC), W_CODEC, a.dtype)
         s = tl.reshape(tl.broadcast_to(s[:, None, :], (BLOCK_K // GROUP_K, GROUP_K // 2, s.shape[1])),
                        (BLOCK_K // 2, s.shape[1]))  # [BK/2, BN]
         b_lo, b_hi = scale_values(b_lo, s), scale_values(b_hi, s)
     if JOIN_K:  # one dot over the whole step: the values back in K order, [BK/2, 2, BN] -> [BK, BN]
         b_full = tl.reshape(tl.permute(tl.join(b_lo, b_hi), (0, 2, 1)), (BLOCK_K, b_lo.shape[1]))
-        a_full = tl.reshape(tl.join(a_even, a_odd), (a_even.shape[0], BLOCK_K))
         if FP32_IEEE:
-            d = tl.dot(a_full, b_full, input_precision="ieee")
+            d = tl.dot(a, b_full, input_precision="ieee")
         else:
-            d = tl.dot(a_full, b_full)
-    elif FP32_IEEE:
-        d = tl.dot(a_even, b_lo, input_precision="ieee")
-        d = tl.dot(a_odd, b_hi, d, input_precision="ieee")
-    else:
-        d = tl.dot(a_even, b_lo)
-        d = tl.dot(a_odd, b_hi, d)
+            d = tl.dot(a, b_full)
+    else:  # columns 2j and 2j + 1 of a meet the low and the high halves
+        a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))  # [BM, BK/2] each
+        if FP32_IEEE:
+            d = tl.dot(a_even, b_lo, input_precision="ieee")
+            d = tl.dot(a_odd, b_hi, d, input_precision="ieee")
+        else:
+            d = tl.dot(a_even, b_lo)
+            d = tl.dot(a_odd, b_hi, d)
     if W_GROUP_SCALE and not SCALE_IN_K:
         d = d * decode_scale(tl.load(b_scale_ptrs + scale_off), W_CODEC)[None, :]
     return acc + d
@@ -142,13 +142,11 @@ def _moe_gemm_kernel(
     offs_bn = offs_cn % N
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = offs_token // A_DIV
-    if W_PACKED:  # byte j of a K step holds k = 2j (low half) and 2j + 1: A is read as [BM, BK / 2, 2] pairs
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if W_PACKED:  # byte j of a K step holds k = 2j (low half) and 2j + 1
         offs_j = tl.arange(0, BLOCK_K // 2)
-        pair_k = 2 * offs_j[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, BK / 2, 2]
-        a_ptrs = a_ptr + a_rows[:, None, None] * stride_am + pair_k * stride_ak
         b_ptrs = b_ptr + expert * stride_be + offs_j[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
     else:
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
     if BLOCK_SCALES:
         a_scale_ptrs = a_scale_ptr + a_rows * stride_asm
@@ -158,7 +156,7 @@ def _moe_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if W_PACKED:
-            acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, pair_k, offs_j, K - kk * BLOCK_K,
+            acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, K - kk * BLOCK_K,
                                ((kk * BLOCK_K) // GROUP_K) * stride_bsk, stride_bsk, W_CODEC, W_GROUP_SCALE,
                                GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE, JOIN_K)
             a_ptrs += BLOCK_K * stride_ak
