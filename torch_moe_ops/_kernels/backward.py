@@ -45,7 +45,7 @@ def _dot(acc, a, w, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
 def _moe_dgrad_kernel(
     a_ptr, w_ptr, out_ptr, w_scale_ptr, rw_ptr, c1_ptr, d_ptr, part_ptr, bias_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
-    R, C, num_pid_m, num_valid, alpha, limit,
+    R, C, C_STORED, num_pid_m, num_valid, alpha, limit,
     stride_am, stride_we, stride_wr, stride_wc, stride_om, stride_c1m, stride_dm, stride_pm,
     stride_se, stride_sr, stride_sc, stride_be,
     GROUP_R: tl.constexpr, GROUP_C: tl.constexpr,
@@ -76,7 +76,9 @@ def _moe_dgrad_kernel(
     a_ptrs = a_ptr + (offs_token // A_DIV)[:, None] * stride_am + offs_k[None, :]
     w_base = w_ptr + expert * stride_we
     if W_PACKED:  # byte j holds columns 2j (low half) and 2j + 1: each byte loaded once, decoded as a pair
-        offs_wj = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % (C // 2)  # [BN/2] wrapped
+        # [BN/2] wrapped; C_STORED = C / 2 is an argument (not computed here) so that its divisibility by 16
+        # reaches the compiler: 16-byte weight loads, not 8-byte ones
+        offs_wj = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % C_STORED
         w_cols = offs_wj.to(tl.int64) * stride_wc
         s_cols = ((2 * offs_wj) // GROUP_C) * stride_sc  # the pair's [1, G] group (G is even)
     else:
@@ -280,7 +282,7 @@ def invoke_dgrad(a, a_div, w, out, align, block_m, numel, scheme: QuantScheme, *
     _moe_dgrad_kernel[grid](
         a, w, out if out is not None else dummy, s, rw if rw is not None else dummy, c1 if c1 is not None else dummy,
         d if d is not None else dummy, part if part is not None else dummy, bias if bias is not None else dummy,
-        sorted_ids, expert_ids, num_post_pad, R, C, num_pid_m, numel, float(alpha), float(limit),
+        sorted_ids, expert_ids, num_post_pad, R, C, w.shape[2], num_pid_m, numel, float(alpha), float(limit),
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0) if out is not None else 0,
         c1.stride(0) if c1 is not None else 0, d.stride(0) if d is not None else 0,
         part.stride(0) if part is not None else 0, *s_strides, bias.stride(0) if bias is not None else 0,
