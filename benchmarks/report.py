@@ -22,16 +22,18 @@ def tables(result: dict) -> str:
     for c in cells:
         by_key[(c["shape"], c["scheme"], c["T"])][c["provider"]] = c
     lines = ["| shape | scheme | T | roof ms | " + " | ".join(f"{p} ms" for p in providers)
-             + " | ours % of roof | ours TFLOP/s | ours vs grouped_mm |",
-             "|---|---|---|---|" + "---|" * len(providers) + "---|---|---|"]
+             + " | ours % of roof | ours TFLOP/s | ours vs grouped_mm | ours vs ours bf16 |",
+             "|---|---|---|---|" + "---|" * len(providers) + "---|---|---|---|"]
     for (shape, scheme, T), row in by_key.items():
         ours = row.get("ours", {})
         roof = next((c["roof_s"] * 1e3 for c in row.values() if "roof_s" in c), None)
         cols = [_fmt(row[p].get("ms")) if p in row else "—" for p in providers]
         vs = ours.get("speedup_vs_grouped_mm") or ours.get("speedup_vs_scaled_grouped_mm")
+        bf16 = by_key.get((shape, "none", T), {}).get("ours", {}).get("ms")  # a quantized scheme's gain
+        vs_bf16 = bf16 / ours["ms"] if bf16 and ours.get("ms") and scheme != "none" else None
         lines.append(f"| {shape} | {scheme} | {T} | {_fmt(roof)} | " + " | ".join(cols)
                      + f" | {ours.get('frac_roof', 0) * 100:.0f}% | {ours.get('tflops', 0):.0f} | "
-                     + (f"{vs:.2f}x" if vs else "—") + " |")
+                     + (f"{vs:.2f}x" if vs else "—") + " | " + (f"{vs_bf16:.2f}x" if vs_bf16 else "—") + " |")
     quant = [c for c in result["cells"] if c.get("kind") == "quantize"]
     if quant:
         lines += ["", "Online quantization of ~1 G-element bf16 w13 tensors `[E, 2I, H]` (`quantize_weight_into`; "

@@ -36,8 +36,11 @@ def test_tables_rows_and_quantize_table():
     text = report.tables(_result("2026-01-01 00:00 UTC"))
     lines = text.splitlines()
     assert lines[0].startswith("| shape | scheme | T | roof ms | ours ms | grouped_mm ms | naive ms |")
-    assert "| Tiny-MoE | none | 17 | 0.850 | 1.700 | 31.450 | 15.300 | 50% | 7 | 18.50x |" in lines
-    assert "| Odd-MoE | int4_w4a16 | 3 | 0.450 | 0.900 | — | — | 50% | 7 | — |" in lines
+    assert "| Tiny-MoE | none | 17 | 0.850 | 1.700 | 31.450 | 15.300 | 50% | 7 | 18.50x | — |" in lines
+    assert "| Odd-MoE | int4_w4a16 | 3 | 0.450 | 0.900 | — | — | 50% | 7 | — | — |" in lines  # no bf16 row
+    cells = [_cell("Q", "none", 1, "ours", 0.3), _cell("Q", "mxfp4", 1, "ours", 0.1)]
+    text = report.tables(dict(cells=cells))
+    assert "| Q | mxfp4 | 1 | 0.050 | 0.100 | 50% | 7 | — | 3.00x |" in text.splitlines()  # ours bf16 / ours
     assert "| tiny-w13 `[3, 10, 6]` | fp8_channel | 0.250 | 123 | 97% |" in lines
 
 
