@@ -12,10 +12,11 @@ Triton version the GPU has (3.6 on the device image)::
 
 A kernel that fails to compile for the GPU fails here, with Triton's error (the CPU interpreter accepts
 constructs the GPU compiler rejects: ``continue`` in a loop, layouts its sm90 passes cannot lower), and the
-exit status is 1; ``tests/test_sm90_compile.py`` runs it in CI. Columns: regs / spill bytes (ptxas -v), shared bytes, the count of
-HGMMA (Hopper warpgroup MMA), QGMMA (its fp8 form) and HMMA (the older mma.sync) instructions, and SASS
-instructions in total and inside the kernel's main loop (the instructions between the hottest backward
-branch and its target, a proxy for the K loop's cost).
+exit status is 1; ``tests/test_sm90_compile.py`` runs it in CI. Columns: regs / spill bytes (ptxas -v),
+shared bytes, the count of HGMMA (Hopper warpgroup MMA), QGMMA (its fp8 form) and HMMA (the older mma.sync)
+instructions, and SASS instructions in total and inside the kernel's main loop (the instructions between
+the largest backward branch and its target, a proxy for the K loop's cost). Its SASS (``--sass``) shows the
+width of every load too.
 """
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES)):
             b13 = torch.zeros(E, n1) if bias else None
             b2 = torch.zeros(E, H) if bias else None
             for dtype in dtypes:
-                dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+                dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
                 if scheme.weight is None and dt != torch.bfloat16:
                     continue
                 qa, qb = (q13.to(dt), q2.to(dt)) if scheme.weight is None else (q13, q2)
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--schemes", default=",".join(QUANT_SCHEMES))
     p.add_argument("--T", type=int, nargs="+", default=[1, 64, 4096])
-    p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--dtypes", default="bf16", help="activation dtypes: bf16, fp16, fp32 (comma list)")
     p.add_argument("--kernels", default="_moe_gemm_kernel",
                    help="kernel names to report (comma list; all: every one; none: compile only)")
     p.add_argument("--sass", type=Path, help="folder to write each reported kernel's SASS into")

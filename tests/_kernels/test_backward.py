@@ -26,6 +26,10 @@ CASES = {
     "int8-relu2_no_mul": dict(scheme="int8_w8a16", activation="relu2_no_mul"),
     "int4-G32-strided": dict(scheme="int4_w4a16", H=64, I=32, block_shape=[1, 32], strided=True),
     "mxfp4-bf16-swigluoai": dict(scheme="mxfp4", dtype=torch.bfloat16, activation="swigluoai", H=64, I=32),
+    # BLOCK_N 64 over C = 96 packed columns: the last column tile wraps (offs_wj % C_STORED); fp16 dots
+    "int4-fp16-G32-wrap": dict(scheme="int4_w4a16", dtype=torch.float16, H=96, I=64, block_shape=[1, 32],
+                               dgrad_bn=64),
+    "mxfp4-fp16-wrap": dict(scheme="mxfp4", dtype=torch.float16, H=96, I=32, dgrad_bn=64),
     "T0": dict(T=0),
 }
 FROZEN = ("hidden_states", "topk_weights", "w13_bias", "w2_bias")
@@ -45,7 +49,11 @@ def _grads(case, names):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_backward_matches_reference(name, monkeypatch):
-    kw = CASES[name]
+    kw = dict(CASES[name])
+    bn = kw.pop("dgrad_bn", None)
+    if bn is not None:  # wider dgrad column tiles than the interpreter's 32
+        tiles = KB._dgrad_tiles
+        monkeypatch.setattr(KB, "_dgrad_tiles", lambda *a: dict(tiles(*a), BLOCK_N=bn))
     case = expert_case(**kw)
     names = FROZEN if case["scheme"].quantized else DIFF
     requires_grad(case, names)

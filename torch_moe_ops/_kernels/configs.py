@@ -98,11 +98,11 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
     about ``next_pow2(2r)`` in [16, 128]; GROUP_M = 16 once an expert spans several row blocks (its blocks
     then read its weight tiles from L2 once: Mixtral T=1024 GEMM1 1.55 ms → 1.10 ms); large tiles are
     128×256 with 4 stages (17–20 % faster than 128×128×3 at T = 16384); fp8 decode tiles use 3 stages
-    (Qwen3 fp8 T=1 GEMM2: 89 µs with 4, 12 µs with 3). int4 takes 16 x 128 tiles up to 64 rows per expert
-    and the 16-bit tiles beyond (within 3 % of the best of 13 tiles at T = 4096 on H200), BLOCK_K cut to
-    divide the group and at least 32 (measured with G = 128 only; no tuned tables yet). Smaller groups (int4
-    G = 32 / 64, mxfp4) keep BLOCK_K = 128 and scale each value before the dot (``gemm._packed_step``): a
-    K step of G = 32 would run two 16-deep dots per 16 bytes of a weight row (not yet measured against it)."""
+    (Qwen3 fp8 T=1 GEMM2: 89 µs with 4, 12 µs with 3). Packed 4-bit weights (int4, mxfp4) take 16 x 128 x 128
+    tiles up to 64 rows per expert (BLOCK_K halved to 64 when that makes it divide K) and 128 x 128 x 64 with
+    8 warps beyond: chosen from compiled code (tools/sm90_compile.py: registers, spills, K-loop instructions;
+    docs/kernels.md), not yet timed. Groups smaller than BLOCK_K (int4 G = 32 / 64, mxfp4) are scaled value
+    by value before the dot (``gemm._packed_step``); fp16 activations cut BLOCK_K to G at launch."""
     block = _block(scheme, block)
     fp8 = scheme.fp8_dot
     if scheme.flags.BLOCK_SCALES:
@@ -120,13 +120,13 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
         while block_m < 128 and block_m < 2 * rows_per_expert:
             block_m *= 2
         if scheme.packed and rows_per_expert <= 64:
-            # int4 unpacks in registers: 16 x 128 tiles up to 64 rows per expert (H200, G = 128: Qwen3 GEMM1
-            # T=1 69 -> 31 us, T=256 727 -> 315 us; Mixtral GEMM1 T=256 2947 -> 2161 us)
+            # 4-bit values decode in registers: 16 x 128 tiles up to 64 rows per expert (H200, int4 G = 128, the
+            # former decode: Qwen3 GEMM1 T=1 69 -> 31 us, T=256 727 -> 315 us; Mixtral GEMM1 T=256 2947 -> 2161 us)
             block_m = 16
             tiles = dict(block_n=128, block_k=128, num_warps=4, num_stages=4)
-        elif scheme.packed:  # the 16-bit 128 x 256 tiles spill ~500-900 B a thread once values are decoded in
-            # registers (tools/sm90_compile.py, triton 3.6): 128 x 128 x 64 with 8 warps spills none and issues
-            # ~40 % fewer K-loop instructions per MAC (not yet timed)
+        elif scheme.packed:  # the 16-bit 128 x 256 tiles spill 470-920 B a thread with decoded values in
+            # registers (tools/sm90_compile.py, triton 3.6); 128 x 128 x 64 with 8 warps spills none (mxfp4) or
+            # 48-168 B (int4) and issues 20-45 % fewer K-loop instructions per MAC (not yet timed)
             tiles = dict(block_n=128, block_k=64, num_warps=8, num_stages=4)
         elif block_m <= 32:  # decode: memory bound, many narrow column tiles keep every SM streaming weights
             # ...except fp8 with a handful of rows (Qwen3 fp8_tensor T=1 GEMM1 on H100: 114.5 us at 64, 21.6 at 128)

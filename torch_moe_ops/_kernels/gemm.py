@@ -326,7 +326,8 @@ def invoke_moe_gemm(
         FP32_IEEE=a.dtype == torch.float32,
         BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
         **_scheme_kwargs(scheme), **act_kw,
-        JOIN_K=scheme.codec == "fp4_e2m1" and bm >= 64,  # mxfp4 prefill: one dot a step (docs/kernels.md)
+        # mxfp4 prefill in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
+        JOIN_K=scheme.codec == "fp4_e2m1" and bm >= 64 and a.dtype != torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
