@@ -129,9 +129,15 @@ def test_same_family_table_serves_a_gpu_without_its_own(tmp_path, monkeypatch):
                                                  "entries": [dict(entry, configs={"16": h200.to_dict()})]}))
     configs._cuda_config.cache_clear(), configs._load_tables.cache_clear()  # (lookups are cached per process)
     assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == h200
+    (tmp_path / "c.json").write_text(json.dumps({"device": "Fake H800", "capability": [9, 0],  # same family
+                                                 "entries": [dict(entry, configs={"1": h200.to_dict()})]}))
+    (tmp_path / "b.json").unlink()
+    configs._cuda_config.cache_clear(), configs._load_tables.cache_clear()
+    got = configs._load_tables(tuple(configs._tuned_files(str(tmp_path))))[("sm90", 8, 1024, 512, "none")]
+    assert got == {16: h100}  # one device's table (the first file's), not the H100's and the H800's merged
+    (tmp_path / "c.json").unlink()
     (tmp_path / "a.json").write_text(json.dumps({"device": "Fake H100",  # no capability: no family entry
                                                  "entries": [dict(entry, configs={"16": h100.to_dict()})]}))
-    (tmp_path / "b.json").unlink()
     configs._cuda_config.cache_clear(), configs._load_tables.cache_clear()
     assert get_config(3, 8, 1024, 512, NONE, None, CUDA0, top_k=2) == heuristic
 

@@ -169,6 +169,7 @@ def _load_tables(files: tuple[Path, ...]) -> dict:
     """{(device, E, N, K, scheme): {T: TileConfig}} from every tuned file (later files win), and the same
     under ``family(capability)`` for files that name their GPU's compute capability."""
     tables: dict = {}
+    family_device: dict = {}  # a family entry holds one device's configs (the first file's), never a mix
     for path in files:
         data = json.loads(path.read_text())
         owners = [data["device"]] + ([family(data["capability"])] if data.get("capability") else [])
@@ -176,6 +177,8 @@ def _load_tables(files: tuple[Path, ...]) -> dict:
             configs = {int(t): TileConfig.from_dict(c) for t, c in entry["configs"].items()}
             for owner in owners:
                 key = (owner, int(entry["E"]), int(entry["N"]), int(entry["K"]), entry["scheme"])
+                if owner != data["device"] and family_device.setdefault(key, data["device"]) != data["device"]:
+                    continue
                 tables.setdefault(key, {}).update(configs)
     return tables
 
