@@ -35,8 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch_moe_ops.schemes import QUANT_SCHEMES, QuantScheme, get_quant_scheme  # noqa: E402
-from torch_moe_ops._kernels.configs import TUNED_DIR, TileConfig, default_config  # noqa: E402
+from torch_moe_ops._kernels.configs import TUNED_DIR, TileConfig, default_config, fits_scale_tile  # noqa: E402
 from torch_moe_ops.testing import fitting_block  # noqa: E402
+
+from benchmarks.shapes import weight_copies  # noqa: E402
 
 #: (E, top_k, H, I per partition) of common MoE layers.
 MODELS = {
@@ -46,9 +48,9 @@ MODELS = {
     "deepseek-v3": (256, 8, 7168, 2048),
 }
 SMEM_BYTES = 227 * 1024  # H100 / H200 per-block shared memory limit (the GPU's own is read when there is one)
-#: Weight copies rotate until the copies' touched bytes reach this (the L2 is 50-60 MB on an H100 / H200),
-#: within COPIES_MAX_BYTES of memory: a decode tile is chosen for weights streamed from HBM, as in a model.
-L2_DEFEAT_BYTES, COPIES_MAX_BYTES = 200e6, 8e9
+#: Memory for the weight copies that defeat L2 (``benchmarks.shapes.weight_copies``): decode tiles are chosen
+#: for weights streamed from HBM, as in a model.
+COPIES_MAX_BYTES = 8e9
 
 
 def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: QuantScheme, block, space: str, block_m=None,
@@ -67,9 +69,9 @@ def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: QuantScheme, 
     bns = ((32, 64, 128) if few_rows else (64, 128, 256)) if quick else (32, 64, 128, 256)
     bks = (128,) if fp8 else ((64, 128) if quick else (32, 64, 128, 256))
     if scheme.flags.BLOCK_SCALES:
-        bks = tuple(b for b in (64, 128) if block[1] % b == 0)
+        bks = tuple(b for b in (64, 128) if fits_scale_tile(b, scheme, block))
     elif scheme.tiled:  # weight-only groups: BLOCK_K divides the group, or spans several (scaled before the dot)
-        bks = tuple(b for b in (32, 64, 128) if block[1] % b == 0 or b % block[1] == 0)
+        bks = tuple(b for b in (32, 64, 128) if fits_scale_tile(b, scheme, block))
     warps = (4, 8)
     stages = (3, 4) if quick else (2, 3, 4, 5)
     a_bytes = 1 if fp8 else 2
@@ -125,10 +127,7 @@ class GemmProblem:
         self.topk_ids = ids.to(torch.int32)
         self.c = torch.empty(T * top_k, N, device="cuda", dtype=dtype)
         self._align = {}
-        # L2 defeated: enough copies of the weights that one timed call touches L2_DEFEAT_BYTES of them
-        full = self.w.numel() * self.w.element_size()
-        want = -(-L2_DEFEAT_BYTES // max(1.0, self.touched_weight_bytes()))
-        n = int(max(1, min(want, COPIES_MAX_BYTES // max(full, 1))))
+        n = weight_copies(self.touched_weight_bytes(), self.w.numel() * self.w.element_size(), COPIES_MAX_BYTES)
         self.weights = [(self.w, self.w_scale)] + [
             (self.w.clone(), self.w_scale.clone() if self.w_scale is not None else None) for _ in range(n - 1)]
 

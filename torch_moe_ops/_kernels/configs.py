@@ -76,6 +76,15 @@ def _fit_block_k(block_k: int, group_k: int, floor: int = 32) -> int:
     return block_k
 
 
+def fits_scale_tile(block_k: int, scheme: QuantScheme, block) -> bool:
+    """BLOCK_K suits the scheme's scale tile ``block`` (canonical, None when untiled): it divides the tile's K
+    size (a K step lies in one tile), or, for [1, G] groups, is a multiple of G (each value is scaled before
+    the dot, ``gemm._packed_step``)."""
+    if not scheme.tiled:
+        return True
+    return block[1] % block_k == 0 or (scheme.flags.W_GROUP_SCALE and block_k % block[1] == 0)
+
+
 def _min_block_k(scheme: QuantScheme) -> int:
     """Packed weights (int4: 2 per byte) run one tl.dot per value of a byte, each needing K >= 16."""
     return 16 * (scheme.weight.pack if scheme.quantized else 1)
@@ -144,7 +153,7 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
     if scheme.packed and K % block_k:  # a masked K tail in every step of a decoding loop costs registers:
         # GPT-OSS's K = 2880 spills at BLOCK_K 128, not at 64 (tools/sm90_compile.py); halve to 64 if that helps
         block_k = next((b for b in (block_k // 2, block_k // 4) if b >= 64 and K % b == 0), block_k)
-    if scheme.tiled and not (scheme.flags.W_GROUP_SCALE and block_k % block[1] == 0):
+    if not fits_scale_tile(block_k, scheme, block):
         block_k = _fit_block_k(block_k, block[1], floor=max(32 if fp8 else 16, _min_block_k(scheme)))
     return dataclasses.replace(cfg, block_n=_shrink_to(N, cfg.block_n), block_k=block_k)
 
@@ -214,13 +223,9 @@ def lookup_tuned(table: dict[int, TileConfig], T: int) -> TileConfig:
 
 
 def _usable(cfg: TileConfig, scheme: QuantScheme, block) -> bool:
-    """A tuned config fits the scheme: BLOCK_K divides the scale tile's K size (or, for [1, G] groups, is a
-    multiple of G) and is a multiple of what packed weights need."""
-    if cfg.block_k % _min_block_k(scheme):
-        return False
-    if scheme.tiled:
-        return block[1] % cfg.block_k == 0 or (scheme.flags.W_GROUP_SCALE and cfg.block_k % block[1] == 0)
-    return True
+    """A tuned config fits the scheme: BLOCK_K fits the scale tile (``fits_scale_tile``) and is a multiple of
+    what packed weights need."""
+    return cfg.block_k % _min_block_k(scheme) == 0 and fits_scale_tile(cfg.block_k, scheme, block)
 
 
 #: The token counts tiles are chosen for (the tuned tables' keys): T is served as the smallest bucket >= T,

@@ -35,7 +35,7 @@ from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
 from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half, value_scales
-from .configs import TileConfig
+from .configs import TileConfig, fits_scale_tile
 from .plan import launch
 
 
@@ -44,9 +44,10 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
                  W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, JOIN_K: tl.constexpr):
     """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK] (loaded whole: 16-byte loads; its
-    columns 2j and 2j + 1 split in registers), ``b_ptrs`` [BK/2, BN] bytes, each loaded once. Even k meet the low halves, odd k the high ones (``decode_pairs``): two dots
-    of BK/2, or with JOIN_K the values put back in K order and one dot of BK (docs/kernels.md: fewer
-    registers and K-loop instructions for mxfp4 prefill tiles, more for int4 and for decode tiles).
+    columns 2j and 2j + 1 split in registers), ``b_ptrs`` [BK/2, BN] bytes, each loaded once. Even k meet the
+    low halves, odd k the high ones (``decode_pairs``): two dots of BK/2, or with JOIN_K the values put back
+    in K order and one dot of BK (docs/kernels.md: fewer registers and K-loop instructions for mxfp4 prefill
+    tiles, more for int4 and for decode tiles).
     BLOCK_K ≤ GROUP_K: the values are exact in the activation dtype and the step's one group scale
     multiplies the dot; BLOCK_K = n·GROUP_K: each value is scaled before the dot (``[BK/G, BN]`` scales,
     docs/kernels.md "Groups smaller than a K step")."""
@@ -282,7 +283,7 @@ def invoke_moe_gemm(
     if flags.W_GROUP_SCALE != scheme.packed:
         raise NotImplementedError(f"{scheme.name}: the GEMM applies [1, G] group scales to packed weights only")
     group_n, group_k = block if scheme.tiled else (1, 1)
-    if scheme.tiled and group_k % bk and not (flags.W_GROUP_SCALE and bk % group_k == 0):
+    if not fits_scale_tile(bk, scheme, block):
         raise ValueError(f"BLOCK_K={bk} must divide the {scheme.name} scale tile's K size {group_k}"
                          + (" or be a multiple of it" if flags.W_GROUP_SCALE else ""))
     if flags.W_GROUP_SCALE and bk > group_k and a.dtype == torch.float16:
