@@ -54,6 +54,13 @@ class Fp8Format:
         return f"pre-quantized as {self.config()}"
 
 
+def mxfp4_packed(blocks: torch.Tensor, dims: int) -> torch.Tensor:
+    """GPT-OSS's MXFP4 ``*_blocks`` (``[..., N, K/32, 16]``, ``dims + 1`` dims: 4 for all experts, 3 for one) as
+    the layer's packed ``[..., N, K/2]`` (a view); a tensor of any other rank is left for the loader's shape
+    check to name."""
+    return blocks.flatten(-2) if blocks.dim() == dims + 1 else blocks
+
+
 def block_size_of(config) -> tuple[int, int] | None:
     """``quantization_config.weight_block_size`` of a model config (a transformers config or a ``config.json``
     dict; the quantization config itself a dict or an object), or None."""
@@ -133,4 +140,5 @@ def detect_source_fp8(specs: Iterable[tuple], block_size=None) -> Fp8Format | No
     return found.pop() if len(found) == 1 else None
 
 
-__all__ = ["DEFAULT_BLOCK", "Fp8Format", "block_size_of", "detect_fp8", "detect_prequantized", "detect_source_fp8"]
+__all__ = ["DEFAULT_BLOCK", "Fp8Format", "block_size_of", "detect_fp8", "detect_prequantized", "detect_source_fp8",
+           "mxfp4_packed"]

@@ -15,6 +15,7 @@ when the model type is unknown a square (ambiguous) one is refused before anythi
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from ..errors import LoadError
 from ..layer.loading.checks import check_finite, check_materialized
 from ..layer.loading.keys import describe
+from .formats import mxfp4_packed
 from .layouts import FORMATS, correction_bias_prefix, fused_transposed
 from .names import BLOCK_CHILD_RE, LAYER_INDEX_RE, parse_expert_name
 
@@ -180,7 +182,8 @@ class Resolver:
         if getattr(layer, target) is None and parsed.kind not in ("scale", "mxfp4_scale"):
             return Action(name, ignored=f"{path} has no {target} (has_bias=False)")
         if parsed.kind == "mxfp4":  # GPT-OSS's packed [E, N, K/32, 16] bytes: [E, N, K/2], already [out, in]
-            return Action(name, path, layer, ((target, shard, None),), transposed=False, view=_packed_rows)
+            return Action(name, path, layer, ((target, shard, None),), transposed=False,
+                          view=partial(mxfp4_packed, dims=3))
         if parsed.expert is None:
             return Action(name, path, layer, ((target, shard, None),))
         # checkpoint names address logical experts: fill every physical replica (those on this rank)
@@ -262,12 +265,6 @@ class Resolver:
                 if cand in self.tensors:
                     return cand, self.tensors[cand]
         return None
-
-
-def _packed_rows(t: torch.Tensor) -> torch.Tensor:
-    """GPT-OSS's MXFP4 ``_blocks`` ``[E, N, K/32, 16]`` as the layer's packed ``[E, N, K/2]`` (a view); any other
-    shape is left for the loader's shape check to name."""
-    return t.flatten(-2) if t.dim() == 4 else t
 
 
 def _one_group(t: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ MXFP4 ``*_blocks`` / ``*_scales`` into ``Mxfp4Config`` layers. Tensors are read 
 from __future__ import annotations
 
 from ...checkpoint.files import SafetensorsFiles
+from ...checkpoint.formats import mxfp4_packed
 from ...checkpoint.names import BlockTensor
 from ...errors import LoadError
 from .checkpoint import BlockKeys
@@ -63,7 +64,7 @@ def load_experts(path, plan: BlockPlan, keys: BlockKeys, ckpt: SafetensorsFiles,
                 key, t = fused[(shard, kind)], sl[e]
                 prefix, shard_id = ("w2", "w2") if shard == "w2" else ("w13", None)  # None: fused gate_up rows
                 if kind == "mxfp4":  # GPT-OSS's packed bytes [N, K/32, 16] -> [N, K/2], [out, in] as stored
-                    load(key, prefix + "_weight", t.flatten(-2), shard_id, e, transposed=False)
+                    load(key, prefix + "_weight", mxfp4_packed(t, 2), shard_id, e, transposed=False)
                 elif kind == "mxfp4_scale":
                     load(key, prefix + "_weight_scale", t, shard_id, e)
                 elif kind == "weight":
