@@ -3,7 +3,7 @@
 Measures the device's copy bandwidth and bf16/fp8 matmul peaks in the same run, times every
 (shape, scheme, T, provider) cell with ``triton.testing.do_bench`` (median; CUDA-graph replay for graph
 providers), and writes JSON with the roofline, the fraction of roofline and the ratio to each peer. A cell
-whose touched weights are under ``L2_DEFEAT_BYTES`` runs n calls on n copies of the weights per timed call
+whose touched weights are under ``shapes.L2_DEFEAT_BYTES`` runs n calls on n copies of the weights per timed call
 (``weight_copies`` in the JSON) and reports a call's share, so that weights come from HBM as in a model."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.providers import REGISTRY
-from benchmarks.shapes import QUANT_SHAPES, SHAPES, TOKENS, roofline_s
+from benchmarks.shapes import QUANT_SHAPES, SHAPES, TOKENS, roofline_s, weight_copies
 
 import torch_moe_ops as moe
 from torch_moe_ops.schemes import WEIGHT_FORMATS, get_quant_scheme
@@ -82,22 +82,17 @@ def bench_quantize(ceilings: dict) -> list:
     return rows
 
 
-#: A cell whose touched weights are smaller than this rotates through copies of every weight tensor, so that
-#: each replay reads its weights from HBM, not from the 50 MB (H100) / 60 MB (H200) L2.
-L2_DEFEAT_BYTES = 200e6
-#: At most this much memory goes to the copies (the largest full weight sets are DeepSeek-V3's, ~11-23 GB).
+#: At most this much memory goes to weight copies (the largest full weight sets are DeepSeek-V3's, ~11-23 GB).
 COPIES_MAX_BYTES = 24e9
 
 
 def l2_copies(touched_bytes: float, data, rotations: list) -> int:
-    """How many weight sets a cell rotates through (1 = the original only): enough that the sets together
-    touch ``L2_DEFEAT_BYTES``, capped by ``COPIES_MAX_BYTES``. Clones what ``rotations`` lacks: each entry
-    is a namespace of the data's tensors (weights, scales, biases) and its ``quant`` keywords, overriding the
-    case's."""
+    """How many weight sets a cell rotates through (``shapes.weight_copies``, within ``COPIES_MAX_BYTES``).
+    Clones what ``rotations`` lacks: each entry is a namespace of the data's tensors (weights, scales, biases)
+    and its ``quant`` keywords, overriding the case's."""
     tensors = {k: v for k, v in vars(data).items() if isinstance(v, torch.Tensor)}
-    full = sum(t.numel() * t.element_size() for t in tensors.values())
-    want = -(-L2_DEFEAT_BYTES // max(touched_bytes, 1))
-    copies = int(max(1, min(want, COPIES_MAX_BYTES // max(full, 1))))
+    copies = weight_copies(touched_bytes, sum(t.numel() * t.element_size() for t in tensors.values()),
+                           COPIES_MAX_BYTES)
     while len(rotations) < copies - 1:
         r = SimpleNamespace(**{k: v.clone() for k, v in tensors.items()})
         r.quant = experts_kwargs(data.qscheme.name, r.s13 if data.s13 is not None else None,

@@ -42,6 +42,18 @@ TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 QUANT_SHAPES = {"qwen3-w13": (341, 1536, 2048), "deepseek-w13": (34, 4096, 7168), "mixtral-w13": (8, 28672, 4096)}
 
 
+#: A timed call rotates through copies of the weights until it touches this many bytes of them, so that each
+#: replay reads its weights from HBM as in a model, not from the 50 MB (H100) / 60 MB (H200) L2.
+L2_DEFEAT_BYTES = 200e6
+
+
+def weight_copies(touched_bytes: float, full_bytes: float, max_bytes: float) -> int:
+    """How many weight sets a timed call rotates through (1 = the original only): enough that they touch
+    ``L2_DEFEAT_BYTES`` together, within ``max_bytes`` of memory for all of them (``full_bytes`` each)."""
+    want = -(-L2_DEFEAT_BYTES // max(touched_bytes, 1))
+    return int(max(1, min(want, max_bytes // max(full_bytes, 1))))
+
+
 def expert_bytes(shape: MoEShape, scheme: str, block=None) -> int:
     """Bytes of one expert's w13 and w2 in ``scheme``: bf16 for ``none``, else the format's packed storage
     (int4 / mxfp4: half a byte per weight) plus its scales (fp32; mxfp4: one E8M0 byte per 32 weights)."""

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks import run
+from benchmarks import run, shapes
 from benchmarks.shapes import SHAPES, expert_bytes
 from torch_moe_ops.schemes import QUANT_SCHEMES
 from torch_moe_ops.testing import experts_kwargs
@@ -34,7 +34,7 @@ def _data(scheme="int4_w4a16", E=4, N=64, K=64):
 def test_l2_copies_rotate_every_tensor_and_the_scales_in_quant(monkeypatch):
     data = _data()
     full = sum(t.numel() * t.element_size() for t in (data.q13, data.q2, data.s13, data.s2))
-    monkeypatch.setattr(run, "L2_DEFEAT_BYTES", 10 * full)
+    monkeypatch.setattr(shapes, "L2_DEFEAT_BYTES", 10 * full)
     rotations = []
     assert run.l2_copies(full / 2, data, rotations) == 20 and len(rotations) == 19
     r = rotations[3]
