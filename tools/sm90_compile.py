@@ -42,7 +42,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 DEVICE_NAME = "NVIDIA H100 80GB HBM3"
 
 
-class _Sm90Driver(type(driver.active) if False else object):
+class _Sm90Driver:
     """What ``JITFunction.run`` asks of the active driver, without a GPU: one device, an sm_90 target."""
 
     def get_current_target(self):

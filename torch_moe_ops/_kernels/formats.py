@@ -24,8 +24,8 @@ def decode_pairs(packed, W_CODEC: tl.constexpr, DT: tl.constexpr):
     in ``DT`` (the dot's dtype: bf16, fp16 or fp32), exact. Built from bits with a few integer ops and one
     packed float op a value (docs/kernels.md "Decoding 4-bit values"): a decode GEMM's K loop spends its
     issue slots here."""
+    b = packed.to(tl.int32)
     if DT == tl.float32:
-        b = packed.to(tl.int32)
         if W_CODEC == "int4":  # nibble ^ 8 in the mantissa of 2^23 (one ulp = 1), minus 2^23 + 8
             lo = (((b ^ 0x8) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
             hi = ((((b >> 4) ^ 0x8) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
@@ -38,7 +38,6 @@ def decode_pairs(packed, W_CODEC: tl.constexpr, DT: tl.constexpr):
             tl.static_assert(False, "unknown packed weight codec (add its branch to decode_pairs)")
     else:  # 16-bit lanes: the float op runs two values at a time
         tl.static_assert((DT == tl.bfloat16) or (DT == tl.float16), "decode_pairs: bf16, fp16 or fp32 dots")
-        b = packed.to(tl.int32)
         BF16: tl.constexpr = DT == tl.bfloat16
         if W_CODEC == "int4":  # nibble ^ 8 as the low mantissa bits of 128 (bf16) / 1024 (fp16), minus 136 / 1032
             magic = 0x4300 if BF16 else 0x6400

@@ -314,7 +314,7 @@ class _Tiled(WeightFormat):
 
 
 class _Group(_Tiled):
-    """int4 groups: ``block = (1, G)``, G in {32, 64, 128}, K divisible by G (mxfp4: G = 32 only)."""
+    """int4 groups: ``block = (1, G)``, G in {32, 64, 128}, K divisible by G."""
 
     exact_k = True
     quantizer = "groups"
@@ -327,17 +327,17 @@ class _Group(_Tiled):
         return block
 
 
-FP8_TENSOR = _PerTensor("fp8_tensor", _Fp8(), alt_storage=(torch.uint8,))
-FP8_CHANNEL = _PerChannel("fp8_channel", _Fp8(), alt_storage=(torch.uint8,))
-FP8_BLOCK = _Tiled("fp8_block", _Fp8(), default_block=(128, 128), alt_storage=(torch.uint8,))
-INT8_CHANNEL = _PerChannel("int8_channel", _Int8())
-INT4_GROUP = _Group("int4_group", _Int4(), default_block=(1, 128))
 class _Mx(_Group):
     """OCP MX groups: 32 values along K share one scale, always."""
 
     GROUPS = (32,)
 
 
+FP8_TENSOR = _PerTensor("fp8_tensor", _Fp8(), alt_storage=(torch.uint8,))
+FP8_CHANNEL = _PerChannel("fp8_channel", _Fp8(), alt_storage=(torch.uint8,))
+FP8_BLOCK = _Tiled("fp8_block", _Fp8(), default_block=(128, 128), alt_storage=(torch.uint8,))
+INT8_CHANNEL = _PerChannel("int8_channel", _Int8())
+INT4_GROUP = _Group("int4_group", _Int4(), default_block=(1, 128))
 MXFP4 = _Mx("mxfp4", _Mxfp4(), default_block=(1, 32))
 
 WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP8_TENSOR, FP8_CHANNEL, FP8_BLOCK, INT8_CHANNEL,
