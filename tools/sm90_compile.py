@@ -86,11 +86,12 @@ def _install(tiles: str | None = None):
     configs.device_family = lambda index: "sm90"
     get_config = configs.get_config
 
-    def gpu_config(T, E, N, K, scheme, block, device=None, *, top_k):
+    def gpu_config(T, E, N, K, scheme, block, device=None, *, top_k, invariant=False, dtype=None):
         if tiles:
             v = [int(t) for t in tiles.split("x")]
             return configs.TileConfig(*v[:3], 1, *(v[3:] or [4, 4]))
-        return get_config(T, E, N, K, scheme, block, torch.device("cuda", 0), top_k=top_k)
+        return get_config(T, E, N, K, scheme, block, torch.device("cuda", 0), top_k=top_k, invariant=invariant,
+                          dtype=dtype)
 
     fused_experts.get_config = gpu_config
 
@@ -155,9 +156,9 @@ def sass_summary(sass: str) -> dict:
 SHAPES = {"qwen3": (128, 8, 2048, 768, "silu", False), "gpt-oss": (32, 4, 2880, 2880, "swigluoai", True)}
 
 
-def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES)):
-    """(label, thunk) of pipeline calls whose launches get compiled: the forward, and with ``backward`` its
-    gradients."""
+def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES), invariant=False):
+    """(label, thunk) of pipeline calls whose launches get compiled: the forward (``invariant``: with
+    batch-invariant tiles), and with ``backward`` its gradients."""
     from torch_moe_ops._kernels import fused_experts as kernels
     from torch_moe_ops._kernels.backward import fused_experts_backward
     from torch_moe_ops.schemes import get_activation, get_quant_scheme
@@ -212,7 +213,8 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES)):
 
                     def call(x=x, w=w, ids=ids, qa=qa, qb=qb):
                         kernels.fused_experts(x, qa, qb, w.float(), ids.to(torch.int32), act, scheme, s13, s2, b13,
-                                              b2, block, None, False, act.alpha(None), act.limit(None))
+                                              b2, block, None, False, act.alpha(None), act.limit(None),
+                                              invariant=invariant)
 
                     yield f"{name} {shape} {dtype} T={T}", call
                     if backward:  # every gradient a scheme gives: frozen quantized experts pass dx and dw only
@@ -240,6 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", help="BMxBNxBK[xWARPSxSTAGES] for every GEMM instead of the GPU's configs")
     p.add_argument("--backward", action="store_true", help="also the gradients (dgrad, wgrad, their epilogues)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"layers, of {list(SHAPES)}")
+    p.add_argument("--batch-invariant", action="store_true", help="the forward's batch-invariant tiles")
     args = p.parse_args(argv)
     try:
         _install(args.tiles)
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
     print(f"{'case':<34} {'kernel':<22} {'tiles':<18} {'regs':>4} {'spill':>5} {'smem':>6} {'HGMMA':>5} "
           f"{'QGMMA':>5} {'HMMA':>4} {'sass':>5} {'loop':>4}")
     for label, call in _cases(args.schemes.split(","), args.T, args.dtypes.split(","), args.backward,
-                              args.shapes.split(",")):
+                              args.shapes.split(","), args.batch_invariant):
         COMPILED.clear()
         try:
             call()

@@ -1,5 +1,6 @@
 """torch-moe-ops: Mixture-of-Experts ops for ``torch.compile``, registered under ``torch.ops.moe``."""
 from . import reference, schemes
+from ._modes import batch_invariant, is_batch_invariant, set_batch_invariant
 from .distributed import ParallelConfig
 from .layer import FusedMoE, training  # ``from torch_moe_ops import training`` (docs/training.md)
 from .checkpoint import LoadReport, finalize_loading, load_checkpoint, reload_weights
@@ -54,14 +55,17 @@ __all__ = [
     "WEIGHT_SCHEMES",
     "act_and_mul",
     "align_block_size",
+    "batch_invariant",
     "clear_launch_plans",
     "fused_experts",
     "fused_moe",
+    "is_batch_invariant",
     "moe_sum",
     "quantize_activation",
     "quantize_weight",
     "quantize_weight_into",
     "reference",
     "schemes",
+    "set_batch_invariant",
     "topk_route",
 ]

@@ -115,6 +115,45 @@ def time_per_call(fn, iters: int, device: torch.device | str = "cpu") -> float:
     return (time.perf_counter() - start) / max(iters, 1)
 
 
+def batch_variance(fn, tokens, sizes=(1, 7, 64), *, trials: int = 2, generator=None) -> dict[int, tuple[int, int]]:
+    """Probe of batch invariance (docs/batch-invariance.md): how many output rows change with the company.
+
+    ``fn(*tokens) -> [T, ...]`` where every tensor of ``tokens`` is a per-token input [T, ...] (hidden states,
+    router logits, router weights and ids). The whole batch runs once; then, ``trials`` times per size n in
+    ``sizes`` (n < T), n rows drawn at random run (a) alone, as a batch of n in a shuffled order, and (b) among
+    n other tokens of the batch (rows drawn from the rest), the batch of 2n shuffled. A row counts as differing
+    when any of its elements is not bitwise equal to its row in the whole batch (NaNs compare by bits too).
+
+    Returns {n: (rows differing, rows compared)}; all zeros means invariant on these draws."""
+    T = tokens[0].shape[0]
+    device = tokens[0].device
+    full = fn(*tokens)
+    out = {}
+    for n in sizes:
+        if not 0 < n < T:
+            raise ValueError(f"batch_variance: sizes must be in [1, T) = [1, {T}), got {n}")
+        bad = seen = 0
+        for _ in range(trials):
+            perm = torch.randperm(T, generator=generator).to(device)
+            rows, rest = perm[:n], perm[n:]
+            company = rest[torch.randint(rest.numel(), (n,), generator=generator).to(device)]
+            for batch in (rows, torch.cat([rows, company])):
+                order = torch.randperm(batch.numel(), generator=generator).to(device)
+                got = fn(*(t[batch[order]] for t in tokens))
+                got = got[torch.argsort(order)][:n]  # back to the order of ``rows``
+                same = _bits(got) == _bits(full[rows])
+                bad += int((~same.reshape(n, -1).all(1)).sum())  # host-ok: test utility
+                seen += n
+        out[n] = (bad, seen)
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of ``t`` (bitwise comparison: -0.0 != 0.0, equal NaNs equal)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.contiguous().view(ints[t.element_size()])
+
+
 #: ``torch.library.opcheck``'s default utils.
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 

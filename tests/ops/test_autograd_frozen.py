@@ -86,7 +86,7 @@ def test_backward_op_refuses_quantized_weight_gradients():
     with pytest.raises(ValueError, match=r"w13 is quantized \(fp8_tensor\); quantized weights and their scales"):
         torch.ops.moe._fused_experts_backward(
             torch.randn_like(x), x, op["w13"], op["w2"], op["topk_weights"], op["topk_ids"], None, "silu",
-            "fp8_tensor", op["w13_scale"], op["w2_scale"], None, None, None, None, False, None, None,
+            "fp8_tensor", op["w13_scale"], op["w2_scale"], None, None, None, None, False, None, None, False,
             [True, True, False, False, False, False])
 
 

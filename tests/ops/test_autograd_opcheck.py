@@ -26,10 +26,10 @@ class TestPrivateSchemas(TestCase if TestCase is not None else object):
     """The private ops appear in traced graphs: change their schemas on purpose (EXPECTTEST_ACCEPT=1)."""
 
     def test_backward(self):
-        self.assertExpectedInline(str(torch.ops.moe._fused_experts_backward.default._schema), """moe::_fused_experts_backward(Tensor grad_out, Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, Tensor? c1, str activation, str quant_scheme, Tensor? w13_scale, Tensor? w2_scale, Tensor? w13_bias, Tensor? w2_bias, int[]? block_shape, Tensor? expert_map, bool apply_router_weight_on_input, float? activation_alpha, float? activation_limit, bool[] needs) -> (Tensor grad_hidden_states, Tensor grad_w13, Tensor grad_w2, Tensor grad_w13_bias, Tensor grad_w2_bias, Tensor grad_topk_weights)""")  # noqa: E501
+        self.assertExpectedInline(str(torch.ops.moe._fused_experts_backward.default._schema), """moe::_fused_experts_backward(Tensor grad_out, Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, Tensor? c1, str activation, str quant_scheme, Tensor? w13_scale, Tensor? w2_scale, Tensor? w13_bias, Tensor? w2_bias, int[]? block_shape, Tensor? expert_map, bool apply_router_weight_on_input, float? activation_alpha, float? activation_limit, bool batch_invariant, bool[] needs) -> (Tensor grad_hidden_states, Tensor grad_w13, Tensor grad_w2, Tensor grad_w13_bias, Tensor grad_w2_bias, Tensor grad_topk_weights)""")  # noqa: E501
 
     def test_train(self):
-        self.assertExpectedInline(str(torch.ops.moe._fused_experts_train.default._schema), """moe::_fused_experts_train(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None) -> (Tensor out, Tensor c1)""")  # noqa: E501
+        self.assertExpectedInline(str(torch.ops.moe._fused_experts_train.default._schema), """moe::_fused_experts_train(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None, bool batch_invariant=False) -> (Tensor out, Tensor c1)""")  # noqa: E501
 
 
 def _experts_sample(names=DIFF, **kw):
@@ -107,5 +107,5 @@ def test_backward_op_opcheck(name):
                                       None, False, act.alpha(None), act.limit(None))[1].to(x.dtype)
     args = (torch.randn_like(x), x, op["w13"], op["w2"], op["topk_weights"], op["topk_ids"], c1, op["activation"],
             "none", None, None, op["w13_bias"], op["w2_bias"], None, op["expert_map"],
-            op["apply_router_weight_on_input"], None, op["activation_limit"], needs)
+            op["apply_router_weight_on_input"], None, op["activation_limit"], False, needs)
     opcheck(torch.ops.moe._fused_experts_backward.default, args, {}, test_utils=ALL_UTILS)

@@ -22,7 +22,7 @@ F = importlib.import_module("torch_moe_ops.ops.fused_moe")
 _EXPERT_OPTIONS = ('str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, '
                    'Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, '
                    'bool apply_router_weight_on_input=False, float? activation_alpha=None, '
-                   'float? activation_limit=None')
+                   'float? activation_limit=None, bool batch_invariant=False')
 #: every op this package registers, public and private: a change here is a deliberate contract change
 SCHEMAS = {
     "topk_route": 'moe::topk_route(Tensor router_logits, int top_k, bool renormalize=True, str scoring_func="softmax", '
@@ -51,7 +51,7 @@ SCHEMAS = {
                                "str quant_scheme, Tensor? w13_scale, Tensor? w2_scale, Tensor? w13_bias, "
                                "Tensor? w2_bias, int[]? block_shape, Tensor? expert_map, "
                                "bool apply_router_weight_on_input, float? activation_alpha, "
-                               "float? activation_limit, bool[] needs) -> (Tensor grad_hidden_states, "
+                               "float? activation_limit, bool batch_invariant, bool[] needs) -> (Tensor grad_hidden_states, "
                                "Tensor grad_w13, Tensor grad_w2, Tensor grad_w13_bias, Tensor grad_w2_bias, "
                                "Tensor grad_topk_weights)",
 }
@@ -95,6 +95,9 @@ def test_public_wrappers_are_keyword_only_after_the_first_arguments(fn, sig, pos
         len(params) - positional)
     for p, a in zip(params, sig.args):
         assert (p.default is inspect.Parameter.empty) == (a.default is None)
+        if a.name == "batch_invariant":  # resolved by the wrapper: None follows torch_moe_ops.batch_invariant()
+            assert p.default is None and a.value is False
+            continue
         assert a.default is None or (p.default == a.value and type(p.default) is type(a.value))
     assert fn.__module__.startswith("torch_moe_ops.ops") and fn.__doc__.startswith(("Run", "Route", "Pick"))
     assert "[T, H]" in fn.__doc__ or "[T, E]" in fn.__doc__
@@ -123,23 +126,24 @@ def _old_moe_key(hidden_states, router_logits, w13, w2, top_k, renormalize=True,
                  num_expert_group=0, topk_group=0, e_score_correction_bias=None, routed_scaling_factor=1.0,
                  activation="silu", quant_scheme="none", w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None,
                  block_shape=None, expert_map=None, *, apply_router_weight_on_input=False, activation_alpha=None,
-                 activation_limit=None):
-    """The hand-written key of the first launch-plan cut, kept as the oracle."""
+                 activation_limit=None, batch_invariant=False):
+    """The hand-written key of the first launch-plan cut, kept as the oracle (+ batch_invariant)."""
     inputs = [hidden_states, router_logits, w13, w2, e_score_correction_bias, w13_scale, w2_scale, w13_bias, w2_bias,
               expert_map]
     key = ("fused_moe", *map(_tensor_key, inputs), top_k, renormalize, scoring_func, num_expert_group, topk_group,
            routed_scaling_factor, activation, quant_scheme, None if block_shape is None else tuple(block_shape),
-           apply_router_weight_on_input, activation_alpha, activation_limit, 3)
+           apply_router_weight_on_input, activation_alpha, activation_limit, batch_invariant, 3)
     return key, inputs
 
 
 def _old_experts_key(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", quant_scheme="none",
                      w13_scale=None, w2_scale=None, w13_bias=None, w2_bias=None, block_shape=None, expert_map=None, *,
-                     apply_router_weight_on_input=False, activation_alpha=None, activation_limit=None):
+                     apply_router_weight_on_input=False, activation_alpha=None, activation_limit=None,
+                     batch_invariant=False):
     inputs = [hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, w13_bias, w2_bias, expert_map]
     key = ("fused_experts", *map(_tensor_key, inputs), activation, quant_scheme,
            None if block_shape is None else tuple(block_shape), apply_router_weight_on_input, activation_alpha,
-           activation_limit, 3)
+           activation_limit, batch_invariant, 3)
     return key, inputs
 
 
@@ -151,7 +155,7 @@ def _t(*shape):
 def test_plan_keys_cover_every_argument_like_the_hand_written_ones(block_shape):
     moe = (_t(3, 8), _t(3, 4), _t(4, 6, 8), _t(4, 8, 3), 2, False, "sigmoid", 2, 1, _t(4), 2.5, "gelu", "fp8_block",
            _t(4, 1, 1), _t(4, 1, 1), _t(4, 6), None, block_shape, _t(4))
-    kw = dict(apply_router_weight_on_input=True, activation_alpha=1.5, activation_limit=6.0)
+    kw = dict(apply_router_weight_on_input=True, activation_alpha=1.5, activation_limit=6.0, batch_invariant=True)
     key, inputs = F.FUSED_MOE.plan_key(_tensor_key, lambda: 3)(F.FUSED_MOE.Args(*moe, **kw))
     old_key, old_inputs = _old_moe_key(*moe, **kw)
     assert key == old_key and len(key) == 1 + len(F.FUSED_MOE.names) + 1
@@ -159,7 +163,7 @@ def test_plan_keys_cover_every_argument_like_the_hand_written_ones(block_shape):
     hash(key)
     ex = (_t(3, 8), _t(4, 6, 8), _t(4, 8, 3), _t(3, 2), _t(3, 2), "silu", "int4_w4a16", _t(4, 6, 1), None, None,
           _t(4, 8), block_shape, None)
-    key, inputs = F.FUSED_EXPERTS.plan_key(_tensor_key, lambda: 3)(F.FUSED_EXPERTS.Args(*ex, False, None, 7.0))
+    key, inputs = F.FUSED_EXPERTS.plan_key(_tensor_key, lambda: 3)(F.FUSED_EXPERTS.Args(*ex, False, None, 7.0, False))
     old_key, old_inputs = _old_experts_key(*ex, activation_limit=7.0)
     assert key == old_key and all(a is b for a, b in zip(inputs, old_inputs)) and len(inputs) == 10
 

@@ -258,9 +258,12 @@ def get_config(
     device: torch.device | None = None,
     *,
     top_k: int,
+    invariant: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> TileConfig:
     """Config for one grouped GEMM of T tokens, each routed to ``top_k`` of E local experts, with weights
-    [E, N, K] (K logical). ``block``: the canonical scale tile (None for untiled schemes).
+    [E, N, K] (K logical). ``block``: the canonical scale tile (None for untiled schemes). ``invariant``:
+    batch-invariant tiles (``invariant_config``); ``dtype``: the activations' (sizes its shared memory).
 
     Order: interpreter tiles (CPU tensors / TRITON_INTERPRET=1) → tuned table of this device → §8.1
     heuristic, all keyed on ``token_bucket(T)``. Pure host logic on shapes: no device sync, same answer for
@@ -268,22 +271,76 @@ def get_config(
     T = token_bucket(T)
     E, N, K, top_k = int(E), int(N), int(K), int(top_k)  # (sizes specialized by a trace may be SymInts)
     if interpret_mode() or device is None or device.type != "cuda":
-        return interpreter_config(scheme, block)
+        return interpreter_config(scheme, block)  # one config for every T: invariant as it is
     index = device.index if device.index is not None else torch.cuda.current_device()
+    a_bytes = 1 if scheme.fp8_dot else (dtype.itemsize if dtype is not None else 2)
     return _cuda_config(T, E, N, K, scheme, _block(scheme, block), top_k, device_name(index),
-                        device_family(index), os.environ.get(TUNED_DIR_ENV))
+                        device_family(index), os.environ.get(TUNED_DIR_ENV), bool(invariant), a_bytes)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_dir) -> TileConfig:
+def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_dir, invariant=False,
+                 a_bytes=2) -> TileConfig:
     """Cached: a decode step pays a dict lookup, not a directory scan (key includes the table location).
     This GPU's table first, then one of a GPU of the same compute capability (an H200 takes an H100's), then
-    the heuristic."""
-    tables = _load_tables(tuple(_tuned_files(extra_dir)))
-    for owner in (dev_name, dev_family):
-        table = tables.get((owner, E, N, K, scheme.table_key(block)))
-        if table:
-            cfg = lookup_tuned(table, T)
-            if _usable(cfg, scheme, block):
-                return cfg
-    return default_config(T, E, N, K, scheme, block, top_k=top_k)
+    the heuristic; under ``invariant``, pinned to the largest bucket's reduction (``invariant_config``)."""
+    def lookup(t):
+        tables = _load_tables(tuple(_tuned_files(extra_dir)))
+        for owner in (dev_name, dev_family):
+            table = tables.get((owner, E, N, K, scheme.table_key(block)))
+            if table:
+                cfg = lookup_tuned(table, t)
+                if _usable(cfg, scheme, block):
+                    return cfg
+        return default_config(t, E, N, K, scheme, block, top_k=top_k)
+
+    if not invariant:
+        return lookup(T)
+    return invariant_config(lookup(T), lookup(BEYOND), scheme, a_bytes)
+
+
+# ------------------------------------------------------------------------------------------ batch invariance
+#: Smallest BLOCK_M of batch-invariant tiles: from 64 rows the sm90 dot is a wgmma, below an mma.sync, and
+#: fp8 dots round differently in the two (H100: fp8_block rows differ between T <= 64 and T = 4096 with the
+#: same BLOCK_K; docs/batch-invariance.md).
+INVARIANT_MIN_BLOCK_M = 64
+#: Shared memory a batch-invariant config may plan for its pipelined A and B tiles (sm90: 227 KB a block;
+#: the rest is headroom for the epilogue's layout conversions).
+SMEM_BUDGET = 192 * 1024
+
+
+def reduction_signature(cfg: TileConfig) -> tuple[int, bool]:
+    """What of a config decides the arithmetic of an output element, hence what batch-invariant tiles share
+    across T: the K step (packed and block-scaled steps add a partial dot per step; fp8 dots accumulate per
+    step) and the MMA instruction kind (``block_m >= INVARIANT_MIN_BLOCK_M``: wgmma). BLOCK_N, GROUP_M, warps
+    and stages only decide who computes an element and when."""
+    return cfg.block_k, cfg.block_m >= INVARIANT_MIN_BLOCK_M
+
+
+def smem_bytes(cfg: TileConfig, scheme: QuantScheme, a_bytes: int) -> int:
+    """Shared memory of the pipelined K loop: ``num_stages`` buffers of an A tile [BM, BK] (``a_bytes`` an
+    element) and a B tile [BK, BN] in storage bytes (packed: BK/2 rows of bytes)."""
+    if scheme.quantized:
+        w_bytes = scheme.weight.qdtype.itemsize / scheme.weight.pack
+    else:
+        w_bytes = a_bytes
+    per_stage = cfg.block_m * cfg.block_k * a_bytes + cfg.block_k * cfg.block_n * w_bytes
+    return int(cfg.num_stages * per_stage)
+
+
+def fit_smem(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2) -> TileConfig:
+    """``cfg`` with fewer stages (down to 2), then narrower BLOCK_N (down to 32), until its pipeline fits
+    ``SMEM_BUDGET``; the reduction signature is kept."""
+    while smem_bytes(cfg, scheme, a_bytes) > SMEM_BUDGET and cfg.num_stages > 2:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    while smem_bytes(cfg, scheme, a_bytes) > SMEM_BUDGET and cfg.block_n > 32:
+        cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    return cfg
+
+
+def invariant_config(cfg: TileConfig, anchor: TileConfig, scheme: QuantScheme, a_bytes: int = 2) -> TileConfig:
+    """``cfg`` (the T bucket's tiles) made batch invariant: ``anchor``'s K step (the largest bucket's tiles, so
+    prefill keeps its tuned K step) and BLOCK_M >= ``INVARIANT_MIN_BLOCK_M``, fitted to ``SMEM_BUDGET``. Every
+    bucket of one GEMM then has one ``reduction_signature``: each element is computed the same way."""
+    cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, INVARIANT_MIN_BLOCK_M), block_k=anchor.block_k)
+    return fit_smem(cfg, scheme, a_bytes)

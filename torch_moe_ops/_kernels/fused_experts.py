@@ -17,19 +17,20 @@ from .._platform import debug_checks, fuse_activation
 from ..schemes import Activation, QuantScheme
 from .activation import act_and_mul, act_and_quant, quantize_activation
 from .align import align_block_size
-from .configs import get_config
+from .configs import fit_smem, get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
 from .routing import pair_block_alignment, topk_route
 
 
 def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
-                alignment: tuple | None = None):
+                alignment: tuple | None = None, invariant: bool = False):
     """Steps 1-2 (docs/design.md §8), shared by the forward and the backward: (GEMM1's tiles, the alignment
     (sorted_ids, expert_ids, num_post_pad) for its BLOCK_M, GEMM1's input a1 before activation quantization
-    [T or T·k, H], a1's rows per pair: k (row j // k of x) or 1 (one weighted copy per pair, on_input))."""
+    [T or T·k, H], a1's rows per pair: k (row j // k of x) or 1 (one weighted copy per pair, on_input)).
+    ``invariant``: batch-invariant tiles (docs/batch-invariance.md)."""
     (T, H), (E, N1), k = x.shape, w13.shape[:2], topk_ids.shape[1]
-    cfg1 = get_config(T, E, N1, H, scheme, block, x.device, top_k=k)
+    cfg1 = get_config(T, E, N1, H, scheme, block, x.device, top_k=k, invariant=invariant, dtype=x.dtype)
     if alignment is None:
         alignment = align_block_size(topk_ids, E if expert_map is None else expert_map.numel(), cfg1.block_m,
                                      expert_map)
@@ -78,6 +79,7 @@ def fused_experts(
     limit: float,
     alignment: tuple | None = None,
     keep_c1: bool = False,
+    invariant: bool = False,
 ):
     """Routed experts of one MoE layer; returns a fresh ``[T, H]`` tensor in ``x.dtype`` (``keep_c1``: and
     GEMM1's output c1 [T·k, N1] for the backward, rows of dropped pairs 0).
@@ -92,6 +94,7 @@ def fused_experts(
     ``x[t]·w[t, slot]`` and GEMM2 does not weight. alpha / limit: resolved floats (``act.alpha``,
     ``act.limit``). Intermediates are kept in x's dtype. ``alignment``: (sorted_ids, expert_ids,
     num_post_pad) already made for this call's BLOCK_M (``fused_moe``'s pair blocks), else aligned here.
+    ``invariant``: batch-invariant tiles: every T computes a row the same way (docs/batch-invariance.md).
     """
     pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
@@ -106,8 +109,11 @@ def fused_experts(
 
     # One BLOCK_M for both GEMMs: they share the alignment.
     cfg1, alignment, a1, a1_div = gemm1_input(x, w13, topk_weights, topk_ids, scheme, block, expert_map, on_input,
-                                              alignment)
-    cfg2 = dataclasses.replace(get_config(T, E, H, I, scheme, block, device, top_k=k), block_m=cfg1.block_m)
+                                              alignment, invariant)
+    cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype)
+    cfg2 = dataclasses.replace(cfg2, block_m=cfg1.block_m)
+    if invariant:  # (a larger BLOCK_M of GEMM1 may need fewer stages; the K step stays)
+        cfg2 = fit_smem(cfg2, scheme, 1 if scheme.fp8_dot else x.dtype.itemsize)
     c1 = None
     if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
@@ -135,20 +141,23 @@ def fused_experts(
     return (out, c1) if keep_c1 else out
 
 
-def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, experts: tuple) -> torch.Tensor:
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, experts: tuple,
+              invariant: bool = False) -> torch.Tensor:
     """Routing then the experts (``moe::fused_moe``): ``routing`` = topk_route's arguments after
     (router_logits), ``experts`` = ``fused_experts``' arguments after (x, ..., topk_ids), i.e. from ``w13``
     on without the routing outputs: (w13, w2, act, scheme, scales, biases, block, expert_map, on_input,
     alpha, limit). At T = 1 the routing kernel also writes the GEMMs' alignment, one pair per block
     (``routing.pair_block_alignment``): the top-k experts of one token are distinct, so each expert's weights
-    are still read once, and the alignment kernel's launch goes."""
+    are still read once, and the alignment kernel's launch goes. ``invariant``: as in ``fused_experts`` (the
+    routing is per token in any mode: ``docs/batch-invariance.md``)."""
     w13, w2, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block, expert_map, on_input, alpha, limit = experts
     T, k = x.shape[0], routing[0]
     alignment = pair_blocks = None
     if isinstance(T, int) and T == 1:
-        cfg1 = get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k)
+        cfg1 = get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k,
+                          invariant=invariant, dtype=x.dtype)
         alignment = pair_block_alignment(T, k, cfg1.block_m, x.device)
         pair_blocks = (alignment, cfg1.block_m, w13.shape[0], expert_map)
     weights, ids = topk_route(router_logits, *routing, pair_blocks=pair_blocks)
     return fused_experts(x, w13, w2, weights, ids, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block,
-                         expert_map, on_input, alpha, limit, alignment=alignment)
+                         expert_map, on_input, alpha, limit, alignment=alignment, invariant=invariant)

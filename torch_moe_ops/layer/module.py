@@ -15,6 +15,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .. import _modes
 from ..distributed.config import ParallelConfig
 from ..distributed.placement import map_logical_to_physical
 from ..errors import LoadError
@@ -58,6 +59,9 @@ class FusedMoE(nn.Module):
             ``parallel.world_size > 1``.
         save_activations: (``trainable`` only) keep GEMM1's output for the backward instead of recomputing
             it: ``2·k·N1`` bytes per token in bf16 (docs/training.md, "Memory and compute").
+        batch_invariant: each token's output bitwise independent of the rest of the batch and of the token
+            count (docs/batch-invariance.md); None (default) follows ``torch_moe_ops.batch_invariant()`` at each
+            call. Settable later: ``layer.batch_invariant = True``.
     """
 
     # the static facts (``spec.LayerSpec``); ``activation`` / ``quant_scheme`` are the op schemas' strings
@@ -81,8 +85,9 @@ class FusedMoE(nn.Module):
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
                  shared_experts: nn.Module | None = None, device=None, activation_alpha: float | None = None,
                  activation_limit: float | None = None, parallel: ParallelConfig | None = None,
-                 trainable: bool = False, save_activations: bool = False):
+                 trainable: bool = False, save_activations: bool = False, batch_invariant: bool | None = None):
         super().__init__()
+        self.batch_invariant = batch_invariant
         self.spec = make_spec(
             num_experts, top_k, hidden_size, intermediate_size, params_dtype=params_dtype, quant_config=quant_config,
             activation=activation, has_bias=has_bias, renormalize=renormalize, scoring_func=scoring_func,
@@ -101,6 +106,20 @@ class FusedMoE(nn.Module):
         self._bind_tensors()
         if trainable:
             training.set_trainable(self)
+
+    @property
+    def batch_invariant(self) -> bool | None:
+        """True / False: this layer's batch-invariant mode; None: ``torch_moe_ops.batch_invariant()``'s."""
+        return self._batch_invariant
+
+    @batch_invariant.setter
+    def batch_invariant(self, value: bool | None) -> None:
+        _modes.resolve(value)  # TypeError for anything but True, False, None
+        self._batch_invariant = value
+
+    def invariant(self) -> bool:
+        """The mode of a call now: the layer's setting, else the process-wide switch (Dynamo guards on both)."""
+        return _modes.resolve(self._batch_invariant)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
@@ -128,7 +147,8 @@ class FusedMoE(nn.Module):
                 activation=s.activation, quant_scheme=s.quant_scheme, w13_scale=self.w13_weight_scale,
                 w2_scale=self.w2_weight_scale, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
                 block_shape=s.block_shape, expert_map=None, apply_router_weight_on_input=s.apply_router_weight_on_input,
-                activation_alpha=s.activation_alpha, activation_limit=s.activation_limit)
+                activation_alpha=s.activation_alpha, activation_limit=s.activation_limit,
+                batch_invariant=self.invariant())
         out = restore(out, hidden_states)
         if self.shared_experts is not None:
             if shared_experts_input is None:
@@ -184,7 +204,7 @@ class FusedMoE(nn.Module):
             quant_scheme=s.quant_scheme, w13_scale=self.w13_weight_scale, w2_scale=self.w2_weight_scale,
             w13_bias=self.w13_bias, w2_bias=self.w2_bias, block_shape=s.block_shape, expert_map=self.expert_map,
             apply_router_weight_on_input=s.apply_router_weight_on_input, activation_alpha=s.activation_alpha,
-            activation_limit=s.activation_limit)
+            activation_limit=s.activation_limit, batch_invariant=self.invariant())
 
     def _parallel_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Logical routing -> an EPLB replica per pair (counted in ``expert_load``) -> dispatch, experts, combine."""
@@ -193,7 +213,8 @@ class FusedMoE(nn.Module):
         ids = map_logical_to_physical(topk_ids, self.logical_to_physical, self.replica_count)
         flat = ids.reshape(-1).long()
         self.expert_load.index_add_(0, flat, torch.ones_like(flat))
-        return comm.parallel_forward(x, topk_weights, ids, self.spec.parallel, self.expert_owner, self._run_experts)
+        return comm.parallel_forward(x, topk_weights, ids, self.spec.parallel, self.expert_owner, self._run_experts,
+                                     invariant=self.invariant())
 
     # ---------------------------------------------------------------------------------------- EPLB
     def physical_ids(self, logical_id: int) -> list[int]:
@@ -251,6 +272,7 @@ class FusedMoE(nn.Module):
 
     def __setstate__(self, state) -> None:
         """``copy.deepcopy`` / unpickling: a copied Parameter loses its attributes, so re-attach ``weight_loader``."""
+        state.setdefault("_batch_invariant", None)  # (layers pickled before the setting existed)
         super().__setstate__(state)
         storage.attach_weight_loader(self._parameters, self.weight_loader)
 

@@ -52,7 +52,7 @@ def run_experts_saving(layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_
         quant_scheme=s.quant_scheme, w13_scale=layer.w13_weight_scale, w2_scale=layer.w2_weight_scale,
         w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, block_shape=s.block_shape, expert_map=layer.expert_map,
         apply_router_weight_on_input=s.apply_router_weight_on_input, activation_alpha=s.activation_alpha,
-        activation_limit=s.activation_limit)
+        activation_limit=s.activation_limit, batch_invariant=layer.invariant())
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _modes
 from ..reference import backward as reference_backward
 from ..schemes import get_quant_scheme
 from . import _checks as C
@@ -98,8 +99,8 @@ def _train(a, on_triton: bool):
     if on_triton:
         from .._kernels import fused_experts as kernels
 
-        return kernels.fused_experts(*kernel_args, keep_c1=True)
-    out, c1 = reference_backward.fused_experts_forward(*kernel_args)
+        return kernels.fused_experts(*kernel_args, keep_c1=True, invariant=ex.invariant)
+    out, c1 = reference_backward.fused_experts_forward(*kernel_args, invariant=ex.invariant)
     return out.to(a.hidden_states.dtype), c1.to(a.hidden_states.dtype)
 
 
@@ -119,7 +120,7 @@ _TRAIN_DOC = """The saving forward (docs/training.md): ``fused_experts`` that al
         instead of recomputing GEMM1 (no gradient flows into it). ``help(fused_experts)`` documents the arguments.
     """
 #: ``fused_experts_train(hidden_states, w13, w2, topk_weights, topk_ids, *, activation="silu", ...) -> (out, c1)``
-fused_experts_train = EXPERTS_TRAIN.wrapper(5, _TRAIN_DOC, __name__)
+fused_experts_train = EXPERTS_TRAIN.wrapper(5, _TRAIN_DOC, __name__, resolve={"batch_invariant": _modes.resolve})
 
 
 # ------------------------------------------------------------------------------------------ registrations

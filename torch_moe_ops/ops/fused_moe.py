@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import _platform, reference
+from .. import _modes, _platform, reference
 from .._kernels.plan import PlanCache, run_planned
 from ..schemes import ACTIVATIONS, QUANT_SCHEMES, Activation, QuantScheme, get_activation, get_quant_scheme
 from . import _checks as C
@@ -25,7 +25,8 @@ EXPERT_INPUTS = args("Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_w
 EXPERT_OPTIONS = args(
     'str activation="silu", str quant_scheme="none", Tensor? w13_scale=None, Tensor? w2_scale=None, '
     "Tensor? w13_bias=None, Tensor? w2_bias=None, int[]? block_shape=None, Tensor? expert_map=None, *, "
-    "bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None")
+    "bool apply_router_weight_on_input=False, float? activation_alpha=None, float? activation_limit=None, "
+    "bool batch_invariant=False")
 FUSED_EXPERTS = Signature("fused_experts", EXPERT_INPUTS + EXPERT_OPTIONS, "Tensor")
 FUSED_MOE = Signature("fused_moe", args("Tensor hidden_states, Tensor router_logits, Tensor w13, Tensor w2, int top_k")
                       + ROUTING_OPTIONS + args("float routed_scaling_factor=1.0") + EXPERT_OPTIONS, "Tensor")
@@ -92,13 +93,14 @@ def _sig(t):
 class Experts:
     """Checked, canonical ``fused_experts`` arguments: registry objects, kernel-view scales, floats."""
 
-    __slots__ = ("act", "scheme", "w13_scale", "w2_scale", "block", "alpha", "limit")
+    __slots__ = ("act", "scheme", "w13_scale", "w2_scale", "block", "alpha", "limit", "invariant")
 
-    def __init__(self, act, scheme, w13_scale, w2_scale, block, alpha, limit):
+    def __init__(self, act, scheme, w13_scale, w2_scale, block, alpha, limit, invariant):
         self.act: Activation = act
         self.scheme: QuantScheme = scheme
         self.w13_scale, self.w2_scale, self.block = w13_scale, w2_scale, block
         self.alpha, self.limit = alpha, limit
+        self.invariant: bool = invariant  #: batch-invariant mode (docs/batch-invariance.md)
 
     def kernel_args(self, a, topk_weights, topk_ids) -> tuple:
         """The positional arguments of the kernels' and the reference's ``fused_experts`` (and of their
@@ -160,7 +162,8 @@ def check_experts(a, topk_weights, topk_ids) -> Experts:
         C.check_tensor(expert_map, "expert_map", dim=1, dtypes=(torch.int32,), contiguous=True)
     C.check_same_device(hidden_states=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                         w13_scale=w13_scale, w2_scale=w2_scale, w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map)
-    return Experts(act, scheme, w13_scale, w2_scale, block, alpha, limit)
+    C.check(isinstance(a.batch_invariant, bool), f"batch_invariant must be a bool, got {a.batch_invariant!r}")
+    return Experts(act, scheme, w13_scale, w2_scale, block, alpha, limit, a.batch_invariant)
 
 
 def check_expert_values(w13, topk_ids, expert_map):
@@ -179,7 +182,7 @@ def run_experts(a, topk_weights, topk_ids, ex: Experts, on_triton: bool):
         impl = kernels.fused_experts
     else:
         impl = reference.fused_experts
-    return impl(*ex.kernel_args(a, topk_weights, topk_ids))
+    return impl(*ex.kernel_args(a, topk_weights, topk_ids), invariant=ex.invariant)
 
 
 def planned(sig: Signature, body):
@@ -252,7 +255,7 @@ def moe(a, on_triton: bool):
 
         check_bias_values(a.e_score_correction_bias)
         x, w13, w2, _, _, *options = ex.kernel_args(a, None, None)
-        return kernels.fused_moe(x, a.router_logits, routing, (w13, w2, *options))
+        return kernels.fused_moe(x, a.router_logits, routing, (w13, w2, *options), invariant=ex.invariant)
     weights, ids = route(a.router_logits, *routing, on_triton=False)
     return run_experts(a, weights, ids, ex, on_triton)
 
@@ -287,6 +290,9 @@ _EXPERTS_DOC = f"""
         activation_alpha, activation_limit: swigluoai's alpha and clamp limit; None takes the
             activation's default (alpha 1.702; limit 7.0 for swigluoai, 0 = off for the others); a limit
             > 0 also clamps silu/gelu gated activations (clamped swiglu).
+        batch_invariant: each token's output row bitwise independent of the rest of the batch and of T
+            (docs/batch-invariance.md). None (the default of these functions) follows
+            ``torch_moe_ops.batch_invariant()``; ``torch.ops.moe.*`` take a bool (default False).
 
     Returns:
         [T, H] in hidden_states' dtype (a fresh tensor).
@@ -317,7 +323,7 @@ if TYPE_CHECKING:
                       w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
                       block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
                       apply_router_weight_on_input: bool = False, activation_alpha: float | None = None,
-                      activation_limit: float | None = None) -> torch.Tensor:
+                      activation_limit: float | None = None, batch_invariant: bool | None = None) -> torch.Tensor:
         """Run the routed experts (``topk_weights`` / ``topk_ids`` from ``topk_route``). ``help(fused_experts)``
         documents the arguments."""
         ...
@@ -330,12 +336,13 @@ if TYPE_CHECKING:
                   w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
                   block_shape: list[int] | None = None, expert_map: torch.Tensor | None = None,
                   apply_router_weight_on_input: bool = False, activation_alpha: float | None = None,
-                  activation_limit: float | None = None) -> torch.Tensor:
+                  activation_limit: float | None = None, batch_invariant: bool | None = None) -> torch.Tensor:
         """Route and run the experts in one op (``topk_route`` then ``fused_experts``). ``help(fused_moe)``
         documents the arguments."""
         ...
 else:
     #: ``fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, activation="silu", ...)``
-    fused_experts = FUSED_EXPERTS.wrapper(5, _FUSED_EXPERTS_DOC, __name__, cuda=_experts_cuda)
+    fused_experts = FUSED_EXPERTS.wrapper(5, _FUSED_EXPERTS_DOC, __name__, cuda=_experts_cuda,
+                                          resolve={"batch_invariant": _modes.resolve})
     #: ``fused_moe(hidden_states, router_logits, w13, w2, top_k, *, renormalize=True, ...)``
-    fused_moe = FUSED_MOE.wrapper(5, _FUSED_MOE_DOC, __name__, cuda=_moe_cuda)
+    fused_moe = FUSED_MOE.wrapper(5, _FUSED_MOE_DOC, __name__, cuda=_moe_cuda, resolve={"batch_invariant": _modes.resolve})

@@ -102,14 +102,17 @@ class Signature:
         return f"Signature(moe::{self.name}{self.schema})"
 
     # -------------------------------------------------------------------------------------- generated code
-    def _params(self, positional: int, annotate: bool = False) -> str:
-        """Python parameters: the first ``positional`` names positional, the rest keyword-only."""
+    def _params(self, positional: int, annotate: bool = False, resolved=()) -> str:
+        """Python parameters: the first ``positional`` names positional, the rest keyword-only; ``resolved``
+        names default to None (the wrapper resolves them at call time)."""
         out = []
         for i, a in enumerate(self.args):
             if i == positional:
                 out.append("*")
-            p = f"{a.name}: {_ANNOTATIONS[a.type]!r}" if annotate else a.name
-            out.append(p if a.value is _REQUIRED else f"{p}={a.value!r}")
+            ann = _ANNOTATIONS[a.type] + (" | None" if a.name in resolved else "")
+            p = f"{a.name}: {ann!r}" if annotate else a.name
+            default = None if a.name in resolved else a.value
+            out.append(p if default is _REQUIRED else f"{p}={default!r}")
         return ", ".join(out)
 
     def _compile(self, source: str, fname: str, module: str, **env):
@@ -144,10 +147,14 @@ class Signature:
         return define_inference(name, self.schema, self.function(cuda, "cuda_inference"),
                                 self.function(fake, "fake_inference"))
 
-    def wrapper(self, positional: int, doc: str, module: str, cuda=None):
+    def wrapper(self, positional: int, doc: str, module: str, cuda=None, resolve=None):
         """The public function ``name(<positional args>, *, <the rest>)`` calling ``torch.ops.moe.<name>``.
         ``cuda`` (the op's CUDA kernel, a function of ``Args``) is called directly, skipping the dispatcher,
-        when ``_registry.direct_call_ok`` says the dispatcher would do nothing else."""
+        when ``_registry.direct_call_ok`` says the dispatcher would do nothing else. ``resolve``: {argument
+        name: function}; those arguments default to None in the wrapper and pass through the function first
+        (``batch_invariant``: None follows the process-wide switch, read in code Dynamo traces and guards)."""
+        resolve = dict(resolve or {})
+        assert set(resolve) <= set(self.names), f"moe::{self.name}: resolve names {sorted(resolve)}"
         pos, kw = self.positional, self.keyword_only
         call = ", ".join([*pos, *(f"{n}={n}" for n in kw)])
         n_out = self.returns.count("Tensor")
@@ -156,9 +163,11 @@ class Signature:
         if cuda is not None:
             direct = (f"    if _direct_ok({', '.join(self.tensors)}):\n"
                       f"        return _cuda(_new(_Args, ({', '.join(self.names)},)))\n")
-        source = (f"def {self.name}({self._params(positional, annotate=True)}) -> {ret!r}:\n{direct}"
-                  f"    return torch.ops.{NAMESPACE}.{self.name}({call})\n")
-        fn = self._compile(source, self.name, module, _cuda=cuda, _direct_ok=direct_call_ok)
+        pre = "".join(f"    {n} = _resolve_{n}({n})\n" for n in resolve)
+        source = (f"def {self.name}({self._params(positional, annotate=True, resolved=resolve)}) -> {ret!r}:\n"
+                  f"{pre}{direct}    return torch.ops.{NAMESPACE}.{self.name}({call})\n")
+        fn = self._compile(source, self.name, module, _cuda=cuda, _direct_ok=direct_call_ok,
+                           **{f"_resolve_{n}": f for n, f in resolve.items()})
         fn.__doc__ = doc
         return fn
 

@@ -17,7 +17,7 @@ import torch
 
 from ..schemes import FLT_MAX, Activation, QuantScheme
 from .align import local_expert_ids
-from .fused_experts import _expert_weight
+from .fused_experts import _expert_weight, rows_times
 from .quant import fake_quantize_activation
 from .routing import score
 
@@ -67,9 +67,11 @@ class _Experts:
 
 
 def fused_experts_forward(x, w13, w2, topk_weights, topk_ids, act: Activation, scheme: QuantScheme, w13_scale,
-                          w2_scale, w13_bias, w2_bias, block, expert_map, on_input: bool, alpha: float, limit: float):
+                          w2_scale, w13_bias, w2_bias, block, expert_map, on_input: bool, alpha: float, limit: float,
+                          *, invariant: bool = False):
     """The forward with its GEMM1 output: (out [T, H], c1 [T·k, N1]) in the compute dtype (fp32, or fp64 for
-    fp64 inputs). Rows of c1 for pairs of non-local experts are 0. Same math as ``reference.fused_experts``."""
+    fp64 inputs). Rows of c1 for pairs of non-local experts are 0. Same math as ``reference.fused_experts``
+    (``invariant``: its batch-invariant products)."""
     acc = acc_dtype(x, topk_weights)
     ex = _Experts(x, w13, w2, topk_weights, topk_ids, act, scheme, w13_scale, w2_scale, block, expert_map, acc)
     T, H = x.shape
@@ -78,11 +80,11 @@ def fused_experts_forward(x, w13, w2, topk_weights, topk_ids, act: Activation, s
     for e, tok, slot, rw in ex.experts():
         W13, W2 = ex.weights(e)
         a = x[tok].to(acc) * rw if on_input else x[tok].to(acc)
-        h1 = ex.q(a) @ W13.T
+        h1 = rows_times(ex.q(a), W13, invariant)
         if w13_bias is not None:
             h1 = h1 + w13_bias[e].to(acc)
         c1[tok * ex.k + slot] = h1
-        y = ex.q(act.apply(h1, alpha, limit)) @ W2.T
+        y = rows_times(ex.q(act.apply(h1, alpha, limit)), W2, invariant)
         if w2_bias is not None:
             y = y + w2_bias[e].to(acc)
         out.index_add_(0, tok, y if on_input else y * rw)

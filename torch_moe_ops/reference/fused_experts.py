@@ -8,6 +8,25 @@ from .align import local_expert_ids
 from .quant import fake_quantize_activation
 
 
+#: Rows per product in batch-invariant mode: every row is computed inside a [ROWS, K] @ [K, N] product of
+#: this one shape, so its reduction order cannot depend on how many rows share its expert (CPU BLAS picks
+#: other kernels, and other summation orders, for small row counts; docs/batch-invariance.md).
+INVARIANT_ROWS = 16
+
+
+def rows_times(a: torch.Tensor, w: torch.Tensor, invariant: bool = False) -> torch.Tensor:
+    """a [n, K] @ w [N, K]ᵀ -> [n, N] (same dtype). ``invariant``: each row's result independent of n and of
+    the other rows: zero-padded to a multiple of ``INVARIANT_ROWS`` and run as a batch of fixed-shape products."""
+    if not invariant:
+        return a @ w.T
+    n, K = a.shape
+    chunks = -(-n // INVARIANT_ROWS)
+    padded = a.new_zeros(chunks * INVARIANT_ROWS, K)
+    padded[:n] = a
+    out = torch.bmm(padded.view(chunks, INVARIANT_ROWS, K), w.T.unsqueeze(0).expand(chunks, K, w.shape[0]))
+    return out.view(chunks * INVARIANT_ROWS, w.shape[0])[:n]
+
+
 def _expert_weight(w, scale, e, fmt, block, interleaved_halves=False):
     """Expert e's weight dequantized: fp32 [N, K]."""
     if fmt is None:
@@ -34,13 +53,17 @@ def fused_experts(
     apply_router_weight_on_input: bool = False,
     activation_alpha: float | None = None,
     activation_limit: float | None = None,
+    *,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """hidden_states: [T, H]; w13: [E, N1, H / pack]; w2: [E, H, I / pack]; topk_*: [T, k] -> [T, H] in x's dtype.
 
     ``out[t] = sum_slot w * (f(q(x) @ W13[e]^T + b13) @ W2[e]^T + b2)`` with activation quantization
     (per token, or per 1 x bk group for fp8_block) before each GEMM; non-local experts contribute 0.
     ``activation`` / ``quant_scheme``: names or registry objects. Scales must already have the kernels'
-    shapes (fp8_tensor: w13 [E, 1|2], w2 [E, 1]; channel [E, N]; tiled [E, N/bn, K/bk])."""
+    shapes (fp8_tensor: w13 [E, 1|2], w2 [E, 1]; channel [E, N]; tiled [E, N/bn, K/bk]). ``invariant``: every
+    row bitwise independent of the batch (``rows_times``); the rest of the math already is (per-row activation
+    scales, elementwise epilogues, a token's experts added in ascending id order)."""
     act = get_activation(activation)
     scheme = get_quant_scheme(quant_scheme)
     block = scheme.block_shape(block_shape)
@@ -60,11 +83,12 @@ def fused_experts(
         a = hidden_states[tok].float()
         if apply_router_weight_on_input:
             a = a * route_w
-        h = fake_quantize_activation(a, act_q, group) @ _expert_weight(w13, w13_scale, e, fmt, block, halves).T
+        h = rows_times(fake_quantize_activation(a, act_q, group), _expert_weight(w13, w13_scale, e, fmt, block, halves),
+                       invariant)
         if w13_bias is not None:
             h = h + w13_bias[e].float()
         h = act.reference(h, activation_alpha, activation_limit)
-        y = fake_quantize_activation(h, act_q, group) @ _expert_weight(w2, w2_scale, e, fmt, block).T
+        y = rows_times(fake_quantize_activation(h, act_q, group), _expert_weight(w2, w2_scale, e, fmt, block), invariant)
         if w2_bias is not None:
             y = y + w2_bias[e].float()
         if not apply_router_weight_on_input:

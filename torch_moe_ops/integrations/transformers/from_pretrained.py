@@ -26,6 +26,7 @@ from ...checkpoint.files import SafetensorsFiles as Checkpoint  # the one reader
 from ...checkpoint.formats import block_size_of, detect_prequantized
 from ...checkpoint.progress import progress_bar
 from ...errors import LoadError
+from ... import _modes
 from ...schemes.configs import check_quant_config
 from .block import MoEBlock
 from .checkpoint import assign_keys, check_keys, checkpoint_files
@@ -100,7 +101,7 @@ def _dtype(dtype, config, ckpt: Checkpoint) -> torch.dtype:
 
 
 def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_class=None, progress: bool = True,
-                    strict: bool = True, **hf_kwargs):
+                    strict: bool = True, batch_invariant: bool | None = None, **hf_kwargs):
     """Load a transformers MoE model from a local safetensors folder with torch_moe_ops experts.
 
     Args:
@@ -113,6 +114,8 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
         model_class: the transformers class (default: the causal-LM class of the config).
         progress: a progress bar counting expert bytes. strict: raise when transformers reports missing
             non-expert weights (else a warning and a report note).
+        batch_invariant: every expert layer's ``FusedMoE.batch_invariant`` (None: follow
+            ``torch_moe_ops.batch_invariant()``; docs/batch-invariance.md says what it covers in a model).
         hf_kwargs: passed to transformers' ``from_pretrained`` (``attn_implementation``, ``config``, ...).
 
     Returns:
@@ -121,6 +124,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
     from transformers import AutoConfig, GenerationConfig
 
     quant_config = check_quant_config(quant_config)
+    _modes.resolve(batch_invariant)  # TypeError before anything is read
     path = os.fspath(path)
     selection = checkpoint_files(path)
     files, ignored_files = selection.files, [f"{f} ({why})" for f, why in selection.ignored.items()]
@@ -160,6 +164,7 @@ def from_pretrained(path, quant_config=None, *, device=None, dtype=None, model_c
         with progress_bar("Loading experts", total, progress) as bar:
             for p, plan in sink["blocks"].items():
                 _load_block(model, p, plan, per_block[p], ckpt, quant_config, pre[p], device, dt, bar, report)
+                model.get_submodule(p).experts.batch_invariant = batch_invariant
     finally:
         ckpt.close()
     model.eval()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ... import _modes
 from ...schemes.configs import check_quant_config
 from .block import MoEBlock
 from .convert import build_layer, experts_nbytes, layer_nbytes, move_experts, quantize_experts
@@ -121,7 +122,8 @@ def record_router_logits(model: nn.Module, block: MoEBlock) -> bool:
 
 # ------------------------------------------------------------------------------------------ patch
 @torch.no_grad()
-def patch(model: nn.Module, quant_config=None, *, strict: bool = False, offload: bool | None = None) -> PatchReport:
+def patch(model: nn.Module, quant_config=None, *, strict: bool = False, offload: bool | None = None,
+          batch_invariant: bool | None = None) -> PatchReport:
     """Replace, in place, every sparse-MoE block of ``model`` (router, experts, shared experts and their
     gate) by a ``MoEBlock`` computing the same function with torch_moe_ops.
 
@@ -133,12 +135,15 @@ def patch(model: nn.Module, quant_config=None, *, strict: bool = False, offload:
         strict: raise instead of reporting blocks that cannot be replaced.
         offload: None (automatic, see the module docstring), True (always stream quantized blocks through
             host memory) or False (never).
+        batch_invariant: every new layer's ``FusedMoE.batch_invariant`` (None: follow
+            ``torch_moe_ops.batch_invariant()``; docs/batch-invariance.md says what it covers in a model).
 
     Returns:
         ``PatchReport``. Raises ``ValueError`` when the model has no MoE block, or naming the block when the
         quant config cannot be used for it (before any block is changed).
     """
     quant_config = check_quant_config(quant_config)
+    _modes.resolve(batch_invariant)  # TypeError before any block changes
     planned, unsupported, done = find_blocks(model)
     report = PatchReport(skipped=dict(unsupported))
     if not planned and not done and not unsupported:
@@ -173,6 +178,7 @@ def patch(model: nn.Module, quant_config=None, *, strict: bool = False, offload:
     for path, block, plan in ok:
         before = experts_nbytes(plan)
         layer, offloaded = _convert(plan, quant_config, savings, offload)
+        layer.batch_invariant = batch_invariant
         new = MoEBlock(plan, layer)
         new.train(block.training)
         layer.layer_name = f"{path}.experts"
