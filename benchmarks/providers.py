@@ -52,6 +52,13 @@ def ours(case):
     return lambda: moe.fused_experts(case.x, case.q13, case.q2, case.topk_weights, case.topk_ids, **kw)
 
 
+@register("ours_invariant")
+def ours_invariant(case):
+    """torch_moe_ops.fused_experts in batch-invariant mode (docs/batch-invariance.md): its cost is this / ours."""
+    kw = dict(activation=case.shape.activation, **_bias_kwargs(case), **case.quant, batch_invariant=True)
+    return lambda: moe.fused_experts(case.x, case.q13, case.q2, case.topk_weights, case.topk_ids, **kw)
+
+
 @register("ours_fused_moe")
 def ours_fused_moe(case):
     """torch_moe_ops.fused_moe: the same plus routing."""

@@ -15,15 +15,24 @@ def _fmt(ms):
     return f"{ms:.3f}" if ms is not None else "—"
 
 
+def _ratio(cell, base) -> str:
+    """``cell``'s time over ``base``'s (e.g. 1.03x: 3 % slower), or a dash."""
+    if not cell or not base or not cell.get("ms") or not base.get("ms"):
+        return "—"
+    return f"{cell['ms'] / base['ms']:.3f}x"
+
+
 def tables(result: dict) -> str:
     cells = [c for c in result["cells"] if "T" in c]
     providers = sorted({c["provider"] for c in cells}, key=lambda p: (not p.startswith("ours"), p))
     by_key = defaultdict(dict)
     for c in cells:
         by_key[(c["shape"], c["scheme"], c["T"])][c["provider"]] = c
+    inv = "ours_invariant" in providers  # batch-invariant mode timed too: its cost per cell
     lines = ["| shape | scheme | T | roof ms | " + " | ".join(f"{p} ms" for p in providers)
-             + " | ours % of roof | ours TFLOP/s | ours vs grouped_mm | ours vs ours bf16 |",
-             "|---|---|---|---|" + "---|" * len(providers) + "---|---|---|---|"]
+             + " | ours % of roof | ours TFLOP/s | ours vs grouped_mm | ours vs ours bf16 |"
+             + (" invariant / ours |" if inv else ""),
+             "|---|---|---|---|" + "---|" * len(providers) + "---|---|---|---|" + ("---|" if inv else "")]
     for (shape, scheme, T), row in by_key.items():
         ours = row.get("ours", {})
         roof = next((c["roof_s"] * 1e3 for c in row.values() if "roof_s" in c), None)
@@ -33,7 +42,8 @@ def tables(result: dict) -> str:
         vs_bf16 = bf16 / ours["ms"] if bf16 and ours.get("ms") and scheme != "none" else None
         lines.append(f"| {shape} | {scheme} | {T} | {_fmt(roof)} | " + " | ".join(cols)
                      + f" | {ours.get('frac_roof', 0) * 100:.0f}% | {ours.get('tflops', 0):.0f} | "
-                     + (f"{vs:.2f}x" if vs else "—") + " | " + (f"{vs_bf16:.2f}x" if vs_bf16 else "—") + " |")
+                     + (f"{vs:.2f}x" if vs else "—") + " | " + (f"{vs_bf16:.2f}x" if vs_bf16 else "—") + " |"
+                     + (f" {_ratio(row.get('ours_invariant'), ours)} |" if inv else ""))
     quant = [c for c in result["cells"] if c.get("kind") == "quantize"]
     if quant:
         lines += ["", "Online quantization of ~1 G-element bf16 w13 tensors `[E, 2I, H]` (`quantize_weight_into`; "

@@ -241,3 +241,53 @@ def test_int4_tuned_entry_read_by_its_key_and_unusable_block_k_rejected(tmp_path
     got = get_config(3, 8, 1024, 256, INT4, (1, 64), CUDA0, top_k=2)
     assert got == default_config(3, 8, 1024, 256, INT4, (1, 64), top_k=2) and got.block_k == 128
 
+
+
+# ------------------------------------------------------------------------------------------ batch invariance
+#: (E, top_k, H, I, gated) of the benchmark models: the packaged H100 table covers some, the heuristic the rest
+_MODELS = {"qwen3": (128, 8, 2048, 768, True), "mixtral": (8, 2, 4096, 14336, True),
+           "gpt-oss": (32, 4, 2880, 2880, True), "deepseek": (256, 8, 7168, 2048, True), "odd": (6, 2, 160, 96, False)}
+
+
+@pytest.mark.parametrize("device", ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "Unknown GPU"])
+@pytest.mark.parametrize("model", list(_MODELS))
+@pytest.mark.parametrize("scheme", list(QUANT_SCHEMES.values()), ids=list(QUANT_SCHEMES))
+def test_invariant_tiles_share_one_reduction_signature(scheme, model, device, monkeypatch):
+    """docs/batch-invariance.md: for each GEMM, every T bucket's invariant tiles have the K step of the largest
+    bucket and a wgmma-sized BLOCK_M, fit the shared-memory budget and the scheme; the largest bucket's tiles
+    are the default ones whenever those already qualify (prefill pays nothing)."""
+    monkeypatch.delenv(configs.TUNED_DIR_ENV, raising=False)
+    E, k, H, I, gated = _MODELS[model]
+    block = scheme.block_shape(None) if scheme.tiled else None
+    family = None if device == "Unknown GPU" else "sm90"
+    for N, K in (((2 if gated else 1) * I, H), (H, I)):
+        for a_bytes in ((1,) if scheme.fp8_dot else (2, 4)):
+            def cfg(T, invariant):
+                return configs._cuda_config(configs.token_bucket(T), E, N, K, scheme, block, k, device, family, None,
+                                            invariant, a_bytes)
+            got = [cfg(T, True) for T in (*configs.TOKEN_BUCKETS, configs.BEYOND)]
+            assert len({configs.reduction_signature(c) for c in got}) == 1, got
+            for c in got:
+                assert c.block_m >= configs.INVARIANT_MIN_BLOCK_M and configs._usable(c, scheme, block)
+                assert configs.smem_bytes(c, scheme, a_bytes) <= configs.SMEM_BUDGET, c
+            big = cfg(configs.BEYOND, False)
+            if big.block_m >= configs.INVARIANT_MIN_BLOCK_M and \
+                    configs.smem_bytes(big, scheme, a_bytes) <= configs.SMEM_BUDGET:
+                assert got[-1] == big
+
+
+def test_invariant_config_pins_the_anchor_and_fits_shared_memory():
+    decode, prefill = TileConfig(16, 256, 128, 1, 4, 4), TileConfig(128, 256, 64, 16, 8, 4)
+    got = configs.invariant_config(decode, prefill, NONE, a_bytes=2)
+    assert (got.block_m, got.block_k) == (64, 64) and configs.reduction_signature(got) == (64, True)
+    assert configs.smem_bytes(got, NONE, 2) <= configs.SMEM_BUDGET
+    wide = configs.invariant_config(TileConfig(16, 256, 256, 1, 4, 5), TileConfig(128, 256, 256, 1, 8, 4), NONE, 4)
+    assert wide.num_stages == 2 and wide.block_n < 256 and configs.smem_bytes(wide, NONE, 4) <= configs.SMEM_BUDGET
+    assert configs.smem_bytes(TileConfig(64, 128, 128, 1, 4, 3), INT4, 2) == 3 * (64 * 128 * 2 + 64 * 128)
+
+
+def test_cpu_configs_do_not_depend_on_the_mode():
+    """Interpreter tiles are one config for every T already: the mode changes nothing there."""
+    for T in (1, 5000):
+        assert get_config(T, 4, 48, 40, INT4, (1, 32), torch.device("cpu"), top_k=2, invariant=True) == \
+            get_config(1, 4, 48, 40, INT4, (1, 32), torch.device("cpu"), top_k=2)

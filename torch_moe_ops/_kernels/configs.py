@@ -283,7 +283,8 @@ def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_d
                  a_bytes=2) -> TileConfig:
     """Cached: a decode step pays a dict lookup, not a directory scan (key includes the table location).
     This GPU's table first, then one of a GPU of the same compute capability (an H200 takes an H100's), then
-    the heuristic; under ``invariant``, pinned to the largest bucket's reduction (``invariant_config``)."""
+    the heuristic, fitted to shared memory (``fit_smem``); under ``invariant``, pinned to the largest bucket's
+    reduction (``invariant_config``)."""
     def lookup(t):
         tables = _load_tables(tuple(_tuned_files(extra_dir)))
         for owner in (dev_name, dev_family):
@@ -295,18 +296,19 @@ def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_d
         return default_config(t, E, N, K, scheme, block, top_k=top_k)
 
     if not invariant:
-        return lookup(T)
+        return fit_smem(lookup(T), scheme, a_bytes)  # (fp32 activations: the 16-bit tiles' stages do not fit)
     return invariant_config(lookup(T), lookup(BEYOND), scheme, a_bytes)
 
 
-# ------------------------------------------------------------------------------------------ batch invariance
+# ------------------------------------------------------------------------------ shared memory, batch invariance
 #: Smallest BLOCK_M of batch-invariant tiles: from 64 rows the sm90 dot is a wgmma, below an mma.sync, and
 #: fp8 dots round differently in the two (H100: fp8_block rows differ between T <= 64 and T = 4096 with the
 #: same BLOCK_K; docs/batch-invariance.md).
 INVARIANT_MIN_BLOCK_M = 64
-#: Shared memory a batch-invariant config may plan for its pipelined A and B tiles (sm90: 227 KB a block;
-#: the rest is headroom for the epilogue's layout conversions).
-SMEM_BUDGET = 192 * 1024
+#: Shared memory a config may plan for its pipelined A and B tiles: sm90's 227 KB a block. Triton 3.6 allocates
+#: exactly ``smem_bytes`` for these kernels (tools/sm90_compile.py: 64x256x64 x3 = 122880, 128x256x64 x4 =
+#: 196608) and reuses it for the epilogue; the H100 table's largest, 16x256x128 x3 bf16, plans 221184.
+SMEM_BUDGET = 227 * 1024
 
 
 def reduction_signature(cfg: TileConfig) -> tuple[int, bool]:
@@ -330,7 +332,8 @@ def smem_bytes(cfg: TileConfig, scheme: QuantScheme, a_bytes: int) -> int:
 
 def fit_smem(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2) -> TileConfig:
     """``cfg`` with fewer stages (down to 2), then narrower BLOCK_N (down to 32), until its pipeline fits
-    ``SMEM_BUDGET``; the reduction signature is kept."""
+    ``SMEM_BUDGET``; the reduction signature is kept. Tuned and heuristic tiles of 16-bit and fp8 activations
+    fit as they are; fp32 activations (4 bytes an element, 4-byte weights unquantized) need fewer stages."""
     while smem_bytes(cfg, scheme, a_bytes) > SMEM_BUDGET and cfg.num_stages > 2:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
     while smem_bytes(cfg, scheme, a_bytes) > SMEM_BUDGET and cfg.block_n > 32:

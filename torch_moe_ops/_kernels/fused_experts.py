@@ -111,9 +111,9 @@ def fused_experts(
     cfg1, alignment, a1, a1_div = gemm1_input(x, w13, topk_weights, topk_ids, scheme, block, expert_map, on_input,
                                               alignment, invariant)
     cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype)
-    cfg2 = dataclasses.replace(cfg2, block_m=cfg1.block_m)
-    if invariant:  # (a larger BLOCK_M of GEMM1 may need fewer stages; the K step stays)
-        cfg2 = fit_smem(cfg2, scheme, 1 if scheme.fp8_dot else x.dtype.itemsize)
+    if cfg2.block_m != cfg1.block_m:  # (a larger BLOCK_M may need fewer stages; the K step stays)
+        cfg2 = fit_smem(dataclasses.replace(cfg2, block_m=cfg1.block_m), scheme,
+                        1 if scheme.fp8_dot else x.dtype.itemsize)
     c1 = None
     if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
