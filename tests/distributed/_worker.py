@@ -193,6 +193,31 @@ def case_compile(rank, world, kind, mode="all_gather"):
     check_forward(layer, ref, "bf16", rank, dp=kind == "ep", tokens=(5,), fn=compiled)
 
 
+def case_invariant(rank, world, kind, scheme, mode="all_to_all"):
+    """Batch-invariant mode (docs/batch-invariance.md): every rank's rows at T = 1, 7 and 64 shuffled are
+    bitwise its rows of the T = 64 batch, and close to the single-process layer."""
+    from torch_moe_ops import ParallelConfig
+
+    I = inter(world)
+    sd = checkpoint(I)
+    if kind == "tp":
+        pc = ParallelConfig(tp_size=world, tp_rank=rank)
+    elif kind == "ep":  # 2 replicas: picked by token content in this mode, not by position
+        pc = ParallelConfig(ep_size=world, ep_rank=rank, num_redundant_experts=2, mode=mode)
+    else:  # tp2 x ep
+        pc = ParallelConfig.from_group(tp_size=2, num_redundant_experts=2, mode="all_gather")
+    layer = build(sd, I, scheme, pc, batch_invariant=True)
+    ref = reference(sd, I, scheme)
+    x, logits = inputs(64, 2000 + (rank if kind != "tp" else 0))
+    with torch.no_grad():
+        full = layer(x, logits)
+        torch.testing.assert_close(full, ref(x, logits), **tol(scheme))
+        g = torch.Generator().manual_seed(7)  # the same subsets on every rank (all_gather: same T everywhere)
+        for idx in (torch.tensor([5]), torch.randperm(64, generator=g)[:7], torch.randperm(64, generator=g)):
+            got = layer(x[idx], logits[idx])
+            assert torch.equal(got.view(torch.int16), full[idx].view(torch.int16)), f"rows {idx.tolist()[:8]} differ"
+
+
 def cases(world: int) -> dict:
     out = {}
     for s in SCHEMES:
@@ -207,6 +232,7 @@ def cases(world: int) -> dict:
     out["ep-all_gather-R2-bias-fp8_block"] = lambda r, w, o: case_forward(r, w, "ep", "fp8_block", "all_gather", 2,
                                                                          bias=True)
     if world == 4:
+        out["invariant-tp2xep2-bf16"] = lambda r, w, o: case_invariant(r, w, "tpxep", "bf16")
         out["tp2xep2-all_gather-bf16"] = lambda r, w, o: case_forward(r, w, "tpxep", "bf16")
         out["tp2xep2-all_gather-R2-fp8_block"] = lambda r, w, o: case_forward(r, w, "tpxep", "fp8_block", R=2)
         out["tp2xep2-all_gather-bias-bf16"] = lambda r, w, o: case_forward(r, w, "tpxep", "bf16", bias=True)
@@ -227,6 +253,10 @@ def cases(world: int) -> dict:
     for s in SCHEMES:
         for mode in ("all_to_all", "all_gather"):
             out[f"rebalance-{mode}-{s}"] = lambda r, w, o, s=s, m=mode: case_rebalance(r, w, s, m)
+    for s in ("bf16", "fp8_block"):
+        out[f"invariant-tp-{s}"] = lambda r, w, o, s=s: case_invariant(r, w, "tp", s)
+        for mode in ("all_to_all", "all_gather"):
+            out[f"invariant-ep-{mode}-{s}"] = lambda r, w, o, s=s, m=mode: case_invariant(r, w, "ep", s, m)
     out["compile-tp"] = lambda r, w, o: case_compile(r, w, "tp")
     out["compile-ep-all_gather"] = lambda r, w, o: case_compile(r, w, "ep")
     out["compile-ep-all_to_all"] = lambda r, w, o: case_compile(r, w, "ep", "all_to_all")

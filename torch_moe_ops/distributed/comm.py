@@ -48,7 +48,7 @@ def parallel_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
                                pc.world_size, x.dtype)
         return fc.wait_tensor(fc.all_reduce(partial, "sum", group))
     if pc.mode == "all_gather":
-        return gather_scatter(x, topk_weights, topk_ids, group, run_experts, pc.ep_size if invariant else 0)
+        return gather_scatter(x, topk_weights, topk_ids, group, run_experts, pc.world_size if invariant else 0)
     return all_to_all(x, topk_weights, topk_ids, group, pc.ep_size, expert_owner, run_experts, invariant)
 
 

@@ -78,15 +78,23 @@ def physical_to_logical_from_table(l2p: torch.Tensor, num_physical: int) -> torc
     return p2l
 
 
-def token_hash(num_tokens: int, device) -> torch.Tensor:
-    """``h(t) = (t * 2654435761) mod 2^32`` for t in [0, T) (int64), identical on every rank."""
-    t = torch.arange(num_tokens, device=device, dtype=torch.int64)
+def token_hash(num_tokens: int, device, x: torch.Tensor | None = None) -> torch.Tensor:
+    """``h(t) = (t * 2654435761) mod 2^32`` for t in [0, T) (int64), identical on every rank. With ``x`` [T, H]
+    (batch-invariant mode), t is the sum of the token's bit patterns instead of its position: a token picks the
+    same replica wherever it sits in whatever batch (docs/batch-invariance.md)."""
+    if x is None:
+        t = torch.arange(num_tokens, device=device, dtype=torch.int64)
+    else:
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        t = x.contiguous().view(ints).long().sum(1)  # exact integer sums: no rounding, no order
     return (t * KNUTH) & 0xFFFFFFFF
 
 
-def map_logical_to_physical(topk_ids: torch.Tensor, l2p: torch.Tensor, replica_count: torch.Tensor) -> torch.Tensor:
-    """``phys = l2p[l, h(t) mod replica_count[l]]`` for logical ids ``topk_ids [T, k]``; returns int32 [T, k]."""
+def map_logical_to_physical(topk_ids: torch.Tensor, l2p: torch.Tensor, replica_count: torch.Tensor,
+                            x: torch.Tensor | None = None) -> torch.Tensor:
+    """``phys = l2p[l, h(t) mod replica_count[l]]`` for logical ids ``topk_ids [T, k]``; returns int32 [T, k].
+    ``x`` [T, H]: hash the tokens' contents, not their positions (``token_hash``)."""
     ids = topk_ids.long()
-    h = token_hash(ids.shape[0], ids.device).unsqueeze(1)
+    h = token_hash(ids.shape[0], ids.device, x).unsqueeze(1)
     replica = h % replica_count.long()[ids]
     return l2p.long()[ids, replica].to(torch.int32)

@@ -210,11 +210,12 @@ class FusedMoE(nn.Module):
         """Logical routing -> an EPLB replica per pair (counted in ``expert_load``) -> dispatch, experts, combine."""
         from ..distributed import comm  # imports torch.distributed: only parallel layers need it
 
-        ids = map_logical_to_physical(topk_ids, self.logical_to_physical, self.replica_count)
+        invariant = self.invariant()  # replicas picked by token content: a token's split never depends on its batch
+        ids = map_logical_to_physical(topk_ids, self.logical_to_physical, self.replica_count, x if invariant else None)
         flat = ids.reshape(-1).long()
         self.expert_load.index_add_(0, flat, torch.ones_like(flat))
         return comm.parallel_forward(x, topk_weights, ids, self.spec.parallel, self.expert_owner, self._run_experts,
-                                     invariant=self.invariant())
+                                     invariant=invariant)
 
     # ---------------------------------------------------------------------------------------- EPLB
     def physical_ids(self, logical_id: int) -> list[int]:
