@@ -1,0 +1,74 @@
+"""Batch-invariant mode through the transformers integration (docs/batch-invariance.md): ``patch`` and
+``from_pretrained`` set every layer's flag, a bad flag is refused before the model changes, the
+``experts_implementation`` path follows the switch, and a patched model's expert rows are invariant."""
+import pytest
+import torch
+
+import torch_moe_ops
+from torch_moe_ops import reference
+from torch_moe_ops.testing import batch_variance
+
+from tests.hf_models import hf_blocks, make, our_blocks
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _mode_off():
+    torch_moe_ops.set_batch_invariant(False)
+    yield
+    torch_moe_ops.set_batch_invariant(False)
+
+
+def test_patch_sets_the_flag_and_refuses_a_bad_one_first():
+    from torch_moe_ops.integrations.transformers import patch
+
+    model = make("qwen3_moe")
+    with pytest.raises(TypeError, match="batch_invariant must be True, False or None"):
+        patch(model, batch_invariant="yes")
+    assert hf_blocks(model) and not our_blocks(model)  # nothing replaced
+    patch(model, "int8_w8a16", batch_invariant=True)
+    assert [b.experts.batch_invariant for b in our_blocks(model)] == [True] * 2
+
+
+def test_from_pretrained_sets_the_flag(tmp_path):
+    from torch_moe_ops.integrations.transformers import from_pretrained
+
+    make("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="batch_invariant must be True, False or None"):
+        from_pretrained(tmp_path, progress=False, batch_invariant=1)
+    model = from_pretrained(tmp_path, "fp8_block", progress=False, batch_invariant=True)
+    assert [b.experts.batch_invariant for b in our_blocks(model)] == [True] * 2
+    default = from_pretrained(tmp_path, progress=False)
+    assert [b.experts.batch_invariant for b in our_blocks(default)] == [None] * 2
+
+
+def test_experts_implementation_follows_the_switch(monkeypatch):
+    seen, real = [], reference.fused_experts
+    monkeypatch.setattr(reference, "fused_experts",
+                        lambda *a, invariant=False, **kw: seen.append(invariant) or real(*a, invariant=invariant, **kw))
+    model = make("qwen3_moe")
+    model.set_experts_implementation("torch_moe_ops")
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        model(ids)
+        with torch_moe_ops.batch_invariant():
+            model(ids)
+    assert seen == [False, False, True, True]  # two MoE layers a forward
+
+
+@pytest.mark.parametrize("quant", [None, "fp8_channel", torch_moe_ops.Int4Config(32)], ids=["none", "fp8", "int4"])
+def test_patched_experts_rows_do_not_depend_on_the_batch(quant):
+    """The experts of a patched block, given router logits: invariant rows. (The block's router is a transformers
+    nn.Linear: a torch matmul, outside what the mode covers.)"""
+    from torch_moe_ops.integrations.transformers import patch
+
+    model = make("qwen3_moe").to(torch.bfloat16)
+    patch(model, quant, batch_invariant=True)
+    layer = our_blocks(model)[0].experts
+    x = torch.randn(48, layer.hidden_size, dtype=torch.bfloat16)
+    logits = torch.randn(48, layer.num_experts)
+    with torch.no_grad():
+        got = batch_variance(layer, (x, logits), sizes=(1, 7))
+    assert all(bad == 0 for bad, _ in got.values()), got
