@@ -51,7 +51,8 @@ SCHEMAS = {
                                "str quant_scheme, Tensor? w13_scale, Tensor? w2_scale, Tensor? w13_bias, "
                                "Tensor? w2_bias, int[]? block_shape, Tensor? expert_map, "
                                "bool apply_router_weight_on_input, float? activation_alpha, "
-                               "float? activation_limit, bool batch_invariant, bool[] needs) -> (Tensor grad_hidden_states, "
+                               "float? activation_limit, bool batch_invariant, bool[] needs) -> "
+                               "(Tensor grad_hidden_states, "
                                "Tensor grad_w13, Tensor grad_w2, Tensor grad_w13_bias, Tensor grad_w2_bias, "
                                "Tensor grad_topk_weights)",
 }

@@ -345,4 +345,5 @@ else:
     fused_experts = FUSED_EXPERTS.wrapper(5, _FUSED_EXPERTS_DOC, __name__, cuda=_experts_cuda,
                                           resolve={"batch_invariant": _modes.resolve})
     #: ``fused_moe(hidden_states, router_logits, w13, w2, top_k, *, renormalize=True, ...)``
-    fused_moe = FUSED_MOE.wrapper(5, _FUSED_MOE_DOC, __name__, cuda=_moe_cuda, resolve={"batch_invariant": _modes.resolve})
+    fused_moe = FUSED_MOE.wrapper(5, _FUSED_MOE_DOC, __name__, cuda=_moe_cuda,
+                                  resolve={"batch_invariant": _modes.resolve})

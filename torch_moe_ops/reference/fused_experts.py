@@ -88,7 +88,8 @@ def fused_experts(
         if w13_bias is not None:
             h = h + w13_bias[e].float()
         h = act.reference(h, activation_alpha, activation_limit)
-        y = rows_times(fake_quantize_activation(h, act_q, group), _expert_weight(w2, w2_scale, e, fmt, block), invariant)
+        y = rows_times(fake_quantize_activation(h, act_q, group), _expert_weight(w2, w2_scale, e, fmt, block),
+                       invariant)
         if w2_bias is not None:
             y = y + w2_bias[e].float()
         if not apply_router_weight_on_input:
