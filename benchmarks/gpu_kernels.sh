@@ -1,7 +1,8 @@
 #!/bin/bash
 # The kernel issues' open measurements in ONE device call (10-minute limit; steps that cannot end in time are
-# skipped and named): the GPU suite, then `fused_experts` times of this tree against a base tree on the same
-# GPU (same runner, weights rotated past L2), mxfp4 included for this tree, then the GPT-OSS-20B MXFP4 load peak.
+# skipped and named): the GPU suite, the batch-invariance table (benchmarks/invariance.py), then `fused_experts`
+# times of this tree (default and batch-invariant) against a base tree on the same GPU (same runner, weights
+# rotated past L2), mxfp4 included for this tree, then the GPT-OSS-20B MXFP4 load peak.
 #
 # Run from a snapshot of the tree with the base package beside it (this machine; .scratch is git-ignored):
 #   rm -rf .scratch/snap && mkdir -p .scratch/snap/old
@@ -11,7 +12,7 @@
 # Without old/ the comparison is skipped. Results under $OUT (or benchmarks/results/kernels-<date>):
 # cuda_suite.log (pytest's output), k-new.json / k-old.json (+ logs), load_peak.json; the table is printed.
 # Knobs: SUITE_S (default 240), SHAPES, SCHEMES, TOKENS, PROVIDERS (this tree's; default ours,ours_invariant),
-# LIMIT_S (default 585), SKIP_SUITE=1, SKIP_LOAD=1.
+# LIMIT_S (default 585), SKIP_SUITE=1, SKIP_LOAD=1, SKIP_INVARIANCE=1, INVARIANCE_S (default 90).
 set -u
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); R=$PWD
@@ -24,6 +25,10 @@ if [ "${SKIP_SUITE:-0}" != 1 ]; then
     > "$DIR/cuda_suite.log" 2>&1
   echo "== suite rc=$? $(( $(date +%s) - T0 )) s"
   grep -E "^(FAILED|ERROR)|passed|failed" "$DIR/cuda_suite.log" | tail -n 25 | cut -c1-300
+fi
+if [ "${SKIP_INVARIANCE:-0}" != 1 ]; then  # rows differing by batch, default and batch-invariant modes
+  PYTHONPATH=$R timeout ${INVARIANCE_S:-90} python3 -m benchmarks.invariance --out "$DIR/invariance.json" 2>&1 \
+    | tail -n 16 | cut -c1-200
 fi
 A="--no-quant --shapes ${SHAPES:-gpt-oss-20b,qwen3-30b-a3b} --tokens ${TOKENS:-1,16,64,4096}"
 NEW_SCHEMES=${SCHEMES:-none,int8_w8a16,int4_w4a16,mxfp4}
