@@ -5,6 +5,7 @@ prints goes into docs/batch-invariance.md."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,16 +25,23 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=4096, help="the whole batch")
     p.add_argument("--sizes", default="1,7,64,1000")
     p.add_argument("--out", default="benchmarks/results/invariance.json")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dims", default="", help="E,k,H,I instead of the shape's (a small CPU run)")
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
+    if args.dims:
+        E, k, H, I = map(int, args.dims.split(","))
+        shape = dataclasses.replace(shape, E=E, k=k, H=H, I=I)
+    dev = torch.device(args.device)
     sizes = tuple(int(s) for s in args.sizes.split(","))
     torch.manual_seed(0)
-    w13, w2, b13, b2 = random_moe_weights(shape.E, shape.H, shape.I, dtype=torch.bfloat16, device="cuda",
+    w13, w2, b13, b2 = random_moe_weights(shape.E, shape.H, shape.I, dtype=torch.bfloat16, device=dev,
                                           bias=shape.bias, gated=True)
-    x = (torch.randn(args.T, shape.H, device="cuda") * 0.5).bfloat16()
-    logits = torch.randn(args.T, shape.E, device="cuda")
+    x = (torch.randn(args.T, shape.H, device=dev) * 0.5).bfloat16()
+    logits = torch.randn(args.T, shape.E, device=dev)
     rows = []
-    print(f"{torch.cuda.get_device_name()}: {shape.name}, rows differing from the T={args.T} batch "
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"{name}: {shape.name}, rows differing from the T={args.T} batch "
           f"(alone + among others; sizes {sizes})")
     for scheme in (args.schemes.split(",") if args.schemes else shape.schemes):
         q13, q2, s13, s2, block = quantize_experts(w13, w2, scheme, shape.activation)
@@ -44,14 +52,15 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             got = batch_variance(lambda x, lg: moe.fused_moe(x, lg, q13, q2, shape.k, batch_invariant=mode, **kw),
                                  (x, logits), sizes=sizes, trials=1)
-            row = dict(device=torch.cuda.get_device_name(), shape=shape.name, scheme=scheme, invariant=mode,
+            row = dict(device=name, shape=shape.name, scheme=scheme, invariant=mode,
                        T=args.T, differing={n: got[n][0] for n in sizes}, compared={n: got[n][1] for n in sizes})
             rows.append(row)
             cells = "  ".join(f"T={n}: {got[n][0]}/{got[n][1]}" for n in sizes)
             print(f"{scheme:<11} {'invariant' if mode else 'default':<9} {cells}  ({time.perf_counter() - t0:.1f} s)",
                   flush=True)
         del q13, q2, s13, s2
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     print(f"wrote {args.out}")

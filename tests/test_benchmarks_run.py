@@ -75,3 +75,19 @@ def test_load_peak_pipeline_on_cpu(tmp_path, capsys):
     assert row["quant_scheme"] == "mxfp4" and row["file_bytes"] > row["expert_bytes"] > 0
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     assert "model.layers.2.mlp.experts.down_proj_scales" in index["weight_map"]
+
+
+def test_invariance_table_runs_on_cpu(tmp_path, capsys):
+    """benchmarks.invariance on the CPU reference with small dims: both modes per scheme; the mode's rows agree."""
+    import json
+
+    from benchmarks import invariance
+
+    out = tmp_path / "inv.json"
+    invariance.main(["--device", "cpu", "--dims", "6,2,64,32", "--T", "24", "--sizes", "1,5",
+                     "--schemes", "none,fp8_block", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["scheme"], r["invariant"]) for r in rows] == [("none", False), ("none", True), ("fp8_block", False),
+                                                            ("fp8_block", True)]
+    assert all(sum(r["differing"].values()) == 0 for r in rows if r["invariant"])
+    assert "fp8_block   invariant" in capsys.readouterr().out
