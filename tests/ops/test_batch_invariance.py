@@ -126,3 +126,15 @@ def test_interpreter_rows_do_not_depend_on_the_batch(scheme, monkeypatch):
     got = batch_variance(lambda x, lg: torch_moe_ops.fused_moe(x, lg, q13, q2, K_TOP, batch_invariant=True, **kw),
                          (x, logits), sizes=(1, 5), trials=1)
     assert all(bad == 0 for bad, _ in got.values()), got
+
+
+@pytest.mark.parametrize("scheme", ["none", "fp8_block", "mxfp4"])
+def test_opcheck_in_the_mode(scheme):
+    """The ops with batch_invariant=True: schema, fake, autograd registration, AOT dispatch (dynamic)."""
+    from torch_moe_ops.testing import opcheck
+
+    q13, q2, kw = _experts(scheme)
+    x, logits = torch.randn(5, H, dtype=torch.bfloat16), torch.randn(5, E)
+    w, ids = torch_moe_ops.topk_route(logits, K_TOP)
+    opcheck(torch.ops.moe.fused_experts.default, (x, q13, q2, w, ids), dict(kw, batch_invariant=True))
+    opcheck(torch.ops.moe.fused_moe.default, (x, logits, q13, q2, K_TOP), dict(kw, batch_invariant=True))
