@@ -39,6 +39,14 @@ def _seed(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _batch_invariant_off():
+    """Every test starts and ends with torch_moe_ops' batch-invariant switch off (a failing test cannot leak it)."""
+    torch_moe_ops.set_batch_invariant(False)
+    yield
+    torch_moe_ops.set_batch_invariant(False)
+
+
 @pytest.fixture
 def fresh_dynamo():
     """A clean Dynamo cache and counters around a compile test (frame and graph counts are per test)."""

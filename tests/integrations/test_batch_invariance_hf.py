@@ -14,12 +14,6 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(autouse=True)
-def _mode_off():
-    torch_moe_ops.set_batch_invariant(False)
-    yield
-    torch_moe_ops.set_batch_invariant(False)
-
 
 def test_patch_sets_the_flag_and_refuses_a_bad_one_first():
     from torch_moe_ops.integrations.transformers import patch

@@ -15,12 +15,6 @@ from torch_moe_ops.testing import batch_variance
 from tests.layer._layer import CONFIGS, _loaded, _x
 
 
-@pytest.fixture(autouse=True)
-def _mode_off():
-    torch_moe_ops.set_batch_invariant(False)
-    yield
-    torch_moe_ops.set_batch_invariant(False)
-
 
 @pytest.fixture
 def seen(monkeypatch) -> list:

@@ -16,13 +16,6 @@ SCHEMES = tuple(QUANT_SCHEMES)
 E, K_TOP, H, I = 6, 2, 160, 96  # E not a power of two; H, I multiples of 32 (mxfp4) but not of 128
 
 
-@pytest.fixture(autouse=True)
-def _mode_off():
-    """Every test starts and ends with the switch off (a failing test must not leak it)."""
-    torch_moe_ops.set_batch_invariant(False)
-    yield
-    torch_moe_ops.set_batch_invariant(False)
-
 
 def _experts(scheme, dtype=torch.bfloat16):
     w13, w2, _, _ = random_moe_weights(E, H, I, dtype=dtype)
