@@ -14,7 +14,6 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-
 def test_patch_sets_the_flag_and_refuses_a_bad_one_first():
     from torch_moe_ops.integrations.transformers import patch
 

@@ -15,7 +15,6 @@ from torch_moe_ops.testing import batch_variance
 from tests.layer._layer import CONFIGS, _loaded, _x
 
 
-
 @pytest.fixture
 def seen(monkeypatch) -> list:
     """The ``invariant`` argument of every reference call (the CPU implementation of the experts op)."""

@@ -16,7 +16,6 @@ SCHEMES = tuple(QUANT_SCHEMES)
 E, K_TOP, H, I = 6, 2, 160, 96  # E not a power of two; H, I multiples of 32 (mxfp4) but not of 128
 
 
-
 def _experts(scheme, dtype=torch.bfloat16):
     w13, w2, _, _ = random_moe_weights(E, H, I, dtype=dtype)
     q13, q2, s13, s2, block = quantize_experts(w13, w2, scheme)
