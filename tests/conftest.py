@@ -48,6 +48,25 @@ def _batch_invariant_off():
 
 
 @pytest.fixture
+def invariant_calls(monkeypatch) -> list:
+    """The ``invariant`` argument of every call of the CPU experts implementation (``reference.fused_experts``)
+    and of the CPU saving forward (``reference.backward.fused_experts_forward``), in call order."""
+    from torch_moe_ops import reference
+    from torch_moe_ops.reference import backward
+
+    calls = []
+    for module, name in ((reference, "fused_experts"), (backward, "fused_experts_forward")):
+        real = getattr(module, name)
+
+        def spy(*args, invariant=False, _real=real, **kw):
+            calls.append(invariant)
+            return _real(*args, invariant=invariant, **kw)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.fixture
 def fresh_dynamo():
     """A clean Dynamo cache and counters around a compile test (frame and graph counts are per test)."""
     from torch._dynamo.utils import counters

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import torch_moe_ops
-from torch_moe_ops import reference
 from torch_moe_ops.testing import batch_variance
 
 from tests.hf_models import hf_blocks, make, our_blocks
@@ -37,10 +36,8 @@ def test_from_pretrained_sets_the_flag(tmp_path):
     assert [b.experts.batch_invariant for b in our_blocks(default)] == [None] * 2
 
 
-def test_experts_implementation_follows_the_switch(monkeypatch):
-    seen, real = [], reference.fused_experts
-    monkeypatch.setattr(reference, "fused_experts",
-                        lambda *a, invariant=False, **kw: seen.append(invariant) or real(*a, invariant=invariant, **kw))
+def test_experts_implementation_follows_the_switch(invariant_calls):
+    seen = invariant_calls
     model = make("qwen3_moe")
     model.set_experts_implementation("torch_moe_ops")
     ids = torch.randint(0, 96, (1, 5))

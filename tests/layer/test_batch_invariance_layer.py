@@ -9,24 +9,14 @@ import torch._dynamo.testing
 from torch._dynamo.utils import counters
 
 import torch_moe_ops
-from torch_moe_ops import reference
 from torch_moe_ops.testing import batch_variance
 
 from tests.layer._layer import CONFIGS, _loaded, _x
 
 
 @pytest.fixture
-def seen(monkeypatch) -> list:
-    """The ``invariant`` argument of every reference call (the CPU implementation of the experts op)."""
-    calls = []
-    real = reference.fused_experts
-
-    def spy(*args, invariant=False, **kw):
-        calls.append(invariant)
-        return real(*args, invariant=invariant, **kw)
-
-    monkeypatch.setattr(reference, "fused_experts", spy)
-    return calls
+def seen(invariant_calls) -> list:
+    return invariant_calls
 
 
 def test_setting_follows_the_switch_unless_set(seen):
@@ -59,13 +49,8 @@ def test_pickle_and_deepcopy_keep_the_setting():
     assert old.batch_invariant is None
 
 
-def test_saving_forward_passes_the_flag(monkeypatch):
+def test_saving_forward_passes_the_flag(seen):
     """Trainable layers with saved activations run the saving op; it gets the mode too."""
-    from torch_moe_ops.reference import backward as RB
-
-    seen, real = [], RB.fused_experts_forward
-    monkeypatch.setattr(RB, "fused_experts_forward",
-                        lambda *a, invariant=False: seen.append(invariant) or real(*a, invariant=invariant))
     layer = _loaded(trainable=True, save_activations=True, batch_invariant=True)
     x, logits = _x(5)
     layer(x.requires_grad_(), logits).sum().backward()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import torch_moe_ops
-from torch_moe_ops import reference
 from torch_moe_ops.schemes import QUANT_SCHEMES
 from torch_moe_ops.testing import batch_variance, experts_kwargs, quantize_experts, random_moe_weights
 
@@ -41,20 +40,8 @@ def test_switch_context_manager_and_errors():
     assert torch_moe_ops.is_batch_invariant()  # a refused value changes nothing
 
 
-def _spy(monkeypatch) -> list:
-    seen = []
-    real = reference.fused_experts
-
-    def spy(*args, invariant=False, **kw):
-        seen.append(invariant)
-        return real(*args, invariant=invariant, **kw)
-
-    monkeypatch.setattr(reference, "fused_experts", spy)
-    return seen
-
-
-def test_public_functions_follow_the_switch_and_a_bool_wins(monkeypatch):
-    seen = _spy(monkeypatch)
+def test_public_functions_follow_the_switch_and_a_bool_wins(invariant_calls):
+    seen = invariant_calls
     q13, q2, kw = _experts("none")
     x, logits = torch.randn(3, H, dtype=torch.bfloat16), torch.randn(3, E)
     w, ids = torch_moe_ops.topk_route(logits, K_TOP)
