@@ -291,3 +291,24 @@ def test_cpu_configs_do_not_depend_on_the_mode():
     for T in (1, 5000):
         assert get_config(T, 4, 48, 40, INT4, (1, 32), torch.device("cpu"), top_k=2, invariant=True) == \
             get_config(1, 4, 48, 40, INT4, (1, 32), torch.device("cpu"), top_k=2)
+
+
+def test_tiles_fit_the_gpus_shared_memory():
+    """A GPU with less shared memory than an H100 (an RTX 4090 opts into 99 KB a block) gets tiles that fit it,
+    tuned or heuristic, in both modes; the K step is kept."""
+    small = 99 * 1024
+    for T in (1, 64, 4096, 16384):
+        for invariant in (False, True):
+            for scheme, a in ((NONE, 2), (NONE, 4), (FP8_BLOCK, 1), (INT4, 2)):
+                block = scheme.block_shape(None) if scheme.tiled else None
+                cfg = configs._cuda_config(configs.token_bucket(T), 128, 1536, 2048, scheme, block, 8,
+                                           "NVIDIA H100 80GB HBM3", "sm90", None, invariant, a, small)
+                roomy = configs._cuda_config(configs.token_bucket(T), 128, 1536, 2048, scheme, block, 8,
+                                             "NVIDIA H100 80GB HBM3", "sm90", None, invariant, a, None)
+                assert configs.smem_bytes(cfg, scheme, a) <= small and cfg.block_k == roomy.block_k, (T, cfg)
+
+
+def test_device_smem_falls_back_without_a_gpu():
+    configs.device_smem.cache_clear()
+    assert configs.device_smem(0) == configs.SMEM_BUDGET or torch.cuda.is_available()
+    assert configs.gpu_smem(torch.device("cpu")) == configs.SMEM_BUDGET

@@ -22,6 +22,10 @@ def test_patch_sets_the_flag_and_refuses_a_bad_one_first():
     assert hf_blocks(model) and not our_blocks(model)  # nothing replaced
     patch(model, "int8_w8a16", batch_invariant=True)
     assert [b.experts.batch_invariant for b in our_blocks(model)] == [True] * 2
+    patch(model, batch_invariant=False)  # already patched: the flag still changes
+    assert [b.experts.batch_invariant for b in our_blocks(model)] == [False] * 2
+    patch(model)  # None leaves an explicit setting alone
+    assert [b.experts.batch_invariant for b in our_blocks(model)] == [False] * 2
 
 
 def test_from_pretrained_sets_the_flag(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torch_moe_ops
-from torch_moe_ops.schemes import QUANT_SCHEMES
+from torch_moe_ops.schemes import QUANT_SCHEMES, get_quant_scheme
 from torch_moe_ops.testing import batch_variance, experts_kwargs, quantize_experts, random_moe_weights
 
 SCHEMES = tuple(QUANT_SCHEMES)
@@ -85,6 +85,49 @@ def test_reference_rows_do_not_depend_on_the_batch(scheme, dtype):
     assert all(bad == 0 for bad, _ in experts.values()), experts
 
 
+@pytest.fixture
+def two_threads():
+    """torch's CPU elementwise kernels split tensors over 32768 elements between threads (xdist workers run
+    with one): the splits move the vector / scalar boundary."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("activation", ["silu", "swigluoai", "gelu"])
+def test_reference_fp32_elementwise_tails_do_not_leak(activation):
+    """fp32, one expert, I = 520, T = 512 against batches of 65: torch's CPU activation kernels take a
+    vectorized body and a scalar tail (which round transcendentals differently), placed by the tensor's size
+    and its thread split (silu: 2 of 390 rows differed before ``reference.invariant.rowwise``). In the mode
+    each row takes one path."""
+    torch.manual_seed(0)
+    w13, w2 = torch.randn(1, 1040, 64) / 10, torch.randn(1, 64, 520) / 10
+    x, logits = torch.randn(512, 64), torch.randn(512, 1)
+    got = batch_variance(lambda x, lg: torch_moe_ops.fused_moe(x, lg, w13, w2, 1, activation=activation,
+                                                               batch_invariant=True),
+                         (x, logits), sizes=(65,), trials=3, generator=torch.Generator().manual_seed(0))
+    assert all(bad == 0 for bad, _ in got.values()), got
+
+
+def test_reference_routing_rows_do_not_depend_on_the_batch():
+    """The CPU routing (softmax / sigmoid scores) is row-invariant in any mode (sigmoid weights of 90 of 4000
+    tokens differed alone vs in the batch before ``rowwise``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        logits = torch.randn(4096, 6) * 3
+        for scoring in ("softmax", "sigmoid"):
+            full = torch_moe_ops.topk_route(logits, 2, scoring_func=scoring)[0]
+            for n in (1, 3, 5, 7):
+                parts = torch.cat([torch_moe_ops.topk_route(logits[s:s + n], 2, scoring_func=scoring)[0]
+                                   for s in range(0, 4096, n)])
+                assert torch.equal(parts.view(torch.int32), full.view(torch.int32)), (scoring, n)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_reference_invariant_products_match_the_default_ones_closely():
     """The fixed-shape products compute the same thing (only the summation order may differ)."""
     q13, q2, kw = _experts("none", torch.float32)
@@ -95,13 +138,17 @@ def test_reference_invariant_products_match_the_default_ones_closely():
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_interpreter_rows_do_not_depend_on_the_batch(scheme, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_interpreter_rows_do_not_depend_on_the_batch(scheme, dtype, monkeypatch):
     """The Triton kernels through the interpreter (CPU tensors, TORCH_MOE_OPS_BACKEND=triton): the same
-    property with the invariant tiles."""
+    property. The interpreter's dot is NumPy's, which rounds a row by its place in the tile: in the mode every
+    pair sits alone at row 0 of its block (fp32 rows differed without that)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TORCH_MOE_OPS_BACKEND", "triton")
-    q13, q2, kw = _experts(scheme)
-    x, logits = torch.randn(24, H, dtype=torch.bfloat16), torch.randn(24, E)
+    if dtype == torch.float32 and get_quant_scheme(scheme).fp8_dot:
+        pytest.skip("fp8 schemes quantize fp32 activations like bf16 ones: the bf16 case covers them")
+    q13, q2, kw = _experts(scheme, dtype)
+    x, logits = torch.randn(24, H, dtype=dtype), torch.randn(24, E)
     got = batch_variance(lambda x, lg: torch_moe_ops.fused_moe(x, lg, q13, q2, K_TOP, batch_invariant=True, **kw),
                          (x, logits), sizes=(1, 5), trials=1)
     assert all(bad == 0 for bad, _ in got.values()), got

@@ -271,16 +271,35 @@ def get_config(
     T = token_bucket(T)
     E, N, K, top_k = int(E), int(N), int(K), int(top_k)  # (sizes specialized by a trace may be SymInts)
     if interpret_mode() or device is None or device.type != "cuda":
-        return interpreter_config(scheme, block)  # one config for every T: invariant as it is
+        return interpreter_config(scheme, block)  # one config for every T (the mode pairs rows: fused_experts)
     index = device.index if device.index is not None else torch.cuda.current_device()
     a_bytes = 1 if scheme.fp8_dot else (dtype.itemsize if dtype is not None else 2)
     return _cuda_config(T, E, N, K, scheme, _block(scheme, block), top_k, device_name(index),
-                        device_family(index), os.environ.get(TUNED_DIR_ENV), bool(invariant), a_bytes)
+                        device_family(index), os.environ.get(TUNED_DIR_ENV), bool(invariant), a_bytes,
+                        device_smem(index))
+
+
+@functools.cache
+def device_smem(index: int) -> int:
+    """Shared memory one block may opt into on the GPU (H100: 227 KB; A100 163 KB; consumer GPUs ~99 KB);
+    ``SMEM_BUDGET`` when torch cannot say."""
+    try:
+        return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)) or \
+            SMEM_BUDGET
+    except Exception:  # noqa: BLE001 - no driver (tools/sm90_compile.py), an old torch: the sm90 figure
+        return SMEM_BUDGET
+
+
+def gpu_smem(device: torch.device) -> int:
+    """``device_smem`` of a CUDA device; ``SMEM_BUDGET`` for CPU tensors (the interpreter has no limit)."""
+    if device.type != "cuda":
+        return SMEM_BUDGET
+    return device_smem(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=4096)
 def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_dir, invariant=False,
-                 a_bytes=2) -> TileConfig:
+                 a_bytes=2, smem=None) -> TileConfig:
     """Cached: a decode step pays a dict lookup, not a directory scan (key includes the table location).
     This GPU's table first, then one of a GPU of the same compute capability (an H200 takes an H100's), then
     the heuristic, fitted to shared memory (``fit_smem``); under ``invariant``, pinned to the largest bucket's
@@ -295,9 +314,10 @@ def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_d
                     return cfg
         return default_config(t, E, N, K, scheme, block, top_k=top_k)
 
+    smem = smem or SMEM_BUDGET
     if not invariant:
-        return fit_smem(lookup(T), scheme, a_bytes)  # (fp32 activations: the 16-bit tiles' stages do not fit)
-    return invariant_config(lookup(T), lookup(BEYOND), scheme, a_bytes)
+        return fit_smem(lookup(T), scheme, a_bytes, smem)  # (fp32 activations: the 16-bit tiles' stages overflow)
+    return invariant_config(lookup(T), lookup(BEYOND), scheme, a_bytes, smem)
 
 
 # ------------------------------------------------------------------------------ shared memory, batch invariance
@@ -330,20 +350,22 @@ def smem_bytes(cfg: TileConfig, scheme: QuantScheme, a_bytes: int) -> int:
     return int(cfg.num_stages * per_stage)
 
 
-def fit_smem(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2) -> TileConfig:
+def fit_smem(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2, budget: int = SMEM_BUDGET) -> TileConfig:
     """``cfg`` with fewer stages (down to 2), then narrower BLOCK_N (down to 32), until its pipeline fits
-    ``SMEM_BUDGET``; the reduction signature is kept. Tuned and heuristic tiles of 16-bit and fp8 activations
-    fit as they are; fp32 activations (4 bytes an element, 4-byte weights unquantized) need fewer stages."""
-    while smem_bytes(cfg, scheme, a_bytes) > SMEM_BUDGET and cfg.num_stages > 2:
+    ``budget`` bytes (the GPU's, ``device_smem``); the reduction signature is kept. On an H100, tuned and
+    heuristic tiles of 16-bit and fp8 activations fit as they are; fp32 activations (4 bytes an element, 4-byte
+    weights unquantized) need fewer stages."""
+    while smem_bytes(cfg, scheme, a_bytes) > budget and cfg.num_stages > 2:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-    while smem_bytes(cfg, scheme, a_bytes) > SMEM_BUDGET and cfg.block_n > 32:
+    while smem_bytes(cfg, scheme, a_bytes) > budget and cfg.block_n > 32:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
     return cfg
 
 
-def invariant_config(cfg: TileConfig, anchor: TileConfig, scheme: QuantScheme, a_bytes: int = 2) -> TileConfig:
+def invariant_config(cfg: TileConfig, anchor: TileConfig, scheme: QuantScheme, a_bytes: int = 2,
+                     budget: int = SMEM_BUDGET) -> TileConfig:
     """``cfg`` (the T bucket's tiles) made batch invariant: ``anchor``'s K step (the largest bucket's tiles, so
-    prefill keeps its tuned K step) and BLOCK_M >= ``INVARIANT_MIN_BLOCK_M``, fitted to ``SMEM_BUDGET``. Every
+    prefill keeps its tuned K step) and BLOCK_M >= ``INVARIANT_MIN_BLOCK_M``, fitted to ``budget``. Every
     bucket of one GEMM then has one ``reduction_signature``: each element is computed the same way."""
     cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, INVARIANT_MIN_BLOCK_M), block_k=anchor.block_k)
-    return fit_smem(cfg, scheme, a_bytes)
+    return fit_smem(cfg, scheme, a_bytes, budget)

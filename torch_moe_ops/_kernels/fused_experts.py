@@ -13,14 +13,14 @@ import dataclasses
 
 import torch
 
-from .._platform import debug_checks, fuse_activation
+from .._platform import debug_checks, fuse_activation, interpret_mode
 from ..schemes import Activation, QuantScheme
 from .activation import act_and_mul, act_and_quant, quantize_activation
 from .align import align_block_size
-from .configs import fit_smem, get_config
+from .configs import fit_smem, get_config, gpu_smem
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
-from .routing import pair_block_alignment, topk_route
+from .routing import pair_block_alignment, pair_blocks_of, topk_route
 
 
 def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
@@ -32,8 +32,11 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
     (T, H), (E, N1), k = x.shape, w13.shape[:2], topk_ids.shape[1]
     cfg1 = get_config(T, E, N1, H, scheme, block, x.device, top_k=k, invariant=invariant, dtype=x.dtype)
     if alignment is None:
-        alignment = align_block_size(topk_ids, E if expert_map is None else expert_map.numel(), cfg1.block_m,
-                                     expert_map)
+        num = E if expert_map is None else expert_map.numel()
+        if invariant and interpret_mode():  # the interpreter's dot rounds a row by its place in the tile
+            alignment = pair_blocks_of(topk_ids, num, cfg1.block_m, expert_map)
+        else:
+            alignment = align_block_size(topk_ids, num, cfg1.block_m, expert_map)
     if not on_input:
         return cfg1, alignment, x, k
     # Each pair gets its own weighted copy of its token: GEMM1 then reads row j, not j // k.
@@ -113,7 +116,7 @@ def fused_experts(
     cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype)
     if cfg2.block_m != cfg1.block_m:  # (a larger BLOCK_M may need fewer stages; the K step stays)
         cfg2 = fit_smem(dataclasses.replace(cfg2, block_m=cfg1.block_m), scheme,
-                        1 if scheme.fp8_dot else x.dtype.itemsize)
+                        1 if scheme.fp8_dot else x.dtype.itemsize, gpu_smem(device))
     c1 = None
     if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None

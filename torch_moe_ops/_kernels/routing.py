@@ -201,3 +201,22 @@ def pair_block_alignment(T: int, top_k: int, block_m: int, device) -> tuple:
     numel = T * top_k
     return (torch.empty(numel * block_m, dtype=torch.int32, device=device),
             torch.empty(numel, dtype=torch.int32, device=device), torch.empty(1, dtype=torch.int32, device=device))
+
+
+def pair_blocks_of(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None) -> tuple:
+    """``pair_block_alignment``'s layout (pair j alone at slot 0 of block j) for given ids [T, k], built with torch
+    ops. Used by batch-invariant mode in the Triton interpreter, whose dot (NumPy) rounds a row by its position
+    in the tile (docs/batch-invariance.md); every pair then sits at row 0. ``num_experts``: the ids' range
+    (``expert_map.numel()`` when a map translates them); dropped pairs get expert -1."""
+    numel = topk_ids.numel()
+    dev = topk_ids.device
+    ids = topk_ids.reshape(-1).long()
+    valid = (ids >= 0) & (ids < num_experts)
+    local = torch.where(valid, ids, torch.zeros_like(ids))
+    if expert_map is not None:
+        local = expert_map.long()[local]
+        valid &= local >= 0
+    sorted_ids = torch.full((numel * block_m,), numel, dtype=torch.int32, device=dev)
+    sorted_ids[::block_m] = torch.arange(numel, dtype=torch.int32, device=dev)
+    expert_ids = torch.where(valid, local, torch.full_like(local, -1)).to(torch.int32)
+    return sorted_ids, expert_ids, torch.full((1,), numel * block_m, dtype=torch.int32, device=dev)

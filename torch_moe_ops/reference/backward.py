@@ -17,7 +17,8 @@ import torch
 
 from ..schemes import FLT_MAX, Activation, QuantScheme
 from .align import local_expert_ids
-from .fused_experts import _expert_weight, rows_times
+from .fused_experts import _expert_weight
+from .invariant import rows_times, rowwise
 from .quant import fake_quantize_activation
 from .routing import score
 
@@ -84,7 +85,7 @@ def fused_experts_forward(x, w13, w2, topk_weights, topk_ids, act: Activation, s
         if w13_bias is not None:
             h1 = h1 + w13_bias[e].to(acc)
         c1[tok * ex.k + slot] = h1
-        y = rows_times(ex.q(act.apply(h1, alpha, limit)), W2, invariant)
+        y = rows_times(ex.q(rowwise(lambda t: act.apply(t, alpha, limit), h1, invariant)), W2, invariant)
         if w2_bias is not None:
             y = y + w2_bias[e].to(acc)
         out.index_add_(0, tok, y if on_input else y * rw)

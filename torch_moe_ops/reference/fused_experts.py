@@ -5,26 +5,8 @@ import torch
 
 from ..schemes import get_activation, get_quant_scheme
 from .align import local_expert_ids
+from .invariant import rows_times, rowwise
 from .quant import fake_quantize_activation
-
-
-#: Rows per product in batch-invariant mode: every row is computed inside a [ROWS, K] @ [K, N] product of
-#: this one shape, so its reduction order cannot depend on how many rows share its expert (CPU BLAS picks
-#: other kernels, and other summation orders, for small row counts; docs/batch-invariance.md).
-INVARIANT_ROWS = 16
-
-
-def rows_times(a: torch.Tensor, w: torch.Tensor, invariant: bool = False) -> torch.Tensor:
-    """a [n, K] @ w [N, K]ᵀ -> [n, N] (same dtype). ``invariant``: each row's result independent of n and of
-    the other rows: zero-padded to a multiple of ``INVARIANT_ROWS`` and run as a batch of fixed-shape products."""
-    if not invariant:
-        return a @ w.T
-    n, K = a.shape
-    chunks = -(-n // INVARIANT_ROWS)
-    padded = a.new_zeros(chunks * INVARIANT_ROWS, K)
-    padded[:n] = a
-    out = torch.bmm(padded.view(chunks, INVARIANT_ROWS, K), w.T.unsqueeze(0).expand(chunks, K, w.shape[0]))
-    return out.view(chunks * INVARIANT_ROWS, w.shape[0])[:n]
 
 
 def _expert_weight(w, scale, e, fmt, block, interleaved_halves=False):
@@ -87,7 +69,7 @@ def fused_experts(
                        invariant)
         if w13_bias is not None:
             h = h + w13_bias[e].float()
-        h = act.reference(h, activation_alpha, activation_limit)
+        h = rowwise(lambda t: act.reference(t, activation_alpha, activation_limit), h, invariant)
         y = rows_times(fake_quantize_activation(h, act_q, group), _expert_weight(w2, w2_scale, e, fmt, block),
                        invariant)
         if w2_bias is not None:

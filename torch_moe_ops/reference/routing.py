@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..schemes import FLT_MAX
+from .invariant import rowwise
 
 
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -11,8 +12,16 @@ def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=FLT_MAX, neginf=-FLT_MAX)
 
 
-def score(x: torch.Tensor, scoring_func: str) -> torch.Tensor:
-    """fp32 scores in [0, 1]. A row of all -inf (all-NaN logits) scores 0 everywhere instead of NaN."""
+def score(x: torch.Tensor, scoring_func: str, invariant: bool = False) -> torch.Tensor:
+    """fp32 scores in [0, 1]. A row of all -inf (all-NaN logits) scores 0 everywhere instead of NaN.
+    ``invariant`` (x [T, E]; the routing forward): each row takes the same code path whatever the batch
+    (``rowwise``: torch's vectorized and scalar exp / sigmoid round differently, placed by the tensor's size)."""
+    if invariant and x.dim() == 2:
+        return rowwise(lambda t: _score(t, scoring_func), x)
+    return _score(x, scoring_func)
+
+
+def _score(x: torch.Tensor, scoring_func: str) -> torch.Tensor:
     if scoring_func == "sigmoid":
         return torch.sigmoid(x)
     row_max = x.amax(-1, keepdim=True)
@@ -44,7 +53,7 @@ def topk_route(
     routed_scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E] any float -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)."""
-    s = score(sanitize_logits(router_logits), scoring_func)
+    s = score(sanitize_logits(router_logits), scoring_func, invariant=True)
     sel = s if e_score_correction_bias is None else nan_to_neg_inf(s + e_score_correction_bias.float())
     if num_expert_group > 0:
         T, E = sel.shape

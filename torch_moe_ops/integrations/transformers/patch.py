@@ -174,6 +174,9 @@ def patch(model: nn.Module, quant_config=None, *, strict: bool = False, offload:
         raise Unsupported("cannot replace: " + "; ".join(f"{p}: {why}" for p, why in report.skipped.items()))
     if done:
         report.notes.append(f"{len(done)} blocks were already torch_moe_ops MoEBlocks: {done}")
+        if batch_invariant is not None:  # a second patch(..., batch_invariant=...) still sets the flag
+            for path in done:
+                model.get_submodule(path).experts.batch_invariant = batch_invariant
     savings = 0
     for path, block, plan in ok:
         before = experts_nbytes(plan)
