@@ -91,3 +91,38 @@ def test_invariance_table_runs_on_cpu(tmp_path, capsys):
                                                             ("fp8_block", True)]
     assert all(sum(r["differing"].values()) == 0 for r in rows if r["invariant"])
     assert "fp8_block   invariant" in capsys.readouterr().out
+
+
+def test_train_benchmark_providers_compute_the_same_step():
+    """benchmarks.train on CPU: each provider's forward is ours' forward (the grouped_mm pipeline too), its
+    gradients match, and the runner writes a cell per provider."""
+    import dataclasses
+    import json
+    import tempfile
+
+    import torch_moe_ops
+    from benchmarks import train
+
+    shape = dataclasses.replace(SHAPES["qwen3-30b-a3b"], E=6, k=2, H=64, I=32)
+    w13, w2 = torch.randn(6, 64, 64).bfloat16() / 8, torch.randn(6, 64, 32).bfloat16() / 8
+    x = torch.randn(19, 64).bfloat16()
+    w, ids = torch_moe_ops.topk_route(torch.randn(19, 6), 2)
+    provs, leaves = train.providers(shape, w13, w2, x, w, ids)
+    want = provs["ours"][0]()
+    grads = {}
+    for name in ("ours", "ours_saved", "grouped_mm"):
+        if name not in provs:
+            continue
+        out = provs[name][0]()
+        torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=3e-2)
+        train.step(provs[name][0], leaves, torch.ones_like(x))()
+        grads[name] = [t.grad.float().clone() for t in leaves]
+    for name, g in grads.items():
+        for a, b in zip(g, grads["ours"]):
+            torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2, msg=name)
+    with tempfile.TemporaryDirectory() as d:
+        train.main(["--device", "cpu", "--dims", "6,2,64,32", "--tokens", "9", "--shapes", "qwen3-30b-a3b",
+                    "--out", f"{d}/t.json"])
+        cells = json.load(open(f"{d}/t.json"))["cells"]
+    assert {c["provider"] for c in cells} >= {"ours", "ours_saved", "ours_fp8_frozen"}
+    assert all("ms" in c for c in cells), cells
