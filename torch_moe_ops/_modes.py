@@ -31,8 +31,8 @@ def set_batch_invariant(enabled: bool = True) -> None:
 @contextlib.contextmanager
 def batch_invariant(enabled: bool = True):
     """``with torch_moe_ops.batch_invariant():`` batch-invariant mode inside the block, the previous setting
-    after it (also on an exception). Enter it outside ``torch.compile``'d code: a compiled function called inside
-    it is traced (once) for the mode."""
+    after it (also on an exception). Around a ``torch.compile``'d function (traced once for the mode) or inside one
+    (Dynamo traces the switch's change, ``fullgraph=True`` included)."""
     prev = _enabled
     set_batch_invariant(enabled)
     try:

@@ -89,3 +89,23 @@ def test_layer_rows_do_not_depend_on_the_batch(config):
     with torch.no_grad():
         got = batch_variance(layer, (x, logits), sizes=(1, 7, 19))
     assert all(bad == 0 for bad, _ in got.values()), got
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_context_manager_inside_a_compiled_function(seen):
+    """``with batch_invariant():`` inside a fullgraph-compiled function: traced, restored after, the call in it
+    takes the mode."""
+    layer = _loaded()
+    x, logits = _x(6)
+
+    def fn(x, logits):
+        with torch_moe_ops.batch_invariant():
+            return layer(x, logits)
+
+    with torch.no_grad():
+        got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, logits)
+        assert seen and all(seen)
+        layer.batch_invariant = True
+        want = layer(x, logits)
+    assert not torch_moe_ops.is_batch_invariant()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
