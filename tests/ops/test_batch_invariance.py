@@ -164,3 +164,23 @@ def test_opcheck_in_the_mode(scheme):
     w, ids = torch_moe_ops.topk_route(logits, K_TOP)
     opcheck(torch.ops.moe.fused_experts.default, (x, q13, q2, w, ids), dict(kw, batch_invariant=True))
     opcheck(torch.ops.moe.fused_moe.default, (x, logits, q13, q2, K_TOP), dict(kw, batch_invariant=True))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_expert_map_and_weights_on_input_rows_do_not_depend_on_the_batch(backend, monkeypatch):
+    """EP-style local experts (``expert_map``: pairs of other ranks' experts dropped) with the router weight
+    applied to GEMM1's input, biases on, k = 3: the same property."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TORCH_MOE_OPS_BACKEND", "triton")
+    from torch_moe_ops.testing import random_moe_weights as weights
+
+    w13, w2, b13, b2 = weights(4, H, I, dtype=torch.bfloat16, bias=True)
+    emap = torch.tensor([-1, 0, 1, -1, 2, 3], dtype=torch.int32)  # 6 global experts, 4 here
+    x, logits = torch.randn(24, H, dtype=torch.bfloat16), torch.randn(24, 6)
+    w, ids = torch_moe_ops.topk_route(logits, 3)
+    got = batch_variance(
+        lambda x, w, ids: torch_moe_ops.fused_experts(x, w13, w2, w, ids, w13_bias=b13, w2_bias=b2, expert_map=emap,
+                                                      apply_router_weight_on_input=True, batch_invariant=True),
+        (x, w, ids), sizes=(1, 5), trials=1)
+    assert all(bad == 0 for bad, _ in got.values()), got
