@@ -28,7 +28,7 @@ if [ "${SKIP_SUITE:-0}" != 1 ]; then
 fi
 if [ "${SKIP_INVARIANCE:-0}" != 1 ]; then  # rows differing by batch, default and batch-invariant modes
   PYTHONPATH=$R timeout ${INVARIANCE_S:-90} python3 -m benchmarks.invariance --out "$DIR/invariance.json" 2>&1 \
-    | tail -n 16 | cut -c1-200
+    | tail -n 34 | cut -c1-200
 fi
 A="--no-quant --shapes ${SHAPES:-gpt-oss-20b,qwen3-30b-a3b} --tokens ${TOKENS:-1,16,64,4096}"
 NEW_SCHEMES=${SCHEMES:-none,int8_w8a16,int4_w4a16,mxfp4}

@@ -18,6 +18,15 @@ import torch_moe_ops as moe
 from torch_moe_ops.testing import batch_variance, experts_kwargs, quantize_experts, random_moe_weights
 
 
+def table(rows: list[dict]) -> str:
+    """The markdown table of docs/batch-invariance.md: rows differing / compared per scheme, mode and size."""
+    sizes = list(rows[0]["differing"]) if rows else []
+    head = (f"| scheme | mode | " + " | ".join(f"T={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
+    body = [f"| {r['scheme']} | {'invariant' if r['invariant'] else 'default'} | "
+            + " | ".join(f"{r['differing'][n]}/{r['compared'][n]}" for n in sizes) + " |" for r in rows]
+    return "\n".join([head, *body])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="qwen3-30b-a3b", choices=list(SHAPES))
@@ -63,6 +72,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
+    print(table(rows))
     print(f"wrote {args.out}")
     return 0
 

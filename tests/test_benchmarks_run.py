@@ -90,7 +90,8 @@ def test_invariance_table_runs_on_cpu(tmp_path, capsys):
     assert [(r["scheme"], r["invariant"]) for r in rows] == [("none", False), ("none", True), ("fp8_block", False),
                                                             ("fp8_block", True)]
     assert all(sum(r["differing"].values()) == 0 for r in rows if r["invariant"])
-    assert "fp8_block   invariant" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fp8_block   invariant" in out and "| fp8_block | invariant | 0/" in out
 
 
 def test_train_benchmark_providers_compute_the_same_step():
