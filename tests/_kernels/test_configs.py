@@ -284,6 +284,8 @@ def test_invariant_config_pins_the_anchor_and_fits_shared_memory():
     wide = configs.invariant_config(TileConfig(16, 256, 256, 1, 4, 5), TileConfig(128, 256, 256, 1, 8, 4), NONE, 4)
     assert wide.num_stages == 2 and wide.block_n < 256 and configs.smem_bytes(wide, NONE, 4) <= configs.SMEM_BUDGET
     assert configs.smem_bytes(TileConfig(64, 128, 128, 1, 4, 3), INT4, 2) == 3 * (64 * 128 * 2 + 64 * 128)
+    # a (user-tuned) 2-warp config: whole warpgroups, or Triton would not use wgmma
+    assert configs.invariant_config(TileConfig(16, 64, 64, 1, 2, 3), prefill, NONE).num_warps == 4
 
 
 def test_cpu_configs_do_not_depend_on_the_mode():

@@ -366,6 +366,8 @@ def invariant_config(cfg: TileConfig, anchor: TileConfig, scheme: QuantScheme, a
                      budget: int = SMEM_BUDGET) -> TileConfig:
     """``cfg`` (the T bucket's tiles) made batch invariant: ``anchor``'s K step (the largest bucket's tiles, so
     prefill keeps its tuned K step) and BLOCK_M >= ``INVARIANT_MIN_BLOCK_M``, fitted to ``budget``. Every
-    bucket of one GEMM then has one ``reduction_signature``: each element is computed the same way."""
-    cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, INVARIANT_MIN_BLOCK_M), block_k=anchor.block_k)
+    bucket of one GEMM then has one ``reduction_signature``: each element is computed the same way. Warps come
+    in whole warpgroups (a multiple of 4), without which Triton falls back to mma.sync even at 64 rows."""
+    cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, INVARIANT_MIN_BLOCK_M), block_k=anchor.block_k,
+                              num_warps=max(4, cfg.num_warps - cfg.num_warps % 4))
     return fit_smem(cfg, scheme, a_bytes, budget)
