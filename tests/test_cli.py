@@ -45,3 +45,13 @@ def test_version_comes_from_the_installed_metadata():
     from importlib.metadata import version
 
     assert torch_moe_ops.__version__ == version("torch-moe-ops")
+
+
+def test_tuned_summary_names_the_family_fallback():
+    """An H200 has no table of its own: info says it takes its family's (the H100's) tiles."""
+    pytest.importorskip("triton")
+    from torch_moe_ops.__main__ import _tuned_summary
+
+    assert "family sm90" in _tuned_summary("NVIDIA H200", (9, 0))
+    assert _tuned_summary("NVIDIA H100 80GB HBM3", (9, 0)).endswith("for 'NVIDIA H100 80GB HBM3'")
+    assert "heuristic" in _tuned_summary("NVIDIA A100", (8, 0))

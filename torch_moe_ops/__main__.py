@@ -46,7 +46,7 @@ def info() -> int:
         idx = torch.cuda.current_device()
         name = torch.cuda.get_device_name(idx)
         lines["device"] = f"cuda:{idx} {name} (sm_{''.join(map(str, torch.cuda.get_device_capability(idx)))})"
-        lines["tuned tiles"] = _tuned_summary(name)
+        lines["tuned tiles"] = _tuned_summary(name, torch.cuda.get_device_capability(idx))
     else:
         lines["device"] = "cpu (no CUDA device visible)"
         lines["tuned tiles"] = "not used on CPU (interpreter tiles)"
@@ -60,17 +60,24 @@ def info() -> int:
     return 0
 
 
-def _tuned_summary(device_name: str) -> str:
+def _tuned_summary(device_name: str, capability=None) -> str:
+    """Which tuned table serves this GPU: its own, else its compute-capability family's (an H200 takes an
+    H100's, ``configs.family``), else none (heuristic tiles)."""
     from . import _platform
 
     if not _platform.has_triton():
         return "unavailable (no triton)"
     from ._kernels import configs
 
-    entries = [k for k in configs.tuned_tables() if k[0] == device_name]
-    if not entries:
-        return f"none for {device_name!r}: heuristic tiles (see docs/kernels.md to tune)"
-    return f"{len(entries)} tuned (E, N, K, scheme) entries for {device_name!r}"
+    tables = configs.tuned_tables()
+    entries = [k for k in tables if k[0] == device_name]
+    if entries:
+        return f"{len(entries)} tuned (E, N, K, scheme) entries for {device_name!r}"
+    fam = configs.family(capability) if capability is not None else None
+    shared = [k for k in tables if fam is not None and k[0] == fam]
+    if shared:
+        return f"none for {device_name!r}; {len(shared)} entries of its family {fam} (another GPU's tiles)"
+    return f"none for {device_name!r}: heuristic tiles (see docs/kernels.md to tune)"
 
 
 def main(argv=None) -> int:
