@@ -83,3 +83,17 @@ def test_one_reduction_signature_for_every_token_count(scheme):
         big = configs.get_config(configs.BEYOND, E, N, K, s, block, dev, top_k=K_TOP)
         if big.block_m >= configs.INVARIANT_MIN_BLOCK_M:
             assert configs.get_config(configs.BEYOND, E, N, K, s, block, dev, top_k=K_TOP, invariant=True) == big
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_router_linear_rows_do_not_depend_on_the_batch(dtype):
+    """``moe::linear`` (MoEBlock routers in the mode): a [T, 2048] @ [2048, 128] router's rows at T = 4096
+    against 1, 7, 64, 1000; close to F.linear."""
+    from torch_moe_ops.ops import linear
+
+    x = torch.randn(T_FULL, H, device="cuda").to(dtype)
+    w, b = (torch.randn(E, H, device="cuda") / 32).to(dtype), torch.randn(E, device="cuda").to(dtype)
+    got = batch_variance(lambda x: linear(x, w, b, batch_invariant=True), (x,), sizes=SIZES, trials=1)
+    assert all(bad == 0 for bad, _ in got.values()), got
+    torch.testing.assert_close(linear(x, w, b, batch_invariant=True).float(),
+                               torch.nn.functional.linear(x, w, b).float(), rtol=2e-2, atol=2e-2)

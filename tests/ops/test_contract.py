@@ -34,7 +34,7 @@ class TestSchemas(TestCase if TestCase is not None else object):
     """Changing a schema breaks callers and serialized graphs: update these on purpose (EXPECTTEST_ACCEPT=1)."""
 
     def test_op_names(self):
-        self.assertExpectedInline(" ".join(sorted(torch_moe_ops.OP_NAMES)), """act_and_mul align_block_size fused_experts fused_moe moe_sum quantize_activation quantize_weight quantize_weight_into topk_route""")
+        self.assertExpectedInline(" ".join(sorted(torch_moe_ops.OP_NAMES)), """act_and_mul align_block_size fused_experts fused_moe linear moe_sum quantize_activation quantize_weight quantize_weight_into topk_route""")
 
     def test_topk_route(self):
         self.assertExpectedInline(str(torch.ops.moe.topk_route.default._schema), """moe::topk_route(Tensor router_logits, int top_k, bool renormalize=True, str scoring_func="softmax", int num_expert_group=0, int topk_group=0, Tensor? e_score_correction_bias=None, *, float routed_scaling_factor=1.) -> (Tensor topk_weights, Tensor topk_ids)""")
@@ -126,6 +126,9 @@ def _opcheck_cases():
         ("qa-token", moe.quantize_activation.default, (torch.randn(T, H).bfloat16(), "fp8_token"), {}),
         ("qa-group32", moe.quantize_activation.default, (torch.randn(T, H), "fp8_group", 32), {}),
         ("qa-strided", moe.quantize_activation.default, (padded(torch.randn(T, H)), "fp8_group"), {}),
+        ("linear-bias", moe.linear.default, (torch.randn(T, H), torch.randn(E, H), torch.randn(E)), {}),
+        ("linear-invariant-bf16", moe.linear.default, (torch.randn(T, H).bfloat16(), torch.randn(E, H).bfloat16()),
+         dict(batch_invariant=True)),
     ]
     experts = [
         ("fe-none-bf16", _experts_case()),

@@ -33,6 +33,7 @@ SCHEMAS = {
                         "Tensor num_tokens_post_padded)",
     "act_and_mul": 'moe::act_and_mul(Tensor x, str activation="silu", float? alpha=None, float? limit=None) -> Tensor',
     "moe_sum": "moe::moe_sum(Tensor x) -> Tensor",
+    "linear": "moe::linear(Tensor x, Tensor weight, Tensor? bias=None, *, bool batch_invariant=False) -> Tensor",
     "quantize_weight": "moe::quantize_weight(Tensor w, str scheme, int[]? block_shape=None, int shards=1) -> "
                        "(Tensor qweight, Tensor scale)",
     "quantize_weight_into": "moe::quantize_weight_into(Tensor w, Tensor(a!) qweight, Tensor(b!) scale, str scheme, "

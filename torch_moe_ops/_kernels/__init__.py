@@ -18,6 +18,7 @@ and f' in one ``_elementwise``):
   w13_bias, w2_bias, block, expert_map, on_input, alpha, limit, alignment=None, keep_c1=False)``: the whole
   expert pipeline; its steps ``gemm1_input`` / ``gemm1`` / ``gemm2_input`` are the backward's too.
 - ``backward.fused_experts_backward(grad_out, x, ..., needs, c1)``: dgrad / wgrad GEMMs (docs/training.md).
+- ``linear.linear(x, weight, bias)``: a batch-invariant dense linear (the GEMM as one expert).
 - ``plan``: launch plans (docs/host-overhead.md).
 - ``configs.get_config(T, E, N, K, scheme, block, device, *, top_k)``: the GEMM's tiles.
 """

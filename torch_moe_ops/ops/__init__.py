@@ -4,6 +4,7 @@ from .activation import act_and_mul
 from .moe_sum import moe_sum
 from .align import align_block_size
 from .fused_moe import clear_launch_plans, fused_experts, fused_moe
+from .linear import linear
 from .quant import quantize_activation, quantize_weight, quantize_weight_into
 from .routing import topk_route
 from . import autograd  # noqa: E402,F401  (autograd formulas; the private backward and saving ops)
@@ -18,6 +19,7 @@ __all__ = [
     "align_block_size",
     "fused_experts",
     "fused_moe",
+    "linear",
     "moe_sum",
     "quantize_activation",
     "quantize_weight",

@@ -19,10 +19,12 @@ from .models import BlockPlan
 
 
 class Router(nn.Module):
-    """The replaced block's router linear: ``forward(x [T, H]) -> router_logits [T, E]``.
+    """The replaced block's router linear: ``forward(x [T, H], invariant=False) -> router_logits [T, E]``.
 
     weight: [E, H] (the block's own parameter, moved, not copied); bias: [E] or None. ``fp32``: logits in
-    fp32 from fp32 inputs (DeepSeek-V3, GLM-4.5, Ernie keep their router in fp32), else in x's dtype."""
+    fp32 from fp32 inputs (DeepSeek-V3, GLM-4.5, Ernie keep their router in fp32), else in x's dtype.
+    ``invariant`` (the experts' batch-invariant mode): ``moe::linear``, whose rows do not depend on the batch,
+    instead of ``F.linear`` (cuBLAS picks kernels by T; docs/batch-invariance.md)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32: bool = False):
         super().__init__()
@@ -32,11 +34,14 @@ class Router(nn.Module):
         self.bias = bias
         self.fp32 = fp32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, invariant: bool = False) -> torch.Tensor:
         if self.fp32:
-            b = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), b)
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+            x, w, b = x.float(), self.weight.float(), None if self.bias is None else self.bias.float()
+        else:
+            x, w, b = x.to(self.weight.dtype), self.weight, self.bias
+        if invariant:
+            return torch.ops.moe.linear(x.contiguous(), w, b, batch_invariant=True)
+        return F.linear(x, w, b)
 
     def extra_repr(self) -> str:
         E, H = self.weight.shape
@@ -91,7 +96,7 @@ class MoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        logits = getattr(self, self.router_attr)(x)
+        logits = getattr(self, self.router_attr)(x, self.experts.invariant())
         if self.routing is None:
             out = self.experts(x, logits)
         else:
