@@ -68,11 +68,11 @@ def test_patched_experts_rows_do_not_depend_on_the_batch(quant):
     assert all(bad == 0 for bad, _ in got.values()), got
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe", "llama4_text"])
 def test_patched_block_rows_do_not_depend_on_the_batch(model_type):
-    """The whole MoE block: its router runs ``moe::linear`` in the mode (transformers' nn.Linear rows vary with
-    T on CPU BLAS), so block(x) rows are invariant, fp32 router included (DeepSeek-V3). Shared experts are
-    transformers' modules: the models here have none in the tested block, or they are checked out of it."""
+    """The whole MoE block in the mode: the router (``moe::linear``; DeepSeek-V3's in fp32) and the shared
+    experts (gated MLPs through ``invariant_mlp``; Qwen2-MoE's sigmoid shared-expert gate) as well as the routed
+    experts: block(x) rows invariant, and close to the default mode's."""
     from torch_moe_ops.integrations.transformers import patch
 
     from tests.hf_models import first
@@ -80,10 +80,10 @@ def test_patched_block_rows_do_not_depend_on_the_batch(model_type):
     model = make(model_type)
     patch(model, batch_invariant=True)
     block = our_blocks(model)[0]
-    for name in ("shared_experts", "shared_expert"):
-        if getattr(block, name, None) is not None:
-            block.shared_expert_name = None  # transformers' dense MLP: outside the mode (documented)
     x = torch.randn(48, block.experts.hidden_size)
     with torch.no_grad():
         got = batch_variance(lambda x: first(block(x)), (x,), sizes=(1, 7, 19))
+        invariant = first(block(x))
+        block.experts.batch_invariant = False
+        torch.testing.assert_close(invariant, first(block(x)), rtol=1e-5, atol=1e-5)
     assert all(bad == 0 for bad, _ in got.values()), got

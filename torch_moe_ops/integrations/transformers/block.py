@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layer import FusedMoE
+from ...reference.invariant import rowwise
 from .models import BlockPlan
 
 
@@ -65,6 +66,27 @@ def sparsemixer(router_logits: torch.Tensor, jitter_eps: float) -> tuple[torch.T
     return torch.cat([w1, w2], -1), torch.cat([i1, i2], -1).to(torch.int32)
 
 
+def invariant_mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A shared expert computed with batch-invariant rows, when it is the usual gated MLP
+    (``down_proj(act(gate_proj(x)) * up_proj(x))``, ``nn.Linear`` projections, ``act_fn`` / ``activation_fn``):
+    every product is ``moe::linear``; on CPU the activation runs by fixed row chunks (``rowwise``). None for any
+    other module (it then runs as it is: outside the mode, docs/batch-invariance.md)."""
+    projs = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
+    if act is None or not all(type(p) is nn.Linear for p in projs):
+        return None
+    gate, up, down = projs
+    h = invariant_linear(gate, x)
+    h = (rowwise(act, h) if h.device.type == "cpu" else act(h)) * invariant_linear(up, x)
+    return invariant_linear(down, h)
+
+
+def invariant_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for x [T, K] with batch-invariant rows (``moe::linear``)."""
+    return torch.ops.moe.linear(x.to(linear.weight.dtype).contiguous(), linear.weight, linear.bias,
+                                batch_invariant=True)
+
+
 #: custom routing hooks: name -> fn(router_logits [T, E], **routing_args) -> (topk_weights [T, k], topk_ids [T, k])
 ROUTINGS: dict[str, Callable] = {"sparsemixer": sparsemixer}
 
@@ -96,21 +118,32 @@ class MoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        logits = getattr(self, self.router_attr)(x, self.experts.invariant())
+        invariant = self.experts.invariant()
+        logits = getattr(self, self.router_attr)(x, invariant)
         if self.routing is None:
             out = self.experts(x, logits)
         else:
             weights, ids = ROUTINGS[self.routing](logits, **self.routing_args)
             out = self.experts.forward_experts(x, weights, ids)
         if self.shared_expert_name is not None:
-            shared = getattr(self, self.shared_expert_name)(x)
-            if self.shared_gate_name is not None:
-                shared = torch.sigmoid(getattr(self, self.shared_gate_name)(x)) * shared
-            out = out + shared
+            out = out + self._shared(x, invariant)
         if self.output == "flat_pair":
             return out, logits
         out = out.view(shape)
         return (out, None) if self.output == "pair" else out
+
+    def _shared(self, x: torch.Tensor, invariant: bool) -> torch.Tensor:
+        """The shared expert(s) [T, H], gated when the block has a shared-expert gate; in the mode through
+        ``invariant_mlp`` / ``invariant_linear`` where the modules are plain gated MLPs and linears."""
+        mlp = getattr(self, self.shared_expert_name)
+        shared = invariant_mlp(mlp, x) if invariant else None
+        shared = mlp(x) if shared is None else shared.to(x.dtype)
+        if self.shared_gate_name is not None:
+            gate = getattr(self, self.shared_gate_name)
+            g = invariant_linear(gate, x) if invariant and type(gate) is nn.Linear else gate(x)
+            g = rowwise(torch.sigmoid, g) if invariant and g.device.type == "cpu" else torch.sigmoid(g)
+            shared = g * shared
+        return shared
 
     def extra_repr(self) -> str:
         extra = f", routing={self.routing!r}" if self.routing else ""
