@@ -86,12 +86,12 @@ def _install(tiles: str | None = None):
     configs.device_family = lambda index: "sm90"
     get_config = configs.get_config
 
-    def gpu_config(T, E, N, K, scheme, block, device=None, *, top_k, invariant=False, dtype=None):
+    def gpu_config(T, E, N, K, scheme, block, device=None, *, top_k, invariant=False, dtype=None, block_m=None):
         if tiles:
             v = [int(t) for t in tiles.split("x")]
             return configs.TileConfig(*v[:3], 1, *(v[3:] or [4, 4]))
         return get_config(T, E, N, K, scheme, block, torch.device("cuda", 0), top_k=top_k, invariant=invariant,
-                          dtype=dtype)
+                          dtype=dtype, block_m=block_m)
 
     fused_experts.get_config = gpu_config
 

@@ -313,4 +313,3 @@ def test_tiles_fit_the_gpus_shared_memory():
 def test_device_smem_falls_back_without_a_gpu():
     configs.device_smem.cache_clear()
     assert configs.device_smem(0) == configs.SMEM_BUDGET or torch.cuda.is_available()
-    assert configs.gpu_smem(torch.device("cpu")) == configs.SMEM_BUDGET

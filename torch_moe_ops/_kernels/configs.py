@@ -260,10 +260,12 @@ def get_config(
     top_k: int,
     invariant: bool = False,
     dtype: torch.dtype | None = None,
+    block_m: int | None = None,
 ) -> TileConfig:
     """Config for one grouped GEMM of T tokens, each routed to ``top_k`` of E local experts, with weights
     [E, N, K] (K logical). ``block``: the canonical scale tile (None for untiled schemes). ``invariant``:
-    batch-invariant tiles (``invariant_config``); ``dtype``: the activations' (sizes its shared memory).
+    batch-invariant tiles (``invariant_config``); ``dtype``: the activations' (sizes its shared memory);
+    ``block_m``: this BLOCK_M instead of the config's (GEMM2 shares GEMM1's alignment), stages refitted.
 
     Order: interpreter tiles (CPU tensors / TRITON_INTERPRET=1) → tuned table of this device → §8.1
     heuristic, all keyed on ``token_bucket(T)``. Pure host logic on shapes: no device sync, same answer for
@@ -271,12 +273,13 @@ def get_config(
     T = token_bucket(T)
     E, N, K, top_k = int(E), int(N), int(K), int(top_k)  # (sizes specialized by a trace may be SymInts)
     if interpret_mode() or device is None or device.type != "cuda":
-        return interpreter_config(scheme, block)  # one config for every T (the mode pairs rows: fused_experts)
+        cfg = interpreter_config(scheme, block)  # one config for every T (the mode pairs rows: fused_experts)
+        return cfg if block_m is None else dataclasses.replace(cfg, block_m=block_m)
     index = device.index if device.index is not None else torch.cuda.current_device()
     a_bytes = 1 if scheme.fp8_dot else (dtype.itemsize if dtype is not None else 2)
     return _cuda_config(T, E, N, K, scheme, _block(scheme, block), top_k, device_name(index),
                         device_family(index), os.environ.get(TUNED_DIR_ENV), bool(invariant), a_bytes,
-                        device_smem(index))
+                        device_smem(index), block_m)
 
 
 @functools.cache
@@ -290,16 +293,9 @@ def device_smem(index: int) -> int:
         return SMEM_BUDGET
 
 
-def gpu_smem(device: torch.device) -> int:
-    """``device_smem`` of a CUDA device; ``SMEM_BUDGET`` for CPU tensors (the interpreter has no limit)."""
-    if device.type != "cuda":
-        return SMEM_BUDGET
-    return device_smem(device.index if device.index is not None else torch.cuda.current_device())
-
-
 @functools.lru_cache(maxsize=4096)
 def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_dir, invariant=False,
-                 a_bytes=2, smem=None) -> TileConfig:
+                 a_bytes=2, smem=None, block_m=None) -> TileConfig:
     """Cached: a decode step pays a dict lookup, not a directory scan (key includes the table location).
     This GPU's table first, then one of a GPU of the same compute capability (an H200 takes an H100's), then
     the heuristic, fitted to shared memory (``fit_smem``); under ``invariant``, pinned to the largest bucket's
@@ -315,9 +311,13 @@ def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_d
         return default_config(t, E, N, K, scheme, block, top_k=top_k)
 
     smem = smem or SMEM_BUDGET
-    if not invariant:
-        return fit_smem(lookup(T), scheme, a_bytes, smem)  # (fp32 activations: the 16-bit tiles' stages overflow)
-    return invariant_config(lookup(T), lookup(BEYOND), scheme, a_bytes, smem)
+    if invariant:
+        cfg = invariant_config(lookup(T), lookup(BEYOND), scheme, a_bytes, smem)
+    else:
+        cfg = lookup(T)
+    if block_m is not None:  # (a larger BLOCK_M may need fewer stages; the K step stays)
+        cfg = dataclasses.replace(cfg, block_m=block_m)
+    return fit_smem(cfg, scheme, a_bytes, smem)  # (fp32 activations: the 16-bit tiles' stages overflow)
 
 
 # ------------------------------------------------------------------------------ shared memory, batch invariance

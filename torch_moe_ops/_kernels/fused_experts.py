@@ -9,15 +9,13 @@ by the alignment and never read; their rows of the GEMM2 buffer stay unwritten a
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .._platform import debug_checks, fuse_activation, interpret_mode
 from ..schemes import Activation, QuantScheme
 from .activation import act_and_mul, act_and_quant, quantize_activation
 from .align import align_block_size
-from .configs import fit_smem, get_config, gpu_smem
+from .configs import get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
 from .routing import pair_block_alignment, pair_blocks_of, topk_route
@@ -113,10 +111,8 @@ def fused_experts(
     # One BLOCK_M for both GEMMs: they share the alignment.
     cfg1, alignment, a1, a1_div = gemm1_input(x, w13, topk_weights, topk_ids, scheme, block, expert_map, on_input,
                                               alignment, invariant)
-    cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype)
-    if cfg2.block_m != cfg1.block_m:  # (a larger BLOCK_M may need fewer stages; the K step stays)
-        cfg2 = fit_smem(dataclasses.replace(cfg2, block_m=cfg1.block_m), scheme,
-                        1 if scheme.fp8_dot else x.dtype.itemsize, gpu_smem(device))
+    cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype,
+                      block_m=cfg1.block_m)
     c1 = None
     if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None

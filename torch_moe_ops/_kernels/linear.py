@@ -7,27 +7,13 @@ from __future__ import annotations
 import torch
 
 from .._platform import interpret_mode
-from ..schemes import QUANT_SCHEMES, cdiv
+from ..schemes import QUANT_SCHEMES
+from .align import align_block_size
 from .configs import get_config
 from .gemm import invoke_moe_gemm
+from .routing import pair_blocks_of
 
 _NONE = QUANT_SCHEMES["none"]
-
-
-def _one_expert_alignment(T: int, block_m: int, device, pair_blocks: bool) -> tuple:
-    """Every row j to expert 0: sorted_ids [cdiv(T, BM)·BM] (j, then the sentinel T), expert_ids all 0,
-    num_post_pad [1]. ``pair_blocks``: row j alone at slot 0 of block j (the interpreter's dot rounds a row by
-    its place in the tile)."""
-    if pair_blocks:
-        sorted_ids = torch.full((T * block_m,), T, dtype=torch.int32, device=device)
-        sorted_ids[::block_m] = torch.arange(T, dtype=torch.int32, device=device)
-        blocks = T
-    else:
-        blocks = cdiv(T, block_m)
-        slots = torch.arange(blocks * block_m, dtype=torch.int32, device=device)
-        sorted_ids = torch.where(slots < T, slots, torch.full_like(slots, T))
-    expert_ids = torch.zeros(blocks, dtype=torch.int32, device=device)
-    return sorted_ids, expert_ids, torch.full((1,), blocks * block_m, dtype=torch.int32, device=device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -38,6 +24,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if T == 0 or N == 0:
         return out
     cfg = get_config(T, 1, N, K, _NONE, None, x.device, top_k=1, invariant=True, dtype=x.dtype)
-    align = _one_expert_alignment(T, cfg.block_m, x.device, interpret_mode())
+    ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)  # every row to the one expert
+    # (the interpreter's dot rounds a row by its place in the tile: there, one row per block)
+    align = (pair_blocks_of if interpret_mode() else align_block_size)(ids, 1, cfg.block_m, None)
     return invoke_moe_gemm(x, weight.unsqueeze(0), out, *align, top_k=1, config=cfg, scheme=_NONE,
                            bias=None if bias is None else bias.unsqueeze(0))
