@@ -205,6 +205,7 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
     logits = torch.randn(T, 7, device=DEV)
     want = moe.fused_moe(x, logits, q13, q2, k, **kw)
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, "1")
+    moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
     from torch_moe_ops._kernels import fused_experts as pipeline
 
     calls = []
@@ -214,3 +215,4 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
     quantized_act = get_quant_scheme(scheme).act is not None  # act_and_quant, never fused
     fused = get_activation(activation).gated and not quantized_act
     assert calls == ([] if fused or quantized_act else [1])
+    moe.clear_launch_plans()  # no plan recorded with the switch on outlives the test

@@ -51,7 +51,8 @@ def test_autograd_modes_and_profiler_take_the_dispatcher(counted):
     assert counted == [1]
     assert any("moe::fused_moe" in e.name for e in prof.events())
     with torch.no_grad():  # torch.jit.trace records through the dispatcher
-        traced = torch.jit.trace(lambda x, r: moe.fused_moe(x, r, w13, w2, K), (x.detach(), logits))
+        traced = torch.jit.trace(lambda x, r: moe.fused_moe(x, r, w13, w2, K), (x.detach(), logits),
+                                 check_trace=False)  # its check reruns the function untraced: direct
     assert counted == [1]
     torch.testing.assert_close(traced(x.detach(), logits), moe.fused_moe(x.detach(), logits, w13, w2, K), rtol=0,
                                atol=0)
