@@ -255,7 +255,8 @@ _MODELS = {"qwen3": (128, 8, 2048, 768, True), "mixtral": (8, 2, 4096, 14336, Tr
 def test_invariant_tiles_share_one_reduction_signature(scheme, model, device, monkeypatch):
     """docs/batch-invariance.md: for each GEMM, every T bucket's invariant tiles have the K step of the largest
     bucket and a wgmma-sized BLOCK_M, fit the shared-memory budget and the scheme; the largest bucket's tiles
-    are the default ones whenever those already qualify (prefill pays nothing)."""
+    are the default ones whenever those already qualify (prefill pays nothing). Unquantized 16-bit experts keep
+    the default tiles at every T."""
     monkeypatch.delenv(configs.TUNED_DIR_ENV, raising=False)
     E, k, H, I, gated = _MODELS[model]
     block = scheme.block_shape(None) if scheme.tiled else None
@@ -265,8 +266,12 @@ def test_invariant_tiles_share_one_reduction_signature(scheme, model, device, mo
             def cfg(T, invariant):
                 return configs._cuda_config(configs.token_bucket(T), E, N, K, scheme, block, k, device, family, None,
                                             invariant, a_bytes)
-            got = [cfg(T, True) for T in (*configs.TOKEN_BUCKETS, configs.BEYOND)]
-            assert len({configs.reduction_signature(c) for c in got}) == 1, got
+            buckets = (*configs.TOKEN_BUCKETS, configs.BEYOND)
+            got = [cfg(T, True) for T in buckets]
+            if configs.plain_dot(scheme, a_bytes):  # any tiles give the same bits: the default ones
+                assert got == [cfg(T, False) for T in buckets]
+                continue
+            assert len({configs.reduction_signature(c, scheme, a_bytes) for c in got}) == 1, got
             for c in got:
                 assert c.block_m >= configs.INVARIANT_MIN_BLOCK_M and configs._usable(c, scheme, block)
                 assert configs.smem_bytes(c, scheme, a_bytes) <= configs.SMEM_BUDGET, c
@@ -278,14 +283,16 @@ def test_invariant_tiles_share_one_reduction_signature(scheme, model, device, mo
 
 def test_invariant_config_pins_the_anchor_and_fits_shared_memory():
     decode, prefill = TileConfig(16, 256, 128, 1, 4, 4), TileConfig(128, 256, 64, 16, 8, 4)
-    got = configs.invariant_config(decode, prefill, NONE, a_bytes=2)
-    assert (got.block_m, got.block_k) == (64, 64) and configs.reduction_signature(got) == (64, True)
-    assert configs.smem_bytes(got, NONE, 2) <= configs.SMEM_BUDGET
+    got = configs.invariant_config(decode, prefill, NONE, a_bytes=4)  # fp32: not a plain 16-bit dot
+    assert (got.block_m, got.block_k) == (64, 64) and configs.reduction_signature(got, NONE, 4) == (64, True)
+    assert configs.smem_bytes(got, NONE, 4) <= configs.SMEM_BUDGET
+    assert configs.invariant_config(decode, prefill, NONE, a_bytes=2) == configs.fit_smem(decode, NONE, 2)  # any tiles
+    assert configs.reduction_signature(decode, NONE, 2) == configs.reduction_signature(prefill, NONE, 2) == ()
     wide = configs.invariant_config(TileConfig(16, 256, 256, 1, 4, 5), TileConfig(128, 256, 256, 1, 8, 4), NONE, 4)
     assert wide.num_stages == 2 and wide.block_n < 256 and configs.smem_bytes(wide, NONE, 4) <= configs.SMEM_BUDGET
     assert configs.smem_bytes(TileConfig(64, 128, 128, 1, 4, 3), INT4, 2) == 3 * (64 * 128 * 2 + 64 * 128)
     # a (user-tuned) 2-warp config: whole warpgroups, or Triton would not use wgmma
-    assert configs.invariant_config(TileConfig(16, 64, 64, 1, 2, 3), prefill, NONE).num_warps == 4
+    assert configs.invariant_config(TileConfig(16, 64, 64, 1, 2, 3), prefill, NONE, 4).num_warps == 4
 
 
 def test_cpu_configs_do_not_depend_on_the_mode():

@@ -76,8 +76,9 @@ def test_one_reduction_signature_for_every_token_count(scheme):
     block = s.block_shape(None) if s.tiled else None
     dev = torch.device("cuda")
     for N, K in ((2 * I, H), (H, I)):
+        a_bytes = 1 if s.fp8_dot else 2
         sigs = {configs.reduction_signature(configs.get_config(T, E, N, K, s, block, dev, top_k=K_TOP,
-                                                               invariant=True))
+                                                               invariant=True, dtype=torch.bfloat16), s, a_bytes)
                 for T in (*configs.TOKEN_BUCKETS, configs.BEYOND)}
         assert len(sigs) == 1, (scheme, N, K, sigs)
         big = configs.get_config(configs.BEYOND, E, N, K, s, block, dev, top_k=K_TOP)

@@ -331,11 +331,22 @@ INVARIANT_MIN_BLOCK_M = 64
 SMEM_BUDGET = 227 * 1024
 
 
-def reduction_signature(cfg: TileConfig) -> tuple[int, bool]:
+def plain_dot(scheme: QuantScheme, a_bytes: int) -> bool:
+    """Unquantized experts in a 16-bit dtype: both operands reach the tensor cores as loaded and every K step
+    accumulates into the same fp32 registers (``acc = tl.dot(a, b, acc)``), so neither BLOCK_K nor the MMA kind
+    changes an output's bits. H100 (docs/batch-invariance.md): the default bf16 tiles (16-row mma.sync with
+    BLOCK_K 128 at T <= 64, 128-row wgmma with BLOCK_K 64 at T = 4096) gave bitwise equal rows, where weights
+    converted in registers (int8, int4, mxfp4) and fp8 dots did not."""
+    return not scheme.quantized and a_bytes == 2
+
+
+def reduction_signature(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2) -> tuple:
     """What of a config decides the arithmetic of an output element, hence what batch-invariant tiles share
-    across T: the K step (packed and block-scaled steps add a partial dot per step; fp8 dots accumulate per
-    step) and the MMA instruction kind (``block_m >= INVARIANT_MIN_BLOCK_M``: wgmma). BLOCK_N, GROUP_M, warps
-    and stages only decide who computes an element and when."""
+    across T: nothing for a ``plain_dot``; else the K step (packed and block-scaled steps add a partial dot per
+    step; fp8 dots accumulate per step) and the MMA instruction kind (``block_m >= INVARIANT_MIN_BLOCK_M``:
+    wgmma). BLOCK_N, GROUP_M, warps and stages only decide who computes an element and when."""
+    if plain_dot(scheme, a_bytes):
+        return ()
     return cfg.block_k, cfg.block_m >= INVARIANT_MIN_BLOCK_M
 
 
@@ -367,7 +378,10 @@ def invariant_config(cfg: TileConfig, anchor: TileConfig, scheme: QuantScheme, a
     """``cfg`` (the T bucket's tiles) made batch invariant: ``anchor``'s K step (the largest bucket's tiles, so
     prefill keeps its tuned K step) and BLOCK_M >= ``INVARIANT_MIN_BLOCK_M``, fitted to ``budget``. Every
     bucket of one GEMM then has one ``reduction_signature``: each element is computed the same way. Warps come
-    in whole warpgroups (a multiple of 4), without which Triton falls back to mma.sync even at 64 rows."""
+    in whole warpgroups (a multiple of 4), without which Triton falls back to mma.sync even at 64 rows. A
+    ``plain_dot`` keeps ``cfg``: any tiles give it the same bits."""
+    if plain_dot(scheme, a_bytes):
+        return fit_smem(cfg, scheme, a_bytes, budget)
     cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, INVARIANT_MIN_BLOCK_M), block_k=anchor.block_k,
                               num_warps=max(4, cfg.num_warps - cfg.num_warps % 4))
     return fit_smem(cfg, scheme, a_bytes, budget)
