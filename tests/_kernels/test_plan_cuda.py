@@ -123,8 +123,11 @@ def test_compiled_layer(mode, monkeypatch, fresh_dynamo):
     (triton: no plan recorded); bitwise the ordinary path either way."""
     from torch_moe_ops._platform import COMPILE_ENV
 
+    from torch_moe_ops.ops import decompose
+
     monkeypatch.setenv(COMPILE_ENV, mode)
-    PLANS.clear()
+    modes = []  # what each traced call took (the failure message says it: H100 2026-12-07 failed once)
+    monkeypatch.setattr(decompose, "_mode", lambda a, sig, f=decompose._mode: modes.append(f(a, sig)) or modes[-1])
     E, k, H, I = 16, 4, 256, 128
     layer = moe.FusedMoE(E, k, H, I, quant_config="fp8_block", device=DEV)
     w13, w2, _, _ = testing.random_moe_weights(E, H, I, dtype=torch.bfloat16, device=DEV)
@@ -133,13 +136,17 @@ def test_compiled_layer(mode, monkeypatch, fresh_dynamo):
         layer.weight_loader(layer.w13_weight, w13[e, I:], "w3", e)
         layer.weight_loader(layer.w2_weight, w2[e], "w2", e)
     moe.finalize_loading(layer)
+    PLANS.clear()
     f = torch.compile(layer, fullgraph=True, dynamic=True)
+    recorded = []
     for T in (3, 9, 9):
         x, logits = _inputs(T, H, E, T)
         got = f(x, logits)
+        recorded.append(len(PLANS.plans))
         want = _ordinary(monkeypatch, lambda: layer(x, logits))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert bool(PLANS.plans) == (mode == "plans")
+    assert modes and set(modes) == {mode}, modes
+    assert bool(PLANS.plans) == (mode == "plans"), (recorded, [k[:2] for k in PLANS.plans], modes)
 
 
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("none", "swigluoai"), ("int8_w8a16", "silu"),
