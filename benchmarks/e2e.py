@@ -406,7 +406,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 24; --smoke 2)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; --smoke 8)")
     p.add_argument("--new-tokens", type=int, default=None, help="n of the timing (default 64; --smoke 4)")
-    p.add_argument("--repeats", type=int, default=1, help="timed generate calls per length, the fastest taken")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed generate calls per length, the fastest taken (default 2: with 1, one slow call "
+                        "decides a row)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip rows that would end past this many seconds from the start (default 480 on CUDA, "
                         "none on CPU; 0: no budget)")
