@@ -16,6 +16,7 @@ DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may s
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "0": replays go through Triton 3.6's CudaLauncher.__call__
 FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # "1": GEMM1's epilogue applies gated activations
+SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
 COMPILE_MODES = ("plans", "triton", "opaque")
 
@@ -75,6 +76,14 @@ def fuse_activation() -> bool:
     activation quantization follows (one launch and one [T·k, 2I] round trip fewer; docs/kernels.md). Off by
     default until measured on a GPU. Read when a launch plan is recorded."""
     return os.environ.get(FUSE_ACTIVATION_ENV, "0") == "1"
+
+
+def swap_ab() -> bool:
+    """True with ``TORCH_MOE_OPS_SWAP_AB=1``: GEMMs whose weights are converted in registers (int8 weight-only,
+    int4, mxfp4) compute the transposed tile ``w @ aᵀ``, so the converted weights are the MMA's A operand, which
+    a Hopper wgmma reads from registers, and the tokens are its N (docs/kernels.md, "Swapped operands"). Off
+    by default until measured on a GPU. Read when a launch plan is recorded."""
+    return os.environ.get(SWAP_AB_ENV, "0") == "1"
 
 
 def compile_mode() -> str:

@@ -216,3 +216,42 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
     fused = get_activation(activation).gated and not quantized_act
     assert calls == ([] if fused or quantized_act else [1])
     moe.clear_launch_plans()  # no plan recorded with the switch on outlives the test
+
+
+@pytest.mark.parametrize("scheme,activation,dtype", [("int8_w8a16", "silu", torch.bfloat16),
+                                                     ("int4_w4a16", "silu", torch.bfloat16),
+                                                     ("int4_w4a16", "gelu", torch.float16),
+                                                     ("mxfp4", "swigluoai", torch.bfloat16)])
+@pytest.mark.parametrize("T", [1, 9])
+def test_swapped_operands_match_the_unswapped_gemm(monkeypatch, scheme, activation, dtype, T):
+    """TORCH_MOE_OPS_SWAP_AB=1 (docs/kernels.md, "Swapped operands"): the GEMMs whose weights are converted in
+    registers compute w @ aᵀ and transpose the tile back; the same products summed in the same K order, so the
+    output is the unswapped one up to the MMA's rounding (bitwise in the interpreter), biases, an expert_map and
+    the fused activation's epilogue included."""
+    from torch_moe_ops._kernels import gemm
+    from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, SWAP_AB_ENV
+
+    E, k = 5, 2
+    H, I = _dims(scheme, 40, 24)
+    q13, q2, kw = _weights(E, H, I, scheme, activation=activation, bias=True, dtype=dtype)
+    kw.update(expert_map=torch.tensor([0, 1, -1, 2, 3, 4, -1], dtype=torch.int32, device=DEV))
+    torch.manual_seed(T)
+    x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
+    logits = torch.randn(T, 7, device=DEV)
+    want = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    swapped = []
+    monkeypatch.setattr(gemm, "launch", lambda kernel, grid, *a, **kw_: swapped.append(kw_["SWAP_AB"])
+                        or launch(kernel, grid, *a, **kw_))
+    from torch_moe_ops._kernels.plan import launch
+
+    for fuse in ("0", "1"):
+        monkeypatch.setenv(FUSE_ACTIVATION_ENV, fuse)
+        monkeypatch.setenv(SWAP_AB_ENV, "1")
+        moe.clear_launch_plans()  # both switches are read when a launch plan is recorded
+        got = moe.fused_moe(x, logits, q13, q2, k, **kw)
+        if DEV == "cpu":
+            assert torch.equal(got, want), fuse
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2, msg=fuse)
+    assert swapped and all(swapped), swapped
+    moe.clear_launch_plans()  # no plan recorded with the switches on outlives the test

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._platform import interpret_mode
+from .._platform import interpret_mode, swap_ab
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
@@ -42,7 +42,8 @@ from .plan import launch
 @triton.jit
 def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, k_left, scale_off, stride_bsk,
                  W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, JOIN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, JOIN_K: tl.constexpr,
+                 SWAP_AB: tl.constexpr):
     """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK] (loaded whole: 16-byte loads; its
     columns 2j and 2j + 1 split in registers), ``b_ptrs`` [BK/2, BN] bytes, each loaded once. Even k meet the
     low halves, odd k the high ones (``decode_pairs``): two dots of BK/2, or with JOIN_K the values put back
@@ -50,7 +51,8 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
     tiles, more for int4 and for decode tiles).
     BLOCK_K ≤ GROUP_K: the values are exact in the activation dtype and the step's one group scale
     multiplies the dot; BLOCK_K = n·GROUP_K: each value is scaled before the dot (``[BK/G, BN]`` scales,
-    docs/kernels.md "Groups smaller than a K step")."""
+    docs/kernels.md "Groups smaller than a K step"). SWAP_AB: ``acc`` is the transposed tile [BN, BM] and the
+    dots take the decoded weights as their first operand."""
     if EVEN_K:
         a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
         b = tl.load(b_ptrs)
@@ -76,6 +78,8 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
         b_full = tl.reshape(tl.permute(tl.join(b_lo, b_hi), (0, 2, 1)), (BLOCK_K, b_lo.shape[1]))
         if FP32_IEEE:
             d = tl.dot(a, b_full, input_precision="ieee")
+        elif SWAP_AB:
+            d = tl.dot(tl.trans(b_full), tl.trans(a))  # [BN, BM]
         else:
             d = tl.dot(a, b_full)
     else:  # columns 2j and 2j + 1 of a meet the low and the high halves
@@ -83,11 +87,18 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
         if FP32_IEEE:
             d = tl.dot(a_even, b_lo, input_precision="ieee")
             d = tl.dot(a_odd, b_hi, d, input_precision="ieee")
+        elif SWAP_AB:
+            d = tl.dot(tl.trans(b_lo), tl.trans(a_even))  # [BN, BM]
+            d = tl.dot(tl.trans(b_hi), tl.trans(a_odd), d)
         else:
             d = tl.dot(a_even, b_lo)
             d = tl.dot(a_odd, b_hi, d)
     if W_GROUP_SCALE and not SCALE_IN_K:
-        d = d * decode_scale(tl.load(b_scale_ptrs + scale_off), W_CODEC)[None, :]
+        s = decode_scale(tl.load(b_scale_ptrs + scale_off), W_CODEC)  # [BN]
+        if SWAP_AB:
+            d = d * s[:, None]
+        else:
+            d = d * s[None, :]
     return acc + d
 
 
@@ -107,7 +118,7 @@ def _moe_gemm_kernel(
     A_ROW_SCALE: tl.constexpr, W_TENSOR_SCALE: tl.constexpr, W_CHANNEL_SCALE: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_PACKED: tl.constexpr,
     W_CODEC: tl.constexpr, FUSE_ACT: tl.constexpr, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr,
-    JOIN_K: tl.constexpr,
+    JOIN_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     pid_m, pid_n = swizzle(N, num_pid_m, BLOCK_N, GROUP_M)
     num_post_pad = tl.load(num_post_pad_ptr)
@@ -154,12 +165,15 @@ def _moe_gemm_kernel(
     if BLOCK_SCALES or W_GROUP_SCALE:
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:  # the transposed tile: the weights' rows are the MMA's M (operand A, kept in registers)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if W_PACKED:
             acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, K - kk * BLOCK_K,
                                ((kk * BLOCK_K) // GROUP_K) * stride_bsk, stride_bsk, W_CODEC, W_GROUP_SCALE,
-                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE, JOIN_K)
+                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE, JOIN_K, SWAP_AB)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
@@ -182,10 +196,14 @@ def _moe_gemm_kernel(
                 acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             elif FP32_IEEE:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
+            elif SWAP_AB:
+                acc = tl.dot(tl.trans(b), tl.trans(a), acc)  # [BN, BM]
             else:
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [BM, BN]
 
     # Epilogue, all in fp32: dequantize, add bias, multiply by the routing weight, then downcast.
     if A_ROW_SCALE:
@@ -221,6 +239,12 @@ def _moe_gemm_kernel(
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_c)
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+def swaps(scheme: QuantScheme, dtype: torch.dtype) -> bool:
+    """Whether the GEMM computes the transposed tile (``_platform.swap_ab``): weights converted in registers
+    (int8 weight-only, int4, mxfp4) against 16-bit activations."""
+    return swap_ab() and scheme.flags.W_CAST and dtype in (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -329,6 +353,7 @@ def invoke_moe_gemm(
         **_scheme_kwargs(scheme), **act_kw,
         # mxfp4 prefill in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
         JOIN_K=scheme.codec == "fp4_e2m1" and bm >= 64 and a.dtype != torch.float32,
+        SWAP_AB=swaps(scheme, a.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
