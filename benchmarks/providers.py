@@ -59,6 +59,31 @@ def ours_invariant(case):
     return lambda: moe.fused_experts(case.x, case.q13, case.q2, case.topk_weights, case.topk_ids, **kw)
 
 
+@register("ours_swapped")
+def ours_swapped(case):
+    """torch_moe_ops.fused_experts with ``TORCH_MOE_OPS_SWAP_AB=1`` (docs/kernels.md, "Swapped operands"): its
+    gain is ours / this. Only schemes whose weights are converted in registers. Launch plans are read when
+    recorded, so each call clears them before and after: no plan of one setting is replayed under the other."""
+    if not case.qscheme.flags.W_CAST:
+        return None
+    from torch_moe_ops._platform import SWAP_AB_ENV
+
+    kw = dict(activation=case.shape.activation, **_bias_kwargs(case), **case.quant)
+
+    def call():
+        import os
+
+        moe.clear_launch_plans()
+        os.environ[SWAP_AB_ENV] = "1"
+        try:
+            return moe.fused_experts(case.x, case.q13, case.q2, case.topk_weights, case.topk_ids, **kw)
+        finally:
+            del os.environ[SWAP_AB_ENV]
+            moe.clear_launch_plans()
+
+    return call
+
+
 @register("ours_fused_moe")
 def ours_fused_moe(case):
     """torch_moe_ops.fused_moe: the same plus routing."""

@@ -127,3 +127,24 @@ def test_train_benchmark_providers_compute_the_same_step():
         cells = json.load(open(f"{d}/t.json"))["cells"]
     assert {c["provider"] for c in cells} >= {"ours", "ours_saved", "ours_fp8_frozen"}
     assert all("ms" in c for c in cells), cells
+
+
+def test_swapped_provider_sets_its_switch_for_its_own_call_only(monkeypatch):
+    """``ours_swapped``: converted-weight schemes only; the switch is on during its call and plans are cleared
+    around it (a plan recorded under one setting is never replayed under the other), then both are as before."""
+    import os
+
+    import torch_moe_ops as moe
+    from benchmarks.providers import REGISTRY
+    from torch_moe_ops._platform import SWAP_AB_ENV, swap_ab
+
+    build = REGISTRY["ours_swapped"].build
+    assert build(SimpleNamespace(qscheme=QUANT_SCHEMES["fp8_block"])) is None
+    seen, cleared = [], []
+    monkeypatch.delenv(SWAP_AB_ENV, raising=False)
+    monkeypatch.setattr(moe, "fused_experts", lambda *a, **k: seen.append(swap_ab()) or "out")
+    monkeypatch.setattr(moe, "clear_launch_plans", lambda: cleared.append(swap_ab()))
+    case = SimpleNamespace(shape=SimpleNamespace(activation="silu"), x=None, topk_weights=None, topk_ids=None,
+                           **vars(_data()))
+    assert build(case)() == "out"
+    assert seen == [True] and cleared == [False, False] and SWAP_AB_ENV not in os.environ
