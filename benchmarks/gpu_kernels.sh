@@ -12,7 +12,8 @@
 # Without old/ the comparison is skipped. Results under $OUT (or benchmarks/results/kernels-<date>):
 # cuda_suite.log (pytest's output), k-new.json / k-old.json (+ logs), load_peak.json; the table is printed.
 # Knobs: SUITE_S (default 240), SHAPES, SCHEMES, TOKENS, PROVIDERS (this tree's; default ours,ours_invariant,
-# ours_swapped),
+# ours_swapped,ours_invariant_swapped: ~2x the cells of ours,ours_invariant, so with base and suite they need two
+# calls: SKIP_SUITE=1 in one, or no old/),
 # LIMIT_S (default 585), SKIP_SUITE=1, SKIP_LOAD=1, SKIP_INVARIANCE=1, INVARIANCE_S (default 90).
 set -u
 export PYTHONUNBUFFERED=1
@@ -36,7 +37,7 @@ NEW_SCHEMES=${SCHEMES:-none,int8_w8a16,int4_w4a16,mxfp4}
 OLD_SCHEMES=$(python3 -c "import sys; print(','.join(s for s in '$NEW_SCHEMES'.split(',') if s != 'mxfp4'))")
 if [ "$(left)" -gt 60 ]; then
   share=$([ -d "$R/old/torch_moe_ops" ] && echo $(( $(left) / 2 )) || echo $(( $(left) - 60 )))
-  (PYTHONPATH=$R timeout $share python3 -m benchmarks.run $A --providers ${PROVIDERS:-ours,ours_invariant,ours_swapped} --schemes $NEW_SCHEMES --out "$DIR/k-new.json" \
+  (PYTHONPATH=$R timeout $share python3 -m benchmarks.run $A --providers ${PROVIDERS:-ours,ours_invariant,ours_swapped,ours_invariant_swapped} --schemes $NEW_SCHEMES --out "$DIR/k-new.json" \
     > "$DIR/k-new.log" 2>&1); echo "== new rc=$? $(( $(date +%s) - T0 )) s"
 else echo "== skipped: new kernel times"; fi
 if [ -d "$R/old/torch_moe_ops" ] && [ "$(left)" -gt 60 ]; then
@@ -60,9 +61,10 @@ for k, d in sorted(rows.items()):
     o, n = d.get("old", (float("nan"), 0)), d.get("new", (float("nan"), 0))
     inv = d.get("ours_invariant", (float("nan"), 0))
     swp = d.get("ours_swapped", (float("nan"), 0))
+    isw = d.get("ours_invariant_swapped", (float("nan"), 0))
     print(f"{k[0]:<14} {k[1]:<11} T={k[2]:<5} base {o[0]*1e3:8.1f} us  this {n[0]*1e3:8.1f} us "
           f"({100*n[1]:3.0f}% roof)  this/base {n[0]/o[0]:6.3f}  invariant/this {inv[0]/n[0]:6.3f}"
-          f"  swapped/this {swp[0]/n[0]:6.3f}")
+          f"  swapped/this {swp[0]/n[0]:6.3f}  invariant swapped/this {isw[0]/n[0]:6.3f}")
 PY
 if [ "${SKIP_LOAD:-0}" != 1 ] && [ "$(left)" -gt 100 ]; then
   PYTHONPATH=$R timeout $(( $(left) - 5 )) python3 -m benchmarks.load_peak --dir /tmp/gptoss --out "$DIR/load_peak.json" \

@@ -59,16 +59,15 @@ def ours_invariant(case):
     return lambda: moe.fused_experts(case.x, case.q13, case.q2, case.topk_weights, case.topk_ids, **kw)
 
 
-@register("ours_swapped")
-def ours_swapped(case):
-    """torch_moe_ops.fused_experts with ``TORCH_MOE_OPS_SWAP_AB=1`` (docs/kernels.md, "Swapped operands"): its
-    gain is ours / this. Only schemes whose weights are converted in registers. Launch plans are read when
-    recorded, so each call clears them before and after: no plan of one setting is replayed under the other."""
+def _swapped(case, **extra):
+    """``fused_experts`` with ``TORCH_MOE_OPS_SWAP_AB=1`` for its own call (docs/kernels.md, "Swapped operands"),
+    converted-weight schemes only. Launch plans are read when recorded, so each call clears them before and
+    after: no plan of one setting is replayed under the other."""
     if not case.qscheme.flags.W_CAST:
         return None
     from torch_moe_ops._platform import SWAP_AB_ENV
 
-    kw = dict(activation=case.shape.activation, **_bias_kwargs(case), **case.quant)
+    kw = dict(activation=case.shape.activation, **_bias_kwargs(case), **case.quant, **extra)
 
     def call():
         import os
@@ -82,6 +81,18 @@ def ours_swapped(case):
             moe.clear_launch_plans()
 
     return call
+
+
+@register("ours_swapped")
+def ours_swapped(case):
+    """``ours`` with swapped operands: the switch's gain is ours / this."""
+    return _swapped(case)
+
+
+@register("ours_invariant_swapped")
+def ours_invariant_swapped(case):
+    """``ours_invariant`` with swapped operands (token-sized invariant tiles): its cost is this / ours."""
+    return _swapped(case, batch_invariant=True)
 
 
 @register("ours_fused_moe")

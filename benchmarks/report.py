@@ -29,12 +29,13 @@ def tables(result: dict) -> str:
     for c in cells:
         by_key[(c["shape"], c["scheme"], c["T"])][c["provider"]] = c
     inv = "ours_invariant" in providers  # batch-invariant mode timed too: its cost per cell
-    swp = "ours_swapped" in providers  # swapped operands timed too (docs/kernels.md)
+    extra = [(p, title) for p, title in (("ours_swapped", "swapped / ours"),  # docs/kernels.md
+                                         ("ours_invariant_swapped", "invariant swapped / ours")) if p in providers]
     lines = ["| shape | scheme | T | roof ms | " + " | ".join(f"{p} ms" for p in providers)
              + " | ours % of roof | ours TFLOP/s | ours vs grouped_mm | ours vs ours bf16 |"
-             + (" invariant / ours |" if inv else "") + (" swapped / ours |" if swp else ""),
+             + (" invariant / ours |" if inv else "") + "".join(f" {title} |" for _, title in extra),
              "|---|---|---|---|" + "---|" * len(providers) + "---|---|---|---|" + ("---|" if inv else "")
-             + ("---|" if swp else "")]
+             + "---|" * len(extra)]
     for (shape, scheme, T), row in by_key.items():
         ours = row.get("ours", {})
         roof = next((c["roof_s"] * 1e3 for c in row.values() if "roof_s" in c), None)
@@ -46,7 +47,7 @@ def tables(result: dict) -> str:
                      + f" | {ours.get('frac_roof', 0) * 100:.0f}% | {ours.get('tflops', 0):.0f} | "
                      + (f"{vs:.2f}x" if vs else "—") + " | " + (f"{vs_bf16:.2f}x" if vs_bf16 else "—") + " |"
                      + (f" {_ratio(row.get('ours_invariant'), ours)} |" if inv else "")
-                     + (f" {_ratio(row.get('ours_swapped'), ours)} |" if swp else ""))
+                     + "".join(f" {_ratio(row.get(p), ours)} |" for p, _ in extra))
     quant = [c for c in result["cells"] if c.get("kind") == "quantize"]
     if quant:
         lines += ["", "Online quantization of ~1 G-element bf16 w13 tensors `[E, 2I, H]` (`quantize_weight_into`; "

@@ -281,6 +281,32 @@ def test_invariant_tiles_share_one_reduction_signature(scheme, model, device, mo
                 assert got[-1] == big
 
 
+@pytest.mark.parametrize("model", list(_MODELS))
+@pytest.mark.parametrize("scheme", [s for s in QUANT_SCHEMES.values() if s.flags.W_CAST], ids=lambda s: s.name)
+def test_swapped_invariant_tiles_widen_the_weight_rows_not_the_token_rows(scheme, model, monkeypatch):
+    """TORCH_MOE_OPS_SWAP_AB=1 (docs/kernels.md): the weights' rows are the MMA's M, so the mode's invariant tiles
+    take BLOCK_N >= 64 and the largest bucket's K step, and keep each bucket's BLOCK_M (decode keeps 16-row
+    token tiles); one reduction signature per GEMM; fp32 activations do not swap."""
+    from torch_moe_ops._platform import SWAP_AB_ENV
+
+    monkeypatch.delenv(configs.TUNED_DIR_ENV, raising=False)
+    monkeypatch.setenv(SWAP_AB_ENV, "1")
+    E, k, H, I, gated = _MODELS[model]
+    block = scheme.block_shape(None) if scheme.tiled else None
+    assert configs.swaps(scheme, 2) and not configs.swaps(scheme, 4)
+    for N, K in (((2 if gated else 1) * I, H), (H, I)):
+        def cfg(T, invariant):
+            return configs._cuda_config(configs.token_bucket(T), E, N, K, scheme, block, k, "NVIDIA H100 80GB HBM3",
+                                        "sm90", None, invariant, 2, None, None, invariant)
+        buckets = (*configs.TOKEN_BUCKETS, configs.BEYOND)
+        got = [cfg(T, True) for T in buckets]
+        assert len({configs.reduction_signature(c, scheme, 2, swapped=True) for c in got}) == 1, got
+        for c, T in zip(got, buckets):
+            assert c.block_n >= configs.INVARIANT_MIN_BLOCK_M and c.num_warps % 4 == 0, c
+            assert c.block_m == configs.fit_smem(cfg(T, False), scheme).block_m  # the bucket's token rows
+            assert configs.smem_bytes(c, scheme, 2) <= configs.SMEM_BUDGET, c
+
+
 def test_invariant_config_pins_the_anchor_and_fits_shared_memory():
     decode, prefill = TileConfig(16, 256, 128, 1, 4, 4), TileConfig(128, 256, 64, 16, 8, 4)
     got = configs.invariant_config(decode, prefill, NONE, a_bytes=4)  # fp32: not a plain 16-bit dot

@@ -46,6 +46,30 @@ def test_rows_do_not_depend_on_the_batch(weights, scheme):
     assert all(bad == 0 for bad, _ in got.values()), f"{scheme} fused_experts: {got}"
 
 
+@pytest.mark.parametrize("scheme", [s for s in QUANT_SCHEMES if QUANT_SCHEMES[s].flags.W_CAST])
+def test_swapped_operands_keep_rows_invariant_with_token_sized_tiles(weights, scheme, monkeypatch):
+    """TORCH_MOE_OPS_SWAP_AB=1 (docs/kernels.md "Swapped operands"): the weights are the wgmma's M at every T, so
+    the mode's tiles widen BLOCK_N, not BLOCK_M; rows still do not depend on the batch, and the rows equal the
+    unswapped mode's to bf16 rounding. (Not yet run on a GPU when written.)"""
+    from torch_moe_ops._platform import SWAP_AB_ENV
+
+    q13, q2, kw = _scheme_case(weights, scheme)
+    x = (torch.randn(T_FULL, H, device="cuda") * 0.5).bfloat16()
+    logits = torch.randn(T_FULL, E, device="cuda")
+    want = moe.fused_moe(x, logits, q13, q2, K_TOP, batch_invariant=True, **kw)
+    monkeypatch.setenv(SWAP_AB_ENV, "1")
+    moe.clear_launch_plans()
+    try:
+        def moe_call(x, lg):
+            return moe.fused_moe(x, lg, q13, q2, K_TOP, batch_invariant=True, **kw)
+
+        got = batch_variance(moe_call, (x, logits), sizes=SIZES, trials=1)
+        assert all(bad == 0 for bad, _ in got.values()), f"{scheme}: {got}"
+        torch.testing.assert_close(moe_call(x, logits).float(), want.float(), rtol=2e-2, atol=2e-2)
+    finally:
+        moe.clear_launch_plans()
+
+
 @pytest.mark.parametrize("scheme", ["none", "fp8_block", "int4_w4a16", "mxfp4"])
 def test_graph_replay_and_compiled_calls_equal_eager(weights, scheme):
     """A CUDA graph of the invariant call, and a compiled function, give the eager rows bitwise."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .._platform import interpret_mode
+from .._platform import interpret_mode, swap_ab
 from ..schemes import QuantScheme
 
 TUNED_DIR = Path(__file__).with_name("tuned")
@@ -279,7 +279,7 @@ def get_config(
     a_bytes = 1 if scheme.fp8_dot else (dtype.itemsize if dtype is not None else 2)
     return _cuda_config(T, E, N, K, scheme, _block(scheme, block), top_k, device_name(index),
                         device_family(index), os.environ.get(TUNED_DIR_ENV), bool(invariant), a_bytes,
-                        device_smem(index), block_m)
+                        device_smem(index), block_m, bool(invariant) and swaps(scheme, a_bytes))
 
 
 @functools.cache
@@ -295,11 +295,11 @@ def device_smem(index: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_dir, invariant=False,
-                 a_bytes=2, smem=None, block_m=None) -> TileConfig:
+                 a_bytes=2, smem=None, block_m=None, swapped=False) -> TileConfig:
     """Cached: a decode step pays a dict lookup, not a directory scan (key includes the table location).
     This GPU's table first, then one of a GPU of the same compute capability (an H200 takes an H100's), then
     the heuristic, fitted to shared memory (``fit_smem``); under ``invariant``, pinned to the largest bucket's
-    reduction (``invariant_config``)."""
+    reduction (``invariant_config``; ``swapped``: the GEMM swaps its operands, ``swaps``)."""
     def lookup(t):
         tables = _load_tables(tuple(_tuned_files(extra_dir)))
         for owner in (dev_name, dev_family):
@@ -312,7 +312,7 @@ def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_d
 
     smem = smem or SMEM_BUDGET
     if invariant:
-        cfg = invariant_config(lookup(T), lookup(BEYOND), scheme, a_bytes, smem)
+        cfg = invariant_config(lookup(T), lookup(BEYOND), scheme, a_bytes, smem, swapped)
     else:
         cfg = lookup(T)
     if block_m is not None:  # (a larger BLOCK_M may need fewer stages; the K step stays)
@@ -340,14 +340,22 @@ def plain_dot(scheme: QuantScheme, a_bytes: int) -> bool:
     return not scheme.quantized and a_bytes == 2
 
 
-def reduction_signature(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2) -> tuple:
+def swaps(scheme: QuantScheme, a_bytes: int) -> bool:
+    """Whether the GEMM computes the transposed tile ``w @ aᵀ`` (``_platform.swap_ab``, docs/kernels.md "Swapped
+    operands"): weights converted in registers (int8 weight-only, int4, mxfp4) against 16-bit activations. The
+    weights' rows are then the MMA's M."""
+    return a_bytes == 2 and scheme.flags.W_CAST and swap_ab()
+
+
+def reduction_signature(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2, swapped: bool = False) -> tuple:
     """What of a config decides the arithmetic of an output element, hence what batch-invariant tiles share
     across T: nothing for a ``plain_dot``; else the K step (packed and block-scaled steps add a partial dot per
-    step; fp8 dots accumulate per step) and the MMA instruction kind (``block_m >= INVARIANT_MIN_BLOCK_M``:
-    wgmma). BLOCK_N, GROUP_M, warps and stages only decide who computes an element and when."""
+    step; fp8 dots accumulate per step) and the MMA instruction kind (a wgmma from an M of
+    ``INVARIANT_MIN_BLOCK_M``: BLOCK_M, or BLOCK_N when ``swapped``). BLOCK_N, GROUP_M, warps and stages only
+    decide who computes an element and when."""
     if plain_dot(scheme, a_bytes):
         return ()
-    return cfg.block_k, cfg.block_m >= INVARIANT_MIN_BLOCK_M
+    return cfg.block_k, (cfg.block_n if swapped else cfg.block_m) >= INVARIANT_MIN_BLOCK_M
 
 
 def smem_bytes(cfg: TileConfig, scheme: QuantScheme, a_bytes: int) -> int:
@@ -374,14 +382,18 @@ def fit_smem(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2, budget: int
 
 
 def invariant_config(cfg: TileConfig, anchor: TileConfig, scheme: QuantScheme, a_bytes: int = 2,
-                     budget: int = SMEM_BUDGET) -> TileConfig:
+                     budget: int = SMEM_BUDGET, swapped: bool = False) -> TileConfig:
     """``cfg`` (the T bucket's tiles) made batch invariant: ``anchor``'s K step (the largest bucket's tiles, so
     prefill keeps its tuned K step) and BLOCK_M >= ``INVARIANT_MIN_BLOCK_M``, fitted to ``budget``. Every
     bucket of one GEMM then has one ``reduction_signature``: each element is computed the same way. Warps come
     in whole warpgroups (a multiple of 4), without which Triton falls back to mma.sync even at 64 rows. A
-    ``plain_dot`` keeps ``cfg``: any tiles give it the same bits."""
+    ``plain_dot`` keeps ``cfg``: any tiles give it the same bits. ``swapped`` (``swaps``): the weights' rows
+    are the MMA's M, so BLOCK_N >= ``INVARIANT_MIN_BLOCK_M`` instead, and a decode tile keeps its few token
+    rows (not measured yet)."""
     if plain_dot(scheme, a_bytes):
         return fit_smem(cfg, scheme, a_bytes, budget)
-    cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, INVARIANT_MIN_BLOCK_M), block_k=anchor.block_k,
-                              num_warps=max(4, cfg.num_warps - cfg.num_warps % 4))
+    wide = dict(block_n=max(cfg.block_n, INVARIANT_MIN_BLOCK_M)) if swapped else \
+        dict(block_m=max(cfg.block_m, INVARIANT_MIN_BLOCK_M))
+    cfg = dataclasses.replace(cfg, block_k=anchor.block_k, num_warps=max(4, cfg.num_warps - cfg.num_warps % 4),
+                              **wide)
     return fit_smem(cfg, scheme, a_bytes, budget)

@@ -30,12 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._platform import interpret_mode, swap_ab
+from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
 from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half, value_scales
-from .configs import TileConfig, fits_scale_tile
+from .configs import TileConfig, fits_scale_tile, swaps
 from .plan import launch
 
 
@@ -241,12 +241,6 @@ def _moe_gemm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
-def swaps(scheme: QuantScheme, dtype: torch.dtype) -> bool:
-    """Whether the GEMM computes the transposed tile (``_platform.swap_ab``): weights converted in registers
-    (int8 weight-only, int4, mxfp4) against 16-bit activations."""
-    return swap_ab() and scheme.flags.W_CAST and dtype in (torch.bfloat16, torch.float16)
-
-
 @functools.lru_cache(maxsize=None)
 def _scheme_kwargs(scheme: QuantScheme) -> dict:
     """``scheme.kernel_kwargs()`` once per scheme (``dataclasses.asdict`` costs ~10 us a launch)."""
@@ -353,7 +347,7 @@ def invoke_moe_gemm(
         **_scheme_kwargs(scheme), **act_kw,
         # mxfp4 prefill in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
         JOIN_K=scheme.codec == "fp4_e2m1" and bm >= 64 and a.dtype != torch.float32,
-        SWAP_AB=swaps(scheme, a.dtype),
+        SWAP_AB=swaps(scheme, a.element_size()),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
