@@ -37,7 +37,8 @@ NEW_SCHEMES=${SCHEMES:-none,int8_w8a16,int4_w4a16,mxfp4}
 OLD_SCHEMES=$(python3 -c "import sys; print(','.join(s for s in '$NEW_SCHEMES'.split(',') if s != 'mxfp4'))")
 if [ "$(left)" -gt 60 ]; then
   share=$([ -d "$R/old/torch_moe_ops" ] && echo $(( $(left) / 2 )) || echo $(( $(left) - 60 )))
-  (PYTHONPATH=$R timeout $share python3 -m benchmarks.run $A --providers ${PROVIDERS:-ours,ours_invariant,ours_swapped,ours_invariant_swapped} --schemes $NEW_SCHEMES --out "$DIR/k-new.json" \
+  PROV=${PROVIDERS:-ours,ours_invariant,ours_swapped,ours_invariant_swapped}
+  (PYTHONPATH=$R timeout $share python3 -m benchmarks.run $A --providers $PROV --schemes $NEW_SCHEMES --out "$DIR/k-new.json" \
     > "$DIR/k-new.log" 2>&1); echo "== new rc=$? $(( $(date +%s) - T0 )) s"
 else echo "== skipped: new kernel times"; fi
 if [ -d "$R/old/torch_moe_ops" ] && [ "$(left)" -gt 60 ]; then
