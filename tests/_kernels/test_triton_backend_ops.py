@@ -185,6 +185,18 @@ def test_fuzz_fused_moe_triton_vs_reference(T, E, k, H, I, scheme, activation, n
         assert (ref - out).abs().max() < 2e-6
 
 
+def _mapped_case(scheme, activation, dtype, T):
+    """5 local experts of 7 (an expert_map with holes), k = 2, biases, small odd dims: (x, logits, w13, w2, k,
+    fused_moe keywords)."""
+    E, k = 5, 2
+    H, I = _dims(scheme, 40, 24)
+    q13, q2, kw = _weights(E, H, I, scheme, activation=activation, bias=True, dtype=dtype)
+    kw.update(expert_map=torch.tensor([0, 1, -1, 2, 3, 4, -1], dtype=torch.int32, device=DEV))
+    torch.manual_seed(T)
+    x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
+    return x, torch.randn(T, 7, device=DEV), q13, q2, k, kw
+
+
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("none", "swigluoai"), ("int8_w8a16", "gelu"),
                                                ("int4_w4a16", "silu"), ("none", "silu_no_mul"), ("fp8_block", "silu")])
 @pytest.mark.parametrize("T", [1, 9])
@@ -195,14 +207,8 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
     from torch_moe_ops._kernels.activation import act_and_mul
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV
 
-    E, k = 5, 2
-    H, I = _dims(scheme, 40, 24)
     dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
-    q13, q2, kw = _weights(E, H, I, scheme, activation=activation, bias=True, dtype=dtype)
-    kw.update(expert_map=torch.tensor([0, 1, -1, 2, 3, 4, -1], dtype=torch.int32, device=DEV))
-    torch.manual_seed(T)
-    x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
-    logits = torch.randn(T, 7, device=DEV)
+    x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, T)
     want = moe.fused_moe(x, logits, q13, q2, k, **kw)
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, "1")
     moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
@@ -231,13 +237,7 @@ def test_swapped_operands_match_the_unswapped_gemm(monkeypatch, scheme, activati
     from torch_moe_ops._kernels import gemm
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, SWAP_AB_ENV
 
-    E, k = 5, 2
-    H, I = _dims(scheme, 40, 24)
-    q13, q2, kw = _weights(E, H, I, scheme, activation=activation, bias=True, dtype=dtype)
-    kw.update(expert_map=torch.tensor([0, 1, -1, 2, 3, 4, -1], dtype=torch.int32, device=DEV))
-    torch.manual_seed(T)
-    x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
-    logits = torch.randn(T, 7, device=DEV)
+    x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, T)
     want = moe.fused_moe(x, logits, q13, q2, k, **kw)
     swapped = []
     monkeypatch.setattr(gemm, "launch", lambda kernel, grid, *a, **kw_: swapped.append(kw_["SWAP_AB"])
