@@ -17,6 +17,51 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._platform import interpret_mode
+
+#: PTX for the bf16 decode (``_decode_bf16_asm``); the interpreter runs the Triton-level bit tricks instead.
+_ASM = tl.constexpr(not interpret_mode())
+
+# Four packed bytes w = [B3 B2 B1 B0] -> four 32-bit registers of two bf16 each: lo = (B1, B0 | B3, B2) low
+# nibbles, hi = the same of the high nibbles. prmt spreads two bytes into the 16-bit lanes of t01 / t23; fp4
+# masks a nibble, and one multiply moves its three magnitude bits to bf16 bits 8..6 and its sign to bit 15 (the
+# two shifted copies touch disjoint bits, so the product is their OR); int4 flips bit 3 and puts the nibble in
+# the mantissa of 128. tests/_kernels/test_decode_asm.py runs these strings through an emulator.
+_FP4_BF16_PTX = tl.constexpr("""{
+.reg .b32 z, t01, t23, m;
+mov.b32 z, 0;
+prmt.b32 t01, $4, z, 0x4140;
+prmt.b32 t23, $4, z, 0x4342;
+and.b32 m, t01, 0x000F000F; mul.lo.u32 m, m, 0x1040; and.b32 $0, m, 0x81C081C0;
+and.b32 m, t23, 0x000F000F; mul.lo.u32 m, m, 0x1040; and.b32 $1, m, 0x81C081C0;
+and.b32 m, t01, 0x00F000F0; mul.lo.u32 m, m, 0x104; and.b32 $2, m, 0x81C081C0;
+and.b32 m, t23, 0x00F000F0; mul.lo.u32 m, m, 0x104; and.b32 $3, m, 0x81C081C0;
+}""")
+_INT4_BF16_PTX = tl.constexpr("""{
+.reg .b32 z, x, t01, t23;
+mov.b32 z, 0;
+xor.b32 x, $4, 0x88888888;
+prmt.b32 t01, x, z, 0x4140;
+prmt.b32 t23, x, z, 0x4342;
+and.b32 $0, t01, 0x000F000F; or.b32 $0, $0, 0x43004300;
+and.b32 $1, t23, 0x000F000F; or.b32 $1, $1, 0x43004300;
+shr.b32 t01, t01, 4; and.b32 $2, t01, 0x000F000F; or.b32 $2, $2, 0x43004300;
+shr.b32 t23, t23, 4; and.b32 $3, t23, 0x000F000F; or.b32 $3, $3, 0x43004300;
+}""")
+
+
+@triton.jit
+def _decode_bf16_asm(packed, W_CODEC: tl.constexpr):
+    """``decode_pairs`` for bf16 dots in PTX, four bytes at a time: the same bits in fewer instructions
+    (docs/kernels.md "Decoding 4-bit values"). fp4: value · 2^-126 (the caller rescales); int4: nibble ^ 8 in
+    the mantissa of 128 (the caller subtracts 136)."""
+    if W_CODEC == "int4":
+        return tl.inline_asm_elementwise(_INT4_BF16_PTX, "=r,=r,=r,=r,r", [packed],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(_FP4_BF16_PTX, "=r,=r,=r,=r,r", [packed],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
 
 @triton.jit
 def decode_pairs(packed, W_CODEC: tl.constexpr, DT: tl.constexpr):
@@ -39,7 +84,15 @@ def decode_pairs(packed, W_CODEC: tl.constexpr, DT: tl.constexpr):
     else:  # 16-bit lanes: the float op runs two values at a time
         tl.static_assert((DT == tl.bfloat16) or (DT == tl.float16), "decode_pairs: bf16, fp16 or fp32 dots")
         BF16: tl.constexpr = DT == tl.bfloat16
-        if W_CODEC == "int4":  # nibble ^ 8 as the low mantissa bits of 128 (bf16) / 1024 (fp16), minus 136 / 1032
+        if BF16 and _ASM and (W_CODEC == "int4" or W_CODEC == "fp4_e2m1"):
+            lo, hi = _decode_bf16_asm(packed, W_CODEC)
+            if W_CODEC == "int4":
+                off = tl.full((), 136.0, DT)
+                return lo - off, hi - off
+            else:
+                f = tl.full((), 8.507059173023462e+37, DT)  # 2^126
+                return lo * f, hi * f
+        elif W_CODEC == "int4":  # nibble ^ 8 as the low mantissa bits of 128 (bf16) / 1024 (fp16), minus 136 / 1032
             magic = 0x4300 if BF16 else 0x6400
             lo = (((b ^ 0x8) & 0xF) | magic).to(tl.int16).to(DT, bitcast=True)
             hi = ((((b >> 4) ^ 0x8) & 0xF) | magic).to(tl.int16).to(DT, bitcast=True)
