@@ -24,7 +24,10 @@
 # was skipped comes with a second call, whose files carry TAG in their names (e2e-b8.json, e2e-b8.log,
 # env-e2e-b8.txt), so that both calls' files fit in one folder:
 #   ONLY=e2e TAG=-b8 E2E_ARGS="--batch 8 --modes compiled" bash benchmarks/gpu_host_e2e.sh
-# (report_host merges e2e*.json; a skipped row never hides a measured one). E2E_ARGS / HOST_ARGS pass more
+# (report_host merges e2e*.json; a skipped row never hides a measured one). transformers' default compile mode
+# (reduce-overhead: CUDA graphs) is the opt-in mode "graphs", e.g. in its own call:
+#   ONLY=e2e TAG=-graphs E2E_ARGS="--modes graphs --impls ours_none,ours_fp8_block,hf_grouped_mm" bash ...
+# E2E_ARGS / HOST_ARGS pass more
 # flags (e.g. E2E_ARGS=--quick: batch 1, ours bf16 + fp8_block + transformers grouped_mm, ~3 min).
 set -u
 T0=$(date +%s)

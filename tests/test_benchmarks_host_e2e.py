@@ -64,7 +64,7 @@ def test_e2e_smoke_rows_keys_split_and_report(tmp_path):
     rows = result["rows"]
     assert [r for r in rows if "error" in r] == []
     assert sorted((r["impl"], r["mode"], r["batch"]) for r in rows) == sorted(
-        (i, m, b) for i in impls for m in e2e.MODES for b in (1, 2))
+        (i, m, b) for i in impls for m in e2e.DEFAULT_MODES for b in (1, 2))
     assert len({r["weights_sum"] for r in rows}) == 1  # the same weights for every impl
     for r in rows:
         assert set(e2e.ROW_KEYS) <= set(r) and r["layers"] == 2 and r["tok_s"] > 0
@@ -82,6 +82,24 @@ def test_e2e_smoke_rows_keys_split_and_report(tmp_path):
 
     text = report_host.section(str(tmp_path), None, [result], REPO)
     assert "| ours_int4_w4a16 |" in text and "batch 2 compiled tok/s" in text
+
+
+def test_e2e_graphs_mode_is_transformers_reduce_overhead(tmp_path, monkeypatch):
+    """--modes graphs: CompileConfig(mode="reduce-overhead") (CUDA graphs on a GPU; Inductor skips them on CPU),
+    no per-op host split, and a report column of its own."""
+    from transformers import CompileConfig
+
+    seen = []
+    real = CompileConfig.__init__
+    monkeypatch.setattr(CompileConfig, "__init__", lambda self, *a, **k: seen.append(k.get("mode"))
+                        or real(self, *a, **k))
+    assert e2e.main(["--smoke", "--out", str(tmp_path), "--impls", "ours_none", "--batch", "1",
+                     "--modes", "graphs"]) == 0
+    (row,) = _load(tmp_path / "e2e.json")["rows"]
+    assert "error" not in row and row["mode"] == "graphs" and row["tok_s"] > 0 and row["moe_ms"] is None
+    assert "reduce-overhead" in row["moe_note"] and seen and set(seen) == {"reduce-overhead"}
+    text = report_host.section(str(tmp_path), None, [_load(tmp_path / "e2e.json")], REPO)
+    assert "batch 1 graphs tok/s" in text and "reduce-overhead" in text
 
 
 def test_budget_skips_rows_without_building(tmp_path, monkeypatch):
@@ -114,7 +132,8 @@ def test_quick_and_smoke_defaults():
     s = e2e.parse_args(["--out", "x", "--smoke"])
     assert (s.layers, s.device, s.backend, s.budget_s, s.new_tokens) == (2, "cpu", "aot_eager", None, 4)
     d = e2e.parse_args(["--out", "x"])
-    assert (d.impls, d.batch, d.modes, d.prompt, d.new_tokens) == (list(e2e.IMPLS), [1, 8], list(e2e.MODES), 128, 64)
+    assert (d.impls, d.batch, d.modes, d.prompt, d.new_tokens) == (list(e2e.IMPLS), [1, 8], list(e2e.DEFAULT_MODES), 128,
+                                                                    64)
     with pytest.raises(SystemExit):
         e2e.parse_args(["--out", "x", "--impls", "ours_fp8"])
     h = host.parse_args(["--out", "x", "--only", "stack"])

@@ -103,7 +103,7 @@ def _sync(device: torch.device) -> None:
 
 
 def generation_setup(model, compiled: bool, *, backend: str = "inductor", fullgraph: bool = True,
-                     dynamic: bool | None = False) -> None:
+                     dynamic: bool | None = False, mode: str = "default") -> None:
     """Set ``model.generation_config`` for greedy decoding the way transformers users do it.
 
     eager: the default ``DynamicCache``, no compilation (``disable_compile``). compiled: transformers' own
@@ -111,8 +111,9 @@ def generation_setup(model, compiled: bool, *, backend: str = "inductor", fullgr
     fullgraph, dynamic, backend, mode="default")``; ``generate`` then runs the prefill eagerly and every decode
     step through ``torch.compile(model.__call__)`` (``PreTrainedModel.get_compiled_call``). ``mode="default"``,
     not the CompileConfig default ``"reduce-overhead"`` (CUDA graphs), which crashed with the static cache for
-    every experts implementation in the project's baselines. On a CPU model transformers compiles only with the
-    private ``_compile_all_devices`` flag, which is set here."""
+    every experts implementation in the project's baselines; ``mode="reduce-overhead"`` asks for it (the
+    benchmark's ``graphs`` rows). On a CPU model transformers compiles only with the private
+    ``_compile_all_devices`` flag, which is set here."""
     from transformers import CompileConfig
 
     gc = model.generation_config
@@ -123,7 +124,7 @@ def generation_setup(model, compiled: bool, *, backend: str = "inductor", fullgr
     if not compiled:
         gc.cache_implementation, gc.compile_config, gc.disable_compile = None, None, True
         return
-    cc = CompileConfig(fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode="default")
+    cc = CompileConfig(fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode)
     if model.device.type == "cpu":
         cc._compile_all_devices = True
     gc.cache_implementation, gc.compile_config, gc.disable_compile = "static", cc, False
