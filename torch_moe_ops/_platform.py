@@ -21,6 +21,26 @@ COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans"
 COMPILE_MODES = ("plans", "triton", "opaque")
 
 
+_ON, _OFF = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off", ""})
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_flag(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _ON:
+        return True
+    if v in _OFF:
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
+
+
+def _flag(name: str, default: bool) -> bool:
+    """A boolean switch: unset gives ``default``; a value that is not a clear yes or no raises, naming it (a
+    typo must not silently leave a switch at its default)."""
+    value = os.environ.get(name)
+    return default if value is None else _parse_flag(name, value)
+
+
 @functools.cache
 def has_triton() -> bool:
     """True when the ``triton`` package can be imported."""
@@ -57,25 +77,25 @@ def cpu_backend() -> str:
 
 def debug_checks() -> bool:
     """True when value checks (ids in range, ...) also run on CUDA inputs (they may synchronize)."""
-    return os.environ.get(DEBUG_ENV, "0") == "1"
+    return _flag(DEBUG_ENV, False)
 
 
 def launch_plans() -> bool:
     """True unless ``TORCH_MOE_OPS_LAUNCH_PLANS=0``: CUDA op calls replay recorded launch plans."""
-    return os.environ.get(PLANS_ENV, "1") != "0"
+    return _flag(PLANS_ENV, True)
 
 
 def direct_launch() -> bool:
     """True unless ``TORCH_MOE_OPS_DIRECT_LAUNCH=0``: plans recorded from then on skip ``CudaLauncher.__call__``
     where it only forwards to its C ``launch`` (docs/host-overhead.md)."""
-    return os.environ.get(DIRECT_LAUNCH_ENV, "1") != "0"
+    return _flag(DIRECT_LAUNCH_ENV, True)
 
 
 def fuse_activation() -> bool:
     """True with ``TORCH_MOE_OPS_FUSE_ACTIVATION=1``: GEMM1's epilogue applies a gated activation when no
     activation quantization follows (one launch and one [T·k, 2I] round trip fewer; docs/kernels.md). Off by
     default until measured on a GPU. Read when a launch plan is recorded."""
-    return os.environ.get(FUSE_ACTIVATION_ENV, "0") == "1"
+    return _flag(FUSE_ACTIVATION_ENV, False)
 
 
 def swap_ab() -> bool:
@@ -83,7 +103,7 @@ def swap_ab() -> bool:
     int4, mxfp4) compute the transposed tile ``w @ aᵀ``, so the converted weights are the MMA's A operand, which
     a Hopper wgmma reads from registers, and the tokens are its N (docs/kernels.md, "Swapped operands"). Off
     by default until measured on a GPU. Read when a launch plan is recorded."""
-    return os.environ.get(SWAP_AB_ENV, "0") == "1"
+    return _flag(SWAP_AB_ENV, False)
 
 
 def compile_mode() -> str:

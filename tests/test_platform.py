@@ -1,0 +1,34 @@
+"""``torch_moe_ops/_platform.py``: the environment switches. Boolean switches take 1/0 (true/false, yes/no,
+on/off, any case), fall back to their default when unset, and refuse anything else naming the variable; the
+named-mode switches refuse an unknown mode."""
+from __future__ import annotations
+
+import pytest
+
+from torch_moe_ops import _platform as P
+
+FLAGS = [(P.DEBUG_ENV, P.debug_checks, False), (P.PLANS_ENV, P.launch_plans, True),
+         (P.DIRECT_LAUNCH_ENV, P.direct_launch, True), (P.FUSE_ACTIVATION_ENV, P.fuse_activation, False),
+         (P.SWAP_AB_ENV, P.swap_ab, False)]
+
+
+@pytest.mark.parametrize("name,read,default", FLAGS, ids=[f[0] for f in FLAGS])
+def test_boolean_switches(monkeypatch, name, read, default):
+    monkeypatch.delenv(name, raising=False)
+    assert read() is default
+    for value, want in (("1", True), ("TRUE", True), (" on ", True), ("yes", True), ("0", False), ("off", False),
+                        ("False", False), ("", False)):
+        monkeypatch.setenv(name, value)
+        assert read() is want, value
+    monkeypatch.setenv(name, "2")
+    with pytest.raises(ValueError, match=f"{name} must be 1 or 0.*'2'"):
+        read()
+
+
+def test_mode_switches_refuse_unknown_modes(monkeypatch):
+    monkeypatch.setenv(P.COMPILE_ENV, "inductor")
+    with pytest.raises(ValueError, match=f"{P.COMPILE_ENV} must be one of"):
+        P.compile_mode()
+    monkeypatch.setenv(P.BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match=f"{P.BACKEND_ENV} must be 'reference' or 'triton'"):
+        P.cpu_backend()
