@@ -73,11 +73,15 @@ def _swapped(case, **extra):
         import os
 
         moe.clear_launch_plans()
+        before = os.environ.get(SWAP_AB_ENV)
         os.environ[SWAP_AB_ENV] = "1"
         try:
             return moe.fused_experts(case.x, case.q13, case.q2, case.topk_weights, case.topk_ids, **kw)
-        finally:
-            del os.environ[SWAP_AB_ENV]
+        finally:  # the caller's setting back, whatever it was
+            if before is None:
+                del os.environ[SWAP_AB_ENV]
+            else:
+                os.environ[SWAP_AB_ENV] = before
             moe.clear_launch_plans()
 
     return call

@@ -148,3 +148,5 @@ def test_swapped_provider_sets_its_switch_for_its_own_call_only(monkeypatch):
                            **vars(_data()))
     assert build(case)() == "out"
     assert seen == [True] and cleared == [False, False] and SWAP_AB_ENV not in os.environ
+    monkeypatch.setenv(SWAP_AB_ENV, "on")  # a run started with the switch keeps it for the other providers
+    assert build(case)() == "out" and os.environ[SWAP_AB_ENV] == "on"

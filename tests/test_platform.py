@@ -1,5 +1,5 @@
 """``torch_moe_ops/_platform.py``: the environment switches. Boolean switches take 1/0 (true/false, yes/no,
-on/off, any case), fall back to their default when unset, and refuse anything else naming the variable; the
+on/off, any case), fall back to their default when unset or empty, and refuse anything else naming it; the
 named-mode switches refuse an unknown mode."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_boolean_switches(monkeypatch, name, read, default):
     monkeypatch.delenv(name, raising=False)
     assert read() is default
     for value, want in (("1", True), ("TRUE", True), (" on ", True), ("yes", True), ("0", False), ("off", False),
-                        ("False", False), ("", False)):
+                        ("False", False), ("", default), (" ", default)):  # empty: as if unset
         monkeypatch.setenv(name, value)
         assert read() is want, value
     monkeypatch.setenv(name, "2")

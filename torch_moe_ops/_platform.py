@@ -21,7 +21,7 @@ COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans"
 COMPILE_MODES = ("plans", "triton", "opaque")
 
 
-_ON, _OFF = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off", ""})
+_ON, _OFF = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
 
 
 @functools.lru_cache(maxsize=64)
@@ -35,10 +35,10 @@ def _parse_flag(name: str, value: str) -> bool:
 
 
 def _flag(name: str, default: bool) -> bool:
-    """A boolean switch: unset gives ``default``; a value that is not a clear yes or no raises, naming it (a
-    typo must not silently leave a switch at its default)."""
-    value = os.environ.get(name)
-    return default if value is None else _parse_flag(name, value)
+    """A boolean switch: unset or empty (``export NAME=``) gives ``default``; a value that is not a clear yes or
+    no raises, naming it (a typo must not silently leave a switch at its default)."""
+    value = os.environ.get(name, "")
+    return default if not value.strip() else _parse_flag(name, value)
 
 
 @functools.cache

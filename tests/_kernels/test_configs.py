@@ -301,10 +301,20 @@ def test_swapped_invariant_tiles_widen_the_weight_rows_not_the_token_rows(scheme
         buckets = (*configs.TOKEN_BUCKETS, configs.BEYOND)
         got = [cfg(T, True) for T in buckets]
         assert len({configs.reduction_signature(c, scheme, 2, swapped=True) for c in got}) == 1, got
+        assert len({configs.joins_k(scheme, c, 2, True) for c in got}) == 1, got  # mxfp4's K order too
         for c, T in zip(got, buckets):
             assert c.block_n >= configs.INVARIANT_MIN_BLOCK_M and c.num_warps % 4 == 0, c
             assert c.block_m == configs.fit_smem(cfg(T, False), scheme).block_m  # the bucket's token rows
             assert configs.smem_bytes(c, scheme, 2) <= configs.SMEM_BUDGET, c
+
+
+def test_fit_smem_keeps_a_swapped_mma_m():
+    """Under swapped operands BLOCK_N is the MMA's M: shared memory is never fitted by narrowing it below a
+    wgmma's 64 rows (nor by touching BLOCK_M, which GEMM2 shares with GEMM1)."""
+    big = TileConfig(128, 256, 128, 1, 8, 4)
+    fitted = configs.fit_smem(big, INT4, 2, budget=40 * 1024, swapped=True)
+    assert fitted.block_n == configs.INVARIANT_MIN_BLOCK_M and fitted.block_m == 128 and fitted.num_stages == 2
+    assert configs.fit_smem(big, INT4, 2, budget=40 * 1024).block_n == 32
 
 
 def test_invariant_config_pins_the_anchor_and_fits_shared_memory():

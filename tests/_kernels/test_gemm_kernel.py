@@ -124,3 +124,46 @@ def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bm, bk, dtype, K):
     c, ref = c.float()[~nan], ref[~nan]
     err = (c - ref).norm() / ref.norm()
     assert err < (1e-6 if dt == torch.float32 else 4e-3), err  # only the output's rounding (and fp32 sums)
+
+
+def _swap_case(scheme_name, G, dtype, bm, bk, K, swap, monkeypatch, extras):
+    """One GEMM1 launch with 16 x 32 x bk-ish tiles: (c [T·k, N or N/2]) with the switch as given; ``extras``:
+    biases, an expert_map hole, the routing weight, or the fused activation."""
+    from torch_moe_ops._platform import SWAP_AB_ENV
+    from torch_moe_ops.reference.quant import quantize_weight
+    from torch_moe_ops.schemes import get_activation
+
+    torch.manual_seed(0)
+    sch = get_quant_scheme(scheme_name)
+    T, k, E, N = 7, 2, 3, 48
+    a = (torch.randn(T, K) * 0.5).to(dtype).to(DEVICE)
+    q, s = quantize_weight(torch.randn(E, N, K) * 0.3, sch.weight.name, block_shape=[1, G] if G else None)
+    block = sch.block_shape([1, G] if G else None) if sch.tiled else None
+    emap = torch.tensor([0, -1, 1, 2], dtype=torch.int32) if extras else None
+    ids = torch.rand(T, E + (emap is not None)).topk(k, dim=-1)[1].to(torch.int32)
+    act = (get_activation("silu"), 1.0, 0.0) if extras == "act" else None
+    c = torch.full((T * k, N // 2 if act else N), float("nan"), dtype=dtype, device=DEVICE)
+    monkeypatch.setenv(SWAP_AB_ENV, "1" if swap else "0")
+    invoke_moe_gemm(a, q.to(DEVICE), c, *align_block_size(ids.to(DEVICE), E + (emap is not None), bm, emap), top_k=k,
+                    config=TileConfig(bm, 32, bk, 1, 4, 1), scheme=sch, w_scale=sch.canonical_scale(s).to(DEVICE),
+                    bias=torch.randn(E, N, device=DEVICE) if extras else None, block=block, act=act,
+                    topk_weights=torch.rand(T, k, device=DEVICE) if extras == "weights" else None)
+    return c.cpu()
+
+
+@pytest.mark.parametrize("scheme,G,bk,K", [("int8_w8a16", None, 32, 80), ("int4_w4a16", 32, 32, 128),
+                                          ("int4_w4a16", 32, 128, 96), ("int4_w4a16", 64, 64, 128),
+                                          ("mxfp4", None, 32, 64), ("mxfp4", None, 128, 96)])
+@pytest.mark.parametrize("bm", [16, 64])  # 64 rows: mxfp4 joins its half-K dots unswapped (configs.joins_k)
+@pytest.mark.parametrize("extras", [None, "weights", "act"])
+def test_swapped_operands_cover_every_k_step_form(scheme, G, bk, K, bm, extras, monkeypatch):
+    """TORCH_MOE_OPS_SWAP_AB=1 against the unswapped GEMM for each K-step form: scales after the dot (BLOCK_K <=
+    G) or before it (BLOCK_K > G), a K tail, joined and split half-K dots, int8's cast; with biases, an
+    expert_map hole, the routing weight or the fused activation. Bitwise in the interpreter; to 1e-2 on a GPU."""
+    want = _swap_case(scheme, G, torch.bfloat16, bm, bk, K, False, monkeypatch, extras)
+    got = _swap_case(scheme, G, torch.bfloat16, bm, bk, K, True, monkeypatch, extras)
+    assert not want.isnan().all()
+    if DEVICE == "cpu":
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2, equal_nan=True)

@@ -317,7 +317,7 @@ def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_d
         cfg = lookup(T)
     if block_m is not None:  # (a larger BLOCK_M may need fewer stages; the K step stays)
         cfg = dataclasses.replace(cfg, block_m=block_m)
-    return fit_smem(cfg, scheme, a_bytes, smem)  # (fp32 activations: the 16-bit tiles' stages overflow)
+    return fit_smem(cfg, scheme, a_bytes, smem, swapped)  # (fp32 activations: the 16-bit tiles' stages overflow)
 
 
 # ------------------------------------------------------------------------------ shared memory, batch invariance
@@ -347,6 +347,14 @@ def swaps(scheme: QuantScheme, a_bytes: int) -> bool:
     return a_bytes == 2 and scheme.flags.W_CAST and swap_ab()
 
 
+def joins_k(scheme: QuantScheme, cfg: TileConfig, a_bytes: int, swapped: bool) -> bool:
+    """mxfp4 16-bit dots: one dot a K step with the values back in K order (``gemm._packed_step`` JOIN_K)
+    instead of the even and the odd k apart, for unswapped wgmma tiles (BLOCK_M >= 64; docs/kernels.md). The two
+    sum in different orders, so the choice must be a function of what ``reduction_signature`` holds: swapped
+    tiles never join (sm_90a K loop, Qwen3: decode 778 against 884 joined, prefill 335 against 270)."""
+    return scheme.codec == "fp4_e2m1" and a_bytes == 2 and not swapped and cfg.block_m >= INVARIANT_MIN_BLOCK_M
+
+
 def reduction_signature(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2, swapped: bool = False) -> tuple:
     """What of a config decides the arithmetic of an output element, hence what batch-invariant tiles share
     across T: nothing for a ``plain_dot``; else the K step (packed and block-scaled steps add a partial dot per
@@ -369,14 +377,17 @@ def smem_bytes(cfg: TileConfig, scheme: QuantScheme, a_bytes: int) -> int:
     return int(cfg.num_stages * per_stage)
 
 
-def fit_smem(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2, budget: int = SMEM_BUDGET) -> TileConfig:
-    """``cfg`` with fewer stages (down to 2), then narrower BLOCK_N (down to 32), until its pipeline fits
-    ``budget`` bytes (the GPU's, ``device_smem``); the reduction signature is kept. On an H100, tuned and
-    heuristic tiles of 16-bit and fp8 activations fit as they are; fp32 activations (4 bytes an element, 4-byte
-    weights unquantized) need fewer stages."""
+def fit_smem(cfg: TileConfig, scheme: QuantScheme, a_bytes: int = 2, budget: int = SMEM_BUDGET,
+             swapped: bool = False) -> TileConfig:
+    """``cfg`` with fewer stages (down to 2), then narrower BLOCK_N (down to 32; ``swapped``: to
+    ``INVARIANT_MIN_BLOCK_M``, the MMA's M there), until its pipeline fits ``budget`` bytes (the GPU's,
+    ``device_smem``); the reduction signature is kept (BLOCK_M never changes: GEMM2 shares GEMM1's). On an H100,
+    tuned and heuristic tiles of 16-bit and fp8 activations fit as they are; fp32 activations (4 bytes an
+    element, 4-byte weights unquantized) need fewer stages."""
     while smem_bytes(cfg, scheme, a_bytes) > budget and cfg.num_stages > 2:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-    while smem_bytes(cfg, scheme, a_bytes) > budget and cfg.block_n > 32:
+    min_n = INVARIANT_MIN_BLOCK_M if swapped else 32
+    while smem_bytes(cfg, scheme, a_bytes) > budget and cfg.block_n > min_n:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
     return cfg
 
@@ -396,4 +407,4 @@ def invariant_config(cfg: TileConfig, anchor: TileConfig, scheme: QuantScheme, a
         dict(block_m=max(cfg.block_m, INVARIANT_MIN_BLOCK_M))
     cfg = dataclasses.replace(cfg, block_k=anchor.block_k, num_warps=max(4, cfg.num_warps - cfg.num_warps % 4),
                               **wide)
-    return fit_smem(cfg, scheme, a_bytes, budget)
+    return fit_smem(cfg, scheme, a_bytes, budget, swapped)

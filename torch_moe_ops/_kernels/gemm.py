@@ -35,7 +35,7 @@ from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
 from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half, value_scales
-from .configs import TileConfig, fits_scale_tile, swaps
+from .configs import TileConfig, fits_scale_tile, joins_k, swaps
 from .plan import launch
 
 
@@ -291,6 +291,7 @@ def invoke_moe_gemm(
     activation's output, bitwise what ``act_and_mul`` makes of the unfused ``c`` (no activation quantization).
     """
     numel = c.shape[0]
+    swapped = swaps(scheme, a.element_size())
     pack = scheme.weight.pack if scheme.quantized else 1
     N, K = w.shape[1], w.shape[2] * pack
     bm, bn, bk = config.block_m, config.block_n, config.block_k
@@ -345,9 +346,8 @@ def invoke_moe_gemm(
         FP32_IEEE=a.dtype == torch.float32,
         BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
         **_scheme_kwargs(scheme), **act_kw,
-        # mxfp4 prefill in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
-        JOIN_K=scheme.codec == "fp4_e2m1" and bm >= 64 and a.dtype != torch.float32,
-        SWAP_AB=swaps(scheme, a.element_size()),
+        # mxfp4 wgmma tiles in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
+        JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
