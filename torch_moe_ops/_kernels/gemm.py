@@ -75,11 +75,10 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
                        (BLOCK_K // 2, s.shape[1]))  # [BK/2, BN]
         b_lo, b_hi = scale_values(b_lo, s), scale_values(b_hi, s)
     if JOIN_K:  # one dot over the whole step: the values back in K order, [BK/2, 2, BN] -> [BK, BN]
+        tl.static_assert(not SWAP_AB, "swapped tiles keep the half-K dots (configs.joins_k)")
         b_full = tl.reshape(tl.permute(tl.join(b_lo, b_hi), (0, 2, 1)), (BLOCK_K, b_lo.shape[1]))
         if FP32_IEEE:
             d = tl.dot(a, b_full, input_precision="ieee")
-        elif SWAP_AB:
-            d = tl.dot(tl.trans(b_full), tl.trans(a))  # [BN, BM]
         else:
             d = tl.dot(a, b_full)
     else:  # columns 2j and 2j + 1 of a meet the low and the high halves
