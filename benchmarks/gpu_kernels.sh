@@ -34,7 +34,10 @@ if [ "${SKIP_INVARIANCE:-0}" != 1 ]; then  # rows differing by batch, default an
 fi
 A="--no-quant --shapes ${SHAPES:-gpt-oss-20b,qwen3-30b-a3b} --tokens ${TOKENS:-1,16,64,4096}"
 NEW_SCHEMES=${SCHEMES:-none,int8_w8a16,int4_w4a16,mxfp4}
-OLD_SCHEMES=$(python3 -c "import sys; print(','.join(s for s in '$NEW_SCHEMES'.split(',') if s != 'mxfp4'))")
+# the base tree's schemes: those of this run it registers (931db85 has no mxfp4)
+OLD_SCHEMES=$(python3 -c "import pathlib; old = ''.join(p.read_text() for p in pathlib.Path('old/torch_moe_ops/schemes')
+                                                  .glob('*.py')) if pathlib.Path('old/torch_moe_ops/schemes').is_dir() else ''
+print(','.join(s for s in '$NEW_SCHEMES'.split(',') if f'\"{s}\"' in old))")
 if [ "$(left)" -gt 60 ]; then
   share=$([ -d "$R/old/torch_moe_ops" ] && echo $(( $(left) / 2 )) || echo $(( $(left) - 60 )))
   PROV=${PROVIDERS:-ours,ours_invariant,ours_swapped,ours_invariant_swapped}
