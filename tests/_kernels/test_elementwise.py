@@ -16,7 +16,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from torch_moe_ops._kernels.activation import _elementwise  # noqa: E402
-from torch_moe_ops._kernels.formats import decode_pairs, decode_scale  # noqa: E402
+from torch_moe_ops._kernels.formats import decode_pairs, decode_scale, stored_value_scales  # noqa: E402
 from torch_moe_ops.schemes import ACTIVATIONS, IDENTITY, WEIGHT_FORMATS  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -114,3 +114,26 @@ def test_unknown_codec_fails_to_compile():
     q = torch.zeros(4, dtype=torch.uint8, device=DEV)
     out = torch.empty(8, device=DEV)
     _fails_naming(lambda: _decode_kernel[(1,)](q, out, 4, W_CODEC="int3", BLOCK=4), "unknown packed weight codec")
+
+
+@triton.jit
+def _value_scale_kernel(s_ptr, out_ptr, n, W_CODEC: tl.constexpr, BLOCK: tl.constexpr):
+    j = tl.arange(0, BLOCK)
+    s = tl.load(s_ptr + j, mask=j < n, other=0)
+    tl.store(out_ptr + j, stored_value_scales(s, W_CODEC, out_ptr.dtype.element_ty), mask=j < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", [n for n, f in WEIGHT_FORMATS.items() if f.scale_dtype == torch.uint8])
+def test_stored_value_scales_are_the_registry_scales_in_the_dot_dtype(name, dtype):
+    """Every stored scale byte, straight to the dtype the values are scaled in (bf16: from the byte's bits):
+    the registry's ``load_scale`` rounded to that dtype, bit for bit (NaN for 255)."""
+    fmt = WEIGHT_FORMATS[name]
+    s = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(DEV)
+    out = torch.empty(256, dtype=dtype, device=DEV)
+    _value_scale_kernel[(1,)](s, out, 256, W_CODEC=fmt.codec.kernel, BLOCK=256)
+    want = fmt.codec.load_scale(s.cpu()).to(dtype)
+    assert torch.equal(out.cpu().isnan(), want.isnan())
+    fin = ~want.isnan()
+    assert torch.equal(out.cpu()[fin].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want[fin].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))

@@ -23,7 +23,8 @@ from .._platform import interpret_mode
 from ..schemes import Activation, QuantScheme, cdiv
 from ._numerics import _bf16_round
 from .activation import _gated_backward
-from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half, value_scales
+from .formats import (block_pairs, decode_pairs, decode_scale, scale_values, stored_value_scales, swizzle,
+                      tensor_scale_half)
 from .fused_experts import gemm1, gemm1_input, gemm2_input
 from .gemm import gemm_grid_rows
 from .moe_sum import moe_sum
@@ -108,7 +109,7 @@ def _moe_dgrad_kernel(
         if W_PACKED:  # [BK, BN/2] bytes -> even / odd columns' values in the dot's dtype, scaled per group
             lo, hi = decode_pairs(w, W_CODEC, DOT_DT)
             s_ptrs = s_base + (offs_r // GROUP_R)[:, None] * stride_sr + s_cols[None, :]
-            s = value_scales(decode_scale(tl.load(s_ptrs, mask=mask_r[:, None], other=0), W_CODEC), W_CODEC, DOT_DT)
+            s = stored_value_scales(tl.load(s_ptrs, mask=mask_r[:, None], other=0), W_CODEC, DOT_DT)
             acc_lo = _dot(acc_lo, a, scale_values(lo, s), UPCAST, FP32_IEEE)
             acc_hi = _dot(acc_hi, a, scale_values(hi, s), UPCAST, FP32_IEEE)
         else:

@@ -136,6 +136,19 @@ def value_scales(s, W_CODEC: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def stored_value_scales(s, W_CODEC: tl.constexpr, DT: tl.constexpr):
+    """Stored scales -> ``value_scales(decode_scale(s))``, bit for bit; mxfp4 in bf16 straight from the E8M0
+    byte (the exponent field ``s << 7``; 0 and 255 add the top mantissa bit: 2^-127, NaN), without the fp32
+    detour (fewer instructions in the decode K loop)."""
+    if W_CODEC == "fp4_e2m1" and DT == tl.bfloat16:
+        b = s.to(tl.int32)
+        bits = (b << 7) | tl.where((b == 0) | (b == 255), 0x40, 0)
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return value_scales(decode_scale(s, W_CODEC), W_CODEC, DT)
+
+
+@triton.jit
 def scale_values(v, s):
     """Decoded values ``v`` (the dot's dtype) times their scales from ``value_scales``, in the dot's dtype:
     two at a time and exact when ``s`` is in v's dtype, else in fp32 and rounded once."""

@@ -34,7 +34,8 @@ from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
-from .formats import block_pairs, decode_pairs, decode_scale, scale_values, swizzle, tensor_scale_half, value_scales
+from .formats import (block_pairs, decode_pairs, decode_scale, scale_values, stored_value_scales, swizzle,
+                      tensor_scale_half)
 from .configs import TileConfig, fits_scale_tile, joins_k, swaps
 from .plan import launch
 
@@ -70,7 +71,7 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
             s = tl.load(s_ptrs)
         else:
             s = tl.load(s_ptrs, mask=(offs_g * GROUP_K)[:, None] < k_left, other=0)
-        s = value_scales(decode_scale(s, W_CODEC), W_CODEC, a.dtype)
+        s = stored_value_scales(s, W_CODEC, a.dtype)
         s = tl.reshape(tl.broadcast_to(s[:, None, :], (BLOCK_K // GROUP_K, GROUP_K // 2, s.shape[1])),
                        (BLOCK_K // 2, s.shape[1]))  # [BK/2, BN]
         b_lo, b_hi = scale_values(b_lo, s), scale_values(b_hi, s)
