@@ -24,3 +24,19 @@ def test_every_kernel_compiles_for_sm90():
         pytest.skip(run.stdout.strip()[-500:])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "FAILED" not in run.stdout
+
+
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
+                    reason="this Triton has no NVIDIA backend with ptxas")
+def test_opt_in_kernel_switches_compile_for_sm90():
+    """The opt-in GEMM forms (docs/kernels.md): swapped operands (with the batch-invariant tiles that widen
+    BLOCK_N) for the weight-converting schemes, and GEMM1's fused activation, at decode and prefill tiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TORCH_MOE_OPS_SWAP_AB="1", TORCH_MOE_OPS_FUSE_ACTIVATION="1")
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "sm90_compile.py"), "--T", "1", "4096",
+                          "--shapes", "qwen3", "--schemes", "int8_w8a16,int4_w4a16,mxfp4", "--batch-invariant",
+                          "--kernels", "none"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip()[-500:])
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "FAILED" not in run.stdout
