@@ -21,7 +21,7 @@ grep -E "passed|failed|error|FAILED|ERROR" "$DIR/cuda_tests.log" | tail -n 40
 # left(): seconds until LIMIT_S (default 580) from the start; a step that cannot fit is skipped
 left() { echo $(( ${LIMIT_S:-580} - ($(date +%s) - T0) )); }
 echo "== host_profile $(( $(date +%s) - T0 )) s"
-timeout 60 python3 -m benchmarks.host_profile --out "$DIR" 2>&1 | grep "^{" | cut -c1-600
+timeout ${PROFILE_S:-240} python3 -m benchmarks.host_profile --out "$DIR" 2>&1 | grep "^{" | cut -c1-600  # + compiled splits
 for m in plans triton opaque; do
   [ "$(left)" -lt 40 ] && { echo "== skipped: stack $m"; continue; }
   echo "== stack, TORCH_MOE_OPS_COMPILE=$m $(( $(date +%s) - T0 )) s"

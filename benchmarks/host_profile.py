@@ -4,6 +4,9 @@ Splits the host time of one ``torch.ops.moe.fused_moe`` call (Qwen3-30B-A3B laye
 T = 1 and 256, launch plans replaying; docs/host-overhead.md) into: the dispatcher (a ``custom_op`` with the
 same schema and an empty kernel, against a plain ``torch.library.Library`` kernel with and without autograd),
 the plan key, the two allocations, and each replayed launch (timed one by one); plus a cProfile of 200 calls.
+Then the compiled call (``torch.compile(fullgraph=True, dynamic=True)``) in each compile mode (``plans``,
+``triton``; docs/host-overhead.md): host time per call, a cProfile of 200 calls and the wrapper code Inductor
+generated (``compiled_<mode>_<scheme>_T<T>.py`` beside the JSON), against the floor of a compiled ``x * 2``.
 Host figures come from ``time.perf_counter`` around unsynchronized calls (the GPU queue never fills: few calls
 per run). On CPU (``--smoke``) only the dispatcher floors run: the plans need CUDA.
 """
@@ -130,6 +133,58 @@ def replay_split(scheme: str, T: int) -> dict:
     return row
 
 
+def _profile_top(fn, calls: int = 200, lines: int = 15) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(lines)
+    return text.getvalue()[-4000:]
+
+
+def compiled_split(scheme: str, T: int, mode: str, device: str, dims=(E, K, H, I)) -> dict:
+    """One compiled ``fused_moe`` call under ``TORCH_MOE_OPS_COMPILE=mode``: host µs per call, the cProfile of
+    200 calls, Inductor's generated code (key ``code``), and a compiled ``x * 2``'s host µs (the floor of any
+    compiled call on this host: guards, graph entry, one launch)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from torch_moe_ops._platform import COMPILE_ENV
+
+    e, k, h, i = dims
+    torch.manual_seed(0)
+    w13, w2, _, _ = testing.random_moe_weights(e, h, i, dtype=torch.bfloat16, device=device)
+    q13, q2, s13, s2, block = testing.quantize_experts(w13, w2, scheme, "silu", None)
+    kw = testing.experts_kwargs(scheme, s13, s2, block)
+    x = (torch.randn(T, h, device=device) * 0.1).bfloat16()
+    logits = torch.randn(T, e, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    before = os.environ.get(COMPILE_ENV)
+    os.environ[COMPILE_ENV] = mode  # read when the graph is traced
+    try:
+        torch._dynamo.reset()
+        f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, k, **kw), fullgraph=True, dynamic=True)
+        g = torch.compile(lambda x: x * 2, fullgraph=True, dynamic=True)
+        with torch.no_grad():
+            _, codes = run_and_get_code(f, x, logits)
+            row = {"mode": mode, "scheme": scheme, "T": T,
+                   "compiled_us": per_call_us(lambda: f(x, logits), sync=sync),
+                   "compiled_x2_us": per_call_us(lambda: g(x), sync=sync),
+                   "eager_public_us": per_call_us(lambda: moe.fused_moe(x, logits, q13, q2, k, **kw), sync=sync)}
+            sync()
+            row["cprofile_top"] = _profile_top(lambda: f(x, logits))
+            sync()
+        row["code"] = "\n".join(codes)
+    finally:
+        if before is None:
+            os.environ.pop(COMPILE_ENV, None)
+        else:
+            os.environ[COMPILE_ENV] = before
+        torch._dynamo.reset()
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="folder for host_profile.json")
@@ -138,14 +193,30 @@ def main() -> None:
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     rows = [{"floors": device, **dispatcher_floors(device)}]
     print(json.dumps(rows[-1]), flush=True)
+    codes = {}
     if device == "cuda":
         for scheme in ("none", "fp8_block"):
             for T in (1, 256):
                 rows.append(replay_split(scheme, T))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "cprofile_top"}), flush=True)
                 print(rows[-1].get("cprofile_top", ""), flush=True)
+        cases = [(m, s, T) for m in ("plans", "triton") for s in ("none", "fp8_block") for T in (1, 256)]
+    else:  # the compiled split's code path on a small layer (every mode is the public op on CPU)
+        cases = [("plans", "none", 3)]
+    for mode, scheme, T in cases:
+        try:
+            row = compiled_split(scheme, T, mode, device, (E, K, H, I) if device == "cuda" else (8, 2, 64, 32))
+        except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest of the profile
+            row = {"mode": mode, "scheme": scheme, "T": T, "error": repr(exc)[:500]}
+        codes[f"compiled_{mode}_{scheme}_T{T}.py"] = row.pop("code", "")
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "cprofile_top"}), flush=True)
+        print(row.get("cprofile_top", ""), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        for name, code in codes.items():
+            with open(os.path.join(args.out, name), "w") as f:
+                f.write(code)
         with open(os.path.join(args.out, "host_profile.json"), "w") as f:
             json.dump(rows, f, indent=1)
 
