@@ -1,7 +1,8 @@
-"""The PTX of the bf16 4-bit decode (``_kernels/formats.py``: ``_FP4_BF16_PTX``, ``_INT4_BF16_PTX``), run by a small
-emulator of the instructions it uses, against the registry codecs on every byte value in every position of the
-32-bit word (the GPU suite checks the compiled kernel bitwise too: ``test_elementwise.py``, bf16). The emulator
-reads the very strings the kernels inline, so an edit to them is checked here, without a GPU."""
+"""The PTX of the 4-bit decode for 16-bit dots (``_kernels/formats.py``: ``_FP4_BF16_PTX``, ``_INT4_BF16_PTX``,
+``_INT4_FP16_PTX``), run by a small emulator of the instructions it uses, against the registry codecs on every
+byte value in every position of the 32-bit word (the GPU suite checks the compiled kernel bitwise too:
+``test_elementwise.py``, bf16 and fp16). The emulator reads the very strings the kernels inline, so an edit to
+them is checked here, without a GPU."""
 from __future__ import annotations
 
 
@@ -57,21 +58,23 @@ def run_ptx(ptx: str, word: int) -> list[int]:
     return [regs[f"${i}"] for i in range(4)]
 
 
-def _bf16(bits: list[int]) -> torch.Tensor:
-    return torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+def _halves(bits: list[int], dtype) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(dtype).float()
 
 
-@pytest.mark.parametrize("name,ptx,post", [("mxfp4", formats._FP4_BF16_PTX, lambda v: v * 2.0 ** 126),
-                                           ("int4_group", formats._INT4_BF16_PTX, lambda v: v - 136)])
-def test_decode_ptx_matches_the_codec_for_every_byte_in_every_position(name, ptx, post):
+@pytest.mark.parametrize("name,ptx,post,dtype", [
+    ("mxfp4", formats._FP4_BF16_PTX, lambda v: v * 2.0 ** 126, torch.bfloat16),
+    ("int4_group", formats._INT4_BF16_PTX, lambda v: v - 136, torch.bfloat16),
+    ("int4_group", formats._INT4_FP16_PTX, lambda v: v - 1032, torch.float16)])
+def test_decode_ptx_matches_the_codec_for_every_byte_in_every_position(name, ptx, post, dtype):
     codec = WEIGHT_FORMATS[name].codec
     ptx = ptx.value  # the string the kernel inlines
     for pos in range(4):
         for byte in range(256):
             bytes_ = [(byte + 37 * i) % 256 if i != pos else byte for i in range(4)]
             lo0, lo1, hi0, hi1 = run_ptx(ptx, sum(b << 8 * i for i, b in enumerate(bytes_)))
-            lo = _bf16([lo0 & 0xFFFF, lo0 >> 16, lo1 & 0xFFFF, lo1 >> 16])  # elements 0..3 (little-endian halves)
-            hi = _bf16([hi0 & 0xFFFF, hi0 >> 16, hi1 & 0xFFFF, hi1 >> 16])
+            lo = _halves([lo0 & 0xFFFF, lo0 >> 16, lo1 & 0xFFFF, lo1 >> 16], dtype)  # elements 0..3 (little-endian)
+            hi = _halves([hi0 & 0xFFFF, hi0 >> 16, hi1 & 0xFFFF, hi1 >> 16], dtype)
             got = torch.stack([post(lo), post(hi)], dim=1).reshape(-1)  # even k, odd k per byte
             want = codec.decode(torch.tensor(bytes_, dtype=torch.uint8)).float()
             assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), (name, bytes_)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._platform import interpret_mode
 
-#: PTX for the bf16 decode (``_decode_bf16_asm``); the interpreter runs the Triton-level bit tricks instead.
+#: PTX for the 16-bit decode (``_decode_asm``); the interpreter runs the Triton-level bit tricks instead.
 _ASM = tl.constexpr(not interpret_mode())
 
 # Four packed bytes w = [B3 B2 B1 B0] -> four 32-bit registers of two bf16 each: lo = (B1, B0 | B3, B2) low
@@ -50,15 +50,22 @@ shr.b32 t23, t23, 4; and.b32 $3, t23, 0x000F000F; or.b32 $3, $3, 0x43004300;
 }""")
 
 
+_INT4_FP16_PTX = tl.constexpr(_INT4_BF16_PTX.value.replace("0x43004300", "0x64006400"))  # 1024 + nibble ^ 8
+
+
 @triton.jit
-def _decode_bf16_asm(packed, W_CODEC: tl.constexpr):
-    """``decode_pairs`` for bf16 dots in PTX, four bytes at a time: the same bits in fewer instructions
-    (docs/kernels.md "Decoding 4-bit values"). fp4: value · 2^-126 (the caller rescales); int4: nibble ^ 8 in
-    the mantissa of 128 (the caller subtracts 136)."""
-    if W_CODEC == "int4":
+def _decode_asm(packed, W_CODEC: tl.constexpr, DT: tl.constexpr):
+    """``decode_pairs`` for 16-bit dots in PTX, four bytes at a time: the same bits in fewer instructions
+    (docs/kernels.md "Decoding 4-bit values"). fp4 (bf16 only): value · 2^-126 (the caller rescales); int4:
+    nibble ^ 8 in the mantissa of 128 (bf16) / 1024 (fp16) (the caller subtracts 136 / 1032)."""
+    if W_CODEC == "int4" and DT == tl.float16:
+        return tl.inline_asm_elementwise(_INT4_FP16_PTX, "=r,=r,=r,=r,r", [packed],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    elif W_CODEC == "int4":
         return tl.inline_asm_elementwise(_INT4_BF16_PTX, "=r,=r,=r,=r,r", [packed],
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
+        tl.static_assert(DT == tl.bfloat16, "the PTX fp4 decode is bf16's")
         return tl.inline_asm_elementwise(_FP4_BF16_PTX, "=r,=r,=r,=r,r", [packed],
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
@@ -84,10 +91,10 @@ def decode_pairs(packed, W_CODEC: tl.constexpr, DT: tl.constexpr):
     else:  # 16-bit lanes: the float op runs two values at a time
         tl.static_assert((DT == tl.bfloat16) or (DT == tl.float16), "decode_pairs: bf16, fp16 or fp32 dots")
         BF16: tl.constexpr = DT == tl.bfloat16
-        if BF16 and _ASM and (W_CODEC == "int4" or W_CODEC == "fp4_e2m1"):
-            lo, hi = _decode_bf16_asm(packed, W_CODEC)
+        if _ASM and (W_CODEC == "int4" or (W_CODEC == "fp4_e2m1" and BF16)):
+            lo, hi = _decode_asm(packed, W_CODEC, DT)
             if W_CODEC == "int4":
-                off = tl.full((), 136.0, DT)
+                off = tl.full((), 136.0 if BF16 else 1032.0, DT)
                 return lo - off, hi - off
             else:
                 f = tl.full((), 8.507059173023462e+37, DT)  # 2^126
