@@ -132,32 +132,25 @@ def decode_scale(s, W_CODEC: tl.constexpr):
 
 
 @triton.jit
-def value_scales(s, W_CODEC: tl.constexpr, DT: tl.constexpr):
-    """Decoded fp32 scales -> the dtype ``scale_values`` multiplies in: mxfp4's powers of two in the dot's
-    dtype ``DT`` when that is exact (bf16 / fp32: fp32's exponent range), else fp32 (fp16's range is narrower;
-    other codecs' scales are not powers of two). Convert before broadcasting: once per group, not per value."""
-    if W_CODEC == "fp4_e2m1" and DT != tl.float16:
-        return s.to(DT)
-    else:
-        return s
-
-
-@triton.jit
 def stored_value_scales(s, W_CODEC: tl.constexpr, DT: tl.constexpr):
-    """Stored scales -> ``value_scales(decode_scale(s))``, bit for bit; mxfp4 in bf16 straight from the E8M0
-    byte (the exponent field ``s << 7``; 0 and 255 add the top mantissa bit: 2^-127, NaN), without the fp32
-    detour (fewer instructions in the decode K loop)."""
+    """Stored group scales -> the dtype ``scale_values`` multiplies in: mxfp4's powers of two in the dot's dtype
+    ``DT`` when that is exact (bf16 / fp32: fp32's exponent range), else fp32 (fp16's range is narrower; other
+    codecs' scales are not powers of two). mxfp4 in bf16 comes straight from the E8M0 byte (the exponent field
+    ``s << 7``; 0 and 255 add the top mantissa bit: 2^-127, NaN): the bits of ``decode_scale(s).to(bf16)``
+    without the fp32 detour. Convert before broadcasting: once per group, not per value."""
     if W_CODEC == "fp4_e2m1" and DT == tl.bfloat16:
         b = s.to(tl.int32)
         bits = (b << 7) | tl.where((b == 0) | (b == 255), 0x40, 0)
         return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif W_CODEC == "fp4_e2m1" and DT != tl.float16:
+        return decode_scale(s, W_CODEC).to(DT)
     else:
-        return value_scales(decode_scale(s, W_CODEC), W_CODEC, DT)
+        return decode_scale(s, W_CODEC)
 
 
 @triton.jit
 def scale_values(v, s):
-    """Decoded values ``v`` (the dot's dtype) times their scales from ``value_scales``, in the dot's dtype:
+    """Decoded values ``v`` (the dot's dtype) times their scales from ``stored_value_scales``, in the dot's dtype:
     two at a time and exact when ``s`` is in v's dtype, else in fp32 and rounded once."""
     if s.dtype == v.dtype:
         return v * s

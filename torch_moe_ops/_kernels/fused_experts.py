@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .._platform import debug_checks, fuse_activation, interpret_mode
+from .._platform import debug_checks, fuse_activation
 from ..schemes import Activation, QuantScheme
 from .activation import act_and_mul, act_and_quant, quantize_activation
-from .align import align_block_size
 from .configs import get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
-from .routing import pair_block_alignment, pair_blocks_of, topk_route
+from .routing import invariant_alignment, pair_block_alignment, topk_route
 
 
 def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
@@ -30,11 +29,8 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
     (T, H), (E, N1), k = x.shape, w13.shape[:2], topk_ids.shape[1]
     cfg1 = get_config(T, E, N1, H, scheme, block, x.device, top_k=k, invariant=invariant, dtype=x.dtype)
     if alignment is None:
-        num = E if expert_map is None else expert_map.numel()
-        if invariant and interpret_mode():  # the interpreter's dot rounds a row by its place in the tile
-            alignment = pair_blocks_of(topk_ids, num, cfg1.block_m, expert_map)
-        else:
-            alignment = align_block_size(topk_ids, num, cfg1.block_m, expert_map)
+        alignment = invariant_alignment(topk_ids, E if expert_map is None else expert_map.numel(), cfg1.block_m,
+                                        expert_map, invariant)
     if not on_input:
         return cfg1, alignment, x, k
     # Each pair gets its own weighted copy of its token: GEMM1 then reads row j, not j // k.

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .._platform import interpret_mode
 from ..schemes import QUANT_SCHEMES
-from .align import align_block_size
 from .configs import get_config
 from .gemm import invoke_moe_gemm
-from .routing import pair_blocks_of
+from .routing import invariant_alignment
 
 _NONE = QUANT_SCHEMES["none"]
 
@@ -25,7 +23,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return out
     cfg = get_config(T, 1, N, K, _NONE, None, x.device, top_k=1, invariant=True, dtype=x.dtype)
     ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)  # every row to the one expert
-    # (the interpreter's dot rounds a row by its place in the tile: there, one row per block)
-    align = (pair_blocks_of if interpret_mode() else align_block_size)(ids, 1, cfg.block_m, None)
+    align = invariant_alignment(ids, 1, cfg.block_m, None, True)
     return invoke_moe_gemm(x, weight.unsqueeze(0), out, *align, top_k=1, config=cfg, scheme=_NONE,
                            bias=None if bias is None else bias.unsqueeze(0))

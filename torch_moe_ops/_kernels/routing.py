@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._platform import interpret_mode
 from ..schemes import FLT_MAX
+from .align import align_block_size
 from .plan import launch
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the reference's clamp
@@ -220,3 +222,13 @@ def pair_blocks_of(topk_ids: torch.Tensor, num_experts: int, block_m: int, exper
     sorted_ids[::block_m] = torch.arange(numel, dtype=torch.int32, device=dev)
     expert_ids = torch.where(valid, local, torch.full_like(local, -1)).to(torch.int32)
     return sorted_ids, expert_ids, torch.full((1,), numel * block_m, dtype=torch.int32, device=dev)
+
+
+def invariant_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None,
+                        invariant: bool) -> tuple:
+    """The GEMMs' alignment for ``block_m``: ``align_block_size``'s, except batch-invariant calls in the Triton
+    interpreter, whose dot (NumPy) rounds a row by its place in the tile: those take ``pair_blocks_of`` (every
+    pair at row 0 of its own block; docs/batch-invariance.md)."""
+    if invariant and interpret_mode():
+        return pair_blocks_of(topk_ids, num_experts, block_m, expert_map)
+    return align_block_size(topk_ids, num_experts, block_m, expert_map)
