@@ -139,7 +139,7 @@ def _swap_case(scheme_name, G, dtype, bm, bk, K, swap, monkeypatch, extras):
     a = (torch.randn(T, K) * 0.5).to(dtype).to(DEVICE)
     q, s = quantize_weight(torch.randn(E, N, K) * 0.3, sch.weight.name, block_shape=[1, G] if G else None)
     block = sch.block_shape([1, G] if G else None) if sch.tiled else None
-    emap = torch.tensor([0, -1, 1, 2], dtype=torch.int32) if extras else None
+    emap = torch.tensor([0, -1, 1, 2], dtype=torch.int32, device=DEVICE) if extras else None
     ids = torch.rand(T, E + (emap is not None)).topk(k, dim=-1)[1].to(torch.int32)
     act = (get_activation("silu"), 1.0, 0.0) if extras == "act" else None
     c = torch.full((T * k, N // 2 if act else N), float("nan"), dtype=dtype, device=DEVICE)
