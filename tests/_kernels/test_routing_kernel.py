@@ -92,3 +92,30 @@ def test_topk_route_token_sweep_adds_no_compilations():
     for T in (1, 2, 3, 17, 64):
         routing.topk_route(_tie_free_logits(T, 64, torch.bfloat16), 4, True, "softmax", 0, 0, None, 1.0)
     assert _compiled_variants(kernel) == before
+
+
+@pytest.mark.parametrize("grouped,group,H", [(True, 16, 40), (True, 128, 300), (False, 0, 40), (False, 0, 300)])
+@pytest.mark.parametrize("T,E", [(1, 8), (37, 4), (5, 160)])
+def test_routing_kernel_quantizes_x_bitwise(grouped, group, H, T, E):
+    """``quant_x``: the routing kernel also writes GEMM1's fp8 input, the bits of ``quantize_activation``
+    (q and scales): a group tail (H % group), per-token rows read in several chunks (H = 300 > 128-column
+    chunks at E = 4: 32 tokens a program), a partial last program (T = 37), a NaN, an inf and an all-zero row;
+    the routing outputs unchanged."""
+    from torch_moe_ops._kernels.activation import quant_buffers, quantize_activation
+    from torch_moe_ops.schemes import get_activation_quant
+
+    aq = get_activation_quant("fp8_group" if grouped else "fp8_token")
+    torch.manual_seed(T + H)
+    x = (torch.randn(T, H) * 3).to(torch.bfloat16).to(DEVICE)
+    if T > 3:
+        x[1, 7] = float("nan")
+        x[2, 0] = float("inf")
+        x[3] = 0
+    logits = _tie_free_logits(T, E, torch.float32)
+    q, s = quant_buffers(T, H, aq, group or 128, x.device)
+    w, ids = routing.topk_route(logits, 2, quant_x=(x, q, s, group))
+    want_q, want_s = quantize_activation(x, aq, group or 128)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(s.isnan(), want_s.isnan()) and torch.equal(s.nan_to_num(), want_s.nan_to_num())
+    w0, ids0 = routing.topk_route(logits, 2)
+    assert torch.equal(w, w0) and torch.equal(ids, ids0)

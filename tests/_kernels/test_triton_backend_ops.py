@@ -85,11 +85,13 @@ def test_fused_moe_triton_backend(scheme, T):
     assert sqnr_db(_ref(x, logits, q13, q2, k, kw), out.float().cpu()) > 30
 
 
-@pytest.mark.parametrize("scheme", ["none", "fp8_block", "int4_w4a16"])
+@pytest.mark.parametrize("scheme", ["none", "fp8_block", "fp8_channel", "int4_w4a16"])
 @pytest.mark.parametrize("on_input", [False, True])
-def test_fused_moe_at_T1_pair_blocks_equal_the_aligned_pipeline(scheme, on_input):
-    """At T = 1 the routing kernel writes the alignment (one pair per block, _kernels/routing.py): bitwise
-    what topk_route + fused_experts (the alignment kernel) give, with an expert_map dropping some experts."""
+@pytest.mark.parametrize("T", [1, 9])
+def test_fused_moe_equals_route_then_experts(scheme, on_input, T):
+    """fused_moe's launches do two jobs of the separate ops (_kernels/routing.py): at T = 1 the routing kernel
+    writes the alignment (one pair per block), and for fp8 schemes it quantizes x. Bitwise what topk_route +
+    fused_experts (the alignment and quantization kernels) give, with an expert_map dropping some experts."""
     E, E_local, k = 9, 5, 4
     H, I = _dims(scheme, 40, 24)
     dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
@@ -97,8 +99,8 @@ def test_fused_moe_at_T1_pair_blocks_equal_the_aligned_pipeline(scheme, on_input
     emap = torch.tensor([0, -1, 1, 2, -1, 3, -1, 4, -1], dtype=torch.int32, device=DEV)
     kw.update(expert_map=emap, apply_router_weight_on_input=on_input)
     torch.manual_seed(1)
-    x = (torch.randn(1, H, device=DEV) * 0.1).to(dtype)
-    logits = torch.randn(1, E, device=DEV)
+    x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
+    logits = torch.randn(T, E, device=DEV)
     out = moe.fused_moe(x, logits, q13, q2, k, **kw)
     w, ids = moe.topk_route(logits, k)
     assert (emap[ids.long()] == -1).any() and (emap[ids.long()] >= 0).any()  # both kinds of pair

@@ -226,6 +226,15 @@ def act_and_mul(x: torch.Tensor, act: Activation, alpha: float, limit: float,
     return out
 
 
+def quant_buffers(M: int, n: int, aq: ActivationQuant, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of quantizing an [M, n] activation: (q [M, n] fp8 e4m3fn, scale fp32 [M, aq.scale_cols(n,
+    group)]). A grouped ``aq`` needs ``group`` to be a power of two."""
+    if aq.grouped:
+        assert group > 0 and group & (group - 1) == 0, "group must be a power of two"
+    return (torch.empty((M, n), dtype=FP8_DTYPE, device=device),
+            torch.empty((M, aq.scale_cols(n, group)), dtype=torch.float32, device=device))
+
+
 def act_and_quant(x: torch.Tensor, act: Activation, alpha: float, limit: float, aq: ActivationQuant,
                   group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, N] -> (q [M, n_out] fp8 e4m3fn, scale fp32 [M, aq.scale_cols(n_out, group)]: [M, 1] per
@@ -234,19 +243,16 @@ def act_and_quant(x: torch.Tensor, act: Activation, alpha: float, limit: float, 
     M, N = x.shape
     assert x.stride(-1) == 1, "x must have a contiguous last dim"
     n_out = N // 2 if act.gated else N
-    q = torch.empty((M, n_out), dtype=FP8_DTYPE, device=x.device)
+    q, scale = quant_buffers(M, n_out, aq, group, x.device)
     meta = dict(**_act_meta(act, limit), QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=interpret_mode())
     if aq.grouped:
         g = int(group)
-        assert g > 0 and g & (g - 1) == 0, "group must be a power of two"
-        groups = cdiv(n_out, g)
-        scale = torch.empty((M, groups), dtype=torch.float32, device=x.device)
+        groups = scale.shape[1]
         ng = max(1, min(triton.next_power_of_2(groups), 1024 // g))
         bm = max(1, min(16, 2048 // (ng * g)))
         grid = (cdiv(M, bm), cdiv(groups, ng))
         meta.update(GROUP=g, NG=ng, BLOCK_M=bm, BLOCK_N=ng * g, ONE_PASS=True, num_warps=4)
     else:
-        scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
         n_p2 = triton.next_power_of_2(max(n_out, 1))
         one_pass = n_p2 <= _ONE_PASS_MAX
         bn = n_p2 if one_pass else min(4096, _ONE_PASS_MAX)

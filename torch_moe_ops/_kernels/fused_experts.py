@@ -13,7 +13,7 @@ import torch
 
 from .._platform import debug_checks, fuse_activation
 from ..schemes import Activation, QuantScheme
-from .activation import act_and_mul, act_and_quant, quantize_activation
+from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .configs import get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
@@ -39,11 +39,14 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
 
 
 def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
-          act: Activation, fused: tuple | None = None) -> None:
+          act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None) -> None:
     """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
-    epilogue) = a1 (quantized first for fp8 schemes) @ W13ᵀ + bias, rows of dropped pairs untouched."""
+    epilogue) = a1 (quantized first for fp8 schemes, unless ``a1_quant`` = (q, scale) already holds that) @
+    W13ᵀ + bias, rows of dropped pairs untouched."""
     a1_scale = None
-    if scheme.act is not None:
+    if a1_quant is not None:
+        a1, a1_scale = a1_quant
+    elif scheme.act is not None:
         a1, a1_scale = quantize_activation(a1, scheme.act, scheme.act_group(block))
     invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
                     w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused)
@@ -77,6 +80,7 @@ def fused_experts(
     alignment: tuple | None = None,
     keep_c1: bool = False,
     invariant: bool = False,
+    a1_quant: tuple | None = None,
 ):
     """Routed experts of one MoE layer; returns a fresh ``[T, H]`` tensor in ``x.dtype`` (``keep_c1``: and
     GEMM1's output c1 [T·k, N1] for the backward, rows of dropped pairs 0).
@@ -92,6 +96,7 @@ def fused_experts(
     ``act.limit``). Intermediates are kept in x's dtype. ``alignment``: (sorted_ids, expert_ids,
     num_post_pad) already made for this call's BLOCK_M (``fused_moe``'s pair blocks), else aligned here.
     ``invariant``: batch-invariant tiles: every T computes a row the same way (docs/batch-invariance.md).
+    ``a1_quant``: (q [T, H] fp8, scale) = ``quantize_activation(x)``, made by ``fused_moe``'s routing kernel.
     """
     pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
@@ -113,10 +118,10 @@ def fused_experts(
     if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
-              fused=(act, alpha, limit))
+              fused=(act, alpha, limit), a1_quant=a1_quant)
     else:
         c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
-        gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act)
+        gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act, a1_quant=a1_quant)
         a2, a2_scale = gemm2_input(c1, act, alpha, limit, scheme, block)
 
     # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).
@@ -143,8 +148,10 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     on without the routing outputs: (w13, w2, act, scheme, scales, biases, block, expert_map, on_input,
     alpha, limit). At T = 1 the routing kernel also writes the GEMMs' alignment, one pair per block
     (``routing.pair_block_alignment``): the top-k experts of one token are distinct, so each expert's weights
-    are still read once, and the alignment kernel's launch goes. ``invariant``: as in ``fused_experts`` (the
-    routing is per token in any mode: ``docs/batch-invariance.md``)."""
+    are still read once, and the alignment kernel's launch goes. For fp8 schemes the routing kernel also
+    quantizes x (GEMM1's input, the bits of ``quantize_activation``; not with ``on_input``, whose GEMM1 input
+    is weighted per pair): one launch fewer at every T. ``invariant``: as in ``fused_experts`` (the routing
+    is per token in any mode: ``docs/batch-invariance.md``)."""
     w13, w2, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block, expert_map, on_input, alpha, limit = experts
     T, k = x.shape[0], routing[0]
     alignment = pair_blocks = None
@@ -153,6 +160,12 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
                           invariant=invariant, dtype=x.dtype)
         alignment = pair_block_alignment(T, k, cfg1.block_m, x.device)
         pair_blocks = (alignment, cfg1.block_m, w13.shape[0], expert_map)
-    weights, ids = topk_route(router_logits, *routing, pair_blocks=pair_blocks)
+    quant_x = a1_quant = None
+    if scheme.act is not None and not on_input:
+        group = scheme.act_group(block) if scheme.act.grouped else 0
+        a1_quant = quant_buffers(T, x.shape[1], scheme.act, group, x.device)
+        quant_x = (x, *a1_quant, group)
+    weights, ids = topk_route(router_logits, *routing, pair_blocks=pair_blocks, quant_x=quant_x)
     return fused_experts(x, w13, w2, weights, ids, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block,
-                         expert_map, on_input, alpha, limit, alignment=alignment, invariant=invariant)
+                         expert_map, on_input, alpha, limit, alignment=alignment, invariant=invariant,
+                         a1_quant=a1_quant)

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .._platform import interpret_mode
-from ..schemes import FLT_MAX
+from ..schemes import FLT_MAX, FP8_MAX, SCALE_EPS
+from ._numerics import _abs_bits, _from_bits, _quantize, _scale_of
 from .align import align_block_size
 from .plan import launch
 
@@ -42,18 +43,22 @@ def _pack(x, idx):
 
 @triton.jit(do_not_specialize=["T"])
 def _topk_route_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, npp_ptr,
-    T, stride_t, stride_e, rsf,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, x_ptr, xq_ptr, xs_ptr,
+    T, stride_t, stride_e, rsf, H, stride_xt, stride_qt, stride_st,
     E: tl.constexpr, GROUP_SIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr, K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr, BM: tl.constexpr, E_LOCAL: tl.constexpr, HAS_MAP: tl.constexpr,
+    QUANT_X: tl.constexpr, XGROUP: tl.constexpr, XBLOCK: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
+    EMULATE_FP8: tl.constexpr,
 ):
     """logits: [T, E] any float (strided) -> weights: [T, TOP_K] fp32, ids: [T, TOP_K] int32.
 
     PAIR_BLOCKS: also the GEMMs' alignment with one pair per block (``pair_block_alignment``): sorted
     [T·TOP_K·BM] int32, expert_ids [T·TOP_K] int32 (local id, -1 when ``map`` [E] int32 drops it),
-    npp [1] int32."""
+    npp [1] int32. QUANT_X: also GEMM1's fp8 input, ``quantize_activation``'s bits: x [T, H] -> xq [T, H]
+    fp8 e4m3fn, xs [T, cdiv(H, XGROUP)] fp32 (XGROUP = XBLOCK, a power of two) or [T, 1] (XGROUP = 0: per
+    token, the row read twice in XBLOCK chunks: amax, then quantize)."""
     pid = tl.program_id(0)
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     mask_t = offs_t < T
@@ -142,6 +147,27 @@ def _topk_route_kernel(
             tl.store(sorted_ptr + out * BM + r, tl.where(r == 0, out, numel).to(tl.int32), mask=mask_out)
         if pid == 0:
             tl.store(npp_ptr, (numel * BM).to(tl.int32))
+    if QUANT_X:  # the stores stay in this body: torch.compile's mutation analysis reads them here
+        x_row = x_ptr + offs_t * stride_xt
+        q_row = xq_ptr + offs_t * stride_qt
+        amax = tl.zeros([BLOCK_T], dtype=tl.int32)  # bits of |x|: the integer max keeps NaN
+        if XGROUP == 0:
+            for h0 in range(0, H, XBLOCK):
+                cols = h0 + tl.arange(0, XBLOCK)
+                m = mask_t[:, None] & (cols < H)[None, :]
+                y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(_abs_bits(y), axis=1))
+            scale, inv = _scale_of(_from_bits(amax), QMAX, EPS)
+            tl.store(xs_ptr + offs_t * stride_st, scale, mask=mask_t)
+        for h0 in range(0, H, XBLOCK):
+            cols = h0 + tl.arange(0, XBLOCK)
+            m = mask_t[:, None] & (cols < H)[None, :]
+            y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if XGROUP > 0:  # one scale per XBLOCK = XGROUP columns
+                scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=1)), QMAX, EPS)
+                tl.store(xs_ptr + offs_t * stride_st + h0 // XGROUP, scale, mask=mask_t)
+            tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8, False),
+                     mask=m)
 
 
 def topk_route(
@@ -154,13 +180,16 @@ def topk_route(
     e_score_correction_bias: torch.Tensor | None = None,
     routed_scaling_factor: float = 1.0,
     pair_blocks: tuple | None = None,
+    quant_x: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E] bf16/fp16/fp32 (any strides) -> (topk_weights [T, k] fp32, topk_ids [T, k] int32).
 
     Arguments are assumed validated (E <= 65535, k <= E, E % G == 0, E > G, topk_group <= G);
     ``e_score_correction_bias``: [E] fp32 or None. One launch, grid ``cdiv(T, BLOCK_T)``; T is not specialized.
     ``pair_blocks``: ((sorted_ids, expert_ids, num_post_pad) from ``pair_block_alignment``, block_m, local
-    experts, expert_map or None): the kernel also fills them."""
+    experts, expert_map or None): the kernel also fills them. ``quant_x``: (x [T, H], q, scale, group) with q
+    and scale from ``activation.quant_buffers`` (group 0: per token): the kernel also writes
+    ``quantize_activation(x)`` into them, bitwise (GEMM1's fp8 input without a launch of its own)."""
     T, E = router_logits.shape
     dev = router_logits.device
     weights = torch.empty((T, top_k), dtype=torch.float32, device=dev)
@@ -181,15 +210,23 @@ def topk_route(
         extra = dict(PAIR_BLOCKS=True, BM=block_m, E_LOCAL=num_local, HAS_MAP=expert_map is not None)
     else:
         sorted_ids = expert_ids = npp = expert_map = None
+    x = xq = xs = None
+    xq_kw = dict(QUANT_X=False, XGROUP=0, XBLOCK=16, QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=False)
+    if quant_x is not None:
+        x, xq, xs, group = quant_x
+        # a group is a chunk; per token, chunks of <= 4096 values a program (BLOCK_T rows) for the registers
+        chunk = group if group else max(16, min(triton.next_power_of_2(x.shape[1]), 4096 // block_t))
+        xq_kw.update(QUANT_X=True, XGROUP=group, XBLOCK=chunk, EMULATE_FP8=interpret_mode())
     dummy = router_logits  # read-only: never a buffer the kernel writes (torch.compile would copy it)
     launch(_topk_route_kernel, grid,
         router_logits, bias if bias is not None else dummy, weights, ids,
-        *(t if t is not None else dummy for t in (expert_map, sorted_ids, expert_ids, npp)),
+        *(t if t is not None else dummy for t in (expert_map, sorted_ids, expert_ids, npp, x, xq, xs)),
         T, router_logits.stride(0), router_logits.stride(1), float(routed_scaling_factor),
+        *((x.shape[1], x.stride(0), xq.stride(0), xs.stride(0)) if x is not None else (0, 0, 0, 0)),
         E=E, GROUP_SIZE=group_size, NUM_GROUPS=groups, TOPK_GROUP=topk_group if grouped else 1,
         TOP_K=top_k, K_P2=triton.next_power_of_2(top_k), GP=gp, GS=gs, BLOCK_T=block_t,
         SIGMOID=scoring_func == "sigmoid", HAS_BIAS=bias is not None, GROUPED=grouped,
-        RENORMALIZE=bool(renormalize), **extra, num_warps=4,
+        RENORMALIZE=bool(renormalize), **extra, **xq_kw, num_warps=4,
     )
     return weights, ids
 
