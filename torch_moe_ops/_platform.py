@@ -116,6 +116,33 @@ def compile_mode() -> str:
     return value
 
 
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """SHA-256 (16 hex digits) of the package's Python sources and tuned tables, read once per process."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json") and p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def trace_state() -> str:
+    """What a ``torch.compile`` graph of our ops may depend on beyond its own code: the package's sources (the
+    kernels a ``triton``-mode graph holds) and every ``TORCH_MOE_OPS_*`` switch (the compile mode, fusions, tuned
+    tables). torch's compiled-artifact caches key on the Dynamo graph only; the graph carries this string
+    (``ops/_registry.mark_traced``) so that a change makes a new artifact (docs/compile.md, "Caches")."""
+    switches = ";".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TORCH_MOE_OPS_"))
+    return f"{_source_digest()};{switches}"
+
+
+# torch._dynamo.assume_constant_result (it sets this attribute, tests/ops/test_trace_state.py): Dynamo calls the
+# function while tracing and bakes the string into the graph (importing Dynamo here would cost ~1.4 s at import).
+trace_state._dynamo_marked_constant = True
+
+
 def require_triton() -> None:
     if not has_triton():
         raise RuntimeError("torch_moe_ops: this path needs Triton (pip install triton); it is not installed")

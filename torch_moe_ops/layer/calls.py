@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..ops import fused_experts, fused_moe, topk_route
+from ..ops._registry import mark_traced
 from ..ops.autograd import fused_experts_train
 
 
@@ -30,8 +31,12 @@ FUSED_EXPERTS_TRAIN = OpPair(fused_experts_train, torch.ops.moe._fused_experts_t
 
 
 def op(pair: OpPair) -> Callable:
-    """``pair.traced`` while Dynamo traces, else ``pair.eager``."""
-    return pair.traced if torch.compiler.is_compiling() else pair.eager
+    """``pair.traced`` while Dynamo traces (the graph then also carries ``mark_traced``'s state), else
+    ``pair.eager``."""
+    if torch.compiler.is_compiling():
+        mark_traced()
+        return pair.traced
+    return pair.eager
 
 
 __all__ = ["FUSED_EXPERTS", "FUSED_EXPERTS_TRAIN", "FUSED_MOE", "TOPK_ROUTE", "OpPair", "op"]

@@ -81,6 +81,36 @@ def define_inference(name: str, schema: str, cuda, fake):
     return INFERENCE[qualname]
 
 
+_MARK = "_trace_state"
+
+
+def _define_mark():
+    """``moe::_trace_state(str state) -> ()``: a no-op (Inductor drops it: no output, no side effect) whose
+    only job is to put ``_platform.trace_state()`` into a Dynamo graph, hence into the key of torch's
+    compiled-artifact caches."""
+    qualname = f"{NAMESPACE}::{_MARK}"
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+    except RuntimeError:
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        lib.define(_MARK + "(str state) -> ()")
+        lib.impl(_MARK, lambda state: None, "CompositeExplicitAutograd")
+        _LIBS.append(lib)
+    else:
+        schema = str(getattr(getattr(torch.ops, NAMESPACE), _MARK).default._schema)
+        if schema != f"{qualname}(str state) -> ()":
+            raise RuntimeError(f"torch_moe_ops: the op {qualname} is already registered as {schema}")
+    return getattr(getattr(torch.ops, NAMESPACE), _MARK).default
+
+
+_MARK_OP = _define_mark()
+
+
+def mark_traced() -> None:
+    """Called by the public functions and the layer while Dynamo traces them (docs/compile.md, "Caches")."""
+    _MARK_OP(_platform.trace_state())
+
+
 def use_triton_on_cpu() -> bool:
     """CPU kernels run the Triton launchers (interpreter) when TORCH_MOE_OPS_BACKEND=triton."""
     return _platform.cpu_backend() == "triton"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._registry import NAMESPACE, define as define_op, define_inference, direct_call_ok
+from ._registry import NAMESPACE, define as define_op, define_inference, direct_call_ok, mark_traced
 
 _REQUIRED = object()
 #: schema type -> the public wrapper's annotation
@@ -165,8 +165,10 @@ class Signature:
                       f"        return _cuda(_new(_Args, ({', '.join(self.names)},)))\n")
         pre = "".join(f"    {n} = _resolve_{n}({n})\n" for n in resolve)
         source = (f"def {self.name}({self._params(positional, annotate=True, resolved=resolve)}) -> {ret!r}:\n"
-                  f"{pre}{direct}    return torch.ops.{NAMESPACE}.{self.name}({call})\n")
+                  f"{pre}{direct}    if _compiling():\n        _mark()\n"
+                  f"    return torch.ops.{NAMESPACE}.{self.name}({call})\n")
         fn = self._compile(source, self.name, module, _cuda=cuda, _direct_ok=direct_call_ok,
+                           _compiling=torch.compiler.is_compiling, _mark=mark_traced,
                            **{f"_resolve_{n}": f for n, f in resolve.items()})
         fn.__doc__ = doc
         return fn
