@@ -67,3 +67,40 @@ def test_a_tensor_subclass_handles_the_op_first(traced):
     sees FunctionalTensors: twice the kernels, no error (the rule must not claim subclass calls)."""
     ops = Counter(traced[("none", 3, False, "triton", True)]["nodes"])
     assert ops["triton_kernel_wrapper_functional"] == 2 * KERNELS["none"], ops
+
+
+
+_EMBED = """
+import ast, importlib, json, pkgutil
+import torch_moe_ops._kernels as kernels
+from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as closure
+from triton.runtime.jit import JITFunction
+done, bad = [], []
+for info in pkgutil.iter_modules(kernels.__path__):
+    module = importlib.import_module(kernels.__name__ + "." + info.name)
+    for name, fn in vars(module).items():
+        if isinstance(fn, JITFunction) and name.endswith("_kernel") and fn.__module__ == module.__name__:
+            src = closure(fn)
+            try:
+                call = ast.parse("async_compile.triton(" + repr(name) + ", " + chr(39) * 3 + chr(10) + src + chr(10)
+                                 + chr(39) * 3 + ")").body[0].value
+                assert call.args[1].value.strip() == src.strip()
+                ast.parse(src)
+            except (SyntaxError, AssertionError) as exc:
+                bad.append(name + ": " + str(exc))
+            done.append(name)
+print(json.dumps([done, bad]))
+"""
+
+
+def test_inductor_can_embed_every_kernel_source():
+    """In ``triton`` mode Inductor writes each kernel's source with its helpers and global constexprs (their
+    repr) into a triple-quoted string of the code it generates; a constexpr string holding a newline broke that
+    literal on the H100 (2026-12-07: the PTX decode's strings). Every kernel of the package must survive the
+    round trip (run without TRITON_INTERPRET, whose kernels have no source to embed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _EMBED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done, bad = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(done) >= 10 and bad == [], (done, bad)

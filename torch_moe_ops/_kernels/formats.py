@@ -51,6 +51,10 @@ shr.b32 t23, t23, 4; and.b32 $3, t23, 0x000F000F; or.b32 $3, $3, 0x43004300;
 
 
 _INT4_FP16_PTX = tl.constexpr(_INT4_BF16_PTX.value.replace("0x43004300", "0x64006400"))  # 1024 + nibble ^ 8
+# One line each: Inductor copies a kernel's global constexprs into its generated source as repr() inside a
+# triple-quoted string, where a newline's escape breaks the literal (triton compile mode, H100, 2026-12-07).
+_FP4_BF16_PTX, _INT4_BF16_PTX, _INT4_FP16_PTX = (tl.constexpr(" ".join(p.value.split()))
+                                                 for p in (_FP4_BF16_PTX, _INT4_BF16_PTX, _INT4_FP16_PTX))
 
 
 @triton.jit
