@@ -68,9 +68,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _per_call_us(fn, calls: int, repeats: int, device: torch.device, *, wait: bool) -> float:
+def _per_call_us(fn, calls: int, repeats: int, device: torch.device, *, wait: bool, runs: list | None = None) -> float:
     """Median over ``repeats`` of the time of ``calls`` calls, per call, in µs; ``wait``: the clock stops after
-    the synchronize that ends each run (what a caller waits), else before it (enqueue time only)."""
+    the synchronize that ends each run (what a caller waits), else before it (enqueue time only). ``runs``: gets
+    every run's figure (µs)."""
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -82,12 +83,23 @@ def _per_call_us(fn, calls: int, repeats: int, device: torch.device, *, wait: bo
         elapsed = time.perf_counter() - start
         _sync(device)
         times.append(elapsed / calls)
+    if runs is not None:
+        runs.extend(t * 1e6 for t in times)
     return statistics.median(times) * 1e6
 
 
-def enqueue_us(fn, calls: int, repeats: int, device: torch.device) -> float:
-    """Host time to enqueue one call (the clock stops before synchronizing)."""
-    return _per_call_us(fn, calls, repeats, device, wait=False)
+def enqueue_us(fn, calls: int, repeats: int, device: torch.device, runs: list | None = None) -> float:
+    """Host time to enqueue one call (the clock stops before synchronizing); ``runs`` as in ``_per_call_us``."""
+    return _per_call_us(fn, calls, repeats, device, wait=False, runs=runs)
+
+
+def _host_columns(row: dict, name: str, fn, args, device) -> None:
+    """``row[name]``: the median enqueue time; ``row[name + "_min"]``: the fastest run's, which a busy host
+    (other tenants, preemption) inflates least: on the H100 hosts of 2026-12-07 medians of the same code moved
+    by up to 2x between runs."""
+    runs: list = []
+    row[name] = enqueue_us(fn, args.calls, args.repeats, device, runs)
+    row[name + "_min"] = min(runs)
 
 
 def wall_us(fn, calls: int, repeats: int, device: torch.device) -> float:
@@ -187,13 +199,13 @@ def bench_cell(op, shape, scheme, T, weights, args, device) -> dict:
     eager = lambda: fn(*call_args)  # noqa: E731
     _warm(eager, device)
     row = dict(op=op, scheme=scheme, shape=shape.name, T=T)
-    row["host_us_eager"] = enqueue_us(eager, args.calls, args.repeats, device)
+    _host_columns(row, "host_us_eager", eager, args, device)
     public = op_fn(op, shape.k, kw, public=True)
     eager_public = lambda: public(*call_args)  # noqa: E731
     _warm(eager_public, device)
-    row["host_us_eager_public"] = enqueue_us(eager_public, args.calls, args.repeats, device)
+    _host_columns(row, "host_us_eager_public", eager_public, args, device)
     compiled = Compiled(fn, call_args, device, args.backend)
-    row["host_us_compiled"] = enqueue_us(compiled, args.calls, args.repeats, device)
+    _host_columns(row, "host_us_compiled", compiled, args, device)
     row["graph_us"] = graph_us(eager, device)
     row.update(frames=compiled.frames, recompiles=compiled.recompiles(), compile_s=compiled.compile_s,
                calls=args.calls, repeats=args.repeats, compile_mode=_platform.compile_mode())
@@ -226,9 +238,11 @@ def run_host(args, device, shapes, log, rows, flush) -> None:
                         log(f"{op:<13} {shape.name:<14} {scheme:<11} T={T:<4} FAILED {row['error']}")
                     else:
                         g_us = "-" if row["graph_us"] is None else f"{row['graph_us']:.1f}"
-                        log(f"{op:<13} {shape.name:<14} {scheme:<11} T={T:<4} host eager {row['host_us_eager']:7.1f} "
-                            f"us (public function {row['host_us_eager_public']:7.1f}), compiled {row['host_us_compiled']:7.1f} us (frames {row['frames']}, recompiles "
-                            f"{row['recompiles']}); graph {g_us} us")
+                        host = ", ".join(f"{label} {row[k]:.1f} (min {row[k + '_min']:.1f})" for label, k in (
+                            ("eager", "host_us_eager"), ("public", "host_us_eager_public"),
+                            ("compiled", "host_us_compiled")))
+                        log(f"{op:<13} {shape.name:<14} {scheme:<11} T={T:<4} host us: {host}; frames {row['frames']}, "
+                            f"recompiles {row['recompiles']}; graph {g_us} us")
             del weights
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -388,7 +402,7 @@ def main(argv=None) -> int:
     method = {"calls": args.calls, "stack_calls": args.stack_calls, "repeats": args.repeats, "backend": args.backend,
               "compile": "torch.compile(fn, fullgraph=True, dynamic=True), default mode, fresh dynamo state per cell",
               "host": "perf_counter around `calls` unsynchronized calls (synchronize before, clock stopped before "
-                      "the synchronize after), / calls, median of `repeats`",
+                      "the synchronize after), / calls, median of `repeats` (`*_min`: the fastest run)",
               "graph": "benchmarks.run.do_bench_ms(fn, graph=True): CUDA-graph replay, median",
               "grad_mode": "torch.no_grad() (as generate)"}
     flush = lambda: write_json(path, env, rows, method=method, smoke=args.smoke)  # noqa: E731
