@@ -356,3 +356,20 @@ def test_tiles_fit_the_gpus_shared_memory():
 def test_device_smem_falls_back_without_a_gpu():
     configs.device_smem.cache_clear()
     assert configs.device_smem(0) == configs.SMEM_BUDGET or torch.cuda.is_available()
+
+
+def test_int4_prefill_tiles_swap_by_default_and_nothing_else(monkeypatch):
+    """configs.swaps without the switch (docs/kernels.md, "Swapped operands": measured on an H100): int4's 16-bit
+    GEMMs on tiles of BLOCK_M >= 64, not in the batch-invariant mode (its arithmetic may not change with T), not
+    at decode tiles, not for the other converted weights; the switch swaps all of them, invariant mode included."""
+    from torch_moe_ops._platform import SWAP_AB_ENV
+
+    monkeypatch.delenv(SWAP_AB_ENV, raising=False)
+    int4, int8, mxfp4 = (QUANT_SCHEMES[n] for n in ("int4_w4a16", "int8_w8a16", "mxfp4"))
+    assert configs.swaps(int4, 2, 128) and configs.swaps(int4, 2, 64)
+    assert not configs.swaps(int4, 2, 32) and not configs.swaps(int4, 4, 128)
+    assert not configs.swaps(int4, 2, 128, invariant=True)
+    assert not configs.swaps(int8, 2, 128) and not configs.swaps(mxfp4, 2, 128)
+    assert not any(configs.swaps(s, 2, 128) for s in QUANT_SCHEMES.values() if not s.flags.W_CAST)
+    monkeypatch.setenv(SWAP_AB_ENV, "1")
+    assert configs.swaps(int4, 2, 16, invariant=True) and configs.swaps(int8, 2, 16) and configs.swaps(mxfp4, 2, 16)

@@ -14,6 +14,7 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 
 from torch_moe_ops._kernels.align import align_block_size  # noqa: E402
 from torch_moe_ops._kernels.configs import TileConfig  # noqa: E402
+from torch_moe_ops._kernels import gemm  # noqa: E402
 from torch_moe_ops._kernels.gemm import invoke_moe_gemm  # noqa: E402
 from torch_moe_ops.schemes import NONE, get_quant_scheme  # noqa: E402
 
@@ -144,6 +145,7 @@ def _swap_case(scheme_name, G, dtype, bm, bk, K, swap, monkeypatch, extras):
     act = (get_activation("silu"), 1.0, 0.0) if extras == "act" else None
     c = torch.full((T * k, N // 2 if act else N), float("nan"), dtype=dtype, device=DEVICE)
     monkeypatch.setenv(SWAP_AB_ENV, "1" if swap else "0")
+    monkeypatch.setattr(gemm, "swaps", lambda *a, **kw: swap)  # unswapped too where the default would swap
     invoke_moe_gemm(a, q.to(DEVICE), c, *align_block_size(ids.to(DEVICE), E + (emap is not None), bm, emap), top_k=k,
                     config=TileConfig(bm, 32, bk, 1, 4, 1), scheme=sch, w_scale=sch.canonical_scale(s).to(DEVICE),
                     bias=torch.randn(E, N, device=DEVICE) if extras else None, block=block, act=act,

@@ -164,3 +164,26 @@ def test_activation_fused_into_gemm1_on_the_gpu(monkeypatch, scheme, activation,
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, "1")
     PLANS.clear()
     torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), want, rtol=0, atol=0)
+
+
+def test_int4_prefill_tiles_are_swapped_by_default(monkeypatch):
+    """configs.swaps (docs/kernels.md, "Swapped operands"): without the switch, int4's 128-row prefill tiles run
+    swapped, its decode tiles do not; the output is the unswapped one up to the MMA's rounding (as a norm: bf16
+    intermediates may round the other way near a cancellation)."""
+    from torch_moe_ops._kernels import gemm
+
+    E, k, H, I, T = 8, 2, 512, 384, 1024  # 256 rows per expert: 128-row tiles
+    q13, q2, kw = _weights(E, H, I, "int4_w4a16")
+    x, logits = _inputs(T, H, E, 3)
+    seen, real = [], gemm.launch
+    monkeypatch.setattr(gemm, "launch", lambda kernel, grid, *a, **kw_: seen.append((kw_["BLOCK_M"], kw_["SWAP_AB"]))
+                        or real(kernel, grid, *a, **kw_))
+    PLANS.clear()  # record: the launches go through gemm.launch
+    got = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    moe.fused_moe(x[:1], logits[:1], q13, q2, k, **kw)  # T = 1: 16-row tiles
+    assert {s for bm, s in seen if bm >= 64} == {True} and {s for bm, s in seen if bm < 64} == {False}, seen
+    monkeypatch.setattr(gemm, "swaps", lambda *a, **kw_: False)
+    PLANS.clear()
+    want = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    PLANS.clear()
+    assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()

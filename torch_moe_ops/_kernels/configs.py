@@ -279,7 +279,7 @@ def get_config(
     a_bytes = 1 if scheme.fp8_dot else (dtype.itemsize if dtype is not None else 2)
     return _cuda_config(T, E, N, K, scheme, _block(scheme, block), top_k, device_name(index),
                         device_family(index), os.environ.get(TUNED_DIR_ENV), bool(invariant), a_bytes,
-                        device_smem(index), block_m, bool(invariant) and swaps(scheme, a_bytes))
+                        device_smem(index), block_m, bool(invariant) and swaps(scheme, a_bytes, invariant=True))
 
 
 @functools.cache
@@ -340,11 +340,15 @@ def plain_dot(scheme: QuantScheme, a_bytes: int) -> bool:
     return not scheme.quantized and a_bytes == 2
 
 
-def swaps(scheme: QuantScheme, a_bytes: int) -> bool:
-    """Whether the GEMM computes the transposed tile ``w @ aᵀ`` (``_platform.swap_ab``, docs/kernels.md "Swapped
-    operands"): weights converted in registers (int8 weight-only, int4, mxfp4) against 16-bit activations. The
-    weights' rows are then the MMA's M."""
-    return a_bytes == 2 and scheme.flags.W_CAST and swap_ab()
+def swaps(scheme: QuantScheme, a_bytes: int, block_m: int = 0, invariant: bool = False) -> bool:
+    """Whether the GEMM computes the transposed tile ``w @ aᵀ`` (docs/kernels.md "Swapped operands"): weights
+    converted in registers (int8 weight-only, int4, mxfp4) against 16-bit activations, whose rows are then the
+    MMA's M. Every such GEMM with ``_platform.swap_ab``; by default int4's prefill tiles (BLOCK_M >= 64: 0.75-0.82x
+    the unswapped time on an H100, where every other case was slower), except in the batch-invariant mode,
+    whose arithmetic may not change with T (``invariant``)."""
+    if a_bytes != 2 or not scheme.flags.W_CAST:
+        return False
+    return swap_ab() or (not invariant and scheme.codec == "int4" and block_m >= INVARIANT_MIN_BLOCK_M)
 
 
 def joins_k(scheme: QuantScheme, cfg: TileConfig, a_bytes: int, swapped: bool) -> bool:

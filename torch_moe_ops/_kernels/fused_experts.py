@@ -39,17 +39,18 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
 
 
 def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
-          act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None) -> None:
+          act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None, invariant: bool = False) -> None:
     """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
     epilogue) = a1 (quantized first for fp8 schemes, unless ``a1_quant`` = (q, scale) already holds that) @
-    W13ᵀ + bias, rows of dropped pairs untouched."""
+    W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a batch-invariant config."""
     a1_scale = None
     if a1_quant is not None:
         a1, a1_scale = a1_quant
     elif scheme.act is not None:
         a1, a1_scale = quantize_activation(a1, scheme.act, scheme.act_group(block))
     invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
-                    w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused)
+                    w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused,
+                    invariant=invariant)
 
 
 def gemm2_input(c1, act: Activation, alpha: float, limit: float, scheme: QuantScheme, block):
@@ -118,10 +119,11 @@ def fused_experts(
     if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
-              fused=(act, alpha, limit), a1_quant=a1_quant)
+              fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant)
     else:
         c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
-        gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act, a1_quant=a1_quant)
+        gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act, a1_quant=a1_quant,
+              invariant=invariant)
         a2, a2_scale = gemm2_input(c1, act, alpha, limit, scheme, block)
 
     # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).
@@ -131,7 +133,7 @@ def fused_experts(
     invoke_moe_gemm(
         a2, w2, c3, *alignment, top_k=1, config=cfg2, scheme=scheme,
         a_scale=a2_scale, w_scale=w2_scale, bias=w2_bias, block=block,
-        topk_weights=None if on_input else topk_weights,
+        topk_weights=None if on_input else topk_weights, invariant=invariant,
     )
     if k == 1:  # [T, 1, H] is already the sum; c3 is a fresh tensor
         out = c3

@@ -271,6 +271,7 @@ def invoke_moe_gemm(
     block: tuple[int, int] | None = None,
     interleaved: bool = False,
     act: tuple | None = None,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
@@ -289,12 +290,13 @@ def invoke_moe_gemm(
     (fp32, before the downcast) when given. ``interleaved``: per-tensor ``[E, 2]`` halves are n % 2.
     ``act``: (gated ``Activation``, alpha, limit) to apply in the epilogue: ``c`` is then ``[T·k, N/2]``, the
     activation's output, bitwise what ``act_and_mul`` makes of the unfused ``c`` (no activation quantization).
+    ``invariant``: ``config`` is a batch-invariant one (``configs.swaps`` then ignores BLOCK_M).
     """
     numel = c.shape[0]
-    swapped = swaps(scheme, a.element_size())
     pack = scheme.weight.pack if scheme.quantized else 1
     N, K = w.shape[1], w.shape[2] * pack
     bm, bn, bk = config.block_m, config.block_n, config.block_k
+    swapped = swaps(scheme, a.element_size(), bm, invariant)
     num_pid_m = gemm_grid_rows(sorted_ids.numel(), numel, bm)
     if numel == 0 or N == 0:  # (numel > 0 means num_pid_m > 0: sorted_ids has at least numel slots)
         return c
