@@ -150,8 +150,8 @@ def _topk_route_kernel(
     if QUANT_X:  # the stores stay in this body: torch.compile's mutation analysis reads them here
         x_row = x_ptr + offs_t * stride_xt
         q_row = xq_ptr + offs_t * stride_qt
-        amax = tl.zeros([BLOCK_T], dtype=tl.int32)  # bits of |x|: the integer max keeps NaN
         if XGROUP == 0:
+            amax = tl.zeros([BLOCK_T], dtype=tl.int32)  # bits of |x|: the integer max keeps NaN
             for h0 in range(0, H, XBLOCK):
                 cols = h0 + tl.arange(0, XBLOCK)
                 m = mask_t[:, None] & (cols < H)[None, :]
