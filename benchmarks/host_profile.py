@@ -76,6 +76,14 @@ def dispatcher_floors(device: str) -> dict:
     return row
 
 
+def op_args(x, logits, w13, w2, kw: dict):
+    """``FUSED_MOE.Args`` of a call, the schema's defaults for what ``kw`` leaves out (a hand-written list of them
+    went stale when the op gained ``batch_invariant``; on the H100 of 2026-12-07 nothing after the floors came
+    back, which this explains)."""
+    defaults = {arg.name: arg.value for arg in FUSED_MOE.args if arg.default is not None}
+    return FUSED_MOE.Args(hidden_states=x, router_logits=logits, w13=w13, w2=w2, top_k=K, **{**defaults, **kw})
+
+
 def replay_split(scheme: str, T: int) -> dict:
     """The planned call piece by piece (CUDA)."""
     torch.manual_seed(0)
@@ -92,12 +100,7 @@ def replay_split(scheme: str, T: int) -> dict:
     if plan is None:
         return row
     sync = torch.cuda.synchronize
-    defaults = {"renormalize": True, "scoring_func": "softmax", "num_expert_group": 0, "topk_group": 0,
-                "e_score_correction_bias": None, "routed_scaling_factor": 1.0, "activation": "silu",
-                "quant_scheme": "none", "w13_scale": None, "w2_scale": None, "w13_bias": None, "w2_bias": None,
-                "block_shape": None, "expert_map": None, "apply_router_weight_on_input": False,
-                "activation_alpha": None, "activation_limit": None}
-    a = FUSED_MOE.Args(hidden_states=x, router_logits=logits, w13=q13, w2=q2, top_k=K, **{**defaults, **kw})
+    a = op_args(x, logits, q13, q2, kw)
     plan_key = FUSED_MOE.plan_key(_sig, torch._C._cuda_getDevice)
     _, inputs = plan_key(a)
     with torch.no_grad():
@@ -203,6 +206,8 @@ def main() -> None:
         cases = [(m, s, T) for m in ("plans", "triton") for s in ("none", "fp8_block") for T in (1, 256)]
     else:  # the compiled split's code path on a small layer (every mode is the public op on CPU)
         cases = [("plans", "none", 3)]
+        w = torch.empty(E, 2, 2)
+        op_args(torch.empty(1, H), torch.empty(1, E), w, w, {})  # replay_split's arguments (CUDA-only otherwise)
     for mode, scheme, T in cases:
         try:
             row = compiled_split(scheme, T, mode, device, (E, K, H, I) if device == "cuda" else (8, 2, 64, 32))
