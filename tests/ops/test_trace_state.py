@@ -73,3 +73,16 @@ def test_compiled_graphs_carry_the_state_and_miss_the_cache_when_it_changes(via,
         assert f"{FUSE_ACTIVATION_ENV}={switch}" in codes[-1] and "moe._trace_state" in codes[-1]
         assert hits == (1 if len(results) == 2 else 0), (switch, dict(counters["aot_autograd"]))
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_an_exported_program_has_no_marker():
+    """torch.export caches nothing of ours, and its program would keep the marker node: none there."""
+    E, k, H, I = 4, 2, 32, 16
+    w13, w2, _, _ = random_moe_weights(E, H, I, dtype=torch.float32)
+
+    class M(torch.nn.Module):
+        def forward(self, x, logits):
+            return moe.fused_moe(x, logits, w13, w2, k)
+
+    ep = torch.export.export(M(), (torch.randn(3, H), torch.randn(3, E)))
+    assert [str(n.target) for n in ep.graph.nodes if n.op == "call_function"] == ["moe.fused_moe.default"]

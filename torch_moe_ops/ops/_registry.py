@@ -107,8 +107,10 @@ _MARK_OP = _define_mark()
 
 
 def mark_traced() -> None:
-    """Called by the public functions and the layer while Dynamo traces them (docs/compile.md, "Caches")."""
-    _MARK_OP(_platform.trace_state())
+    """Called by the public functions and the layer while Dynamo traces them (docs/compile.md, "Caches"); not
+    under ``torch.export``, whose program would keep the node (export caches nothing of ours)."""
+    if not torch.compiler.is_exporting():
+        _MARK_OP(_platform.trace_state())
 
 
 def use_triton_on_cpu() -> bool:
