@@ -119,3 +119,33 @@ def test_routing_kernel_quantizes_x_bitwise(grouped, group, H, T, E):
     assert torch.equal(s.isnan(), want_s.isnan()) and torch.equal(s.nan_to_num(), want_s.nan_to_num())
     w0, ids0 = routing.topk_route(logits, 2)
     assert torch.equal(w, w0) and torch.equal(ids, ids0)
+
+
+@pytest.mark.parametrize("T,E,k,G,bm", [(2, 8, 2, 0, 16), (16, 128, 8, 0, 16), (13, 60, 6, 0, 64), (16, 64, 4, 0, 16),
+                                        (7, 64, 6, 8, 32), (5, 9, 4, 0, 128)])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_routing_kernel_aligns_like_align_block_size(T, E, k, G, bm, mapped):
+    """``align``: when one routing program routes every token (``one_program``), it also writes the GEMMs'
+    alignment, bitwise ``align_block_size``'s (sorted_ids with its sentinels and unused tail, expert_ids,
+    num_post_pad), under an expert_map that drops experts too; the routing outputs unchanged."""
+    from torch_moe_ops._kernels.align import align_buffers
+
+    assert routing.one_program(T, E, G)
+    torch.manual_seed(T * E + k)
+    logits = _tie_free_logits(T, E, torch.float32)
+    emap = None
+    if mapped:  # a rank holding every other expert, the rest dropped
+        emap = torch.full((E,), -1, dtype=torch.int32)
+        emap[::2] = torch.arange((E + 1) // 2, dtype=torch.int32)
+        emap = emap.to(DEVICE)
+    buffers = align_buffers(T * k, E, bm, logits.device)
+    for b in buffers:
+        b.fill_(-7)  # every slot must be written
+    route = (k, True, "softmax", G, min(2, G) if G else 0)
+    w, ids = routing.topk_route(logits, *route, align=(buffers, bm, emap))
+    want = routing.align_block_size(ids, E, bm, emap)
+    for got, ref, name in zip(buffers, want, ("sorted_ids", "expert_ids", "num_post_pad")):
+        assert torch.equal(got, ref), name
+    w0, ids0 = routing.topk_route(logits, *route)
+    assert torch.equal(w, w0) and torch.equal(ids, ids0)
+    assert not routing.one_program(64, 128, 0) and not routing.one_program(3, 256, 0)

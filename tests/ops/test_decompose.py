@@ -40,8 +40,10 @@ def test_graph_holds_our_kernels_and_nothing_that_moves_data(traced, case):
     seen = traced[case]
     ops = Counter(seen["nodes"])
     big = case[1] * 6 > 4096  # multi-kernel alignment (count + scan + scatter) past 4096 pairs
-    pair_blocks = case[1] == 1  # T = 1: the routing kernel also aligns (one pair per block)
-    assert ops["triton_kernel_wrapper_functional"] == KERNELS[case[0]] + 2 * big - pair_blocks, ops
+    # T = 1: the routing kernel also aligns (one pair per block); T <= 16 (E = 60: 32 tokens a routing program,
+    # token buckets 1 and 16): its one program writes align_block_size's alignment
+    aligned_in_routing = case[1] <= 16
+    assert ops["triton_kernel_wrapper_functional"] == KERNELS[case[0]] + 2 * big - aligned_in_routing, ops
     aten = {n for n in ops if n.startswith("aten.")}
     assert aten <= FREE, f"aten ops beyond allocations and views: {aten - FREE}"
     assert seen["cloned_inputs"] == [], "a kernel is taken to write a graph input: Inductor would copy it"
@@ -66,7 +68,7 @@ def test_a_tensor_subclass_handles_the_op_first(traced):
     """A subclass input (torch's TwoTensor, which runs each op on its two halves) is unwrapped before the rule
     sees FunctionalTensors: twice the kernels, no error (the rule must not claim subclass calls)."""
     ops = Counter(traced[("none", 3, False, "triton", True)]["nodes"])
-    assert ops["triton_kernel_wrapper_functional"] == 2 * KERNELS["none"], ops
+    assert ops["triton_kernel_wrapper_functional"] == 2 * (KERNELS["none"] - 1), ops  # T = 3: routing aligns
 
 
 

@@ -112,6 +112,21 @@ def _align_scatter_kernel(
     else:
         totals = tl.load(totals_ptr + bins, mask=real, other=0)
         prior = tl.load(counts_ptr + bins * nprog + pid, mask=real, other=0)
+    _align_program(ids_ptr, map_ptr, scratch_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, totals, prior, pid, start,
+                   numel, per_prog, blocks_per_prog, max_blocks, max_padded, E, EB, B, B_P2, NB, TILE, LOG_EB, HAS_MAP)
+
+
+@triton.jit
+def _align_program(ids_ptr, map_ptr, scratch_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, totals, prior, pid, start,
+                   numel, per_prog, blocks_per_prog, max_blocks, max_padded,
+                   E: tl.constexpr, EB: tl.constexpr, B: tl.constexpr, B_P2: tl.constexpr, NB: tl.constexpr,
+                   TILE: tl.constexpr, LOG_EB: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Program ``pid``'s share of the alignment, given per expert [EB] its pair count ``totals`` and the count
+    ``prior`` in chunks before its own (pairs [start, start + per_prog)): the runs, num_post_pad (pid 0), the
+    metadata and sentinels of its blocks, its pairs. Also the routing kernel's whole alignment when one program
+    routes every token (``routing._topk_route_kernel`` ALIGN: pid 0, one chunk)."""
+    bins = tl.arange(0, EB)
+    real = bins < E
     padded = tl.where(real, (totals + B - 1) // B * B, 0)
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
@@ -169,6 +184,23 @@ def _align_scatter_kernel(
         tl.debug_barrier()
 
 
+def align_buffers(numel: int, num_experts: int, block_size: int, device) -> tuple:
+    """The alignment's outputs for ``numel`` pairs (the module doc's layout): (sorted_ids [numel + E*(B-1)],
+    expert_ids [cdiv(., B)], num_post_pad [1]), int32, uninitialized."""
+    max_padded = numel + int(num_experts) * (int(block_size) - 1)
+    return (torch.empty(max_padded, dtype=torch.int32, device=device),
+            torch.empty(triton.cdiv(max_padded, int(block_size)), dtype=torch.int32, device=device),
+            torch.empty(1, dtype=torch.int32, device=device))
+
+
+def align_meta(num_experts: int, block_size: int, has_map: bool) -> dict:
+    """The alignment's constexprs (``_align_program``'s, and ``_histograms``' COUNT_TILE)."""
+    E, B = int(num_experts), int(block_size)
+    eb, b_p2 = triton.next_power_of_2(E + 1), triton.next_power_of_2(B)
+    return dict(E=E, EB=eb, B=B, B_P2=b_p2, NB=max(1, _SLOTS_PER_ITER // b_p2), TILE=_TILE, COUNT_TILE=_COUNT_TILE,
+                LOG_EB=eb.bit_length() - 1, HAS_MAP=has_map)
+
+
 def align_block_size(
     topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_map: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,17 +211,12 @@ def align_block_size(
     ids = topk_ids.reshape(-1)
     numel = ids.numel()
     E, B = int(num_experts), int(block_size)
-    max_padded = numel + E * (B - 1)
-    max_blocks = triton.cdiv(max_padded, B)
-    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
-    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
-    eb = triton.next_power_of_2(E + 1)
-    b_p2 = triton.next_power_of_2(B)
+    sorted_ids, expert_ids, num_post_pad = align_buffers(numel, E, B, dev)
+    max_padded, max_blocks = sorted_ids.shape[0], expert_ids.shape[0]
     has_map = expert_map is not None
     emap = expert_map if has_map else ids
-    meta = dict(E=E, EB=eb, B=B, B_P2=b_p2, NB=max(1, _SLOTS_PER_ITER // b_p2), TILE=_TILE, COUNT_TILE=_COUNT_TILE,
-                LOG_EB=eb.bit_length() - 1, HAS_MAP=has_map, num_warps=4)
+    meta = dict(align_meta(E, B, has_map), num_warps=4)
+    eb = meta["EB"]
     # The path is chosen per token bucket (configs.token_bucket), so a graph traced for a symbolic T takes
     # the path eager takes for every T it accepts; sym_min / sym_max keep the sizes symbolic (no guard).
     fused = token_bucket(topk_ids.shape[0]) * topk_ids.shape[1] <= _FUSED_MAX

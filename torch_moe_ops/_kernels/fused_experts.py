@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .._platform import debug_checks, fuse_activation
+from .._platform import debug_checks, fuse_activation, interpret_mode
 from ..schemes import Activation, QuantScheme
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .configs import get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
-from .routing import invariant_alignment, pair_block_alignment, topk_route
+from .align import align_buffers
+from .routing import invariant_alignment, one_program, pair_block_alignment, topk_route
 
 
 def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
@@ -150,24 +151,33 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     on without the routing outputs: (w13, w2, act, scheme, scales, biases, block, expert_map, on_input,
     alpha, limit). At T = 1 the routing kernel also writes the GEMMs' alignment, one pair per block
     (``routing.pair_block_alignment``): the top-k experts of one token are distinct, so each expert's weights
-    are still read once, and the alignment kernel's launch goes. For fp8 schemes the routing kernel also
+    are still read once, and the alignment kernel's launch goes. Up to the routing kernel's BLOCK_T tokens (one
+    program routes them all: ``routing.one_program``, by token bucket) it writes ``align_block_size``'s
+    alignment itself, and that launch goes too. For fp8 schemes the routing kernel also
     quantizes x (GEMM1's input, the bits of ``quantize_activation``; not with ``on_input``, whose GEMM1 input
     is weighted per pair): one launch fewer at every T. ``invariant``: as in ``fused_experts`` (the routing
     is per token in any mode: ``docs/batch-invariance.md``)."""
     w13, w2, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block, expert_map, on_input, alpha, limit = experts
     T, k = x.shape[0], routing[0]
-    alignment = pair_blocks = None
+    alignment = pair_blocks = align = None
+    E_ids = router_logits.shape[1]  # the ids' range (expert_map's length under EP)
+
+    def block_m():
+        return get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k,
+                          invariant=invariant, dtype=x.dtype).block_m
+
     if isinstance(T, int) and T == 1:
-        cfg1 = get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k,
-                          invariant=invariant, dtype=x.dtype)
-        alignment = pair_block_alignment(T, k, cfg1.block_m, x.device)
-        pair_blocks = (alignment, cfg1.block_m, w13.shape[0], expert_map)
+        alignment = pair_block_alignment(T, k, block_m(), x.device)
+        pair_blocks = (alignment, block_m(), w13.shape[0], expert_map)
+    elif one_program(T, E_ids, routing[3]) and not (invariant and interpret_mode()):  # (invariant_alignment)
+        alignment = align_buffers(T * k, E_ids, block_m(), x.device)
+        align = (alignment, block_m(), expert_map)
     quant_x = a1_quant = None
     if scheme.act is not None and not on_input:
         group = scheme.act_group(block) if scheme.act.grouped else 0
         a1_quant = quant_buffers(T, x.shape[1], scheme.act, group, x.device)
         quant_x = (x, *a1_quant, group)
-    weights, ids = topk_route(router_logits, *routing, pair_blocks=pair_blocks, quant_x=quant_x)
+    weights, ids = topk_route(router_logits, *routing, pair_blocks=pair_blocks, quant_x=quant_x, align=align)
     return fused_experts(x, w13, w2, weights, ids, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block,
                          expert_map, on_input, alpha, limit, alignment=alignment, invariant=invariant,
                          a1_quant=a1_quant)

@@ -19,7 +19,8 @@ import triton.language as tl
 from .._platform import interpret_mode
 from ..schemes import FLT_MAX, FP8_MAX, SCALE_EPS
 from ._numerics import _abs_bits, _from_bits, _quantize, _scale_of
-from .align import align_block_size
+from .align import _align_program, _histograms, align_block_size, align_meta
+from .configs import token_bucket
 from .plan import launch
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the reference's clamp
@@ -43,20 +44,24 @@ def _pack(x, idx):
 
 @triton.jit(do_not_specialize=["T"])
 def _topk_route_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, x_ptr, xq_ptr, xs_ptr,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, scratch_ptr,
+    x_ptr, xq_ptr, xs_ptr,
     T, stride_t, stride_e, rsf, H, stride_xt, stride_qt, stride_st,
     E: tl.constexpr, GROUP_SIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr, K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr, BM: tl.constexpr, E_LOCAL: tl.constexpr, HAS_MAP: tl.constexpr,
     QUANT_X: tl.constexpr, XGROUP: tl.constexpr, XBLOCK: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
-    EMULATE_FP8: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, ALIGN: tl.constexpr, EB: tl.constexpr, B_P2: tl.constexpr, NB: tl.constexpr,
+    TILE: tl.constexpr, COUNT_TILE: tl.constexpr, LOG_EB: tl.constexpr,
 ):
     """logits: [T, E] any float (strided) -> weights: [T, TOP_K] fp32, ids: [T, TOP_K] int32.
 
     PAIR_BLOCKS: also the GEMMs' alignment with one pair per block (``pair_block_alignment``): sorted
     [T·TOP_K·BM] int32, expert_ids [T·TOP_K] int32 (local id, -1 when ``map`` [E] int32 drops it),
-    npp [1] int32. QUANT_X: also GEMM1's fp8 input, ``quantize_activation``'s bits: x [T, H] -> xq [T, H]
+    npp [1] int32. ALIGN (one program, T <= BLOCK_T): also the GEMMs' alignment for block size BM, the layout
+    and bits of ``align_block_size`` (``align._align_program`` on every pair as one chunk; scratch [1, 3, EB]
+    int32). QUANT_X: also GEMM1's fp8 input, ``quantize_activation``'s bits: x [T, H] -> xq [T, H]
     fp8 e4m3fn, xs [T, cdiv(H, XGROUP)] fp32 (XGROUP = XBLOCK, a power of two) or [T, 1] (XGROUP = 0: per
     token, the row read twice in XBLOCK chunks: amax, then quantize)."""
     pid = tl.program_id(0)
@@ -147,6 +152,15 @@ def _topk_route_kernel(
             tl.store(sorted_ptr + out * BM + r, tl.where(r == 0, out, numel).to(tl.int32), mask=mask_out)
         if pid == 0:
             tl.store(npp_ptr, (numel * BM).to(tl.int32))
+    if ALIGN:
+        tl.debug_barrier()  # the ids stored above are read back by other threads of this program
+        numel = T * TOP_K
+        totals, prior = _histograms(ids_ptr, map_ptr, 0, numel, 0, numel, E, EB, COUNT_TILE, HAS_MAP)
+        max_padded = numel + E * (BM - 1)
+        max_blocks = tl.cdiv(max_padded, BM)
+        _align_program(ids_ptr, map_ptr, scratch_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, totals, prior, pid, 0,
+                       numel, tl.cdiv(numel, TILE) * TILE, max_blocks, max_blocks, max_padded, E, EB, BM, B_P2, NB,
+                       TILE, LOG_EB, HAS_MAP)
     if QUANT_X:  # the stores stay in this body: torch.compile's mutation analysis reads them here
         x_row = x_ptr + offs_t * stride_xt
         q_row = xq_ptr + offs_t * stride_qt
@@ -181,13 +195,17 @@ def topk_route(
     routed_scaling_factor: float = 1.0,
     pair_blocks: tuple | None = None,
     quant_x: tuple | None = None,
+    align: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E] bf16/fp16/fp32 (any strides) -> (topk_weights [T, k] fp32, topk_ids [T, k] int32).
 
     Arguments are assumed validated (E <= 65535, k <= E, E % G == 0, E > G, topk_group <= G);
     ``e_score_correction_bias``: [E] fp32 or None. One launch, grid ``cdiv(T, BLOCK_T)``; T is not specialized.
     ``pair_blocks``: ((sorted_ids, expert_ids, num_post_pad) from ``pair_block_alignment``, block_m, local
-    experts, expert_map or None): the kernel also fills them. ``quant_x``: (x [T, H], q, scale, group) with q
+    experts, expert_map or None): the kernel also fills them. ``align``: ((sorted_ids, expert_ids,
+    num_post_pad) from ``align.align_buffers`` for T·k pairs and the logits' E, block_m, expert_map or None),
+    where ``one_program(T, E, num_expert_group)``: the kernel also writes ``align_block_size``'s alignment into
+    them (its launch goes). ``quant_x``: (x [T, H], q, scale, group) with q
     and scale from ``activation.quant_buffers`` (group 0: per token): the kernel also writes
     ``quantize_activation(x)`` into them, bitwise (GEMM1's fp8 input without a launch of its own)."""
     T, E = router_logits.shape
@@ -196,11 +214,7 @@ def topk_route(
     ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
     if T == 0:
         return weights, ids
-    grouped = num_expert_group > 1  # G = 1 keeps its only group: the same as plain top-k
-    groups = num_expert_group if grouped else 1
-    group_size = E // groups
-    gp, gs = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
-    block_t = max(1, min(32, 2048 // (gp * gs)))
+    grouped, groups, group_size, gp, gs, block_t = _tiles(E, num_expert_group)
     bias = e_score_correction_bias
     grid = (triton.cdiv(T, block_t),)
     # every constexpr passed (no defaults): torch.compile's analysis of the kernel needs them all
@@ -208,8 +222,15 @@ def topk_route(
     if pair_blocks is not None:
         (sorted_ids, expert_ids, npp), block_m, num_local, expert_map = pair_blocks
         extra = dict(PAIR_BLOCKS=True, BM=block_m, E_LOCAL=num_local, HAS_MAP=expert_map is not None)
+    elif align is not None:
+        assert T <= block_t, "align: one program must route every token (one_program)"
+        (sorted_ids, expert_ids, npp), block_m, expert_map = align
+        extra = dict(PAIR_BLOCKS=False, BM=block_m, E_LOCAL=1, HAS_MAP=expert_map is not None)
     else:
         sorted_ids = expert_ids = npp = expert_map = None
+    meta = align_meta(E, extra["BM"], extra["HAS_MAP"])
+    align_kw = dict(ALIGN=align is not None, **{k: meta[k] for k in ("EB", "B_P2", "NB", "TILE", "COUNT_TILE", "LOG_EB")})
+    scratch = torch.empty((1, 3, meta["EB"]), dtype=torch.int32, device=dev) if align is not None else None
     x = xq = xs = None
     xq_kw = dict(QUANT_X=False, XGROUP=0, XBLOCK=16, QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=False)
     if quant_x is not None:
@@ -220,15 +241,29 @@ def topk_route(
     dummy = router_logits  # read-only: never a buffer the kernel writes (torch.compile would copy it)
     launch(_topk_route_kernel, grid,
         router_logits, bias if bias is not None else dummy, weights, ids,
-        *(t if t is not None else dummy for t in (expert_map, sorted_ids, expert_ids, npp, x, xq, xs)),
+        *(t if t is not None else dummy for t in (expert_map, sorted_ids, expert_ids, npp, scratch, x, xq, xs)),
         T, router_logits.stride(0), router_logits.stride(1), float(routed_scaling_factor),
         *((x.shape[1], x.stride(0), xq.stride(0), xs.stride(0)) if x is not None else (0, 0, 0, 0)),
         E=E, GROUP_SIZE=group_size, NUM_GROUPS=groups, TOPK_GROUP=topk_group if grouped else 1,
         TOP_K=top_k, K_P2=triton.next_power_of_2(top_k), GP=gp, GS=gs, BLOCK_T=block_t,
         SIGMOID=scoring_func == "sigmoid", HAS_BIAS=bias is not None, GROUPED=grouped,
-        RENORMALIZE=bool(renormalize), **extra, **xq_kw, num_warps=4,
+        RENORMALIZE=bool(renormalize), **extra, **xq_kw, **align_kw, num_warps=4,
     )
     return weights, ids
+
+
+def _tiles(E: int, num_expert_group: int) -> tuple:
+    """The routing kernel's expert tile and tokens a program: (grouped, groups, group size, GP, GS, BLOCK_T)."""
+    grouped = num_expert_group > 1  # G = 1 keeps its only group: the same as plain top-k
+    groups = num_expert_group if grouped else 1
+    gp, gs = triton.next_power_of_2(groups), triton.next_power_of_2(E // groups)
+    return grouped, groups, E // groups, gp, gs, max(1, min(32, 2048 // (gp * gs)))
+
+
+def one_program(T, E: int, num_expert_group: int) -> bool:
+    """Whether one routing program routes every token of any T in T's token bucket (``configs.token_bucket``),
+    so that it can also align them (``topk_route(..., align=...)``); a symbolic T is guarded to its bucket only."""
+    return token_bucket(T) <= _tiles(E, num_expert_group)[-1]
 
 
 def pair_block_alignment(T: int, top_k: int, block_m: int, device) -> tuple:
