@@ -18,7 +18,8 @@ import pytest
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 CASES = [("none", 1, False), ("fp8_block", 24, True), ("fp8_channel", 3, False), ("int4_w4a16", 5000, True),
-         ("none", 1, False, "opaque"), ("fp8_block", 24, True, "plans"), ("none", 3, False, "triton", True)]
+         ("none", 1, False, "opaque"), ("fp8_block", 24, True, "plans"), ("none", 3, False, "triton", True),
+         ("none", 9, True)]
 #: Pipeline kernels per scheme (route [+ quantize x for fp8], align, GEMM1, activation [+ quantize], GEMM2, moe_sum).
 KERNELS = {"none": 6, "fp8_block": 6, "fp8_channel": 6, "int4_w4a16": 6}
 #: What may sit between the kernels: allocations, views, shape arithmetic.
@@ -62,6 +63,14 @@ def test_the_other_modes_call_one_op(traced):  # (an unbacked T too: tests/ops/t
     plans = traced[("fp8_block", 24, True, "plans")]
     assert plans["nodes"] == ["moe._fused_moe_inference.default"]
     assert "T > 16" not in plans["guards"] and "T <= 64" not in plans["guards"]  # one graph for every T
+
+
+def test_a_symbolic_T_in_the_routing_programs_bucket_aligns_in_routing(traced):
+    """T = 2..16 symbolic (E = 60: one routing program holds 32 tokens): the routing kernel aligns, guarded to
+    the bucket only, and no input is copied (the shared alignment body's stores are analyzed through its call)."""
+    seen = traced[("none", 9, True)]
+    assert Counter(seen["nodes"])["triton_kernel_wrapper_functional"] == KERNELS["none"] - 1, seen["nodes"]
+    assert "T <= 16" in seen["guards"] and seen["cloned_inputs"] == [], seen
 
 
 def test_a_tensor_subclass_handles_the_op_first(traced):
