@@ -98,7 +98,7 @@ def test_topk_route_token_sweep_adds_no_compilations():
 @pytest.mark.parametrize("T,E", [(1, 8), (37, 4), (5, 160)])
 def test_routing_kernel_quantizes_x_bitwise(grouped, group, H, T, E):
     """``quant_x``: the routing kernel also writes GEMM1's fp8 input, the bits of ``quantize_activation``
-    (q and scales): a group tail (H % group), per-token rows read in several chunks (H = 300 > 128-column
+    (q and scales), x's rows strided: a group tail (H % group), per-token rows read in several chunks (H = 300 > 128-column
     chunks at E = 4: 32 tokens a program), a partial last program (T = 37), a NaN, an inf and an all-zero row;
     the routing outputs unchanged."""
     from torch_moe_ops._kernels.activation import quant_buffers, quantize_activation
@@ -106,7 +106,7 @@ def test_routing_kernel_quantizes_x_bitwise(grouped, group, H, T, E):
 
     aq = get_activation_quant("fp8_group" if grouped else "fp8_token")
     torch.manual_seed(T + H)
-    x = (torch.randn(T, H) * 3).to(torch.bfloat16).to(DEVICE)
+    x = (torch.randn(T, H + 8) * 3).to(torch.bfloat16).to(DEVICE)[:, :H]  # strided rows (stride H + 8)
     if T > 3:
         x[1, 7] = float("nan")
         x[2, 0] = float("inf")
