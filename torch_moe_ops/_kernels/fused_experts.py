@@ -14,10 +14,10 @@ import torch
 from .._platform import debug_checks, fuse_activation, interpret_mode
 from ..schemes import Activation, QuantScheme
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
+from .align import align_buffers
 from .configs import get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
-from .align import align_buffers
 from .routing import invariant_alignment, one_program, pair_block_alignment, topk_route
 
 
@@ -161,17 +161,16 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     T, k = x.shape[0], routing[0]
     alignment = pair_blocks = align = None
     E_ids = router_logits.shape[1]  # the ids' range (expert_map's length under EP)
-
-    def block_m():
-        return get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k,
-                          invariant=invariant, dtype=x.dtype).block_m
-
-    if isinstance(T, int) and T == 1:
-        alignment = pair_block_alignment(T, k, block_m(), x.device)
-        pair_blocks = (alignment, block_m(), w13.shape[0], expert_map)
-    elif one_program(T, E_ids, routing[3]) and not (invariant and interpret_mode()):  # (invariant_alignment)
-        alignment = align_buffers(T * k, E_ids, block_m(), x.device)
-        align = (alignment, block_m(), expert_map)
+    t1 = isinstance(T, int) and T == 1
+    if t1 or (one_program(T, E_ids, routing[3]) and not (invariant and interpret_mode())):  # (invariant_alignment)
+        bm = get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k,
+                        invariant=invariant, dtype=x.dtype).block_m
+        if t1:
+            alignment = pair_block_alignment(T, k, bm, x.device)
+            pair_blocks = (alignment, bm, w13.shape[0], expert_map)
+        else:
+            alignment = align_buffers(T * k, E_ids, bm, x.device)
+            align = (alignment, bm, expert_map)
     quant_x = a1_quant = None
     if scheme.act is not None and not on_input:
         group = scheme.act_group(block) if scheme.act.grouped else 0
