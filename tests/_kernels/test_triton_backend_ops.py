@@ -257,3 +257,32 @@ def test_swapped_operands_match_the_unswapped_gemm(monkeypatch, scheme, activati
             torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2, msg=fuse)
     assert swapped and all(swapped), swapped
     moe.clear_launch_plans()  # no plan recorded with the switches on outlives the test
+
+
+@settings(max_examples=16, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(T=st.integers(1, 40), E=st.sampled_from([3, 8, 60, 128, 160]), k=st.integers(1, 6), G=st.sampled_from([0, 4]),
+       scheme=st.sampled_from(["none", "fp8_block", "fp8_channel", "int8_w8a16"]), mapped=st.booleans(),
+       on_input=st.booleans())
+def test_fuzz_fused_moe_equals_route_then_experts(T, E, k, G, scheme, mapped, on_input):
+    """fused_moe's routing kernel also aligns (T = 1: pair blocks; T <= its BLOCK_T by token bucket: the
+    alignment kernel's layout) and quantizes x for fp8 schemes: bitwise topk_route + fused_experts over token
+    counts on both sides of the bucket edges, E from 3 to 160 (BLOCK_T 32 down to 8), grouped routing, an
+    expert_map (EP: half the experts elsewhere) and on-input weighting."""
+    G = G if G and E % G == 0 and E > G else 0
+    k = min(k, E if not G else (E // G) * 2)
+    E_local = (E + 1) // 2 if mapped else E
+    H, I = 32, 16
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
+    q13, q2, kw = _weights(E_local, H, I, scheme, dtype=dtype)
+    if mapped:  # global expert e lives here at e // 2 when e is even
+        emap = torch.full((E,), -1, dtype=torch.int32)
+        emap[::2] = torch.arange(E_local, dtype=torch.int32)
+        kw.update(expert_map=emap.to(DEV))
+    kw.update(apply_router_weight_on_input=on_input)
+    route = dict(num_expert_group=G, topk_group=min(2, G) if G else 0)
+    torch.manual_seed(T * 1000 + E)
+    x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
+    logits = torch.randn(T, E, device=DEV)
+    out = moe.fused_moe(x, logits, q13, q2, k, **route, **kw)
+    w, ids = moe.topk_route(logits, k, **route)
+    assert torch.equal(out, moe.fused_experts(x, q13, q2, w, ids, **kw)), (T, E, k, G, scheme)
