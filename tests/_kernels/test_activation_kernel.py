@@ -118,6 +118,17 @@ def test_act_and_quant_group128_odd_width():
     _check_quant(q, s, ref_act.act_and_mul_fp32(x.cpu(), "silu"), "fp8_group", 128)
 
 
+@pytest.mark.parametrize("group", [96, 48])
+def test_act_and_quant_groups_of_any_size(group):
+    """A scale tile whose K is not a power of two (fp8_block with block_shape [128, 96]) gives groups of that
+    size: the kernel masks a power-of-two tile (300 outputs: groups of 96, 96, 96, 12)."""
+    x = _input(5, 2 * 300, torch.bfloat16)
+    aq = get_activation_quant("fp8_group")
+    q, s = activation.act_and_quant(x, get_activation("silu"), SWIGLU_ALPHA, 0.0, aq, group)
+    assert s.shape == (5, -(-300 // group))
+    _check_quant(q, s, ref_act.act_and_mul_fp32(x.cpu(), "silu"), "fp8_group", group)
+
+
 def test_activation_token_sweep_adds_no_compilations():
     from torch_moe_ops._kernels import moe_sum
 

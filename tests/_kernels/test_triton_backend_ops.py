@@ -58,6 +58,20 @@ def _weights(E, H, I, scheme, activation="silu", bias=False, dtype=torch.float16
     return q13, q2, kw
 
 
+def test_fp8_block_scale_tiles_of_any_k():
+    """block_shape [16, 96] (K not a power of two; a GPU's fp8 dot takes K steps of 32): the activation groups
+    follow it, as in the reference (the Triton path asserted on a power of two before)."""
+    E, k, H, I = 4, 2, 192, 96
+    w13, w2, _, _ = random_moe_weights(E, H, I, dtype=torch.float16, device=DEV)
+    q13, s13 = moe.quantize_weight(w13, "fp8_block", block_shape=[16, 96])
+    q2, s2 = moe.quantize_weight(w2, "fp8_block", block_shape=[16, 96])
+    kw = dict(quant_scheme="fp8_block", w13_scale=s13, w2_scale=s2, block_shape=[16, 96])
+    for T in (1, 9, 70):  # pair blocks, routing-side alignment, the alignment kernel
+        x, logits = (torch.randn(T, H, device=DEV) * 0.1).half(), torch.randn(T, E, device=DEV)
+        out = moe.fused_moe(x, logits, q13, q2, k, **kw)
+        assert sqnr_db(_ref(x, logits, q13, q2, k, kw), out.float().cpu()) > 25, T
+
+
 def _ref(x, logits, q13, q2, k, kw, route_kw=None):
     w, ids = reference.topk_route(logits.cpu(), k, **(route_kw or {}))
     cpu = {n: (v.cpu() if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}

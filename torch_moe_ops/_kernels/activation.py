@@ -138,13 +138,14 @@ def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, n_out, half, stride_xm, stride_qm, stride_sm, alpha, limit,
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SWIGLU_OAI: tl.constexpr,
     CLAMP: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
-    GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, NG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
     """x: [M, ...] -> q fp8: [M, n_out], s fp32: [M, 1] (GROUP == 0, per token) or [M, cdiv(n_out, GROUP)].
 
     Per token: a program owns BLOCK_M whole rows (ONE_PASS when a row fits in BLOCK_N, else the row is
-    read twice: amax, then quantize). Per group: a program owns a [BLOCK_M, NG, GROUP] tile = NG groups."""
+    read twice: amax, then quantize). Per group: a program owns a [BLOCK_M, NG, GROUP_P2] tile = NG groups
+    (GROUP_P2 = next_pow2(GROUP): lanes past GROUP are masked, so any group size works)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < M
     step = 2 if INTERLEAVED else 1
@@ -152,8 +153,9 @@ def _act_quant_kernel(
     q_row = q_ptr + rows * stride_qm
     if GROUP > 0:
         grp = tl.program_id(1) * NG + tl.arange(0, NG)
-        cols = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [NG, GROUP]
-        mask = mask_m[:, None, None] & (cols < n_out)[None, :, :]
+        lane = tl.arange(0, GROUP_P2)
+        cols = grp[:, None] * GROUP + lane[None, :]  # [NG, GROUP_P2]
+        mask = mask_m[:, None, None] & ((cols < n_out) & (lane < GROUP)[None, :])[None, :, :]
         y = _act_tile(x_row[:, None, None] + step * cols[None, :, :], mask, half, alpha, limit,
                       ACT, GATED, INTERLEAVED, SWIGLU_OAI, CLAMP)
         y = tl.where(mask, y, 0.0)
@@ -228,9 +230,9 @@ def act_and_mul(x: torch.Tensor, act: Activation, alpha: float, limit: float,
 
 def quant_buffers(M: int, n: int, aq: ActivationQuant, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The outputs of quantizing an [M, n] activation: (q [M, n] fp8 e4m3fn, scale fp32 [M, aq.scale_cols(n,
-    group)]). A grouped ``aq`` needs ``group`` to be a power of two."""
+    group)]); ``group`` > 0 when ``aq`` is grouped (any size: the kernels mask a power-of-two tile)."""
     if aq.grouped:
-        assert group > 0 and group & (group - 1) == 0, "group must be a power of two"
+        assert group > 0, "a grouped activation quantization needs its group size"
     return (torch.empty((M, n), dtype=FP8_DTYPE, device=device),
             torch.empty((M, aq.scale_cols(n, group)), dtype=torch.float32, device=device))
 
@@ -239,7 +241,7 @@ def act_and_quant(x: torch.Tensor, act: Activation, alpha: float, limit: float, 
                   group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, N] -> (q [M, n_out] fp8 e4m3fn, scale fp32 [M, aq.scale_cols(n_out, group)]: [M, 1] per
     token, [M, cdiv(n_out, group)] grouped); equals ``aq.quantize(act.reference(x))`` in one pass (no fp32
-    round trip through memory). A grouped ``aq`` needs ``group`` to be a power of two."""
+    round trip through memory)."""
     M, N = x.shape
     assert x.stride(-1) == 1, "x must have a contiguous last dim"
     n_out = N // 2 if act.gated else N
@@ -247,18 +249,20 @@ def act_and_quant(x: torch.Tensor, act: Activation, alpha: float, limit: float, 
     meta = dict(**_act_meta(act, limit), QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=interpret_mode())
     if aq.grouped:
         g = int(group)
+        g_p2 = triton.next_power_of_2(g)
         groups = scale.shape[1]
-        ng = max(1, min(triton.next_power_of_2(groups), 1024 // g))
-        bm = max(1, min(16, 2048 // (ng * g)))
+        ng = max(1, min(triton.next_power_of_2(groups), 1024 // g_p2))
+        bm = max(1, min(16, 2048 // (ng * g_p2)))
         grid = (cdiv(M, bm), cdiv(groups, ng))
-        meta.update(GROUP=g, NG=ng, BLOCK_M=bm, BLOCK_N=ng * g, ONE_PASS=True, num_warps=4)
+        meta.update(GROUP=g, GROUP_P2=g_p2, NG=ng, BLOCK_M=bm, BLOCK_N=ng * g_p2, ONE_PASS=True, num_warps=4)
     else:
         n_p2 = triton.next_power_of_2(max(n_out, 1))
         one_pass = n_p2 <= _ONE_PASS_MAX
         bn = n_p2 if one_pass else min(4096, _ONE_PASS_MAX)
         bm = max(1, min(16, 2048 // bn))
         grid = (cdiv(M, bm), 1)
-        meta.update(GROUP=0, NG=1, BLOCK_M=bm, BLOCK_N=bn, ONE_PASS=one_pass, num_warps=8 if bn >= 4096 else 4)
+        meta.update(GROUP=0, GROUP_P2=1, NG=1, BLOCK_M=bm, BLOCK_N=bn, ONE_PASS=one_pass,
+                    num_warps=8 if bn >= 4096 else 4)
     if M == 0 or n_out == 0:
         return q, scale
     launch(_act_quant_kernel, grid, x, q, scale, M, n_out, n_out, x.stride(0), q.stride(0), scale.stride(0),

@@ -62,8 +62,8 @@ def _topk_route_kernel(
     npp [1] int32. ALIGN (one program, T <= BLOCK_T): also the GEMMs' alignment for block size BM, the layout
     and bits of ``align_block_size`` (``align._align_program`` on every pair as one chunk; scratch [1, 3, EB]
     int32). QUANT_X: also GEMM1's fp8 input, ``quantize_activation``'s bits: x [T, H] -> xq [T, H]
-    fp8 e4m3fn, xs [T, cdiv(H, XGROUP)] fp32 (XGROUP = XBLOCK, a power of two) or [T, 1] (XGROUP = 0: per
-    token, the row read twice in XBLOCK chunks: amax, then quantize)."""
+    fp8 e4m3fn, xs [T, cdiv(H, XGROUP)] fp32 (one group a step, in XBLOCK = next_pow2(XGROUP) lanes) or
+    [T, 1] (XGROUP = 0: per token, the row read twice in XBLOCK chunks: amax, then quantize)."""
     pid = tl.program_id(0)
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     mask_t = offs_t < T
@@ -164,20 +164,22 @@ def _topk_route_kernel(
     if QUANT_X:  # the stores stay in this body: torch.compile's mutation analysis reads them here
         x_row = x_ptr + offs_t * stride_xt
         q_row = xq_ptr + offs_t * stride_qt
+        STEP: tl.constexpr = XGROUP if XGROUP > 0 else XBLOCK  # columns a step: a group, or a chunk
+        lane = tl.arange(0, XBLOCK)
         if XGROUP == 0:
             amax = tl.zeros([BLOCK_T], dtype=tl.int32)  # bits of |x|: the integer max keeps NaN
-            for h0 in range(0, H, XBLOCK):
-                cols = h0 + tl.arange(0, XBLOCK)
+            for h0 in range(0, H, STEP):
+                cols = h0 + lane
                 m = mask_t[:, None] & (cols < H)[None, :]
                 y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(_abs_bits(y), axis=1))
             scale, inv = _scale_of(_from_bits(amax), QMAX, EPS)
             tl.store(xs_ptr + offs_t * stride_st, scale, mask=mask_t)
-        for h0 in range(0, H, XBLOCK):
-            cols = h0 + tl.arange(0, XBLOCK)
-            m = mask_t[:, None] & (cols < H)[None, :]
+        for h0 in range(0, H, STEP):
+            cols = h0 + lane
+            m = mask_t[:, None] & ((cols < H) & (lane < STEP))[None, :]
             y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            if XGROUP > 0:  # one scale per XBLOCK = XGROUP columns
+            if XGROUP > 0:  # one scale per group
                 scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=1)), QMAX, EPS)
                 tl.store(xs_ptr + offs_t * stride_st + h0 // XGROUP, scale, mask=mask_t)
             tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8, False),
@@ -235,8 +237,9 @@ def topk_route(
     xq_kw = dict(QUANT_X=False, XGROUP=0, XBLOCK=16, QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=False)
     if quant_x is not None:
         x, xq, xs, group = quant_x
-        # a group is a chunk; per token, chunks of <= 4096 values a program (BLOCK_T rows) for the registers
-        chunk = group if group else max(16, min(triton.next_power_of_2(x.shape[1]), 4096 // block_t))
+        # a group in a power-of-two chunk; per token, chunks of <= 4096 values a program (BLOCK_T rows)
+        chunk = triton.next_power_of_2(group) if group else max(16, min(triton.next_power_of_2(x.shape[1]),
+                                                                          4096 // block_t))
         xq_kw.update(QUANT_X=True, XGROUP=group, XBLOCK=chunk, EMULATE_FP8=interpret_mode())
     dummy = router_logits  # read-only: never a buffer the kernel writes (torch.compile would copy it)
     launch(_topk_route_kernel, grid,
