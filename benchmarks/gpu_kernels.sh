@@ -14,7 +14,8 @@
 # Knobs: SUITE_S (default 240), SHAPES, SCHEMES, TOKENS, PROVIDERS (this tree's; default ours,ours_invariant,
 # ours_swapped,ours_invariant_swapped: ~2x the cells of ours,ours_invariant, so with base and suite they need two
 # calls: SKIP_SUITE=1 in one, or no old/),
-# LIMIT_S (default 585), SKIP_SUITE=1, SKIP_LOAD=1, SKIP_INVARIANCE=1, INVARIANCE_S (default 90).
+# LIMIT_S (default 585), SKIP_SUITE=1, SKIP_LOAD=1, SKIP_INVARIANCE=1, INVARIANCE_S (default 90), SKIP_SPLIT=1 (the
+# per-kernel split of the T = 1 calls, benchmarks/kernel_split.py: SPLIT_SHAPES, SPLIT_SCHEMES).
 set -u
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); R=$PWD
@@ -70,6 +71,11 @@ for k, d in sorted(rows.items()):
           f"({100*n[1]:3.0f}% roof)  this/base {n[0]/o[0]:6.3f}  invariant/this {inv[0]/n[0]:6.3f}"
           f"  swapped/this {swp[0]/n[0]:6.3f}  invariant swapped/this {isw[0]/n[0]:6.3f}")
 PY
+if [ "${SKIP_SPLIT:-0}" != 1 ] && [ "$(left)" -gt 60 ]; then  # per-kernel GPU time of the decode calls
+  PYTHONPATH=$R timeout $(( $(left) < 90 ? $(left) - 10 : 80 )) python3 -m benchmarks.kernel_split --out "$DIR" \
+    --shapes ${SPLIT_SHAPES:-gpt-oss-20b,qwen3-30b-a3b} --schemes ${SPLIT_SCHEMES:-none,int4_w4a16,mxfp4} --tokens 1 2>&1 \
+    | grep -E "T=" | cut -c1-300
+else echo "== skipped: kernel split"; fi
 if [ "${SKIP_LOAD:-0}" != 1 ] && [ "$(left)" -gt 100 ]; then
   PYTHONPATH=$R timeout $(( $(left) - 5 )) python3 -m benchmarks.load_peak --dir /tmp/gptoss --out "$DIR/load_peak.json" \
     2>&1 | tail -n 1 | cut -c1-600

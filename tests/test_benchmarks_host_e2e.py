@@ -213,3 +213,14 @@ def test_host_profile_smoke_runs_the_dispatcher_floors(tmp_path):
     assert "error" not in compiled and compiled["compiled_us"] > 0 and compiled["compiled_x2_us"] > 0
     assert "function calls" in compiled["cprofile_top"]  # pstats header: the profile ran
     assert (tmp_path / "compiled_plans_none_T3.py").read_text()  # Inductor's generated code
+
+
+def test_kernel_split_smoke_profiles_each_cell(tmp_path):
+    """benchmarks.kernel_split on CPU: one row per (scheme, T), each with its per-op split and their sum."""
+    from benchmarks import kernel_split
+
+    assert kernel_split.main(["--smoke", "--out", str(tmp_path), "--schemes", "none,fp8_block", "--tokens", "1,3"]) == 0
+    rows = json.loads((tmp_path / "kernel_split.json").read_text())["rows"]
+    assert [(r["scheme"], r["T"]) for r in rows] == [("none", 1), ("none", 3), ("fp8_block", 1), ("fp8_block", 3)]
+    assert all(r["kernels"] and r["kernels_us"] == pytest.approx(sum(k["us"] for k in r["kernels"].values()))
+               for r in rows)

@@ -1,0 +1,119 @@
+"""Where one ``fused_experts`` / ``fused_moe`` call's GPU time goes, kernel by kernel:
+``python -m benchmarks.kernel_split --out DIR [--shapes gpt-oss-20b] [--schemes mxfp4] [--tokens 1,16]``.
+
+``benchmarks.run`` times whole calls; this splits them (docs/kernels.md asks why GPT-OSS-20B's 4-bit decode at
+T = 1 takes as long as bf16's). Each cell: ``calls`` eager calls (launch plans replaying; weights rotated past L2
+as ``benchmarks.run`` does) under ``torch.profiler`` with CUDA activity; per kernel name its launches and device
+µs per call (mean over the calls); the sum of the kernels against the call's CUDA-graph time (the difference is
+the gaps between kernels). Writes ``DIR/kernel_split.json``. ``--smoke``: a tiny shape on CPU, the CPU profile
+of the reference path (exercises the code, measures nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.shapes import SHAPES, MoEShape
+
+import torch_moe_ops as moe
+from torch_moe_ops.testing import experts_kwargs, quantize_experts, random_moe_weights
+
+TINY = MoEShape("Tiny", E=6, k=2, H=64, I=32)
+
+
+def split(fn, calls: int, device: str) -> dict:
+    """Per kernel (or op, on CPU) name: launches per call and device µs per call, from one profile of ``calls``
+    calls of ``fn`` (warmed up first)."""
+    for _ in range(3):
+        fn()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    rows = defaultdict(lambda: [0, 0.0])
+    for evt in prof.events():
+        if device == "cuda" and evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if device != "cuda" and not evt.name.startswith("aten::"):
+            continue
+        rows[evt.name][0] += 1
+        rows[evt.name][1] += evt.device_time if device == "cuda" else evt.cpu_time
+    return {name: {"launches": n / calls, "us": us / calls} for name, (n, us) in
+            sorted(rows.items(), key=lambda kv: -kv[1][1])}
+
+
+def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str) -> dict:
+    torch.manual_seed(T)
+    w13, w2, b13, b2 = random_moe_weights(shape.E, shape.H, shape.I, gated=shape.n1 == 2 * shape.I, device=device,
+                                          bias=shape.bias)
+    q13, q2, s13, s2, block = quantize_experts(w13, w2, scheme, shape.activation)
+    kw = dict(experts_kwargs(scheme, s13, s2, block), activation=shape.activation)
+    if shape.bias:
+        kw.update(w13_bias=b13, w2_bias=b2)
+    x = (torch.randn(T, shape.H, device=device) * 0.1).to(torch.bfloat16)
+    logits = torch.randn(T, shape.E, device=device)
+    sets = [SimpleNamespace(q13=q13, q2=q2)]
+    if device == "cuda":  # weights from HBM, as in a model: rotate copies past the 50 MB L2
+        per_set = q13.numel() * q13.element_size() + q2.numel() * q2.element_size()
+        sets += [SimpleNamespace(q13=q13.clone(), q2=q2.clone()) for _ in range(min(7, int(2e8 // per_set)))]
+    w, ids = moe.topk_route(logits, shape.k, **shape.routing)
+    turn = [0]
+
+    def call():
+        s = sets[turn[0] % len(sets)]
+        turn[0] += 1
+        if op == "fused_moe":
+            return moe.fused_moe(x, logits, s.q13, s.q2, shape.k, **shape.routing, **kw)
+        return moe.fused_experts(x, s.q13, s.q2, w, ids, **kw)
+
+    row = dict(shape=shape.name, scheme=scheme, T=T, op=op, weight_sets=len(sets), kernels=split(call, calls, device))
+    row["kernels_us"] = sum(k["us"] for k in row["kernels"].values())
+    if device == "cuda":
+        from benchmarks.run import do_bench_ms
+
+        row["graph_us"] = do_bench_ms(call, graph=True) * 1e3
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--shapes", default="gpt-oss-20b,qwen3-30b-a3b")
+    p.add_argument("--schemes", default="none,int8_w8a16,int4_w4a16,mxfp4")
+    p.add_argument("--tokens", default="1,16")
+    p.add_argument("--ops", default="fused_moe")
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--smoke", action="store_true", help="a tiny shape on CPU (the reference path)")
+    args = p.parse_args(argv)
+    device = "cpu" if args.smoke else "cuda"
+    shapes = [TINY] if args.smoke else [SHAPES[s] for s in args.shapes.split(",")]
+    rows = []
+    for shape in shapes:
+        for scheme in args.schemes.split(","):
+            if not args.smoke and scheme not in shape.schemes:
+                continue
+            for T in map(int, args.tokens.split(",")):
+                for op in args.ops.split(","):
+                    row = cell(shape, scheme, T, op, 2 if args.smoke else args.calls, device)
+                    rows.append(row)
+                    top = ", ".join(f"{n[:40]} {k['us']:.1f}" for n, k in list(row["kernels"].items())[:6])
+                    print(f"{shape.name:<14} {scheme:<11} T={T:<5} {op}: kernels {row['kernels_us']:.1f} us"
+                          f" (graph {row.get('graph_us', float('nan')):.1f}); {top}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernel_split.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
