@@ -164,8 +164,11 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES), i
     from torch_moe_ops.schemes import get_activation, get_quant_scheme
     from torch_moe_ops.testing import fitting_block, w13_shards
 
+    from torch_moe_ops._kernels.activation import quant_buffers
+    from torch_moe_ops._kernels.align import align_buffers
     from torch_moe_ops._kernels.quant import quantize_weight_into
-    from torch_moe_ops._kernels.routing import pair_block_alignment, topk_route
+    from torch_moe_ops._kernels.routing import one_program, pair_block_alignment, topk_route
+    from torch_moe_ops.schemes import get_activation_quant
 
     shapes = {k: v for k, v in SHAPES.items() if k in shape_names}
     for T in tokens:  # routing: softmax, and DeepSeek's grouped sigmoid with a correction bias; T = 1 pair blocks
@@ -174,6 +177,18 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES), i
         yield f"routing T={T}", lambda lg=logits, pb=pairs: topk_route(lg, 8, pair_blocks=pb)
         yield f"routing grouped T={T}", lambda lg=logits: topk_route(
             lg, 8, True, "sigmoid", 8, 4, torch.zeros(256), 2.5)
+        # fused_moe's routing jobs (_kernels/fused_experts.fused_moe): x's fp8 quantization (groups of 128 and 96,
+        # per token), and the alignment where one program routes every token (Qwen3's E = 128, an expert_map)
+        x = torch.randn(T, 2048, dtype=torch.bfloat16)
+        for aq, group in (("fp8_group", 128), ("fp8_group", 96), ("fp8_token", 0)):
+            bufs = quant_buffers(T, 2048, get_activation_quant(aq), group, "cpu")
+            yield f"routing quant {aq} {group} T={T}", lambda lg=logits, b=bufs, g=group, x=x: topk_route(
+                lg, 8, quant_x=(x, *b, g))
+    for T in (9,):  # whatever the token list: the routing kernel's alignment needs 1 < T <= its BLOCK_T
+        assert one_program(T, 128, 0)
+        lg128, emap = torch.randn(T, 128, dtype=torch.bfloat16), torch.arange(128, dtype=torch.int32)
+        yield f"routing align T={T}", lambda lg=lg128, m=emap: topk_route(
+            lg, 8, align=(align_buffers(lg.shape[0] * 8, 128, 16, "cpu"), 16, m))
     for name in schemes:  # online weight quantization: one expert stack of each format
         fmt = get_quant_scheme(name).weight
         if fmt is not None:
