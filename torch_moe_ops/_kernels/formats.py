@@ -22,12 +22,20 @@ from .._platform import interpret_mode
 #: PTX for the 16-bit decode (``_decode_asm``); the interpreter runs the Triton-level bit tricks instead.
 _ASM = tl.constexpr(not interpret_mode())
 
+
+def _ptx(text: str) -> tl.constexpr:
+    """An asm block as a one-line constexpr: Inductor copies a kernel's global constexprs into its generated source
+    as repr() inside a triple-quoted string, where a newline's escape breaks the literal (triton compile mode,
+    H100, 2026-12-07)."""
+    return tl.constexpr(" ".join(text.split()))
+
+
 # Four packed bytes w = [B3 B2 B1 B0] -> four 32-bit registers of two bf16 each: lo = (B1, B0 | B3, B2) low
 # nibbles, hi = the same of the high nibbles. prmt spreads two bytes into the 16-bit lanes of t01 / t23; fp4
 # masks a nibble, and one multiply moves its three magnitude bits to bf16 bits 8..6 and its sign to bit 15 (the
 # two shifted copies touch disjoint bits, so the product is their OR); int4 flips bit 3 and puts the nibble in
 # the mantissa of 128. tests/_kernels/test_decode_asm.py runs these strings through an emulator.
-_FP4_BF16_PTX = tl.constexpr("""{
+_FP4_BF16_PTX = _ptx("""{
 .reg .b32 z, t01, t23, m;
 mov.b32 z, 0;
 prmt.b32 t01, $4, z, 0x4140;
@@ -37,7 +45,7 @@ and.b32 m, t23, 0x000F000F; mul.lo.u32 m, m, 0x1040; and.b32 $1, m, 0x81C081C0;
 and.b32 m, t01, 0x00F000F0; mul.lo.u32 m, m, 0x104; and.b32 $2, m, 0x81C081C0;
 and.b32 m, t23, 0x00F000F0; mul.lo.u32 m, m, 0x104; and.b32 $3, m, 0x81C081C0;
 }""")
-_INT4_BF16_PTX = tl.constexpr("""{
+_INT4_BF16_PTX = _ptx("""{
 .reg .b32 z, x, t01, t23;
 mov.b32 z, 0;
 xor.b32 x, $4, 0x88888888;
@@ -50,11 +58,7 @@ shr.b32 t23, t23, 4; and.b32 $3, t23, 0x000F000F; or.b32 $3, $3, 0x43004300;
 }""")
 
 
-_INT4_FP16_PTX = tl.constexpr(_INT4_BF16_PTX.value.replace("0x43004300", "0x64006400"))  # 1024 + nibble ^ 8
-# One line each: Inductor copies a kernel's global constexprs into its generated source as repr() inside a
-# triple-quoted string, where a newline's escape breaks the literal (triton compile mode, H100, 2026-12-07).
-_FP4_BF16_PTX, _INT4_BF16_PTX, _INT4_FP16_PTX = (tl.constexpr(" ".join(p.value.split()))
-                                                 for p in (_FP4_BF16_PTX, _INT4_BF16_PTX, _INT4_FP16_PTX))
+_INT4_FP16_PTX = _ptx(_INT4_BF16_PTX.value.replace("0x43004300", "0x64006400"))  # 1024 + nibble ^ 8
 
 
 @triton.jit

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .._platform import debug_checks, fuse_activation, interpret_mode
+from .._platform import debug_checks, fuse_activation
 from ..schemes import Activation, QuantScheme
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
 from .configs import get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
-from .routing import invariant_alignment, one_program, pair_block_alignment, topk_route
+from .routing import invariant_alignment, one_program, pair_block_alignment, rows_apart, topk_route
 
 
 def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
@@ -162,7 +162,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     alignment = pair_blocks = align = None
     E_ids = router_logits.shape[1]  # the ids' range (expert_map's length under EP)
     t1 = isinstance(T, int) and T == 1
-    if t1 or (one_program(T, E_ids, routing[3]) and not (invariant and interpret_mode())):  # (invariant_alignment)
+    if t1 or (one_program(T, E_ids, routing[3]) and not rows_apart(invariant)):  # (T = 1: rows apart already)
         bm = get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k,
                         invariant=invariant, dtype=x.dtype).block_m
         if t1:

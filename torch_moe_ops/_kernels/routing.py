@@ -299,11 +299,15 @@ def pair_blocks_of(topk_ids: torch.Tensor, num_experts: int, block_m: int, exper
     return sorted_ids, expert_ids, torch.full((1,), numel * block_m, dtype=torch.int32, device=dev)
 
 
+def rows_apart(invariant: bool) -> bool:
+    """Whether the GEMMs need every pair at row 0 of its own block: batch-invariant calls in the Triton interpreter,
+    whose dot (NumPy) rounds a row by its place in the tile (docs/batch-invariance.md)."""
+    return invariant and interpret_mode()
+
+
 def invariant_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None,
                         invariant: bool) -> tuple:
-    """The GEMMs' alignment for ``block_m``: ``align_block_size``'s, except batch-invariant calls in the Triton
-    interpreter, whose dot (NumPy) rounds a row by its place in the tile: those take ``pair_blocks_of`` (every
-    pair at row 0 of its own block; docs/batch-invariance.md)."""
-    if invariant and interpret_mode():
+    """The GEMMs' alignment for ``block_m``: ``align_block_size``'s, or ``pair_blocks_of`` where ``rows_apart``."""
+    if rows_apart(invariant):
         return pair_blocks_of(topk_ids, num_experts, block_m, expert_map)
     return align_block_size(topk_ids, num_experts, block_m, expert_map)
