@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.run import do_bench_ms, make_weights
 from benchmarks.shapes import SHAPES, MoEShape
 
 import torch_moe_ops as moe
-from torch_moe_ops.testing import experts_kwargs, quantize_experts, random_moe_weights
 
 TINY = MoEShape("Tiny", E=6, k=2, H=64, I=32)
 
@@ -54,12 +54,11 @@ def split(fn, calls: int, device: str) -> dict:
 
 def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str) -> dict:
     torch.manual_seed(T)
-    w13, w2, b13, b2 = random_moe_weights(shape.E, shape.H, shape.I, gated=shape.n1 == 2 * shape.I, device=device,
-                                          bias=shape.bias)
-    q13, q2, s13, s2, block = quantize_experts(w13, w2, scheme, shape.activation)
-    kw = dict(experts_kwargs(scheme, s13, s2, block), activation=shape.activation)
+    data = make_weights(shape, scheme, device)
+    q13, q2 = data.q13, data.q2
+    kw = dict(data.quant, activation=shape.activation)
     if shape.bias:
-        kw.update(w13_bias=b13, w2_bias=b2)
+        kw.update(w13_bias=data.b13, w2_bias=data.b2)
     x = (torch.randn(T, shape.H, device=device) * 0.1).to(torch.bfloat16)
     logits = torch.randn(T, shape.E, device=device)
     sets = [SimpleNamespace(q13=q13, q2=q2)]
@@ -79,8 +78,6 @@ def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str)
     row = dict(shape=shape.name, scheme=scheme, T=T, op=op, weight_sets=len(sets), kernels=split(call, calls, device))
     row["kernels_us"] = sum(k["us"] for k in row["kernels"].values())
     if device == "cuda":
-        from benchmarks.run import do_bench_ms
-
         row["graph_us"] = do_bench_ms(call, graph=True) * 1e3
     return row
 

@@ -101,11 +101,11 @@ def l2_copies(touched_bytes: float, data, rotations: list) -> int:
     return copies
 
 
-def make_weights(shape, scheme):
+def make_weights(shape, scheme, device="cuda"):
     """bf16 weights and, for a quantized scheme, the registry's quantization of them (``case.quant``: the
     ``fused_experts`` keywords; ``case.block``: the scale tile, int4's group fitted to H and I)."""
     w13, w2, b13, b2 = random_moe_weights(shape.E, shape.H, shape.I, gated=shape.n1 == 2 * shape.I,
-                                          device="cuda", bias=shape.bias)
+                                          device=device, bias=shape.bias)
     q13, q2, s13, s2, block = quantize_experts(w13, w2, scheme, shape.activation)
     data = SimpleNamespace(w13=w13, w2=w2, b13=b13, b2=b2, q13=q13, q2=q2, s13=s13, s2=s2, block=block,
                            quant=experts_kwargs(scheme, s13, s2, block), qscheme=get_quant_scheme(scheme))
