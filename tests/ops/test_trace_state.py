@@ -34,19 +34,23 @@ def test_the_state_names_the_source_and_every_switch(monkeypatch):
     assert a.split(";")[0] == b.split(";")[0] and len(a.split(";")[0]) == 16  # the sources' digest
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("via", ["function", "layer"])
-def test_compiled_graphs_carry_the_state_and_miss_the_cache_when_it_changes(via, monkeypatch, fresh_dynamo, tmp_path):
+def test_compiled_graphs_carry_the_state_and_miss_the_cache_when_it_changes(via, device, monkeypatch, fresh_dynamo,
+                                                                            tmp_path):
     """The Dynamo graph holds the marker with the state (public function and layer alike); Inductor drops it
     (no launch, no call in the generated code); changing a switch misses AOTAutograd's cache, which an
-    unchanged one hits."""
+    unchanged one hits. On the GPU too: the GPU's torch may trace differently (torch 2.11's Dynamo folded
+    ``torch.compiler.is_exporting()`` to True, which dropped the marker there and served triton-mode graphs to
+    plans-mode calls in the H100 suite of 2026-12-07)."""
     from torch._dynamo.utils import counters
     from torch._inductor.compile_fx import compile_fx
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache, this test's own
     E, k, H, I = 4, 2, 32, 16
-    w13, w2, _, _ = random_moe_weights(E, H, I, dtype=torch.float32)
+    w13, w2, _, _ = random_moe_weights(E, H, I, dtype=torch.float32, device=device)
     if via == "layer":
-        layer = moe.FusedMoE(E, k, H, I, params_dtype=torch.float32)
+        layer = moe.FusedMoE(E, k, H, I, params_dtype=torch.float32, device=device)
         for e in range(E):
             layer.weight_loader(layer.w13_weight, w13[e, :I], "w1", e)
             layer.weight_loader(layer.w13_weight, w13[e, I:], "w3", e)
@@ -62,7 +66,7 @@ def test_compiled_graphs_carry_the_state_and_miss_the_cache_when_it_changes(via,
         codes.append(gm.code)
         return compile_fx(gm, example_inputs)
 
-    x, logits = torch.randn(3, H), torch.randn(3, E)
+    x, logits = torch.randn(3, H, device=device), torch.randn(3, E, device=device)
     results = []
     for switch in ("0", "0", "1"):
         monkeypatch.setenv(FUSE_ACTIVATION_ENV, switch)
@@ -72,7 +76,8 @@ def test_compiled_graphs_carry_the_state_and_miss_the_cache_when_it_changes(via,
         hits = counters["aot_autograd"]["autograd_cache_hit"]
         assert f"{FUSE_ACTIVATION_ENV}={switch}" in codes[-1] and "moe._trace_state" in codes[-1]
         assert hits == (1 if len(results) == 2 else 0), (switch, dict(counters["aot_autograd"]))
-    assert all(torch.equal(r, results[0]) for r in results)
+    for r in results:  # (the fused activation rounds like the separate one on the CPU; on the GPU, see its tests)
+        torch.testing.assert_close(r, results[0])
 
 
 def test_an_exported_program_has_no_marker():
@@ -84,5 +89,6 @@ def test_an_exported_program_has_no_marker():
         def forward(self, x, logits):
             return moe.fused_moe(x, logits, w13, w2, k)
 
-    ep = torch.export.export(M(), (torch.randn(3, H), torch.randn(3, E)))
-    assert [str(n.target) for n in ep.graph.nodes if n.op == "call_function"] == ["moe.fused_moe.default"]
+    for strict in (False, True):  # (strict: traced by Dynamo, which must see the export flag)
+        ep = torch.export.export(M(), (torch.randn(3, H), torch.randn(3, E)), strict=strict)
+        assert [str(n.target) for n in ep.graph.nodes if n.op == "call_function"] == ["moe.fused_moe.default"]

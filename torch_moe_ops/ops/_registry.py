@@ -106,10 +106,17 @@ def _define_mark():
 _MARK_OP = _define_mark()
 
 
+def _exporting() -> bool:
+    """``torch.compiler.is_exporting()``, read so that Dynamo sees its real value: torch 2.11's Dynamo folds that
+    call to True in every trace, ``torch.compile`` included (later torch reads this flag instead)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def mark_traced() -> None:
     """Called by the public functions and the layer while Dynamo traces them (docs/compile.md, "Caches"); not
     under ``torch.export``, whose program would keep the node (export caches nothing of ours)."""
-    if not torch.compiler.is_exporting():
+    if not _exporting():
         _MARK_OP(_platform.trace_state())
 
 
