@@ -67,11 +67,16 @@ def candidates(T: int, top_k: int, E: int, N: int, K: int, scheme: QuantScheme, 
     fp8 = scheme.fp8_dot
     few_rows = T * top_k <= 64  # decode: more, narrower column tiles keep every SM streaming weights
     bns = ((32, 64, 128) if few_rows else (64, 128, 256)) if quick else (32, 64, 128, 256)
+    if scheme.packed and few_rows:  # 4-bit decode: a 16 x 128 tile left GPT-OSS-20B with 92-180 programs a GEMM
+        bns = (16, 32, 64, 128)  # at T = 1 (H100 2026-12-07: int4 as slow as bf16 there), so narrower ones too
     bks = (128,) if fp8 else ((64, 128) if quick else (32, 64, 128, 256))
     if scheme.flags.BLOCK_SCALES:
         bks = tuple(b for b in (64, 128) if fits_scale_tile(b, scheme, block))
     elif scheme.tiled:  # weight-only groups: BLOCK_K divides the group, or spans several (scaled before the dot)
-        bks = tuple(b for b in (32, 64, 128) if fits_scale_tile(b, scheme, block))
+        bks = tuple(b for b in (32, 64, 128, 256) if fits_scale_tile(b, scheme, block)
+                    and (b < 256 or (scheme.packed and few_rows)))  # (256: half the K steps of a decode loop)
+        if scheme.packed:
+            bks = tuple(b for b in bks if b >= 64)  # two dots of BLOCK_K / 2 >= 32 each: 32 wastes the MMA
     warps = (4, 8)
     stages = (3, 4) if quick else (2, 3, 4, 5)
     a_bytes = 1 if fp8 else 2
