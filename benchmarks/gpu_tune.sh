@@ -2,8 +2,8 @@
 # Tile tuning in ONE device call (10-minute limit; steps that cannot end in time are skipped and named): the GPU
 # tests named in GPU_TESTS first (none by default), then `benchmarks/tune.py` for each model:scheme of TUNE_JOBS
 # (default: the 4-bit formats on the GPT-OSS-20B and Qwen3-30B-A3B layers) at the token counts TUNE_T (default
-# "1 16": decode), then, if FUSED=1, `fused_experts` with and without the activation fused into GEMM1
-# (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 layer. `run` with the command `bash benchmarks/gpu_tune.sh`.
+# "1 16": decode); with FUSED=1, before the tuning, `fused_experts` with and without the activation fused into
+# GEMM1 (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 layer. `run` with the command `bash benchmarks/gpu_tune.sh`.
 # tune.py merges into this GPU's table (torch_moe_ops/_kernels/tuned/<device>.json: the H100's file, or a new one
 # for another GPU) after every T; the tables come back under $OUT (or benchmarks/results/tune-<date>) with
 # cuda_tests.log and tune-<model>-<scheme>.log. Copy the table over the repository's, then check the diff.
@@ -20,14 +20,6 @@ if [ -n "${GPU_TESTS:-}" ]; then  # -v: each result is logged as it ends (a cut-
   echo "== tests rc=$? $(( $(date +%s) - T0 )) s"
   grep -E "^(FAILED|ERROR)| (FAILED|ERROR) |passed|failed" "$DIR/cuda_tests.log" | tail -n 30 | cut -c1-300
 fi
-for job in ${TUNE_JOBS:-gpt-oss-20b:int4_w4a16 gpt-oss-20b:mxfp4 qwen3-30b-a3b:int4_w4a16 qwen3-30b-a3b:mxfp4}; do
-  [ "$(left)" -lt 60 ] && { echo "== skipped: tune $job"; continue; }
-  echo "== tune $job $(( $(date +%s) - T0 )) s"
-  timeout $(( $(left) - 15 )) python3 benchmarks/tune.py --model "${job%%:*}" --scheme "${job##*:}" \
-    --T ${TUNE_T:-1 16} > "$DIR/tune-${job%%:*}-${job##*:}.log" 2>&1
-  grep -vE "^\s*$|^    " "$DIR/tune-${job%%:*}-${job##*:}.log" | tail -n 8 | cut -c1-200
-done
-cp torch_moe_ops/_kernels/tuned/*.json "$DIR/"
 if [ "${FUSED:-0}" = 1 ]; then
   for f in 0 1; do
     [ "$(left)" -lt 40 ] && { echo "== skipped: fused activation $f"; continue; }
@@ -37,4 +29,12 @@ if [ "${FUSED:-0}" = 1 ]; then
       --tokens ${FUSED_TOKENS:-1,16,64,256} --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | grep "T=" | cut -c1-120
   done
 fi
+for job in ${TUNE_JOBS:-gpt-oss-20b:int4_w4a16 gpt-oss-20b:mxfp4 qwen3-30b-a3b:int4_w4a16 qwen3-30b-a3b:mxfp4}; do
+  [ "$(left)" -lt 60 ] && { echo "== skipped: tune $job"; continue; }
+  echo "== tune $job $(( $(date +%s) - T0 )) s"
+  timeout $(( $(left) - 15 )) python3 benchmarks/tune.py --model "${job%%:*}" --scheme "${job##*:}" \
+    --T ${TUNE_T:-1 16} > "$DIR/tune-${job%%:*}-${job##*:}.log" 2>&1
+  grep -vE "^\s*$|^    " "$DIR/tune-${job%%:*}-${job##*:}.log" | tail -n 8 | cut -c1-200
+done
+cp torch_moe_ops/_kernels/tuned/*.json "$DIR/"
 echo "== done $(( $(date +%s) - T0 )) s"
