@@ -54,10 +54,28 @@ def test_tune_candidates_span_groups_and_fit_shared_memory():
 
     mx = QUANT_SCHEMES["mxfp4"]
     cands, default = tune.candidates(1, 4, 32, 5760, 2880, mx, (1, 32), "quick")
-    assert {c.block_k for c in cands} == {32, 64, 128} and default in cands  # one group a K step, or several
+    # one group a K step, or several (not 32: two 16-deep dots); decode tiles down to 16 columns
+    assert {c.block_k for c in cands} == {64, 128, 256} and default in cands
+    assert {c.block_n for c in cands} == {16, 32, 64, 128}
     small, _ = tune.candidates(1, 4, 32, 5760, 2880, mx, (1, 32), "quick", smem=16 * 1024)
     assert small and all((c.block_m * c.block_k * 2 + c.block_k * c.block_n / 2) * c.num_stages <= 16 * 1024
                          for c in small if c != default)
+
+
+def test_tune_keeps_only_tiles_that_agree_with_the_default():
+    """A candidate whose output differs from the default tiles' is never kept (tune.agrees)."""
+    import torch
+
+    from benchmarks import tune
+
+    class Problem:  # a GEMM that writes every row but row 3, and miscomputes with the "bad" tile
+        c = torch.zeros(8, 4)
+
+        def run(self, cfg):
+            self.c[:3] = 1.0
+            self.c[4:] = 1.0 + (0.5 if cfg == "bad" else 1e-4 if cfg == "close" else 0.0)
+
+    assert tune.agrees(Problem(), "close", "default") and not tune.agrees(Problem(), "bad", "default")
 
 
 def test_load_peak_pipeline_on_cpu(tmp_path, capsys):
