@@ -3,7 +3,9 @@
 # tests named in GPU_TESTS first (none by default), then `benchmarks/tune.py` for each model:scheme of TUNE_JOBS
 # (default: the 4-bit formats on the GPT-OSS-20B and Qwen3-30B-A3B layers) at the token counts TUNE_T (default
 # "1 16": decode); with FUSED=1, before the tuning, `fused_experts` with and without the activation fused into
-# GEMM1 (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 layer. `run` with the command `bash benchmarks/gpu_tune.sh`.
+# GEMM1 (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 layer; with SPLITS (e.g. "0:0 1:0 1:1"), fused_moe's
+# per-kernel split at T = 1 (benchmarks/kernel_split.py) for each FUSE_SUM:FUSE_ACTIVATION pair.
+# `run` with the command `bash benchmarks/gpu_tune.sh`.
 # tune.py merges into this GPU's table (torch_moe_ops/_kernels/tuned/<device>.json: the H100's file, or a new one
 # for another GPU) after every T; the tables come back under $OUT (or benchmarks/results/tune-<date>) with
 # cuda_tests.log and tune-<model>-<scheme>.log. Copy the table over the repository's, then check the diff.
@@ -29,6 +31,14 @@ if [ "${FUSED:-0}" = 1 ]; then
       --tokens ${FUSED_TOKENS:-1,16,64,256} --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | grep "T=" | cut -c1-120
   done
 fi
+for v in ${SPLITS:-}; do  # "S:A": fused_moe's per-kernel split at T = 1 with FUSE_SUM=S, FUSE_ACTIVATION=A
+  [ "$(left)" -lt 60 ] && { echo "== skipped: split $v"; continue; }
+  echo "== split, FUSE_SUM=${v%%:*} FUSE_ACTIVATION=${v##*:} $(( $(date +%s) - T0 )) s"
+  mkdir -p "$DIR/split-${v%%:*}${v##*:}"
+  TORCH_MOE_OPS_FUSE_SUM=${v%%:*} TORCH_MOE_OPS_FUSE_ACTIVATION=${v##*:} timeout 80 python3 -m benchmarks.kernel_split \
+    --out "$DIR/split-${v%%:*}${v##*:}" --shapes ${SPLIT_SHAPES:-gpt-oss-20b,qwen3-30b-a3b} \
+    --schemes ${SPLIT_SCHEMES:-none,int4_w4a16} --tokens 1 2>&1 | grep -E "T=" | cut -c1-220
+done
 for job in ${TUNE_JOBS:-gpt-oss-20b:int4_w4a16 gpt-oss-20b:mxfp4 qwen3-30b-a3b:int4_w4a16 qwen3-30b-a3b:mxfp4}; do
   [ "$(left)" -lt 60 ] && { echo "== skipped: tune $job"; continue; }
   echo "== tune $job $(( $(date +%s) - T0 )) s"

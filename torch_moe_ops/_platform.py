@@ -16,6 +16,7 @@ DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may s
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "0": replays go through Triton 3.6's CudaLauncher.__call__
 FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # "1": GEMM1's epilogue applies gated activations
+FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # "1": fused_moe's GEMM2 also sums the k slots at T = 1
 SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
 COMPILE_MODES = ("plans", "triton", "opaque")
@@ -96,6 +97,13 @@ def fuse_activation() -> bool:
     activation quantization follows (one launch and one [T·k, 2I] round trip fewer; docs/kernels.md). Off by
     default until measured on a GPU. Read when a launch plan is recorded."""
     return _flag(FUSE_ACTIVATION_ENV, False)
+
+
+def fuse_sum() -> bool:
+    """True with ``TORCH_MOE_OPS_FUSE_SUM=1``: at T = 1, ``fused_moe``'s GEMM2 also sums the k slots (the program
+    that stores a column block's last slot sums them; ``moe_sum``'s bits, one launch fewer; docs/kernels.md).
+    Off by default until measured on a GPU. Read when a launch plan is recorded."""
+    return _flag(FUSE_SUM_ENV, False)
 
 
 def swap_ab() -> bool:

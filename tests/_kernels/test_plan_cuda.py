@@ -166,6 +166,36 @@ def test_activation_fused_into_gemm1_on_the_gpu(monkeypatch, scheme, activation,
     torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "silu"),
+                                               ("mxfp4", "swigluoai")])
+@pytest.mark.parametrize("fuse_act", ["0", "1"])
+def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_act):
+    """TORCH_MOE_OPS_FUSE_SUM=1 at T = 1 (docs/kernels.md): bitwise the unfused path on the GPU's tiles, call
+    after call with fresh data (the counters' release / acquire), replayed plans and a CUDA graph included."""
+    from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, FUSE_SUM_ENV
+
+    monkeypatch.setenv(FUSE_ACTIVATION_ENV, fuse_act)
+    E, k, H, I = 60, 6, 512, 384
+    q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
+    cases = [_inputs(1, H, E, seed) for seed in range(24)]
+    PLANS.clear()
+    wants = [moe.fused_moe(x, logits, q13, q2, k, **kw) for x, logits in cases]
+    monkeypatch.setenv(FUSE_SUM_ENV, "1")
+    PLANS.clear()
+    for (x, logits), want in zip(cases, wants):  # the first records, the rest replay
+        torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), want, rtol=0, atol=0)
+    x, logits = (t.clone() for t in cases[0])
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    for (x2, logits2), want in list(zip(cases, wants))[1:6]:
+        x.copy_(x2)
+        logits.copy_(logits2)
+        g.replay()
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    PLANS.clear()
+
+
 def test_int4_prefill_tiles_are_swapped_by_default(monkeypatch):
     """configs.swaps (docs/kernels.md, "Swapped operands"): without the switch, int4's 128-row prefill tiles run
     swapped, its decode tiles do not; the output is the unswapped one up to the MMA's rounding (as a norm: bf16

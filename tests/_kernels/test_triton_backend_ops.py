@@ -240,6 +240,65 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
     moe.clear_launch_plans()  # no plan recorded with the switch on outlives the test
 
 
+@pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "gelu"),
+                                               ("mxfp4", "swigluoai")])
+@pytest.mark.parametrize("fuse_act", ["0", "1"])
+def test_gemm2_sums_the_slots_at_T1_bitwise_moe_sum(monkeypatch, scheme, activation, fuse_act):
+    """TORCH_MOE_OPS_FUSE_SUM=1: at T = 1 fused_moe's GEMM2 also sums the k slots (the program storing a column
+    block's last slot; moe_sum's slot order): no moe_sum launch, the output bitwise the unfused one, with an
+    expert_map dropping slots (zero rows), biases, and GEMM1's fused activation (which clears the counters);
+    T = 9 keeps moe_sum."""
+    from torch_moe_ops._kernels import fused_experts as pipeline
+    from torch_moe_ops._kernels import moe_sum as moe_sum_mod
+    from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, FUSE_SUM_ENV
+
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
+    monkeypatch.setenv(FUSE_ACTIVATION_ENV, fuse_act)
+    for T in (1, 9):
+        x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, T)
+        k = 3  # three slots of 5 local experts: some dropped by the map
+        moe.clear_launch_plans()
+        want = moe.fused_moe(x, logits, q13, q2, k, **kw)
+        monkeypatch.setenv(FUSE_SUM_ENV, "1")
+        moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
+        calls = []
+        monkeypatch.setattr(pipeline, "moe_sum", lambda *a, **k_: calls.append(1) or moe_sum_mod.moe_sum(*a, **k_))
+        got = moe.fused_moe(x, logits, q13, q2, k, **kw)
+        assert torch.equal(got, want) and got.shape == want.shape, T
+        assert calls == ([] if T == 1 else [1]), T
+        monkeypatch.delenv(FUSE_SUM_ENV)
+    moe.clear_launch_plans()
+
+
+def test_gemm1_clears_the_sum_counters_and_gemm2_leaves_them_full():
+    """The fused sum's counters: GEMM1 (``zero_counts``) clears stale values, GEMM2 (``sum_into``) counts every
+    slot of every column block, and the last one writes the slot sum (moe_sum of GEMM2's rows)."""
+    from torch_moe_ops._kernels.configs import TileConfig
+    from torch_moe_ops._kernels.gemm import invoke_moe_gemm
+    from torch_moe_ops._kernels.moe_sum import moe_sum
+    from torch_moe_ops._kernels.routing import pair_blocks_of
+
+    E, k, H, I, bm = 6, 4, 48, 32, 16
+    scheme = get_quant_scheme("none")
+    torch.manual_seed(0)
+    w13, w2, _, _ = random_moe_weights(E, H, I, dtype=torch.float16, device=DEV)
+    ids = torch.tensor([[4, 0, 5, 2]], dtype=torch.int32, device=DEV)
+    align = pair_blocks_of(ids, E, bm, None)
+    cfg = TileConfig(bm, 16, 32, 1, 4, 2)
+    counts = torch.full((3,), 7, dtype=torch.int32, device=DEV)  # stale: H / BLOCK_N = 3 column blocks
+    x = (torch.randn(1, H, device=DEV) * 0.3).half()
+    c1 = torch.empty(k, 2 * I, dtype=torch.float16, device=DEV)
+    invoke_moe_gemm(x, w13, c1, *align, top_k=k, config=cfg, scheme=scheme, zero_counts=counts)
+    assert counts.tolist() == [0, 0, 0]
+    a2 = c1[:, :I].contiguous()
+    c3, out = torch.empty(k, H, dtype=torch.float16, device=DEV), torch.empty(1, H, dtype=torch.float16, device=DEV)
+    weights = torch.rand(1, k, device=DEV)
+    invoke_moe_gemm(a2, w2, c3, *align, top_k=1, config=cfg, scheme=scheme, topk_weights=weights,
+                    sum_into=(out, counts))
+    assert counts.tolist() == [k] * 3
+    assert torch.equal(out, moe_sum(c3.view(1, k, H)))
+
+
 @pytest.mark.parametrize("scheme,activation,dtype", [("int8_w8a16", "silu", torch.bfloat16),
                                                      ("int4_w4a16", "silu", torch.bfloat16),
                                                      ("int4_w4a16", "gelu", torch.float16),

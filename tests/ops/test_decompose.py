@@ -26,14 +26,27 @@ KERNELS = {"none": 6, "fp8_block": 6, "fp8_channel": 6, "int4_w4a16": 6}
 FREE = {"aten.empty.memory_format", "aten.view.default", "aten.sym_size.int"}
 
 
-@pytest.fixture(scope="module")
-def traced():
+def _trace(cases, **switches):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "tests.ops.trace_fake_cuda", json.dumps(CASES)], cwd=ROOT, env=env,
+    env.update(switches, PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "tests.ops.trace_fake_cuda", json.dumps(cases)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(zip(CASES, json.loads(proc.stdout.strip().splitlines()[-1])))
+    return dict(zip(cases, json.loads(proc.stdout.strip().splitlines()[-1])))
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return _trace(CASES)
+
+
+def test_the_fused_sum_traces_without_moe_sum_or_copies():
+    """TORCH_MOE_OPS_FUSE_SUM=1 at T = 1: GEMM2 also sums (it writes the counters GEMM1 cleared, and the output):
+    one kernel fewer, and torch's mutation analysis copies no input."""
+    seen = _trace([("none", 1, False), ("fp8_block", 1, False)], TORCH_MOE_OPS_FUSE_SUM="1")
+    for case, got in seen.items():
+        kernels = Counter(got["nodes"])["triton_kernel_wrapper_functional"]
+        assert kernels == KERNELS[case[0]] - 2 and got["cloned_inputs"] == [], (case, got)
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=[f"{c[0]}-T{c[1]}{'-symbolic' if c[2] else ''}" for c in CASES[:4]])

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .._platform import debug_checks, fuse_activation
-from ..schemes import Activation, QuantScheme
+from .._platform import debug_checks, fuse_activation, fuse_sum
+from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
 from .configs import get_config
@@ -40,10 +40,12 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
 
 
 def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
-          act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None, invariant: bool = False) -> None:
+          act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None, invariant: bool = False,
+          zero_counts: torch.Tensor | None = None) -> None:
     """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
     epilogue) = a1 (quantized first for fp8 schemes, unless ``a1_quant`` = (q, scale) already holds that) @
-    W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a batch-invariant config."""
+    W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a batch-invariant config.
+    ``zero_counts``: GEMM2's fused-sum counters, which this launch clears."""
     a1_scale = None
     if a1_quant is not None:
         a1, a1_scale = a1_quant
@@ -51,7 +53,7 @@ def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_s
         a1, a1_scale = quantize_activation(a1, scheme.act, scheme.act_group(block))
     invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
                     w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused,
-                    invariant=invariant)
+                    invariant=invariant, zero_counts=zero_counts)
 
 
 def gemm2_input(c1, act: Activation, alpha: float, limit: float, scheme: QuantScheme, block):
@@ -83,6 +85,7 @@ def fused_experts(
     keep_c1: bool = False,
     invariant: bool = False,
     a1_quant: tuple | None = None,
+    pair_blocks: bool = False,
 ):
     """Routed experts of one MoE layer; returns a fresh ``[T, H]`` tensor in ``x.dtype`` (``keep_c1``: and
     GEMM1's output c1 [T·k, N1] for the backward, rows of dropped pairs 0).
@@ -99,6 +102,8 @@ def fused_experts(
     num_post_pad) already made for this call's BLOCK_M (``fused_moe``'s pair blocks), else aligned here.
     ``invariant``: batch-invariant tiles: every T computes a row the same way (docs/batch-invariance.md).
     ``a1_quant``: (q [T, H] fp8, scale) = ``quantize_activation(x)``, made by ``fused_moe``'s routing kernel.
+    ``pair_blocks``: ``alignment`` holds one pair a block, pair j in block j (``fused_moe`` at T = 1): with
+    ``TORCH_MOE_OPS_FUSE_SUM=1`` GEMM2 then also sums the slots (``moe_sum``'s bits, one launch fewer).
     """
     pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
@@ -116,15 +121,20 @@ def fused_experts(
                                               alignment, invariant)
     cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype,
                       block_m=cfg1.block_m)
+    sums = None  # GEMM2 sums the slots: (out [1, H], one counter a column block, cleared by GEMM1)
+    if pair_blocks and k > 1 and fuse_sum():
+        sums = (torch.empty((1, H), dtype=x.dtype, device=device),
+                torch.empty(cdiv(H, cfg2.block_n), dtype=torch.int32, device=device))
+    zero = sums[1] if sums is not None else None
     c1 = None
     if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
-              fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant)
+              fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant, zero_counts=zero)
     else:
         c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
         gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act, a1_quant=a1_quant,
-              invariant=invariant)
+              invariant=invariant, zero_counts=zero)
         a2, a2_scale = gemm2_input(c1, act, alpha, limit, scheme, block)
 
     # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).
@@ -134,9 +144,11 @@ def fused_experts(
     invoke_moe_gemm(
         a2, w2, c3, *alignment, top_k=1, config=cfg2, scheme=scheme,
         a_scale=a2_scale, w_scale=w2_scale, bias=w2_bias, block=block,
-        topk_weights=None if on_input else topk_weights, invariant=invariant,
+        topk_weights=None if on_input else topk_weights, invariant=invariant, sum_into=sums,
     )
-    if k == 1:  # [T, 1, H] is already the sum; c3 is a fresh tensor
+    if sums is not None:
+        out = sums[0]
+    elif k == 1:  # [T, 1, H] is already the sum; c3 is a fresh tensor
         out = c3
     else:
         num_experts = E if expert_map is None else expert_map.numel()
@@ -179,4 +191,4 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     weights, ids = topk_route(router_logits, *routing, pair_blocks=pair_blocks, quant_x=quant_x, align=align)
     return fused_experts(x, w13, w2, weights, ids, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block,
                          expert_map, on_input, alpha, limit, alignment=alignment, invariant=invariant,
-                         a1_quant=a1_quant)
+                         a1_quant=a1_quant, pair_blocks=pair_blocks is not None)

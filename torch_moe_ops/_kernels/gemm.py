@@ -37,6 +37,7 @@ from .activation import _gated
 from .formats import (block_pairs, decode_pairs, decode_scale, scale_values, stored_value_scales, swizzle,
                       tensor_scale_half)
 from .configs import TileConfig, fits_scale_tile, joins_k, swaps
+from .moe_sum import sum_slots
 from .plan import launch
 
 
@@ -105,8 +106,8 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
 @triton.jit(do_not_specialize=["num_pid_m", "num_valid_tokens"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, topk_weights_ptr,
-    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
-    N, K, num_pid_m, num_valid_tokens,
+    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, sum_ptr, count_ptr,
+    N, K, num_pid_m, num_valid_tokens, n_count,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_biase, stride_biasn,
     act_alpha, act_limit,
@@ -118,8 +119,12 @@ def _moe_gemm_kernel(
     A_ROW_SCALE: tl.constexpr, W_TENSOR_SCALE: tl.constexpr, W_CHANNEL_SCALE: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_PACKED: tl.constexpr,
     W_CODEC: tl.constexpr, FUSE_ACT: tl.constexpr, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr,
-    JOIN_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    JOIN_K: tl.constexpr, SWAP_AB: tl.constexpr, ZERO_COUNT: tl.constexpr, SUM_PAIRS: tl.constexpr,
 ):
+    if ZERO_COUNT > 0:  # GEMM1 clears GEMM2's tile counters (SUM_PAIRS), which runs after it on the stream
+        if tl.program_id(0) == 0:
+            offs_z = tl.arange(0, ZERO_COUNT)
+            tl.store(count_ptr + offs_z, tl.zeros((ZERO_COUNT,), dtype=tl.int32), mask=offs_z < n_count)
     pid_m, pid_n = swizzle(N, num_pid_m, BLOCK_N, GROUP_M)
     num_post_pad = tl.load(num_post_pad_ptr)
     if pid_m * BLOCK_M >= num_post_pad:
@@ -148,6 +153,8 @@ def _moe_gemm_kernel(
         mask_c = mask_token[:, None] & (offs_cn[None, :] < N)
         if expert == -1:  # block of non-local pairs: their output rows must be exactly zero
             tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=mask_c)
+            if SUM_PAIRS > 0:
+                _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS, BF16_RTNE)
             return
 
     # Wrapping N instead of masking keeps the B loads unpredicated; the store is masked.
@@ -239,6 +246,26 @@ def _moe_gemm_kernel(
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_c)
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+        if SUM_PAIRS > 0:
+            _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS, BF16_RTNE)
+
+
+@triton.jit
+def _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS: tl.constexpr,
+               BF16_RTNE: tl.constexpr):
+    """GEMM2's fused sum at T = 1 (pair blocks: row j of c is pair j; docs/kernels.md "GEMM2 sums at T = 1"): the
+    program that stores the last of the SUM_PAIRS tiles of its column block (a counter a column block, released
+    after the CTA's stores, acquired before the loads) sums rows 0..SUM_PAIRS-1 of c in slot order, as
+    ``moe_sum`` does, into sum [N]."""
+    tl.debug_barrier()  # every thread's stores happen before the release
+    done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if done == SUM_PAIRS - 1:
+        mask_n = offs_cn < N
+        y = sum_slots(c_ptr, stride_cm, offs_cn * stride_cn, mask_n, count_ptr, 0, count_ptr, 0, SUM_PAIRS, False,
+                      False, True)
+        if BF16_RTNE:
+            y = _bf16_round(y)
+        tl.store(sum_ptr + offs_cn, y.to(sum_ptr.dtype.element_ty), mask=mask_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,6 +299,8 @@ def invoke_moe_gemm(
     interleaved: bool = False,
     act: tuple | None = None,
     invariant: bool = False,
+    zero_counts: torch.Tensor | None = None,
+    sum_into: tuple | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
@@ -291,6 +320,9 @@ def invoke_moe_gemm(
     ``act``: (gated ``Activation``, alpha, limit) to apply in the epilogue: ``c`` is then ``[T·k, N/2]``, the
     activation's output, bitwise what ``act_and_mul`` makes of the unfused ``c`` (no activation quantization).
     ``invariant``: ``config`` is a batch-invariant one (``configs.swaps`` then ignores BLOCK_M).
+    ``sum_into``: (out [1, N] in c's dtype, counts [cdiv(N, BLOCK_N)] int32) for GEMM2 at T = 1 on pair blocks
+    (row j of ``c`` is pair j, every pair has its block): the kernel also writes ``out`` = ``moe_sum`` of c's
+    rows, bitwise. ``zero_counts``: [n] int32 the kernel clears first (GEMM1 clears GEMM2's counts).
     """
     numel = c.shape[0]
     pack = scheme.weight.pack if scheme.quantized else 1
@@ -333,10 +365,16 @@ def invoke_moe_gemm(
     else:
         act_kw = dict(FUSE_ACT=False, ACT="none", SWIGLU_OAI=False, CLAMP=False)
         alpha = limit = 0.0
+    if sum_into is not None:
+        out, counts = sum_into
+        assert top_k == 1 and act is None and numel > 1 and counts.numel() >= cdiv(N, bn)
+        sum_pairs = numel
+    else:
+        out, counts, sum_pairs = dummy, zero_counts if zero_counts is not None else dummy, 0
     launch(_moe_gemm_kernel, grid,
         a, w, c, a_s, w_s, b_, tw,
-        sorted_ids, expert_ids, num_post_pad,
-        N, K, num_pid_m, numel,
+        sorted_ids, expert_ids, num_post_pad, out, counts,
+        N, K, num_pid_m, numel, counts.numel() if zero_counts is not None else 0,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         *a_s_strides, *w_s_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, alpha, limit,
@@ -350,6 +388,8 @@ def invoke_moe_gemm(
         **_scheme_kwargs(scheme), **act_kw,
         # mxfp4 wgmma tiles in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
+        ZERO_COUNT=triton.next_power_of_2(zero_counts.numel()) if zero_counts is not None else 0,
+        SUM_PAIRS=sum_pairs,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c

@@ -14,26 +14,43 @@ from .plan import launch
 
 @triton.jit(do_not_specialize=["T"])
 def _moe_sum_kernel(x_ptr, out_ptr, ids_ptr, map_ptr, T, H, E, stride_xt, stride_xk, stride_ot, stride_it, stride_ik,
-                    TOP_K: tl.constexpr, K_P2: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr,
                     MASKED: tl.constexpr, HAS_MAP: tl.constexpr):
-    """x: [T, TOP_K, H] -> out: [T, H], fp32 accumulation; grid (T, H-blocks). With MASKED, slot j of token t
-    counts only if ids[t, j] is in [0, E) (and map[ids] >= 0): other slots are never read (may hold garbage)."""
+    """x: [T, TOP_K, H] -> out: [T, H], fp32 accumulation in slot order (``sum_slots``, shared with GEMM2's
+    fused sum); grid (T, H-blocks). With MASKED, slot j of token t counts only if ids[t, j] is in [0, E) (and
+    map[ids] >= 0): other slots are never read (may hold garbage)."""
     t = tl.program_id(0).to(tl.int64)
-    offs_k = tl.arange(0, K_P2)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    slot_ok = offs_k < TOP_K
-    if MASKED:
-        ids = tl.load(ids_ptr + t * stride_it + offs_k * stride_ik, mask=slot_ok, other=-1).to(tl.int64)
-        slot_ok &= (ids >= 0) & (ids < E)
-        if HAS_MAP:  # the same rule as the alignment's _local_ids
-            local = tl.load(map_ptr + ids, mask=slot_ok, other=-1)
-            slot_ok &= (local >= 0) & (local < E)
-    mask = slot_ok[:, None] & (offs_h < H)[None, :]
-    x = tl.load(x_ptr + t * stride_xt + offs_k[:, None] * stride_xk + offs_h[None, :], mask=mask, other=0.0)
-    y = tl.sum(x.to(tl.float32), axis=0)
+    mask_h = offs_h < H
+    y = sum_slots(x_ptr + t * stride_xt, stride_xk, offs_h, mask_h, ids_ptr + t * stride_it, stride_ik, map_ptr, E,
+                  TOP_K, MASKED, HAS_MAP, False)
     if EMULATE_BF16:
         y = _bf16_round(y)
-    tl.store(out_ptr + t * stride_ot + offs_h, y.to(out_ptr.dtype.element_ty), mask=offs_h < H)
+    tl.store(out_ptr + t * stride_ot + offs_h, y.to(out_ptr.dtype.element_ty), mask=mask_h)
+
+
+@triton.jit
+def sum_slots(x_ptr, stride_xk, offs, mask, ids_ptr, stride_ik, map_ptr, E, TOP_K: tl.constexpr,
+              MASKED: tl.constexpr, HAS_MAP: tl.constexpr, FROM_L2: tl.constexpr):
+    """sum over slots j < TOP_K of x[j, offs] -> [BLOCK] fp32, one slot after the other, so that ``moe_sum`` and
+    GEMM2's fused sum round alike. MASKED: slot j counts only if ids[j] is in [0, E) (and map[ids[j]] in [0, E));
+    others are never read. FROM_L2: loads bypass L1 (the slots were written by other programs of this kernel)."""
+    y = tl.zeros(offs.shape, dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        m = mask
+        if MASKED:
+            e = tl.load(ids_ptr + j * stride_ik).to(tl.int64)
+            ok = (e >= 0) & (e < E)
+            if HAS_MAP:  # the same rule as the alignment's _local_ids
+                local = tl.load(map_ptr + tl.where(ok, e, 0))
+                ok = ok & (local >= 0) & (local < E)
+            m = tl.where(ok, mask, False)
+        if FROM_L2:
+            v = tl.load(x_ptr + j * stride_xk + offs, mask=m, other=0.0, cache_modifier=".cg")
+        else:
+            v = tl.load(x_ptr + j * stride_xk + offs, mask=m, other=0.0)
+        y += v.to(tl.float32)
+    return y
 
 
 def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None, topk_ids: torch.Tensor | None = None,
@@ -56,6 +73,6 @@ def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None, topk_ids: torch.Te
     launch(_moe_sum_kernel, (T, cdiv(H, bh)),
         x, out, ids, expert_map if expert_map is not None else ids, T, H, num_experts,
         x.stride(0), x.stride(1), out.stride(0), ids.stride(0) if masked else 0, ids.stride(1) if masked else 0,
-        TOP_K=k, K_P2=triton.next_power_of_2(k), BLOCK_H=bh, EMULATE_BF16=emulate_bf16,
+        TOP_K=k, BLOCK_H=bh, EMULATE_BF16=emulate_bf16,
         MASKED=masked, HAS_MAP=expert_map is not None, num_warps=4)
     return out
