@@ -253,10 +253,10 @@ def _moe_gemm_kernel(
 @triton.jit
 def _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS: tl.constexpr,
                BF16_RTNE: tl.constexpr):
-    """GEMM2's fused sum at T = 1 (pair blocks: row j of c is pair j; docs/kernels.md, "GEMM2 sums the slots at T = 1"): the
-    program that stores the last of the SUM_PAIRS tiles of its column block (a counter a column block, released
-    after the CTA's stores, acquired before the loads) sums rows 0..SUM_PAIRS-1 of c in slot order, as
-    ``moe_sum`` does, into sum [N]."""
+    """GEMM2's fused sum at T = 1 (pair blocks: row j of c is pair j; docs/kernels.md, "GEMM2 sums the slots at
+    T = 1"): the program that stores the last of the SUM_PAIRS tiles of its column block (a counter a column
+    block, released after the CTA's stores, acquired before the loads) sums rows 0..SUM_PAIRS-1 of c in slot
+    order, as ``moe_sum`` does, into sum [N]."""
     tl.debug_barrier()  # every thread's stores happen before the release
     done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if done == SUM_PAIRS - 1:
