@@ -82,6 +82,23 @@ def test_lookup_picks_smallest_tuned_T_at_least_T():
     assert lookup_tuned(table, 64) == table[64]
     assert lookup_tuned(table, 65) == table[1024]
     assert lookup_tuned(table, 100000) == table[1024]  # beyond the table: the largest, never a small-T one
+    decode = {1: table[1], 16: table[64]}  # tuned for decode only: larger T get the heuristic (None here)
+    assert lookup_tuned(decode, 16) == table[64] and lookup_tuned(decode, 17) is None
+
+
+def test_a_decode_only_table_leaves_prefill_to_the_heuristic(tmp_path, monkeypatch):
+    """A table tuned at T = 1 and 16 (benchmarks/gpu_tune.sh's default) serves decode; prefill keeps the
+    heuristic's tiles instead of the T = 16 decode tile."""
+    from torch_moe_ops._kernels import configs
+
+    int4 = QUANT_SCHEMES["int4_w4a16"]
+    entry = {"E": 32, "N": 2880, "K": 2880, "scheme": int4.table_key((1, 64)),
+             "configs": {"1": TileConfig(16, 16, 64, 1, 4, 3).to_dict(), "16": TileConfig(16, 128, 64, 1, 4, 4).to_dict()}}
+    _write_table(tmp_path, "dev", [entry])
+    args = (32, 2880, 2880, int4, (1, 64), 4, "dev", None, str(tmp_path))
+    assert configs._cuda_config(1, *args).block_n == 16
+    assert configs._cuda_config(4096, *args) == configs._cuda_config(4096, 32, 2880, 2880, int4, (1, 64), 4, "other",
+                                                                     None, str(tmp_path))
 
 
 def _write_table(tmp_path, device, entries):
@@ -182,6 +199,7 @@ def test_table_keys_come_from_the_scheme_objects():
     assert FP8_BLOCK.table_key((128, 128)) == "fp8_block_128x128"
     assert INT4.table_key((1, 32)) == "int4_w4a16_1x32" and INT4.table_key((1, 128)) == "int4_w4a16_1x128"
     valid = {s.table_key(s.block_shape(None) if s.tiled else None) for s in QUANT_SCHEMES.values()}
+    valid.add(INT4.table_key((1, 64)))  # GPT-OSS-20B's K = 2880 takes groups of 64 (testing.fitting_block)
     keys = {entry["scheme"] for path in configs._tuned_files() for entry in json.loads(path.read_text())["entries"]}
     assert keys and keys <= valid, keys - valid
 

@@ -216,10 +216,19 @@ def device_family(index: int) -> str | None:
         return None
 
 
-def lookup_tuned(table: dict[int, TileConfig], T: int) -> TileConfig:
-    """The config of the smallest tuned T' ≥ T, else of the largest tuned T' (never a smaller-T config)."""
+#: A table tuned up to at least this T also serves larger T with its largest entry; one tuned for decode only
+#: (e.g. T = 1 and 16, ``benchmarks/gpu_tune.sh``'s default) leaves larger T to the heuristic: a decode tile
+#: would be a disaster at prefill.
+PREFILL_TUNED = 1024
+
+
+def lookup_tuned(table: dict[int, TileConfig], T: int) -> TileConfig | None:
+    """The config of the smallest tuned T' ≥ T, else of the largest tuned T' if that is a prefill size
+    (``PREFILL_TUNED``), else None (never a smaller-T config)."""
     above = [t for t in table if t >= T]
-    return table[min(above)] if above else table[max(table)]
+    if above:
+        return table[min(above)]
+    return table[max(table)] if max(table) >= PREFILL_TUNED else None
 
 
 def _usable(cfg: TileConfig, scheme: QuantScheme, block) -> bool:
@@ -306,7 +315,7 @@ def _cuda_config(T, E, N, K, scheme, block, top_k, dev_name, dev_family, extra_d
             table = tables.get((owner, E, N, K, scheme.table_key(block)))
             if table:
                 cfg = lookup_tuned(table, t)
-                if _usable(cfg, scheme, block):
+                if cfg is not None and _usable(cfg, scheme, block):
                     return cfg
         return default_config(t, E, N, K, scheme, block, top_k=top_k)
 
