@@ -8,8 +8,8 @@ import pytest
 from torch_moe_ops import _platform as P
 
 FLAGS = [(P.DEBUG_ENV, P.debug_checks, False), (P.PLANS_ENV, P.launch_plans, True),
-         (P.DIRECT_LAUNCH_ENV, P.direct_launch, True), (P.FUSE_ACTIVATION_ENV, P.fuse_activation, False),
-         (P.SWAP_AB_ENV, P.swap_ab, False)]
+         (P.DIRECT_LAUNCH_ENV, P.direct_launch, True), (P.FUSE_ACTIVATION_ENV, lambda: P.fuse_activation(7), False),
+         (P.FUSE_SUM_ENV, P.fuse_sum, True), (P.SWAP_AB_ENV, P.swap_ab, False)]
 
 
 @pytest.mark.parametrize("name,read,default", FLAGS, ids=[f[0] for f in FLAGS])
@@ -23,6 +23,16 @@ def test_boolean_switches(monkeypatch, name, read, default):
     monkeypatch.setenv(name, "2")
     with pytest.raises(ValueError, match=f"{name} must be 1 or 0.*'2'"):
         read()
+
+
+def test_the_activation_fuses_at_T1_unless_told(monkeypatch):
+    """FUSE_ACTIVATION unset: GEMM1 applies the activation at T = 1 only (the size timed); 1 / 0 force it."""
+    monkeypatch.delenv(P.FUSE_ACTIVATION_ENV, raising=False)
+    assert P.fuse_activation(1) and not P.fuse_activation(2) and not P.fuse_activation(1, invariant=True)
+    monkeypatch.setenv(P.FUSE_ACTIVATION_ENV, "0")
+    assert not P.fuse_activation(1)
+    monkeypatch.setenv(P.FUSE_ACTIVATION_ENV, "1")
+    assert P.fuse_activation(4096)
 
 
 def test_mode_switches_refuse_unknown_modes(monkeypatch):

@@ -15,8 +15,8 @@ BACKEND_ENV = "TORCH_MOE_OPS_BACKEND"  # "reference" (default on CPU) or "triton
 DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may synchronize)
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "0": replays go through Triton 3.6's CudaLauncher.__call__
-FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # "1": GEMM1's epilogue applies gated activations
-FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # "1": fused_moe's GEMM2 also sums the k slots at T = 1
+FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # GEMM1's epilogue applies gated activations: 1 / 0
+FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # "0": fused_moe's GEMM2 does not sum the k slots at T = 1
 SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
 COMPILE_MODES = ("plans", "triton", "opaque")
@@ -35,7 +35,7 @@ def _parse_flag(name: str, value: str) -> bool:
     raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
 
 
-def _flag(name: str, default: bool) -> bool:
+def _flag(name: str, default: bool | None) -> bool | None:
     """A boolean switch: unset or empty (``export NAME=``) gives ``default``; a value that is not a clear yes or
     no raises, naming it (a typo must not silently leave a switch at its default)."""
     value = os.environ.get(name, "")
@@ -92,18 +92,21 @@ def direct_launch() -> bool:
     return _flag(DIRECT_LAUNCH_ENV, True)
 
 
-def fuse_activation() -> bool:
-    """True with ``TORCH_MOE_OPS_FUSE_ACTIVATION=1``: GEMM1's epilogue applies a gated activation when no
-    activation quantization follows (one launch and one [T·k, 2I] round trip fewer; docs/kernels.md). Off by
-    default until measured on a GPU. Read when a launch plan is recorded."""
-    return _flag(FUSE_ACTIVATION_ENV, False)
+def fuse_activation(T, invariant: bool = False) -> bool:
+    """Whether GEMM1's epilogue applies a gated activation when no activation quantization follows (one launch
+    and one [T·k, 2I] round trip fewer; bitwise the activation kernel's output; docs/kernels.md): by default at
+    T = 1, the one size timed (H100: 2.3–2.8 µs less a call), outside the batch-invariant mode (whose tiles the
+    GPU tests of the fusion have not covered yet); ``TORCH_MOE_OPS_FUSE_ACTIVATION=1`` at every T, ``=0``
+    never. Read when a launch plan is recorded."""
+    flag = _flag(FUSE_ACTIVATION_ENV, None)
+    return (isinstance(T, int) and T == 1 and not invariant) if flag is None else flag
 
 
 def fuse_sum() -> bool:
-    """True with ``TORCH_MOE_OPS_FUSE_SUM=1``: at T = 1, ``fused_moe``'s GEMM2 also sums the k slots (the program
-    that stores a column block's last slot sums them; ``moe_sum``'s bits, one launch fewer; docs/kernels.md).
-    Off by default until measured on a GPU. Read when a launch plan is recorded."""
-    return _flag(FUSE_SUM_ENV, False)
+    """Whether ``fused_moe``'s GEMM2 also sums the k slots at T = 1 (the program that stores a column block's last
+    slot sums them; ``moe_sum``'s bits, one launch fewer; docs/kernels.md). On by default;
+    ``TORCH_MOE_OPS_FUSE_SUM=0`` turns it off. Read when a launch plan is recorded."""
+    return _flag(FUSE_SUM_ENV, True)
 
 
 def swap_ab() -> bool:

@@ -160,6 +160,7 @@ def test_activation_fused_into_gemm1_on_the_gpu(monkeypatch, scheme, activation,
     E, k, H, I = 60, 6, 512, 384
     q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
     x, logits = _inputs(T, H, E, T)
+    monkeypatch.setenv(FUSE_ACTIVATION_ENV, "0")  # (unset, T = 1 fuses)
     want = moe.fused_moe(x, logits, q13, q2, k, **kw)
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, "1")
     PLANS.clear()
@@ -170,17 +171,19 @@ def test_activation_fused_into_gemm1_on_the_gpu(monkeypatch, scheme, activation,
                                                ("mxfp4", "swigluoai")])
 @pytest.mark.parametrize("fuse_act", ["0", "1"])
 def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_act):
-    """TORCH_MOE_OPS_FUSE_SUM=1 at T = 1 (docs/kernels.md): bitwise the unfused path on the GPU's tiles, call
-    after call with fresh data (the counters' release / acquire), replayed plans and a CUDA graph included."""
+    """GEMM2's fused sum at T = 1 (the default; docs/kernels.md): bitwise the unfused path
+    (TORCH_MOE_OPS_FUSE_SUM=0) on the GPU's tiles, call after call with fresh data (the counters' release /
+    acquire), replayed plans and a CUDA graph included."""
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, FUSE_SUM_ENV
 
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, fuse_act)
     E, k, H, I = 60, 6, 512, 384
     q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
     cases = [_inputs(1, H, E, seed) for seed in range(24)]
+    monkeypatch.setenv(FUSE_SUM_ENV, "0")
     PLANS.clear()
     wants = [moe.fused_moe(x, logits, q13, q2, k, **kw) for x, logits in cases]
-    monkeypatch.setenv(FUSE_SUM_ENV, "1")
+    monkeypatch.delenv(FUSE_SUM_ENV)
     PLANS.clear()
     for (x, logits), want in zip(cases, wants):  # the first records, the rest replay
         torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), want, rtol=0, atol=0)

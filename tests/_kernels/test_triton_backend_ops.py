@@ -225,6 +225,8 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
 
     dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
     x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, T)
+    monkeypatch.setenv(FUSE_ACTIVATION_ENV, "0")  # (unset, T = 1 fuses)
+    moe.clear_launch_plans()
     want = moe.fused_moe(x, logits, q13, q2, k, **kw)
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, "1")
     moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
@@ -244,10 +246,10 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
                                                ("mxfp4", "swigluoai")])
 @pytest.mark.parametrize("fuse_act", ["0", "1"])
 def test_gemm2_sums_the_slots_at_T1_bitwise_moe_sum(monkeypatch, scheme, activation, fuse_act):
-    """TORCH_MOE_OPS_FUSE_SUM=1: at T = 1 fused_moe's GEMM2 also sums the k slots (the program storing a column
-    block's last slot; moe_sum's slot order): no moe_sum launch, the output bitwise the unfused one, with an
-    expert_map dropping slots (zero rows), biases, and GEMM1's fused activation (which clears the counters);
-    T = 9 keeps moe_sum."""
+    """At T = 1 fused_moe's GEMM2 also sums the k slots (the program storing a column block's last slot; moe_sum's
+    slot order; TORCH_MOE_OPS_FUSE_SUM=0 turns it off): no moe_sum launch, the output bitwise the unfused one,
+    with an expert_map dropping slots (zero rows), biases, and GEMM1's fused activation (which clears the
+    counters); T = 9 keeps moe_sum."""
     from torch_moe_ops._kernels import fused_experts as pipeline
     from torch_moe_ops._kernels import moe_sum as moe_sum_mod
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, FUSE_SUM_ENV
@@ -257,16 +259,16 @@ def test_gemm2_sums_the_slots_at_T1_bitwise_moe_sum(monkeypatch, scheme, activat
     for T in (1, 9):
         x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, T)
         k = 3  # three slots of 5 local experts: some dropped by the map
+        monkeypatch.setenv(FUSE_SUM_ENV, "0")
         moe.clear_launch_plans()
         want = moe.fused_moe(x, logits, q13, q2, k, **kw)
-        monkeypatch.setenv(FUSE_SUM_ENV, "1")
+        monkeypatch.delenv(FUSE_SUM_ENV)  # the default
         moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
         calls = []
         monkeypatch.setattr(pipeline, "moe_sum", lambda *a, **k_: calls.append(1) or moe_sum_mod.moe_sum(*a, **k_))
         got = moe.fused_moe(x, logits, q13, q2, k, **kw)
         assert torch.equal(got, want) and got.shape == want.shape, T
         assert calls == ([] if T == 1 else [1]), T
-        monkeypatch.delenv(FUSE_SUM_ENV)
     moe.clear_launch_plans()
 
 

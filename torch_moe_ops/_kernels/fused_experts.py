@@ -102,8 +102,8 @@ def fused_experts(
     num_post_pad) already made for this call's BLOCK_M (``fused_moe``'s pair blocks), else aligned here.
     ``invariant``: batch-invariant tiles: every T computes a row the same way (docs/batch-invariance.md).
     ``a1_quant``: (q [T, H] fp8, scale) = ``quantize_activation(x)``, made by ``fused_moe``'s routing kernel.
-    ``pair_blocks``: ``alignment`` holds one pair a block, pair j in block j (``fused_moe`` at T = 1): with
-    ``TORCH_MOE_OPS_FUSE_SUM=1`` GEMM2 then also sums the slots (``moe_sum``'s bits, one launch fewer).
+    ``pair_blocks``: ``alignment`` holds one pair a block, pair j in block j (``fused_moe`` at T = 1): GEMM2 then
+    also sums the slots (``moe_sum``'s bits, one launch fewer; ``TORCH_MOE_OPS_FUSE_SUM=0``: not).
     """
     pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
@@ -127,7 +127,7 @@ def fused_experts(
                 torch.empty(cdiv(H, cfg2.block_n), dtype=torch.int32, device=device))
     zero = sums[1] if sums is not None else None
     c1 = None
-    if not keep_c1 and scheme.act is None and act.gated and fuse_activation():  # GEMM1's epilogue: activation
+    if not keep_c1 and scheme.act is None and act.gated and fuse_activation(T, invariant):  # GEMM1's epilogue
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
               fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant, zero_counts=zero)
