@@ -23,13 +23,13 @@ from torch_moe_ops.schemes import WEIGHT_FORMATS, get_quant_scheme
 from torch_moe_ops.testing import experts_kwargs, quantize_experts, random_moe_weights
 
 
-def do_bench_ms(fn, graph: bool) -> float:
+def do_bench_ms(fn, graph: bool, rep_ms: int = 200) -> float:
     from triton.testing import do_bench
 
     fn()
     torch.cuda.synchronize()
     if not graph:
-        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+        return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         fn()  # warm-up on a side stream before capture (allocator, Triton JIT)
@@ -37,7 +37,7 @@ def do_bench_ms(fn, graph: bool) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+    return do_bench(g.replay, warmup=25, rep=rep_ms, return_mode="median")
 
 
 def measure_ceilings() -> dict:

@@ -1,6 +1,6 @@
 """Tune the grouped MoE GEMM's tiles on this GPU and write the table ``_kernels/configs.py`` reads.
 
-For each token count T, every candidate TileConfig is timed with ``triton.testing.do_bench`` (median, on
+For each token count T, every candidate TileConfig is timed replayed in a CUDA graph (``do_bench`` median, on
 random uniform routing, weights far larger than L2 for real models) and the fastest is kept. ``--model``
 tunes both GEMMs of a layer: GEMM1 ``[E, N1, H]`` first, then GEMM2 ``[E, H, I]`` restricted to the
 BLOCK_M GEMM1 picked (both GEMMs share one alignment, so ``fused_experts`` forces GEMM1's BLOCK_M).
@@ -168,10 +168,13 @@ class GemmProblem:
         return max((w_bytes + io_bytes) / (bandwidth_gbs * 1e3), flops / (peak_tflops * 1e6))
 
 
-def bench(fn, warmup_ms=25, rep_ms=100) -> float:
-    import triton.testing
+def bench(fn) -> float:
+    """µs of ``fn`` replayed as a CUDA graph (as ``benchmarks.run`` times the op): decode GEMMs launched one by
+    one time the host's launches too (H100, 2026-12-07, GPT-OSS-20B int4 T = 1 with the heuristic's tiles: 218 µs
+    for the two GEMMs that way, 74 µs replayed in a graph)."""
+    from benchmarks.run import do_bench_ms
 
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3  # µs
+    return do_bench_ms(fn, graph=True, rep_ms=100) * 1e3
 
 
 def tune_gemm(problem: GemmProblem, cands, default, verbose=False):
@@ -219,7 +222,7 @@ def merge_into(path: Path, device: str, E: int, N: int, K: int, skey: str, resul
     data["device"], data["triton"], data["torch"] = device, triton.__version__, torch.__version__
     if capability is not None:  # GPUs of this family without a table of their own use this one
         data["capability"] = list(capability)
-    data["written_by"] = "benchmarks/tune.py (do_bench median, uniform random routing, bf16 activations)"
+    data["written_by"] = "benchmarks/tune.py (CUDA-graph do_bench median, uniform random routing, bf16 activations)"
     entry = next((e for e in data["entries"] if (e["E"], e["N"], e["K"], e["scheme"]) == (E, N, K, skey)), None)
     if entry is None:
         entry = {"E": E, "N": N, "K": K, "scheme": skey, "configs": {}, "us": {}}
