@@ -21,7 +21,6 @@ width of every load too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import subprocess
@@ -157,19 +156,6 @@ def sass_summary(sass: str) -> dict:
 SHAPES = {"qwen3": (128, 8, 2048, 768, "silu", False), "gpt-oss": (32, 4, 2880, 2880, "swigluoai", True)}
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES), invariant=False):
     """(label, thunk) of pipeline calls whose launches get compiled: the forward (``invariant``: with
     batch-invariant tiles), and with ``backward`` its gradients."""
@@ -182,7 +168,6 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES), i
     from torch_moe_ops._kernels.align import align_buffers
     from torch_moe_ops._kernels.quant import quantize_weight_into
     from torch_moe_ops._kernels.routing import one_program, pair_block_alignment, topk_route
-    from torch_moe_ops._platform import FUSE_SUM_ENV
     from torch_moe_ops.schemes import get_activation_quant
 
     shapes = {k: v for k, v in SHAPES.items() if k in shape_names}
@@ -247,12 +232,11 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES), i
                                               invariant=invariant)
 
                     yield f"{name} {shape} {dtype} T={T}", call
-                    if T == 1:  # fused_moe with GEMM2's fused sum (TORCH_MOE_OPS_FUSE_SUM=1; GEMM1 clears its counts)
+                    if T == 1:  # fused_moe: GEMM2's fused sum (the default there; GEMM1 clears its counts)
                         def fused_sum(x=x, qa=qa, qb=qb, logits=torch.randn(1, E)):
-                            with _env(FUSE_SUM_ENV, "1"):
-                                kernels.fused_moe(x, logits, (k, True, "softmax", 0, 0, None, 1.0),
-                                                  (qa, qb, act, scheme, s13, s2, b13, b2, block, None, False,
-                                                   act.alpha(None), act.limit(None)), invariant=invariant)
+                            kernels.fused_moe(x, logits, (k, True, "softmax", 0, 0, None, 1.0),
+                                              (qa, qb, act, scheme, s13, s2, b13, b2, block, None, False,
+                                               act.alpha(None), act.limit(None)), invariant=invariant)
 
                         yield f"{name} {shape} {dtype} T=1 fused sum", fused_sum
                     if backward:  # every gradient a scheme gives: frozen quantized experts pass dx and dw only

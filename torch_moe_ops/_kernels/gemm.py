@@ -365,16 +365,14 @@ def invoke_moe_gemm(
     else:
         act_kw = dict(FUSE_ACT=False, ACT="none", SWIGLU_OAI=False, CLAMP=False)
         alpha = limit = 0.0
+    n_zero = zero_counts.numel() if zero_counts is not None else 0
+    out, counts = sum_into if sum_into is not None else (dummy, zero_counts if n_zero else dummy)
     if sum_into is not None:
-        out, counts = sum_into
         assert top_k == 1 and act is None and numel > 1 and counts.numel() >= cdiv(N, bn)
-        sum_pairs = numel
-    else:
-        out, counts, sum_pairs = dummy, zero_counts if zero_counts is not None else dummy, 0
     launch(_moe_gemm_kernel, grid,
         a, w, c, a_s, w_s, b_, tw,
         sorted_ids, expert_ids, num_post_pad, out, counts,
-        N, K, num_pid_m, numel, counts.numel() if zero_counts is not None else 0,
+        N, K, num_pid_m, numel, n_zero,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         *a_s_strides, *w_s_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, alpha, limit,
@@ -388,8 +386,8 @@ def invoke_moe_gemm(
         **_scheme_kwargs(scheme), **act_kw,
         # mxfp4 wgmma tiles in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
-        ZERO_COUNT=triton.next_power_of_2(zero_counts.numel()) if zero_counts is not None else 0,
-        SUM_PAIRS=sum_pairs,
+        ZERO_COUNT=triton.next_power_of_2(n_zero) if n_zero else 0,
+        SUM_PAIRS=numel if sum_into is not None else 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
