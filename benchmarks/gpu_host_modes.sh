@@ -1,11 +1,12 @@
 #!/bin/bash
 # Issue 22's open measurements in ONE device call (`run` with the command `bash benchmarks/gpu_host_modes.sh`,
 # no carry needed): the GPU suite of the host-overhead work, the host-time split, the 4-layer stack under each
-# compile mode (TORCH_MOE_OPS_COMPILE = plans / triton / opaque, docs/host-overhead.md), and GEMM1 with the
-# activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION=1) against the two-kernel path on the Qwen3 shape (kernel time,
-# CUDA graphs). Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json,
-# run-fused-<0|1>.json, and the logs (cuda_tests.log: pytest's whole output); the summary is printed. Steps that
-# would end past LIMIT_S (default 580 s) are skipped and named.
+# compile mode (TORCH_MOE_OPS_COMPILE = plans / triton / opaque, docs/host-overhead.md), with FUSED=1 GEMM1 with
+# and without the activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 shape (kernel time, CUDA graphs),
+# then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS).
+# Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json,
+# run-fused-<0|1>.json, kernel_split.json, and the logs (cuda_tests.log: pytest's whole output); the summary is
+# printed. Steps that would end past LIMIT_S (default 580 s) are skipped and named.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -27,11 +28,16 @@ for m in plans triton opaque; do
   echo "== stack, TORCH_MOE_OPS_COMPILE=$m $(( $(date +%s) - T0 )) s"
   TORCH_MOE_OPS_COMPILE=$m timeout $(( $(left) < 70 ? $(left) : 70 )) python3 -m benchmarks.host --out "$DIR/stack-$m" --only stack 2>&1 | grep "stack "
 done
-for f in 0 1; do
+for f in ${FUSED:+0 1}; do  # FUSED=1: the Qwen3 kernel times without and with the activation in GEMM1
   [ "$(left)" -lt 40 ] && { echo "== skipped: kernels, fused activation $f"; continue; }
   echo "== kernels, TORCH_MOE_OPS_FUSE_ACTIVATION=$f $(( $(date +%s) - T0 )) s"
   TORCH_MOE_OPS_FUSE_ACTIVATION=$f timeout $(( $(left) < 90 ? $(left) : 90 )) python3 -m benchmarks.run --shapes qwen3-30b-a3b --providers ours \
     --schemes ${FUSED_SCHEMES:-none,int8_w8a16,int4_w4a16} --tokens ${FUSED_TOKENS:-1,4,16,64,256,1024,4096,16384} \
     --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | tail -n 12
 done
+if [ "$(left)" -ge 50 ]; then  # fused_moe's kernels one by one against its CUDA-graph time (T = 1 by default)
+  echo "== kernel split $(( $(date +%s) - T0 )) s"
+  timeout $(( $(left) - 5 )) python3 -m benchmarks.kernel_split --out "$DIR" --shapes ${SPLIT_SHAPES:-qwen3-30b-a3b,gpt-oss-20b} \
+    --schemes ${SPLIT_SCHEMES:-none,fp8_block,int4_w4a16} --tokens ${SPLIT_TOKENS:-1} 2>&1 | grep "T=" | cut -c1-220
+else echo "== skipped: kernel split"; fi
 echo "== done $(( $(date +%s) - T0 )) s"

@@ -167,14 +167,13 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES), i
     from torch_moe_ops._kernels.activation import quant_buffers
     from torch_moe_ops._kernels.align import align_buffers
     from torch_moe_ops._kernels.quant import quantize_weight_into
-    from torch_moe_ops._kernels.routing import one_program, pair_block_alignment, topk_route
+    from torch_moe_ops._kernels.routing import one_program, topk_route
     from torch_moe_ops.schemes import get_activation_quant
 
     shapes = {k: v for k, v in SHAPES.items() if k in shape_names}
-    for T in tokens:  # routing: softmax, and DeepSeek's grouped sigmoid with a correction bias; T = 1 pair blocks
+    for T in tokens:  # routing: softmax, and DeepSeek's grouped sigmoid with a correction bias
         logits = torch.randn(T, 256, dtype=torch.bfloat16)
-        pairs = (pair_block_alignment(T, 8, 16, "cpu"), 16, 256, None) if T == 1 else None
-        yield f"routing T={T}", lambda lg=logits, pb=pairs: topk_route(lg, 8, pair_blocks=pb)
+        yield f"routing T={T}", lambda lg=logits: topk_route(lg, 8)
         yield f"routing grouped T={T}", lambda lg=logits: topk_route(
             lg, 8, True, "sigmoid", 8, 4, torch.zeros(256), 2.5)
         # fused_moe's routing jobs (_kernels/fused_experts.fused_moe): x's fp8 quantization (groups of 128 and 96,
@@ -232,13 +231,16 @@ def _cases(schemes, tokens, dtypes, backward=False, shape_names=tuple(SHAPES), i
                                               invariant=invariant)
 
                     yield f"{name} {shape} {dtype} T={T}", call
-                    if T == 1:  # fused_moe: GEMM2's fused sum (the default there; GEMM1 clears its counts)
-                        def fused_sum(x=x, qa=qa, qb=qb, logits=torch.randn(1, E)):
-                            kernels.fused_moe(x, logits, (k, True, "softmax", 0, 0, None, 1.0),
-                                              (qa, qb, act, scheme, s13, s2, b13, b2, block, None, False,
-                                               act.alpha(None), act.limit(None)), invariant=invariant)
+                    if T == 1:  # fused_moe: GEMM1 routes (softmax; DeepSeek's grouped sigmoid with a correction
+                        # bias), GEMM2 reads its ids and sums the slots (GEMM1 clears its counts)
+                        for label, routing in (("", (k, True, "softmax", 0, 0, None, 1.0)),
+                                               (" grouped", (k, True, "sigmoid", 8, 4, torch.zeros(E), 2.5))):
+                            def fused_moe(x=x, qa=qa, qb=qb, logits=torch.randn(1, E), routing=routing):
+                                kernels.fused_moe(x, logits, routing,
+                                                  (qa, qb, act, scheme, s13, s2, b13, b2, block, None, False,
+                                                   act.alpha(None), act.limit(None)), invariant=invariant)
 
-                        yield f"{name} {shape} {dtype} T=1 fused sum", fused_sum
+                            yield f"{name} {shape} {dtype} T=1 fused_moe{label}", fused_moe
                     if backward:  # every gradient a scheme gives: frozen quantized experts pass dx and dw only
                         trainable = scheme.weight is None
 

@@ -16,7 +16,8 @@ DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may s
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "0": replays go through Triton 3.6's CudaLauncher.__call__
 FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # GEMM1's epilogue applies gated activations: 1 / 0
-FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # "0": fused_moe's GEMM2 does not sum the k slots at T = 1
+FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # "0": GEMM2 does not sum the k slots at T = 1
+FUSE_ROUTING_ENV = "TORCH_MOE_OPS_FUSE_ROUTING"  # "0": fused_moe's GEMM1 does not route the token at T = 1
 SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
 COMPILE_MODES = ("plans", "triton", "opaque")
@@ -103,10 +104,17 @@ def fuse_activation(T, invariant: bool = False) -> bool:
 
 
 def fuse_sum() -> bool:
-    """Whether ``fused_moe``'s GEMM2 also sums the k slots at T = 1 (the program that stores a column block's last
+    """Whether GEMM2 also sums the k slots at T = 1 (``fused_moe``, ``fused_experts``) (the program that stores a column block's last
     slot sums them; ``moe_sum``'s bits, one launch fewer; docs/kernels.md). On by default;
     ``TORCH_MOE_OPS_FUSE_SUM=0`` turns it off. Read when a launch plan is recorded."""
     return _flag(FUSE_SUM_ENV, True)
+
+
+def fuse_routing() -> bool:
+    """Whether ``fused_moe``'s GEMM1 routes the token itself at T = 1 when x is its input (no routing launch;
+    ``topk_route``'s bits; docs/kernels.md, "Two launches at T = 1"). On by default; ``TORCH_MOE_OPS_FUSE_ROUTING=0``
+    launches the routing kernel first. Read when a launch plan is recorded."""
+    return _flag(FUSE_ROUTING_ENV, True)
 
 
 def swap_ab() -> bool:

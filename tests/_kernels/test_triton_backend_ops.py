@@ -361,3 +361,99 @@ def test_fuzz_fused_moe_equals_route_then_experts(T, E, k, G, scheme, mapped, on
     out = moe.fused_moe(x, logits, q13, q2, k, **route, **kw)
     w, ids = moe.topk_route(logits, k, **route)
     assert torch.equal(out, moe.fused_experts(x, q13, q2, w, ids, **kw)), (T, E, k, G, scheme)
+
+
+def _count_launches(monkeypatch) -> list:
+    """Every kernel launch of the pipeline's modules, recorded as (kernel name, its PAIRS constexpr or None)."""
+    from torch_moe_ops._kernels import activation, align, gemm, moe_sum, plan, routing
+
+    names = []
+
+    def counted(kernel, grid, *args, **kw):
+        names.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, kw.get("PAIRS")))
+        return plan.launch(kernel, grid, *args, **kw)
+
+    for mod in (activation, align, gemm, moe_sum, routing):
+        monkeypatch.setattr(mod, "launch", counted)
+    return names
+
+
+@pytest.mark.parametrize("scheme,activation,on_input,want", [
+    ("none", "silu", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
+    ("int4_w4a16", "swigluoai", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
+    ("fp8_block", "silu", False, [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1), ("_act_quant_kernel", None),
+                                  ("_moe_gemm_kernel", 1)]),
+    ("none", "silu", True, [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1), ("_moe_gemm_kernel", 1)]),
+])
+def test_fused_moe_at_T1_launches_two_kernels(monkeypatch, scheme, activation, on_input, want):
+    """fused_moe at T = 1 (docs/kernels.md, "Two launches at T = 1"): GEMM1 routes the token itself (PAIRS = 2) and
+    fuses the activation, GEMM2 reads the ids GEMM1 wrote (PAIRS = 1) and sums the slots; no routing, alignment,
+    activation or sum launch. fp8 activations keep the routing kernel (it quantizes x) and act_and_quant; on-input
+    weighting keeps the routing kernel (GEMM1's input is weighted per pair). Output bitwise topk_route +
+    fused_experts, an expert_map dropping slots included."""
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
+    x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, 1)
+    kw.update(apply_router_weight_on_input=on_input)
+    k = 3
+    w, ids = moe.topk_route(logits, k)
+    want_out = moe.fused_experts(x, q13, q2, w, ids, **kw)
+    names = _count_launches(monkeypatch)
+    moe.clear_launch_plans()
+    got = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    moe.clear_launch_plans()
+    assert names == want
+    assert torch.equal(got, want_out)
+
+
+@pytest.mark.parametrize("route_kw", [dict(), dict(renormalize=False, routed_scaling_factor=2.5),
+                                      dict(scoring_func="sigmoid", num_expert_group=4, topk_group=2, bias=True),
+                                      dict(num_expert_group=8, topk_group=3)])
+@pytest.mark.parametrize("E,k", [(160, 6), (60, 4), (3, 3)])
+def test_gemm1_routes_the_token_with_topk_routes_bits(route_kw, E, k):
+    """GEMM1 at T = 1 with ``route``: the weights and ids its program 0 writes are topk_route's, bitwise, for rows
+    routed inside a batch of 37 (the routing kernel's BLOCK_T tokens a program, another thread layout): the sums
+    add in a fixed tree. NaN, inf and all-NaN rows, grouped and biased routing, E not a power of two."""
+    from torch_moe_ops._kernels.configs import TileConfig
+    from torch_moe_ops._kernels.gemm import invoke_moe_gemm
+
+    route_kw = dict(route_kw)
+    G = route_kw.get("num_expert_group", 0)
+    if G and (E % G or E <= G or k > (E // G) * route_kw["topk_group"]):
+        pytest.skip("no such grouping")
+    torch.manual_seed(E * 10 + k)
+    bias = torch.randn(E, device=DEV) * 0.1 if route_kw.pop("bias", False) else None
+    logits = torch.randn(37, E, device=DEV) * 3
+    logits[3, 1] = float("nan")
+    logits[5] = float("nan")
+    logits[7, 0], logits[7, -1] = float("inf"), float("-inf")
+    routing = (k, route_kw.get("renormalize", True), route_kw.get("scoring_func", "softmax"), G,
+               route_kw.get("topk_group", 0), bias, route_kw.get("routed_scaling_factor", 1.0))
+    w_batch, ids_batch = moe.topk_route(logits, k, **route_kw, e_score_correction_bias=bias)
+    scheme = get_quant_scheme("none")
+    H, N = 32, 32
+    w13 = torch.randn(E, N, H, device=DEV, dtype=torch.float16)
+    for t in (0, 3, 5, 7, 36):
+        x = torch.randn(1, H, device=DEV, dtype=torch.float16)
+        w, ids = torch.empty(1, k, device=DEV), torch.empty(1, k, dtype=torch.int32, device=DEV)
+        c = torch.empty(k, N, dtype=torch.float16, device=DEV)
+        invoke_moe_gemm(x, w13, c, None, None, None, top_k=k, config=TileConfig(16, 16, 32, 1, 4, 2),
+                        scheme=scheme, pair_ids=(ids, None), route=(logits[t:t + 1], routing, w))
+        assert torch.equal(ids, ids_batch[t:t + 1]) and torch.equal(w, w_batch[t:t + 1]), t
+        want = (x.float() @ w13[ids[0].long()].float().transpose(1, 2)).squeeze(1)
+        torch.testing.assert_close(c.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_routing_kernel_first_when_switched_off(monkeypatch):
+    """TORCH_MOE_OPS_FUSE_ROUTING=0: fused_moe at T = 1 launches the routing kernel, then GEMMs that read its ids;
+    the same bits as GEMM1's own routing."""
+    from torch_moe_ops._platform import FUSE_ROUTING_ENV
+
+    x, logits, q13, q2, k, kw = _mapped_case("none", "silu", torch.float16, 1)
+    want = moe.fused_moe(x, logits, q13, q2, 3, **kw)
+    monkeypatch.setenv(FUSE_ROUTING_ENV, "0")
+    names = _count_launches(monkeypatch)
+    moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
+    got = moe.fused_moe(x, logits, q13, q2, 3, **kw)
+    moe.clear_launch_plans()
+    assert names == [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1), ("_moe_gemm_kernel", 1)]
+    assert torch.equal(got, want)

@@ -42,11 +42,12 @@ def traced():
 
 def test_the_unfused_kernels_at_T1_when_switched_off():
     """TORCH_MOE_OPS_FUSE_SUM=0 and TORCH_MOE_OPS_FUSE_ACTIVATION=0 at T = 1: moe_sum and the activation kernel
-    are back (the fused defaults: test_graph_holds_our_kernels_and_nothing_that_moves_data, where GEMM2 writes
-    the counters GEMM1 cleared and the output with no input copied)."""
+    are back, GEMM1 still routes (the fused defaults: test_graph_holds_our_kernels_and_nothing_that_moves_data,
+    where GEMM1 writes the routing GEMM2 reads, and GEMM2 the counters GEMM1 cleared and the output, with no input
+    copied)."""
     seen = _trace([("none", 1, False)], TORCH_MOE_OPS_FUSE_SUM="0", TORCH_MOE_OPS_FUSE_ACTIVATION="0")
     got = seen[("none", 1, False)]
-    assert Counter(got["nodes"])["triton_kernel_wrapper_functional"] == KERNELS["none"] - 1, got
+    assert Counter(got["nodes"])["triton_kernel_wrapper_functional"] == KERNELS["none"] - 2, got
     assert got["cloned_inputs"] == []
 
 
@@ -55,11 +56,11 @@ def test_graph_holds_our_kernels_and_nothing_that_moves_data(traced, case):
     seen = traced[case]
     ops = Counter(seen["nodes"])
     big = case[1] * 6 > 4096  # multi-kernel alignment (count + scan + scatter) past 4096 pairs
-    # T = 1: the routing kernel also aligns (one pair per block); T <= 16 (E = 60: 32 tokens a routing program,
-    # token buckets 1 and 16): its one program writes align_block_size's alignment
+    # T = 1: no alignment (one pair a row block); T <= 16 (E = 60: 32 tokens a routing program, token buckets 1
+    # and 16): the routing kernel's one program writes align_block_size's alignment
     aligned_in_routing = case[1] <= 16
-    # T = 1: GEMM2 sums the slots, and GEMM1 applies the activation unless it is quantized (fp8)
-    fused_at_t1 = (1 + (case[0] != "fp8_block")) if case[1] == 1 else 0
+    # T = 1: GEMM2 sums the slots, and unless x is quantized (fp8) GEMM1 routes and applies the activation
+    fused_at_t1 = (1 + 2 * (case[0] != "fp8_block")) if case[1] == 1 else 0
     assert ops["triton_kernel_wrapper_functional"] == KERNELS[case[0]] + 2 * big - aligned_in_routing - fused_at_t1, ops
     aten = {n for n in ops if n.startswith("aten.")}
     assert aten <= FREE, f"aten ops beyond allocations and views: {aten - FREE}"

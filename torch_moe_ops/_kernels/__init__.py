@@ -4,7 +4,7 @@ of ``torch_moe_ops.schemes``) and run on CUDA tensors, or on CPU tensors under `
 
 Launchers (one module each; ``_numerics`` holds the shared ``@triton.jit`` rounding / scale helpers,
 ``formats`` the weight codecs' decoding and the GEMMs' shared prologue, ``activation`` each activation's f
-and f' in one ``_elementwise``):
+and f' in one ``_elementwise``, ``topk`` the router's top-k that the routing kernel and GEMM1 at T = 1 share):
 - ``routing.topk_route(router_logits, top_k, renormalize, scoring_func, num_expert_group, topk_group,
   e_score_correction_bias, routed_scaling_factor) -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)``
 - ``align.align_block_size(topk_ids, num_experts, block_size, expert_map) -> (sorted_ids, expert_ids, num_post_pad)``

@@ -9,7 +9,8 @@ granularity puts them (``GemmFlags``). An unknown codec fails to compile: no bra
 Shared by ``gemm.py`` and ``backward.py``:
 
 - ``swizzle`` / ``block_pairs``: which BLOCK_M rows of ``sorted_ids`` and which column tile a program owns
-  (GROUP_M swizzle), its pair indices, their mask and the block's expert (docs/design.md §7).
+  (GROUP_M swizzle), its pair indices, their mask and the block's expert (docs/design.md §7); ``pair_rows`` /
+  ``pair_expert``: the same for one pair a block at T = 1, its expert id given.
 - ``tensor_scale_half``: which of a per-tensor w13's two scales (gate, up) a row of w13 takes.
 """
 from __future__ import annotations
@@ -186,6 +187,27 @@ def block_pairs(sorted_ids_ptr, expert_ids_ptr, pid_m, num_post_pad, num_valid, 
     offs_token = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < num_post_pad, other=num_valid).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     return offs_token, offs_token < num_valid, expert
+
+
+@triton.jit
+def pair_expert(raw, map_ptr, E_IDS: tl.constexpr, E_LOCAL: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Expert id ``raw`` (scalar, any int dtype) -> its local expert (int64; through ``map_ptr`` [E_IDS] int32 when
+    HAS_MAP), −1 when outside [0, E_IDS) or [0, E_LOCAL): ``align``'s and ``moe_sum``'s rule for dropped pairs."""
+    valid = (raw >= 0) & (raw < E_IDS)  # in the ids' own dtype (int64 ids stay safe)
+    e = tl.where(valid, raw, 0).to(tl.int32)
+    if HAS_MAP:
+        e = tl.load(map_ptr + e)
+    return tl.where(valid & (e >= 0) & (e < E_LOCAL), e, -1).to(tl.int64)
+
+
+@triton.jit
+def pair_rows(pid_m, num_valid, BLOCK_M: tl.constexpr):
+    """``block_pairs``' rows for pair ``pid_m`` alone at row 0 of row block ``pid_m`` (T = 1): (offs_token [BM]
+    int64, mask_token [BM]). No pointer argument: torch.compile takes a helper's pointers as written when a store
+    address derives from its result."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_token = tl.where(rows == 0, pid_m, num_valid).to(tl.int64)
+    return offs_token, offs_token < num_valid
 
 
 @triton.jit

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .._platform import debug_checks, fuse_activation, fuse_sum
+from .._platform import debug_checks, fuse_activation, fuse_routing, fuse_sum
 from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
 from .configs import get_config
 from .gemm import invoke_moe_gemm
 from .moe_sum import moe_sum
-from .routing import invariant_alignment, one_program, pair_block_alignment, rows_apart, topk_route
+from .routing import invariant_alignment, one_program, rows_apart, topk_route
 
 
 def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
@@ -41,11 +41,12 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
 
 def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
           act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None, invariant: bool = False,
-          zero_counts: torch.Tensor | None = None) -> None:
+          zero_counts: torch.Tensor | None = None, pair_ids: tuple | None = None, route: tuple | None = None) -> None:
     """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
     epilogue) = a1 (quantized first for fp8 schemes, unless ``a1_quant`` = (q, scale) already holds that) @
     W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a batch-invariant config.
-    ``zero_counts``: GEMM2's fused-sum counters, which this launch clears."""
+    ``zero_counts``: GEMM2's fused-sum counters, which this launch clears. ``pair_ids`` / ``route``: T = 1's
+    pairs instead of the alignment (``invoke_moe_gemm``)."""
     a1_scale = None
     if a1_quant is not None:
         a1, a1_scale = a1_quant
@@ -53,7 +54,7 @@ def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_s
         a1, a1_scale = quantize_activation(a1, scheme.act, scheme.act_group(block))
     invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
                     w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused,
-                    invariant=invariant, zero_counts=zero_counts)
+                    invariant=invariant, zero_counts=zero_counts, pair_ids=pair_ids, route=route)
 
 
 def gemm2_input(c1, act: Activation, alpha: float, limit: float, scheme: QuantScheme, block):
@@ -85,7 +86,7 @@ def fused_experts(
     keep_c1: bool = False,
     invariant: bool = False,
     a1_quant: tuple | None = None,
-    pair_blocks: bool = False,
+    route: tuple | None = None,
 ):
     """Routed experts of one MoE layer; returns a fresh ``[T, H]`` tensor in ``x.dtype`` (``keep_c1``: and
     GEMM1's output c1 [T·k, N1] for the backward, rows of dropped pairs 0).
@@ -99,11 +100,14 @@ def fused_experts(
     tile (None for untiled schemes). Biases: w13 [E, N1], w2 [E, H]. ``on_input``: GEMM1 reads
     ``x[t]·w[t, slot]`` and GEMM2 does not weight. alpha / limit: resolved floats (``act.alpha``,
     ``act.limit``). Intermediates are kept in x's dtype. ``alignment``: (sorted_ids, expert_ids,
-    num_post_pad) already made for this call's BLOCK_M (``fused_moe``'s pair blocks), else aligned here.
+    num_post_pad) already made for this call's BLOCK_M (by ``fused_moe``'s routing kernel), else aligned here.
     ``invariant``: batch-invariant tiles: every T computes a row the same way (docs/batch-invariance.md).
     ``a1_quant``: (q [T, H] fp8, scale) = ``quantize_activation(x)``, made by ``fused_moe``'s routing kernel.
-    ``pair_blocks``: ``alignment`` holds one pair a block, pair j in block j (``fused_moe`` at T = 1): GEMM2 then
-    also sums the slots (``moe_sum``'s bits, one launch fewer; ``TORCH_MOE_OPS_FUSE_SUM=0``: not).
+    At T = 1 no alignment is made: each GEMM puts pair j alone in its row block j and reads its expert from the
+    ids (``invoke_moe_gemm``'s ``pair_ids``), and GEMM2 also sums the slots (``moe_sum``'s bits;
+    ``TORCH_MOE_OPS_FUSE_SUM=0``: not); so bf16 makes two launches (docs/kernels.md, "Two launches at T = 1").
+    ``route``: (router_logits [1, E], topk_route's arguments after the logits): GEMM1 routes the token itself and
+    fills ``topk_weights`` and ``topk_ids`` (empty [1, k] fp32 / int32 buffers) for GEMM2 (``fused_moe``).
     """
     pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
@@ -116,13 +120,16 @@ def fused_experts(
         out = torch.zeros((T, H), dtype=x.dtype, device=device)
         return (out, x.new_zeros((0, N1))) if keep_c1 else out
 
+    direct = isinstance(T, int) and T == 1  # one pair a row block, the experts read from the ids
+    assert route is None or (direct and not on_input and scheme.act is None)
+    pair_ids = (topk_ids, expert_map) if direct else None
     # One BLOCK_M for both GEMMs: they share the alignment.
     cfg1, alignment, a1, a1_div = gemm1_input(x, w13, topk_weights, topk_ids, scheme, block, expert_map, on_input,
-                                              alignment, invariant)
+                                              (None, None, None) if direct else alignment, invariant)
     cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype,
                       block_m=cfg1.block_m)
     sums = None  # GEMM2 sums the slots: (out [1, H], one counter a column block, cleared by GEMM1)
-    if pair_blocks and k > 1 and fuse_sum():
+    if direct and k > 1 and fuse_sum():
         sums = (torch.empty((1, H), dtype=x.dtype, device=device),
                 torch.empty(cdiv(H, cfg2.block_n), dtype=torch.int32, device=device))
     zero = sums[1] if sums is not None else None
@@ -130,11 +137,12 @@ def fused_experts(
     if not keep_c1 and scheme.act is None and act.gated and fuse_activation(T, invariant):  # GEMM1's epilogue
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
-              fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant, zero_counts=zero)
+              fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant, zero_counts=zero,
+              pair_ids=pair_ids, route=route and (*route, topk_weights))
     else:
         c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
         gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act, a1_quant=a1_quant,
-              invariant=invariant, zero_counts=zero)
+              invariant=invariant, zero_counts=zero, pair_ids=pair_ids, route=route and (*route, topk_weights))
         a2, a2_scale = gemm2_input(c1, act, alpha, limit, scheme, block)
 
     # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).
@@ -144,7 +152,7 @@ def fused_experts(
     invoke_moe_gemm(
         a2, w2, c3, *alignment, top_k=1, config=cfg2, scheme=scheme,
         a_scale=a2_scale, w_scale=w2_scale, bias=w2_bias, block=block,
-        topk_weights=None if on_input else topk_weights, invariant=invariant, sum_into=sums,
+        topk_weights=None if on_input else topk_weights, invariant=invariant, sum_into=sums, pair_ids=pair_ids,
     )
     if sums is not None:
         out = sums[0]
@@ -161,34 +169,34 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     """Routing then the experts (``moe::fused_moe``): ``routing`` = topk_route's arguments after
     (router_logits), ``experts`` = ``fused_experts``' arguments after (x, ..., topk_ids), i.e. from ``w13``
     on without the routing outputs: (w13, w2, act, scheme, scales, biases, block, expert_map, on_input,
-    alpha, limit). At T = 1 the routing kernel also writes the GEMMs' alignment, one pair per block
-    (``routing.pair_block_alignment``): the top-k experts of one token are distinct, so each expert's weights
-    are still read once, and the alignment kernel's launch goes. Up to the routing kernel's BLOCK_T tokens (one
-    program routes them all: ``routing.one_program``, by token bucket) it writes ``align_block_size``'s
-    alignment itself, and that launch goes too. For fp8 schemes the routing kernel also
-    quantizes x (GEMM1's input, the bits of ``quantize_activation``; not with ``on_input``, whose GEMM1 input
-    is weighted per pair): one launch fewer at every T. ``invariant``: as in ``fused_experts`` (the routing
-    is per token in any mode: ``docs/batch-invariance.md``)."""
+    alpha, limit). At T = 1, when x itself is GEMM1's input (no fp8 quantization, no on-input weighting), GEMM1
+    routes the token (``fused_experts``' ``route``): no routing launch (``TORCH_MOE_OPS_FUSE_ROUTING=0``: not). Up to the routing kernel's BLOCK_T tokens
+    (one program routes them all: ``routing.one_program``, by token bucket) it writes ``align_block_size``'s
+    alignment itself, and the alignment's launch goes. For fp8 schemes the routing kernel also quantizes x
+    (GEMM1's input, the bits of ``quantize_activation``; not with ``on_input``, whose GEMM1 input is weighted per
+    pair): one launch fewer at every T. ``invariant``: as in ``fused_experts`` (the routing is per token in any
+    mode: ``docs/batch-invariance.md``)."""
     w13, w2, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block, expert_map, on_input, alpha, limit = experts
     T, k = x.shape[0], routing[0]
-    alignment = pair_blocks = align = None
+    t1 = isinstance(T, int) and T == 1  # (a symbolic T is never 1: torch.compile specializes 1)
+    if t1 and scheme.act is None and not on_input and fuse_routing():
+        weights = torch.empty((1, k), dtype=torch.float32, device=x.device)
+        ids = torch.empty((1, k), dtype=torch.int32, device=x.device)
+        return fused_experts(x, w13, w2, weights, ids, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block,
+                             expert_map, on_input, alpha, limit, invariant=invariant, route=(router_logits, routing))
+    alignment = align = None
     E_ids = router_logits.shape[1]  # the ids' range (expert_map's length under EP)
-    t1 = isinstance(T, int) and T == 1
-    if t1 or (one_program(T, E_ids, routing[3]) and not rows_apart(invariant)):  # (T = 1: rows apart already)
+    if not t1 and one_program(T, E_ids, routing[3]) and not rows_apart(invariant):
         bm = get_config(T, w13.shape[0], w13.shape[1], x.shape[1], scheme, block, x.device, top_k=k,
                         invariant=invariant, dtype=x.dtype).block_m
-        if t1:
-            alignment = pair_block_alignment(T, k, bm, x.device)
-            pair_blocks = (alignment, bm, w13.shape[0], expert_map)
-        else:
-            alignment = align_buffers(T * k, E_ids, bm, x.device)
-            align = (alignment, bm, expert_map)
+        alignment = align_buffers(T * k, E_ids, bm, x.device)
+        align = (alignment, bm, expert_map)
     quant_x = a1_quant = None
     if scheme.act is not None and not on_input:
         group = scheme.act_group(block) if scheme.act.grouped else 0
         a1_quant = quant_buffers(T, x.shape[1], scheme.act, group, x.device)
         quant_x = (x, *a1_quant, group)
-    weights, ids = topk_route(router_logits, *routing, pair_blocks=pair_blocks, quant_x=quant_x, align=align)
+    weights, ids = topk_route(router_logits, *routing, quant_x=quant_x, align=align)
     return fused_experts(x, w13, w2, weights, ids, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block,
                          expert_map, on_input, alpha, limit, alignment=alignment, invariant=invariant,
-                         a1_quant=a1_quant, pair_blocks=pair_blocks is not None)
+                         a1_quant=a1_quant)

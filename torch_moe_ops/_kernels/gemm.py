@@ -34,11 +34,12 @@ from .._platform import interpret_mode
 from ..schemes import QuantScheme, cdiv
 from ._numerics import _bf16_round, _upcast_emulated
 from .activation import _gated
-from .formats import (block_pairs, decode_pairs, decode_scale, scale_values, stored_value_scales, swizzle,
-                      tensor_scale_half)
+from .formats import (block_pairs, decode_pairs, decode_scale, pair_expert, pair_rows, scale_values,
+                      stored_value_scales, swizzle, tensor_scale_half)
 from .configs import TileConfig, fits_scale_tile, joins_k, swaps
 from .moe_sum import sum_slots
 from .plan import launch
+from .topk import route_constexprs, route_rows
 
 
 @triton.jit
@@ -106,8 +107,8 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
 @triton.jit(do_not_specialize=["num_pid_m", "num_valid_tokens"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, topk_weights_ptr,
-    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, sum_ptr, count_ptr,
-    N, K, num_pid_m, num_valid_tokens, n_count,
+    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, sum_ptr, count_ptr, ids_ptr, map_ptr, logits_ptr, rbias_ptr,
+    N, K, num_pid_m, num_valid_tokens, n_count, stride_le, rsf,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_biase, stride_biasn,
     act_alpha, act_limit,
@@ -120,17 +121,44 @@ def _moe_gemm_kernel(
     BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_PACKED: tl.constexpr,
     W_CODEC: tl.constexpr, FUSE_ACT: tl.constexpr, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr,
     JOIN_K: tl.constexpr, SWAP_AB: tl.constexpr, ZERO_COUNT: tl.constexpr, SUM_PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr, E_IDS: tl.constexpr, E_LOCAL: tl.constexpr, HAS_MAP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+    K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, SIGMOID: tl.constexpr, HAS_RBIAS: tl.constexpr,
+    GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
 ):
+    """PAIRS: where a program's row block gets its pairs. 0: ``sorted_ids`` / ``expert_ids`` / ``num_post_pad``
+    (the alignment). 1 and 2, T = 1: pair j alone at row 0 of row block j (its k experts are distinct, so each
+    expert's weights are still read once), the expert ``ids_ptr[j]`` [k] (int32/int64 ids in [0, E_IDS), local
+    through ``map_ptr`` [E_IDS] int32 when HAS_MAP; a pair outside [0, E_LOCAL) stores zero rows): 1 reads the ids,
+    2 routes the token itself from logits [1, E] (``topk.route_rows`` and its constexprs; correction bias
+    ``rbias_ptr``), program 0 storing the weights into ``topk_weights_ptr`` [k] fp32 and the ids into ``ids_ptr``
+    [k] int32 for GEMM2 (docs/kernels.md, "Two launches at T = 1")."""
     if ZERO_COUNT > 0:  # GEMM1 clears GEMM2's tile counters (SUM_PAIRS), which runs after it on the stream
         if tl.program_id(0) == 0:
             offs_z = tl.arange(0, ZERO_COUNT)
             tl.store(count_ptr + offs_z, tl.zeros((ZERO_COUNT,), dtype=tl.int32), mask=offs_z < n_count)
     pid_m, pid_n = swizzle(N, num_pid_m, BLOCK_N, GROUP_M)
-    num_post_pad = tl.load(num_post_pad_ptr)
-    if pid_m * BLOCK_M >= num_post_pad:
-        return
-    offs_token, mask_token, expert = block_pairs(sorted_ids_ptr, expert_ids_ptr, pid_m, num_post_pad,
-                                                 num_valid_tokens, BLOCK_M)  # [BM], [BM], scalar
+    if PAIRS == 0:
+        num_post_pad = tl.load(num_post_pad_ptr)
+        if pid_m * BLOCK_M >= num_post_pad:
+            return
+        offs_token, mask_token, expert = block_pairs(sorted_ids_ptr, expert_ids_ptr, pid_m, num_post_pad,
+                                                     num_valid_tokens, BLOCK_M)  # [BM], [BM], scalar
+    else:
+        if PAIRS == 2:  # route the token: its TOP_K experts, this block's the pid_m-th
+            offs_t = tl.arange(0, 1).to(tl.int64)
+            w_k, id_k = route_rows(logits_ptr, rbias_ptr, offs_t, offs_t < 1, 0, stride_le, rsf, GROUP_SIZE,
+                                   NUM_GROUPS, TOPK_GROUP, TOP_K, K_P2, GP, GS, 1, SIGMOID, HAS_RBIAS, GROUPED,
+                                   RENORMALIZE)  # [1, K_P2] each
+            offs_k = tl.arange(0, K_P2)
+            if tl.program_id(0) == 0:
+                tl.store(topk_weights_ptr + offs_k[None, :], w_k, mask=offs_k[None, :] < TOP_K)
+                tl.store(ids_ptr + offs_k[None, :], id_k, mask=offs_k[None, :] < TOP_K)
+            raw = tl.sum(tl.sum(tl.where(offs_k[None, :] == pid_m, id_k, 0), axis=1), axis=0)
+        else:
+            raw = tl.load(ids_ptr + pid_m)
+        offs_token, mask_token = pair_rows(pid_m, num_valid_tokens, BLOCK_M)
+        expert = pair_expert(raw, map_ptr, E_IDS, E_LOCAL, HAS_MAP)
 
     if FUSE_ACT:  # gated activation in the epilogue: the tile's columns j pair gate (even j) and up (odd j)
         # of output column pid_n·BN/2 + j/2; c is [rows, N/2], the activation's output.
@@ -253,7 +281,7 @@ def _moe_gemm_kernel(
 @triton.jit
 def _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS: tl.constexpr,
                BF16_RTNE: tl.constexpr):
-    """GEMM2's fused sum at T = 1 (pair blocks: row j of c is pair j; docs/kernels.md, "GEMM2 sums the slots at
+    """GEMM2's fused sum at T = 1 (one pair a row block: row j of c is pair j; docs/kernels.md, "GEMM2 sums the slots at
     T = 1"): the program that stores the last of the SUM_PAIRS tiles of its column block (a counter a column
     block, released after the CTA's stores, acquired before the loads) sums rows 0..SUM_PAIRS-1 of c in slot
     order, as ``moe_sum`` does, into sum [N]."""
@@ -284,9 +312,9 @@ def invoke_moe_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
     c: torch.Tensor,
-    sorted_ids: torch.Tensor,
-    expert_ids: torch.Tensor,
-    num_post_pad: torch.Tensor,
+    sorted_ids: torch.Tensor | None,
+    expert_ids: torch.Tensor | None,
+    num_post_pad: torch.Tensor | None,
     *,
     top_k: int,
     config: TileConfig,
@@ -301,6 +329,8 @@ def invoke_moe_gemm(
     invariant: bool = False,
     zero_counts: torch.Tensor | None = None,
     sum_into: tuple | None = None,
+    pair_ids: tuple | None = None,
+    route: tuple | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
@@ -320,16 +350,20 @@ def invoke_moe_gemm(
     ``act``: (gated ``Activation``, alpha, limit) to apply in the epilogue: ``c`` is then ``[T·k, N/2]``, the
     activation's output, bitwise what ``act_and_mul`` makes of the unfused ``c`` (no activation quantization).
     ``invariant``: ``config`` is a batch-invariant one (``configs.swaps`` then ignores BLOCK_M).
-    ``sum_into``: (out [1, N] in c's dtype, counts [cdiv(N, BLOCK_N)] int32) for GEMM2 at T = 1 on pair blocks
+    ``sum_into``: (out [1, N] in c's dtype, counts [cdiv(N, BLOCK_N)] int32) for GEMM2 at T = 1 with ``pair_ids``
     (row j of ``c`` is pair j, every pair has its block): the kernel also writes ``out`` = ``moe_sum`` of c's
     rows, bitwise. ``zero_counts``: [n] int32 the kernel clears first (GEMM1 clears GEMM2's counts).
+    ``pair_ids``: (topk_ids [1, k], expert_map or None) at T = 1, instead of the alignment (None): pair j alone in
+    row block j, its expert read from the ids (``_moe_gemm_kernel``'s PAIRS). ``route``: (router_logits [1, E],
+    topk_route's arguments after the logits, weights [1, k] fp32) with ``pair_ids``: the kernel routes the token
+    itself and writes ``weights`` and ``topk_ids`` (int32), ``topk_route``'s bits.
     """
     numel = c.shape[0]
     pack = scheme.weight.pack if scheme.quantized else 1
     N, K = w.shape[1], w.shape[2] * pack
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     swapped = swaps(scheme, a.element_size(), bm, invariant)
-    num_pid_m = gemm_grid_rows(sorted_ids.numel(), numel, bm)
+    num_pid_m = numel if pair_ids is not None else gemm_grid_rows(sorted_ids.numel(), numel, bm)
     if numel == 0 or N == 0:  # (numel > 0 means num_pid_m > 0: sorted_ids has at least numel slots)
         return c
     flags = scheme.flags
@@ -343,8 +377,8 @@ def invoke_moe_gemm(
         bk = group_k  # value · scale can leave fp16's range: fp16 scales after the dot
     if pack > 1 and bk % (16 * pack):  # each of the pack dots of a K step needs K >= 16
         raise ValueError(f"BLOCK_K={bk} must be a multiple of {16 * pack} for packed {scheme.name} weights")
-    dummy = sorted_ids  # never dereferenced (the constexpr flags prune every use); not c, which the kernel
-    #                     writes: under torch.compile a written buffer passed twice would cost a copy
+    dummy = a  # never dereferenced (the constexpr flags prune every use); not a buffer the kernel writes (c,
+    #            counts, route's outputs): under torch.compile a written buffer passed twice would cost a copy
     a_s = a_scale if a_scale is not None else dummy
     w_s = w_scale if w_scale is not None else dummy
     b_ = bias if bias is not None else dummy
@@ -369,10 +403,15 @@ def invoke_moe_gemm(
     out, counts = sum_into if sum_into is not None else (dummy, zero_counts if n_zero else dummy)
     if sum_into is not None:
         assert top_k == 1 and act is None and numel > 1 and counts.numel() >= cdiv(N, bn)
+    pair_kw, ids, emap, logits, rbias, stride_le, rsf = _pair_source(pair_ids, route, w.shape[0], top_k)
+    if route is not None:
+        assert topk_weights is None and numel == route[0].shape[0] * top_k
+        tw = route[2]
     launch(_moe_gemm_kernel, grid,
         a, w, c, a_s, w_s, b_, tw,
-        sorted_ids, expert_ids, num_post_pad, out, counts,
-        N, K, num_pid_m, numel, n_zero,
+        *(t if t is not None else dummy for t in (sorted_ids, expert_ids, num_post_pad)), out, counts,
+        *(t if t is not None else dummy for t in (ids, emap, logits, rbias)),
+        N, K, num_pid_m, numel, n_zero, stride_le, rsf,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         *a_s_strides, *w_s_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, alpha, limit,
@@ -387,7 +426,27 @@ def invoke_moe_gemm(
         # mxfp4 wgmma tiles in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
         ZERO_COUNT=triton.next_power_of_2(n_zero) if n_zero else 0,
-        SUM_PAIRS=numel if sum_into is not None else 0,
+        SUM_PAIRS=numel if sum_into is not None else 0, **pair_kw,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
+
+
+def _pair_source(pair_ids: tuple | None, route: tuple | None, num_local: int, a_div: int) -> tuple:
+    """The kernel's PAIRS constexprs and arguments: (constexprs, ids, expert_map, logits, correction bias,
+    logits' expert stride, routed scaling factor); unused tensors None."""
+    ids, emap = pair_ids if pair_ids is not None else (None, None)
+    logits = bias = None
+    stride_le, rsf, routing = 0, 1.0, (1, 1, False, "softmax", 0, 0, False)  # no routing: placeholders
+    if route is not None:
+        logits, (top_k, renormalize, scoring, groups, topk_group, bias, rsf), _ = route
+        assert pair_ids is not None and top_k == a_div and logits.shape[0] == 1, "route: T = 1, GEMM1"
+        stride_le, rsf = logits.stride(1), float(rsf)
+        routing = (logits.shape[1], top_k, renormalize, scoring, groups, topk_group, bias is not None)
+    kw = route_constexprs(*routing)
+    kw["HAS_RBIAS"] = kw.pop("HAS_BIAS")  # the GEMM's HAS_BIAS is the experts' bias
+    kw.update(PAIRS=0, HAS_MAP=False, E_IDS=1, E_LOCAL=1)  # no specialization on E without pair ids
+    if ids is not None:
+        kw.update(PAIRS=2 if route is not None else 1, HAS_MAP=emap is not None,
+                  E_IDS=emap.numel() if emap is not None else num_local, E_LOCAL=num_local)
+    return kw, ids, emap, logits, bias, stride_le, rsf
