@@ -381,22 +381,33 @@ def _count_launches(monkeypatch) -> list:
 @pytest.mark.parametrize("scheme,activation,on_input,want", [
     ("none", "silu", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
     ("int4_w4a16", "swigluoai", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
-    ("fp8_block", "silu", False, [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1), ("_act_quant_kernel", None),
-                                  ("_moe_gemm_kernel", 1)]),
+    ("fp8_block", "silu", False, [("_moe_gemm_kernel", 2), ("_act_quant_kernel", None), ("_moe_gemm_kernel", 1)]),
+    ("fp8_channel", "gelu", False, [("_moe_gemm_kernel", 2), ("_act_quant_kernel", None), ("_moe_gemm_kernel", 1)]),
+    ("fp8_tensor", "silu", False, [("_moe_gemm_kernel", 2), ("_act_quant_kernel", None), ("_moe_gemm_kernel", 1)]),
     ("none", "silu", True, [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1), ("_moe_gemm_kernel", 1)]),
 ])
 def test_fused_moe_at_T1_launches_two_kernels(monkeypatch, scheme, activation, on_input, want):
     """fused_moe at T = 1 (docs/kernels.md, "Two launches at T = 1"): GEMM1 routes the token itself (PAIRS = 2) and
     fuses the activation, GEMM2 reads the ids GEMM1 wrote (PAIRS = 1) and sums the slots; no routing, alignment,
-    activation or sum launch. fp8 activations keep the routing kernel (it quantizes x) and act_and_quant; on-input
-    weighting keeps the routing kernel (GEMM1's input is weighted per pair). Output bitwise topk_route +
-    fused_experts, an expert_map dropping slots included."""
+    activation or sum launch. fp8 schemes: GEMM1 also quantizes x (per row; fp8_block: per K step, here the
+    group), act_and_quant stays; on-input weighting keeps the routing kernel (GEMM1's input is weighted per pair).
+    Output bitwise topk_route + fused_experts (which quantizes x with quantize_activation), an expert_map
+    dropping slots included."""
     dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
     x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, 1)
     kw.update(apply_router_weight_on_input=on_input)
     k = 3
     w, ids = moe.topk_route(logits, k)
     want_out = moe.fused_experts(x, q13, q2, w, ids, **kw)
+    sch = get_quant_scheme(scheme)
+    if sch.act is not None:  # GEMM1 quantizes x where a K step is a whole group (always, here on CPU)
+        from torch_moe_ops._kernels.configs import get_config
+        from torch_moe_ops._kernels.gemm import quantizes_in_gemm1
+
+        cfg = get_config(1, *q13.shape[:2], x.shape[1], sch, kw["block_shape"], x.device, top_k=k, dtype=dtype)
+        if not quantizes_in_gemm1(sch, kw["block_shape"], cfg):
+            assert DEV == "cuda", cfg
+            want = [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1)] + want[1:]
     names = _count_launches(monkeypatch)
     moe.clear_launch_plans()
     got = moe.fused_moe(x, logits, q13, q2, k, **kw)

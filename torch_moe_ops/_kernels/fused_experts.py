@@ -16,7 +16,7 @@ from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
 from .configs import get_config
-from .gemm import invoke_moe_gemm
+from .gemm import invoke_moe_gemm, quantizes_in_gemm1
 from .moe_sum import moe_sum
 from .routing import invariant_alignment, one_program, rows_apart, topk_route
 
@@ -46,15 +46,15 @@ def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_s
     epilogue) = a1 (quantized first for fp8 schemes, unless ``a1_quant`` = (q, scale) already holds that) @
     W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a batch-invariant config.
     ``zero_counts``: GEMM2's fused-sum counters, which this launch clears. ``pair_ids`` / ``route``: T = 1's
-    pairs instead of the alignment (``invoke_moe_gemm``)."""
-    a1_scale = None
+    pairs instead of the alignment (``invoke_moe_gemm``); with ``route`` an fp8 scheme's GEMM1 quantizes x itself."""
+    a1_scale, quant_a = None, route is not None and scheme.act is not None  # (route: GEMM1 quantizes x itself)
     if a1_quant is not None:
         a1, a1_scale = a1_quant
-    elif scheme.act is not None:
+    elif scheme.act is not None and not quant_a:
         a1, a1_scale = quantize_activation(a1, scheme.act, scheme.act_group(block))
     invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
                     w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused,
-                    invariant=invariant, zero_counts=zero_counts, pair_ids=pair_ids, route=route)
+                    invariant=invariant, zero_counts=zero_counts, pair_ids=pair_ids, route=route, quant_a=quant_a)
 
 
 def gemm2_input(c1, act: Activation, alpha: float, limit: float, scheme: QuantScheme, block):
@@ -106,8 +106,9 @@ def fused_experts(
     At T = 1 no alignment is made: each GEMM puts pair j alone in its row block j and reads its expert from the
     ids (``invoke_moe_gemm``'s ``pair_ids``), and GEMM2 also sums the slots (``moe_sum``'s bits;
     ``TORCH_MOE_OPS_FUSE_SUM=0``: not); so bf16 makes two launches (docs/kernels.md, "Two launches at T = 1").
-    ``route``: (router_logits [1, E], topk_route's arguments after the logits): GEMM1 routes the token itself and
-    fills ``topk_weights`` and ``topk_ids`` (empty [1, k] fp32 / int32 buffers) for GEMM2 (``fused_moe``).
+    ``route``: (router_logits [1, E], topk_route's arguments after the logits): GEMM1 routes the token itself (and
+    quantizes x for fp8 schemes) and fills ``topk_weights`` and ``topk_ids`` (empty [1, k] fp32 / int32 buffers)
+    for GEMM2 (``fused_moe``).
     """
     pack = scheme.weight.pack if scheme.quantized else 1
     T, H = x.shape
@@ -121,7 +122,7 @@ def fused_experts(
         return (out, x.new_zeros((0, N1))) if keep_c1 else out
 
     direct = isinstance(T, int) and T == 1  # one pair a row block, the experts read from the ids
-    assert route is None or (direct and not on_input and scheme.act is None)
+    assert route is None or (direct and not on_input and a1_quant is None)
     pair_ids = (topk_ids, expert_map) if direct else None
     # One BLOCK_M for both GEMMs: they share the alignment.
     cfg1, alignment, a1, a1_div = gemm1_input(x, w13, topk_weights, topk_ids, scheme, block, expert_map, on_input,
@@ -169,8 +170,9 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     """Routing then the experts (``moe::fused_moe``): ``routing`` = topk_route's arguments after
     (router_logits), ``experts`` = ``fused_experts``' arguments after (x, ..., topk_ids), i.e. from ``w13``
     on without the routing outputs: (w13, w2, act, scheme, scales, biases, block, expert_map, on_input,
-    alpha, limit). At T = 1, when x itself is GEMM1's input (no fp8 quantization, no on-input weighting), GEMM1
-    routes the token (``fused_experts``' ``route``): no routing launch (``TORCH_MOE_OPS_FUSE_ROUTING=0``: not). Up to the routing kernel's BLOCK_T tokens
+    alpha, limit). At T = 1 without on-input weighting GEMM1 routes the token (``fused_experts``' ``route``; fp8:
+    and quantizes x, where its tiles allow: ``gemm.quantizes_in_gemm1``): no routing launch
+    (``TORCH_MOE_OPS_FUSE_ROUTING=0``: not). Up to the routing kernel's BLOCK_T tokens
     (one program routes them all: ``routing.one_program``, by token bucket) it writes ``align_block_size``'s
     alignment itself, and the alignment's launch goes. For fp8 schemes the routing kernel also quantizes x
     (GEMM1's input, the bits of ``quantize_activation``; not with ``on_input``, whose GEMM1 input is weighted per
@@ -179,7 +181,9 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     w13, w2, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block, expert_map, on_input, alpha, limit = experts
     T, k = x.shape[0], routing[0]
     t1 = isinstance(T, int) and T == 1  # (a symbolic T is never 1: torch.compile specializes 1)
-    if t1 and scheme.act is None and not on_input and fuse_routing():
+    if t1 and not on_input and fuse_routing() and (scheme.act is None or quantizes_in_gemm1(
+            scheme, block, get_config(1, *w13.shape[:2], x.shape[1], scheme, block, x.device, top_k=k,
+                                      invariant=invariant, dtype=x.dtype))):
         weights = torch.empty((1, k), dtype=torch.float32, device=x.device)
         ids = torch.empty((1, k), dtype=torch.int32, device=x.device)
         return fused_experts(x, w13, w2, weights, ids, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block,

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .._platform import interpret_mode
-from ..schemes import QuantScheme, cdiv
-from ._numerics import _bf16_round, _upcast_emulated
+from ..schemes import FP8_MAX, SCALE_EPS, QuantScheme, cdiv
+from ._numerics import _abs_bits, _bf16_round, _from_bits, _quantize, _scale_of, _upcast_emulated
 from .activation import _gated
 from .formats import (block_pairs, decode_pairs, decode_scale, pair_expert, pair_rows, scale_values,
                       stored_value_scales, swizzle, tensor_scale_half)
@@ -125,6 +125,7 @@ def _moe_gemm_kernel(
     GROUP_SIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
     K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, SIGMOID: tl.constexpr, HAS_RBIAS: tl.constexpr,
     GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
+    QUANT_A: tl.constexpr, A_QMAX: tl.constexpr, A_EPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
     """PAIRS: where a program's row block gets its pairs. 0: ``sorted_ids`` / ``expert_ids`` / ``num_post_pad``
     (the alignment). 1 and 2, T = 1: pair j alone at row 0 of row block j (its k experts are distinct, so each
@@ -132,7 +133,10 @@ def _moe_gemm_kernel(
     through ``map_ptr`` [E_IDS] int32 when HAS_MAP; a pair outside [0, E_LOCAL) stores zero rows): 1 reads the ids,
     2 routes the token itself from logits [1, E] (``topk.route_rows`` and its constexprs; correction bias
     ``rbias_ptr``), program 0 storing the weights into ``topk_weights_ptr`` [k] fp32 and the ids into ``ids_ptr``
-    [k] int32 for GEMM2 (docs/kernels.md, "Two launches at T = 1")."""
+    [k] int32 for GEMM2 (docs/kernels.md, "Two launches at T = 1").
+    QUANT_A (fp8 schemes, with PAIRS = 2): ``a`` is x in 16 bits, quantized here as ``quantize_activation`` does
+    (its bits: one scale a row, A_ROW_SCALE, from a first pass over the row; or, BLOCK_SCALES, one a K step,
+    which is then the activation group), so no launch quantizes it first."""
     if ZERO_COUNT > 0:  # GEMM1 clears GEMM2's tile counters (SUM_PAIRS), which runs after it on the stream
         if tl.program_id(0) == 0:
             offs_z = tl.arange(0, ZERO_COUNT)
@@ -200,6 +204,13 @@ def _moe_gemm_kernel(
     if BLOCK_SCALES or W_GROUP_SCALE:
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
 
+    if QUANT_A and A_ROW_SCALE:  # the row's scale first: an integer max of |x|'s bits keeps NaN (_numerics)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            k_mask = mask_token[:, None] & (offs_k[None, :] < K - kk * BLOCK_K)
+            y = tl.load(a_ptrs + kk * BLOCK_K * stride_ak, mask=k_mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(_abs_bits(y), axis=1))
+        a_row_s, a_inv = _scale_of(_from_bits(amax), A_QMAX, A_EPS)  # [BM] each
     if SWAP_AB:  # the transposed tile: the weights' rows are the MMA's M (operand A, kept in registers)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -219,6 +230,11 @@ def _moe_gemm_kernel(
                 k_left = K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if QUANT_A:  # [BM, BK] x in 16 bits -> fp8 (BLOCK_SCALES: this step's group scale a_s [BM])
+                y = a.to(tl.float32)
+                if BLOCK_SCALES:
+                    a_s, a_inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=1)), A_QMAX, A_EPS)
+                a = _quantize(y, a_inv[:, None], A_QMAX, False, EMULATE_FP8, False)
             if UPCAST:  # interpreter only: its bf16 dot multiplies raw bits, its fp8 dot reads NaN as 480
                 a = _upcast_emulated(a)
                 b = _upcast_emulated(b)
@@ -226,7 +242,8 @@ def _moe_gemm_kernel(
                 b = b.to(a.dtype)
             if BLOCK_SCALES:  # 1 x GROUP_K activation groups and GROUP_N x GROUP_K weight blocks
                 kb = (kk * BLOCK_K) // GROUP_K
-                a_s = tl.load(a_scale_ptrs + kb * stride_ask, mask=mask_token, other=0.0)
+                if not QUANT_A:
+                    a_s = tl.load(a_scale_ptrs + kb * stride_ask, mask=mask_token, other=0.0)
                 b_s = tl.load(b_scale_ptrs + kb * stride_bsk)
                 acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             elif FP32_IEEE:
@@ -242,7 +259,10 @@ def _moe_gemm_kernel(
 
     # Epilogue, all in fp32: dequantize, add bias, multiply by the routing weight, then downcast.
     if A_ROW_SCALE:
-        a_s = tl.load(a_scale_ptr + a_rows * stride_asm, mask=mask_token, other=0.0)
+        if QUANT_A:
+            a_s = a_row_s
+        else:
+            a_s = tl.load(a_scale_ptr + a_rows * stride_asm, mask=mask_token, other=0.0)
         if W_CHANNEL_SCALE:
             b_s = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
             acc = acc * a_s[:, None] * b_s[None, :]
@@ -331,6 +351,7 @@ def invoke_moe_gemm(
     sum_into: tuple | None = None,
     pair_ids: tuple | None = None,
     route: tuple | None = None,
+    quant_a: bool = False,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
@@ -356,7 +377,9 @@ def invoke_moe_gemm(
     ``pair_ids``: (topk_ids [1, k], expert_map or None) at T = 1, instead of the alignment (None): pair j alone in
     row block j, its expert read from the ids (``_moe_gemm_kernel``'s PAIRS). ``route``: (router_logits [1, E],
     topk_route's arguments after the logits, weights [1, k] fp32) with ``pair_ids``: the kernel routes the token
-    itself and writes ``weights`` and ``topk_ids`` (int32), ``topk_route``'s bits.
+    itself and writes ``weights`` and ``topk_ids`` (int32), ``topk_route``'s bits. ``quant_a`` (with ``route``, an
+    fp8 scheme, ``a`` = x [1, K] in 16 bits, no ``a_scale``): the kernel quantizes ``a`` itself, the bits of
+    ``quantize_activation`` (``quantizes_in_gemm1`` says for which tiles).
     """
     numel = c.shape[0]
     pack = scheme.weight.pack if scheme.quantized else 1
@@ -407,6 +430,8 @@ def invoke_moe_gemm(
     if route is not None:
         assert topk_weights is None and numel == route[0].shape[0] * top_k
         tw = route[2]
+    if quant_a:
+        assert route is not None and a_scale is None and quantizes_in_gemm1(scheme, block, config)
     launch(_moe_gemm_kernel, grid,
         a, w, c, a_s, w_s, b_, tw,
         *(t if t is not None else dummy for t in (sorted_ids, expert_ids, num_post_pad)), out, counts,
@@ -420,16 +445,25 @@ def invoke_moe_gemm(
         A_DIV=top_k, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
         HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=topk_weights is not None, EVEN_K=K % bk == 0,
         UPCAST=interpret_mode() and a.dtype in (torch.bfloat16, torch.float8_e4m3fn),
-        FP32_IEEE=a.dtype == torch.float32,
+        FP32_IEEE=a.dtype == torch.float32 and not quant_a,  # (quant_a: fp8 dots)
         BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
         **_scheme_kwargs(scheme), **act_kw,
         # mxfp4 wgmma tiles in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
         ZERO_COUNT=triton.next_power_of_2(n_zero) if n_zero else 0,
         SUM_PAIRS=numel if sum_into is not None else 0, **pair_kw,
+        QUANT_A=quant_a, A_QMAX=FP8_MAX, A_EPS=SCALE_EPS, EMULATE_FP8=quant_a and interpret_mode(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
+
+
+def quantizes_in_gemm1(scheme: QuantScheme, block, config: TileConfig) -> bool:
+    """Whether GEMM1 with these tiles can quantize its fp8 input itself (``invoke_moe_gemm``'s ``quant_a``): one
+    scale a row, or a group that is one K step."""
+    if scheme.act is None or scheme.packed:
+        return False
+    return not scheme.act.grouped or config.block_k == scheme.act_group(block)
 
 
 def _pair_source(pair_ids: tuple | None, route: tuple | None, num_local: int, a_div: int) -> tuple:
