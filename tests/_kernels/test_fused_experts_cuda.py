@@ -59,14 +59,19 @@ class TestFusedExpertsCuda:
         T, E, k, N, K = 200, 4, 2, 384, 640
         x, w, _, _, ids = self._inputs(T, E, k, K, N // 2)
         w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / 10
-        # table key -> (scheme, its default scale tile): the packaged tables use the default tiles
-        by_key = {}
-        for sch in QUANT_SCHEMES.values():
-            bs = sch.block_shape(None) if sch.tiled else None
-            by_key[sch.table_key(bs)] = (sch, bs)
+        def scheme_of(key: str):  # table key -> (scheme, its scale tile): "<name>" or "<name>_<rows>x<cols>"
+            for sch in QUANT_SCHEMES.values():
+                if not sch.tiled and key == sch.name:
+                    return sch, None
+                if sch.tiled and key.startswith(sch.name + "_"):
+                    bs = tuple(int(v) for v in key[len(sch.name) + 1:].split("x"))
+                    if sch.table_key(bs) == key:
+                        return sch, bs
+            raise AssertionError(f"a tuned table's key names no scheme: {key}")
+
         seen = set()
         for (_, _, _, _, skey), table in sorted(tuned_tables().items()):
-            scheme, bs = by_key[skey]
+            scheme, bs = scheme_of(skey)
             for cfg in table.values():
                 if (scheme.name, cfg) in seen:
                     continue
