@@ -134,9 +134,10 @@ def _moe_gemm_kernel(
     2 routes the token itself from logits [1, E] (``topk.route_rows`` and its constexprs; correction bias
     ``rbias_ptr``), program 0 storing the weights into ``topk_weights_ptr`` [k] fp32 and the ids into ``ids_ptr``
     [k] int32 for GEMM2 (docs/kernels.md, "Two launches at T = 1").
-    QUANT_A (fp8 schemes, with PAIRS = 2): ``a`` is x in 16 bits, quantized here as ``quantize_activation`` does
-    (its bits: one scale a row, A_ROW_SCALE, from a first pass over the row; or, BLOCK_SCALES, one a K step,
-    which is then the activation group), so no launch quantizes it first."""
+    QUANT_A (fp8 schemes, with PAIRS = 2): ``a`` is x [1, K] in 16 bits, quantized here as ``quantize_activation``
+    does (its bits: one scale a row, A_ROW_SCALE, from a first pass over the row; or, BLOCK_SCALES, one a K step,
+    which is then the activation group), one [BK] vector a step put at row 0 of the tile, so no launch quantizes
+    it first."""
     if ZERO_COUNT > 0:  # GEMM1 clears GEMM2's tile counters (SUM_PAIRS), which runs after it on the stream
         if tl.program_id(0) == 0:
             offs_z = tl.arange(0, ZERO_COUNT)
@@ -204,13 +205,15 @@ def _moe_gemm_kernel(
     if BLOCK_SCALES or W_GROUP_SCALE:
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
 
-    if QUANT_A and A_ROW_SCALE:  # the row's scale first: an integer max of |x|'s bits keeps NaN (_numerics)
-        amax = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            k_mask = mask_token[:, None] & (offs_k[None, :] < K - kk * BLOCK_K)
-            y = tl.load(a_ptrs + kk * BLOCK_K * stride_ak, mask=k_mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(_abs_bits(y), axis=1))
-        a_row_s, a_inv = _scale_of(_from_bits(amax), A_QMAX, A_EPS)  # [BM] each
+    if QUANT_A:  # x has one row (T = 1), at row 0 of the tile; the other rows are padding (zeros)
+        x_row = a_ptr + offs_k * stride_ak  # [BK]
+        row0 = (tl.arange(0, BLOCK_M) == 0)[:, None]  # [BM, 1]
+        if A_ROW_SCALE:  # the row's scale first: an integer max of |x|'s bits keeps NaN (_numerics)
+            amax = tl.zeros((BLOCK_K,), dtype=tl.int32)
+            for kk in range(0, tl.cdiv(K, BLOCK_K)):
+                y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K, other=0.0)
+                amax = tl.maximum(amax, _abs_bits(y.to(tl.float32)))
+            a_row_s, a_inv = _scale_of(_from_bits(tl.max(amax, axis=0)), A_QMAX, A_EPS)  # scalars
     if SWAP_AB:  # the transposed tile: the weights' rows are the MMA's M (operand A, kept in registers)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -223,18 +226,24 @@ def _moe_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
+            if QUANT_A:  # [BK] of x's row -> fp8, then the [BM, BK] tile: 1/BM of the tile's work
+                y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K, other=0.0)
+                y = y.to(tl.float32)
+                if BLOCK_SCALES:  # the step is the group: its scale, [BM] like a loaded one
+                    s_step, a_inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=0)), A_QMAX, A_EPS)
+                    a_s = tl.zeros((BLOCK_M,), dtype=tl.float32) + s_step
+                q = _quantize(y, a_inv, A_QMAX, False, EMULATE_FP8, False).to(tl.uint8, bitcast=True)
+                a = tl.where(row0, q[None, :], tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.uint8))
+                a = a.to(tl.float8e4nv, bitcast=True)
             if EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
+                if not QUANT_A:
+                    a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
                 b = tl.load(b_ptrs)
             else:
                 k_left = K - kk * BLOCK_K
-                a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                if not QUANT_A:
+                    a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if QUANT_A:  # [BM, BK] x in 16 bits -> fp8 (BLOCK_SCALES: this step's group scale a_s [BM])
-                y = a.to(tl.float32)
-                if BLOCK_SCALES:
-                    a_s, a_inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=1)), A_QMAX, A_EPS)
-                a = _quantize(y, a_inv[:, None], A_QMAX, False, EMULATE_FP8, False)
             if UPCAST:  # interpreter only: its bf16 dot multiplies raw bits, its fp8 dot reads NaN as 480
                 a = _upcast_emulated(a)
                 b = _upcast_emulated(b)
@@ -260,7 +269,7 @@ def _moe_gemm_kernel(
     # Epilogue, all in fp32: dequantize, add bias, multiply by the routing weight, then downcast.
     if A_ROW_SCALE:
         if QUANT_A:
-            a_s = a_row_s
+            a_s = tl.zeros((BLOCK_M,), dtype=tl.float32) + a_row_s
         else:
             a_s = tl.load(a_scale_ptr + a_rows * stride_asm, mask=mask_token, other=0.0)
         if W_CHANNEL_SCALE:
