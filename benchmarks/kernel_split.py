@@ -5,7 +5,9 @@
 T = 1 takes as long as bf16's). Each cell: ``calls`` eager calls (launch plans replaying; weights rotated past L2
 as ``benchmarks.run`` does) under ``torch.profiler`` with CUDA activity; per kernel name its launches and device
 µs per call (mean over the calls); the sum of the kernels against the call's CUDA-graph time (one graph of a call on
-each weight set, the time divided by the calls; the difference is the gaps between kernels). Writes ``DIR/kernel_split.json``. ``--smoke``: a tiny shape on CPU, the CPU profile
+each weight set, the time divided by the calls; the difference is the gaps between kernels), and that time once more
+with an L2 flush that leaves clean lines (``graph_clean_us``: ``do_bench_ms(..., flush="read")``). Writes
+``DIR/kernel_split.json``. ``--smoke``: a tiny shape on CPU, the CPU profile
 of the reference path (exercises the code, measures nothing).
 """
 from __future__ import annotations
@@ -80,6 +82,8 @@ def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str)
     if device == "cuda":  # one graph replays a call on each weight set (run.py's way): the graph's launch and
         # do_bench's L2 flush (it leaves the L2 full of dirty lines) are shared by len(sets) calls, not paid by one
         row["graph_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True) * 1e3 / len(sets)
+        # the same with an L2 flush that leaves clean lines (do_bench's leaves dirty ones to write back)
+        row["graph_clean_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True, flush="read") * 1e3 / len(sets)
     return row
 
 
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                     top = ", ".join(f"{n[:40]} {k['us']:.1f}" for n, k in list(row["kernels"].items())[:6])
                     print(f"{shape.name:<14} {scheme:<11} T={T:<5} {op}: kernels {row['kernels_us']:.1f} us"
-                          f" (graph {row.get('graph_us', float('nan')):.1f}); {top}", flush=True)
+                          f" (graph {row.get('graph_us', float('nan')):.1f}, clean L2 "
+                          f"{row.get('graph_clean_us', float('nan')):.1f}); {top}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernel_split.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, f, indent=1)

@@ -23,21 +23,54 @@ from torch_moe_ops.schemes import WEIGHT_FORMATS, get_quant_scheme
 from torch_moe_ops.testing import experts_kwargs, quantize_experts, random_moe_weights
 
 
-def do_bench_ms(fn, graph: bool, rep_ms: int = 200) -> float:
+def do_bench_ms(fn, graph: bool, rep_ms: int = 200, flush: str = "write") -> float:
+    """Median ms of ``fn`` (``graph``: captured once, then replayed), the L2 flushed before each run. ``flush``:
+    "write" is triton's ``do_bench`` (it zeroes 256 MB, which leaves the L2 full of dirty lines that the timed
+    kernels must write back as they load); "read" reads 256 MB instead (``_timed_read_flush``): clean lines, as
+    in a model, where the step before leaves little dirty data (docs/kernels.md, "Two launches at T = 1")."""
     from triton.testing import do_bench
 
     fn()
     torch.cuda.synchronize()
-    if not graph:
-        return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()  # warm-up on a side stream before capture (allocator, Triton JIT)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    target = fn
+    if graph:
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fn()  # warm-up on a side stream before capture (allocator, Triton JIT)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        target = g.replay
+    if flush == "read":
+        return _timed_read_flush(target, rep_ms)
+    return do_bench(target, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def _timed_read_flush(fn, rep_ms: int) -> float:
+    """``do_bench``'s loop (warm-up, then each run timed by its own events after an L2 flush), the flush a read of
+    256 MB into one value: the L2 is left holding clean lines of that buffer."""
+    buf = torch.ones(64 << 20, dtype=torch.float32, device="cuda")  # 256 MB
+    sink = torch.empty((), dtype=torch.float32, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        torch.sum(buf, out=sink)
         fn()
-    return do_bench(g.replay, warmup=25, rep=rep_ms, return_mode="median")
+    end.record()
+    torch.cuda.synchronize()
+    n = max(10, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3)))
+    for _ in range(max(1, n // 8)):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        torch.sum(buf, out=sink)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return float(torch.tensor([s.elapsed_time(e) for s, e in zip(starts, ends)]).median())
 
 
 def measure_ceilings() -> dict:
