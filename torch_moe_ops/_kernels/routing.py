@@ -122,7 +122,8 @@ def topk_route(
         assert T <= block_t, "align: one program must route every token (one_program)"
         (sorted_ids, expert_ids, npp), block_m, expert_map = align
     meta = align_meta(E, block_m, expert_map is not None)
-    align_kw = dict(ALIGN=align is not None, **{k: meta[k] for k in ("EB", "B_P2", "NB", "TILE", "COUNT_TILE", "LOG_EB")})
+    align_kw = dict(ALIGN=align is not None,
+                    **{k: meta[k] for k in ("EB", "B_P2", "NB", "TILE", "COUNT_TILE", "LOG_EB")})
     scratch = torch.empty((1, 3, meta["EB"]), dtype=torch.int32, device=dev) if align is not None else None
     x = xq = xs = None
     xq_kw = dict(QUANT_X=False, XGROUP=0, XBLOCK=16, QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=False)
