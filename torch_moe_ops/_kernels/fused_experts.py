@@ -124,7 +124,8 @@ def fused_experts(
     direct = isinstance(T, int) and T == 1  # one pair a row block, the experts read from the ids
     assert route is None or (direct and not on_input and a1_quant is None)
     pair_ids = (topk_ids, expert_map) if direct else None
-    # One BLOCK_M for both GEMMs: they share the alignment.
+    route1 = (*route, topk_weights) if route is not None else None  # GEMM1 writes the routing GEMM2 reads
+    # One BLOCK_M for both GEMMs: they share the alignment (none at T = 1: "made" as three Nones)
     cfg1, alignment, a1, a1_div = gemm1_input(x, w13, topk_weights, topk_ids, scheme, block, expert_map, on_input,
                                               (None, None, None) if direct else alignment, invariant)
     cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype,
@@ -139,11 +140,11 @@ def fused_experts(
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
               fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant, zero_counts=zero,
-              pair_ids=pair_ids, route=route and (*route, topk_weights))
+              pair_ids=pair_ids, route=route1)
     else:
         c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
         gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act, a1_quant=a1_quant,
-              invariant=invariant, zero_counts=zero, pair_ids=pair_ids, route=route and (*route, topk_weights))
+              invariant=invariant, zero_counts=zero, pair_ids=pair_ids, route=route1)
         a2, a2_scale = gemm2_input(c1, act, alpha, limit, scheme, block)
 
     # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).
