@@ -26,7 +26,8 @@ def _topk_route_kernel(
     TOP_K: tl.constexpr, K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     BM: tl.constexpr, HAS_MAP: tl.constexpr,
-    QUANT_X: tl.constexpr, XGROUP: tl.constexpr, XBLOCK: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
+    QUANT_X: tl.constexpr, XGROUP: tl.constexpr, XBLOCK: tl.constexpr, XGROUPS: tl.constexpr, QMAX: tl.constexpr,
+    EPS: tl.constexpr,
     EMULATE_FP8: tl.constexpr, ALIGN: tl.constexpr, EB: tl.constexpr, B_P2: tl.constexpr, NB: tl.constexpr,
     TILE: tl.constexpr, COUNT_TILE: tl.constexpr, LOG_EB: tl.constexpr,
 ):
@@ -35,7 +36,7 @@ def _topk_route_kernel(
     ALIGN (one program, T <= BLOCK_T): also the GEMMs' alignment for block size BM, the layout and bits of
     ``align_block_size`` (``align._align_program`` on every pair as one chunk; scratch [1, 3, EB] int32).
     QUANT_X: also GEMM1's fp8 input, ``quantize_activation``'s bits: x [T, H] -> xq [T, H]
-    fp8 e4m3fn, xs [T, cdiv(H, XGROUP)] fp32 (one group a step, in XBLOCK = next_pow2(XGROUP) lanes) or
+    fp8 e4m3fn, xs [T, cdiv(H, XGROUP)] fp32 (XGROUPS groups a step, each in XBLOCK = next_pow2(XGROUP) lanes) or
     [T, 1] (XGROUP = 0: per token, the row read twice in XBLOCK chunks: amax, then quantize)."""
     pid = tl.program_id(0)
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -60,26 +61,34 @@ def _topk_route_kernel(
     if QUANT_X:  # the stores stay in this body: torch.compile's mutation analysis reads them here
         x_row = x_ptr + offs_t * stride_xt
         q_row = xq_ptr + offs_t * stride_qt
-        STEP: tl.constexpr = XGROUP if XGROUP > 0 else XBLOCK  # columns a step: a group, or a chunk
         lane = tl.arange(0, XBLOCK)
-        if XGROUP == 0:
+        if XGROUP > 0:  # XGROUPS groups a step (one step covers H at T = 1): a scale each
+            offs_g = tl.arange(0, XGROUPS)
+            for h0 in range(0, H, XGROUP * XGROUPS):
+                g = h0 // XGROUP + offs_g  # [NG] group indices
+                cols = g[:, None] * XGROUP + lane[None, :]  # [NG, XB]
+                m = mask_t[:, None, None] & ((lane[None, :] < XGROUP) & (cols < H))[None, :, :]
+                y = tl.load(x_row[:, None, None] + cols[None, :, :], mask=m, other=0.0).to(tl.float32)  # [BT, NG, XB]
+                scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=2)), QMAX, EPS)  # [BT, NG]
+                tl.store(xs_ptr + offs_t[:, None] * stride_st + g[None, :], scale,
+                         mask=mask_t[:, None] & (g * XGROUP < H)[None, :])
+                tl.store(q_row[:, None, None] + cols[None, :, :],
+                         _quantize(y, inv[:, :, None], QMAX, False, EMULATE_FP8, False), mask=m)
+        else:  # per token: the row's amax in XBLOCK chunks, then the row again
             amax = tl.zeros([BLOCK_T], dtype=tl.int32)  # bits of |x|: the integer max keeps NaN
-            for h0 in range(0, H, STEP):
+            for h0 in range(0, H, XBLOCK):
                 cols = h0 + lane
                 m = mask_t[:, None] & (cols < H)[None, :]
                 y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(_abs_bits(y), axis=1))
             scale, inv = _scale_of(_from_bits(amax), QMAX, EPS)
             tl.store(xs_ptr + offs_t * stride_st, scale, mask=mask_t)
-        for h0 in range(0, H, STEP):
-            cols = h0 + lane
-            m = mask_t[:, None] & ((cols < H) & (lane < STEP))[None, :]
-            y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            if XGROUP > 0:  # one scale per group
-                scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=1)), QMAX, EPS)
-                tl.store(xs_ptr + offs_t * stride_st + h0 // XGROUP, scale, mask=mask_t)
-            tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8, False),
-                     mask=m)
+            for h0 in range(0, H, XBLOCK):
+                cols = h0 + lane
+                m = mask_t[:, None] & (cols < H)[None, :]
+                y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8, False),
+                         mask=m)
 
 
 def topk_route(
@@ -126,13 +135,15 @@ def topk_route(
                     **{k: meta[k] for k in ("EB", "B_P2", "NB", "TILE", "COUNT_TILE", "LOG_EB")})
     scratch = torch.empty((1, 3, meta["EB"]), dtype=torch.int32, device=dev) if align is not None else None
     x = xq = xs = None
-    xq_kw = dict(QUANT_X=False, XGROUP=0, XBLOCK=16, QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=False)
+    xq_kw = dict(QUANT_X=False, XGROUP=0, XBLOCK=16, XGROUPS=1, QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=False)
     if quant_x is not None:
         x, xq, xs, group = quant_x
-        # a group in a power-of-two chunk; per token, chunks of <= 4096 values a program (BLOCK_T rows)
-        chunk = triton.next_power_of_2(group) if group else max(16, min(triton.next_power_of_2(x.shape[1]),
-                                                                          4096 // block_t))
-        xq_kw.update(QUANT_X=True, XGROUP=group, XBLOCK=chunk, EMULATE_FP8=interpret_mode())
+        # <= 4096 values a step (BLOCK_T rows): per token, chunks of the row; else whole groups, each in a
+        # power-of-two lane block (a loop of one group a step ran 12-16 us at T = 1 on an H100: latency-bound)
+        H = x.shape[1]
+        chunk = triton.next_power_of_2(group) if group else max(16, min(triton.next_power_of_2(H), 4096 // block_t))
+        groups = max(1, min(triton.next_power_of_2(triton.cdiv(H, group)), 4096 // (block_t * chunk))) if group else 1
+        xq_kw.update(QUANT_X=True, XGROUP=group, XBLOCK=chunk, XGROUPS=groups, EMULATE_FP8=interpret_mode())
     dummy = router_logits  # read-only: never a buffer the kernel writes (torch.compile would copy it)
     launch(_topk_route_kernel, grid,
         router_logits, bias if bias is not None else dummy, weights, ids,
