@@ -4,7 +4,8 @@
 # compile mode (TORCH_MOE_OPS_COMPILE = plans / triton / opaque, docs/host-overhead.md), with FUSED=1 GEMM1 with
 # and without the activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 shape (kernel time, CUDA graphs),
 # then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS).
-# STACK_MODES (e.g. "plans triton+cpp"), STACK_S and STACK_ARGS (e.g. "--tokens 1") shape the stack runs.
+# STACK_MODES (e.g. "plans triton+static triton+cpp"), STACK_S and STACK_ARGS (e.g. "--tokens 1") shape the stack
+# runs.
 # Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json,
 # run-fused-<0|1>.json, kernel_split.json, and the logs (cuda_tests.log: pytest's whole output); the summary is
 # printed. Steps that would end past LIMIT_S (default 580 s) are skipped and named.
@@ -24,14 +25,19 @@ grep -E "passed|failed|error|FAILED|ERROR" "$DIR/cuda_tests.log" | tail -n 40
 left() { echo $(( ${LIMIT_S:-580} - ($(date +%s) - T0) )); }
 echo "== host_profile $(( $(date +%s) - T0 )) s"
 timeout ${PROFILE_S:-240} python3 -m benchmarks.host_profile --out "$DIR" 2>&1 | grep "^{" | cut -c1-600  # + compiled splits
-# STACK_MODES: compile modes of the stack; "<mode>+cpp" adds Inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1:
-# the generated launches skip Python; its compile takes longer: STACK_S seconds each, default 70)
+# STACK_MODES: compile modes of the stack, each with optional suffixes: "+cpp", Inductor's C++ wrapper
+# (TORCHINDUCTOR_CPP_WRAPPER=1: the generated launches skip Python; its compile takes longer); "+static", Inductor's
+# static launcher for user-defined Triton kernels (TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1,
+# off by default in torch: our kernels then skip Triton's Python launcher). STACK_S seconds each (default 70).
 for m in ${STACK_MODES:-plans triton opaque}; do
   [ "$(left)" -lt 40 ] && { echo "== skipped: stack $m"; continue; }
-  cpp=0; [ "${m%+cpp}" != "$m" ] && cpp=1
-  echo "== stack, TORCH_MOE_OPS_COMPILE=${m%+cpp} TORCHINDUCTOR_CPP_WRAPPER=$cpp $(( $(date +%s) - T0 )) s"
+  cpp=0; static=0; mode=${m%%+*}
+  case "$m" in *+cpp*) cpp=1;; esac
+  case "$m" in *+static*) static=1;; esac
+  echo "== stack, TORCH_MOE_OPS_COMPILE=$mode cpp_wrapper=$cpp static_user_kernels=$static $(( $(date +%s) - T0 )) s"
   S=${STACK_S:-70}
-  TORCHINDUCTOR_CPP_WRAPPER=$cpp TORCH_MOE_OPS_COMPILE=${m%+cpp} timeout $(( $(left) < S ? $(left) : S )) \
+  TORCHINDUCTOR_CPP_WRAPPER=$cpp TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=$static \
+    TORCH_MOE_OPS_COMPILE=$mode timeout $(( $(left) < S ? $(left) : S )) \
     python3 -m benchmarks.host --out "$DIR/stack-$m" --only stack ${STACK_ARGS:-} 2>&1 | grep -E "stack |Error|error"
 done
 for f in ${FUSED:+0 1}; do  # FUSED=1: the Qwen3 kernel times without and with the activation in GEMM1

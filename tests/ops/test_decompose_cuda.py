@@ -60,6 +60,24 @@ def test_triton_mode_equals_eager_and_retraces_per_bucket(scheme, fresh_dynamo, 
     assert graphs == [1, 2, 2, 3, 3, 3], (graphs, _recompiles())  # T=1 static, then one graph per bucket
 
 
+@pytest.mark.parametrize("scheme", ["none", "fp8_block"])
+def test_triton_mode_under_inductors_static_launcher_equals_eager(scheme, fresh_dynamo, monkeypatch):
+    """Inductor's static launcher for user-defined Triton kernels (``static_launch_user_defined_triton_kernels``,
+    off by default in torch; TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1): our kernels launched from
+    C++ instead of Triton's Python launcher (docs/host-overhead.md), or, where it cannot, the usual way: bitwise
+    eager at T = 1 (two kernels), 9 and 300."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv(COMPILE_ENV, "triton")
+    q13, q2, kw = _weights(scheme)
+    with inductor_config.patch(static_launch_user_defined_triton_kernels=True):
+        f = torch.compile(lambda x, r: moe.fused_moe(x, r, q13, q2, K, **kw), fullgraph=True, dynamic=True)
+        for T in (1, 9, 300):
+            x, logits = _inputs(T, T)
+            want = moe.fused_moe(x, logits, q13, q2, K, **kw)
+            torch.testing.assert_close(f(x, logits), want, rtol=0, atol=0, msg=f"T={T}")
+
+
 @pytest.mark.parametrize("scheme", ["none", "fp8_block", "int4_w4a16"])
 def test_plans_mode_equals_eager_with_one_graph(scheme, fresh_dynamo):
     from torch._inductor.utils import run_and_get_code
