@@ -49,7 +49,8 @@ for f in ${FUSED:+0 1}; do  # FUSED=1: the Qwen3 kernel times without and with t
 done
 if [ "$(left)" -ge 50 ]; then  # fused_moe's kernels one by one against its CUDA-graph time (T = 1 by default)
   echo "== kernel split $(( $(date +%s) - T0 )) s"
-  timeout $(( $(left) - 5 )) python3 -m benchmarks.kernel_split --out "$DIR" --shapes ${SPLIT_SHAPES:-qwen3-30b-a3b,gpt-oss-20b} \
+  timeout $(( $(left) - 5 )) python3 -m benchmarks.kernel_split --out "$DIR" \
+    --shapes ${SPLIT_SHAPES:-qwen3-30b-a3b,gpt-oss-20b} \
     --schemes ${SPLIT_SCHEMES:-none,fp8_block,int4_w4a16} --tokens ${SPLIT_TOKENS:-1} 2>&1 | grep "T=" | cut -c1-220
 else echo "== skipped: kernel split"; fi
 echo "== done $(( $(date +%s) - T0 )) s"
