@@ -104,9 +104,9 @@ def fuse_activation(T, invariant: bool = False) -> bool:
 
 
 def fuse_sum() -> bool:
-    """Whether GEMM2 also sums the k slots at T = 1 (``fused_moe``, ``fused_experts``) (the program that stores a column block's last
-    slot sums them; ``moe_sum``'s bits, one launch fewer; docs/kernels.md). On by default;
-    ``TORCH_MOE_OPS_FUSE_SUM=0`` turns it off. Read when a launch plan is recorded."""
+    """Whether GEMM2 also sums the k slots at T = 1, in ``fused_moe`` and ``fused_experts`` (the program that
+    stores a column block's last slot sums them; ``moe_sum``'s bits, one launch fewer; docs/kernels.md). On by
+    default; ``TORCH_MOE_OPS_FUSE_SUM=0`` turns it off. Read when a launch plan is recorded."""
     return _flag(FUSE_SUM_ENV, True)
 
 

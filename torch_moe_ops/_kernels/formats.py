@@ -190,9 +190,10 @@ def block_pairs(sorted_ids_ptr, expert_ids_ptr, pid_m, num_post_pad, num_valid, 
 
 
 @triton.jit
-def pair_expert(raw, map_ptr, E_IDS: tl.constexpr, E_LOCAL: tl.constexpr, HAS_MAP: tl.constexpr):
+def pair_expert(raw, map_ptr, E_IDS, E_LOCAL, HAS_MAP: tl.constexpr):
     """Expert id ``raw`` (scalar, any int dtype) -> its local expert (int64; through ``map_ptr`` [E_IDS] int32 when
-    HAS_MAP), −1 when outside [0, E_IDS) or [0, E_LOCAL): ``align``'s and ``moe_sum``'s rule for dropped pairs."""
+    HAS_MAP), −1 when outside [0, E_IDS) or [0, E_LOCAL): ``align``'s rule for dropped pairs, and ``moe_sum``'s
+    (``sum_slots``). The bounds may be runtime values or constexprs."""
     valid = (raw >= 0) & (raw < E_IDS)  # in the ids' own dtype (int64 ids stay safe)
     e = tl.where(valid, raw, 0).to(tl.int32)
     if HAS_MAP:

@@ -9,6 +9,7 @@ import triton.language as tl
 from .._platform import interpret_mode
 from ..schemes import cdiv
 from ._numerics import _bf16_round
+from .formats import pair_expert
 from .plan import launch
 
 
@@ -38,13 +39,8 @@ def sum_slots(x_ptr, stride_xk, offs, mask, ids_ptr, stride_ik, map_ptr, E, TOP_
     y = tl.zeros(offs.shape, dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         m = mask
-        if MASKED:
-            e = tl.load(ids_ptr + j * stride_ik).to(tl.int64)
-            ok = (e >= 0) & (e < E)
-            if HAS_MAP:  # the same rule as the alignment's _local_ids
-                local = tl.load(map_ptr + tl.where(ok, e, 0))
-                ok = ok & (local >= 0) & (local < E)
-            m = tl.where(ok, mask, False)
+        if MASKED:  # the alignment's rule for dropped pairs
+            m = tl.where(pair_expert(tl.load(ids_ptr + j * stride_ik), map_ptr, E, E, HAS_MAP) >= 0, mask, False)
         if FROM_L2:
             v = tl.load(x_ptr + j * stride_xk + offs, mask=m, other=0.0, cache_modifier=".cg")
         else:
