@@ -214,13 +214,15 @@ def _mapped_case(scheme, activation, dtype, T):
 
 
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("none", "swigluoai"), ("int8_w8a16", "gelu"),
-                                               ("int4_w4a16", "silu"), ("none", "silu_no_mul"), ("fp8_block", "silu")])
+                                               ("int4_w4a16", "silu"), ("none", "silu_no_mul"), ("fp8_block", "silu"),
+                                               ("fp8_channel", "swigluoai"), ("fp8_tensor", "silu_no_mul")])
 @pytest.mark.parametrize("T", [1, 9])
 def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, scheme, activation, T):
     """TORCH_MOE_OPS_FUSE_ACTIVATION=1: GEMM1's epilogue applies the gated activation (schemes without
-    activation quantization; the others, and non-gated activations, keep the activation kernel): bitwise what
-    GEMM1 + act_and_mul give, clamp (swigluoai: interleaved, limit 7), biases and an expert_map included."""
-    from torch_moe_ops._kernels.activation import act_and_mul
+    activation quantization; fp8 at T = 1, where GEMM2 quantizes the activation's fp32 output itself; non-gated
+    activations keep the activation kernel): bitwise what GEMM1 + act_and_mul (act_and_quant) give, clamp
+    (swigluoai: interleaved, limit 7), biases and an expert_map included."""
+    from torch_moe_ops._kernels.activation import act_and_mul, act_and_quant
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV
 
     dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
@@ -233,12 +235,13 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
     from torch_moe_ops._kernels import fused_experts as pipeline
 
     calls = []
-    monkeypatch.setattr(pipeline, "act_and_mul", lambda *a, **k: calls.append(1) or act_and_mul(*a, **k))
+    monkeypatch.setattr(pipeline, "act_and_mul", lambda *a, **k: calls.append("mul") or act_and_mul(*a, **k))
+    monkeypatch.setattr(pipeline, "act_and_quant", lambda *a, **k: calls.append("quant") or act_and_quant(*a, **k))
     got = moe.fused_moe(x, logits, q13, q2, k, **kw)
     assert torch.equal(got, want)
-    quantized_act = get_quant_scheme(scheme).act is not None  # act_and_quant, never fused
-    fused = get_activation(activation).gated and not quantized_act
-    assert calls == ([] if fused or quantized_act else [1])
+    quantized_act = get_quant_scheme(scheme).act is not None  # act_and_quant, fused at T = 1 only
+    fused = get_activation(activation).gated and (not quantized_act or T == 1)
+    assert calls == ([] if fused else ["quant"] if quantized_act else ["mul"]), calls
     moe.clear_launch_plans()  # no plan recorded with the switch on outlives the test
 
 
@@ -378,35 +381,56 @@ def _count_launches(monkeypatch) -> list:
     return names
 
 
+def _gemms_quantize_at_T1(sch, x, q13, k, block) -> tuple[bool, bool]:
+    """Whether GEMM1 and GEMM2 at T = 1 quantize their own fp8 input with this device's tiles (always on CPU)."""
+    from torch_moe_ops._kernels.configs import get_config
+    from torch_moe_ops._kernels.gemm import quantizes_input
+
+    E, N1, H = *q13.shape[:2], x.shape[1]
+    cfg1 = get_config(1, E, N1, H, sch, block, x.device, top_k=k, dtype=x.dtype)
+    cfg2 = get_config(1, E, H, N1 // 2, sch, block, x.device, top_k=k, dtype=x.dtype, block_m=cfg1.block_m)
+    q1, q2 = quantizes_input(sch, block, cfg1), quantizes_input(sch, block, cfg2)
+    assert DEV == "cuda" or (q1 and q2), (cfg1, cfg2)
+    return q1, q2
+
+
 @pytest.mark.parametrize("scheme,activation,on_input,want", [
     ("none", "silu", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
     ("int4_w4a16", "swigluoai", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
-    ("fp8_block", "silu", False, [("_moe_gemm_kernel", 2), ("_act_quant_kernel", None), ("_moe_gemm_kernel", 1)]),
-    ("fp8_channel", "gelu", False, [("_moe_gemm_kernel", 2), ("_act_quant_kernel", None), ("_moe_gemm_kernel", 1)]),
-    ("fp8_tensor", "silu", False, [("_moe_gemm_kernel", 2), ("_act_quant_kernel", None), ("_moe_gemm_kernel", 1)]),
+    ("fp8_block", "silu", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
+    ("fp8_channel", "swigluoai", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
+    ("fp8_tensor", "silu", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
+    ("fp8_channel", "gelu", False, [("_moe_gemm_kernel", 2), ("_moe_gemm_kernel", 1)]),
+    ("fp8_channel", "silu_no_mul", False,
+     [("_moe_gemm_kernel", 2), ("_act_quant_kernel", None), ("_moe_gemm_kernel", 1)]),
     ("none", "silu", True, [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1), ("_moe_gemm_kernel", 1)]),
+    ("fp8_block", "silu", True, [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1), ("_moe_gemm_kernel", 1)]),
 ])
 def test_fused_moe_at_T1_launches_two_kernels(monkeypatch, scheme, activation, on_input, want):
     """fused_moe at T = 1 (docs/kernels.md, "Two launches at T = 1"): GEMM1 routes the token itself (PAIRS = 2) and
     fuses the activation, GEMM2 reads the ids GEMM1 wrote (PAIRS = 1) and sums the slots; no routing, alignment,
-    activation or sum launch. fp8 schemes: GEMM1 also quantizes x (per row; fp8_block: per K step, here the
-    group), act_and_quant stays; on-input weighting keeps the routing kernel (GEMM1's input is weighted per pair).
-    Output bitwise topk_route + fused_experts (which quantizes x with quantize_activation), an expert_map
-    dropping slots included."""
+    activation or sum launch. fp8 schemes: GEMM1 also quantizes x and GEMM2 the activation's fp32 output (per row;
+    fp8_block: per K step, here the group); a non-gated activation keeps act_and_quant; on-input weighting keeps
+    the routing kernel (GEMM1's input is weighted per pair). Output bitwise topk_route + fused_experts with the
+    activation and the sum unfused (act_and_mul or act_and_quant, moe_sum), an expert_map dropping slots included."""
+    from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, FUSE_SUM_ENV
+
     dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
     x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, 1)
     kw.update(apply_router_weight_on_input=on_input)
     k = 3
     w, ids = moe.topk_route(logits, k)
-    want_out = moe.fused_experts(x, q13, q2, w, ids, **kw)
+    with monkeypatch.context() as m:
+        m.setenv(FUSE_ACTIVATION_ENV, "0")
+        m.setenv(FUSE_SUM_ENV, "0")
+        moe.clear_launch_plans()
+        want_out = moe.fused_experts(x, q13, q2, w, ids, **kw)
     sch = get_quant_scheme(scheme)
-    if sch.act is not None:  # GEMM1 quantizes x where a K step is a whole group (always, here on CPU)
-        from torch_moe_ops._kernels.configs import get_config
-        from torch_moe_ops._kernels.gemm import quantizes_in_gemm1
-
-        cfg = get_config(1, *q13.shape[:2], x.shape[1], sch, kw["block_shape"], x.device, top_k=k, dtype=dtype)
-        if not quantizes_in_gemm1(sch, kw["block_shape"], cfg):
-            assert DEV == "cuda", cfg
+    if sch.act is not None:  # each GEMM quantizes its input where a K step is a whole group (always, on CPU)
+        quant1, quant2 = _gemms_quantize_at_T1(sch, x, q13, k, kw["block_shape"])
+        if not quant2 and ("_act_quant_kernel", None) not in want:
+            want = want[:-1] + [("_act_quant_kernel", None), want[-1]]
+        if not quant1 and not on_input:
             want = [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1)] + want[1:]
     names = _count_launches(monkeypatch)
     moe.clear_launch_plans()
@@ -414,6 +438,40 @@ def test_fused_moe_at_T1_launches_two_kernels(monkeypatch, scheme, activation, o
     moe.clear_launch_plans()
     assert names == want
     assert torch.equal(got, want_out)
+
+
+@pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("fp8_channel", "swigluoai"),
+                                               ("fp8_tensor", "gelu")])
+@pytest.mark.parametrize("on_input", [False, True])
+def test_fused_experts_at_T1_launches_two_kernels(monkeypatch, scheme, activation, on_input):
+    """fused_experts at T = 1: GEMM1 reads the ids (PAIRS = 1), quantizes its input rows for fp8 schemes (x, or
+    the weighted copies of on-input weighting) and applies the activation, GEMM2 quantizes the activation's
+    fp32 output rows and sums the slots: two launches, bitwise the path where no GEMM quantizes
+    (quantize_activation, act_and_quant, GEMM2, moe_sum), an expert_map dropping slots included."""
+    from torch_moe_ops._kernels import fused_experts as pipeline
+    from torch_moe_ops._platform import FUSE_SUM_ENV
+
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
+    x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, 1)
+    kw.update(apply_router_weight_on_input=on_input)
+    w, ids = moe.topk_route(logits, 3)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "quantizes_input", lambda *a: False)
+        m.setenv(FUSE_SUM_ENV, "0")
+        moe.clear_launch_plans()
+        want = moe.fused_experts(x, q13, q2, w, ids, **kw)
+    expect = [("_moe_gemm_kernel", 1)] * 2
+    sch = get_quant_scheme(scheme)
+    if sch.act is not None:
+        quant1, quant2 = _gemms_quantize_at_T1(sch, x, q13, 3, kw["block_shape"])
+        expect = ([("_act_quant_kernel", None)] * (not quant1) + expect[:1]
+                  + [("_act_quant_kernel", None)] * (not quant2) + expect[1:])
+    names = _count_launches(monkeypatch)
+    moe.clear_launch_plans()
+    got = moe.fused_experts(x, q13, q2, w, ids, **kw)
+    moe.clear_launch_plans()
+    assert names == expect
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("route_kw", [dict(), dict(renormalize=False, routed_scaling_factor=2.5),

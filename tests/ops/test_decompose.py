@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 CASES = [("none", 1, False), ("fp8_block", 24, True), ("fp8_channel", 3, False), ("int4_w4a16", 5000, True),
          ("none", 1, False, "opaque"), ("fp8_block", 24, True, "plans"), ("none", 3, False, "triton", True),
-         ("none", 9, True)]
+         ("none", 9, True), ("fp8_block", 1, False)]
 #: Pipeline kernels per scheme (route [+ quantize x for fp8], align, GEMM1, activation [+ quantize], GEMM2, moe_sum).
 KERNELS = {"none": 6, "fp8_block": 6, "fp8_channel": 6, "int4_w4a16": 6}
 #: What may sit between the kernels: allocations, views, shape arithmetic.
@@ -51,7 +51,10 @@ def test_the_unfused_kernels_at_T1_when_switched_off():
     assert got["cloned_inputs"] == []
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=[f"{c[0]}-T{c[1]}{'-symbolic' if c[2] else ''}" for c in CASES[:4]])
+GRAPH_CASES = CASES[:4] + CASES[-1:]
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=[f"{c[0]}-T{c[1]}{'-symbolic' if c[2] else ''}" for c in GRAPH_CASES])
 def test_graph_holds_our_kernels_and_nothing_that_moves_data(traced, case):
     seen = traced[case]
     ops = Counter(seen["nodes"])
@@ -59,8 +62,9 @@ def test_graph_holds_our_kernels_and_nothing_that_moves_data(traced, case):
     # T = 1: no alignment (one pair a row block); T <= 16 (E = 60: 32 tokens a routing program, token buckets 1
     # and 16): the routing kernel's one program writes align_block_size's alignment
     aligned_in_routing = case[1] <= 16
-    # T = 1: GEMM2 sums the slots, and unless x is quantized (fp8) GEMM1 routes and applies the activation
-    fused_at_t1 = (1 + 2 * (case[0] != "fp8_block")) if case[1] == 1 else 0
+    # T = 1: GEMM1 routes (fp8: and quantizes x) and applies the activation, GEMM2 (fp8: quantizes that and) sums
+    # the slots (fp8_block: these tiles' K step is the group, gemm.quantizes_input)
+    fused_at_t1 = 3 if case[1] == 1 else 0
     assert ops["triton_kernel_wrapper_functional"] == KERNELS[case[0]] + 2 * big - aligned_in_routing - fused_at_t1, ops
     aten = {n for n in ops if n.startswith("aten.")}
     assert aten <= FREE, f"aten ops beyond allocations and views: {aten - FREE}"

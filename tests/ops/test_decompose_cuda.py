@@ -103,16 +103,19 @@ def test_generated_code_launches_our_kernels_and_copies_nothing(fresh_dynamo, mo
     _, codes = run_and_get_code(f, x, logits)
     code = "\n".join(codes)
     launched = set(re.findall(r"(_[a-z0-9_]+_kernel)", code))
-    # T = 1 (docs/kernels.md, "Two launches at T = 1"): GEMM1 routes and quantizes x where its K step is the fp8
-    # group (else the routing kernel quantizes it), GEMM2 sums the slots; no alignment
+    # T = 1 (docs/kernels.md, "Two launches at T = 1"): GEMM1 routes, quantizes x where its K step is the fp8
+    # group (else the routing kernel quantizes it) and applies the activation; GEMM2 quantizes that where its K
+    # step is the group (else act_and_quant does) and sums the slots; no alignment
     from torch_moe_ops._kernels.configs import get_config
-    from torch_moe_ops._kernels.gemm import quantizes_in_gemm1
+    from torch_moe_ops._kernels.gemm import quantizes_input
     from torch_moe_ops.schemes import get_quant_scheme
 
-    sch = get_quant_scheme("fp8_block")
-    cfg = get_config(1, E, 2 * I, H, sch, kw["block_shape"], x.device, top_k=K, dtype=x.dtype)
-    routed = {"_topk_route_kernel"} if not quantizes_in_gemm1(sch, kw["block_shape"], cfg) else set()
-    assert launched == {"_moe_gemm_kernel", "_act_quant_kernel"} | routed, launched
+    sch, block = get_quant_scheme("fp8_block"), kw["block_shape"]
+    cfg1 = get_config(1, E, 2 * I, H, sch, block, x.device, top_k=K, dtype=x.dtype)
+    cfg2 = get_config(1, E, H, I, sch, block, x.device, top_k=K, dtype=x.dtype, block_m=cfg1.block_m)
+    routed = {"_topk_route_kernel"} if not quantizes_input(sch, block, cfg1) else set()
+    quant = {"_act_quant_kernel"} if not quantizes_input(sch, block, cfg2) else set()
+    assert launched == {"_moe_gemm_kernel"} | routed | quant, launched
     assert "torch.ops.moe" not in code, "the op stayed opaque"
     assert not re.search(r"\bclone\b|copy_\(|aten\.copy", code), "Inductor copies a buffer our kernels write"
 

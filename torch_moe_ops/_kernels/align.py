@@ -154,7 +154,8 @@ def _align_program(ids_ptr, map_ptr, scratch_ptr, sorted_ptr, expert_ids_ptr, np
         tl.store(expert_ids_ptr + blocks, tl.where(e < E, e, -1), mask=mask_b)
         fill_end = tl.load(row + 2 * EB + e)  # slots at or past it in the block are padding
         slots = bstart[:, None] + tl.arange(0, B_P2)[None, :]
-        mask_s = mask_b[:, None] & (tl.arange(0, B_P2)[None, :] < B) & (slots >= fill_end[:, None]) & (slots < max_padded)
+        mask_s = (mask_b[:, None] & (tl.arange(0, B_P2)[None, :] < B) & (slots >= fill_end[:, None])
+                  & (slots < max_padded))
         tl.store(sorted_ptr + slots, tl.zeros([NB, B_P2], dtype=tl.int32) + numel, mask=mask_s)
 
     # Scatter this chunk's pairs, tile by tile (ascending j inside each expert).

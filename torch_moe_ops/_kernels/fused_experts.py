@@ -16,7 +16,7 @@ from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
 from .configs import get_config
-from .gemm import invoke_moe_gemm, quantizes_in_gemm1
+from .gemm import invoke_moe_gemm, quantizes_input
 from .moe_sum import moe_sum
 from .routing import invariant_alignment, one_program, rows_apart, topk_route
 
@@ -41,20 +41,25 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
 
 def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
           act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None, invariant: bool = False,
-          zero_counts: torch.Tensor | None = None, pair_ids: tuple | None = None, route: tuple | None = None) -> None:
+          zero_counts: torch.Tensor | None = None, pair_ids: tuple | None = None, route: tuple | None = None,
+          act_dtype: torch.dtype | None = None) -> None:
     """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
-    epilogue) = a1 (quantized first for fp8 schemes, unless ``a1_quant`` = (q, scale) already holds that) @
-    W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a batch-invariant config.
-    ``zero_counts``: GEMM2's fused-sum counters, which this launch clears. ``pair_ids`` / ``route``: T = 1's
-    pairs instead of the alignment (``invoke_moe_gemm``); with ``route`` an fp8 scheme's GEMM1 quantizes x itself."""
-    a1_scale, quant_a = None, route is not None and scheme.act is not None  # (route: GEMM1 quantizes x itself)
+    epilogue; ``act_dtype``: GEMM1's output rounded to it first, ``out`` fp32) = a1 (quantized first for fp8
+    schemes, unless ``a1_quant`` = (q, scale) already holds that, or, with ``pair_ids`` at T = 1, by GEMM1 itself
+    where its tiles allow) @ W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a
+    batch-invariant config. ``zero_counts``: GEMM2's fused-sum counters, which this launch clears. ``pair_ids`` /
+    ``route``: T = 1's pairs instead of the alignment (``invoke_moe_gemm``)."""
+    a1_scale = None
+    quant_a = (pair_ids is not None and a1_quant is None and scheme.act is not None
+               and quantizes_input(scheme, block, cfg1))
     if a1_quant is not None:
         a1, a1_scale = a1_quant
     elif scheme.act is not None and not quant_a:
         a1, a1_scale = quantize_activation(a1, scheme.act, scheme.act_group(block))
     invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
                     w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused,
-                    invariant=invariant, zero_counts=zero_counts, pair_ids=pair_ids, route=route, quant_a=quant_a)
+                    invariant=invariant, zero_counts=zero_counts, pair_ids=pair_ids, route=route, quant_a=quant_a,
+                    act_dtype=act_dtype)
 
 
 def gemm2_input(c1, act: Activation, alpha: float, limit: float, scheme: QuantScheme, block):
@@ -105,7 +110,9 @@ def fused_experts(
     ``a1_quant``: (q [T, H] fp8, scale) = ``quantize_activation(x)``, made by ``fused_moe``'s routing kernel.
     At T = 1 no alignment is made: each GEMM puts pair j alone in its row block j and reads its expert from the
     ids (``invoke_moe_gemm``'s ``pair_ids``), and GEMM2 also sums the slots (``moe_sum``'s bits;
-    ``TORCH_MOE_OPS_FUSE_SUM=0``: not); so bf16 makes two launches (docs/kernels.md, "Two launches at T = 1").
+    ``TORCH_MOE_OPS_FUSE_SUM=0``: not); fp8 schemes' GEMMs quantize their own input rows where their tiles allow
+    (``gemm.quantizes_input``), GEMM1's output staying fp32 for GEMM2 to quantize; so a call makes two launches
+    (docs/kernels.md, "Two launches at T = 1").
     ``route``: (router_logits [1, E], topk_route's arguments after the logits): GEMM1 routes the token itself (and
     quantizes x for fp8 schemes) and fills ``topk_weights`` and ``topk_ids`` (empty [1, k] fp32 / int32 buffers)
     for GEMM2 (``fused_moe``).
@@ -136,12 +143,16 @@ def fused_experts(
                 torch.empty(cdiv(H, cfg2.block_n), dtype=torch.int32, device=device))
     zero = sums[1] if sums is not None else None
     c1 = None
-    if not keep_c1 and scheme.act is None and act.gated and fuse_activation(T, invariant):  # GEMM1's epilogue
-        a2, a2_scale = torch.empty((numel, N1 // 2), dtype=x.dtype, device=device), None
+    # fp8 at T = 1: GEMM1's epilogue applies the activation (output kept in fp32) and GEMM2 quantizes its rows
+    quant_a2 = direct and scheme.act is not None and quantizes_input(scheme, block, cfg2)
+    if not keep_c1 and act.gated and fuse_activation(T, invariant) and (scheme.act is None or quant_a2):
+        a2_dtype = x.dtype if scheme.act is None else torch.float32
+        a2, a2_scale = torch.empty((numel, N1 // 2), dtype=a2_dtype, device=device), None
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
               fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant, zero_counts=zero,
-              pair_ids=pair_ids, route=route1)
+              pair_ids=pair_ids, route=route1, act_dtype=x.dtype)
     else:
+        quant_a2 = False
         c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
         gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act, a1_quant=a1_quant,
               invariant=invariant, zero_counts=zero, pair_ids=pair_ids, route=route1)
@@ -155,6 +166,7 @@ def fused_experts(
         a2, w2, c3, *alignment, top_k=1, config=cfg2, scheme=scheme,
         a_scale=a2_scale, w_scale=w2_scale, bias=w2_bias, block=block,
         topk_weights=None if on_input else topk_weights, invariant=invariant, sum_into=sums, pair_ids=pair_ids,
+        quant_a=quant_a2,
     )
     if sums is not None:
         out = sums[0]
@@ -172,7 +184,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     (router_logits), ``experts`` = ``fused_experts``' arguments after (x, ..., topk_ids), i.e. from ``w13``
     on without the routing outputs: (w13, w2, act, scheme, scales, biases, block, expert_map, on_input,
     alpha, limit). At T = 1 without on-input weighting GEMM1 routes the token (``fused_experts``' ``route``; fp8:
-    and quantizes x, where its tiles allow: ``gemm.quantizes_in_gemm1``): no routing launch
+    and quantizes x, where its tiles allow: ``gemm.quantizes_input``): no routing launch
     (``TORCH_MOE_OPS_FUSE_ROUTING=0``: not). Up to the routing kernel's BLOCK_T tokens
     (one program routes them all: ``routing.one_program``, by token bucket) it writes ``align_block_size``'s
     alignment itself, and the alignment's launch goes. For fp8 schemes the routing kernel also quantizes x
@@ -182,7 +194,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, routing: tuple, expe
     w13, w2, act, scheme, w13_scale, w2_scale, w13_bias, w2_bias, block, expert_map, on_input, alpha, limit = experts
     T, k = x.shape[0], routing[0]
     t1 = isinstance(T, int) and T == 1  # (a symbolic T is never 1: torch.compile specializes 1)
-    if t1 and not on_input and fuse_routing() and (scheme.act is None or quantizes_in_gemm1(
+    if t1 and not on_input and fuse_routing() and (scheme.act is None or quantizes_input(
             scheme, block, get_config(1, *w13.shape[:2], x.shape[1], scheme, block, x.device, top_k=k,
                                       invariant=invariant, dtype=x.dtype))):
         weights = torch.empty((1, k), dtype=torch.float32, device=x.device)

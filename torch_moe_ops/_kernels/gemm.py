@@ -126,6 +126,7 @@ def _moe_gemm_kernel(
     K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, SIGMOID: tl.constexpr, HAS_RBIAS: tl.constexpr,
     GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     QUANT_A: tl.constexpr, A_QMAX: tl.constexpr, A_EPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    ACT_ROUND: tl.constexpr,
 ):
     """PAIRS: where a program's row block gets its pairs. 0: ``sorted_ids`` / ``expert_ids`` / ``num_post_pad``
     (the alignment). 1 and 2, T = 1: pair j alone at row 0 of row block j (its k experts are distinct, so each
@@ -134,10 +135,12 @@ def _moe_gemm_kernel(
     2 routes the token itself from logits [1, E] (``topk.route_rows`` and its constexprs; correction bias
     ``rbias_ptr``), program 0 storing the weights into ``topk_weights_ptr`` [k] fp32 and the ids into ``ids_ptr``
     [k] int32 for GEMM2 (docs/kernels.md, "Two launches at T = 1").
-    QUANT_A (fp8 schemes, with PAIRS = 2): ``a`` is x [1, K] in 16 bits, quantized here as ``quantize_activation``
-    does (its bits: one scale a row, A_ROW_SCALE, from a first pass over the row; or, BLOCK_SCALES, one a K step,
-    which is then the activation group), one [BK] vector a step put at row 0 of the tile, so no launch quantizes
-    it first."""
+    QUANT_A (fp8 schemes, PAIRS > 0): ``a`` [rows, K] in 16 or 32 bits, its row ``pid_m // A_DIV`` quantized here
+    as ``quantize_activation`` does (its bits: one scale a row, A_ROW_SCALE, from a first pass over the row; or,
+    BLOCK_SCALES, one a K step, which is then the activation group), one [BK] vector a step put at row 0 of the
+    tile, so no launch quantizes it first (GEMM1: x; GEMM2: the activation's fp32 output).
+    ACT_ROUND (FUSE_ACT): the dtype GEMM1's output is rounded to before the activation, "" = c's; "bf16" / "fp16"
+    with an fp32 ``c`` keep the activation's output unrounded for GEMM2 to quantize, as ``act_and_quant`` does."""
     if ZERO_COUNT > 0:  # GEMM1 clears GEMM2's tile counters (SUM_PAIRS), which runs after it on the stream
         if tl.program_id(0) == 0:
             offs_z = tl.arange(0, ZERO_COUNT)
@@ -205,8 +208,8 @@ def _moe_gemm_kernel(
     if BLOCK_SCALES or W_GROUP_SCALE:
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
 
-    if QUANT_A:  # x has one row (T = 1), at row 0 of the tile; the other rows are padding (zeros)
-        x_row = a_ptr + offs_k * stride_ak  # [BK]
+    if QUANT_A:  # the pair's one row of a, at row 0 of the tile; the other rows are padding (zeros)
+        x_row = a_ptr + (pid_m // A_DIV) * stride_am + offs_k * stride_ak  # [BK]
         row0 = (tl.arange(0, BLOCK_M) == 0)[:, None]  # [BM, 1]
         if A_ROW_SCALE:  # the row's scale first: an integer max of |x|'s bits keeps NaN (_numerics)
             amax = tl.zeros((BLOCK_K,), dtype=tl.int32)
@@ -226,7 +229,7 @@ def _moe_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
-            if QUANT_A:  # [BK] of x's row -> fp8, then the [BM, BK] tile: 1/BM of the tile's work
+            if QUANT_A:  # [BK] of the row -> fp8, then the [BM, BK] tile: 1/BM of the tile's work
                 y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K, other=0.0)
                 y = y.to(tl.float32)
                 if BLOCK_SCALES:  # the step is the group: its scale, [BM] like a loaded one
@@ -295,10 +298,16 @@ def _moe_gemm_kernel(
         acc = acc * w.to(tl.float32)[:, None]
     if BF16_RTNE:  # interpreter only: its fp32 -> bf16 cast truncates; round to nearest even first
         acc = _bf16_round(acc)
-    if FUSE_ACT:  # GEMM1's output rounded to c's dtype as when stored, then the activation kernel's math
-        g, u = tl.split(tl.reshape(acc.to(c_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, BLOCK_N // 2, 2)))
+    if FUSE_ACT:  # GEMM1's output rounded as when stored (to c's dtype or ACT_ROUND), then the activation's math
+        if ACT_ROUND == "bf16":
+            r = acc.to(tl.bfloat16).to(tl.float32)
+        elif ACT_ROUND == "fp16":
+            r = acc.to(tl.float16).to(tl.float32)
+        else:
+            r = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+        g, u = tl.split(tl.reshape(r, (BLOCK_M, BLOCK_N // 2, 2)))
         y = _gated(g, u, act_alpha, act_limit, ACT, SWIGLU_OAI, CLAMP)
-        if BF16_RTNE:
+        if BF16_RTNE and ACT_ROUND == "":
             y = _bf16_round(y)
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_c)
     else:
@@ -361,6 +370,7 @@ def invoke_moe_gemm(
     pair_ids: tuple | None = None,
     route: tuple | None = None,
     quant_a: bool = False,
+    act_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
@@ -386,9 +396,11 @@ def invoke_moe_gemm(
     ``pair_ids``: (topk_ids [1, k], expert_map or None) at T = 1, instead of the alignment (None): pair j alone in
     row block j, its expert read from the ids (``_moe_gemm_kernel``'s PAIRS). ``route``: (router_logits [1, E],
     topk_route's arguments after the logits, weights [1, k] fp32) with ``pair_ids``: the kernel routes the token
-    itself and writes ``weights`` and ``topk_ids`` (int32), ``topk_route``'s bits. ``quant_a`` (with ``route``, an
-    fp8 scheme, ``a`` = x [1, K] in 16 bits, no ``a_scale``): the kernel quantizes ``a`` itself, the bits of
-    ``quantize_activation`` (``quantizes_in_gemm1`` says for which tiles).
+    itself and writes ``weights`` and ``topk_ids`` (int32), ``topk_route``'s bits. ``quant_a`` (with ``pair_ids``,
+    an fp8 scheme, ``a`` in 16 or 32 bits, no ``a_scale``): the kernel quantizes each pair's row of ``a`` itself,
+    the bits of ``quantize_activation`` (``quantizes_input`` says for which tiles). ``act_dtype`` (with ``act``
+    and an fp32 ``c``): GEMM1's output is rounded to it before the activation, whose output c keeps in fp32 (for a
+    GEMM2 with ``quant_a``: the bits of ``act_and_quant``).
     """
     numel = c.shape[0]
     pack = scheme.weight.pack if scheme.quantized else 1
@@ -440,7 +452,11 @@ def invoke_moe_gemm(
         assert topk_weights is None and numel == route[0].shape[0] * top_k
         tw = route[2]
     if quant_a:
-        assert route is not None and a_scale is None and quantizes_in_gemm1(scheme, block, config)
+        assert pair_ids is not None and a_scale is None and quantizes_input(scheme, block, config)
+    act_round = ""
+    if act is not None and act_dtype is not None and act_dtype != c.dtype:
+        assert c.dtype == torch.float32, "the activation's output rounded to act_dtype is stored in fp32"
+        act_round = {torch.bfloat16: "bf16", torch.float16: "fp16"}[act_dtype]
     launch(_moe_gemm_kernel, grid,
         a, w, c, a_s, w_s, b_, tw,
         *(t if t is not None else dummy for t in (sorted_ids, expert_ids, num_post_pad)), out, counts,
@@ -453,23 +469,23 @@ def invoke_moe_gemm(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
         A_DIV=top_k, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
         HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=topk_weights is not None, EVEN_K=K % bk == 0,
-        UPCAST=interpret_mode() and a.dtype in (torch.bfloat16, torch.float8_e4m3fn),
+        UPCAST=interpret_mode() and (quant_a or a.dtype in (torch.bfloat16, torch.float8_e4m3fn)),
         FP32_IEEE=a.dtype == torch.float32 and not quant_a,  # (quant_a: fp8 dots)
-        BF16_RTNE=interpret_mode() and c.dtype == torch.bfloat16,
+        BF16_RTNE=interpret_mode() and torch.bfloat16 in (c.dtype, act_dtype),
         **_scheme_kwargs(scheme), **act_kw,
         # mxfp4 wgmma tiles in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
         ZERO_COUNT=triton.next_power_of_2(n_zero) if n_zero else 0,
         SUM_PAIRS=numel if sum_into is not None else 0, **pair_kw,
         QUANT_A=quant_a, A_QMAX=FP8_MAX, A_EPS=SCALE_EPS, EMULATE_FP8=quant_a and interpret_mode(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        ACT_ROUND=act_round, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
 
 
-def quantizes_in_gemm1(scheme: QuantScheme, block, config: TileConfig) -> bool:
-    """Whether GEMM1 with these tiles can quantize its fp8 input itself (``invoke_moe_gemm``'s ``quant_a``): one
-    scale a row, or a group that is one K step."""
+def quantizes_input(scheme: QuantScheme, block, config: TileConfig) -> bool:
+    """Whether a GEMM with these tiles can quantize its fp8 input itself at T = 1 (``invoke_moe_gemm``'s
+    ``quant_a``): one scale a row, or a group that is one K step."""
     if scheme.act is None or scheme.packed:
         return False
     return not scheme.act.grouped or config.block_k == scheme.act_group(block)
