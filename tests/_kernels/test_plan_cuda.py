@@ -150,21 +150,33 @@ def test_compiled_layer(mode, monkeypatch, fresh_dynamo):
 
 
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("none", "swigluoai"), ("int8_w8a16", "silu"),
-                                               ("int4_w4a16", "silu")])
+                                               ("int4_w4a16", "silu"), ("fp8_block", "silu"),
+                                               ("fp8_channel", "swigluoai"), ("fp8_tensor", "silu")])
 @pytest.mark.parametrize("T", [1, 64, 300])
 def test_activation_fused_into_gemm1_on_the_gpu(monkeypatch, scheme, activation, T):
-    """TORCH_MOE_OPS_FUSE_ACTIVATION=1 (docs/kernels.md): bitwise the two-kernel path on the GPU's tiles."""
+    """TORCH_MOE_OPS_FUSE_ACTIVATION=1 (docs/kernels.md): bitwise the two-kernel path on the GPU's tiles; fp8 at
+    T = 1: GEMM1 keeps the activation in fp32 and GEMM2 quantizes it (act_and_quant's bits), in fused_moe and in
+    fused_experts (whose GEMM1 quantizes x too)."""
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV
 
     PLANS.clear()
     E, k, H, I = 60, 6, 512, 384
     q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
     x, logits = _inputs(T, H, E, T)
+    w, ids = moe.topk_route(logits, k)
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, "0")  # (unset, T = 1 fuses)
     want = moe.fused_moe(x, logits, q13, q2, k, **kw)
+    want_experts = moe.fused_experts(x, q13, q2, w, ids, **kw)
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, "1")
     PLANS.clear()
     torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), want, rtol=0, atol=0)
+    torch.testing.assert_close(moe.fused_experts(x, q13, q2, w, ids, **kw), want_experts, rtol=0, atol=0)
+    from torch_moe_ops._kernels import fused_experts as pipeline
+
+    monkeypatch.setattr(pipeline, "quantizes_input", lambda *a: False)  # quantize_activation + act_and_quant
+    PLANS.clear()
+    torch.testing.assert_close(moe.fused_experts(x, q13, q2, w, ids, **kw), want_experts, rtol=0, atol=0)
+    PLANS.clear()
 
 
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "silu"),
