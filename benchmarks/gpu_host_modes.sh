@@ -3,11 +3,12 @@
 # no carry needed): the GPU suite of the host-overhead work, the host-time split, the 4-layer stack under each
 # compile mode (TORCH_MOE_OPS_COMPILE = plans / triton / opaque, docs/host-overhead.md), with FUSED=1 GEMM1 with
 # and without the activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 shape (kernel time, CUDA graphs),
-# then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS).
+# then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS, SPLIT_ACTS,
+# SPLIT_S). PROFILE_S=0 skips the host-time split.
 # STACK_MODES (e.g. "plans triton+static triton+cpp"), STACK_S and STACK_ARGS (e.g. "--tokens 1") shape the stack
 # runs.
 # Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json,
-# run-fused-<0|1>.json, kernel_split.json, and the logs (cuda_tests.log: pytest's whole output); the summary is
+# run-fused-<0|1>.json, split-act<a>/kernel_split.json, and the logs (cuda_tests.log: pytest's whole output); the summary is
 # printed. Steps that would end past LIMIT_S (default 580 s) are skipped and named.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -23,8 +24,10 @@ timeout ${GPU_TESTS_TIMEOUT:-240} python3 -m pytest -q -m cuda -n 6 -p no:cachep
 grep -E "passed|failed|error|FAILED|ERROR" "$DIR/cuda_tests.log" | tail -n 40
 # left(): seconds until LIMIT_S (default 580) from the start; a step that cannot fit is skipped
 left() { echo $(( ${LIMIT_S:-580} - ($(date +%s) - T0) )); }
-echo "== host_profile $(( $(date +%s) - T0 )) s"
-timeout ${PROFILE_S:-240} python3 -m benchmarks.host_profile --out "$DIR" 2>&1 | grep "^{" | cut -c1-600  # + compiled splits
+if [ "${PROFILE_S:-240}" -gt 0 ]; then  # PROFILE_S=0 skips it
+  echo "== host_profile $(( $(date +%s) - T0 )) s"
+  timeout ${PROFILE_S:-240} python3 -m benchmarks.host_profile --out "$DIR" 2>&1 | grep "^{" | cut -c1-600
+fi
 # STACK_MODES: compile modes of the stack, each with optional suffixes: "+cpp", Inductor's C++ wrapper
 # (TORCHINDUCTOR_CPP_WRAPPER=1: the generated launches skip Python; its compile takes longer); "+static", Inductor's
 # static launcher for user-defined Triton kernels (TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1,
@@ -47,10 +50,16 @@ for f in ${FUSED:+0 1}; do  # FUSED=1: the Qwen3 kernel times without and with t
     --schemes ${FUSED_SCHEMES:-none,int8_w8a16,int4_w4a16} --tokens ${FUSED_TOKENS:-1,4,16,64,256,1024,4096,16384} \
     --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | tail -n 12
 done
-if [ "$(left)" -ge 50 ]; then  # fused_moe's kernels one by one against its CUDA-graph time (T = 1 by default)
-  echo "== kernel split $(( $(date +%s) - T0 )) s"
-  timeout $(( $(left) - 5 )) python3 -m benchmarks.kernel_split --out "$DIR" \
-    --shapes ${SPLIT_SHAPES:-qwen3-30b-a3b,gpt-oss-20b} \
-    --schemes ${SPLIT_SCHEMES:-none,fp8_block,int4_w4a16} --tokens ${SPLIT_TOKENS:-1} 2>&1 | grep "T=" | cut -c1-220
-else echo "== skipped: kernel split"; fi
+# fused_moe's kernels one by one against its CUDA-graph time (T = 1 by default), once per value of SPLIT_ACTS
+# (TORCH_MOE_OPS_FUSE_ACTIVATION; "-" = unset, the default), each under SPLIT_S seconds (default: what is left)
+for a in ${SPLIT_ACTS:--}; do
+  [ "$(left)" -lt 50 ] && { echo "== skipped: kernel split, FUSE_ACTIVATION=$a"; continue; }
+  echo "== kernel split, FUSE_ACTIVATION=$a $(( $(date +%s) - T0 )) s"
+  S=${SPLIT_S:-$(left)}
+  ( [ "$a" = - ] || export TORCH_MOE_OPS_FUSE_ACTIVATION=$a
+    timeout $(( $(left) - 5 < S ? $(left) - 5 : S )) python3 -m benchmarks.kernel_split --out "$DIR/split-act$a" \
+      --shapes ${SPLIT_SHAPES:-qwen3-30b-a3b,gpt-oss-20b} --schemes ${SPLIT_SCHEMES:-none,fp8_block,int4_w4a16} \
+      --tokens ${SPLIT_TOKENS:-1} > "$DIR/split-act$a.log" 2>&1 )
+  echo "   rc=$?"; grep -E "T=|Error|error" "$DIR/split-act$a.log" | cut -c1-240 | tail -n 24
+done
 echo "== done $(( $(date +%s) - T0 )) s"

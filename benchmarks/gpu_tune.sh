@@ -35,9 +35,10 @@ for v in ${SPLITS:-}; do  # "S:A": fused_moe's per-kernel split at T = 1 with FU
   [ "$(left)" -lt 60 ] && { echo "== skipped: split $v"; continue; }
   echo "== split, FUSE_SUM=${v%%:*} FUSE_ACTIVATION=${v##*:} $(( $(date +%s) - T0 )) s"
   mkdir -p "$DIR/split-${v%%:*}${v##*:}"
-  TORCH_MOE_OPS_FUSE_SUM=${v%%:*} TORCH_MOE_OPS_FUSE_ACTIVATION=${v##*:} timeout 80 python3 -m benchmarks.kernel_split \
-    --out "$DIR/split-${v%%:*}${v##*:}" --shapes ${SPLIT_SHAPES:-gpt-oss-20b,qwen3-30b-a3b} \
-    --schemes ${SPLIT_SCHEMES:-none,int4_w4a16} --tokens 1 2>&1 | grep -E "T=" | cut -c1-220
+  TORCH_MOE_OPS_FUSE_SUM=${v%%:*} TORCH_MOE_OPS_FUSE_ACTIVATION=${v##*:} timeout ${SPLIT_S:-80} python3 -m \
+    benchmarks.kernel_split --out "$DIR/split-${v%%:*}${v##*:}" --shapes ${SPLIT_SHAPES:-gpt-oss-20b,qwen3-30b-a3b} \
+    --schemes ${SPLIT_SCHEMES:-none,int4_w4a16} --tokens 1 > "$DIR/split-${v%%:*}${v##*:}.log" 2>&1
+  echo "   rc=$?"; grep -E "T=|Error|error" "$DIR/split-${v%%:*}${v##*:}.log" | cut -c1-240 | tail -n 24
 done
 for job in ${TUNE_JOBS:-gpt-oss-20b:int4_w4a16 gpt-oss-20b:mxfp4 qwen3-30b-a3b:int4_w4a16 qwen3-30b-a3b:mxfp4}; do
   [ "$(left)" -lt 60 ] && { echo "== skipped: tune $job"; continue; }

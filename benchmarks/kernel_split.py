@@ -112,10 +112,15 @@ def main(argv=None) -> int:
                     print(f"{shape.name:<14} {scheme:<11} T={T:<5} {op}: kernels {row['kernels_us']:.1f} us"
                           f" (graph {row.get('graph_us', float('nan')):.1f}, clean L2 "
                           f"{row.get('graph_clean_us', float('nan')):.1f}); {top}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernel_split.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, f, indent=1)
+                    _write(args.out, device, rows)  # after every row: a run cut by its time limit keeps them
+    _write(args.out, device, rows)
     return 0
+
+
+def _write(out: str, device: str, rows: list) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "kernel_split.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
