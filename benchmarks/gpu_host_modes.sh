@@ -3,12 +3,12 @@
 # no carry needed): the GPU suite of the host-overhead work, the host-time split, the 4-layer stack under each
 # compile mode (TORCH_MOE_OPS_COMPILE = plans / triton / opaque, docs/host-overhead.md), with FUSED=1 GEMM1 with
 # and without the activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 shape (kernel time, CUDA graphs),
-# then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS, SPLIT_ACTS,
+# then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS, SPLIT_ENVS,
 # SPLIT_S). PROFILE_S=0 skips the host-time split.
 # STACK_MODES (e.g. "plans triton+static triton+cpp"), STACK_S and STACK_ARGS (e.g. "--tokens 1") shape the stack
 # runs.
 # Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json,
-# run-fused-<0|1>.json, split-act<a>/kernel_split.json, and the logs (cuda_tests.log: pytest's whole output); the summary is
+# run-fused-<0|1>.json, split-<item>/kernel_split.json, and the logs (cuda_tests.log: pytest's whole output); the summary is
 # printed. Steps that would end past LIMIT_S (default 580 s) are skipped and named.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -41,7 +41,7 @@ for m in ${STACK_MODES:-plans triton opaque}; do
   S=${STACK_S:-70}
   TORCHINDUCTOR_CPP_WRAPPER=$cpp TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=$static \
     TORCH_MOE_OPS_COMPILE=$mode timeout $(( $(left) < S ? $(left) : S )) \
-    python3 -m benchmarks.host --out "$DIR/stack-$m" --only stack ${STACK_ARGS:-} 2>&1 | grep -E "stack |Error|error"
+    python3 -m benchmarks.host --out "$DIR/stack-${m//+/_}" --only stack ${STACK_ARGS:-} 2>&1 | grep -E "stack |Error|error"
 done
 for f in ${FUSED:+0 1}; do  # FUSED=1: the Qwen3 kernel times without and with the activation in GEMM1
   [ "$(left)" -lt 40 ] && { echo "== skipped: kernels, fused activation $f"; continue; }
@@ -50,16 +50,17 @@ for f in ${FUSED:+0 1}; do  # FUSED=1: the Qwen3 kernel times without and with t
     --schemes ${FUSED_SCHEMES:-none,int8_w8a16,int4_w4a16} --tokens ${FUSED_TOKENS:-1,4,16,64,256,1024,4096,16384} \
     --no-quant --out "$DIR/run-fused-$f.json" 2>&1 | tail -n 12
 done
-# fused_moe's kernels one by one against its CUDA-graph time (T = 1 by default), once per value of SPLIT_ACTS
-# (TORCH_MOE_OPS_FUSE_ACTIVATION; "-" = unset, the default), each under SPLIT_S seconds (default: what is left)
-for a in ${SPLIT_ACTS:--}; do
-  [ "$(left)" -lt 50 ] && { echo "== skipped: kernel split, FUSE_ACTIVATION=$a"; continue; }
-  echo "== kernel split, FUSE_ACTIVATION=$a $(( $(date +%s) - T0 )) s"
-  S=${SPLIT_S:-$(left)}
-  ( [ "$a" = - ] || export TORCH_MOE_OPS_FUSE_ACTIVATION=$a
-    timeout $(( $(left) - 5 < S ? $(left) - 5 : S )) python3 -m benchmarks.kernel_split --out "$DIR/split-act$a" \
+# fused_moe's kernels one by one against its CUDA-graph time (T = 1 by default), once per item of SPLIT_ENVS:
+# "-" (the defaults) or comma-separated switches without their TORCH_MOE_OPS_ prefix, e.g. "- FUSE_SUM=0
+# FUSE_ACTIVATION=1,FUSE_SUM=0"; each under SPLIT_S seconds (default: what is left). Results: split-<item>/.
+for a in ${SPLIT_ENVS:--}; do
+  [ "$(left)" -lt 50 ] && { echo "== skipped: kernel split, $a"; continue; }
+  echo "== kernel split, $a $(( $(date +%s) - T0 )) s"
+  S=${SPLIT_S:-$(left)}; tag=$(echo "$a" | tr ',=' '_-')
+  ( [ "$a" = - ] || for kv in ${a//,/ }; do export "TORCH_MOE_OPS_$kv"; done
+    timeout $(( $(left) - 5 < S ? $(left) - 5 : S )) python3 -m benchmarks.kernel_split --out "$DIR/split-$tag" \
       --shapes ${SPLIT_SHAPES:-qwen3-30b-a3b,gpt-oss-20b} --schemes ${SPLIT_SCHEMES:-none,fp8_block,int4_w4a16} \
-      --tokens ${SPLIT_TOKENS:-1} > "$DIR/split-act$a.log" 2>&1 )
-  echo "   rc=$?"; grep -E "T=|Error|error" "$DIR/split-act$a.log" | cut -c1-240 | tail -n 24
+      --tokens ${SPLIT_TOKENS:-1} > "$DIR/split-$tag.log" 2>&1 )
+  echo "   rc=$?"; grep -E "T=|Error|error" "$DIR/split-$tag.log" | cut -c1-240 | tail -n 24
 done
 echo "== done $(( $(date +%s) - T0 )) s"

@@ -25,7 +25,8 @@ What is measured (docs/performance.md, "Host time and end to end"):
   compiled one (its kernels must be as fast); ``nomoe_*``: the same stack without the MoE calls (router +
   residual add of one router column, so the router is not dead code);
   ``marginal_us_compiled`` = (compiled_host_ms - nomoe_compiled_host_ms) / layers, the host cost one MoE layer
-  adds inside a compiled graph (``marginal_us_eager`` likewise).
+  adds inside a compiled graph (``marginal_us_eager`` likewise); ``*_min``: the same from each variant's fastest
+  run (a busy host inflates it least).
 
 ``--smoke``: one tiny shape on CPU (reference kernels, aot_eager backend): host times there mean nothing, the
 code path is what is exercised.
@@ -291,10 +292,13 @@ def _stack_variant(stack: Stack, x: torch.Tensor, prefix: str, args, device) -> 
     calls, repeats = args.stack_calls, args.repeats
     eager = lambda: stack(x)  # noqa: E731
     _warm(eager, device)
-    out = {f"{prefix}eager_host_ms": enqueue_us(eager, calls, repeats, device) / 1e3,
+    runs: list = []
+    out = {f"{prefix}eager_host_ms": enqueue_us(eager, calls, repeats, device, runs) / 1e3,
            f"{prefix}eager_ms": wall_us(eager, calls, repeats, device) / 1e3}
+    out[f"{prefix}eager_host_ms_min"], runs = min(runs) / 1e3, []
     compiled = Compiled(stack, (x,), device, args.backend)
-    out[f"{prefix}compiled_host_ms"] = enqueue_us(compiled, calls, repeats, device) / 1e3
+    out[f"{prefix}compiled_host_ms"] = enqueue_us(compiled, calls, repeats, device, runs) / 1e3
+    out[f"{prefix}compiled_host_ms_min"] = min(runs) / 1e3
     out[f"{prefix}compiled_ms"] = wall_us(compiled, calls, repeats, device) / 1e3
     g = graph_us(eager, device)
     out[f"{prefix}graph_ms"] = None if g is None else g / 1e3
@@ -319,6 +323,9 @@ def bench_stack(stacks: dict, shape: MoEShape, scheme: str, T: int, args, device
     row.update(_stack_variant(stacks["nomoe"], x, "nomoe_", args, device))
     for mode in ("compiled", "eager"):
         row[f"marginal_us_{mode}"] = (row[f"{mode}_host_ms"] - row[f"nomoe_{mode}_host_ms"]) * 1e3 / STACK_LAYERS
+        # the same from each variant's fastest run, which a busy host inflates least
+        row[f"marginal_us_{mode}_min"] = ((row[f"{mode}_host_ms_min"] - row[f"nomoe_{mode}_host_ms_min"]) * 1e3
+                                          / STACK_LAYERS)
     row.update(calls=args.stack_calls, repeats=args.repeats, compile_mode=_platform.compile_mode())
     return row
 
@@ -350,7 +357,8 @@ def run_stack(args, device, log, rows, flush) -> None:
                 f"compiled {row['compiled_ms']:.3f} ms (host {row['compiled_host_ms']:.3f}; no MoE "
                 f"{row['nomoe_compiled_host_ms']:.3f}), graph {gms} ms (compiled "
                 f"{row['compiled_graph_ms'] or float('nan'):.3f}); marginal per MoE layer: compiled "
-                f"{row['marginal_us_compiled']:.1f} us, eager {row['marginal_us_eager']:.1f} us")
+                f"{row['marginal_us_compiled']:.1f} us, eager {row['marginal_us_eager']:.1f} us (fastest runs: "
+                f"{row['marginal_us_compiled_min']:.1f}, {row['marginal_us_eager_min']:.1f})")
         del stacks
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -55,7 +55,7 @@ def _timed_read_flush(fn, rep_ms: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
-        torch.sum(buf, out=sink)
+        torch.sum(buf, 0, out=sink)
         fn()
     end.record()
     torch.cuda.synchronize()
@@ -65,7 +65,7 @@ def _timed_read_flush(fn, rep_ms: int) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
-        torch.sum(buf, out=sink)
+        torch.sum(buf, 0, out=sink)
         starts[i].record()
         fn()
         ends[i].record()

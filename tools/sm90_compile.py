@@ -299,8 +299,10 @@ def main(argv=None) -> int:
             regs, spill = ptxas_report(kernel.asm["ptx"])
             sass = sass_of(kernel.asm["cubin"])
             s = sass_summary(sass)
+            scratch = getattr(kernel.metadata, "global_scratch_size", 0)  # > 0: no direct / static launch
             print(f"{label:<34} {name[:22]:<22} {tiles:<18} {regs:>4} {spill:>5} {kernel.metadata.shared:>6} "
-                  f"{s['hgmma']:>5} {s['qgmma']:>5} {s['hmma']:>4} {s['total']:>5} {s['loop']:>4}")
+                  f"{s['hgmma']:>5} {s['qgmma']:>5} {s['hmma']:>4} {s['total']:>5} {s['loop']:>4}"
+                  + (f" scratch {scratch}" if scratch else ""))
             if args.sass:
                 args.sass.mkdir(parents=True, exist_ok=True)
                 (args.sass / f"{label.replace(' ', '_')}-{name}.sass").write_text(sass)

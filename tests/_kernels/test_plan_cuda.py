@@ -182,16 +182,25 @@ def test_activation_fused_into_gemm1_on_the_gpu(monkeypatch, scheme, activation,
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "silu"),
                                                ("mxfp4", "swigluoai")])
 @pytest.mark.parametrize("fuse_act", ["0", "1"])
-def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_act):
-    """GEMM2's fused sum at T = 1 (the default; docs/kernels.md): bitwise the unfused path
+@pytest.mark.parametrize("T,mapped", [(1, False), (9, False), (16, True)])
+def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_act, T, mapped):
+    """GEMM2's fused sum up to 16 tokens (the default; docs/kernels.md): bitwise the unfused path
     (TORCH_MOE_OPS_FUSE_SUM=0) on the GPU's tiles, call after call with fresh data (the counters' release /
-    acquire), replayed plans and a CUDA graph included."""
+    acquire), replayed plans and a CUDA graph included; T = 1 (one pair a row block) and aligned rows, with an
+    expert_map that leaves some tokens no local slot."""
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, FUSE_SUM_ENV
 
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, fuse_act)
     E, k, H, I = 60, 6, 512, 384
     q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
-    cases = [_inputs(1, H, E, seed) for seed in range(24)]
+    if mapped:  # 10 of the 60 experts local: a token has no local slot with probability C(50,6)/C(60,6) ~ 32 %
+        q13, q2 = q13[:10], q2[:10]
+        kw = {n: (v[:10] if n in ("w13_scale", "w2_scale", "w13_bias", "w2_bias") and v is not None else v)
+              for n, v in kw.items()}
+        emap = torch.full((E,), -1, dtype=torch.int32, device=DEV)
+        emap[:10] = torch.arange(10, dtype=torch.int32, device=DEV)
+        kw.update(expert_map=emap)
+    cases = [_inputs(T, H, E, seed) for seed in range(24)]
     monkeypatch.setenv(FUSE_SUM_ENV, "0")
     PLANS.clear()
     wants = [moe.fused_moe(x, logits, q13, q2, k, **kw) for x, logits in cases]

@@ -248,18 +248,18 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "gelu"),
                                                ("mxfp4", "swigluoai")])
 @pytest.mark.parametrize("fuse_act", ["0", "1"])
-def test_gemm2_sums_the_slots_at_T1_bitwise_moe_sum(monkeypatch, scheme, activation, fuse_act):
-    """At T = 1 fused_moe's GEMM2 also sums the k slots (the program storing a column block's last slot; moe_sum's
-    slot order; TORCH_MOE_OPS_FUSE_SUM=0 turns it off): no moe_sum launch, the output bitwise the unfused one,
-    with an expert_map dropping slots (zero rows), biases, and GEMM1's fused activation (which clears the
-    counters); T = 9 keeps moe_sum."""
+def test_gemm2_sums_the_slots_bitwise_moe_sum(monkeypatch, scheme, activation, fuse_act):
+    """Up to 16 tokens fused_moe's GEMM2 also sums the k slots (the program storing a token's last local slot of a
+    column block; moe_sum's slot order; TORCH_MOE_OPS_FUSE_SUM=0 turns it off): no moe_sum launch, the output
+    bitwise the unfused one, with an expert_map dropping slots, biases, and GEMM1's fused activation (which
+    clears the counters); T = 1 (one pair a row block) and T = 9 (aligned rows); T = 17 keeps moe_sum."""
     from torch_moe_ops._kernels import fused_experts as pipeline
     from torch_moe_ops._kernels import moe_sum as moe_sum_mod
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, FUSE_SUM_ENV
 
     dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
     monkeypatch.setenv(FUSE_ACTIVATION_ENV, fuse_act)
-    for T in (1, 9):
+    for T in (1, 9, 17):
         x, logits, q13, q2, k, kw = _mapped_case(scheme, activation, dtype, T)
         k = 3  # three slots of 5 local experts: some dropped by the map
         monkeypatch.setenv(FUSE_SUM_ENV, "0")
@@ -271,7 +271,44 @@ def test_gemm2_sums_the_slots_at_T1_bitwise_moe_sum(monkeypatch, scheme, activat
         monkeypatch.setattr(pipeline, "moe_sum", lambda *a, **k_: calls.append(1) or moe_sum_mod.moe_sum(*a, **k_))
         got = moe.fused_moe(x, logits, q13, q2, k, **kw)
         assert torch.equal(got, want) and got.shape == want.shape, T
-        assert calls == ([] if T == 1 else [1]), T
+        assert calls == ([] if T <= 16 else [1]), T
+    moe.clear_launch_plans()
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_gemm2_sums_aligned_rows_with_dropped_tokens(monkeypatch, ids_dtype, mapped):
+    """fused_experts' fused sum on aligned rows (T = 2-16): tokens whose every slot is not local under the
+    expert_map get zero rows, partly dropped tokens the sum of their local slots, bitwise moe_sum. (Ids out of
+    range are refused by the checks; the kernels' rule for them is pair_expert's, which this shares with the
+    alignment and moe_sum.)"""
+    from torch_moe_ops._kernels import fused_experts as pipeline
+    from torch_moe_ops._kernels import moe_sum as moe_sum_mod
+    from torch_moe_ops._platform import FUSE_SUM_ENV
+
+    E, H, I, k = 5, 40, 24, 3
+    q13, q2, kw = _weights(E, H, I, "none", activation="silu", bias=True, dtype=torch.float16)
+    if mapped:  # 9 global experts, 4 not local: 2, 5, 7, 8
+        kw.update(expert_map=torch.tensor([0, 1, -1, 2, 3, -1, 4, -1, -1], dtype=torch.int32, device=DEV))
+        ids = [[2, 5, 7], [0, 2, 6], [8, 7, 5], [1, 3, 4], [4, 0, 8], [3, 1, 0], [2, 7, 6]]
+    else:
+        ids = [[2, 4, 1], [0, 2, 4], [3, 1, 0], [1, 3, 4], [4, 0, 2], [3, 1, 0], [2, 0, 1]]
+    ids = torch.tensor(ids, dtype=ids_dtype, device=DEV)
+    torch.manual_seed(1)
+    T = ids.shape[0]
+    x = (torch.randn(T, H, device=DEV) * 0.3).half()
+    w = torch.rand(T, k, device=DEV)
+    monkeypatch.setenv(FUSE_SUM_ENV, "0")
+    moe.clear_launch_plans()
+    want = moe.fused_experts(x, q13, q2, w, ids, **kw)
+    monkeypatch.delenv(FUSE_SUM_ENV)
+    moe.clear_launch_plans()
+    calls = []
+    monkeypatch.setattr(pipeline, "moe_sum", lambda *a, **k_: calls.append(1) or moe_sum_mod.moe_sum(*a, **k_))
+    got = moe.fused_experts(x, q13, q2, w, ids, **kw)
+    assert torch.equal(got, want) and calls == []
+    if mapped:
+        assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[2], torch.zeros_like(got[2]))
     moe.clear_launch_plans()
 
 
@@ -279,7 +316,7 @@ def test_gemm1_clears_the_sum_counters_and_gemm2_leaves_them_full():
     """The fused sum's counters: GEMM1 (``zero_counts``) clears stale values, GEMM2 (``sum_into``) counts every
     slot of every column block, and the last one writes the slot sum (moe_sum of GEMM2's rows)."""
     from torch_moe_ops._kernels.configs import TileConfig
-    from torch_moe_ops._kernels.gemm import invoke_moe_gemm
+    from torch_moe_ops._kernels.gemm import SlotSum, invoke_moe_gemm
     from torch_moe_ops._kernels.moe_sum import moe_sum
     from torch_moe_ops._kernels.routing import pair_blocks_of
 
@@ -293,13 +330,13 @@ def test_gemm1_clears_the_sum_counters_and_gemm2_leaves_them_full():
     counts = torch.full((3,), 7, dtype=torch.int32, device=DEV)  # stale: H / BLOCK_N = 3 column blocks
     x = (torch.randn(1, H, device=DEV) * 0.3).half()
     c1 = torch.empty(k, 2 * I, dtype=torch.float16, device=DEV)
-    invoke_moe_gemm(x, w13, c1, *align, top_k=k, config=cfg, scheme=scheme, zero_counts=counts)
+    invoke_moe_gemm(x, w13, c1, *align, top_k=k, config=cfg, scheme=scheme, zero_counts=(counts, 3))
     assert counts.tolist() == [0, 0, 0]
     a2 = c1[:, :I].contiguous()
     c3, out = torch.empty(k, H, dtype=torch.float16, device=DEV), torch.empty(1, H, dtype=torch.float16, device=DEV)
     weights = torch.rand(1, k, device=DEV)
     invoke_moe_gemm(a2, w2, c3, *align, top_k=1, config=cfg, scheme=scheme, topk_weights=weights,
-                    sum_into=(out, counts))
+                    sum_into=SlotSum(out, counts))
     assert counts.tolist() == [k] * 3
     assert torch.equal(out, moe_sum(c3.view(1, k, H)))
 

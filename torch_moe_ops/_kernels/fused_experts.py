@@ -15,10 +15,15 @@ from .._platform import debug_checks, fuse_activation, fuse_routing, fuse_sum
 from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
-from .configs import get_config
-from .gemm import invoke_moe_gemm, quantizes_input
+from .configs import get_config, token_bucket
+from .gemm import SlotSum, invoke_moe_gemm, quantizes_input
 from .moe_sum import moe_sum
 from .routing import invariant_alignment, one_program, rows_apart, topk_route
+
+
+#: Largest token bucket whose GEMM2 also sums the slots (its counters are cleared by one GEMM1 program, and the
+#: tokens whose every slot is dropped are zeroed by one program a column block): decode sizes.
+SUM_TOKENS_MAX = 16
 
 
 def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
@@ -41,14 +46,14 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
 
 def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
           act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None, invariant: bool = False,
-          zero_counts: torch.Tensor | None = None, pair_ids: tuple | None = None, route: tuple | None = None,
+          zero_counts: tuple | None = None, pair_ids: tuple | None = None, route: tuple | None = None,
           act_dtype: torch.dtype | None = None) -> None:
     """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
     epilogue; ``act_dtype``: GEMM1's output rounded to it first, ``out`` fp32) = a1 (quantized first for fp8
     schemes, unless ``a1_quant`` = (q, scale) already holds that, or, with ``pair_ids`` at T = 1, by GEMM1 itself
     where its tiles allow) @ W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a
-    batch-invariant config. ``zero_counts``: GEMM2's fused-sum counters, which this launch clears. ``pair_ids`` /
-    ``route``: T = 1's pairs instead of the alignment (``invoke_moe_gemm``)."""
+    batch-invariant config. ``zero_counts``: (GEMM2's fused-sum counters, a static bound on their number), which
+    this launch clears. ``pair_ids`` / ``route``: T = 1's pairs instead of the alignment (``invoke_moe_gemm``)."""
     a1_scale = None
     quant_a = (pair_ids is not None and a1_quant is None and scheme.act is not None
                and quantizes_input(scheme, block, cfg1))
@@ -112,7 +117,8 @@ def fused_experts(
     ids (``invoke_moe_gemm``'s ``pair_ids``), and GEMM2 also sums the slots (``moe_sum``'s bits;
     ``TORCH_MOE_OPS_FUSE_SUM=0``: not); fp8 schemes' GEMMs quantize their own input rows where their tiles allow
     (``gemm.quantizes_input``), GEMM1's output staying fp32 for GEMM2 to quantize; so a call makes two launches
-    (docs/kernels.md, "Two launches at T = 1").
+    (docs/kernels.md, "Two launches at T = 1"). Up to 16 tokens GEMM2 also sums the slots on aligned rows (no
+    ``moe_sum`` launch; ``SUM_TOKENS_MAX``).
     ``route``: (router_logits [1, E], topk_route's arguments after the logits): GEMM1 routes the token itself (and
     quantizes x for fp8 schemes) and fills ``topk_weights`` and ``topk_ids`` (empty [1, k] fp32 / int32 buffers)
     for GEMM2 (``fused_moe``).
@@ -137,11 +143,13 @@ def fused_experts(
                                               (None, None, None) if direct else alignment, invariant)
     cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype,
                       block_m=cfg1.block_m)
-    sums = None  # GEMM2 sums the slots: (out [1, H], one counter a column block, cleared by GEMM1)
-    if direct and k > 1 and fuse_sum():
-        sums = (torch.empty((1, H), dtype=x.dtype, device=device),
-                torch.empty(cdiv(H, cfg2.block_n), dtype=torch.int32, device=device))
-    zero = sums[1] if sums is not None else None
+    sums = zero = None  # GEMM2 sums the slots: out [T, H], a counter a (token, column block), cleared by GEMM1
+    if k > 1 and fuse_sum() and (direct or token_bucket(T) <= SUM_TOKENS_MAX):  # (topk_ids: contiguous, checked)
+        n_cb = cdiv(H, cfg2.block_n)
+        counts = torch.empty(T * n_cb, dtype=torch.int32, device=device)
+        sums = SlotSum(torch.empty((T, H), dtype=x.dtype, device=device), counts,
+                       None if direct else topk_ids, expert_map, 1 if direct else token_bucket(T))
+        zero = (counts, sums.max_tokens * n_cb)
     c1 = None
     # fp8 at T = 1: GEMM1's epilogue applies the activation (output kept in fp32) and GEMM2 quantizes its rows
     quant_a2 = direct and scheme.act is not None and quantizes_input(scheme, block, cfg2)
@@ -169,7 +177,7 @@ def fused_experts(
         quant_a=quant_a2,
     )
     if sums is not None:
-        out = sums[0]
+        out = sums.out
     elif k == 1:  # [T, 1, H] is already the sum; c3 is a fresh tensor
         out = c3
     else:

@@ -25,6 +25,7 @@ the kernel once; all offsets that scale with tokens or experts are int64 (``T·k
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -121,6 +122,7 @@ def _moe_gemm_kernel(
     BLOCK_SCALES: tl.constexpr, W_GROUP_SCALE: tl.constexpr, W_CAST: tl.constexpr, W_PACKED: tl.constexpr,
     W_CODEC: tl.constexpr, FUSE_ACT: tl.constexpr, ACT: tl.constexpr, SWIGLU_OAI: tl.constexpr, CLAMP: tl.constexpr,
     JOIN_K: tl.constexpr, SWAP_AB: tl.constexpr, ZERO_COUNT: tl.constexpr, SUM_PAIRS: tl.constexpr,
+    SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, SUM_T: tl.constexpr,
     PAIRS: tl.constexpr, E_IDS: tl.constexpr, E_LOCAL: tl.constexpr, HAS_MAP: tl.constexpr,
     GROUP_SIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
     K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, SIGMOID: tl.constexpr, HAS_RBIAS: tl.constexpr,
@@ -140,13 +142,25 @@ def _moe_gemm_kernel(
     BLOCK_SCALES, one a K step, which is then the activation group), one [BK] vector a step put at row 0 of the
     tile, so no launch quantizes it first (GEMM1: x; GEMM2: the activation's fp32 output).
     ACT_ROUND (FUSE_ACT): the dtype GEMM1's output is rounded to before the activation, "" = c's; "bf16" / "fp16"
-    with an fp32 ``c`` keep the activation's output unrounded for GEMM2 to quantize, as ``act_and_quant`` does."""
-    if ZERO_COUNT > 0:  # GEMM1 clears GEMM2's tile counters (SUM_PAIRS), which runs after it on the stream
+    with an fp32 ``c`` keep the activation's output unrounded for GEMM2 to quantize, as ``act_and_quant`` does.
+    SUM_K (GEMM2 on aligned rows, T ≤ SUM_T): c's rows are pairs of tokens with SUM_K slots each; the program that
+    stores the last local slot of a token's column block also writes its sum into ``sum_ptr`` [T, N] (``moe_sum``'s
+    bits; ``ids_ptr`` [T, SUM_K] say which slots are local; docs/kernels.md, "GEMM2 sums the slots")."""
+    if ZERO_COUNT > 0:  # GEMM1 clears GEMM2's counters (SUM_PAIRS, SUM_K), which runs after it on the stream
         if tl.program_id(0) == 0:
             offs_z = tl.arange(0, ZERO_COUNT)
             tl.store(count_ptr + offs_z, tl.zeros((ZERO_COUNT,), dtype=tl.int32), mask=offs_z < n_count)
     pid_m, pid_n = swizzle(N, num_pid_m, BLOCK_N, GROUP_M)
     if PAIRS == 0:
+        if SUM_K > 0 and pid_m == 0:  # a token with no local slot is in no tile: its output row is zero
+            offs_t = tl.arange(0, SUM_T)
+            mask_t = offs_t < num_valid_tokens // SUM_K
+            need = tl.sum(_local_slots(ids_ptr, map_ptr, offs_t, mask_t, SUM_K, SUM_KP2, E_IDS, E_LOCAL, HAS_MAP)
+                          .to(tl.int32), axis=1)  # [SUM_T]
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(sum_ptr + offs_t[:, None] * N + cols[None, :],
+                     tl.zeros((SUM_T, BLOCK_N), dtype=sum_ptr.dtype.element_ty),
+                     mask=(mask_t & (need == 0))[:, None] & (cols < N)[None, :])
         num_post_pad = tl.load(num_post_pad_ptr)
         if pid_m * BLOCK_M >= num_post_pad:
             return
@@ -314,6 +328,52 @@ def _moe_gemm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
         if SUM_PAIRS > 0:
             _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS, BF16_RTNE)
+        if SUM_K > 0:
+            _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, ids_ptr, map_ptr, offs_token, mask_token,
+                        pid_n, offs_cn, N, SUM_K, SUM_KP2, E_IDS, E_LOCAL, HAS_MAP, BF16_RTNE)
+
+
+@triton.jit
+def _local_slots(ids_ptr, map_ptr, tok, mask, SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, E_IDS, E_LOCAL,
+                 HAS_MAP: tl.constexpr):
+    """Which of the SUM_K slots of tokens ``tok`` [R] (rows of ``ids_ptr`` [T, SUM_K]) hold a local pair (the
+    alignment's rule, ``pair_expert``): [R, SUM_KP2] bool, False past SUM_K and where ``mask`` is False."""
+    offs_s = tl.arange(0, SUM_KP2)
+    m = mask[:, None] & (offs_s < SUM_K)[None, :]
+    raw = tl.load(ids_ptr + tok[:, None] * SUM_K + offs_s[None, :], mask=m, other=-1)
+    return m & (pair_expert(raw, map_ptr, E_IDS, E_LOCAL, HAS_MAP) >= 0)
+
+
+@triton.jit
+def _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, ids_ptr, map_ptr, offs_token, mask_token, pid_n,
+                offs_cn, N, SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, E_IDS, E_LOCAL, HAS_MAP: tl.constexpr,
+                BF16_RTNE: tl.constexpr):
+    """GEMM2's fused sum on aligned rows (T ≤ SUM_T; docs/kernels.md, "GEMM2 sums the slots"): each row's pair
+    counts itself on its token's counter of this column block (``count_ptr`` [T, cdiv(N, BN)], released after the
+    CTA's stores, acquired before the loads); a row that brings the count to its token's number of local slots
+    sums that token's local rows of c in slot order (``sum_slots``' order: moe_sum's bits) into ``sum_ptr`` [T, N].
+    A token's slots have distinct experts, so no two rows of a tile share a token."""
+    tl.debug_barrier()  # every thread's stores happen before the release
+    tok = offs_token // SUM_K  # [BM]
+    n_cb = tl.cdiv(N, offs_cn.shape[0])
+    old = tl.atomic_add(count_ptr + tok * n_cb + pid_n, tl.full(tok.shape, 1, tl.int32), mask=mask_token,
+                        sem="acq_rel", scope="gpu")
+    local = _local_slots(ids_ptr, map_ptr, tok, mask_token, SUM_K, SUM_KP2, E_IDS, E_LOCAL, HAS_MAP)  # [BM, KP2]
+    done = mask_token & (old == tl.sum(local.to(tl.int32), axis=1) - 1)  # [BM]
+    tl.debug_barrier()  # the acquiring threads' view before any thread's loads
+    mask_n = offs_cn < N
+    offs_s = tl.arange(0, SUM_KP2)
+    y = tl.zeros((offs_token.shape[0], offs_cn.shape[0]), dtype=tl.float32)
+    for j in tl.static_range(SUM_K):  # slot order, dropped slots never read (0 added): sum_slots' arithmetic
+        lj = tl.sum(tl.where(offs_s[None, :] == j, local, False).to(tl.int32), axis=1) > 0  # [BM]
+        m = (done & lj)[:, None] & mask_n[None, :]
+        v = tl.load(c_ptr + (tok * SUM_K + j)[:, None] * stride_cm + offs_cn[None, :] * stride_cn, mask=m,
+                    other=0.0, cache_modifier=".cg")
+        y += v.to(tl.float32)
+    if BF16_RTNE:
+        y = _bf16_round(y)
+    tl.store(sum_ptr + tok[:, None] * N + offs_cn[None, :], y.to(sum_ptr.dtype.element_ty),
+             mask=done[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -332,6 +392,18 @@ def _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, 
         if BF16_RTNE:
             y = _bf16_round(y)
         tl.store(sum_ptr + offs_cn, y.to(sum_ptr.dtype.element_ty), mask=mask_n)
+
+
+class SlotSum(NamedTuple):
+    """GEMM2 also writes ``moe_sum``'s output (``invoke_moe_gemm``'s ``sum_into``): ``out`` [T, N] in c's dtype,
+    ``counts`` [T·cdiv(N, BLOCK_N)] int32 counters (cleared by GEMM1); on aligned rows also ``topk_ids`` [T, k]
+    (contiguous), the ``expert_map`` or None, and ``max_tokens``, a static bound on T (the token bucket); without
+    ``topk_ids``, T = 1 with one pair a row block."""
+    out: torch.Tensor
+    counts: torch.Tensor
+    topk_ids: torch.Tensor | None = None
+    expert_map: torch.Tensor | None = None
+    max_tokens: int = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -365,8 +437,8 @@ def invoke_moe_gemm(
     interleaved: bool = False,
     act: tuple | None = None,
     invariant: bool = False,
-    zero_counts: torch.Tensor | None = None,
-    sum_into: tuple | None = None,
+    zero_counts: tuple | None = None,
+    sum_into: SlotSum | None = None,
     pair_ids: tuple | None = None,
     route: tuple | None = None,
     quant_a: bool = False,
@@ -390,9 +462,10 @@ def invoke_moe_gemm(
     ``act``: (gated ``Activation``, alpha, limit) to apply in the epilogue: ``c`` is then ``[T·k, N/2]``, the
     activation's output, bitwise what ``act_and_mul`` makes of the unfused ``c`` (no activation quantization).
     ``invariant``: ``config`` is a batch-invariant one (``configs.swaps`` then ignores BLOCK_M).
-    ``sum_into``: (out [1, N] in c's dtype, counts [cdiv(N, BLOCK_N)] int32) for GEMM2 at T = 1 with ``pair_ids``
-    (row j of ``c`` is pair j, every pair has its block): the kernel also writes ``out`` = ``moe_sum`` of c's
-    rows, bitwise. ``zero_counts``: [n] int32 the kernel clears first (GEMM1 clears GEMM2's counts).
+    ``sum_into`` (GEMM2, ``SlotSum``): the kernel also writes ``moe_sum``'s output of c's rows, bitwise: without
+    its ``topk_ids``, at T = 1 with one pair a row block (row j of ``c`` is pair j, every pair has its block); with
+    them, on aligned rows for up to ``max_tokens`` tokens. ``zero_counts``: (counts [n] int32, a static bound on
+    n) the kernel clears first (GEMM1 clears GEMM2's counters).
     ``pair_ids``: (topk_ids [1, k], expert_map or None) at T = 1, instead of the alignment (None): pair j alone in
     row block j, its expert read from the ids (``_moe_gemm_kernel``'s PAIRS). ``route``: (router_logits [1, E],
     topk_route's arguments after the logits, weights [1, k] fp32) with ``pair_ids``: the kernel routes the token
@@ -443,11 +516,21 @@ def invoke_moe_gemm(
     else:
         act_kw = dict(FUSE_ACT=False, ACT="none", SWIGLU_OAI=False, CLAMP=False)
         alpha = limit = 0.0
-    n_zero = zero_counts.numel() if zero_counts is not None else 0
-    out, counts = sum_into if sum_into is not None else (dummy, zero_counts if n_zero else dummy)
+    zero, zero_max = zero_counts if zero_counts is not None else (None, 0)
+    out, counts = (sum_into.out, sum_into.counts) if sum_into is not None else (dummy, zero if zero_max else dummy)
+    sum_kw, sum_ids = dict(SUM_PAIRS=0, SUM_K=0, SUM_KP2=1, SUM_T=1), None
     if sum_into is not None:
-        assert top_k == 1 and act is None and numel > 1 and counts.numel() >= cdiv(N, bn)
-    pair_kw, ids, emap, logits, rbias, stride_le, rsf = _pair_source(pair_ids, route, w.shape[0], top_k)
+        assert top_k == 1 and act is None and numel > 1
+        if sum_into.topk_ids is None:  # T = 1, one pair a row block
+            sum_kw.update(SUM_PAIRS=numel)
+        else:  # aligned rows: the ids say which slots are local
+            k = sum_into.topk_ids.shape[1]
+            assert sum_into.topk_ids.is_contiguous() and numel == sum_into.topk_ids.numel()
+            sum_kw.update(SUM_K=k, SUM_KP2=triton.next_power_of_2(k),
+                          SUM_T=triton.next_power_of_2(sum_into.max_tokens))
+            sum_ids = (sum_into.topk_ids, sum_into.expert_map)
+    pair_kw, ids, emap, logits, rbias, stride_le, rsf = _pair_source(pair_ids or sum_ids, route, w.shape[0], top_k,
+                                                                     pairs=pair_ids is not None)
     if route is not None:
         assert topk_weights is None and numel == route[0].shape[0] * top_k
         tw = route[2]
@@ -461,7 +544,7 @@ def invoke_moe_gemm(
         a, w, c, a_s, w_s, b_, tw,
         *(t if t is not None else dummy for t in (sorted_ids, expert_ids, num_post_pad)), out, counts,
         *(t if t is not None else dummy for t in (ids, emap, logits, rbias)),
-        N, K, num_pid_m, numel, n_zero, stride_le, rsf,
+        N, K, num_pid_m, numel, zero.numel() if zero_max else 0, stride_le, rsf,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         *a_s_strides, *w_s_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, alpha, limit,
@@ -475,8 +558,7 @@ def invoke_moe_gemm(
         **_scheme_kwargs(scheme), **act_kw,
         # mxfp4 wgmma tiles in 16 bits: one dot a step (docs/kernels.md; fp32 dots spill ~17 KB a thread with it)
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
-        ZERO_COUNT=triton.next_power_of_2(n_zero) if n_zero else 0,
-        SUM_PAIRS=numel if sum_into is not None else 0, **pair_kw,
+        ZERO_COUNT=triton.next_power_of_2(zero_max) if zero_max else 0, **sum_kw, **pair_kw,
         QUANT_A=quant_a, A_QMAX=FP8_MAX, A_EPS=SCALE_EPS, EMULATE_FP8=quant_a and interpret_mode(),
         ACT_ROUND=act_round, num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -491,9 +573,10 @@ def quantizes_input(scheme: QuantScheme, block, config: TileConfig) -> bool:
     return not scheme.act.grouped or config.block_k == scheme.act_group(block)
 
 
-def _pair_source(pair_ids: tuple | None, route: tuple | None, num_local: int, a_div: int) -> tuple:
+def _pair_source(pair_ids: tuple | None, route: tuple | None, num_local: int, a_div: int, pairs: bool = True) -> tuple:
     """The kernel's PAIRS constexprs and arguments: (constexprs, ids, expert_map, logits, correction bias,
-    logits' expert stride, routed scaling factor); unused tensors None."""
+    logits' expert stride, routed scaling factor); unused tensors None. ``pairs`` False: ``pair_ids`` are the ids
+    of GEMM2's fused sum on aligned rows (the map's constexprs set, PAIRS 0)."""
     ids, emap = pair_ids if pair_ids is not None else (None, None)
     logits = bias = None
     stride_le, rsf, routing = 0, 1.0, (1, 1, False, "softmax", 0, 0, False)  # no routing: placeholders
@@ -506,6 +589,6 @@ def _pair_source(pair_ids: tuple | None, route: tuple | None, num_local: int, a_
     kw["HAS_RBIAS"] = kw.pop("HAS_BIAS")  # the GEMM's HAS_BIAS is the experts' bias
     kw.update(PAIRS=0, HAS_MAP=False, E_IDS=1, E_LOCAL=1)  # no specialization on E without pair ids
     if ids is not None:
-        kw.update(PAIRS=2 if route is not None else 1, HAS_MAP=emap is not None,
+        kw.update(PAIRS=(2 if route is not None else 1) if pairs else 0, HAS_MAP=emap is not None,
                   E_IDS=emap.numel() if emap is not None else num_local, E_LOCAL=num_local)
     return kw, ids, emap, logits, bias, stride_le, rsf
