@@ -418,6 +418,16 @@ def _count_launches(monkeypatch) -> list:
     return names
 
 
+def _launches(monkeypatch, fn) -> tuple[list, torch.Tensor]:
+    """(the launches ``fn()`` makes, as ``_count_launches`` records them, its output), with a launch plan recorded
+    afresh (the switches are read when a plan is recorded) and dropped after."""
+    names = _count_launches(monkeypatch)
+    moe.clear_launch_plans()
+    out = fn()
+    moe.clear_launch_plans()
+    return names, out
+
+
 def _gemms_quantize_at_T1(sch, x, q13, k, block) -> tuple[bool, bool]:
     """Whether GEMM1 and GEMM2 at T = 1 quantize their own fp8 input with this device's tiles (always on CPU)."""
     from torch_moe_ops._kernels.configs import get_config
@@ -469,10 +479,7 @@ def test_fused_moe_at_T1_launches_two_kernels(monkeypatch, scheme, activation, o
             want = want[:-1] + [("_act_quant_kernel", None), want[-1]]
         if not quant1 and not on_input:
             want = [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1)] + want[1:]
-    names = _count_launches(monkeypatch)
-    moe.clear_launch_plans()
-    got = moe.fused_moe(x, logits, q13, q2, k, **kw)
-    moe.clear_launch_plans()
+    names, got = _launches(monkeypatch, lambda: moe.fused_moe(x, logits, q13, q2, k, **kw))
     assert names == want
     assert torch.equal(got, want_out)
 
@@ -503,10 +510,7 @@ def test_fused_experts_at_T1_launches_two_kernels(monkeypatch, scheme, activatio
         quant1, quant2 = _gemms_quantize_at_T1(sch, x, q13, 3, kw["block_shape"])
         expect = ([("_act_quant_kernel", None)] * (not quant1) + expect[:1]
                   + [("_act_quant_kernel", None)] * (not quant2) + expect[1:])
-    names = _count_launches(monkeypatch)
-    moe.clear_launch_plans()
-    got = moe.fused_experts(x, q13, q2, w, ids, **kw)
-    moe.clear_launch_plans()
+    names, got = _launches(monkeypatch, lambda: moe.fused_experts(x, q13, q2, w, ids, **kw))
     assert names == expect
     assert torch.equal(got, want)
 
@@ -557,9 +561,6 @@ def test_routing_kernel_first_when_switched_off(monkeypatch):
     x, logits, q13, q2, k, kw = _mapped_case("none", "silu", torch.float16, 1)
     want = moe.fused_moe(x, logits, q13, q2, 3, **kw)
     monkeypatch.setenv(FUSE_ROUTING_ENV, "0")
-    names = _count_launches(monkeypatch)
-    moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
-    got = moe.fused_moe(x, logits, q13, q2, 3, **kw)
-    moe.clear_launch_plans()
+    names, got = _launches(monkeypatch, lambda: moe.fused_moe(x, logits, q13, q2, 3, **kw))
     assert names == [("_topk_route_kernel", None), ("_moe_gemm_kernel", 1), ("_moe_gemm_kernel", 1)]
     assert torch.equal(got, want)
