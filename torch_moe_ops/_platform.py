@@ -93,21 +93,30 @@ def direct_launch() -> bool:
     return _flag(DIRECT_LAUNCH_ENV, True)
 
 
+#: The largest T the decode fusions cover by default (the token buckets 1 and 16).
+DECODE_TOKENS = 16
+
+
 def fuse_activation(T, invariant: bool = False) -> bool:
-    """Whether GEMM1's epilogue applies a gated activation when no activation quantization follows (one launch
-    and one [T·k, 2I] round trip fewer; bitwise the activation kernel's output; docs/kernels.md): by default at
-    T = 1, the one size timed (H100: 2.3–2.8 µs less a call), outside the batch-invariant mode (whose tiles the
-    GPU tests of the fusion have not covered yet); ``TORCH_MOE_OPS_FUSE_ACTIVATION=1`` at every T, ``=0``
-    never. Read when a launch plan is recorded."""
+    """Whether GEMM1's epilogue applies a gated activation (one launch and one [T·k, 2I] round trip fewer; bitwise
+    the activation kernel's output; docs/kernels.md): by default up to 16 tokens, the sizes timed (H100: 2.3–2.8
+    µs less a call at T = 1, 2.5–5.4 at T = 16), outside the batch-invariant mode (whose tiles the GPU tests of
+    the fusion have not covered yet); ``TORCH_MOE_OPS_FUSE_ACTIVATION=1`` at every T, ``=0`` never. (fp8 schemes
+    fuse it at T = 1 only, where GEMM2 quantizes its own input.) Read when a launch plan is recorded. A symbolic T
+    is guarded to one side of 16, as its token bucket already is."""
     flag = _flag(FUSE_ACTIVATION_ENV, None)
-    return (isinstance(T, int) and T == 1 and not invariant) if flag is None else flag
+    return (T <= DECODE_TOKENS and not invariant) if flag is None else flag
 
 
-def fuse_sum() -> bool:
-    """Whether GEMM2 also sums the k slots at T = 1, in ``fused_moe`` and ``fused_experts`` (the program that
-    stores a column block's last slot sums them; ``moe_sum``'s bits, one launch fewer; docs/kernels.md). On by
-    default; ``TORCH_MOE_OPS_FUSE_SUM=0`` turns it off. Read when a launch plan is recorded."""
-    return _flag(FUSE_SUM_ENV, True)
+def fuse_sum(T) -> bool:
+    """Whether GEMM2 also sums the k slots (``moe_sum``'s bits, one launch fewer; docs/kernels.md, "GEMM2 sums
+    the slots"): by default at T = 1 (0.2–0.5 µs less a call on the H100); ``TORCH_MOE_OPS_FUSE_SUM=1`` up to 16
+    tokens too (aligned rows: 2–7 µs more GEMM2 time than the sum kernel's 2 µs at T = 16 on the H100, one launch
+    fewer on the host), ``=0`` never. Read when a launch plan is recorded."""
+    flag = _flag(FUSE_SUM_ENV, None)
+    if flag is None:
+        return isinstance(T, int) and T == 1
+    return flag and T <= DECODE_TOKENS
 
 
 def fuse_routing() -> bool:

@@ -184,7 +184,7 @@ def test_activation_fused_into_gemm1_on_the_gpu(monkeypatch, scheme, activation,
 @pytest.mark.parametrize("fuse_act", ["0", "1"])
 @pytest.mark.parametrize("T,mapped", [(1, False), (9, False), (16, True)])
 def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_act, T, mapped):
-    """GEMM2's fused sum up to 16 tokens (the default; docs/kernels.md): bitwise the unfused path
+    """GEMM2's fused sum up to 16 tokens (TORCH_MOE_OPS_FUSE_SUM=1; docs/kernels.md): bitwise the unfused path
     (TORCH_MOE_OPS_FUSE_SUM=0) on the GPU's tiles, call after call with fresh data (the counters' release /
     acquire), replayed plans and a CUDA graph included; T = 1 (one pair a row block) and aligned rows, with an
     expert_map that leaves some tokens no local slot."""
@@ -204,7 +204,7 @@ def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_a
     monkeypatch.setenv(FUSE_SUM_ENV, "0")
     PLANS.clear()
     wants = [moe.fused_moe(x, logits, q13, q2, k, **kw) for x, logits in cases]
-    monkeypatch.delenv(FUSE_SUM_ENV)
+    monkeypatch.setenv(FUSE_SUM_ENV, "1")  # (the default fuses at T = 1 only)
     PLANS.clear()
     for (x, logits), want in zip(cases, wants):  # the first records, the rest replay
         torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), want, rtol=0, atol=0)

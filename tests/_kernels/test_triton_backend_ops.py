@@ -249,10 +249,11 @@ def test_activation_fused_into_gemm1_is_bitwise_the_two_kernels(monkeypatch, sch
                                                ("mxfp4", "swigluoai")])
 @pytest.mark.parametrize("fuse_act", ["0", "1"])
 def test_gemm2_sums_the_slots_bitwise_moe_sum(monkeypatch, scheme, activation, fuse_act):
-    """Up to 16 tokens fused_moe's GEMM2 also sums the k slots (the program storing a token's last local slot of a
-    column block; moe_sum's slot order; TORCH_MOE_OPS_FUSE_SUM=0 turns it off): no moe_sum launch, the output
-    bitwise the unfused one, with an expert_map dropping slots, biases, and GEMM1's fused activation (which
-    clears the counters); T = 1 (one pair a row block) and T = 9 (aligned rows); T = 17 keeps moe_sum."""
+    """fused_moe's GEMM2 also sums the k slots (the program storing a token's last local slot of a column block;
+    moe_sum's slot order): at T = 1 by default (one pair a row block), up to 16 tokens with
+    TORCH_MOE_OPS_FUSE_SUM=1 (aligned rows), never with =0: no moe_sum launch, the output bitwise the unfused one,
+    with an expert_map dropping slots, biases, and GEMM1's fused activation (which clears the counters); T = 17
+    keeps moe_sum."""
     from torch_moe_ops._kernels import fused_experts as pipeline
     from torch_moe_ops._kernels import moe_sum as moe_sum_mod
     from torch_moe_ops._platform import FUSE_ACTIVATION_ENV, FUSE_SUM_ENV
@@ -265,20 +266,25 @@ def test_gemm2_sums_the_slots_bitwise_moe_sum(monkeypatch, scheme, activation, f
         monkeypatch.setenv(FUSE_SUM_ENV, "0")
         moe.clear_launch_plans()
         want = moe.fused_moe(x, logits, q13, q2, k, **kw)
-        monkeypatch.delenv(FUSE_SUM_ENV)  # the default
-        moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
         calls = []
         monkeypatch.setattr(pipeline, "moe_sum", lambda *a, **k_: calls.append(1) or moe_sum_mod.moe_sum(*a, **k_))
-        got = moe.fused_moe(x, logits, q13, q2, k, **kw)
-        assert torch.equal(got, want) and got.shape == want.shape, T
-        assert calls == ([] if T <= 16 else [1]), T
+        for flag, fused in ((None, T == 1), ("1", T <= 16)):  # the default, then the switch on
+            if flag is None:
+                monkeypatch.delenv(FUSE_SUM_ENV)
+            else:
+                monkeypatch.setenv(FUSE_SUM_ENV, flag)
+            moe.clear_launch_plans()  # the switch is read when a CUDA call's launch plan is recorded
+            calls.clear()
+            got = moe.fused_moe(x, logits, q13, q2, k, **kw)
+            assert torch.equal(got, want) and got.shape == want.shape, (T, flag)
+            assert calls == ([] if fused else [1]), (T, flag)
     moe.clear_launch_plans()
 
 
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("mapped", [False, True])
 def test_gemm2_sums_aligned_rows_with_dropped_tokens(monkeypatch, ids_dtype, mapped):
-    """fused_experts' fused sum on aligned rows (T = 2-16): tokens whose every slot is not local under the
+    """fused_experts' fused sum on aligned rows (T = 2-16, TORCH_MOE_OPS_FUSE_SUM=1): tokens whose every slot is not local under the
     expert_map get zero rows, partly dropped tokens the sum of their local slots, bitwise moe_sum. (Ids out of
     range are refused by the checks; the kernels' rule for them is pair_expert's, which this shares with the
     alignment and moe_sum.)"""
@@ -301,7 +307,7 @@ def test_gemm2_sums_aligned_rows_with_dropped_tokens(monkeypatch, ids_dtype, map
     monkeypatch.setenv(FUSE_SUM_ENV, "0")
     moe.clear_launch_plans()
     want = moe.fused_experts(x, q13, q2, w, ids, **kw)
-    monkeypatch.delenv(FUSE_SUM_ENV)
+    monkeypatch.setenv(FUSE_SUM_ENV, "1")
     moe.clear_launch_plans()
     calls = []
     monkeypatch.setattr(pipeline, "moe_sum", lambda *a, **k_: calls.append(1) or moe_sum_mod.moe_sum(*a, **k_))

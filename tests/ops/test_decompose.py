@@ -51,6 +51,15 @@ def test_the_unfused_kernels_at_T1_when_switched_off():
     assert got["cloned_inputs"] == []
 
 
+def test_gemm2_sums_aligned_rows_when_switched_on():
+    """TORCH_MOE_OPS_FUSE_SUM=1 at T = 2..16 (symbolic): GEMM2 also sums the slots on aligned rows (routing with
+    the alignment, GEMM1 with the activation, GEMM2: three kernels), reading the routing's ids and writing the
+    counters GEMM1 cleared; no input copied."""
+    got = _trace([("none", 9, True)], TORCH_MOE_OPS_FUSE_SUM="1")[("none", 9, True)]
+    assert Counter(got["nodes"])["triton_kernel_wrapper_functional"] == KERNELS["none"] - 3, got
+    assert "T <= 16" in got["guards"] and got["cloned_inputs"] == [], got
+
+
 GRAPH_CASES = CASES[:4] + CASES[-1:]
 
 
@@ -63,8 +72,9 @@ def test_graph_holds_our_kernels_and_nothing_that_moves_data(traced, case):
     # and 16): the routing kernel's one program writes align_block_size's alignment
     aligned_in_routing = case[1] <= 16
     # T = 1: GEMM1 routes (fp8: and quantizes x) and applies the activation, GEMM2 (fp8: quantizes that and) sums
-    # the slots (fp8_block: these tiles' K step is the group, gemm.quantizes_input); T <= 16: GEMM2 sums the slots
-    fused = 3 if case[1] == 1 else int(case[1] <= 16)
+    # the slots (fp8_block: these tiles' K step is the group, gemm.quantizes_input); T <= 16: GEMM1 applies the
+    # activation unless it is quantized (fp8)
+    fused = 3 if case[1] == 1 else int(case[1] <= 16 and not case[0].startswith("fp8"))
     assert ops["triton_kernel_wrapper_functional"] == KERNELS[case[0]] + 2 * big - aligned_in_routing - fused, ops
     aten = {n for n in ops if n.startswith("aten.")}
     assert aten <= FREE, f"aten ops beyond allocations and views: {aten - FREE}"
@@ -87,9 +97,9 @@ def test_the_other_modes_call_one_op(traced):  # (an unbacked T too: tests/ops/t
 
 
 def test_a_symbolic_T_in_the_routing_programs_bucket_aligns_in_routing(traced):
-    """T = 2..16 symbolic (E = 60: one routing program holds 32 tokens): the routing kernel aligns and GEMM2 sums
-    the slots, guarded to the bucket only, and no input is copied (the shared alignment body's stores are analyzed
-    through its call; GEMM2 reads the routing's ids)."""
+    """T = 2..16 symbolic (E = 60: one routing program holds 32 tokens): the routing kernel aligns and GEMM1
+    applies the activation, guarded to the bucket only, and no input is copied (the shared alignment body's stores
+    are analyzed through its call)."""
     seen = traced[("none", 9, True)]
     assert Counter(seen["nodes"])["triton_kernel_wrapper_functional"] == KERNELS["none"] - 2, seen["nodes"]
     assert "T <= 16" in seen["guards"] and seen["cloned_inputs"] == [], seen
@@ -99,7 +109,7 @@ def test_a_tensor_subclass_handles_the_op_first(traced):
     """A subclass input (torch's TwoTensor, which runs each op on its two halves) is unwrapped before the rule
     sees FunctionalTensors: twice the kernels, no error (the rule must not claim subclass calls)."""
     ops = Counter(traced[("none", 3, False, "triton", True)]["nodes"])
-    assert ops["triton_kernel_wrapper_functional"] == 2 * (KERNELS["none"] - 2), ops  # T = 3: aligned, summed
+    assert ops["triton_kernel_wrapper_functional"] == 2 * (KERNELS["none"] - 2), ops  # T = 3: aligned, activated
 
 
 

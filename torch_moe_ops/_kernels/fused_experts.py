@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .._platform import debug_checks, fuse_activation, fuse_routing, fuse_sum
+from .._platform import DECODE_TOKENS, debug_checks, fuse_activation, fuse_routing, fuse_sum
 from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
-from .configs import get_config, token_bucket
+from .configs import get_config
 from .gemm import SlotSum, invoke_moe_gemm, quantizes_input
 from .moe_sum import moe_sum
 from .routing import invariant_alignment, one_program, rows_apart, topk_route
-
-
-#: Largest token bucket whose GEMM2 also sums the slots (its counters are cleared by one GEMM1 program, and the
-#: tokens whose every slot is dropped are zeroed by one program a column block): decode sizes.
-SUM_TOKENS_MAX = 16
 
 
 def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expert_map, on_input: bool,
@@ -117,8 +112,8 @@ def fused_experts(
     ids (``invoke_moe_gemm``'s ``pair_ids``), and GEMM2 also sums the slots (``moe_sum``'s bits;
     ``TORCH_MOE_OPS_FUSE_SUM=0``: not); fp8 schemes' GEMMs quantize their own input rows where their tiles allow
     (``gemm.quantizes_input``), GEMM1's output staying fp32 for GEMM2 to quantize; so a call makes two launches
-    (docs/kernels.md, "Two launches at T = 1"). Up to 16 tokens GEMM2 also sums the slots on aligned rows (no
-    ``moe_sum`` launch; ``SUM_TOKENS_MAX``).
+    (docs/kernels.md, "Two launches at T = 1"). With ``TORCH_MOE_OPS_FUSE_SUM=1`` GEMM2 also sums the slots on
+    aligned rows up to 16 tokens (``_platform.fuse_sum``).
     ``route``: (router_logits [1, E], topk_route's arguments after the logits): GEMM1 routes the token itself (and
     quantizes x for fp8 schemes) and fills ``topk_weights`` and ``topk_ids`` (empty [1, k] fp32 / int32 buffers)
     for GEMM2 (``fused_moe``).
@@ -144,11 +139,11 @@ def fused_experts(
     cfg2 = get_config(T, E, H, I, scheme, block, device, top_k=k, invariant=invariant, dtype=x.dtype,
                       block_m=cfg1.block_m)
     sums = zero = None  # GEMM2 sums the slots: out [T, H], a counter a (token, column block), cleared by GEMM1
-    if k > 1 and fuse_sum() and (direct or token_bucket(T) <= SUM_TOKENS_MAX):  # (topk_ids: contiguous, checked)
+    if k > 1 and fuse_sum(T):  # (topk_ids: contiguous, checked)
         n_cb = cdiv(H, cfg2.block_n)
         counts = torch.empty(T * n_cb, dtype=torch.int32, device=device)
         sums = SlotSum(torch.empty((T, H), dtype=x.dtype, device=device), counts,
-                       None if direct else topk_ids, expert_map, 1 if direct else token_bucket(T))
+                       None if direct else topk_ids, expert_map, 1 if direct else DECODE_TOKENS)
         zero = (counts, sums.max_tokens * n_cb)
     c1 = None
     # fp8 at T = 1: GEMM1's epilogue applies the activation (output kept in fp32) and GEMM2 quantizes its rows

@@ -166,6 +166,9 @@ def _moe_gemm_kernel(
             return
         offs_token, mask_token, expert = block_pairs(sorted_ids_ptr, expert_ids_ptr, pid_m, num_post_pad,
                                                      num_valid_tokens, BLOCK_M)  # [BM], [BM], scalar
+        if SUM_K > 0:  # each row's token's local slots, loaded before the K loop hides their latency
+            local = _local_slots(ids_ptr, map_ptr, offs_token // SUM_K, mask_token, SUM_K, SUM_KP2, E_IDS, E_LOCAL,
+                                 HAS_MAP)  # [BM, SUM_KP2]
     else:
         if PAIRS == 2:  # route the token: its TOP_K experts, this block's the pid_m-th
             offs_t = tl.arange(0, 1).to(tl.int64)
@@ -329,8 +332,8 @@ def _moe_gemm_kernel(
         if SUM_PAIRS > 0:
             _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS, BF16_RTNE)
         if SUM_K > 0:
-            _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, ids_ptr, map_ptr, offs_token, mask_token,
-                        pid_n, offs_cn, N, SUM_K, SUM_KP2, E_IDS, E_LOCAL, HAS_MAP, BF16_RTNE)
+            _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, local, offs_token, mask_token, pid_n,
+                        offs_cn, N, SUM_K, SUM_KP2, BF16_RTNE)
 
 
 @triton.jit
@@ -345,20 +348,19 @@ def _local_slots(ids_ptr, map_ptr, tok, mask, SUM_K: tl.constexpr, SUM_KP2: tl.c
 
 
 @triton.jit
-def _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, ids_ptr, map_ptr, offs_token, mask_token, pid_n,
-                offs_cn, N, SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, E_IDS, E_LOCAL, HAS_MAP: tl.constexpr,
-                BF16_RTNE: tl.constexpr):
+def _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, local, offs_token, mask_token, pid_n, offs_cn, N,
+                SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, BF16_RTNE: tl.constexpr):
     """GEMM2's fused sum on aligned rows (T ≤ SUM_T; docs/kernels.md, "GEMM2 sums the slots"): each row's pair
     counts itself on its token's counter of this column block (``count_ptr`` [T, cdiv(N, BN)], released after the
     CTA's stores, acquired before the loads); a row that brings the count to its token's number of local slots
-    sums that token's local rows of c in slot order (``sum_slots``' order: moe_sum's bits) into ``sum_ptr`` [T, N].
-    A token's slots have distinct experts, so no two rows of a tile share a token."""
+    (``local`` [BM, SUM_KP2], ``_local_slots``) sums that token's local rows of c in slot order (``sum_slots``'
+    order: moe_sum's bits) into ``sum_ptr`` [T, N]. A token's slots have distinct experts, so no two rows of a
+    tile share a token."""
     tl.debug_barrier()  # every thread's stores happen before the release
     tok = offs_token // SUM_K  # [BM]
     n_cb = tl.cdiv(N, offs_cn.shape[0])
     old = tl.atomic_add(count_ptr + tok * n_cb + pid_n, tl.full(tok.shape, 1, tl.int32), mask=mask_token,
                         sem="acq_rel", scope="gpu")
-    local = _local_slots(ids_ptr, map_ptr, tok, mask_token, SUM_K, SUM_KP2, E_IDS, E_LOCAL, HAS_MAP)  # [BM, KP2]
     done = mask_token & (old == tl.sum(local.to(tl.int32), axis=1) - 1)  # [BM]
     tl.debug_barrier()  # the acquiring threads' view before any thread's loads
     mask_n = offs_cn < N
