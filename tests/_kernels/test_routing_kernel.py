@@ -97,14 +97,14 @@ def test_topk_route_token_sweep_adds_no_compilations():
 
 
 @pytest.mark.parametrize("grouped,group,H", [(True, 16, 40), (True, 128, 300), (True, 96, 300), (False, 0, 40),
-                                             (False, 0, 300)])
+                                             (False, 0, 300), (True, 128, 5000), (False, 0, 5000)])
 @pytest.mark.parametrize("T,E", [(1, 8), (37, 4), (5, 160)])
 def test_routing_kernel_quantizes_x_bitwise(grouped, group, H, T, E):
-    """``quant_x``: the routing kernel also writes GEMM1's fp8 input, the bits of ``quantize_activation``
-    (q and scales), x's rows strided: a group tail (H % group), a group of 96 (not a power of two), per-token
-    rows read in several chunks (H = 300 > 128-column
-    chunks at E = 4: 32 tokens a program), a partial last program (T = 37), a NaN, an inf and an all-zero row;
-    the routing outputs unchanged."""
+    """``quant_x``: the routing kernel's extra programs also write GEMM1's fp8 input, the bits of
+    ``quantize_activation`` (q and scales), x's rows strided: a group tail (H % group), a group of 96 (not a power
+    of two), rows in several steps (H = 5000: one row a program, 4096 values a step), several rows a program (H =
+    300: 8), a partial last block of tokens (T = 37 at E = 4: 32 tokens a routing program), a NaN, an inf and an
+    all-zero row; the routing outputs unchanged."""
     from torch_moe_ops._kernels.activation import quant_buffers, quantize_activation
     from torch_moe_ops.schemes import get_activation_quant
 

@@ -26,8 +26,8 @@ def _topk_route_kernel(
     TOP_K: tl.constexpr, K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     BM: tl.constexpr, HAS_MAP: tl.constexpr,
-    QUANT_X: tl.constexpr, XGROUP: tl.constexpr, XBLOCK: tl.constexpr, XGROUPS: tl.constexpr, QMAX: tl.constexpr,
-    EPS: tl.constexpr,
+    QUANT_X: tl.constexpr, XGROUP: tl.constexpr, XBLOCK: tl.constexpr, XGROUPS: tl.constexpr, XROWS: tl.constexpr,
+    QMAX: tl.constexpr, EPS: tl.constexpr,
     EMULATE_FP8: tl.constexpr, ALIGN: tl.constexpr, EB: tl.constexpr, B_P2: tl.constexpr, NB: tl.constexpr,
     TILE: tl.constexpr, COUNT_TILE: tl.constexpr, LOG_EB: tl.constexpr,
 ):
@@ -37,55 +37,64 @@ def _topk_route_kernel(
     ``align_block_size`` (``align._align_program`` on every pair as one chunk; scratch [1, 3, EB] int32).
     QUANT_X: also GEMM1's fp8 input, ``quantize_activation``'s bits: x [T, H] -> xq [T, H]
     fp8 e4m3fn, xs [T, cdiv(H, XGROUP)] fp32 (XGROUPS groups a step, each in XBLOCK = next_pow2(XGROUP) lanes) or
-    [T, 1] (XGROUP = 0: per token, the row read twice in XBLOCK chunks: amax, then quantize)."""
+    [T, 1] (XGROUP = 0: per token, the row read twice in XBLOCK chunks: amax, then quantize). Grid (cdiv(T,
+    BLOCK_T), 1 + cdiv(BLOCK_T, XROWS)): program (p, 0) routes (and aligns) block p's tokens, programs (p, s > 0)
+    each quantize XROWS of them, in parallel with the routing (one program walking 16 rows of x ran 14 µs at
+    T = 16 on an H100: a chain of dependent steps)."""
     pid = tl.program_id(0)
-    offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    mask_t = offs_t < T
-    w_acc, id_acc = route_rows(logits_ptr, bias_ptr, offs_t, mask_t, stride_t, stride_e, rsf, GROUP_SIZE,
-                               NUM_GROUPS, TOPK_GROUP, TOP_K, K_P2, GP, GS, BLOCK_T, SIGMOID, HAS_BIAS, GROUPED,
-                               RENORMALIZE)
-    offs_k = tl.arange(0, K_P2)
-    out = offs_t[:, None] * TOP_K + offs_k[None, :]
-    mask_out = mask_t[:, None] & (offs_k[None, :] < TOP_K)
-    tl.store(weights_ptr + out, w_acc, mask=mask_out)
-    tl.store(ids_ptr + out, id_acc, mask=mask_out)
-    if ALIGN:
-        tl.debug_barrier()  # the ids stored above are read back by other threads of this program
-        numel = T * TOP_K
-        totals, prior = _histograms(ids_ptr, map_ptr, 0, numel, 0, numel, E, EB, COUNT_TILE, HAS_MAP)
-        max_padded = numel + E * (BM - 1)
-        max_blocks = tl.cdiv(max_padded, BM)
-        _align_program(ids_ptr, map_ptr, scratch_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, totals, prior, pid, 0,
-                       numel, tl.cdiv(numel, TILE) * TILE, max_blocks, max_blocks, max_padded, E, EB, BM, B_P2, NB,
-                       TILE, LOG_EB, HAS_MAP)
-    if QUANT_X:  # the stores stay in this body: torch.compile's mutation analysis reads them here
-        x_row = x_ptr + offs_t * stride_xt
-        q_row = xq_ptr + offs_t * stride_qt
+    sub = tl.program_id(1)
+    if sub == 0:
+        offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask_t = offs_t < T
+        w_acc, id_acc = route_rows(logits_ptr, bias_ptr, offs_t, mask_t, stride_t, stride_e, rsf, GROUP_SIZE,
+                                   NUM_GROUPS, TOPK_GROUP, TOP_K, K_P2, GP, GS, BLOCK_T, SIGMOID, HAS_BIAS, GROUPED,
+                                   RENORMALIZE)
+        offs_k = tl.arange(0, K_P2)
+        out = offs_t[:, None] * TOP_K + offs_k[None, :]
+        mask_out = mask_t[:, None] & (offs_k[None, :] < TOP_K)
+        tl.store(weights_ptr + out, w_acc, mask=mask_out)
+        tl.store(ids_ptr + out, id_acc, mask=mask_out)
+        if ALIGN:
+            tl.debug_barrier()  # the ids stored above are read back by other threads of this program
+            numel = T * TOP_K
+            totals, prior = _histograms(ids_ptr, map_ptr, 0, numel, 0, numel, E, EB, COUNT_TILE, HAS_MAP)
+            max_padded = numel + E * (BM - 1)
+            max_blocks = tl.cdiv(max_padded, BM)
+            _align_program(ids_ptr, map_ptr, scratch_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, totals, prior, pid,
+                           0, numel, tl.cdiv(numel, TILE) * TILE, max_blocks, max_blocks, max_padded, E, EB, BM,
+                           B_P2, NB, TILE, LOG_EB, HAS_MAP)
+    elif QUANT_X:  # the stores stay in this body: torch.compile's mutation analysis reads them here (no name is
+        # assigned in both branches: a value the if yields makes that analysis take every pointer as written)
+        offs_q = (pid.to(tl.int64) * BLOCK_T + (sub - 1) * XROWS + tl.arange(0, XROWS).to(tl.int64))  # [XROWS]
+        mask_q = (offs_q < T) & ((sub - 1) * XROWS + tl.arange(0, XROWS) < BLOCK_T)
+        x_row = x_ptr + offs_q * stride_xt
+        q_row = xq_ptr + offs_q * stride_qt
         lane = tl.arange(0, XBLOCK)
         if XGROUP > 0:  # XGROUPS groups a step (one step covers H at T = 1): a scale each
             offs_g = tl.arange(0, XGROUPS)
             for h0 in range(0, H, XGROUP * XGROUPS):
                 g = h0 // XGROUP + offs_g  # [NG] group indices
                 cols = g[:, None] * XGROUP + lane[None, :]  # [NG, XB]
-                m = mask_t[:, None, None] & ((lane[None, :] < XGROUP) & (cols < H))[None, :, :]
-                y = tl.load(x_row[:, None, None] + cols[None, :, :], mask=m, other=0.0).to(tl.float32)  # [BT, NG, XB]
-                scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=2)), QMAX, EPS)  # [BT, NG]
-                tl.store(xs_ptr + offs_t[:, None] * stride_st + g[None, :], scale,
-                         mask=mask_t[:, None] & (g * XGROUP < H)[None, :])
+                m = mask_q[:, None, None] & ((lane[None, :] < XGROUP) & (cols < H))[None, :, :]
+                y = tl.load(x_row[:, None, None] + cols[None, :, :], mask=m, other=0.0).to(tl.float32)
+                # y: [XROWS, NG, XB]
+                scale, inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=2)), QMAX, EPS)  # [XROWS, NG]
+                tl.store(xs_ptr + offs_q[:, None] * stride_st + g[None, :], scale,
+                         mask=mask_q[:, None] & (g * XGROUP < H)[None, :])
                 tl.store(q_row[:, None, None] + cols[None, :, :],
                          _quantize(y, inv[:, :, None], QMAX, False, EMULATE_FP8, False), mask=m)
         else:  # per token: the row's amax in XBLOCK chunks, then the row again
-            amax = tl.zeros([BLOCK_T], dtype=tl.int32)  # bits of |x|: the integer max keeps NaN
+            amax = tl.zeros([XROWS], dtype=tl.int32)  # bits of |x|: the integer max keeps NaN
             for h0 in range(0, H, XBLOCK):
                 cols = h0 + lane
-                m = mask_t[:, None] & (cols < H)[None, :]
+                m = mask_q[:, None] & (cols < H)[None, :]
                 y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(_abs_bits(y), axis=1))
             scale, inv = _scale_of(_from_bits(amax), QMAX, EPS)
-            tl.store(xs_ptr + offs_t * stride_st, scale, mask=mask_t)
+            tl.store(xs_ptr + offs_q * stride_st, scale, mask=mask_q)
             for h0 in range(0, H, XBLOCK):
                 cols = h0 + lane
-                m = mask_t[:, None] & (cols < H)[None, :]
+                m = mask_q[:, None] & (cols < H)[None, :]
                 y = tl.load(x_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 tl.store(q_row[:, None] + cols[None, :], _quantize(y, inv[:, None], QMAX, False, EMULATE_FP8, False),
                          mask=m)
@@ -106,7 +115,8 @@ def topk_route(
     """router_logits: [T, E] bf16/fp16/fp32 (any strides) -> (topk_weights [T, k] fp32, topk_ids [T, k] int32).
 
     Arguments are assumed validated (E <= 65535, k <= E, E % G == 0, E > G, topk_group <= G);
-    ``e_score_correction_bias``: [E] fp32 or None. One launch, grid ``cdiv(T, BLOCK_T)``; T is not specialized.
+    ``e_score_correction_bias``: [E] fp32 or None. One launch, grid ``cdiv(T, BLOCK_T)`` (× 1 + the quantizing
+    programs with ``quant_x``); T is not specialized.
     ``align``: ((sorted_ids, expert_ids, num_post_pad) from ``align.align_buffers`` for T·k pairs and the logits'
     E, block_m, expert_map or None), where ``one_program(T, E, num_expert_group)``: the kernel also writes
     ``align_block_size``'s alignment into them (its launch goes). ``quant_x``: (x [T, H], q, scale, group) with q
@@ -123,7 +133,6 @@ def topk_route(
     if isinstance(T, int) and T == 1 and align is None:  # one token: one row, one warp unless it quantizes x
         block_t, warps = 1, (4 if quant_x is not None else 1)
     bias = e_score_correction_bias
-    grid = (triton.cdiv(T, block_t),)
     # every constexpr passed (no defaults): torch.compile's analysis of the kernel needs them all
     sorted_ids = expert_ids = npp = expert_map = None
     block_m = 1
@@ -135,15 +144,21 @@ def topk_route(
                     **{k: meta[k] for k in ("EB", "B_P2", "NB", "TILE", "COUNT_TILE", "LOG_EB")})
     scratch = torch.empty((1, 3, meta["EB"]), dtype=torch.int32, device=dev) if align is not None else None
     x = xq = xs = None
-    xq_kw = dict(QUANT_X=False, XGROUP=0, XBLOCK=16, XGROUPS=1, QMAX=FP8_MAX, EPS=SCALE_EPS, EMULATE_FP8=False)
+    xq_kw = dict(QUANT_X=False, XGROUP=0, XBLOCK=16, XGROUPS=1, XROWS=1, QMAX=FP8_MAX, EPS=SCALE_EPS,
+                 EMULATE_FP8=False)
+    quant_programs = 0
     if quant_x is not None:
         x, xq, xs, group = quant_x
-        # <= 4096 values a step (BLOCK_T rows): per token, chunks of the row; else whole groups, each in a
-        # power-of-two lane block (a loop of one group a step ran 12-16 us at T = 1 on an H100: latency-bound)
+        # XROWS rows a quantizing program, <= 4096 values a step: per token, chunks of the row; else whole groups,
+        # each in a power-of-two lane block (one group a step ran 12-16 us at T = 1 on an H100: latency-bound)
         H = x.shape[1]
-        chunk = triton.next_power_of_2(group) if group else max(16, min(triton.next_power_of_2(H), 4096 // block_t))
-        groups = max(1, min(triton.next_power_of_2(triton.cdiv(H, group)), 4096 // (block_t * chunk))) if group else 1
-        xq_kw.update(QUANT_X=True, XGROUP=group, XBLOCK=chunk, XGROUPS=groups, EMULATE_FP8=interpret_mode())
+        rows = max(1, min(block_t, 4096 // triton.next_power_of_2(H)))
+        chunk = triton.next_power_of_2(group) if group else max(16, min(triton.next_power_of_2(H), 4096 // rows))
+        groups = max(1, min(triton.next_power_of_2(triton.cdiv(H, group)), 4096 // (rows * chunk))) if group else 1
+        xq_kw.update(QUANT_X=True, XGROUP=group, XBLOCK=chunk, XGROUPS=groups, XROWS=rows,
+                     EMULATE_FP8=interpret_mode())
+        quant_programs = triton.cdiv(block_t, rows)
+    grid = (triton.cdiv(T, block_t), 1 + quant_programs)
     dummy = router_logits  # read-only: never a buffer the kernel writes (torch.compile would copy it)
     launch(_topk_route_kernel, grid,
         router_logits, bias if bias is not None else dummy, weights, ids,
