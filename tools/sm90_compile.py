@@ -287,7 +287,7 @@ def main(argv=None) -> int:
             failures += 1
             print(f"{label:<34} FAILED: {type(exc).__name__}: {str(exc)[:400]}")
             continue
-        for fn, kernel in COMPILED:
+        for i, (fn, kernel) in enumerate(COMPILED):
             name = fn.__name__
             if args.kernels != "all" and name not in args.kernels.split(","):
                 continue
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
                   + (f" scratch {scratch}" if scratch else ""))
             if args.sass:
                 args.sass.mkdir(parents=True, exist_ok=True)
-                (args.sass / f"{label.replace(' ', '_')}-{name}.sass").write_text(sass)
+                (args.sass / f"{label.replace(' ', '_')}-{i}-{name}.sass").write_text(sass)  # i: launch order
     return 1 if failures else 0
 
 

@@ -16,7 +16,8 @@ DEBUG_ENV = "TORCH_MOE_OPS_DEBUG"  # "1": value checks on CUDA inputs too (may s
 PLANS_ENV = "TORCH_MOE_OPS_LAUNCH_PLANS"  # "0": every CUDA call takes the ordinary launch path
 DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "0": replays go through Triton 3.6's CudaLauncher.__call__
 FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # GEMM1's epilogue applies gated activations: 1 / 0
-FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # "0": GEMM2 does not sum the k slots at T = 1
+FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # GEMM2 sums the k slots: unset at T = 1, "1" up to 16 tokens, "0" never
+PREFETCH_ENV = "TORCH_MOE_OPS_PREFETCH"  # "1": GEMM1 at T = 1 brings GEMM2's weights into L2
 FUSE_ROUTING_ENV = "TORCH_MOE_OPS_FUSE_ROUTING"  # "0": fused_moe's GEMM1 does not route the token at T = 1
 SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
@@ -117,6 +118,12 @@ def fuse_sum(T) -> bool:
     if flag is None:
         return isinstance(T, int) and T == 1
     return flag and T <= DECODE_TOKENS
+
+
+def prefetch_l2() -> bool:
+    """Whether GEMM1 at T = 1 brings GEMM2's weights into L2 before its K loop (``TORCH_MOE_OPS_PREFETCH=1``; off
+    by default until timed; docs/kernels.md). Read when a launch plan is recorded."""
+    return _flag(PREFETCH_ENV, False)
 
 
 def fuse_routing() -> bool:

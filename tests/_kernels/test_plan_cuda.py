@@ -220,6 +220,36 @@ def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_a
     PLANS.clear()
 
 
+@pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "silu"),
+                                               ("mxfp4", "swigluoai")])
+def test_gemm1_prefetching_gemm2s_weights_on_the_gpu(monkeypatch, scheme, activation):
+    """TORCH_MOE_OPS_PREFETCH=1 (docs/kernels.md): GEMM1 at T = 1 brings GEMM2's weights into L2; the outputs are
+    bitwise those without it, fused_moe and fused_experts, recorded and replayed plans, an expert_map."""
+    from torch_moe_ops._kernels import gemm
+    from torch_moe_ops._platform import PREFETCH_ENV
+
+    E, k, H, I = 60, 6, 512, 384
+    q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
+    emap = torch.arange(E, dtype=torch.int32, device=DEV)
+    emap[::7] = -1
+    cases = [_inputs(1, H, E, seed) for seed in range(4)]
+    want = []
+    PLANS.clear()
+    for x, logits in cases:
+        w, ids = moe.topk_route(logits, k)
+        want.append((moe.fused_moe(x, logits, q13, q2, k, **kw), moe.fused_experts(x, q13, q2, w, ids, **kw),
+                     moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw)))
+    monkeypatch.setenv(PREFETCH_ENV, "1")
+    assert gemm.prefetches(q2, k)
+    PLANS.clear()
+    for (x, logits), (a, b, c) in zip(cases, want):  # the first records, the rest replay
+        w, ids = moe.topk_route(logits, k)
+        torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), a, rtol=0, atol=0)
+        torch.testing.assert_close(moe.fused_experts(x, q13, q2, w, ids, **kw), b, rtol=0, atol=0)
+        torch.testing.assert_close(moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw), c, rtol=0, atol=0)
+    PLANS.clear()
+
+
 def test_int4_prefill_tiles_are_swapped_by_default(monkeypatch):
     """configs.swaps (docs/kernels.md, "Swapped operands"): without the switch, int4's 128-row prefill tiles run
     swapped, its decode tiles do not; the output is the unswapped one up to the MMA's rounding (as a norm: bf16

@@ -51,6 +51,15 @@ def test_the_unfused_kernels_at_T1_when_switched_off():
     assert got["cloned_inputs"] == []
 
 
+def test_gemm1_prefetching_gemm2s_weights_copies_nothing():
+    """TORCH_MOE_OPS_PREFETCH=1 at T = 1: GEMM1 also gets GEMM2's weights, which it only prefetches (a pure PTX
+    asm whose zero result goes into a loop bound): torch's analysis must not take them as written, or Inductor
+    would copy the weights every call; still two kernels."""
+    got = _trace([("none", 1, False)], TORCH_MOE_OPS_PREFETCH="1")[("none", 1, False)]
+    assert Counter(got["nodes"])["triton_kernel_wrapper_functional"] == KERNELS["none"] - 4, got
+    assert got["cloned_inputs"] == [], got
+
+
 def test_gemm2_sums_aligned_rows_when_switched_on():
     """TORCH_MOE_OPS_FUSE_SUM=1 at T = 2..16 (symbolic): GEMM2 also sums the slots on aligned rows (routing with
     the alignment, GEMM1 with the activation, GEMM2: three kernels), reading the routing's ids and writing the

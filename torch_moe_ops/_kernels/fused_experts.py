@@ -16,7 +16,7 @@ from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
 from .configs import get_config
-from .gemm import SlotSum, invoke_moe_gemm, quantizes_input
+from .gemm import SlotSum, invoke_moe_gemm, prefetches, quantizes_input
 from .moe_sum import moe_sum
 from .routing import invariant_alignment, one_program, rows_apart, topk_route
 
@@ -42,13 +42,14 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
 def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
           act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None, invariant: bool = False,
           zero_counts: tuple | None = None, pair_ids: tuple | None = None, route: tuple | None = None,
-          act_dtype: torch.dtype | None = None) -> None:
+          act_dtype: torch.dtype | None = None, prefetch: torch.Tensor | None = None) -> None:
     """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
     epilogue; ``act_dtype``: GEMM1's output rounded to it first, ``out`` fp32) = a1 (quantized first for fp8
     schemes, unless ``a1_quant`` = (q, scale) already holds that, or, with ``pair_ids`` at T = 1, by GEMM1 itself
     where its tiles allow) @ W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a
     batch-invariant config. ``zero_counts``: (GEMM2's fused-sum counters, a static bound on their number), which
-    this launch clears. ``pair_ids`` / ``route``: T = 1's pairs instead of the alignment (``invoke_moe_gemm``)."""
+    this launch clears. ``pair_ids`` / ``route``: T = 1's pairs instead of the alignment (``invoke_moe_gemm``);
+    ``prefetch``: GEMM2's weights, which GEMM1 then brings into L2 (``gemm.prefetches``)."""
     a1_scale = None
     quant_a = (pair_ids is not None and a1_quant is None and scheme.act is not None
                and quantizes_input(scheme, block, cfg1))
@@ -59,7 +60,7 @@ def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_s
     invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
                     w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused,
                     invariant=invariant, zero_counts=zero_counts, pair_ids=pair_ids, route=route, quant_a=quant_a,
-                    act_dtype=act_dtype)
+                    act_dtype=act_dtype, prefetch=prefetch)
 
 
 def gemm2_input(c1, act: Activation, alpha: float, limit: float, scheme: QuantScheme, block):
@@ -146,6 +147,7 @@ def fused_experts(
                        None if direct else topk_ids, expert_map, 1 if direct else DECODE_TOKENS)
         zero = (counts, sums.max_tokens * n_cb)
     c1 = None
+    pf = w2 if direct and prefetches(w2, k) else None  # GEMM1 brings GEMM2's weights into L2
     # fp8 at T = 1: GEMM1's epilogue applies the activation (output kept in fp32) and GEMM2 quantizes its rows
     quant_a2 = direct and scheme.act is not None and quantizes_input(scheme, block, cfg2)
     if not keep_c1 and act.gated and fuse_activation(T, invariant) and (scheme.act is None or quant_a2):
@@ -153,12 +155,12 @@ def fused_experts(
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=a2_dtype, device=device), None
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
               fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant, zero_counts=zero,
-              pair_ids=pair_ids, route=route1, act_dtype=x.dtype)
+              pair_ids=pair_ids, route=route1, act_dtype=x.dtype, prefetch=pf)
     else:
         quant_a2 = False
         c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
         gemm1(a1, a1_div, w13, c1, alignment, cfg1, scheme, w13_scale, w13_bias, block, act, a1_quant=a1_quant,
-              invariant=invariant, zero_counts=zero, pair_ids=pair_ids, route=route1)
+              invariant=invariant, zero_counts=zero, pair_ids=pair_ids, route=route1, prefetch=pf)
         a2, a2_scale = gemm2_input(c1, act, alpha, limit, scheme, block)
 
     # Rows of dropped pairs are never written by GEMM2: moe_sum skips them, k == 1 returns c3 itself (zeroed).

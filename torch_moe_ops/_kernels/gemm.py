@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._platform import interpret_mode
+from .._platform import interpret_mode, prefetch_l2
 from ..schemes import FP8_MAX, SCALE_EPS, QuantScheme, cdiv
 from ._numerics import _abs_bits, _bf16_round, _from_bits, _quantize, _scale_of, _upcast_emulated
 from .activation import _gated
@@ -47,7 +47,7 @@ from .topk import route_constexprs, route_rows
 def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, k_left, scale_off, stride_bsk,
                  W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, JOIN_K: tl.constexpr,
-                 SWAP_AB: tl.constexpr):
+                 SWAP_AB: tl.constexpr, B_EVICT: tl.constexpr):
     """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK] (loaded whole: 16-byte loads; its
     columns 2j and 2j + 1 split in registers), ``b_ptrs`` [BK/2, BN] bytes, each loaded once. Even k meet the
     low halves, odd k the high ones (``decode_pairs``): two dots of BK/2, or with JOIN_K the values put back
@@ -59,10 +59,10 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
     dots take the decoded weights as their first operand."""
     if EVEN_K:
         a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
-        b = tl.load(b_ptrs)
+        b = tl.load(b_ptrs, eviction_policy=B_EVICT)
     else:
         a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(2 * offs_j)[:, None] < k_left, other=0)
+        b = tl.load(b_ptrs, mask=(2 * offs_j)[:, None] < k_left, other=0, eviction_policy=B_EVICT)
     if UPCAST:  # interpreter only: its bf16 dot multiplies raw bit patterns
         a = _upcast_emulated(a)
     b_lo, b_hi = decode_pairs(b, W_CODEC, a.dtype)  # [BK/2, BN] each, in the dot's dtype
@@ -112,7 +112,7 @@ def _moe_gemm_kernel(
     N, K, num_pid_m, num_valid_tokens, n_count, stride_le, rsf,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_biase, stride_biasn,
-    act_alpha, act_limit,
+    act_alpha, act_limit, pf_ptr, pf_bytes, pf_stride_e, pf_per,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_DIV: tl.constexpr, TENSOR_SCALE_COLS: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -128,7 +128,7 @@ def _moe_gemm_kernel(
     K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, SIGMOID: tl.constexpr, HAS_RBIAS: tl.constexpr,
     GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     QUANT_A: tl.constexpr, A_QMAX: tl.constexpr, A_EPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    ACT_ROUND: tl.constexpr,
+    ACT_ROUND: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """PAIRS: where a program's row block gets its pairs. 0: ``sorted_ids`` / ``expert_ids`` / ``num_post_pad``
     (the alignment). 1 and 2, T = 1: pair j alone at row 0 of row block j (its k experts are distinct, so each
@@ -143,6 +143,9 @@ def _moe_gemm_kernel(
     tile, so no launch quantizes it first (GEMM1: x; GEMM2: the activation's fp32 output).
     ACT_ROUND (FUSE_ACT): the dtype GEMM1's output is rounded to before the activation, "" = c's; "bf16" / "fp16"
     with an fp32 ``c`` keep the activation's output unrounded for GEMM2 to quantize, as ``act_and_quant`` does.
+    PREFETCH (GEMM1, PAIRS > 0): before its K loop each program brings its ``pf_per`` bytes of expert e's slab of
+    GEMM2's weights (``pf_ptr`` + e·``pf_stride_e``, ``pf_bytes`` long) into L2, and streams its own weights with
+    evict_first, so that GEMM2 reads its weights from L2 while GEMM1 has the HBM (docs/kernels.md).
     SUM_K (GEMM2 on aligned rows, T ≤ SUM_T): c's rows are pairs of tokens with SUM_K slots each; the program that
     stores the last local slot of a token's column block also writes its sum into ``sum_ptr`` [T, N] (``moe_sum``'s
     bits; ``ids_ptr`` [T, SUM_K] say which slots are local; docs/kernels.md, "GEMM2 sums the slots")."""
@@ -234,15 +237,22 @@ def _moe_gemm_kernel(
                 y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K, other=0.0)
                 amax = tl.maximum(amax, _abs_bits(y.to(tl.float32)))
             a_row_s, a_inv = _scale_of(_from_bits(tl.max(amax, axis=0)), A_QMAX, A_EPS)  # scalars
+    B_EVICT: tl.constexpr = "evict_first" if PREFETCH else ""  # GEMM1's weights are read once
+    k_steps = tl.cdiv(K, BLOCK_K)
+    if PREFETCH:  # a share of GEMM2's weights of this pair's expert (>= 0 here) into L2, nothing waited for; the
+        # returned 0 goes into the loop bound (in an address it would cost the loads their alignment facts)
+        lo = pid_n.to(tl.int64) * pf_per
+        k_steps += _prefetch_l2(pf_ptr.to(tl.pointer_type(tl.uint8)) + expert * pf_stride_e, lo,
+                                tl.minimum(lo + pf_per, pf_bytes), 512)
     if SWAP_AB:  # the transposed tile: the weights' rows are the MMA's M (operand A, kept in registers)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+    for kk in range(0, k_steps):
         if W_PACKED:
             acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, K - kk * BLOCK_K,
                                ((kk * BLOCK_K) // GROUP_K) * stride_bsk, stride_bsk, W_CODEC, W_GROUP_SCALE,
-                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE, JOIN_K, SWAP_AB)
+                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE, JOIN_K, SWAP_AB, B_EVICT)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
@@ -258,12 +268,12 @@ def _moe_gemm_kernel(
             if EVEN_K:
                 if not QUANT_A:
                     a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
-                b = tl.load(b_ptrs)
+                b = tl.load(b_ptrs, eviction_policy=B_EVICT)
             else:
                 k_left = K - kk * BLOCK_K
                 if not QUANT_A:
                     a = tl.load(a_ptrs, mask=mask_token[:, None] & (offs_k[None, :] < k_left), other=0.0)
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0, eviction_policy=B_EVICT)
             if UPCAST:  # interpreter only: its bf16 dot multiplies raw bits, its fp8 dot reads NaN as 480
                 a = _upcast_emulated(a)
                 b = _upcast_emulated(b)
@@ -334,6 +344,20 @@ def _moe_gemm_kernel(
         if SUM_K > 0:
             _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, local, offs_token, mask_token, pid_n,
                         offs_cn, N, SUM_K, SUM_KP2, BF16_RTNE)
+
+
+@triton.jit
+def _prefetch_l2(base, lo, hi, PF_LINES: tl.constexpr):
+    """Bytes [lo, hi) of ``base`` (uint8 pointer) into L2 with evict_last priority, one PTX ``prefetch`` a
+    128-byte line, PF_LINES lines a step, nothing waited for. Returns 0 (int32) for the caller to fold into its
+    loop's bound: that keeps the prefetches ahead of the loop (a pure asm whose result no one uses is dropped, and
+    one declared impure stops torch.compile's mutation analysis, which would then copy every input)."""
+    zero = tl.zeros((PF_LINES,), dtype=tl.int32)
+    for off in range(lo, hi, PF_LINES * 128):
+        offs = tl.minimum(off + tl.arange(0, PF_LINES).to(tl.int64) * 128, hi - 1)  # past hi: the last line again
+        zero += tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
+                                          [base + offs], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.max(zero, axis=0)
 
 
 @triton.jit
@@ -445,6 +469,7 @@ def invoke_moe_gemm(
     route: tuple | None = None,
     quant_a: bool = False,
     act_dtype: torch.dtype | None = None,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
@@ -475,7 +500,9 @@ def invoke_moe_gemm(
     an fp8 scheme, ``a`` in 16 or 32 bits, no ``a_scale``): the kernel quantizes each pair's row of ``a`` itself,
     the bits of ``quantize_activation`` (``quantizes_input`` says for which tiles). ``act_dtype`` (with ``act``
     and an fp32 ``c``): GEMM1's output is rounded to it before the activation, whose output c keeps in fp32 (for a
-    GEMM2 with ``quant_a``: the bits of ``act_and_quant``).
+    GEMM2 with ``quant_a``: the bits of ``act_and_quant``). ``prefetch`` (GEMM1 with ``pair_ids``): GEMM2's weights
+    [E, N2, K2 / pack], each expert's slab contiguous; each program brings a share of its pair's expert's slab into
+    L2 before its K loop (``prefetches``).
     """
     numel = c.shape[0]
     pack = scheme.weight.pack if scheme.quantized else 1
@@ -538,6 +565,11 @@ def invoke_moe_gemm(
         tw = route[2]
     if quant_a:
         assert pair_ids is not None and a_scale is None and quantizes_input(scheme, block, config)
+    pf_args = (0, 0, 0)  # (slab bytes, bytes between experts, bytes a program)
+    if prefetch is not None:
+        slab = _slab_bytes(prefetch)
+        assert pair_ids is not None and slab is not None
+        pf_args = (slab, prefetch.stride(0) * prefetch.element_size(), cdiv(cdiv(slab, 128), cdiv(N, bn)) * 128)
     act_round = ""
     if act is not None and act_dtype is not None and act_dtype != c.dtype:
         assert c.dtype == torch.float32, "the activation's output rounded to act_dtype is stored in fp32"
@@ -550,6 +582,7 @@ def invoke_moe_gemm(
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         *a_s_strides, *w_s_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, alpha, limit,
+        prefetch if prefetch is not None else dummy, *pf_args,
         GROUP_N=group_n, GROUP_K=group_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
         A_DIV=top_k, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
@@ -562,9 +595,32 @@ def invoke_moe_gemm(
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
         ZERO_COUNT=triton.next_power_of_2(zero_max) if zero_max else 0, **sum_kw, **pair_kw,
         QUANT_A=quant_a, A_QMAX=FP8_MAX, A_EPS=SCALE_EPS, EMULATE_FP8=quant_a and interpret_mode(),
-        ACT_ROUND=act_round, num_warps=config.num_warps, num_stages=config.num_stages,
+        ACT_ROUND=act_round, PREFETCH=prefetch is not None, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c
+
+
+#: Most bytes of GEMM2's weights GEMM1 brings into L2 at T = 1: half the 50 MB L2 of an H100 / H200, so that
+#: GEMM1's own evict_first stream leaves them there.
+PREFETCH_MAX_BYTES = 24 << 20
+
+
+def prefetches(w2: torch.Tensor, top_k: int) -> bool:
+    """Whether GEMM1 at T = 1 brings GEMM2's weights ``w2`` [E, N2, K2 / pack] of its ``top_k`` experts into L2
+    (``invoke_moe_gemm``'s ``prefetch``): with ``TORCH_MOE_OPS_PREFETCH=1`` (off by default: not timed yet),
+    outside the interpreter (no PTX there), when each expert's slab is contiguous and the k slabs fit
+    ``PREFETCH_MAX_BYTES``."""
+    slab = _slab_bytes(w2)
+    return prefetch_l2() and not interpret_mode() and slab is not None and top_k * slab <= PREFETCH_MAX_BYTES
+
+
+def _slab_bytes(w: torch.Tensor) -> int | None:
+    """Bytes of one expert's weights of ``w`` [E, N, K'] when they are one contiguous run, else None (strides
+    only: no indexing, which a fake tensor under torch.compile would dispatch)."""
+    E, N, K = w.shape
+    if w.stride(2) != 1 or (N > 1 and w.stride(1) != K):
+        return None
+    return N * K * w.element_size()
 
 
 def quantizes_input(scheme: QuantScheme, block, config: TileConfig) -> bool:

@@ -1,0 +1,34 @@
+"""GEMM1's L2 prefetch of GEMM2's weights at T = 1 (``TORCH_MOE_OPS_PREFETCH=1``; docs/kernels.md): when it applies.
+The kernel path itself is PTX (no interpreter): compiled for sm_90a by tools/sm90_compile.py, traced under
+torch.compile in tests/ops/test_decompose.py, run bitwise against the plain path in tests/_kernels/test_plan_cuda.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_moe_ops._kernels import gemm
+from torch_moe_ops._platform import PREFETCH_ENV
+
+
+def test_a_slab_is_one_contiguous_run_of_an_experts_weights():
+    w = torch.empty(6, 40, 24, device="meta", dtype=torch.bfloat16)
+    assert gemm._slab_bytes(w) == 40 * 24 * 2
+    assert gemm._slab_bytes(w[::2]) == 40 * 24 * 2  # experts apart: each still one run
+    assert gemm._slab_bytes(w[:, :, :12]) is None  # rows apart
+    assert gemm._slab_bytes(w.transpose(1, 2)) is None
+    assert gemm._slab_bytes(w[:, :1]) == 24 * 2  # one row: its stride does not matter
+
+
+@pytest.mark.parametrize("flag,interpreted,k,want", [(None, False, 8, False), ("0", False, 8, False),
+                                                      ("1", True, 8, False), ("1", False, 8, True),
+                                                      ("1", False, 9, False)])
+def test_prefetch_needs_the_switch_a_gpu_and_room_in_l2(monkeypatch, flag, interpreted, k, want):
+    """Qwen3-30B-A3B's w2 in bf16: 8 experts of 3 MiB fit the 24 MiB bound, 9 do not."""
+    if flag is None:
+        monkeypatch.delenv(PREFETCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PREFETCH_ENV, flag)
+    monkeypatch.setattr(gemm, "interpret_mode", lambda: interpreted)
+    w2 = torch.empty(128, 2048, 768, device="meta", dtype=torch.bfloat16)
+    assert gemm.prefetches(w2, k) is want
