@@ -3,13 +3,13 @@
 # no carry needed): the GPU suite of the host-overhead work, the host-time split, the 4-layer stack under each
 # compile mode (TORCH_MOE_OPS_COMPILE = plans / triton / opaque, docs/host-overhead.md), with FUSED=1 GEMM1 with
 # and without the activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 shape (kernel time, CUDA graphs),
-# then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS, SPLIT_ENVS,
-# SPLIT_S). PROFILE_S=0 skips the host-time split.
-# STACK_MODES (e.g. "plans triton+static triton+cpp"), STACK_S and STACK_ARGS (e.g. "--tokens 1") shape the stack
-# runs.
-# Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json,
-# run-fused-<0|1>.json, split-<item>/kernel_split.json, and the logs (cuda_tests.log: pytest's whole output); the summary is
-# printed. Steps that would end past LIMIT_S (default 580 s) are skipped and named.
+# then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS,
+# SPLIT_ENVS, SPLIT_S). PROFILE_S=0 skips the host-time split. STACK_MODES (e.g. "plans triton+static triton+cpp"),
+# STACK_S and STACK_ARGS (e.g. "--tokens 1") shape the stack runs.
+# Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json ("+" written
+# "_"), run-fused-<0|1>.json, split-<item>/kernel_split.json, and the logs (cuda_tests.log: pytest's whole output);
+# the summary is printed. Steps that would end past LIMIT_S (default 580 s) are skipped and named. At most 8 files
+# come back from a device call: ask for fewer steps rather than lose their JSON.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -41,7 +41,8 @@ for m in ${STACK_MODES:-plans triton opaque}; do
   S=${STACK_S:-70}
   TORCHINDUCTOR_CPP_WRAPPER=$cpp TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=$static \
     TORCH_MOE_OPS_COMPILE=$mode timeout $(( $(left) < S ? $(left) : S )) \
-    python3 -m benchmarks.host --out "$DIR/stack-${m//+/_}" --only stack ${STACK_ARGS:-} 2>&1 | grep -E "stack |Error|error"
+    python3 -m benchmarks.host --out "$DIR/stack-${m//+/_}" --only stack ${STACK_ARGS:-} 2>&1 \
+    | grep -E "stack |Error|error"
 done
 for f in ${FUSED:+0 1}; do  # FUSED=1: the Qwen3 kernel times without and with the activation in GEMM1
   [ "$(left)" -lt 40 ] && { echo "== skipped: kernels, fused activation $f"; continue; }

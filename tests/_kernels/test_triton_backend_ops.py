@@ -284,8 +284,8 @@ def test_gemm2_sums_the_slots_bitwise_moe_sum(monkeypatch, scheme, activation, f
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("mapped", [False, True])
 def test_gemm2_sums_aligned_rows_with_dropped_tokens(monkeypatch, ids_dtype, mapped):
-    """fused_experts' fused sum on aligned rows (T = 2-16, TORCH_MOE_OPS_FUSE_SUM=1): tokens whose every slot is not local under the
-    expert_map get zero rows, partly dropped tokens the sum of their local slots, bitwise moe_sum. (Ids out of
+    """fused_experts' fused sum on aligned rows (T = 2-16, TORCH_MOE_OPS_FUSE_SUM=1): tokens whose every slot is
+    not local under the expert_map get zero rows, partly dropped tokens the sum of their local slots, bitwise moe_sum. (Ids out of
     range are refused by the checks; the kernels' rule for them is pair_expert's, which this shares with the
     alignment and moe_sum.)"""
     from torch_moe_ops._kernels import fused_experts as pipeline
@@ -322,8 +322,8 @@ def test_gemm1_clears_the_sum_counters_and_gemm2_leaves_them_full():
     """The fused sum's counters: GEMM1 (``zero_counts``) clears stale values, GEMM2 (``sum_into``) counts every
     slot of every column block, and the last one writes the slot sum (moe_sum of GEMM2's rows)."""
     from torch_moe_ops._kernels.configs import TileConfig
-    from torch_moe_ops._kernels.gemm import SlotSum, invoke_moe_gemm
-    from torch_moe_ops._kernels.moe_sum import moe_sum
+    from torch_moe_ops._kernels.gemm import invoke_moe_gemm
+    from torch_moe_ops._kernels.moe_sum import SlotSum, moe_sum
     from torch_moe_ops._kernels.routing import pair_blocks_of
 
     E, k, H, I, bm = 6, 4, 48, 32, 16

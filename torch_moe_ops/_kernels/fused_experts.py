@@ -16,8 +16,8 @@ from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
 from .configs import get_config
-from .gemm import SlotSum, invoke_moe_gemm, prefetches, quantizes_input
-from .moe_sum import moe_sum
+from .gemm import invoke_moe_gemm, prefetches, quantizes_input
+from .moe_sum import SlotSum, moe_sum
 from .routing import invariant_alignment, one_program, rows_apart, topk_route
 
 

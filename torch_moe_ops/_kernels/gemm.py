@@ -25,7 +25,6 @@ the kernel once; all offsets that scale with tokens or experts are int64 (``T·k
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -38,7 +37,7 @@ from .activation import _gated
 from .formats import (block_pairs, decode_pairs, decode_scale, pair_expert, pair_rows, scale_values,
                       stored_value_scales, swizzle, tensor_scale_half)
 from .configs import TileConfig, fits_scale_tile, joins_k, swaps
-from .moe_sum import sum_slots
+from .moe_sum import SlotSum, local_slots, sum_pairs, sum_tokens
 from .plan import launch
 from .topk import route_constexprs, route_rows
 
@@ -158,7 +157,7 @@ def _moe_gemm_kernel(
         if SUM_K > 0 and pid_m == 0:  # a token with no local slot is in no tile: its output row is zero
             offs_t = tl.arange(0, SUM_T)
             mask_t = offs_t < num_valid_tokens // SUM_K
-            need = tl.sum(_local_slots(ids_ptr, map_ptr, offs_t, mask_t, SUM_K, SUM_KP2, E_IDS, E_LOCAL, HAS_MAP)
+            need = tl.sum(local_slots(ids_ptr, map_ptr, offs_t, mask_t, SUM_K, SUM_KP2, E_IDS, E_LOCAL, HAS_MAP)
                           .to(tl.int32), axis=1)  # [SUM_T]
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             tl.store(sum_ptr + offs_t[:, None] * N + cols[None, :],
@@ -170,7 +169,7 @@ def _moe_gemm_kernel(
         offs_token, mask_token, expert = block_pairs(sorted_ids_ptr, expert_ids_ptr, pid_m, num_post_pad,
                                                      num_valid_tokens, BLOCK_M)  # [BM], [BM], scalar
         if SUM_K > 0:  # each row's token's local slots, loaded before the K loop hides their latency
-            local = _local_slots(ids_ptr, map_ptr, offs_token // SUM_K, mask_token, SUM_K, SUM_KP2, E_IDS, E_LOCAL,
+            local = local_slots(ids_ptr, map_ptr, offs_token // SUM_K, mask_token, SUM_K, SUM_KP2, E_IDS, E_LOCAL,
                                  HAS_MAP)  # [BM, SUM_KP2]
     else:
         if PAIRS == 2:  # route the token: its TOP_K experts, this block's the pid_m-th
@@ -210,7 +209,7 @@ def _moe_gemm_kernel(
         if expert == -1:  # block of non-local pairs: their output rows must be exactly zero
             tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=mask_c)
             if SUM_PAIRS > 0:
-                _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS, BF16_RTNE)
+                sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS, BF16_RTNE)
             return
 
     # Wrapping N instead of masking keeps the B loads unpredicated; the store is masked.
@@ -340,9 +339,9 @@ def _moe_gemm_kernel(
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
         if SUM_PAIRS > 0:
-            _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS, BF16_RTNE)
+            sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS, BF16_RTNE)
         if SUM_K > 0:
-            _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, local, offs_token, mask_token, pid_n,
+            sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, local, offs_token, mask_token, pid_n,
                         offs_cn, N, SUM_K, SUM_KP2, BF16_RTNE)
 
 
@@ -358,78 +357,6 @@ def _prefetch_l2(base, lo, hi, PF_LINES: tl.constexpr):
         zero += tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
                                           [base + offs], dtype=tl.int32, is_pure=True, pack=1)
     return tl.max(zero, axis=0)
-
-
-@triton.jit
-def _local_slots(ids_ptr, map_ptr, tok, mask, SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, E_IDS, E_LOCAL,
-                 HAS_MAP: tl.constexpr):
-    """Which of the SUM_K slots of tokens ``tok`` [R] (rows of ``ids_ptr`` [T, SUM_K]) hold a local pair (the
-    alignment's rule, ``pair_expert``): [R, SUM_KP2] bool, False past SUM_K and where ``mask`` is False."""
-    offs_s = tl.arange(0, SUM_KP2)
-    m = mask[:, None] & (offs_s < SUM_K)[None, :]
-    raw = tl.load(ids_ptr + tok[:, None] * SUM_K + offs_s[None, :], mask=m, other=-1)
-    return m & (pair_expert(raw, map_ptr, E_IDS, E_LOCAL, HAS_MAP) >= 0)
-
-
-@triton.jit
-def _sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, local, offs_token, mask_token, pid_n, offs_cn, N,
-                SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, BF16_RTNE: tl.constexpr):
-    """GEMM2's fused sum on aligned rows (T ≤ SUM_T; docs/kernels.md, "GEMM2 sums the slots"): each row's pair
-    counts itself on its token's counter of this column block (``count_ptr`` [T, cdiv(N, BN)], released after the
-    CTA's stores, acquired before the loads); a row that brings the count to its token's number of local slots
-    (``local`` [BM, SUM_KP2], ``_local_slots``) sums that token's local rows of c in slot order (``sum_slots``'
-    order: moe_sum's bits) into ``sum_ptr`` [T, N]. A token's slots have distinct experts, so no two rows of a
-    tile share a token."""
-    tl.debug_barrier()  # every thread's stores happen before the release
-    tok = offs_token // SUM_K  # [BM]
-    n_cb = tl.cdiv(N, offs_cn.shape[0])
-    old = tl.atomic_add(count_ptr + tok * n_cb + pid_n, tl.full(tok.shape, 1, tl.int32), mask=mask_token,
-                        sem="acq_rel", scope="gpu")
-    done = mask_token & (old == tl.sum(local.to(tl.int32), axis=1) - 1)  # [BM]
-    tl.debug_barrier()  # the acquiring threads' view before any thread's loads
-    mask_n = offs_cn < N
-    offs_s = tl.arange(0, SUM_KP2)
-    y = tl.zeros((offs_token.shape[0], offs_cn.shape[0]), dtype=tl.float32)
-    for j in tl.static_range(SUM_K):  # slot order, dropped slots never read (0 added): sum_slots' arithmetic
-        lj = tl.sum(tl.where(offs_s[None, :] == j, local, False).to(tl.int32), axis=1) > 0  # [BM]
-        m = (done & lj)[:, None] & mask_n[None, :]
-        v = tl.load(c_ptr + (tok * SUM_K + j)[:, None] * stride_cm + offs_cn[None, :] * stride_cn, mask=m,
-                    other=0.0, cache_modifier=".cg")
-        y += v.to(tl.float32)
-    if BF16_RTNE:
-        y = _bf16_round(y)
-    tl.store(sum_ptr + tok[:, None] * N + offs_cn[None, :], y.to(sum_ptr.dtype.element_ty),
-             mask=done[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS: tl.constexpr,
-               BF16_RTNE: tl.constexpr):
-    """GEMM2's fused sum at T = 1 (one pair a row block: row j of c is pair j; docs/kernels.md, "GEMM2 sums the slots at
-    T = 1"): the program that stores the last of the SUM_PAIRS tiles of its column block (a counter a column
-    block, released after the CTA's stores, acquired before the loads) sums rows 0..SUM_PAIRS-1 of c in slot
-    order, as ``moe_sum`` does, into sum [N]."""
-    tl.debug_barrier()  # every thread's stores happen before the release
-    done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-    if done == SUM_PAIRS - 1:
-        mask_n = offs_cn < N
-        y = sum_slots(c_ptr, stride_cm, offs_cn * stride_cn, mask_n, count_ptr, 0, count_ptr, 0, SUM_PAIRS, False,
-                      False, True)
-        if BF16_RTNE:
-            y = _bf16_round(y)
-        tl.store(sum_ptr + offs_cn, y.to(sum_ptr.dtype.element_ty), mask=mask_n)
-
-
-class SlotSum(NamedTuple):
-    """GEMM2 also writes ``moe_sum``'s output (``invoke_moe_gemm``'s ``sum_into``): ``out`` [T, N] in c's dtype,
-    ``counts`` [T·cdiv(N, BLOCK_N)] int32 counters (cleared by GEMM1); on aligned rows also ``topk_ids`` [T, k]
-    (contiguous), the ``expert_map`` or None, and ``max_tokens``, a static bound on T (the token bucket); without
-    ``topk_ids``, T = 1 with one pair a row block."""
-    out: torch.Tensor
-    counts: torch.Tensor
-    topk_ids: torch.Tensor | None = None
-    expert_map: torch.Tensor | None = None
-    max_tokens: int = 1
 
 
 @functools.lru_cache(maxsize=None)
