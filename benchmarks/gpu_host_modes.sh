@@ -5,7 +5,8 @@
 # and without the activation fused (TORCH_MOE_OPS_FUSE_ACTIVATION) on the Qwen3 shape (kernel time, CUDA graphs),
 # then fused_moe's per-kernel split (benchmarks/kernel_split.py; SPLIT_SHAPES, SPLIT_SCHEMES, SPLIT_TOKENS,
 # SPLIT_ENVS, SPLIT_S). PROFILE_S=0 skips the host-time split. STACK_MODES (e.g. "plans triton+static triton+cpp"),
-# STACK_S and STACK_ARGS (e.g. "--tokens 1") shape the stack runs.
+# STACK_S and STACK_ARGS (e.g. "--tokens 1") shape the stack runs; AB_VARIANTS (benchmarks/host_ab.py's
+# --variants), AB_ARGS and AB_S add an in-process A/B of compile variants (ab/host_ab.json).
 # Results under $OUT (or benchmarks/results/modes-<date>): host_profile.json, stack-<mode>/host.json ("+" written
 # "_"), run-fused-<0|1>.json, split-<item>/kernel_split.json, and the logs (cuda_tests.log: pytest's whole output);
 # the summary is printed. Steps that would end past LIMIT_S (default 580 s) are skipped and named. At most 8 files
@@ -44,6 +45,13 @@ for m in ${STACK_MODES:-plans triton opaque}; do
     python3 -m benchmarks.host --out "$DIR/stack-${m//+/_}" --only stack ${STACK_ARGS:-} 2>&1 \
     | grep -E "stack |Error|error"
 done
+if [ -n "${AB_VARIANTS:-}" ] && [ "$(left)" -ge 60 ]; then  # compile variants timed round by round in one process
+  echo "== host A/B: $AB_VARIANTS $(( $(date +%s) - T0 )) s"  # e.g. AB_VARIANTS="triton=TORCH_MOE_OPS_COMPILE=triton
+  # static=TORCH_MOE_OPS_COMPILE=triton,TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1"; AB_ARGS: more flags
+  S=${AB_S:-200}
+  timeout $(( $(left) - 5 < S ? $(left) - 5 : S )) python3 -m benchmarks.host_ab --out "$DIR/ab" \
+    --variants $AB_VARIANTS ${AB_ARGS:-} 2>&1 | grep -E "^\[.*ab |Error|error" | cut -c1-300
+fi
 for f in ${FUSED:+0 1}; do  # FUSED=1: the Qwen3 kernel times without and with the activation in GEMM1
   [ "$(left)" -lt 40 ] && { echo "== skipped: kernels, fused activation $f"; continue; }
   echo "== kernels, TORCH_MOE_OPS_FUSE_ACTIVATION=$f $(( $(date +%s) - T0 )) s"

@@ -224,3 +224,47 @@ def test_kernel_split_smoke_profiles_each_cell(tmp_path):
     assert [(r["scheme"], r["T"]) for r in rows] == [("none", 1), ("none", 3), ("fp8_block", 1), ("fp8_block", 3)]
     assert all(r["kernels"] and r["kernels_us"] == pytest.approx(sum(k["us"] for k in r["kernels"].values()))
                for r in rows)
+
+
+def test_host_ab_compiles_each_variant_once_and_pairs_the_rounds(tmp_path, monkeypatch):
+    """benchmarks.host_ab on CPU: every variant gets graphs of its own (a fresh code object each, so Dynamo does
+    not serve the second variant the first one's graph), traced under its environment (the package's compile mode
+    is read at trace time), restored afterwards; rows hold each variant's marginal and the paired difference."""
+    from benchmarks import host_ab
+    from torch._dynamo.utils import counters
+
+    from torch_moe_ops._platform import COMPILE_ENV, compile_mode
+
+    seen = []
+    real = host_ab._compile
+
+    def spy(stack, x, name, env, backend, device):
+        fn, s = real(stack, x, name, env, backend, device)
+        seen.append((name, counters["stats"]["unique_graphs"]))
+        return fn, s
+
+    modes = []
+    monkeypatch.setattr(host_ab, "_compile", spy)
+    monkeypatch.setattr(host_ab, "_environment", _recording(host_ab._environment, modes, compile_mode))
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    counters.clear()
+    assert host_ab.main(["--smoke", "--out", str(tmp_path), "--variants", f"a={COMPILE_ENV}=plans",
+                         f"b={COMPILE_ENV}=opaque", "--schemes", "none", "--tokens", "1"]) == 0
+    assert [n for n, _ in seen] == ["a", "a_nomoe", "b", "b_nomoe"]
+    assert [g for _, g in seen] == [1, 2, 3, 4], seen  # one new graph per compile
+    assert modes[:4] == ["plans", "plans", "opaque", "opaque"] and COMPILE_ENV not in os.environ
+    row = json.loads((tmp_path / "host_ab.json").read_text())["rows"][0]
+    assert set(row["variants"]) == {"a", "b"} and "minus_first_us" in row["variants"]["b"]
+    assert row["variants"]["a"]["env"] == {COMPILE_ENV: "plans"}
+
+
+def _recording(environment, modes, compile_mode):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def wrapped(assignments):
+        with environment(assignments):
+            modes.append(compile_mode())
+            yield
+
+    return wrapped
