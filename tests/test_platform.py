@@ -8,8 +8,9 @@ import pytest
 from torch_moe_ops import _platform as P
 
 FLAGS = [(P.DEBUG_ENV, P.debug_checks, False), (P.PLANS_ENV, P.launch_plans, True),
-         (P.DIRECT_LAUNCH_ENV, P.direct_launch, True), (P.FUSE_ACTIVATION_ENV, lambda: P.fuse_activation(7), False),
-         (P.FUSE_SUM_ENV, P.fuse_sum, True), (P.SWAP_AB_ENV, P.swap_ab, False)]
+         (P.DIRECT_LAUNCH_ENV, P.direct_launch, True), (P.FUSE_ACTIVATION_ENV, lambda: P.fuse_activation(17), False),
+         (P.FUSE_SUM_ENV, lambda: P.fuse_sum(1), True), (P.SWAP_AB_ENV, P.swap_ab, False),
+         (P.PREFETCH_ENV, P.prefetch_l2, False)]
 
 
 @pytest.mark.parametrize("name,read,default", FLAGS, ids=[f[0] for f in FLAGS])
@@ -25,14 +26,27 @@ def test_boolean_switches(monkeypatch, name, read, default):
         read()
 
 
-def test_the_activation_fuses_at_T1_unless_told(monkeypatch):
-    """FUSE_ACTIVATION unset: GEMM1 applies the activation at T = 1 only (the size timed); 1 / 0 force it."""
+def test_the_activation_fuses_up_to_16_tokens_unless_told(monkeypatch):
+    """FUSE_ACTIVATION unset: GEMM1 applies the activation up to 16 tokens (the sizes timed), not in the
+    batch-invariant mode; 1 / 0 force it."""
     monkeypatch.delenv(P.FUSE_ACTIVATION_ENV, raising=False)
-    assert P.fuse_activation(1) and not P.fuse_activation(2) and not P.fuse_activation(1, invariant=True)
+    assert P.fuse_activation(1) and P.fuse_activation(16) and not P.fuse_activation(17)
+    assert not P.fuse_activation(1, invariant=True)
     monkeypatch.setenv(P.FUSE_ACTIVATION_ENV, "0")
     assert not P.fuse_activation(1)
     monkeypatch.setenv(P.FUSE_ACTIVATION_ENV, "1")
     assert P.fuse_activation(4096)
+
+
+def test_the_sum_fuses_at_T1_unless_told(monkeypatch):
+    """FUSE_SUM unset: GEMM2 sums the slots at T = 1 only (slower on aligned rows, timed); 1: up to 16 tokens; 0:
+    never."""
+    monkeypatch.delenv(P.FUSE_SUM_ENV, raising=False)
+    assert P.fuse_sum(1) and not P.fuse_sum(2)
+    monkeypatch.setenv(P.FUSE_SUM_ENV, "1")
+    assert P.fuse_sum(1) and P.fuse_sum(16) and not P.fuse_sum(17)
+    monkeypatch.setenv(P.FUSE_SUM_ENV, "0")
+    assert not P.fuse_sum(1)
 
 
 def test_mode_switches_refuse_unknown_modes(monkeypatch):
