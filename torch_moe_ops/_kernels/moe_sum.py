@@ -55,9 +55,9 @@ def sum_slots(x_ptr, stride_xk, offs, mask, ids_ptr, stride_ik, map_ptr, E, TOP_
 
 @triton.jit
 def sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N, SUM_PAIRS: tl.constexpr,
-               BF16_RTNE: tl.constexpr):
-    """GEMM2's fused sum at T = 1 (one pair a row block: row j of c is pair j; docs/kernels.md, "GEMM2 sums the slots at
-    T = 1"): the program that stores the last of the SUM_PAIRS tiles of its column block (a counter a column
+              BF16_RTNE: tl.constexpr):
+    """GEMM2's fused sum at T = 1 (one pair a row block: row j of c is pair j; docs/kernels.md, "GEMM2 sums the
+    slots"): the program that stores the last of the SUM_PAIRS tiles of its column block (a counter a column
     block, released after the CTA's stores, acquired before the loads) sums rows 0..SUM_PAIRS-1 of c in slot
     order, as ``moe_sum`` does, into sum [N]."""
     tl.debug_barrier()  # every thread's stores happen before the release
@@ -73,7 +73,7 @@ def sum_pairs(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, pid_n, offs_cn, N
 
 @triton.jit
 def sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, local, offs_token, mask_token, pid_n, offs_cn, N,
-                SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, BF16_RTNE: tl.constexpr):
+               SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, BF16_RTNE: tl.constexpr):
     """GEMM2's fused sum on aligned rows (T ≤ SUM_T; docs/kernels.md, "GEMM2 sums the slots"): each row's pair
     counts itself on its token's counter of this column block (``count_ptr`` [T, cdiv(N, BN)], released after the
     CTA's stores, acquired before the loads); a row that brings the count to its token's number of local slots
@@ -104,7 +104,7 @@ def sum_tokens(c_ptr, stride_cm, stride_cn, sum_ptr, count_ptr, local, offs_toke
 
 @triton.jit
 def local_slots(ids_ptr, map_ptr, tok, mask, SUM_K: tl.constexpr, SUM_KP2: tl.constexpr, E_IDS, E_LOCAL,
-                 HAS_MAP: tl.constexpr):
+                HAS_MAP: tl.constexpr):
     """Which of the SUM_K slots of tokens ``tok`` [R] (rows of ``ids_ptr`` [T, SUM_K]) hold a local pair (the
     alignment's rule, ``pair_expert``): [R, SUM_KP2] bool, False past SUM_K and where ``mask`` is False."""
     offs_s = tl.arange(0, SUM_KP2)
@@ -123,7 +123,6 @@ class SlotSum(NamedTuple):
     topk_ids: torch.Tensor | None = None
     expert_map: torch.Tensor | None = None
     max_tokens: int = 1
-
 
 
 def moe_sum(x: torch.Tensor, out: torch.Tensor | None = None, topk_ids: torch.Tensor | None = None,
