@@ -172,6 +172,10 @@ def main(argv=None) -> int:
     p.add_argument("--schemes", default="", help="restrict schemes (default: each shape's own)")
     p.add_argument("--out", default="benchmarks/results.json")
     p.add_argument("--no-quant", action="store_true", help="skip the online-quantization bandwidth benchmark")
+    p.add_argument("--flush", choices=("write", "read"), default="write",
+                   help="the L2 flush before each timed run: do_bench's zeroing (write, the default: every figure "
+                        "before session 14) or a read that leaves clean lines (read: as in a model's decode "
+                        "step; docs/kernels.md)")
     args = p.parse_args(argv)
     ceilings = measure_ceilings()
     print(json.dumps(ceilings), flush=True)
@@ -206,14 +210,14 @@ def main(argv=None) -> int:
                     if fns[0] is None:
                         continue
                     try:
-                        ms = do_bench_ms(lambda: [f() for f in fns], prov.graph) / len(fns)
+                        ms = do_bench_ms(lambda: [f() for f in fns], prov.graph, flush=args.flush) / len(fns)
                     except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, not fatal
                         print(f"{shape.name} {scheme} T={T} {name}: FAILED {exc!r}"[:300], flush=True)
                         cells.append(dict(shape=shape.name, scheme=scheme, T=T, provider=name, error=repr(exc)[:300]))
                         continue
                     cell = dict(shape=shape.name, scheme=scheme, T=T, provider=name, ms=ms, **roof,
                                 frac_roof=roof["roof_s"] * 1e3 / ms, tflops=roof["flops"] / ms / 1e9,
-                                experts_touched=touched, weight_copies=len(fns))
+                                experts_touched=touched, weight_copies=len(fns), flush=args.flush)
                     cells.append(cell)
                     print(f"{shape.name:<14} {scheme:<11} T={T:<6} {name:<18} {ms:9.4f} ms "
                           f"roof {roof['roof_s'] * 1e3:8.4f} ms ({cell['frac_roof'] * 100:5.1f}%) "
