@@ -15,7 +15,8 @@ keeps one graph per variant). Then ``--rounds`` rounds time every variant once, 
 with − without, / layers) is measured within a few milliseconds. Reported per variant: the median and the 25–75 %
 range of its marginal over rounds, and, against the first variant, the median of the per-round differences
 (paired: a drift of the host moves both sides of a round). Also the compiled graphs' CUDA-graph time (their kernels
-must not slow down). ``--smoke``: a tiny shape on CPU with aot_eager (exercises the code, measures nothing).
+must not slow down). A variant ``NAME=eager`` runs the stack uncompiled (the eager path, plans replaying), the
+eager target's figure in the same rounds. ``--smoke``: a tiny shape on CPU with aot_eager (exercises the code, measures nothing).
 Writes ``DIR/host_ab.json``.
 """
 from __future__ import annotations
@@ -67,18 +68,29 @@ def _own_frame(fn, name: str):
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _variant(text: str) -> tuple[str, dict]:
+EAGER = "eager"  #: a variant spec that runs the stack uncompiled (the package's eager path: plans replaying)
+
+
+def _variant(text: str) -> tuple[str, dict | None]:
+    """``NAME=VAR=VALUE[,VAR=VALUE...]`` -> (NAME, {VAR: VALUE}); ``NAME=eager`` -> (NAME, None)."""
     name, _, spec = text.partition("=")
+    if name and spec == EAGER:
+        return name, None
     pairs = [p for p in spec.split(",") if p]
     if not name or any("=" not in p for p in pairs):
-        raise argparse.ArgumentTypeError(f"a variant is NAME=VAR=VALUE[,VAR=VALUE...], got {text!r}")
+        raise argparse.ArgumentTypeError(f"a variant is NAME=VAR=VALUE[,VAR=VALUE...] or NAME=eager, got {text!r}")
     return name, dict(p.split("=", 1) for p in pairs)
 
 
-def _compile(stack: Stack, x: torch.Tensor, name: str, env: dict, backend: str, device):
+def _compile(stack: Stack, x: torch.Tensor, name: str, env: dict | None, backend: str, device):
+    """(the variant's callable, seconds of its first call); ``env`` None: the stack itself, uncompiled."""
     def forward(x):
         return stack(x)
 
+    if env is None:
+        start = time.perf_counter()
+        _warm(lambda: stack(x), device)
+        return stack, time.perf_counter() - start
     fn = torch.compile(_own_frame(forward, name), fullgraph=True, dynamic=True, backend=backend)
     with _environment(env):
         start = time.perf_counter()
@@ -123,12 +135,12 @@ def bench(scheme: str, T: int, variants: list, args, device, shape) -> dict:
     for name, env in variants:
         m = marginals[name]
         q = statistics.quantiles(m, n=4) if len(m) > 1 else [m[0]] * 3
-        cell = dict(env=env, marginal_us=statistics.median(m), marginal_us_q25=q[0], marginal_us_q75=q[2],
+        cell = dict(env=env if env is not None else EAGER, marginal_us=statistics.median(m), marginal_us_q25=q[0], marginal_us_q75=q[2],
                     compile_s=compiled[name][2])
         if name != first:  # paired: this round's value against the first variant's of the same round
             cell["minus_first_us"] = statistics.median(a - b for a, b in zip(m, marginals[first]))
         moe_fn = compiled[name][0]
-        with _environment(env):
+        with _environment(env or {}):
             g = graph_us(lambda: moe_fn(x), device)
         cell["graph_us"] = g
         row["variants"][name] = cell

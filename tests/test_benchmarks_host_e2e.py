@@ -258,6 +258,16 @@ def test_host_ab_compiles_each_variant_once_and_pairs_the_rounds(tmp_path, monke
     assert row["variants"]["a"]["env"] == {COMPILE_ENV: "plans"}
 
 
+def test_host_ab_variant_specs():
+    from benchmarks import host_ab
+
+    assert host_ab._variant("e=eager") == ("e", None)
+    assert host_ab._variant("s=A=1,B=x=y") == ("s", {"A": "1", "B": "x=y"})
+    for bad in ("=A=1", "s=A", "s=A=1,B"):
+        with pytest.raises(Exception, match="NAME=VAR=VALUE"):
+            host_ab._variant(bad)
+
+
 def _recording(environment, modes, compile_mode):
     from contextlib import contextmanager
 
