@@ -48,8 +48,8 @@ def _environment(assignments: dict):
     os.environ.update(assignments)
     for key, value in assignments.items():  # Inductor reads its env-backed options once, at import
         name = key.removeprefix("TORCHINDUCTOR_").lower()
-        if key.startswith("TORCHINDUCTOR_") and hasattr(inductor_config, name):
-            patched[name] = value not in ("0", "", "false", "False")
+        if key.startswith("TORCHINDUCTOR_") and isinstance(getattr(inductor_config, name, None), bool):
+            patched[name] = value.strip().lower() not in ("0", "", "false", "off", "no")
     try:
         with inductor_config.patch(patched):
             yield
