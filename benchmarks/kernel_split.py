@@ -42,16 +42,21 @@ def split(fn, calls: int, device: str) -> dict:
         for _ in range(calls):
             fn()
         sync()
-    rows = defaultdict(lambda: [0, 0.0])
+    by_name = defaultdict(list)  # name -> [(start, µs)] of every launch
     for evt in prof.events():
         if device == "cuda" and evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         if device != "cuda" and not evt.name.startswith("aten::"):
             continue
-        rows[evt.name][0] += 1
-        rows[evt.name][1] += evt.device_time if device == "cuda" else evt.cpu_time
-    return {name: {"launches": n / calls, "us": us / calls} for name, (n, us) in
-            sorted(rows.items(), key=lambda kv: -kv[1][1])}
+        by_name[evt.name].append((evt.time_range.start, evt.device_time if device == "cuda" else evt.cpu_time))
+    rows = {}
+    for name, evts in by_name.items():
+        rows[name] = {"launches": len(evts) / calls, "us": sum(us for _, us in evts) / calls}
+        per_call = len(evts) // calls
+        if per_call > 1 and len(evts) == per_call * calls:  # the i-th launch of a call, e.g. GEMM1 and GEMM2
+            evts.sort()
+            rows[name]["per_launch_us"] = [sum(us for _, us in evts[i::per_call]) / calls for i in range(per_call)]
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"]))
 
 
 def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str) -> dict:
@@ -108,7 +113,9 @@ def main(argv=None) -> int:
                 for op in args.ops.split(","):
                     row = cell(shape, scheme, T, op, 2 if args.smoke else args.calls, device)
                     rows.append(row)
-                    top = ", ".join(f"{n[:40]} {k['us']:.1f}" for n, k in list(row["kernels"].items())[:6])
+                    top = ", ".join(f"{n[:40]} {k['us']:.1f}" + (" (" + " + ".join(
+                        f"{u:.1f}" for u in k["per_launch_us"]) + ")" if len(k.get("per_launch_us", ())) in (2, 3, 4) else "")
+                        for n, k in list(row["kernels"].items())[:6])
                     print(f"{shape.name:<14} {scheme:<11} T={T:<5} {op}: kernels {row['kernels_us']:.1f} us"
                           f" (graph {row.get('graph_us', float('nan')):.1f}, clean L2 "
                           f"{row.get('graph_clean_us', float('nan')):.1f}); {top}", flush=True)

@@ -224,6 +224,10 @@ def test_kernel_split_smoke_profiles_each_cell(tmp_path):
     assert [(r["scheme"], r["T"]) for r in rows] == [("none", 1), ("none", 3), ("fp8_block", 1), ("fp8_block", 3)]
     assert all(r["kernels"] and r["kernels_us"] == pytest.approx(sum(k["us"] for k in r["kernels"].values()))
                for r in rows)
+    # an op run n > 1 times a call is also split launch by launch, the parts adding up to its total
+    split = [k for r in rows for k in r["kernels"].values() if k["launches"] > 1]
+    assert split and all(k["us"] == pytest.approx(sum(k["per_launch_us"])) and len(k["per_launch_us"]) ==
+                         k["launches"] for k in split)
 
 
 def test_host_ab_compiles_each_variant_once_and_pairs_the_rounds(tmp_path, monkeypatch):
