@@ -94,6 +94,9 @@ def _install(tiles: str | None = None):
                           dtype=dtype, block_m=block_m)
 
     fused_experts.get_config = gpu_config
+    from torch_moe_ops._platform import pdl
+
+    fused_experts.dependent_launch = lambda device: pdl()  # TORCH_MOE_OPS_PDL=1: the GDC variants (sm_90 here)
 
 
 SETUP_FAILED = 3  #: exit status when this Triton cannot be driven without a GPU (not a kernel's failure)

@@ -18,6 +18,7 @@ DIRECT_LAUNCH_ENV = "TORCH_MOE_OPS_DIRECT_LAUNCH"  # "0": replays go through Tri
 FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # GEMM1's epilogue applies gated activations: 1 / 0
 FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # GEMM2 sums the k slots: unset at T = 1, "1" up to 16 tokens, "0" never
 PREFETCH_ENV = "TORCH_MOE_OPS_PREFETCH"  # "1": GEMM1 at T = 1 brings GEMM2's weights into L2
+PDL_ENV = "TORCH_MOE_OPS_PDL"  # "1": GEMM2 at T = 1 is launched while GEMM1 runs (programmatic dependent launch)
 FUSE_ROUTING_ENV = "TORCH_MOE_OPS_FUSE_ROUTING"  # "0": fused_moe's GEMM1 does not route the token at T = 1
 SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
@@ -124,6 +125,13 @@ def prefetch_l2() -> bool:
     """Whether GEMM1 at T = 1 brings GEMM2's weights into L2 before its K loop (``TORCH_MOE_OPS_PREFETCH=1``; off
     by default until timed; docs/kernels.md). Read when a launch plan is recorded."""
     return _flag(PREFETCH_ENV, False)
+
+
+def pdl() -> bool:
+    """Whether GEMM2 at T = 1 is launched as a programmatic dependent launch of GEMM1 (``TORCH_MOE_OPS_PDL=1``; off
+    by default until timed; docs/kernels.md, "GEMM2 launched while GEMM1 runs"). Read when a launch plan is
+    recorded."""
+    return _flag(PDL_ENV, False)
 
 
 def fuse_routing() -> bool:

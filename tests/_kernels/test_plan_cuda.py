@@ -220,33 +220,50 @@ def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_a
     PLANS.clear()
 
 
+@pytest.mark.parametrize("switches", ["PREFETCH", "PDL", "PREFETCH,PDL"])
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "silu"),
                                                ("mxfp4", "swigluoai")])
-def test_gemm1_prefetching_gemm2s_weights_on_the_gpu(monkeypatch, scheme, activation):
-    """TORCH_MOE_OPS_PREFETCH=1 (docs/kernels.md): GEMM1 at T = 1 brings GEMM2's weights into L2; the outputs are
-    bitwise those without it, fused_moe and fused_experts, recorded and replayed plans, an expert_map."""
+def test_t1_launch_switches_keep_the_bits_on_the_gpu(monkeypatch, scheme, activation, switches):
+    """TORCH_MOE_OPS_PREFETCH=1 (GEMM1 at T = 1 brings GEMM2's weights into L2) and TORCH_MOE_OPS_PDL=1 (GEMM2 a
+    programmatic dependent launch of GEMM1; docs/kernels.md): the outputs are bitwise those without them,
+    fused_moe and fused_experts, recorded and replayed plans, an expert_map, a CUDA graph."""
     from torch_moe_ops._kernels import gemm
-    from torch_moe_ops._platform import PREFETCH_ENV
 
     E, k, H, I = 60, 6, 512, 384
     q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
     emap = torch.arange(E, dtype=torch.int32, device=DEV)
     emap[::7] = -1
     cases = [_inputs(1, H, E, seed) for seed in range(4)]
-    want = []
-    PLANS.clear()
-    for x, logits in cases:
+
+    def calls(x, logits):
         w, ids = moe.topk_route(logits, k)
-        want.append((moe.fused_moe(x, logits, q13, q2, k, **kw), moe.fused_experts(x, q13, q2, w, ids, **kw),
-                     moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw)))
-    monkeypatch.setenv(PREFETCH_ENV, "1")
-    assert gemm.prefetches(q2, k)
+        return (moe.fused_moe(x, logits, q13, q2, k, **kw), moe.fused_experts(x, q13, q2, w, ids, **kw),
+                moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw))
+
     PLANS.clear()
-    for (x, logits), (a, b, c) in zip(cases, want):  # the first records, the rest replay
-        w, ids = moe.topk_route(logits, k)
-        torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), a, rtol=0, atol=0)
-        torch.testing.assert_close(moe.fused_experts(x, q13, q2, w, ids, **kw), b, rtol=0, atol=0)
-        torch.testing.assert_close(moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw), c, rtol=0, atol=0)
+    want = [calls(x, logits) for x, logits in cases]
+    for name in switches.split(","):
+        monkeypatch.setenv(f"TORCH_MOE_OPS_{name}", "1")
+    assert gemm.prefetches(q2, k) == ("PREFETCH" in switches)
+    seen, real = [], gemm.launch
+    monkeypatch.setattr(gemm, "launch", lambda kernel, grid, *a, **kw_: seen.append(
+        (kw_["PREFETCH"], kw_["GDC"], kw_.get("launch_pdl", False))) or real(kernel, grid, *a, **kw_))
+    PLANS.clear()
+    for (x, logits), wants in zip(cases, want):  # the first records, the rest replay
+        for got, w_ in zip(calls(x, logits), wants):
+            torch.testing.assert_close(got, w_, rtol=0, atol=0)
+    pdl = "PDL" in switches
+    assert seen[:2] == [("PREFETCH" in switches, 1 if pdl else 0, False), (False, 2 if pdl else 0, pdl)], seen
+    x, logits = (t.clone() for t in cases[0])
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = calls(x, logits)
+    for (x2, logits2), wants in list(zip(cases, want))[1:]:
+        x.copy_(x2)
+        logits.copy_(logits2)
+        g.replay()
+        for got, w_ in zip(out, wants):
+            torch.testing.assert_close(got, w_, rtol=0, atol=0)
     PLANS.clear()
 
 

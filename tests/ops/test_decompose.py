@@ -60,6 +60,14 @@ def test_gemm1_prefetching_gemm2s_weights_copies_nothing():
     assert got["cloned_inputs"] == [], got
 
 
+def test_no_dependent_launch_under_inductor():
+    """TORCH_MOE_OPS_PDL=1 at T = 1: Inductor's launches take no launch_pdl, so the traced GEMMs are the plain
+    ones (gemm.dependent_launch is False while tracing): two kernels, no input copied."""
+    got = _trace([("none", 1, False)], TORCH_MOE_OPS_PDL="1")[("none", 1, False)]
+    assert Counter(got["nodes"])["triton_kernel_wrapper_functional"] == KERNELS["none"] - 4, got
+    assert got["cloned_inputs"] == [], got
+
+
 def test_gemm2_sums_aligned_rows_when_switched_on():
     """TORCH_MOE_OPS_FUSE_SUM=1 at T = 2..16 (symbolic): GEMM2 also sums the slots on aligned rows (routing with
     the alignment, GEMM1 with the activation, GEMM2: three kernels), reading the routing's ids and writing the

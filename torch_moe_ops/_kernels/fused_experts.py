@@ -16,7 +16,7 @@ from ..schemes import Activation, QuantScheme, cdiv
 from .activation import act_and_mul, act_and_quant, quant_buffers, quantize_activation
 from .align import align_buffers
 from .configs import get_config
-from .gemm import invoke_moe_gemm, prefetches, quantizes_input
+from .gemm import dependent_launch, invoke_moe_gemm, prefetches, quantizes_input
 from .moe_sum import SlotSum, moe_sum
 from .routing import invariant_alignment, one_program, rows_apart, topk_route
 
@@ -42,14 +42,15 @@ def gemm1_input(x, w13, topk_weights, topk_ids, scheme: QuantScheme, block, expe
 def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_scale, w13_bias, block,
           act: Activation, fused: tuple | None = None, a1_quant: tuple | None = None, invariant: bool = False,
           zero_counts: tuple | None = None, pair_ids: tuple | None = None, route: tuple | None = None,
-          act_dtype: torch.dtype | None = None, prefetch: torch.Tensor | None = None) -> None:
+          act_dtype: torch.dtype | None = None, prefetch: torch.Tensor | None = None, pdl: int = 0) -> None:
     """Step 3: ``out`` [T·k, N1] (or [T·k, N1/2] with ``fused`` = (act, alpha, limit): the activation in the
     epilogue; ``act_dtype``: GEMM1's output rounded to it first, ``out`` fp32) = a1 (quantized first for fp8
     schemes, unless ``a1_quant`` = (q, scale) already holds that, or, with ``pair_ids`` at T = 1, by GEMM1 itself
     where its tiles allow) @ W13ᵀ + bias, rows of dropped pairs untouched. ``invariant``: ``cfg1`` is a
     batch-invariant config. ``zero_counts``: (GEMM2's fused-sum counters, a static bound on their number), which
     this launch clears. ``pair_ids`` / ``route``: T = 1's pairs instead of the alignment (``invoke_moe_gemm``);
-    ``prefetch``: GEMM2's weights, which GEMM1 then brings into L2 (``gemm.prefetches``)."""
+    ``prefetch``: GEMM2's weights, which GEMM1 then brings into L2 (``gemm.prefetches``); ``pdl``: 1 when GEMM2
+    follows as a programmatic dependent launch (``gemm.dependent_launch``)."""
     a1_scale = None
     quant_a = (pair_ids is not None and a1_quant is None and scheme.act is not None
                and quantizes_input(scheme, block, cfg1))
@@ -60,7 +61,7 @@ def gemm1(a1, a1_div: int, w13, out, alignment, cfg1, scheme: QuantScheme, w13_s
     invoke_moe_gemm(a1, w13, out, *alignment, top_k=a1_div, config=cfg1, scheme=scheme, a_scale=a1_scale,
                     w_scale=w13_scale, bias=w13_bias, block=block, interleaved=act.interleaved, act=fused,
                     invariant=invariant, zero_counts=zero_counts, pair_ids=pair_ids, route=route, quant_a=quant_a,
-                    act_dtype=act_dtype, prefetch=prefetch)
+                    act_dtype=act_dtype, prefetch=prefetch, pdl=pdl)
 
 
 def gemm2_input(c1, act: Activation, alpha: float, limit: float, scheme: QuantScheme, block):
@@ -150,12 +151,14 @@ def fused_experts(
     pf = w2 if direct and prefetches(w2, k) else None  # GEMM1 brings GEMM2's weights into L2
     # fp8 at T = 1: GEMM1's epilogue applies the activation (output kept in fp32) and GEMM2 quantizes its rows
     quant_a2 = direct and scheme.act is not None and quantizes_input(scheme, block, cfg2)
+    pdl = 0  # GEMM2 right after GEMM1 (activation fused) at T = 1: launched while GEMM1 runs
     if not keep_c1 and act.gated and fuse_activation(T, invariant) and (scheme.act is None or quant_a2):
         a2_dtype = x.dtype if scheme.act is None else torch.float32
         a2, a2_scale = torch.empty((numel, N1 // 2), dtype=a2_dtype, device=device), None
+        pdl = 1 if direct and dependent_launch(device) else 0
         gemm1(a1, a1_div, w13, a2, alignment, cfg1, scheme, w13_scale, w13_bias, block, act,
               fused=(act, alpha, limit), a1_quant=a1_quant, invariant=invariant, zero_counts=zero,
-              pair_ids=pair_ids, route=route1, act_dtype=x.dtype, prefetch=pf)
+              pair_ids=pair_ids, route=route1, act_dtype=x.dtype, prefetch=pf, pdl=pdl)
     else:
         quant_a2 = False
         c1 = (torch.zeros if keep_c1 else torch.empty)((numel, N1), dtype=x.dtype, device=device)
@@ -171,7 +174,7 @@ def fused_experts(
         a2, w2, c3, *alignment, top_k=1, config=cfg2, scheme=scheme,
         a_scale=a2_scale, w_scale=w2_scale, bias=w2_bias, block=block,
         topk_weights=None if on_input else topk_weights, invariant=invariant, sum_into=sums, pair_ids=pair_ids,
-        quant_a=quant_a2,
+        quant_a=quant_a2, pdl=2 if pdl else 0,
     )
     if sums is not None:
         out = sums.out

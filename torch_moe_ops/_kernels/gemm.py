@@ -29,8 +29,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .._platform import interpret_mode, prefetch_l2
+from .._platform import interpret_mode, pdl as pdl_switch, prefetch_l2
 from ..schemes import FP8_MAX, SCALE_EPS, QuantScheme, cdiv
 from ._numerics import _abs_bits, _bf16_round, _from_bits, _quantize, _scale_of, _upcast_emulated
 from .activation import _gated
@@ -38,7 +39,7 @@ from .formats import (block_pairs, decode_pairs, decode_scale, pair_expert, pair
                       stored_value_scales, swizzle, tensor_scale_half)
 from .configs import TileConfig, fits_scale_tile, joins_k, swaps
 from .moe_sum import SlotSum, local_slots, sum_pairs, sum_tokens
-from .plan import launch
+from .plan import launch, tracing
 from .topk import route_constexprs, route_rows
 
 
@@ -127,7 +128,7 @@ def _moe_gemm_kernel(
     K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, SIGMOID: tl.constexpr, HAS_RBIAS: tl.constexpr,
     GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     QUANT_A: tl.constexpr, A_QMAX: tl.constexpr, A_EPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    ACT_ROUND: tl.constexpr, PREFETCH: tl.constexpr,
+    ACT_ROUND: tl.constexpr, PREFETCH: tl.constexpr, GDC: tl.constexpr,
 ):
     """PAIRS: where a program's row block gets its pairs. 0: ``sorted_ids`` / ``expert_ids`` / ``num_post_pad``
     (the alignment). 1 and 2, T = 1: pair j alone at row 0 of row block j (its k experts are distinct, so each
@@ -147,7 +148,14 @@ def _moe_gemm_kernel(
     evict_first, so that GEMM2 reads its weights from L2 while GEMM1 has the HBM (docs/kernels.md).
     SUM_K (GEMM2 on aligned rows, T ≤ SUM_T): c's rows are pairs of tokens with SUM_K slots each; the program that
     stores the last local slot of a token's column block also writes its sum into ``sum_ptr`` [T, N] (``moe_sum``'s
-    bits; ``ids_ptr`` [T, SUM_K] say which slots are local; docs/kernels.md, "GEMM2 sums the slots")."""
+    bits; ``ids_ptr`` [T, SUM_K] say which slots are local; docs/kernels.md, "GEMM2 sums the slots").
+    GDC (programmatic dependent launch, sm_90+; docs/kernels.md, "GEMM2 launched while GEMM1 runs"): 1 (GEMM1) lets
+    the next launch start its programs now; 2 (GEMM2, launched with ``launch_pdl``) waits, before anything else,
+    until the launch before it has finished and its writes are visible."""
+    if GDC == 1:
+        gdc_launch_dependents()
+    if GDC == 2:
+        gdc_wait()
     if ZERO_COUNT > 0:  # GEMM1 clears GEMM2's counters (SUM_PAIRS, SUM_K), which runs after it on the stream
         if tl.program_id(0) == 0:
             offs_z = tl.arange(0, ZERO_COUNT)
@@ -397,6 +405,7 @@ def invoke_moe_gemm(
     quant_a: bool = False,
     act_dtype: torch.dtype | None = None,
     prefetch: torch.Tensor | None = None,
+    pdl: int = 0,
 ) -> torch.Tensor:
     """One grouped GEMM ``c[j] = epilogue(a[j // top_k] @ w[e(j)]ᵀ)``; launches on ``c``'s device, no sync.
 
@@ -429,7 +438,9 @@ def invoke_moe_gemm(
     and an fp32 ``c``): GEMM1's output is rounded to it before the activation, whose output c keeps in fp32 (for a
     GEMM2 with ``quant_a``: the bits of ``act_and_quant``). ``prefetch`` (GEMM1 with ``pair_ids``): GEMM2's weights
     [E, N2, K2 / pack], each expert's slab contiguous; each program brings a share of its pair's expert's slab into
-    L2 before its K loop (``prefetches``).
+    L2 before its K loop (``prefetches``). ``pdl`` (``dependent_launch`` says where it may): 1 on GEMM1, 2 on the
+    GEMM2 launched right after it: GEMM2 is then a programmatic dependent launch of GEMM1, its programs started
+    while GEMM1 runs, each waiting for GEMM1's writes before its first read.
     """
     numel = c.shape[0]
     pack = scheme.weight.pack if scheme.quantized else 1
@@ -522,7 +533,8 @@ def invoke_moe_gemm(
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
         ZERO_COUNT=triton.next_power_of_2(zero_max) if zero_max else 0, **sum_kw, **pair_kw,
         QUANT_A=quant_a, A_QMAX=FP8_MAX, A_EPS=SCALE_EPS, EMULATE_FP8=quant_a and interpret_mode(),
-        ACT_ROUND=act_round, PREFETCH=prefetch is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        ACT_ROUND=act_round, PREFETCH=prefetch is not None, GDC=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages, **({"launch_pdl": True} if pdl == 2 else {}),
     )
     return c
 
@@ -539,6 +551,15 @@ def prefetches(w2: torch.Tensor, top_k: int) -> bool:
     ``PREFETCH_MAX_BYTES``."""
     slab = _slab_bytes(w2)
     return prefetch_l2() and not interpret_mode() and slab is not None and top_k * slab <= PREFETCH_MAX_BYTES
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether GEMM2 at T = 1 may be a programmatic dependent launch of GEMM1 (``invoke_moe_gemm``'s ``pdl``): with
+    ``TORCH_MOE_OPS_PDL=1`` (off by default: not timed yet), on sm_90 and later (``griddepcontrol``), outside the
+    interpreter (no PTX there) and outside torch.compile's ``triton`` mode (``wrap_triton`` takes no
+    ``launch_pdl``)."""
+    return (pdl_switch() and not interpret_mode() and not tracing() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _slab_bytes(w: torch.Tensor) -> int | None:

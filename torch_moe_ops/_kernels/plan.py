@@ -56,6 +56,12 @@ def launch(kernel, grid, *args, **kwargs):
     return compiled
 
 
+def tracing() -> bool:
+    """Whether ``launch()`` is tracing for Inductor on this thread (``traced_launches``): launch options that
+    ``wrap_triton`` does not take (``launch_pdl``) must not be asked for then."""
+    return getattr(_state, "traced", False)
+
+
 @contextlib.contextmanager
 def traced_launches():
     """Inside, ``launch()`` records each launch into the graph being traced (a ``triton_kernel_wrapper``
