@@ -62,6 +62,7 @@ done
 # fused_moe's kernels one by one against its CUDA-graph time (T = 1 by default), once per item of SPLIT_ENVS:
 # "-" (the defaults) or comma-separated switches without their TORCH_MOE_OPS_ prefix, e.g. "- FUSE_SUM=0
 # FUSE_ACTIVATION=1,FUSE_SUM=0"; each under SPLIT_S seconds (default: what is left). Results: split-<item>/.
+# SPLIT_TILES: tile variants each cell also runs (kernel_split --tiles, e.g. "n32=16x32x128x4x4/16x32x128x4x4").
 for a in ${SPLIT_ENVS:--}; do
   [ "$(left)" -lt 50 ] && { echo "== skipped: kernel split, $a"; continue; }
   echo "== kernel split, $a $(( $(date +%s) - T0 )) s"
@@ -69,7 +70,7 @@ for a in ${SPLIT_ENVS:--}; do
   ( [ "$a" = - ] || for kv in ${a//,/ }; do export "TORCH_MOE_OPS_$kv"; done
     timeout $(( $(left) - 5 < S ? $(left) - 5 : S )) python3 -m benchmarks.kernel_split --out "$DIR/split-$tag" \
       --shapes ${SPLIT_SHAPES:-qwen3-30b-a3b,gpt-oss-20b} --schemes ${SPLIT_SCHEMES:-none,fp8_block,int4_w4a16} \
-      --tokens ${SPLIT_TOKENS:-1} > "$DIR/split-$tag.log" 2>&1 )
+      --tokens ${SPLIT_TOKENS:-1} ${SPLIT_TILES:+--tiles "$SPLIT_TILES"} > "$DIR/split-$tag.log" 2>&1 )
   echo "   rc=$?"; grep -E "T=|Error|error" "$DIR/split-$tag.log" | cut -c1-240 | tail -n 24
 done
 echo "== done $(( $(date +%s) - T0 )) s"

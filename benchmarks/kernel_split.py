@@ -9,6 +9,11 @@ each weight set, the time divided by the calls; the difference is the gaps betwe
 with an L2 flush that leaves clean lines (``graph_clean_us``: ``do_bench_ms(..., flush="read")``). Writes
 ``DIR/kernel_split.json``. ``--smoke``: a tiny shape on CPU, the CPU profile
 of the reference path (exercises the code, measures nothing).
+
+``--tiles "A=16x32x128x4x4/16x32x128x4x4 B=..."``: each cell also runs with these tiles (GEMM1/GEMM2, each
+BMxBNxBKxWARPSxSTAGES) for its token bucket, through a tuned table of this GPU written for the variant
+(``TORCH_MOE_OPS_TUNED_DIR``; plans cleared between variants): an A/B of tile choices in one process, each row
+naming its ``tiles`` ("" = the package's own choice).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -59,7 +65,32 @@ def split(fn, calls: int, device: str) -> dict:
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"]))
 
 
-def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str) -> dict:
+def tile_tables(spec: str, shape: MoEShape, scheme: str, T: int, block, root: str,
+                device_name: str | None = None) -> list[tuple[str, str]]:
+    """(name, folder) per variant of ``--tiles``: each folder holds one tuned table of this GPU (``device_name``)
+    giving GEMM1 and GEMM2 of ``shape`` their variant tiles at T's token bucket."""
+    from torch_moe_ops._kernels.configs import TileConfig, token_bucket
+    from torch_moe_ops.schemes import get_quant_scheme
+
+    key, bucket, out = get_quant_scheme(scheme).table_key(block), str(token_bucket(T)), []
+    for item in spec.split():
+        name, _, tiles = item.partition("=")
+        gemms = tiles.split("/")
+        if len(gemms) != 2:
+            raise ValueError(f"--tiles {item!r}: NAME=GEMM1/GEMM2, each BMxBNxBKxWARPSxSTAGES")
+        cfgs = [TileConfig(*(v := [int(t) for t in g.split("x")])[:3], 1, *v[3:5]) for g in gemms]
+        folder = os.path.join(root, f"{shape.name}-{scheme}-T{T}-{name}")
+        os.makedirs(folder, exist_ok=True)
+        entries = [{"E": shape.E, "N": n, "K": k, "scheme": key, "configs": {bucket: c.to_dict()}}
+                   for (n, k), c in zip(((shape.n1, shape.H), (shape.H, shape.I)), cfgs)]
+        with open(os.path.join(folder, "tiles.json"), "w") as f:
+            json.dump({"device": device_name or torch.cuda.get_device_name(), "entries": entries}, f)
+        out.append((name, folder))
+    return out
+
+
+def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str, tiles: str = "") -> list[dict]:
+    """One row per tile variant: the package's own tiles first, then each of ``tiles`` (``--tiles``)."""
     torch.manual_seed(T)
     data = make_weights(shape, scheme, device)
     q13, q2 = data.q13, data.q2
@@ -82,14 +113,37 @@ def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str)
             return moe.fused_moe(x, logits, s.q13, s.q2, shape.k, **shape.routing, **kw)
         return moe.fused_experts(x, s.q13, s.q2, w, ids, **kw)
 
-    row = dict(shape=shape.name, scheme=scheme, T=T, op=op, weight_sets=len(sets), kernels=split(call, calls, device))
-    row["kernels_us"] = sum(k["us"] for k in row["kernels"].values())
-    if device == "cuda":  # one graph replays a call on each weight set (run.py's way): the graph's launch and
-        # do_bench's L2 flush (it leaves the L2 full of dirty lines) are shared by len(sets) calls, not paid by one
-        row["graph_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True) * 1e3 / len(sets)
-        # the same with an L2 flush that leaves clean lines (do_bench's leaves dirty ones to write back)
-        row["graph_clean_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True, flush="read") * 1e3 / len(sets)
-    return row
+    from torch_moe_ops._kernels.configs import TUNED_DIR_ENV
+
+    rows, before = [], os.environ.get(TUNED_DIR_ENV)
+    with tempfile.TemporaryDirectory() as root:
+        for name, folder in [("", before)] + (tile_tables(tiles, shape, scheme, T, data.block, root) if tiles else []):
+            if folder is None:
+                os.environ.pop(TUNED_DIR_ENV, None)
+            else:
+                os.environ[TUNED_DIR_ENV] = folder
+            moe.clear_launch_plans()  # plans keep the tiles they recorded
+            try:
+                row = dict(shape=shape.name, scheme=scheme, T=T, op=op, tiles=name, weight_sets=len(sets),
+                           kernels=split(call, calls, device))
+                row["kernels_us"] = sum(k["us"] for k in row["kernels"].values())
+                if device == "cuda":  # one graph replays a call on each weight set (run.py's way): the graph's
+                    # launch and do_bench's L2 flush (it leaves the L2 full of dirty lines) are shared by
+                    # len(sets) calls, not paid by one
+                    row["graph_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True) * 1e3 / len(sets)
+                    # the same with an L2 flush that leaves clean lines (do_bench's leaves dirty ones to write back)
+                    row["graph_clean_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True,
+                                                        flush="read") * 1e3 / len(sets)
+            except Exception as exc:  # noqa: BLE001 - a variant that does not compile or fit: say so, go on
+                row = dict(shape=shape.name, scheme=scheme, T=T, op=op, tiles=name, error=f"{type(exc).__name__}: "
+                           f"{str(exc)[:200]}", kernels={}, kernels_us=float("nan"))
+            rows.append(row)
+    if before is None:
+        os.environ.pop(TUNED_DIR_ENV, None)
+    else:
+        os.environ[TUNED_DIR_ENV] = before
+    moe.clear_launch_plans()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -101,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default="fused_moe")
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--smoke", action="store_true", help="a tiny shape on CPU (the reference path)")
+    p.add_argument("--tiles", default="", help='tile variants, e.g. "n32=16x32x128x4x4/16x32x128x4x4" (GPU)')
     args = p.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     shapes = [TINY] if args.smoke else [SHAPES[s] for s in args.shapes.split(",")]
@@ -111,17 +166,23 @@ def main(argv=None) -> int:
                 continue
             for T in map(int, args.tokens.split(",")):
                 for op in args.ops.split(","):
-                    row = cell(shape, scheme, T, op, 2 if args.smoke else args.calls, device)
-                    rows.append(row)
-                    top = ", ".join(f"{n[:40]} {k['us']:.1f}" + (" (" + " + ".join(
-                        f"{u:.1f}" for u in k["per_launch_us"]) + ")" if len(k.get("per_launch_us", ())) in (2, 3, 4) else "")
-                        for n, k in list(row["kernels"].items())[:6])
-                    print(f"{shape.name:<14} {scheme:<11} T={T:<5} {op}: kernels {row['kernels_us']:.1f} us"
-                          f" (graph {row.get('graph_us', float('nan')):.1f}, clean L2 "
-                          f"{row.get('graph_clean_us', float('nan')):.1f}); {top}", flush=True)
-                    _write(args.out, device, rows)  # after every row: a run cut by its time limit keeps them
+                    for row in cell(shape, scheme, T, op, 2 if args.smoke else args.calls, device,
+                                    "" if args.smoke else args.tiles):
+                        rows.append(row)
+                        _print(row)
+                    _write(args.out, device, rows)  # after every cell: a run cut by its time limit keeps them
     _write(args.out, device, rows)
     return 0
+
+
+def _print(row: dict) -> None:
+    top = ", ".join(f"{n[:40]} {k['us']:.1f}" + (" (" + " + ".join(f"{u:.1f}" for u in k["per_launch_us"]) + ")"
+                                                  if len(k.get("per_launch_us", ())) in (2, 3, 4) else "")
+                    for n, k in list(row["kernels"].items())[:6])
+    tiles = f" tiles {row['tiles']}" if row.get("tiles") else ""
+    print(f"{row['shape']:<14} {row['scheme']:<11} T={row['T']:<5} {row['op']}{tiles}: kernels "
+          f"{row['kernels_us']:.1f} us (graph {row.get('graph_us', float('nan')):.1f}, clean L2 "
+          f"{row.get('graph_clean_us', float('nan')):.1f}); {top}{row.get('error', '')}", flush=True)
 
 
 def _write(out: str, device: str, rows: list) -> None:

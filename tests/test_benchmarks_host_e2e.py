@@ -230,6 +230,26 @@ def test_kernel_split_smoke_profiles_each_cell(tmp_path):
                          k["launches"] for k in split)
 
 
+def test_kernel_split_tile_variants_become_tables_the_lookup_reads(tmp_path):
+    """--tiles: each variant's folder holds a table of the GPU giving GEMM1 [E, n1, H] and GEMM2 [E, H, I] their
+    tiles at T's bucket, under the scheme's table key, which the config lookup then returns."""
+    from benchmarks import kernel_split
+    from benchmarks.shapes import SHAPES
+    from torch_moe_ops._kernels import configs
+    from torch_moe_ops.schemes import get_quant_scheme
+
+    shape, sc = SHAPES["qwen3-30b-a3b"], get_quant_scheme("int4_w4a16")
+    got = kernel_split.tile_tables("n32=16x32x128x4x4/16x64x256x8x3 w=16x128x128x4x4/16x128x128x4x4", shape,
+                                   "int4_w4a16", 9, (1, 128), str(tmp_path), device_name="GPU X")
+    assert [n for n, _ in got] == ["n32", "w"]
+    tables = configs._load_tables(tuple(configs._tuned_files(got[0][1]))[-1:])
+    key = sc.table_key((1, 128))
+    assert tables[("GPU X", 128, 1536, 2048, key)] == {16: configs.TileConfig(16, 32, 128, 1, 4, 4)}
+    assert tables[("GPU X", 128, 2048, 768, key)] == {16: configs.TileConfig(16, 64, 256, 1, 8, 3)}
+    with pytest.raises(ValueError, match="NAME=GEMM1/GEMM2"):
+        kernel_split.tile_tables("bad=16x32x128x4x4", shape, "int4_w4a16", 1, (1, 128), str(tmp_path), "GPU X")
+
+
 def test_host_ab_compiles_each_variant_once_and_pairs_the_rounds(tmp_path, monkeypatch):
     """benchmarks.host_ab on CPU: every variant gets graphs of its own (a fresh code object each, so Dynamo does
     not serve the second variant the first one's graph), traced under its environment (the package's compile mode
