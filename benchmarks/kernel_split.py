@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.run import do_bench_ms, make_weights
 from benchmarks.shapes import SHAPES, MoEShape
+from benchmarks.tiles import parse_tiles, tuned_dir, write_table
 
 import torch_moe_ops as moe
 
@@ -68,24 +69,19 @@ def split(fn, calls: int, device: str) -> dict:
 def tile_tables(spec: str, shape: MoEShape, scheme: str, T: int, block, root: str,
                 device_name: str | None = None) -> list[tuple[str, str]]:
     """(name, folder) per variant of ``--tiles``: each folder holds one tuned table of this GPU (``device_name``)
-    giving GEMM1 and GEMM2 of ``shape`` their variant tiles at T's token bucket."""
-    from torch_moe_ops._kernels.configs import TileConfig, token_bucket
+    giving GEMM1 and GEMM2 of ``shape`` their variant tiles at T's token bucket (``benchmarks.tiles``)."""
+    from torch_moe_ops._kernels.configs import token_bucket
     from torch_moe_ops.schemes import get_quant_scheme
 
-    key, bucket, out = get_quant_scheme(scheme).table_key(block), str(token_bucket(T)), []
+    key, bucket, out = get_quant_scheme(scheme).table_key(block), token_bucket(T), []
     for item in spec.split():
         name, _, tiles = item.partition("=")
         gemms = tiles.split("/")
         if len(gemms) != 2:
             raise ValueError(f"--tiles {item!r}: NAME=GEMM1/GEMM2, each BMxBNxBKxWARPSxSTAGES")
-        cfgs = [TileConfig(*(v := [int(t) for t in g.split("x")])[:3], 1, *v[3:5]) for g in gemms]
         folder = os.path.join(root, f"{shape.name}-{scheme}-T{T}-{name}")
-        os.makedirs(folder, exist_ok=True)
-        entries = [{"E": shape.E, "N": n, "K": k, "scheme": key, "configs": {bucket: c.to_dict()}}
-                   for (n, k), c in zip(((shape.n1, shape.H), (shape.H, shape.I)), cfgs)]
-        with open(os.path.join(folder, "tiles.json"), "w") as f:
-            json.dump({"device": device_name or torch.cuda.get_device_name(), "entries": entries}, f)
-        out.append((name, folder))
+        out.append((name, write_table(folder, device_name or torch.cuda.get_device_name(), shape, key, bucket,
+                                      *map(parse_tiles, gemms))))
     return out
 
 
@@ -115,35 +111,31 @@ def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str,
 
     from torch_moe_ops._kernels.configs import TUNED_DIR_ENV
 
-    rows, before = [], os.environ.get(TUNED_DIR_ENV)
+    rows = []
     with tempfile.TemporaryDirectory() as root:
-        for name, folder in [("", before)] + (tile_tables(tiles, shape, scheme, T, data.block, root) if tiles else []):
-            if folder is None:
-                os.environ.pop(TUNED_DIR_ENV, None)
-            else:
-                os.environ[TUNED_DIR_ENV] = folder
-            moe.clear_launch_plans()  # plans keep the tiles they recorded
+        variants = [("", os.environ.get(TUNED_DIR_ENV))]
+        variants += tile_tables(tiles, shape, scheme, T, data.block, root) if tiles else []
+        for name, folder in variants:
             try:
-                row = dict(shape=shape.name, scheme=scheme, T=T, op=op, tiles=name, weight_sets=len(sets),
-                           kernels=split(call, calls, device))
-                row["kernels_us"] = sum(k["us"] for k in row["kernels"].values())
-                if device == "cuda":  # one graph replays a call on each weight set (run.py's way): the graph's
-                    # launch and do_bench's L2 flush (it leaves the L2 full of dirty lines) are shared by
-                    # len(sets) calls, not paid by one
-                    row["graph_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True) * 1e3 / len(sets)
-                    # the same with an L2 flush that leaves clean lines (do_bench's leaves dirty ones to write back)
-                    row["graph_clean_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True,
-                                                        flush="read") * 1e3 / len(sets)
+                with tuned_dir(folder):
+                    row = _timed_row(shape, scheme, T, op, name, sets, call, calls, device)
             except Exception as exc:  # noqa: BLE001 - a variant that does not compile or fit: say so, go on
                 row = dict(shape=shape.name, scheme=scheme, T=T, op=op, tiles=name, error=f"{type(exc).__name__}: "
                            f"{str(exc)[:200]}", kernels={}, kernels_us=float("nan"))
             rows.append(row)
-    if before is None:
-        os.environ.pop(TUNED_DIR_ENV, None)
-    else:
-        os.environ[TUNED_DIR_ENV] = before
-    moe.clear_launch_plans()
     return rows
+
+
+def _timed_row(shape, scheme, T, op, name, sets, call, calls, device) -> dict:
+    row = dict(shape=shape.name, scheme=scheme, T=T, op=op, tiles=name, weight_sets=len(sets),
+               kernels=split(call, calls, device))
+    row["kernels_us"] = sum(k["us"] for k in row["kernels"].values())
+    if device == "cuda":  # one graph replays a call on each weight set (run.py's way): the graph's launch and
+        # do_bench's L2 flush (it leaves the L2 full of dirty lines) are shared by len(sets) calls, not paid by one
+        row["graph_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True) * 1e3 / len(sets)
+        # the same with an L2 flush that leaves clean lines (do_bench's leaves dirty ones to write back)
+        row["graph_clean_us"] = do_bench_ms(lambda: [call() for _ in sets], graph=True, flush="read") * 1e3 / len(sets)
+    return row
 
 
 def main(argv=None) -> int:

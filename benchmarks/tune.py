@@ -13,6 +13,9 @@ Examples (GPU only)::
     python benchmarks/tune.py --model qwen3-30b-a3b --scheme int4_w4a16 --block-shape 1 128 --T 1 16 256
     python benchmarks/tune.py --model all --scheme all     # a new GPU: every preset layer and scheme
 
+With ``--model``, T = 1 is tuned on the call that runs (``tune_t1``: ``fused_moe`` of one token, pair rows and the
+fused activation and sum, through ``benchmarks.tiles``); ``--aligned-t1`` tunes it GEMM by GEMM like the other T.
+
 The roof column's ceilings (copy bandwidth, bf16 matmul) and the shared-memory limit are the GPU's own,
 measured or read at the start. Weights are copied until one timed call touches 200 MB of them, so that
 decode tiles are chosen for weights streamed from HBM. The file records the GPU's compute capability:
@@ -273,6 +276,8 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, help="bf16 matmul ceiling for the roof column (default: measured)")
     p.add_argument("--bandwidth", type=float, help="copy bandwidth GB/s for the roof column (default: measured)")
     p.add_argument("--dry-run", action="store_true", help="print, do not write the table")
+    p.add_argument("--aligned-t1", action="store_true",
+                   help="--model at T = 1: tune each GEMM alone on aligned rows, not the real fused_moe call")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
@@ -290,11 +295,11 @@ def main(argv=None):
         for m in sorted(MODELS) if args.model == "all" else [args.model]:
             E, k, H, I = MODELS[m]
             I //= args.tp
-            layers.append([("gemm1", E, 2 * I, H, k, k), ("gemm2", E, H, I, k, 1)])
+            layers.append((m, [("gemm1", E, 2 * I, H, k, k), ("gemm2", E, H, I, k, 1)]))
     else:
         if None in (args.E, args.N, args.K):
             p.error("give --model, or --E, --N and --K")
-        layers = [[("gemm", args.E, args.N, args.K, args.top_k, 1 if args.gemm2 else args.top_k)]]
+        layers = [(None, [("gemm", args.E, args.N, args.K, args.top_k, 1 if args.gemm2 else args.top_k)])]
     device = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties()
     smem = getattr(props, "shared_memory_per_block_optin", SMEM_BYTES)
@@ -310,16 +315,23 @@ def main(argv=None):
           f"{args.bandwidth:.0f} GB/s, {args.peak_tflops:.0f} bf16 TFLOP/s); "
           f"writing {out if not args.dry_run else '(dry run)'}")
     for scheme, block in zip(schemes, blocks):
-        for gemms in layers:
+        for model, gemms in layers:
             if args.block_shape is None and scheme.tiled:  # the default tile, its K halved to fit (int4 on 2880)
                 block = fitting_block(scheme, *(K for _, _, _, K, _, _ in gemms))
-            tune_layer(args, scheme, block, gemms, device, capability, smem, out)
+            t1 = model is not None and 1 in args.T and not args.aligned_t1
+            if t1:  # T = 1 on the real call: pair rows, fused activation and sum (tune_t1)
+                tune_t1(args, model, scheme, block, device, capability, smem, out)
+            tune_layer(args, scheme, block, gemms, device, capability, smem, out, skip_t1=t1)
 
 
-def tune_layer(args, scheme, block, gemms, device, capability, smem, out):
-    """Both GEMMs of one layer (or one GEMM) at every T of ``args.T``; merged into ``out`` after each T."""
+def tune_layer(args, scheme, block, gemms, device, capability, smem, out, skip_t1=False):
+    """Both GEMMs of one layer (or one GEMM) at every T of ``args.T`` (``skip_t1``: but T = 1); merged into
+    ``out`` after each T."""
     skey = scheme.table_key(block)
     chosen_bm: dict[int, int] = {}
+    tokens = [T for T in args.T if not (skip_t1 and T == 1)]
+    if not tokens:
+        return
     for name, E, N, K, top_k, a_div in gemms:
         if scheme.weight is not None:
             try:
@@ -330,7 +342,7 @@ def tune_layer(args, scheme, block, gemms, device, capability, smem, out):
         results = {}
         print(f"{skey} {name}: E={E} N={N} K={K} top_k={top_k}")
         print(f"{'T':>7} {'best us':>9} {'default us':>10} {'roof %':>7} {'copies':>6}  config")
-        for T in args.T:
+        for T in tokens:
             problem = GemmProblem(T, E, N, K, top_k, a_div, scheme, block)
             fixed_bm = chosen_bm.get(T) if name == "gemm2" else None
             cands, default = candidates(T, top_k, E, N, K, scheme, block, args.space, fixed_bm, smem)
@@ -348,6 +360,97 @@ def tune_layer(args, scheme, block, gemms, device, capability, smem, out):
             torch.cuda.empty_cache()
             if not args.dry_run:  # after every T, so an interrupted sweep keeps what it measured
                 merge_into(out, device, E, N, K, skey, {T: results[T]}, capability)
+
+
+#: tune.py's layers as benchmarks.shapes names them (activation, biases, routing)
+SHAPE_OF_MODEL = {"mixtral": "mixtral-8x7b", "qwen3-30b-a3b": "qwen3-30b-a3b", "gpt-oss-20b": "gpt-oss-20b",
+                  "deepseek-v3": "deepseek-v3"}
+
+
+def t1_candidates(model: str, scheme: QuantScheme, block, space: str, smem: int, tp: int = 1):
+    """(shape, GEMM1 candidates and default, GEMM2 candidates and default) of ``model``'s layer at T = 1: both
+    GEMMs at BLOCK_M 16 (one pair a row block)."""
+    import dataclasses
+
+    from benchmarks.shapes import SHAPES
+
+    shape = SHAPES[SHAPE_OF_MODEL[model]]
+    shape = dataclasses.replace(shape, I=shape.I // tp)
+    c1, d1 = candidates(1, shape.k, shape.E, shape.n1, shape.H, scheme, block, space, 16, smem)
+    c2, d2 = candidates(1, shape.k, shape.E, shape.H, shape.I, scheme, block, space, 16, smem)
+    return shape, (c1, d1), (c2, d2)
+
+
+def tune_t1(args, model, scheme, block, device, capability, smem, out):
+    """T = 1 on the call that runs: ``fused_moe`` of one token (pair rows, the activation fused into GEMM1, the
+    sum into GEMM2), every candidate through a tuned table of its own (``benchmarks.tiles``), replayed in a CUDA
+    graph over weight copies past L2 after a clean L2 flush. GEMM1's candidates with GEMM2's default tiles first,
+    then GEMM2's with GEMM1's best; kept only if the output agrees with the default tiles'. Both entries record
+    the whole call's µs."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import torch_moe_ops as moe
+    from benchmarks.run import do_bench_ms, make_weights
+    from benchmarks.tiles import tuned_dir, write_table
+
+    shape, (c1, d1), (c2, d2) = t1_candidates(model, scheme, block, args.space, smem, args.tp)
+    data = make_weights(shape, scheme.name)
+    skey = scheme.table_key(data.block)
+    kw = dict(data.quant, activation=shape.activation, **shape.routing)
+    if shape.bias:
+        kw.update(w13_bias=data.b13, w2_bias=data.b2)
+    per_set = sum(t.numel() * t.element_size() for t in (data.q13, data.q2))
+    sets = [SimpleNamespace(q13=data.q13, q2=data.q2)] + [
+        SimpleNamespace(q13=data.q13.clone(), q2=data.q2.clone()) for _ in range(min(7, int(2e8 // per_set)))]
+    x = (torch.randn(1, shape.H, device="cuda") * 0.1).to(torch.bfloat16)
+    logits = torch.randn(1, shape.E, device="cuda")
+    print(f"{skey} fused_moe T=1 (the real call): E={shape.E} k={shape.k} H={shape.H} I={shape.I}, "
+          f"{len(c1)} + {len(c2)} candidates")
+    with tempfile.TemporaryDirectory() as root:
+        count = iter(range(1 << 30))
+
+        def run(g1, g2, timed=True):
+            folder = write_table(f"{root}/{next(count)}", device, shape, skey, 1, g1, g2)
+            with tuned_dir(folder):
+                if not timed:
+                    return moe.fused_moe(x, logits, data.q13, data.q2, shape.k, **kw).float()
+                fn = lambda: [moe.fused_moe(x, logits, s.q13, s.q2, shape.k, **kw) for s in sets]  # noqa: E731
+                return do_bench_ms(fn, graph=True, rep_ms=100, flush="read") * 1e3 / len(sets)
+
+        def best_of(cands, pair):
+            best, best_us, default_us = None, float("inf"), None
+            for c in cands:
+                try:
+                    us = run(*pair(c))
+                except Exception as exc:  # noqa: BLE001 - out of resources for this tile: skip it
+                    if args.verbose:
+                        print(f"    skip {c}: {type(exc).__name__}: {str(exc)[:80]}")
+                    continue
+                if args.verbose:
+                    print(f"    {us:9.1f} us  {c}")
+                if us < best_us:
+                    best, best_us = c, us
+                if pair(c) == (d1, d2):
+                    default_us = us
+            return best, best_us, default_us
+
+        b1, _, default_us = best_of(c1, lambda c: (c, d2))
+        if b1 is None:
+            print("    no GEMM1 candidate ran")
+            return
+        b2, us, _ = best_of(c2, lambda c: (b1, c))
+        if b2 is None:
+            return
+        want, got = run(d1, d2, timed=False), run(b1, b2, timed=False)
+        if not ((got - want).norm() <= 0.01 * want.norm() + 1e-6):
+            print(f"    {b1} / {b2} disagree with the default tiles' output: not kept")
+            return
+    dflt = f"{default_us:.1f}" if default_us is not None else "-"
+    print(f"      1 {us:9.1f} us (default tiles {dflt} us)  GEMM1 {b1}  GEMM2 {b2}")
+    if not args.dry_run:
+        merge_into(out, device, shape.E, shape.n1, shape.H, skey, {1: (b1, us)}, capability)
+        merge_into(out, device, shape.E, shape.H, shape.I, skey, {1: (b2, us)}, capability)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,32 @@ def test_tune_keeps_only_tiles_that_agree_with_the_default():
     assert tune.agrees(Problem(), "close", "default") and not tune.agrees(Problem(), "bad", "default")
 
 
+def test_tune_takes_t1_on_the_real_call_and_the_rest_gemm_by_gemm(monkeypatch, tmp_path):
+    """--model with T = 1: tune_t1 (fused_moe of one token, both GEMMs' candidates at BLOCK_M 16), and each GEMM
+    alone at the other T; --aligned-t1 keeps T = 1 GEMM by GEMM."""
+    from benchmarks import tune
+
+    shape, (c1, d1), (c2, d2) = tune.t1_candidates("gpt-oss-20b", QUANT_SCHEMES["int4_w4a16"], (1, 64), "quick",
+                                                   227 * 1024)
+    assert (shape.n1, shape.H, shape.I, shape.activation) == (5760, 2880, 2880, "swigluoai")
+    assert d1 in c1 and d2 in c2 and {c.block_m for c in c1 + c2} == {16}
+    assert tune.t1_candidates("qwen3-30b-a3b", QUANT_SCHEMES["none"], None, "quick", 227 * 1024, tp=2)[0].I == 384
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU X")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(
+        shared_memory_per_block_optin=227 * 1024, major=9, minor=0))
+    calls = []
+    monkeypatch.setattr(tune, "tune_t1", lambda args, model, *a: calls.append(("t1", model)))
+    monkeypatch.setattr(tune, "tune_layer", lambda args, scheme, block, gemms, *a, skip_t1=False: calls.append(
+        ("gemms", [g[0] for g in gemms], skip_t1)))
+    base = ["--model", "qwen3-30b-a3b", "--peak-tflops", "1", "--bandwidth", "1", "--out", str(tmp_path / "t.json")]
+    tune.main(base + ["--T", "1", "16"])
+    assert calls == [("t1", "qwen3-30b-a3b"), ("gemms", ["gemm1", "gemm2"], True)]
+    calls.clear()
+    tune.main(base + ["--T", "1", "--aligned-t1"])
+    assert calls == [("gemms", ["gemm1", "gemm2"], False)]
+
+
 def test_load_peak_pipeline_on_cpu(tmp_path, capsys):
     """benchmarks/load_peak.py end to end at a CPU size: the Hub's GPT-OSS MXFP4 layout, loaded packed."""
     import json
