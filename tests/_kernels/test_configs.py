@@ -214,23 +214,38 @@ def test_int4_block_k_fits_the_group(G):
             cfg = default_config(T, 8, N, K, INT4, (1, G), top_k=2)
             bf16 = default_config(T, 8, N, K, NONE, top_k=2)
             assert (G % cfg.block_k == 0 or cfg.block_k % G == 0) and cfg.block_k >= 32, (T, N, K, cfg)
-            if T * 2 / 8 <= 64:
-                want = TileConfig(16, min(128, max(16, 1 << (N - 1).bit_length())), min(128, max(K, 32)),
+            if T * 2 / 8 <= 64:  # 32 columns where 128 would give < 384 programs (configs.PACKED_DECODE_PROGRAMS)
+                cap = 32 if min(8, 2 * T) * -(-N // 128) < 384 else 128
+                want = TileConfig(16, min(cap, max(16, 1 << (N - 1).bit_length())), min(128, max(K, 32)),
                                   16 if T * 2 / 8 > 16 else 1, 4, 4)
                 assert cfg == want, (T, N, K, cfg)
             else:  # prefill: the 16-bit BLOCK_M and GROUP_M, 128 x 64 tiles and 8 warps (no spills)
                 want = TileConfig(bf16.block_m, min(128, max(16, 1 << (N - 1).bit_length())), max(32, min(64, K)),
                                   bf16.group_m, 8, 4)
                 assert cfg == want, (T, N, K, cfg)
-    assert default_config(1, 8, 4096, 2048, INT4, None, top_k=2) == TileConfig(16, 128, 128, 1, 4, 4)  # [1, 128]
+    assert default_config(1, 8, 4096, 2048, INT4, None, top_k=2) == TileConfig(16, 32, 128, 1, 4, 4)  # [1, 128]
+    assert default_config(1, 8, 28672, 4096, INT4, None, top_k=2).block_n == 128  # Mixtral GEMM1: 448 programs
+
+
+def test_4bit_decode_tiles_narrow_where_128_columns_leave_few_programs():
+    """H100, session 15 (docs/kernels.md): 16 x 32 tiles on the four cells timed at T = 1 (Qwen3-30B-A3B and
+    GPT-OSS-20B, both GEMMs: 92-180 programs at 128 columns); batched decode keeps 128 (Qwen3 T = 16: 1536)."""
+    mx = QUANT_SCHEMES["mxfp4"]
+    for sc, block in ((INT4, (1, 128)), (mx, (1, 32))):
+        assert default_config(1, 128, 1536, 2048, sc, block, top_k=8).block_n == 32
+        assert default_config(1, 128, 2048, 768, sc, block, top_k=8).block_n == 32
+        assert default_config(16, 128, 1536, 2048, sc, block, top_k=8).block_n == 128
+    assert default_config(1, 32, 5760, 2880, INT4, (1, 64), top_k=4) == TileConfig(16, 32, 64, 1, 4, 4)
+    assert default_config(1, 32, 2880, 2880, mx, (1, 32), top_k=4) == TileConfig(16, 32, 64, 1, 4, 4)
+    assert default_config(16, 32, 5760, 2880, mx, (1, 32), top_k=4).block_n == 128
 
 
 def test_mxfp4_decode_tiles_span_several_groups():
     """mxfp4's G = 32: decode takes BLOCK_K = 128 (four groups a K step, scaled before the dot), halved down to
     64 while it leaves a K tail (GPT-OSS's K = 2880: 64), never below 64 for that (K = 2080 keeps 128)."""
     mx = QUANT_SCHEMES["mxfp4"]
-    assert default_config(1, 128, 1536, 2048, mx, (1, 32), top_k=8) == TileConfig(16, 128, 128, 1, 4, 4)
-    assert default_config(1, 32, 5760, 2880, mx, (1, 32), top_k=4) == TileConfig(16, 128, 64, 1, 4, 4)
+    assert default_config(1, 128, 1536, 2048, mx, (1, 32), top_k=8) == TileConfig(16, 32, 128, 1, 4, 4)
+    assert default_config(1, 32, 5760, 2880, mx, (1, 32), top_k=4) == TileConfig(16, 32, 64, 1, 4, 4)
     assert default_config(1, 32, 5760, 2080, mx, (1, 32), top_k=4).block_k == 128
     assert default_config(1, 32, 64, 32, mx, (1, 32), top_k=4).block_k == 32
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .._platform import interpret_mode, swap_ab
-from ..schemes import QuantScheme
+from ..schemes import QuantScheme, cdiv
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 #: Extra directory of tuned JSON files (searched after the packaged one; its entries win on clashes).
@@ -97,6 +97,14 @@ def _block(scheme: QuantScheme, block) -> tuple[int, int] | None:
     return tuple(block) if block is not None else scheme.block_shape(None)
 
 
+#: 4-bit decode tiles narrow from 128 to 32 columns when the 128-wide grid (a row block per touched expert at
+#: most) would have fewer programs than this, about 3 an SM of a 132-SM H100 / H200: their K loops are
+#: issue-bound, and few programs leave SMs with one warp a scheduler or none (docs/kernels.md, "Why 4-bit
+#: decode at T = 1 runs far from the bytes"; H100, fused_moe at T = 1, CUDA graph after a clean L2 flush:
+#: GPT-OSS-20B int4 83.3 -> 65.8 us, mxfp4 90.2 -> 74.1, Qwen3-30B-A3B int4 27.7 -> 26.9, mxfp4 32.3 -> 29.0).
+PACKED_DECODE_PROGRAMS = 384
+
+
 def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=None, *, top_k: int) -> TileConfig:
     """Heuristic tiles for T tokens routed to ``top_k`` of E experts; sound for any shape (tiny N/K shrink
     the tiles), used when no tuned entry exists. K is the logical reduction size.
@@ -110,7 +118,8 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
     (Qwen3 fp8 T=1 GEMM2: 89 µs with 4, 12 µs with 3). Packed 4-bit weights (int4, mxfp4) take 16 x 128 x 128
     tiles up to 64 rows per expert (BLOCK_K halved to 64 when that makes it divide K) and 128 x 128 x 64 with
     8 warps beyond: chosen from compiled code (tools/sm90_compile.py: registers, spills, K-loop instructions;
-    docs/kernels.md), not yet timed. Groups smaller than BLOCK_K (int4 G = 32 / 64, mxfp4) are scaled value
+    docs/kernels.md); decode tiles narrow to 16 x 32 where 16 x 128 would give few programs
+    (``PACKED_DECODE_PROGRAMS``, timed at T = 1). Groups smaller than BLOCK_K (int4 G = 32 / 64, mxfp4) are scaled value
     by value before the dot (``gemm._packed_step``); fp16 activations cut BLOCK_K to G at launch."""
     block = _block(scheme, block)
     fp8 = scheme.fp8_dot
@@ -130,9 +139,11 @@ def default_config(T: int, E: int, N: int, K: int, scheme: QuantScheme, block=No
             block_m *= 2
         if scheme.packed and rows_per_expert <= 64:
             # 4-bit values decode in registers: 16 x 128 tiles up to 64 rows per expert (H200, int4 G = 128, the
-            # former decode: Qwen3 GEMM1 T=1 69 -> 31 us, T=256 727 -> 315 us; Mixtral GEMM1 T=256 2947 -> 2161 us)
+            # former decode: Qwen3 GEMM1 T=1 69 -> 31 us, T=256 727 -> 315 us; Mixtral GEMM1 T=256 2947 -> 2161 us),
+            # 16 x 32 where 128 columns would leave too few programs (PACKED_DECODE_PROGRAMS)
             block_m = 16
-            tiles = dict(block_n=128, block_k=128, num_warps=4, num_stages=4)
+            narrow = min(E, T * top_k) * cdiv(N, 128) < PACKED_DECODE_PROGRAMS
+            tiles = dict(block_n=32 if narrow else 128, block_k=128, num_warps=4, num_stages=4)
         elif scheme.packed:  # the 16-bit 128 x 256 tiles spill 470-920 B a thread with decoded values in
             # registers (tools/sm90_compile.py, triton 3.6); 128 x 128 x 64 with 8 warps spills none (mxfp4) or
             # 48-168 B (int4) and issues 20-45 % fewer K-loop instructions per MAC (not yet timed)
