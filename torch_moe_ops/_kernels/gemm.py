@@ -546,7 +546,7 @@ PREFETCH_MAX_BYTES = 24 << 20
 
 def prefetches(w2: torch.Tensor, top_k: int) -> bool:
     """Whether GEMM1 at T = 1 brings GEMM2's weights ``w2`` [E, N2, K2 / pack] of its ``top_k`` experts into L2
-    (``invoke_moe_gemm``'s ``prefetch``): with ``TORCH_MOE_OPS_PREFETCH=1`` (off by default: not timed yet),
+    (``invoke_moe_gemm``'s ``prefetch``): with ``TORCH_MOE_OPS_PREFETCH=1`` (off by default: slower on an H100),
     outside the interpreter (no PTX there), when each expert's slab is contiguous and the k slabs fit
     ``PREFETCH_MAX_BYTES``."""
     slab = _slab_bytes(w2)
@@ -555,8 +555,8 @@ def prefetches(w2: torch.Tensor, top_k: int) -> bool:
 
 def dependent_launch(device: torch.device) -> bool:
     """Whether GEMM2 at T = 1 may be a programmatic dependent launch of GEMM1 (``invoke_moe_gemm``'s ``pdl``): with
-    ``TORCH_MOE_OPS_PDL=1`` (off by default: not timed yet), on sm_90 and later (``griddepcontrol``), outside the
-    interpreter (no PTX there) and outside torch.compile's ``triton`` mode (``wrap_triton`` takes no
+    ``TORCH_MOE_OPS_PDL=1`` (off by default: a gain within the noise), on sm_90 and later (``griddepcontrol``),
+    outside the interpreter (no PTX there) and outside torch.compile's ``triton`` mode (``wrap_triton`` takes no
     ``launch_pdl``)."""
     return (pdl_switch() and not interpret_mode() and not tracing() and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
