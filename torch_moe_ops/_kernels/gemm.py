@@ -240,10 +240,14 @@ def _moe_gemm_kernel(
         row0 = (tl.arange(0, BLOCK_M) == 0)[:, None]  # [BM, 1]
         if A_ROW_SCALE:  # the row's scale first: an integer max of |x|'s bits keeps NaN (_numerics)
             amax = tl.zeros((BLOCK_K,), dtype=tl.int32)
-            for kk in range(0, tl.cdiv(K, BLOCK_K)):
-                y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K, other=0.0)
+            y_next = tl.load(x_row, mask=offs_k < K, other=0.0)
+            for kk in range(0, tl.cdiv(K, BLOCK_K)):  # each step loads the next one's [BK] before its own max
+                y = y_next
+                y_next = tl.load(x_row + (kk + 1) * BLOCK_K * stride_ak, mask=offs_k < K - (kk + 1) * BLOCK_K,
+                                 other=0.0)
                 amax = tl.maximum(amax, _abs_bits(y.to(tl.float32)))
             a_row_s, a_inv = _scale_of(_from_bits(tl.max(amax, axis=0)), A_QMAX, A_EPS)  # scalars
+        y_next = tl.load(x_row, mask=offs_k < K, other=0.0)  # the K loop's first [BK]: one step ahead
     B_EVICT: tl.constexpr = "evict_first" if PREFETCH else ""  # GEMM1's weights are read once
     k_steps = tl.cdiv(K, BLOCK_K)
     if PREFETCH:  # a share of GEMM2's weights of this pair's expert (>= 0 here) into L2, nothing waited for; the
@@ -263,9 +267,11 @@ def _moe_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
-            if QUANT_A:  # [BK] of the row -> fp8, then the [BM, BK] tile: 1/BM of the tile's work
-                y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K, other=0.0)
-                y = y.to(tl.float32)
+            if QUANT_A:  # [BK] of the row -> fp8, then the [BM, BK] tile: 1/BM of the tile's work; the next
+                # step's [BK] is loaded first, so its latency hides behind this step (a plain load: not pipelined)
+                y = y_next.to(tl.float32)
+                y_next = tl.load(x_row + (kk + 1) * BLOCK_K * stride_ak, mask=offs_k < K - (kk + 1) * BLOCK_K,
+                                 other=0.0)
                 if BLOCK_SCALES:  # the step is the group: its scale, [BM] like a loaded one
                     s_step, a_inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=0)), A_QMAX, A_EPS)
                     a_s = tl.zeros((BLOCK_M,), dtype=tl.float32) + s_step
