@@ -318,9 +318,10 @@ def main(argv=None):
         for model, gemms in layers:
             if args.block_shape is None and scheme.tiled:  # the default tile, its K halved to fit (int4 on 2880)
                 block = fitting_block(scheme, *(K for _, _, _, K, _, _ in gemms))
-            t1 = model is not None and 1 in args.T and not args.aligned_t1
-            if t1:  # T = 1 on the real call: pair rows, fused activation and sum (tune_t1)
-                tune_t1(args, model, scheme, block, device, capability, smem, out)
+            # T = 1 on the real call (pair rows, fused activation and sum), where the benchmark's weights take
+            # this scale tile; otherwise GEMM by GEMM like the other T
+            t1 = model is not None and 1 in args.T and not args.aligned_t1 and bool(
+                tune_t1(args, model, scheme, block, device, capability, smem, out))
             tune_layer(args, scheme, block, gemms, device, capability, smem, out, skip_t1=t1)
 
 
@@ -386,7 +387,8 @@ def tune_t1(args, model, scheme, block, device, capability, smem, out):
     sum into GEMM2), every candidate through a tuned table of its own (``benchmarks.tiles``), replayed in a CUDA
     graph over weight copies past L2 after a clean L2 flush. GEMM1's candidates with GEMM2's default tiles first,
     then GEMM2's with GEMM1's best; kept only if the output agrees with the default tiles'. Both entries record
-    the whole call's µs."""
+    the whole call's µs. Returns False, tuning nothing, when the benchmark's weights (``benchmarks.run``) take
+    another scale tile than ``block`` (a ``--block-shape`` of its own)."""
     import tempfile
     from types import SimpleNamespace
 
@@ -396,7 +398,11 @@ def tune_t1(args, model, scheme, block, device, capability, smem, out):
 
     shape, (c1, d1), (c2, d2) = t1_candidates(model, scheme, block, args.space, smem, args.tp)
     data = make_weights(shape, scheme.name)
-    skey = scheme.table_key(data.block)
+    if tuple(data.block or ()) != tuple(block or ()):
+        print(f"{scheme.name} T=1: the real call's weights take the tile {data.block}, not {block}: tuned GEMM "
+              "by GEMM instead")
+        return False
+    skey = scheme.table_key(block)
     kw = dict(data.quant, activation=shape.activation, **shape.routing)
     if shape.bias:
         kw.update(w13_bias=data.b13, w2_bias=data.b2)
@@ -438,19 +444,20 @@ def tune_t1(args, model, scheme, block, device, capability, smem, out):
         b1, _, default_us = best_of(c1, lambda c: (c, d2))
         if b1 is None:
             print("    no GEMM1 candidate ran")
-            return
+            return True
         b2, us, _ = best_of(c2, lambda c: (b1, c))
         if b2 is None:
-            return
+            return True
         want, got = run(d1, d2, timed=False), run(b1, b2, timed=False)
         if not ((got - want).norm() <= 0.01 * want.norm() + 1e-6):
             print(f"    {b1} / {b2} disagree with the default tiles' output: not kept")
-            return
+            return True
     dflt = f"{default_us:.1f}" if default_us is not None else "-"
     print(f"      1 {us:9.1f} us (default tiles {dflt} us)  GEMM1 {b1}  GEMM2 {b2}")
     if not args.dry_run:
         merge_into(out, device, shape.E, shape.n1, shape.H, skey, {1: (b1, us)}, capability)
         merge_into(out, device, shape.E, shape.H, shape.I, skey, {1: (b2, us)}, capability)
+    return True
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_tune_takes_t1_on_the_real_call_and_the_rest_gemm_by_gemm(monkeypatch, t
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(
         shared_memory_per_block_optin=227 * 1024, major=9, minor=0))
     calls = []
-    monkeypatch.setattr(tune, "tune_t1", lambda args, model, *a: calls.append(("t1", model)))
+    monkeypatch.setattr(tune, "tune_t1", lambda args, model, *a: calls.append(("t1", model)) or True)
     monkeypatch.setattr(tune, "tune_layer", lambda args, scheme, block, gemms, *a, skip_t1=False: calls.append(
         ("gemms", [g[0] for g in gemms], skip_t1)))
     base = ["--model", "qwen3-30b-a3b", "--peak-tflops", "1", "--bandwidth", "1", "--out", str(tmp_path / "t.json")]
@@ -102,6 +102,10 @@ def test_tune_takes_t1_on_the_real_call_and_the_rest_gemm_by_gemm(monkeypatch, t
     calls.clear()
     tune.main(base + ["--T", "1", "--aligned-t1"])
     assert calls == [("gemms", ["gemm1", "gemm2"], False)]
+    calls.clear()  # a scale tile the benchmark's weights do not take: T = 1 GEMM by GEMM after all
+    monkeypatch.setattr(tune, "tune_t1", lambda args, model, *a: calls.append(("t1", model)) and False)
+    tune.main(base + ["--T", "1"])
+    assert calls == [("t1", "qwen3-30b-a3b"), ("gemms", ["gemm1", "gemm2"], False)]
 
 
 def test_load_peak_pipeline_on_cpu(tmp_path, capsys):
