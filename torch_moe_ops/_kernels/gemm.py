@@ -44,10 +44,10 @@ from .topk import route_constexprs, route_rows
 
 
 @triton.jit
-def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, k_left, scale_off, stride_bsk,
+def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, s_step, mask_token, offs_k, offs_j, k_left, scale_off, stride_bsk,
                  W_CODEC: tl.constexpr, W_GROUP_SCALE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr, JOIN_K: tl.constexpr,
-                 SWAP_AB: tl.constexpr, B_EVICT: tl.constexpr):
+                 SWAP_AB: tl.constexpr, B_EVICT: tl.constexpr, SCALE_AHEAD: tl.constexpr):
     """One K step on weights packed two per byte: ``a_ptrs`` [BM, BK] (loaded whole: 16-byte loads; its
     columns 2j and 2j + 1 split in registers), ``b_ptrs`` [BK/2, BN] bytes, each loaded once. Even k meet the
     low halves, odd k the high ones (``decode_pairs``): two dots of BK/2, or with JOIN_K the values put back
@@ -55,7 +55,8 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
     tiles, more for int4 and for decode tiles).
     BLOCK_K ≤ GROUP_K: the values are exact in the activation dtype and the step's one group scale
     multiplies the dot; BLOCK_K = n·GROUP_K: each value is scaled before the dot (``[BK/G, BN]`` scales,
-    docs/kernels.md "Groups smaller than a K step"). SWAP_AB: ``acc`` is the transposed tile [BN, BM] and the
+    docs/kernels.md "Groups smaller than a K step"); with SCALE_AHEAD the one group scale ``s_step`` [BN] was loaded
+    by the caller a step ahead. SWAP_AB: ``acc`` is the transposed tile [BN, BM] and the
     dots take the decoded weights as their first operand."""
     if EVEN_K:
         a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
@@ -97,7 +98,10 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, 
             d = tl.dot(a_even, b_lo)
             d = tl.dot(a_odd, b_hi, d)
     if W_GROUP_SCALE and not SCALE_IN_K:
-        s = decode_scale(tl.load(b_scale_ptrs + scale_off), W_CODEC)  # [BN]
+        if SCALE_AHEAD:
+            s = decode_scale(s_step, W_CODEC)  # [BN], loaded a step ahead
+        else:
+            s = decode_scale(tl.load(b_scale_ptrs + scale_off), W_CODEC)  # [BN]
         if SWAP_AB:
             d = d * s[:, None]
         else:
@@ -259,11 +263,29 @@ def _moe_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Per-step scales are plain loads (Triton pipelines only the tiles): on decode tiles (16 rows, whose steps wait
+    # on them) each step loads the next step's before its own work, so their latency is not on every step's path
+    # (a step past the last reloads the last one's). One step ahead only: two (two values carried a step) made
+    # Triton 3.6 drop the loop's pipelining; prefill tiles keep the loads in the step (docs/kernels.md).
+    SCALE_AHEAD: tl.constexpr = W_PACKED and W_GROUP_SCALE and BLOCK_K <= GROUP_K and BLOCK_M <= 16  # [BN] a step
+    BLOCK_AHEAD: tl.constexpr = BLOCK_SCALES and BLOCK_M <= 16
+    if SCALE_AHEAD:
+        s_next = tl.load(b_scale_ptrs)
+    else:
+        s_next = 0.0
+    if BLOCK_AHEAD:
+        bs_next = tl.load(b_scale_ptrs)
+        if not QUANT_A:
+            as_next = tl.load(a_scale_ptrs, mask=mask_token, other=0.0)
     for kk in range(0, k_steps):
+        kb_next = ((tl.minimum(kk + 1, k_steps - 1) * BLOCK_K) // GROUP_K)  # the next step's scale group
         if W_PACKED:
-            acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, mask_token, offs_k, offs_j, K - kk * BLOCK_K,
+            s_cur = s_next
+            if SCALE_AHEAD:
+                s_next = tl.load(b_scale_ptrs + kb_next * stride_bsk)
+            acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, s_cur, mask_token, offs_k, offs_j, K - kk * BLOCK_K,
                                ((kk * BLOCK_K) // GROUP_K) * stride_bsk, stride_bsk, W_CODEC, W_GROUP_SCALE,
-                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE, JOIN_K, SWAP_AB, B_EVICT)
+                               GROUP_K, BLOCK_K, EVEN_K, UPCAST, FP32_IEEE, JOIN_K, SWAP_AB, B_EVICT, SCALE_AHEAD)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += (BLOCK_K // 2) * stride_bk
         else:
@@ -292,11 +314,18 @@ def _moe_gemm_kernel(
                 b = _upcast_emulated(b)
             elif W_CAST:  # integer weight-only: exact in the activation dtype, scaled after the dot
                 b = b.to(a.dtype)
-            if BLOCK_SCALES:  # 1 x GROUP_K activation groups and GROUP_N x GROUP_K weight blocks
+            if BLOCK_AHEAD:  # 1 x GROUP_K activation groups and GROUP_N x GROUP_K weight blocks
+                if not QUANT_A:
+                    a_s = as_next
+                    as_next = tl.load(a_scale_ptrs + kb_next * stride_ask, mask=mask_token, other=0.0)
+                b_s = bs_next
+                bs_next = tl.load(b_scale_ptrs + kb_next * stride_bsk)
+            elif BLOCK_SCALES:
                 kb = (kk * BLOCK_K) // GROUP_K
                 if not QUANT_A:
                     a_s = tl.load(a_scale_ptrs + kb * stride_ask, mask=mask_token, other=0.0)
                 b_s = tl.load(b_scale_ptrs + kb * stride_bsk)
+            if BLOCK_SCALES:
                 acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             elif FP32_IEEE:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
