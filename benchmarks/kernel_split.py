@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.run import do_bench_ms, make_weights
 from benchmarks.shapes import SHAPES, MoEShape
-from benchmarks.tiles import parse_tiles, tuned_dir, write_table
+from benchmarks.tiles import tuned_dir, write_table
 
 import torch_moe_ops as moe
 
@@ -70,7 +70,7 @@ def tile_tables(spec: str, shape: MoEShape, scheme: str, T: int, block, root: st
                 device_name: str | None = None) -> list[tuple[str, str]]:
     """(name, folder) per variant of ``--tiles``: each folder holds one tuned table of this GPU (``device_name``)
     giving GEMM1 and GEMM2 of ``shape`` their variant tiles at T's token bucket (``benchmarks.tiles``)."""
-    from torch_moe_ops._kernels.configs import token_bucket
+    from torch_moe_ops._kernels.configs import TileConfig, token_bucket
     from torch_moe_ops.schemes import get_quant_scheme
 
     key, bucket, out = get_quant_scheme(scheme).table_key(block), token_bucket(T), []
@@ -81,7 +81,7 @@ def tile_tables(spec: str, shape: MoEShape, scheme: str, T: int, block, root: st
             raise ValueError(f"--tiles {item!r}: NAME=GEMM1/GEMM2, each BMxBNxBKxWARPSxSTAGES")
         folder = os.path.join(root, f"{shape.name}-{scheme}-T{T}-{name}")
         out.append((name, write_table(folder, device_name or torch.cuda.get_device_name(), shape, key, bucket,
-                                      *map(parse_tiles, gemms))))
+                                      *map(TileConfig.parse, gemms))))
     return out
 
 

@@ -13,19 +13,6 @@ import os
 from benchmarks.shapes import MoEShape
 
 
-def parse_tiles(text: str):
-    """``TileConfig`` from "BMxBNxBK[xWARPSxSTAGES]" (GROUP_M 1: decode tiles; warps 4, stages 4 by default)."""
-    from torch_moe_ops._kernels.configs import TileConfig
-
-    try:
-        v = [int(t) for t in text.split("x")]
-    except ValueError:
-        v = []
-    if len(v) not in (3, 5):
-        raise ValueError(f"tiles {text!r}: BMxBNxBK or BMxBNxBKxWARPSxSTAGES")
-    return TileConfig(*v[:3], 1, *(v[3:] or [4, 4]))
-
-
 def write_table(folder: str, device_name: str, shape: MoEShape, table_key: str, bucket: int, cfg1, cfg2) -> str:
     """``folder``/tiles.json: GEMM1 ([E, n1, H]) and GEMM2 ([E, H, I]) of ``shape`` take ``cfg1`` / ``cfg2`` at
     ``bucket`` on ``device_name``, under the scheme's ``table_key``. Returns ``folder``."""

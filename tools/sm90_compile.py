@@ -88,8 +88,7 @@ def _install(tiles: str | None = None):
 
     def gpu_config(T, E, N, K, scheme, block, device=None, *, top_k, invariant=False, dtype=None, block_m=None):
         if tiles:
-            v = [int(t) for t in tiles.split("x")]
-            return configs.TileConfig(*v[:3], 1, *(v[3:] or [4, 4]))
+            return configs.TileConfig.parse(tiles)
         return get_config(T, E, N, K, scheme, block, torch.device("cuda", 0), top_k=top_k, invariant=invariant,
                           dtype=dtype, block_m=block_m)
 

@@ -406,3 +406,12 @@ def test_int4_prefill_tiles_swap_by_default_and_nothing_else(monkeypatch):
     assert not any(configs.swaps(s, 2, 128) for s in QUANT_SCHEMES.values() if not s.flags.W_CAST)
     monkeypatch.setenv(SWAP_AB_ENV, "1")
     assert configs.swaps(int4, 2, 16, invariant=True) and configs.swaps(int8, 2, 16) and configs.swaps(mxfp4, 2, 16)
+
+
+def test_tile_config_parses_its_spelling():
+    """``TileConfig.parse``: the benchmarks' and tools' "BMxBNxBK[xWARPSxSTAGES]"; anything else is refused."""
+    assert TileConfig.parse("16x32x128") == TileConfig(16, 32, 128, 1, 4, 4)
+    assert TileConfig.parse("64x128x64x8x3") == TileConfig(64, 128, 64, 1, 8, 3)
+    for bad in ("16x32", "16x32x128x4", "16xAx128", ""):
+        with pytest.raises(ValueError, match="BMxBNxBK"):
+            TileConfig.parse(bad)

@@ -55,6 +55,18 @@ class TileConfig:
     def from_dict(cls, d: dict) -> "TileConfig":
         return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
 
+    @classmethod
+    def parse(cls, text: str) -> "TileConfig":
+        """From "BMxBNxBK[xWARPSxSTAGES]" (GROUP_M 1: decode tiles; 4 warps, 4 stages unless given), the
+        benchmarks' and tools' spelling of a tile."""
+        try:
+            v = [int(t) for t in text.split("x")]
+        except ValueError:
+            v = []
+        if len(v) not in (3, 5):
+            raise ValueError(f"tiles {text!r}: BMxBNxBK or BMxBNxBKxWARPSxSTAGES")
+        return cls(*v[:3], 1, *(v[3:] or [4, 4]))
+
 
 def _shrink_to(x: int, cap: int) -> int:
     """Smallest power of two ≥ x (at least 16), capped at ``cap``: tiles never dwarf a tiny dim."""
