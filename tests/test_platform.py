@@ -10,7 +10,7 @@ from torch_moe_ops import _platform as P
 FLAGS = [(P.DEBUG_ENV, P.debug_checks, False), (P.PLANS_ENV, P.launch_plans, True),
          (P.DIRECT_LAUNCH_ENV, P.direct_launch, True), (P.FUSE_ACTIVATION_ENV, lambda: P.fuse_activation(17), False),
          (P.FUSE_SUM_ENV, lambda: P.fuse_sum(1), True), (P.SWAP_AB_ENV, P.swap_ab, False),
-         (P.PREFETCH_ENV, P.prefetch_l2, False)]
+         (P.PREFETCH_ENV, P.prefetch_l2, False), (P.PDL_ENV, P.pdl, False)]
 
 
 @pytest.mark.parametrize("name,read,default", FLAGS, ids=[f[0] for f in FLAGS])
@@ -56,3 +56,14 @@ def test_mode_switches_refuse_unknown_modes(monkeypatch):
     monkeypatch.setenv(P.BACKEND_ENV, "cuda")
     with pytest.raises(ValueError, match=f"{P.BACKEND_ENV} must be 'reference' or 'triton'"):
         P.cpu_backend()
+
+
+def test_load_ahead_takes_0_1_or_2(monkeypatch):
+    monkeypatch.delenv(P.LOAD_AHEAD_ENV, raising=False)
+    assert P.load_ahead() == 1
+    for value, want in (("0", 0), (" 2 ", 2), ("", 1)):
+        monkeypatch.setenv(P.LOAD_AHEAD_ENV, value)
+        assert P.load_ahead() == want
+    monkeypatch.setenv(P.LOAD_AHEAD_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{P.LOAD_AHEAD_ENV} must be 0, 1 or 2, got 'yes'"):
+        P.load_ahead()

@@ -19,6 +19,7 @@ FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # GEMM1's epilogue applie
 FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # GEMM2 sums the k slots: unset at T = 1, "1" up to 16 tokens, "0" never
 PREFETCH_ENV = "TORCH_MOE_OPS_PREFETCH"  # "1": GEMM1 at T = 1 brings GEMM2's weights into L2
 PDL_ENV = "TORCH_MOE_OPS_PDL"  # "1": GEMM2 at T = 1 is launched while GEMM1 runs (programmatic dependent launch)
+LOAD_AHEAD_ENV = "TORCH_MOE_OPS_LOAD_AHEAD"  # what decode tiles load a K step ahead: "0" / "1" / "2" (load_ahead)
 FUSE_ROUTING_ENV = "TORCH_MOE_OPS_FUSE_ROUTING"  # "0": fused_moe's GEMM1 does not route the token at T = 1
 SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
 COMPILE_ENV = "TORCH_MOE_OPS_COMPILE"  # what torch.compile graphs call: "plans", "triton" or "opaque"
@@ -132,6 +133,18 @@ def pdl() -> bool:
     by default: 0.3-0.8 us less a call on an H100, about the noise; docs/kernels.md, "GEMM2 launched while GEMM1
     runs"). Read when a launch plan is recorded."""
     return _flag(PDL_ENV, False)
+
+
+def load_ahead() -> int:
+    """What decode tiles (16 rows) load a K step ahead, before the current step's work (docs/kernels.md, "Why 4-bit
+    decode at T = 1 runs far from the bytes"); the same values, so the same bits. ``TORCH_MOE_OPS_LOAD_AHEAD``: 1
+    (default) one [BN] group scale a step (int4), fp8_block's block scales and the fp8 row GEMM1 / GEMM2 quantize
+    at T = 1; 2 also the [BK/G, BN] scales of a step spanning several groups (mxfp4; sm_90a: more shared memory,
+    not timed); 0 none (the A/B). Read when a launch plan is recorded."""
+    value = os.environ.get(LOAD_AHEAD_ENV, "").strip() or "1"
+    if value not in ("0", "1", "2"):
+        raise ValueError(f"{LOAD_AHEAD_ENV} must be 0, 1 or 2, got {value!r}")
+    return int(value)
 
 
 def fuse_routing() -> bool:

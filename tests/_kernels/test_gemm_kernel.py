@@ -127,6 +127,28 @@ def test_gemm_mxfp4_decodes_every_code_and_scale_byte(bm, bk, dtype, K):
     assert err < (1e-6 if dt == torch.float32 else 4e-3), err  # only the output's rounding (and fp32 sums)
 
 
+@pytest.mark.parametrize("scheme,G,bk,K", [("int4_w4a16", 128, 64, 256), ("int4_w4a16", 64, 32, 192),
+                                          ("int4_w4a16", 32, 128, 160), ("mxfp4", 32, 64, 96),
+                                          ("mxfp4", 32, 128, 128)])
+def test_packed_scales_loaded_a_step_ahead_keep_the_bits(monkeypatch, scheme, G, bk, K):
+    """Decode tiles (16 rows) load the next K step's group scales a step ahead: one [BN] scale a step (BLOCK_K <= G)
+    or [BK/G, BN] (BLOCK_K = n·G, K tails masked): bitwise the in-step loads (TORCH_MOE_OPS_LOAD_AHEAD=0; 2: the [BK/G, BN] scales too)."""
+    from torch_moe_ops._platform import LOAD_AHEAD_ENV
+
+    sch = get_quant_scheme(scheme)
+    T, k, E, N = 5, 2, 3, 40
+    a = torch.randn(T, K).to(torch.bfloat16)
+    q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8)
+    s = torch.randint(120, 130, (E, N, K // G), dtype=torch.uint8) if sch.weight.name == "mxfp4" else \
+        torch.rand(E, N, K // G) + 0.1
+    outs = []
+    for flag in ("1", "2", "0"):
+        monkeypatch.setenv(LOAD_AHEAD_ENV, flag)
+        torch.manual_seed(1)  # the same routing
+        outs.append(_packed_gemm(a, q, s, sch, (1, G), k, bk)[0])
+    assert outs[0].isfinite().all() and all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 def _swap_case(scheme_name, G, dtype, bm, bk, K, swap, monkeypatch, extras):
     """One GEMM1 launch with 16 x 32 x bk-ish tiles: (c [T·k, N or N/2]) with the switch as given; ``extras``:
     biases, an expert_map hole, the routing weight, or the fused activation."""

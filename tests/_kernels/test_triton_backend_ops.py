@@ -99,6 +99,27 @@ def test_fused_moe_triton_backend(scheme, T):
     assert sqnr_db(_ref(x, logits, q13, q2, k, kw), out.float().cpu()) > 30
 
 
+@pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_channel", "fp8_block", "int4_w4a16", "mxfp4"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_loads_a_step_ahead_keep_the_bits(monkeypatch, scheme, T):
+    """Decode tiles load the next K step's scales (and at T = 1 fp8's row, quantized in GEMM1 and GEMM2) a step
+    ahead: bitwise the in-step loads (TORCH_MOE_OPS_LOAD_AHEAD=0; 2: the [BK/G, BN] scales too), K tails included (I = 96: K steps past it)."""
+    from torch_moe_ops._platform import LOAD_AHEAD_ENV
+
+    E, k, H, I = 5, 2, 160, 96
+    dtype = torch.bfloat16 if _weight_only(scheme) else torch.float16
+    q13, q2, kw = _weights(E, H, I, scheme, dtype=dtype)
+    x = (torch.randn(T, H, device=DEV) * 0.1).to(dtype)
+    logits = torch.randn(T, E, device=DEV)
+    outs = []
+    for flag in ("1", "2", "0"):
+        monkeypatch.setenv(LOAD_AHEAD_ENV, flag)
+        moe.clear_launch_plans()
+        outs.append(moe.fused_moe(x, logits, q13, q2, k, **kw))
+    moe.clear_launch_plans()
+    assert outs[0].isfinite().all() and all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 @pytest.mark.parametrize("scheme", ["none", "fp8_block", "fp8_channel", "int4_w4a16"])
 @pytest.mark.parametrize("on_input", [False, True])
 @pytest.mark.parametrize("T", [1, 9])

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .._platform import interpret_mode, pdl as pdl_switch, prefetch_l2
+from .._platform import interpret_mode, load_ahead, pdl as pdl_switch, prefetch_l2
 from ..schemes import FP8_MAX, SCALE_EPS, QuantScheme, cdiv
 from ._numerics import _abs_bits, _bf16_round, _from_bits, _quantize, _scale_of, _upcast_emulated
 from .activation import _gated
@@ -56,8 +56,8 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, s_step, mask_token, offs_k, 
     BLOCK_K ≤ GROUP_K: the values are exact in the activation dtype and the step's one group scale
     multiplies the dot; BLOCK_K = n·GROUP_K: each value is scaled before the dot (``[BK/G, BN]`` scales,
     docs/kernels.md "Groups smaller than a K step"); with SCALE_AHEAD the one group scale ``s_step`` [BN] was loaded
-    by the caller a step ahead. SWAP_AB: ``acc`` is the transposed tile [BN, BM] and the
-    dots take the decoded weights as their first operand."""
+    by the caller a step ahead (BLOCK_K = n·GROUP_K: the ``[BK/G, BN]`` scales). SWAP_AB: ``acc`` is the transposed
+    tile [BN, BM] and the dots take the decoded weights as their first operand."""
     if EVEN_K:
         a = tl.load(a_ptrs, mask=mask_token[:, None], other=0.0)
         b = tl.load(b_ptrs, eviction_policy=B_EVICT)
@@ -69,12 +69,10 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, s_step, mask_token, offs_k, 
     b_lo, b_hi = decode_pairs(b, W_CODEC, a.dtype)  # [BK/2, BN] each, in the dot's dtype
     SCALE_IN_K: tl.constexpr = W_GROUP_SCALE and BLOCK_K > GROUP_K
     if SCALE_IN_K:  # [BK/G, BN] scales, each repeated over its G/2 rows of b_lo and of b_hi
-        offs_g = tl.arange(0, BLOCK_K // GROUP_K)
-        s_ptrs = b_scale_ptrs[None, :] + (scale_off + offs_g[:, None] * stride_bsk)
-        if EVEN_K:
-            s = tl.load(s_ptrs)
+        if SCALE_AHEAD:
+            s = s_step  # loaded a step ahead
         else:
-            s = tl.load(s_ptrs, mask=(offs_g * GROUP_K)[:, None] < k_left, other=0)
+            s = _group_scales(b_scale_ptrs, scale_off, stride_bsk, k_left, GROUP_K, BLOCK_K, EVEN_K)
         s = stored_value_scales(s, W_CODEC, a.dtype)
         s = tl.reshape(tl.broadcast_to(s[:, None, :], (BLOCK_K // GROUP_K, GROUP_K // 2, s.shape[1])),
                        (BLOCK_K // 2, s.shape[1]))  # [BK/2, BN]
@@ -109,6 +107,20 @@ def _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, s_step, mask_token, offs_k, 
     return acc + d
 
 
+@triton.jit
+def _group_scales(b_scale_ptrs, scale_off, stride_bsk, k_left, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    """The [BK/G, BN] stored group scales of a K step that spans BK/G groups (``b_scale_ptrs`` [BN] at group 0,
+    ``scale_off`` the step's first group's offset; groups at or past ``k_left`` masked to 0)."""
+    offs_g = tl.arange(0, BLOCK_K // GROUP_K)
+    s_ptrs = b_scale_ptrs[None, :] + (scale_off + offs_g[:, None] * stride_bsk)
+    if EVEN_K:
+        s = tl.load(s_ptrs)
+    else:
+        s = tl.load(s_ptrs, mask=(offs_g * GROUP_K)[:, None] < k_left, other=0)
+    return s
+
+
 @triton.jit(do_not_specialize=["num_pid_m", "num_valid_tokens"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, topk_weights_ptr,
@@ -132,7 +144,7 @@ def _moe_gemm_kernel(
     K_P2: tl.constexpr, GP: tl.constexpr, GS: tl.constexpr, SIGMOID: tl.constexpr, HAS_RBIAS: tl.constexpr,
     GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     QUANT_A: tl.constexpr, A_QMAX: tl.constexpr, A_EPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    ACT_ROUND: tl.constexpr, PREFETCH: tl.constexpr, GDC: tl.constexpr,
+    ACT_ROUND: tl.constexpr, PREFETCH: tl.constexpr, GDC: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     """PAIRS: where a program's row block gets its pairs. 0: ``sorted_ids`` / ``expert_ids`` / ``num_post_pad``
     (the alignment). 1 and 2, T = 1: pair j alone at row 0 of row block j (its k experts are distinct, so each
@@ -155,7 +167,10 @@ def _moe_gemm_kernel(
     bits; ``ids_ptr`` [T, SUM_K] say which slots are local; docs/kernels.md, "GEMM2 sums the slots").
     GDC (programmatic dependent launch, sm_90+; docs/kernels.md, "GEMM2 launched while GEMM1 runs"): 1 (GEMM1) lets
     the next launch start its programs now; 2 (GEMM2, launched with ``launch_pdl``) waits, before anything else,
-    until the launch before it has finished and its writes are visible."""
+    until the launch before it has finished and its writes are visible.
+    LOAD_AHEAD (``_platform.load_ahead``): decode tiles (BLOCK_M ≤ 16) load the next K step's plain loads before
+    the current step's work; the same values, so the same bits. 1: [BN] group scales, fp8_block's scales,
+    QUANT_A's row; 2: also the [BK/G, BN] scales of a step spanning several groups; 0: none."""
     if GDC == 1:
         gdc_launch_dependents()
     if GDC == 2:
@@ -244,14 +259,19 @@ def _moe_gemm_kernel(
         row0 = (tl.arange(0, BLOCK_M) == 0)[:, None]  # [BM, 1]
         if A_ROW_SCALE:  # the row's scale first: an integer max of |x|'s bits keeps NaN (_numerics)
             amax = tl.zeros((BLOCK_K,), dtype=tl.int32)
-            y_next = tl.load(x_row, mask=offs_k < K, other=0.0)
-            for kk in range(0, tl.cdiv(K, BLOCK_K)):  # each step loads the next one's [BK] before its own max
-                y = y_next
-                y_next = tl.load(x_row + (kk + 1) * BLOCK_K * stride_ak, mask=offs_k < K - (kk + 1) * BLOCK_K,
-                                 other=0.0)
+            if LOAD_AHEAD > 0:
+                y_next = tl.load(x_row, mask=offs_k < K, other=0.0)
+            for kk in range(0, tl.cdiv(K, BLOCK_K)):  # LOAD_AHEAD: each step loads the next one's [BK] first
+                if LOAD_AHEAD > 0:
+                    y = y_next
+                    y_next = tl.load(x_row + (kk + 1) * BLOCK_K * stride_ak, mask=offs_k < K - (kk + 1) * BLOCK_K,
+                                     other=0.0)
+                else:
+                    y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K, other=0.0)
                 amax = tl.maximum(amax, _abs_bits(y.to(tl.float32)))
             a_row_s, a_inv = _scale_of(_from_bits(tl.max(amax, axis=0)), A_QMAX, A_EPS)  # scalars
-        y_next = tl.load(x_row, mask=offs_k < K, other=0.0)  # the K loop's first [BK]: one step ahead
+        if LOAD_AHEAD > 0:
+            y_next = tl.load(x_row, mask=offs_k < K, other=0.0)  # the K loop's first [BK]: one step ahead
     B_EVICT: tl.constexpr = "evict_first" if PREFETCH else ""  # GEMM1's weights are read once
     k_steps = tl.cdiv(K, BLOCK_K)
     if PREFETCH:  # a share of GEMM2's weights of this pair's expert (>= 0 here) into L2, nothing waited for; the
@@ -267,9 +287,13 @@ def _moe_gemm_kernel(
     # on them) each step loads the next step's before its own work, so their latency is not on every step's path
     # (a step past the last reloads the last one's). One step ahead only: two (two values carried a step) made
     # Triton 3.6 drop the loop's pipelining; prefill tiles keep the loads in the step (docs/kernels.md).
-    SCALE_AHEAD: tl.constexpr = W_PACKED and W_GROUP_SCALE and BLOCK_K <= GROUP_K and BLOCK_M <= 16  # [BN] a step
-    BLOCK_AHEAD: tl.constexpr = BLOCK_SCALES and BLOCK_M <= 16
-    if SCALE_AHEAD:
+    SCALE_IN_K: tl.constexpr = W_GROUP_SCALE and BLOCK_K > GROUP_K  # [BK/G, BN] scales a step, else [BN]
+    SCALE_AHEAD: tl.constexpr = (LOAD_AHEAD >= 2 or (LOAD_AHEAD >= 1 and not SCALE_IN_K)) and W_PACKED and \
+        W_GROUP_SCALE and BLOCK_M <= 16
+    BLOCK_AHEAD: tl.constexpr = LOAD_AHEAD > 0 and BLOCK_SCALES and BLOCK_M <= 16
+    if SCALE_AHEAD and SCALE_IN_K:
+        s_next = _group_scales(b_scale_ptrs, 0, stride_bsk, K, GROUP_K, BLOCK_K, EVEN_K)
+    elif SCALE_AHEAD:
         s_next = tl.load(b_scale_ptrs)
     else:
         s_next = 0.0
@@ -281,7 +305,11 @@ def _moe_gemm_kernel(
         kb_next = ((tl.minimum(kk + 1, k_steps - 1) * BLOCK_K) // GROUP_K)  # the next step's scale group
         if W_PACKED:
             s_cur = s_next
-            if SCALE_AHEAD:
+            if SCALE_AHEAD and SCALE_IN_K:
+                k_next = tl.minimum(kk + 1, k_steps - 1) * BLOCK_K
+                s_next = _group_scales(b_scale_ptrs, kb_next * stride_bsk, stride_bsk, K - k_next, GROUP_K, BLOCK_K,
+                                       EVEN_K)
+            elif SCALE_AHEAD:
                 s_next = tl.load(b_scale_ptrs + kb_next * stride_bsk)
             acc = _packed_step(acc, a_ptrs, b_ptrs, b_scale_ptrs, s_cur, mask_token, offs_k, offs_j, K - kk * BLOCK_K,
                                ((kk * BLOCK_K) // GROUP_K) * stride_bsk, stride_bsk, W_CODEC, W_GROUP_SCALE,
@@ -291,9 +319,13 @@ def _moe_gemm_kernel(
         else:
             if QUANT_A:  # [BK] of the row -> fp8, then the [BM, BK] tile: 1/BM of the tile's work; the next
                 # step's [BK] is loaded first, so its latency hides behind this step (a plain load: not pipelined)
-                y = y_next.to(tl.float32)
-                y_next = tl.load(x_row + (kk + 1) * BLOCK_K * stride_ak, mask=offs_k < K - (kk + 1) * BLOCK_K,
-                                 other=0.0)
+                if LOAD_AHEAD > 0:
+                    y = y_next.to(tl.float32)
+                    y_next = tl.load(x_row + (kk + 1) * BLOCK_K * stride_ak, mask=offs_k < K - (kk + 1) * BLOCK_K,
+                                     other=0.0)
+                else:
+                    y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K,
+                                other=0.0).to(tl.float32)
                 if BLOCK_SCALES:  # the step is the group: its scale, [BM] like a loaded one
                     s_step, a_inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=0)), A_QMAX, A_EPS)
                     a_s = tl.zeros((BLOCK_M,), dtype=tl.float32) + s_step
@@ -568,7 +600,8 @@ def invoke_moe_gemm(
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
         ZERO_COUNT=triton.next_power_of_2(zero_max) if zero_max else 0, **sum_kw, **pair_kw,
         QUANT_A=quant_a, A_QMAX=FP8_MAX, A_EPS=SCALE_EPS, EMULATE_FP8=quant_a and interpret_mode(),
-        ACT_ROUND=act_round, PREFETCH=prefetch is not None, GDC=pdl, num_warps=config.num_warps,
+        ACT_ROUND=act_round, PREFETCH=prefetch is not None, GDC=pdl, LOAD_AHEAD=load_ahead(),
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **({"launch_pdl": True} if pdl == 2 else {}),
     )
     return c
