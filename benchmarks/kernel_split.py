@@ -14,6 +14,10 @@ of the reference path (exercises the code, measures nothing).
 BMxBNxBKxWARPSxSTAGES) for its token bucket, through a tuned table of this GPU written for the variant
 (``TORCH_MOE_OPS_TUNED_DIR``; plans cleared between variants): an A/B of tile choices in one process, each row
 naming its ``tiles`` ("" = the package's own choice).
+
+``--envs "ahead0=LOAD_AHEAD=0 ahead2=LOAD_AHEAD=2"``: each cell also runs, with the package's tiles, under each
+set of the package's switches (without their ``TORCH_MOE_OPS_`` prefix; plans cleared between variants), in the
+same process on the same weights; each row names its ``envs`` ("" = the environment as it was).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.run import do_bench_ms, make_weights
 from benchmarks.shapes import SHAPES, MoEShape
-from benchmarks.tiles import tuned_dir, write_table
+from benchmarks.tiles import environment, parse_envs, tuned_dir, write_table
 
 import torch_moe_ops as moe
 
@@ -85,8 +89,10 @@ def tile_tables(spec: str, shape: MoEShape, scheme: str, T: int, block, root: st
     return out
 
 
-def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str, tiles: str = "") -> list[dict]:
-    """One row per tile variant: the package's own tiles first, then each of ``tiles`` (``--tiles``)."""
+def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str, tiles: str = "",
+         envs: str = "") -> list[dict]:
+    """One row per variant: the package's own tiles first, then each of ``tiles`` (``--tiles``), then the package's
+    tiles under each of ``envs`` (``--envs``)."""
     torch.manual_seed(T)
     data = make_weights(shape, scheme, device)
     q13, q2 = data.q13, data.q2
@@ -113,15 +119,18 @@ def cell(shape: MoEShape, scheme: str, T: int, op: str, calls: int, device: str,
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        variants = [("", os.environ.get(TUNED_DIR_ENV))]
-        variants += tile_tables(tiles, shape, scheme, T, data.block, root) if tiles else []
-        for name, folder in variants:
+        variants = [("", "", tuned_dir(os.environ.get(TUNED_DIR_ENV)))]
+        variants += [(name, "", tuned_dir(folder))
+                     for name, folder in (tile_tables(tiles, shape, scheme, T, data.block, root) if tiles else [])]
+        variants += [("", name, environment(values)) for name, values in parse_envs(envs)]
+        for name, env_name, ctx in variants:
             try:
-                with tuned_dir(folder):
+                with ctx:
                     row = _timed_row(shape, scheme, T, op, name, sets, call, calls, device)
             except Exception as exc:  # noqa: BLE001 - a variant that does not compile or fit: say so, go on
                 row = dict(shape=shape.name, scheme=scheme, T=T, op=op, tiles=name, error=f"{type(exc).__name__}: "
                            f"{str(exc)[:200]}", kernels={}, kernels_us=float("nan"))
+            row["envs"] = env_name
             rows.append(row)
     return rows
 
@@ -148,7 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--smoke", action="store_true", help="a tiny shape on CPU (the reference path)")
     p.add_argument("--tiles", default="", help='tile variants, e.g. "n32=16x32x128x4x4/16x32x128x4x4" (GPU)')
+    p.add_argument("--envs", default="", help='switch variants, e.g. "ahead0=LOAD_AHEAD=0 pdl=PDL=1"')
     args = p.parse_args(argv)
+    parse_envs(args.envs)  # a malformed spec fails before any cell
     device = "cpu" if args.smoke else "cuda"
     shapes = [TINY] if args.smoke else [SHAPES[s] for s in args.shapes.split(",")]
     rows = []
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
             for T in map(int, args.tokens.split(",")):
                 for op in args.ops.split(","):
                     for row in cell(shape, scheme, T, op, 2 if args.smoke else args.calls, device,
-                                    "" if args.smoke else args.tiles):
+                                    "" if args.smoke else args.tiles, args.envs):
                         rows.append(row)
                         _print(row)
                     _write(args.out, device, rows)  # after every cell: a run cut by its time limit keeps them
@@ -172,6 +183,7 @@ def _print(row: dict) -> None:
                                                   if len(k.get("per_launch_us", ())) in (2, 3, 4) else "")
                     for n, k in list(row["kernels"].items())[:6])
     tiles = f" tiles {row['tiles']}" if row.get("tiles") else ""
+    tiles += f" envs {row['envs']}" if row.get("envs") else ""
     print(f"{row['shape']:<14} {row['scheme']:<11} T={row['T']:<5} {row['op']}{tiles}: kernels "
           f"{row['kernels_us']:.1f} us (graph {row.get('graph_us', float('nan')):.1f}, clean L2 "
           f"{row.get('graph_clean_us', float('nan')):.1f}); {top}{row.get('error', '')}", flush=True)

@@ -28,17 +28,41 @@ def write_table(folder: str, device_name: str, shape: MoEShape, table_key: str, 
 def tuned_dir(folder: str | None):
     """Inside, the package reads its tile tables with ``folder``'s (None: the shipped ones alone); launch plans are
     cleared on the way in and out (a plan keeps the tiles it recorded)."""
-    import torch_moe_ops as moe
     from torch_moe_ops._kernels.configs import TUNED_DIR_ENV
 
-    before = os.environ.get(TUNED_DIR_ENV)
-    _set(TUNED_DIR_ENV, folder)
+    with environment({TUNED_DIR_ENV: folder}):
+        yield
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str | None]):
+    """Inside, the environment variables ``values`` (None: unset), launch plans cleared on the way in and out (a plan
+    keeps the switches it recorded); the previous values back afterwards."""
+    import torch_moe_ops as moe
+
+    before = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        _set(name, value)
     moe.clear_launch_plans()
     try:
         yield
     finally:
-        _set(TUNED_DIR_ENV, before)
+        for name, value in before.items():
+            _set(name, value)
         moe.clear_launch_plans()
+
+
+def parse_envs(spec: str) -> list[tuple[str, dict[str, str]]]:
+    """``"NAME=SWITCH=V[,SWITCH=V] ..."`` -> [(NAME, {TORCH_MOE_OPS_SWITCH: V, ...})]: the package's switches
+    without their ``TORCH_MOE_OPS_`` prefix (README's table), e.g. ``"ahead0=LOAD_AHEAD=0 pdl=PDL=1"``."""
+    out = []
+    for item in spec.split():
+        name, _, rest = item.partition("=")
+        pairs = [kv.partition("=") for kv in rest.split(",") if kv]
+        if not name or not pairs or any(not k or not sep for k, sep, _ in pairs):
+            raise ValueError(f"env variant {item!r}: NAME=SWITCH=VALUE[,SWITCH=VALUE]")
+        out.append((name, {f"TORCH_MOE_OPS_{k}": v for k, _, v in pairs}))
+    return out
 
 
 def _set(name: str, value: str | None) -> None:

@@ -250,6 +250,33 @@ def test_kernel_split_tile_variants_become_tables_the_lookup_reads(tmp_path):
         kernel_split.tile_tables("bad=16x32x128x4x4", shape, "int4_w4a16", 1, (1, 128), str(tmp_path), "GPU X")
 
 
+def test_kernel_split_env_variants_run_under_their_switches_then_restore_them(tmp_path, monkeypatch):
+    """--envs: each cell runs once more per variant under its switches (prefix added, plans cleared), in order, and
+    the environment is as it was afterwards; a malformed spec fails before any cell."""
+    import os
+
+    from benchmarks import kernel_split
+    from torch_moe_ops._platform import LOAD_AHEAD_ENV, PDL_ENV
+
+    monkeypatch.setenv(LOAD_AHEAD_ENV, "1")
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    seen, real = [], kernel_split._timed_row
+
+    def spy(*args):
+        seen.append((os.environ.get(LOAD_AHEAD_ENV), os.environ.get(PDL_ENV)))
+        return real(*args)
+
+    monkeypatch.setattr(kernel_split, "_timed_row", spy)
+    assert kernel_split.main(["--smoke", "--out", str(tmp_path), "--schemes", "none", "--tokens", "1",
+                              "--envs", "a0=LOAD_AHEAD=0 both=LOAD_AHEAD=2,PDL=1"]) == 0
+    rows = json.loads((tmp_path / "kernel_split.json").read_text())["rows"]
+    assert [r["envs"] for r in rows] == ["", "a0", "both"]
+    assert seen == [("1", None), ("0", None), ("2", "1")]
+    assert os.environ[LOAD_AHEAD_ENV] == "1" and PDL_ENV not in os.environ
+    with pytest.raises(ValueError, match="NAME=SWITCH=VALUE"):
+        kernel_split.main(["--smoke", "--out", str(tmp_path), "--envs", "a0=LOAD_AHEAD"])
+
+
 def test_host_ab_compiles_each_variant_once_and_pairs_the_rounds(tmp_path, monkeypatch):
     """benchmarks.host_ab on CPU: every variant gets graphs of its own (a fresh code object each, so Dynamo does
     not serve the second variant the first one's graph), traced under its environment (the package's compile mode
