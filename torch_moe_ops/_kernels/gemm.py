@@ -288,8 +288,8 @@ def _moe_gemm_kernel(
     # (a step past the last reloads the last one's). One step ahead only: two (two values carried a step) made
     # Triton 3.6 drop the loop's pipelining; prefill tiles keep the loads in the step (docs/kernels.md).
     SCALE_IN_K: tl.constexpr = W_GROUP_SCALE and BLOCK_K > GROUP_K  # [BK/G, BN] scales a step, else [BN]
-    SCALE_AHEAD: tl.constexpr = (LOAD_AHEAD >= 2 or (LOAD_AHEAD >= 1 and not SCALE_IN_K)) and W_PACKED and \
-        W_GROUP_SCALE and BLOCK_M <= 16
+    SCALE_AHEAD: tl.constexpr = ((LOAD_AHEAD >= 2 or (LOAD_AHEAD >= 1 and not SCALE_IN_K)) and W_PACKED
+                                 and W_GROUP_SCALE and BLOCK_M <= 16)  # (no backslash: Inductor embeds the source)
     BLOCK_AHEAD: tl.constexpr = LOAD_AHEAD > 0 and BLOCK_SCALES and BLOCK_M <= 16
     if SCALE_AHEAD and SCALE_IN_K:
         s_next = _group_scales(b_scale_ptrs, 0, stride_bsk, K, GROUP_K, BLOCK_K, EVEN_K)
