@@ -138,9 +138,9 @@ def pdl() -> bool:
 def load_ahead() -> int:
     """What decode tiles (16 rows) load a K step ahead, before the current step's work (docs/kernels.md, "Why 4-bit
     decode at T = 1 runs far from the bytes"); the same values, so the same bits. ``TORCH_MOE_OPS_LOAD_AHEAD``: 1
-    (default) one [BN] group scale a step (int4), fp8_block's block scales and the fp8 row GEMM1 / GEMM2 quantize
-    at T = 1; 2 also the [BK/G, BN] scales of a step spanning several groups (mxfp4; sm_90a: more shared memory,
-    not timed); 0 none (the A/B). Read when a launch plan is recorded."""
+    (default) the group scales of a step spanning at most two groups (int4's one, mxfp4's two at BLOCK_K 64),
+    fp8_block's block scales and the fp8 row GEMM1 / GEMM2 quantize at T = 1; 2 also the [BK/G, BN] scales of
+    wider steps (slower on an H100 for mxfp4 at BLOCK_K 128); 0 none (the A/B). Read when a plan is recorded."""
     value = os.environ.get(LOAD_AHEAD_ENV, "").strip() or "1"
     if value not in ("0", "1", "2"):
         raise ValueError(f"{LOAD_AHEAD_ENV} must be 0, 1 or 2, got {value!r}")

@@ -169,8 +169,8 @@ def _moe_gemm_kernel(
     the next launch start its programs now; 2 (GEMM2, launched with ``launch_pdl``) waits, before anything else,
     until the launch before it has finished and its writes are visible.
     LOAD_AHEAD (``_platform.load_ahead``): decode tiles (BLOCK_M ≤ 16) load the next K step's plain loads before
-    the current step's work; the same values, so the same bits. 1: [BN] group scales, fp8_block's scales,
-    QUANT_A's row; 2: also the [BK/G, BN] scales of a step spanning several groups; 0: none."""
+    the current step's work; the same values, so the same bits. 1: group scales of steps spanning at most two
+    groups, fp8_block's scales, QUANT_A's row; 2: also the [BK/G, BN] scales of wider steps; 0: none."""
     if GDC == 1:
         gdc_launch_dependents()
     if GDC == 2:
@@ -288,8 +288,10 @@ def _moe_gemm_kernel(
     # (a step past the last reloads the last one's). One step ahead only: two (two values carried a step) made
     # Triton 3.6 drop the loop's pipelining; prefill tiles keep the loads in the step (docs/kernels.md).
     SCALE_IN_K: tl.constexpr = W_GROUP_SCALE and BLOCK_K > GROUP_K  # [BK/G, BN] scales a step, else [BN]
-    SCALE_AHEAD: tl.constexpr = ((LOAD_AHEAD >= 2 or (LOAD_AHEAD >= 1 and not SCALE_IN_K)) and W_PACKED
-                                 and W_GROUP_SCALE and BLOCK_M <= 16)  # (no backslash: Inductor embeds the source)
+    # [BK/G, BN] scales ahead only up to two groups a step by default: GPT-OSS-20B mxfp4 (BK 64) gained, Qwen3-30B-A3B
+    # (BK 128, four groups) lost, H100 session 16 (docs/kernels.md); no backslash here: Inductor embeds the source
+    SCALE_AHEAD: tl.constexpr = ((LOAD_AHEAD >= 2 or (LOAD_AHEAD >= 1 and BLOCK_K <= 2 * GROUP_K)) and W_PACKED
+                                 and W_GROUP_SCALE and BLOCK_M <= 16)
     BLOCK_AHEAD: tl.constexpr = LOAD_AHEAD > 0 and BLOCK_SCALES and BLOCK_M <= 16
     if SCALE_AHEAD and SCALE_IN_K:
         s_next = _group_scales(b_scale_ptrs, 0, stride_bsk, K, GROUP_K, BLOCK_K, EVEN_K)
