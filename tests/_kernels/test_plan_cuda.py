@@ -288,3 +288,26 @@ def test_int4_prefill_tiles_are_swapped_by_default(monkeypatch):
     want = moe.fused_moe(x, logits, q13, q2, k, **kw)
     PLANS.clear()
     assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
+
+
+@pytest.mark.parametrize("ahead", ["0", "2"])
+@pytest.mark.parametrize("scheme,activation", [("fp8_block", "silu"), ("fp8_channel", "silu"), ("int4_w4a16", "silu"),
+                                               ("mxfp4", "swigluoai")])
+def test_loads_a_step_ahead_keep_the_bits_on_the_gpu(monkeypatch, scheme, activation, ahead):
+    """TORCH_MOE_OPS_LOAD_AHEAD=0 (every scale and fp8 row in its own step) and =2 (wider steps' scales ahead too)
+    against the default 1 (docs/kernels.md): bitwise the same outputs at T = 1 (pair rows) and T = 5 (aligned
+    16-row tiles), recorded and replayed plans."""
+    from torch_moe_ops._platform import LOAD_AHEAD_ENV
+
+    E, k, H, I = 40, 4, 640, 384
+    q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
+    cases = [_inputs(T, H, E, seed) for T in (1, 5) for seed in range(2)]
+    monkeypatch.setenv(LOAD_AHEAD_ENV, "1")
+    PLANS.clear()
+    want = [moe.fused_moe(x, logits, q13, q2, k, **kw) for x, logits in cases]
+    monkeypatch.setenv(LOAD_AHEAD_ENV, ahead)
+    PLANS.clear()
+    for _ in range(2):  # records, then replays
+        for (x, logits), w_ in zip(cases, want):
+            torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), w_, rtol=0, atol=0)
+    PLANS.clear()
