@@ -121,6 +121,12 @@ def _group_scales(b_scale_ptrs, scale_off, stride_bsk, k_left, GROUP_K: tl.const
     return s
 
 
+@triton.jit
+def _row_step(x_row, step, K, stride_ak, offs_k, BLOCK_K: tl.constexpr):
+    """[BK] of a row ``x_row`` at K step ``step`` (values at or past K: 0)."""
+    return tl.load(x_row + step * BLOCK_K * stride_ak, mask=offs_k < K - step * BLOCK_K, other=0.0)
+
+
 @triton.jit(do_not_specialize=["num_pid_m", "num_valid_tokens"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, topk_weights_ptr,
@@ -260,18 +266,17 @@ def _moe_gemm_kernel(
         if A_ROW_SCALE:  # the row's scale first: an integer max of |x|'s bits keeps NaN (_numerics)
             amax = tl.zeros((BLOCK_K,), dtype=tl.int32)
             if LOAD_AHEAD > 0:
-                y_next = tl.load(x_row, mask=offs_k < K, other=0.0)
+                y_next = _row_step(x_row, 0, K, stride_ak, offs_k, BLOCK_K)
             for kk in range(0, tl.cdiv(K, BLOCK_K)):  # LOAD_AHEAD: each step loads the next one's [BK] first
                 if LOAD_AHEAD > 0:
                     y = y_next
-                    y_next = tl.load(x_row + (kk + 1) * BLOCK_K * stride_ak, mask=offs_k < K - (kk + 1) * BLOCK_K,
-                                     other=0.0)
+                    y_next = _row_step(x_row, kk + 1, K, stride_ak, offs_k, BLOCK_K)
                 else:
-                    y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K, other=0.0)
+                    y = _row_step(x_row, kk, K, stride_ak, offs_k, BLOCK_K)
                 amax = tl.maximum(amax, _abs_bits(y.to(tl.float32)))
             a_row_s, a_inv = _scale_of(_from_bits(tl.max(amax, axis=0)), A_QMAX, A_EPS)  # scalars
         if LOAD_AHEAD > 0:
-            y_next = tl.load(x_row, mask=offs_k < K, other=0.0)  # the K loop's first [BK]: one step ahead
+            y_next = _row_step(x_row, 0, K, stride_ak, offs_k, BLOCK_K)  # the K loop's first [BK]: a step ahead
     B_EVICT: tl.constexpr = "evict_first" if PREFETCH else ""  # GEMM1's weights are read once
     k_steps = tl.cdiv(K, BLOCK_K)
     if PREFETCH:  # a share of GEMM2's weights of this pair's expert (>= 0 here) into L2, nothing waited for; the
@@ -304,11 +309,11 @@ def _moe_gemm_kernel(
         if not QUANT_A:
             as_next = tl.load(a_scale_ptrs, mask=mask_token, other=0.0)
     for kk in range(0, k_steps):
-        kb_next = ((tl.minimum(kk + 1, k_steps - 1) * BLOCK_K) // GROUP_K)  # the next step's scale group
+        k_next = tl.minimum(kk + 1, k_steps - 1) * BLOCK_K  # the next step's first k (past the last: the last's)
+        kb_next = k_next // GROUP_K  # its scale group
         if W_PACKED:
             s_cur = s_next
             if SCALE_AHEAD and SCALE_IN_K:
-                k_next = tl.minimum(kk + 1, k_steps - 1) * BLOCK_K
                 s_next = _group_scales(b_scale_ptrs, kb_next * stride_bsk, stride_bsk, K - k_next, GROUP_K, BLOCK_K,
                                        EVEN_K)
             elif SCALE_AHEAD:
@@ -323,11 +328,9 @@ def _moe_gemm_kernel(
                 # step's [BK] is loaded first, so its latency hides behind this step (a plain load: not pipelined)
                 if LOAD_AHEAD > 0:
                     y = y_next.to(tl.float32)
-                    y_next = tl.load(x_row + (kk + 1) * BLOCK_K * stride_ak, mask=offs_k < K - (kk + 1) * BLOCK_K,
-                                     other=0.0)
+                    y_next = _row_step(x_row, kk + 1, K, stride_ak, offs_k, BLOCK_K)
                 else:
-                    y = tl.load(x_row + kk * BLOCK_K * stride_ak, mask=offs_k < K - kk * BLOCK_K,
-                                other=0.0).to(tl.float32)
+                    y = _row_step(x_row, kk, K, stride_ak, offs_k, BLOCK_K).to(tl.float32)
                 if BLOCK_SCALES:  # the step is the group: its scale, [BM] like a loaded one
                     s_step, a_inv = _scale_of(_from_bits(tl.max(_abs_bits(y), axis=0)), A_QMAX, A_EPS)
                     a_s = tl.zeros((BLOCK_M,), dtype=tl.float32) + s_step
