@@ -194,3 +194,16 @@ def test_every_scheme_has_a_pipeline_config(scheme):
     cfg = quant_config(scheme, 256, 96)  # int4: the largest group dividing both (32)
     assert cfg.quant_scheme is get_quant_scheme(scheme)
     assert quant_config("none", 256, 96) is None
+
+
+def test_table_widens_a_column_for_a_wide_cell(result):
+    """A slow machine's figures (here a 12345.67 s load) widen their column instead of breaking the grid."""
+    import dataclasses
+
+    from torch_moe_ops.demo.hf_table import format_table
+
+    slow = dataclasses.replace(result, rows=[dataclasses.replace(result.rows[0], load_s=12345.67), *result.rows[1:]])
+    lines = format_table(slow)
+    head = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    body = lines[head + 2: head + 2 + len(ROWS)]
+    assert "12345.67" in body[0] and all(len(line) == len(lines[head]) for line in body)

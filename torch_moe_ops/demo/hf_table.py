@@ -21,17 +21,19 @@ def _cells(row, ref_bytes: int, n: int) -> list[str]:
             _num(None if peak is None else peak / ref_bytes, ".2f", "x")]
 
 
-def _line(cells) -> str:
-    return " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
+def _line(cells, widths) -> str:
+    return " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
 
 
 def format_table(result) -> list[str]:
     """The lines to print for an ``HFResult``: its header, the table, the footnotes."""
     rows, n = result.rows, result.new_tokens
     ref_bytes = rows[0].weights_bytes
-    head = _line([t for t, _ in COLUMNS])
+    cells = [_cells(row, ref_bytes, n) for row in rows]
+    widths = [max([w] + [len(c[i]) for c in cells]) for i, (_, w) in enumerate(COLUMNS)]  # a slow run's wide cell
+    head = _line([t for t, _ in COLUMNS], widths)
     lines = ["", *result.header, "", head, "-" * len(head)]
-    lines += [_line(_cells(row, ref_bytes, n)) for row in rows]
+    lines += [_line(c, widths) for c in cells]
     lines += ["",
               "SQNR dB: the prompt's logits vs transformers bf16; vs fp32: vs transformers in fp32 on the same "
               "bf16 weights (bf16's own error, for scale).",
