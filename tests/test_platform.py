@@ -67,3 +67,14 @@ def test_load_ahead_takes_0_1_or_2(monkeypatch):
     monkeypatch.setenv(P.LOAD_AHEAD_ENV, "yes")
     with pytest.raises(ValueError, match=f"{P.LOAD_AHEAD_ENV} must be 0, 1 or 2, got 'yes'"):
         P.load_ahead()
+
+
+def test_split_k_takes_1_2_or_4(monkeypatch):
+    monkeypatch.delenv(P.SPLIT_K_ENV, raising=False)
+    assert P.split_k() == 1
+    for value, want in (("2", 2), (" 4", 4), ("", 1), ("1", 1)):
+        monkeypatch.setenv(P.SPLIT_K_ENV, value)
+        assert P.split_k() == want
+    monkeypatch.setenv(P.SPLIT_K_ENV, "3")  # counters that may wrap need a power of two
+    with pytest.raises(ValueError, match=f"{P.SPLIT_K_ENV} must be 1, 2 or 4, got '3'"):
+        P.split_k()

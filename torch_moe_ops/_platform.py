@@ -19,6 +19,7 @@ FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # GEMM1's epilogue applie
 FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # GEMM2 sums the k slots: unset at T = 1, "1" up to 16 tokens, "0" never
 PREFETCH_ENV = "TORCH_MOE_OPS_PREFETCH"  # "1": GEMM1 at T = 1 brings GEMM2's weights into L2
 PDL_ENV = "TORCH_MOE_OPS_PDL"  # "1": GEMM2 at T = 1 is launched while GEMM1 runs (programmatic dependent launch)
+SPLIT_K_ENV = "TORCH_MOE_OPS_SPLIT_K"  # "2" / "4": GEMMs at T = 1 split their K steps (opt-in, not timed)
 LOAD_AHEAD_ENV = "TORCH_MOE_OPS_LOAD_AHEAD"  # what decode tiles load a K step ahead: "0" / "1" / "2" (load_ahead)
 FUSE_ROUTING_ENV = "TORCH_MOE_OPS_FUSE_ROUTING"  # "0": fused_moe's GEMM1 does not route the token at T = 1
 SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
@@ -144,6 +145,15 @@ def load_ahead() -> int:
     value = os.environ.get(LOAD_AHEAD_ENV, "").strip() or "1"
     if value not in ("0", "1", "2"):
         raise ValueError(f"{LOAD_AHEAD_ENV} must be 0, 1 or 2, got {value!r}")
+    return int(value)
+
+
+def split_k() -> int:
+    """How many splits of their K steps GEMM1 and GEMM2 run at T = 1 (``TORCH_MOE_OPS_SPLIT_K``: 1, the default, 2 or
+    4; docs/kernels.md, "K split in two at T = 1"; not timed yet). Read when a launch plan is recorded."""
+    value = os.environ.get(SPLIT_K_ENV, "").strip() or "1"
+    if value not in ("1", "2", "4"):
+        raise ValueError(f"{SPLIT_K_ENV} must be 1, 2 or 4, got {value!r}")
     return int(value)
 
 

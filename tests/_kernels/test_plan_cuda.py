@@ -311,3 +311,50 @@ def test_loads_a_step_ahead_keep_the_bits_on_the_gpu(monkeypatch, scheme, activa
         for (x, logits), w_ in zip(cases, want):
             torch.testing.assert_close(moe.fused_moe(x, logits, q13, q2, k, **kw), w_, rtol=0, atol=0)
     PLANS.clear()
+
+
+@pytest.mark.parametrize("split", ["2", "4"])
+@pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "silu"),
+                                               ("mxfp4", "swigluoai")])
+def test_split_k_at_T1_on_the_gpu(monkeypatch, scheme, activation, split):
+    """TORCH_MOE_OPS_SPLIT_K (docs/kernels.md, "K split in two at T = 1"): at T = 1 the split GEMMs give the unsplit
+    function (bf16 rounding apart) and the same bits call after call, through recorded and replayed plans and a CUDA
+    graph (the counters carry across launches and replays), an expert_map hole included."""
+    from torch_moe_ops._kernels import gemm
+    from torch_moe_ops._platform import SPLIT_K_ENV
+
+    E, k, H, I = 60, 6, 512, 384
+    q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
+    emap = torch.arange(E, dtype=torch.int32, device=DEV)
+    emap[::7] = -1
+    cases = [_inputs(1, H, E, seed) for seed in range(3)]
+
+    def calls(x, logits):
+        w, ids = moe.topk_route(logits, k)
+        return moe.fused_moe(x, logits, q13, q2, k, **kw), moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw)
+
+    PLANS.clear()
+    ref = [calls(x, logits) for x, logits in cases]
+    monkeypatch.setenv(SPLIT_K_ENV, split)
+    PLANS.clear()
+    want = [calls(x, logits) for x, logits in cases]  # recorded
+    for r, w_ in zip(ref, want):
+        for a, b in zip(r, w_):
+            assert (a.float() - b.float()).norm() <= 2e-2 * a.float().norm() + 1e-6  # the sum's order only
+    for (x, logits), wants in zip(cases, want):  # replayed
+        for got, w_ in zip(calls(x, logits), wants):
+            torch.testing.assert_close(got, w_, rtol=0, atol=0)
+    x, logits = (t.clone() for t in cases[0])
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = calls(x, logits)
+    for _ in range(2):
+        for (x2, logits2), wants in zip(cases, want):
+            x.copy_(x2)
+            logits.copy_(logits2)
+            g.replay()
+            for got, w_ in zip(out, wants):
+                torch.testing.assert_close(got, w_, rtol=0, atol=0)
+    torch.cuda.synchronize()
+    assert all(int(t.remainder(s).abs().max()) == 0 for (_, s), t in gemm._LOCKS.items())
+    PLANS.clear()
