@@ -581,9 +581,11 @@ def invoke_moe_gemm(
         w_s_strides = tuple(w_scale.stride()) + (0,) * (3 - w_scale.dim())
     tensor_cols = w_scale.shape[1] if flags.W_TENSOR_SCALE and w_scale.dim() > 1 else 1
     split = split_k(pair_ids is not None and not swapped and not invariant, num_pid_m * cdiv(N, bn), cdiv(K, bk))
+    locks = _split_locks(a.device, split) if split > 1 else None
+    split = split if locks is not None else 1
     grid = (num_pid_m * cdiv(N, bn), split)
-    part, locks = ((torch.empty(grid[0] * split * bn, dtype=torch.float32, device=a.device),
-                    _split_locks(a.device, split)) if split > 1 else (dummy, dummy))
+    part = torch.empty(grid[0] * split * bn, dtype=torch.float32, device=a.device) if split > 1 else dummy
+    locks = locks if locks is not None else dummy
     if act is not None:
         activation, alpha, limit = act
         assert activation.gated and N % 2 == 0 and bn % 2 == 0 and topk_weights is None
@@ -680,13 +682,16 @@ def split_k(pairs: bool, tiles: int, k_steps: int) -> int:
     return split
 
 
-def _split_locks(device: torch.device, split: int) -> torch.Tensor:
+def _split_locks(device: torch.device, split: int) -> torch.Tensor | None:
     """The device's split counters for ``split`` [SPLIT_MAX_TILES] int32: zeros once, then each launch adds
     ``split`` to each of its tiles' (a multiple of ``split`` between launches, wrapping included). Allocated outside
-    any recording plan or dispatch mode (a plan keeps it as a tensor made before the call). Two launches on two
-    streams at once would share them: the switch is for one stream."""
+    any recording plan or dispatch mode (a plan keeps it as a tensor made before the call); None while a CUDA graph
+    is being captured before they exist (they would live in the graph's pool): that launch runs unsplit. Two
+    launches on two streams at once would share them: the switch is for one stream."""
     key = (device, split)
     locks = _LOCKS.get(key)
+    if locks is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
     if locks is None:
         from torch.utils._python_dispatch import _disable_current_modes
 
