@@ -58,23 +58,20 @@ def test_mode_switches_refuse_unknown_modes(monkeypatch):
         P.cpu_backend()
 
 
-def test_load_ahead_takes_0_1_or_2(monkeypatch):
-    monkeypatch.delenv(P.LOAD_AHEAD_ENV, raising=False)
-    assert P.load_ahead() == 1
-    for value, want in (("0", 0), (" 2 ", 2), ("", 1)):
-        monkeypatch.setenv(P.LOAD_AHEAD_ENV, value)
-        assert P.load_ahead() == want
-    monkeypatch.setenv(P.LOAD_AHEAD_ENV, "yes")
-    with pytest.raises(ValueError, match=f"{P.LOAD_AHEAD_ENV} must be 0, 1 or 2, got 'yes'"):
-        P.load_ahead()
 
-
-def test_split_k_takes_1_2_or_4(monkeypatch):
-    monkeypatch.delenv(P.SPLIT_K_ENV, raising=False)
-    assert P.split_k() == 1
-    for value, want in (("2", 2), (" 4", 4), ("", 1), ("1", 1)):
-        monkeypatch.setenv(P.SPLIT_K_ENV, value)
-        assert P.split_k() == want
-    monkeypatch.setenv(P.SPLIT_K_ENV, "3")  # counters that may wrap need a power of two
-    with pytest.raises(ValueError, match=f"{P.SPLIT_K_ENV} must be 1, 2 or 4, got '3'"):
-        P.split_k()
+@pytest.mark.parametrize("name,read,allowed,default", [(P.LOAD_AHEAD_ENV, P.load_ahead, (0, 1, 2), 1),
+                                                       (P.SPLIT_K_ENV, P.split_k, (1, 2, 4), 1)])
+def test_integer_switches_take_their_values_only(monkeypatch, name, read, allowed, default):
+    """LOAD_AHEAD 0 / 1 / 2; SPLIT_K 1 / 2 / 4 (counters that may wrap need a power of two): unset or empty gives
+    the default, anything else raises naming the switch and its values."""
+    monkeypatch.delenv(name, raising=False)
+    assert read() == default
+    for v in allowed:
+        monkeypatch.setenv(name, f" {v} ")
+        assert read() == v
+    monkeypatch.setenv(name, "")
+    assert read() == default
+    for bad in ("3", "yes"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=f"{name} must be {allowed[0]}, {allowed[1]} or {allowed[2]}, got '{bad}'"):
+            read()

@@ -47,6 +47,15 @@ def _flag(name: str, default: bool | None) -> bool | None:
     return default if not value.strip() else _parse_flag(name, value)
 
 
+def _int_choice(name: str, allowed: tuple[str, ...], default: str) -> int:
+    """An integer switch with a few allowed values: unset or empty gives ``default``; anything else raises, naming
+    it."""
+    value = os.environ.get(name, "").strip() or default
+    if value not in allowed:
+        raise ValueError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}")
+    return int(value)
+
+
 @functools.cache
 def has_triton() -> bool:
     """True when the ``triton`` package can be imported."""
@@ -142,19 +151,13 @@ def load_ahead() -> int:
     (default) the group scales of a step spanning at most two groups (int4's one, mxfp4's two at BLOCK_K 64),
     fp8_block's block scales and the fp8 row GEMM1 / GEMM2 quantize at T = 1; 2 also the [BK/G, BN] scales of
     wider steps (slower on an H100 for mxfp4 at BLOCK_K 128); 0 none (the A/B). Read when a plan is recorded."""
-    value = os.environ.get(LOAD_AHEAD_ENV, "").strip() or "1"
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"{LOAD_AHEAD_ENV} must be 0, 1 or 2, got {value!r}")
-    return int(value)
+    return _int_choice(LOAD_AHEAD_ENV, ("0", "1", "2"), "1")
 
 
 def split_k() -> int:
     """How many splits of their K steps GEMM1 and GEMM2 run at T = 1 (``TORCH_MOE_OPS_SPLIT_K``: 1, the default, 2 or
     4; docs/kernels.md, "K split in two at T = 1"; not timed yet). Read when a launch plan is recorded."""
-    value = os.environ.get(SPLIT_K_ENV, "").strip() or "1"
-    if value not in ("1", "2", "4"):
-        raise ValueError(f"{SPLIT_K_ENV} must be 1, 2 or 4, got {value!r}")
-    return int(value)
+    return _int_choice(SPLIT_K_ENV, ("1", "2", "4"), "1")
 
 
 def fuse_routing() -> bool:

@@ -220,6 +220,22 @@ def test_gemm2_sums_the_slots_on_the_gpu(monkeypatch, scheme, activation, fuse_a
     PLANS.clear()
 
 
+def _t1_case(scheme, activation, seeds):
+    """The T = 1 cases of the launch-switch tests (Qwen-like E = 60, k = 6, every 7th expert not local): ``calls(x,
+    logits)`` -> (fused_moe, fused_experts, fused_experts with the expert_map), and ``seeds`` (x, logits) pairs."""
+    E, k, H, I = 60, 6, 512, 384
+    q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
+    emap = torch.arange(E, dtype=torch.int32, device=DEV)
+    emap[::7] = -1
+
+    def calls(x, logits):
+        w, ids = moe.topk_route(logits, k)
+        return (moe.fused_moe(x, logits, q13, q2, k, **kw), moe.fused_experts(x, q13, q2, w, ids, **kw),
+                moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw))
+
+    return calls, [_inputs(1, H, E, seed) for seed in range(seeds)], (q2, k)
+
+
 @pytest.mark.parametrize("switches", ["PREFETCH", "PDL", "PREFETCH,PDL"])
 @pytest.mark.parametrize("scheme,activation", [("none", "silu"), ("fp8_block", "silu"), ("int4_w4a16", "silu"),
                                                ("mxfp4", "swigluoai")])
@@ -229,17 +245,7 @@ def test_t1_launch_switches_keep_the_bits_on_the_gpu(monkeypatch, scheme, activa
     fused_moe and fused_experts, recorded and replayed plans, an expert_map, a CUDA graph."""
     from torch_moe_ops._kernels import gemm
 
-    E, k, H, I = 60, 6, 512, 384
-    q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
-    emap = torch.arange(E, dtype=torch.int32, device=DEV)
-    emap[::7] = -1
-    cases = [_inputs(1, H, E, seed) for seed in range(4)]
-
-    def calls(x, logits):
-        w, ids = moe.topk_route(logits, k)
-        return (moe.fused_moe(x, logits, q13, q2, k, **kw), moe.fused_experts(x, q13, q2, w, ids, **kw),
-                moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw))
-
+    calls, cases, (q2, k) = _t1_case(scheme, activation, 4)
     PLANS.clear()
     want = [calls(x, logits) for x, logits in cases]
     for name in switches.split(","):
@@ -323,16 +329,7 @@ def test_split_k_at_T1_on_the_gpu(monkeypatch, scheme, activation, split):
     from torch_moe_ops._kernels import gemm
     from torch_moe_ops._platform import SPLIT_K_ENV
 
-    E, k, H, I = 60, 6, 512, 384
-    q13, q2, kw = _weights(E, H, I, scheme, activation, bias=activation == "swigluoai")
-    emap = torch.arange(E, dtype=torch.int32, device=DEV)
-    emap[::7] = -1
-    cases = [_inputs(1, H, E, seed) for seed in range(3)]
-
-    def calls(x, logits):
-        w, ids = moe.topk_route(logits, k)
-        return moe.fused_moe(x, logits, q13, q2, k, **kw), moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw)
-
+    calls, cases, _ = _t1_case(scheme, activation, 3)
     PLANS.clear()
     ref = [calls(x, logits) for x, logits in cases]
     monkeypatch.setenv(SPLIT_K_ENV, split)
