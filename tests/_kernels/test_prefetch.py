@@ -72,8 +72,23 @@ def test_split_k_needs_the_switch_pair_rows_and_room(monkeypatch, flag, pairs, t
         monkeypatch.delenv(SPLIT_K_ENV, raising=False)
     else:
         monkeypatch.setenv(SPLIT_K_ENV, flag)
+    cpu = torch.device("cpu")
     if traced:
         with plan.traced_launches():
-            assert gemm.split_k(pairs, tiles, steps) == want
+            assert gemm.split_k(pairs, tiles, steps, cpu) == want
     else:
-        assert gemm.split_k(pairs, tiles, steps) == want
+        assert gemm.split_k(pairs, tiles, steps, cpu) == want
+
+
+def test_split_k_stays_off_in_a_capture_until_the_counters_exist(monkeypatch):
+    """A CUDA-graph capture must not allocate the split counters (the graph's pool would own them): a capture before
+    the device's first split launch runs unsplit; once they exist, captures split too."""
+    from torch_moe_ops._platform import SPLIT_K_ENV
+
+    monkeypatch.setenv(SPLIT_K_ENV, "2")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(gemm, "_LOCKS", {})
+    dev = torch.device("cuda", 0)
+    assert gemm.split_k(True, 384, 16, dev) == 1
+    gemm._LOCKS[(dev, 2)] = object()
+    assert gemm.split_k(True, 384, 16, dev) == 2

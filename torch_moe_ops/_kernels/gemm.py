@@ -271,7 +271,8 @@ def _moe_gemm_kernel(
     if BLOCK_SCALES or W_GROUP_SCALE:
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
 
-    k_lo = pid_s * tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # this split's first K step (0 unsplit)
+    split_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # K steps a split (all of them unsplit)
+    k_lo = pid_s * split_steps  # this split's first K step (0 unsplit)
     if QUANT_A:  # the pair's one row of a, at row 0 of the tile; the other rows are padding (zeros)
         x_row = a_ptr + (pid_m // A_DIV) * stride_am + offs_k * stride_ak  # [BK]
         row0 = (tl.arange(0, BLOCK_M) == 0)[:, None]  # [BM, 1]
@@ -296,7 +297,7 @@ def _moe_gemm_kernel(
         lo = pid_n.to(tl.int64) * pf_per
         k_steps += _prefetch_l2(pf_ptr.to(tl.pointer_type(tl.uint8)) + expert * pf_stride_e, lo,
                                 tl.minimum(lo + pf_per, pf_bytes), 512)
-    k_hi = tl.minimum(k_steps, k_lo + tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K))  # past this split's last step
+    k_hi = tl.minimum(k_steps, k_lo + split_steps)  # past this split's last step
     if SPLIT_K > 1:
         a_ptrs += k_lo * BLOCK_K * stride_ak
         if W_PACKED:
@@ -580,12 +581,11 @@ def invoke_moe_gemm(
     else:
         w_s_strides = tuple(w_scale.stride()) + (0,) * (3 - w_scale.dim())
     tensor_cols = w_scale.shape[1] if flags.W_TENSOR_SCALE and w_scale.dim() > 1 else 1
-    split = split_k(pair_ids is not None and not swapped and not invariant, num_pid_m * cdiv(N, bn), cdiv(K, bk))
-    locks = _split_locks(a.device, split) if split > 1 else None
-    split = split if locks is not None else 1
+    split = split_k(pair_ids is not None and not swapped and not invariant, num_pid_m * cdiv(N, bn), cdiv(K, bk),
+                    a.device)
     grid = (num_pid_m * cdiv(N, bn), split)
-    part = torch.empty(grid[0] * split * bn, dtype=torch.float32, device=a.device) if split > 1 else dummy
-    locks = locks if locks is not None else dummy
+    part, locks = ((torch.empty(grid[0] * split * bn, dtype=torch.float32, device=a.device),
+                    _split_locks(a.device, split)) if split > 1 else (dummy, dummy))
     if act is not None:
         activation, alpha, limit = act
         assert activation.gated and N % 2 == 0 and bn % 2 == 0 and topk_weights is None
@@ -671,27 +671,27 @@ SPLIT_MAX_TILES = 1 << 16
 _LOCKS: dict = {}
 
 
-def split_k(pairs: bool, tiles: int, k_steps: int) -> int:
+def split_k(pairs: bool, tiles: int, k_steps: int, device: torch.device) -> int:
     """How many splits of the K steps a GEMM launch runs (``_moe_gemm_kernel``'s SPLIT_K): ``TORCH_MOE_OPS_SPLIT_K``
     (1, 2 or 4; off by default: not timed) at T = 1 (``pairs``: one pair a row block, unswapped, not batch-invariant,
     since the split changes the order of the sums), outside torch.compile's ``triton`` mode (the counters live across
-    launches), with at most ``SPLIT_MAX_TILES`` tiles and at least one K step a split; else 1."""
+    launches), with at most ``SPLIT_MAX_TILES`` tiles and at least one K step a split, and not inside a CUDA-graph
+    capture before ``device``'s counters exist (they would live in the graph's pool); else 1."""
     split = split_k_switch()
     if split == 1 or not pairs or tracing() or tiles > SPLIT_MAX_TILES or k_steps < split:
+        return 1
+    if (device, split) not in _LOCKS and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return 1
     return split
 
 
-def _split_locks(device: torch.device, split: int) -> torch.Tensor | None:
+def _split_locks(device: torch.device, split: int) -> torch.Tensor:
     """The device's split counters for ``split`` [SPLIT_MAX_TILES] int32: zeros once, then each launch adds
     ``split`` to each of its tiles' (a multiple of ``split`` between launches, wrapping included). Allocated outside
-    any recording plan or dispatch mode (a plan keeps it as a tensor made before the call); None while a CUDA graph
-    is being captured before they exist (they would live in the graph's pool): that launch runs unsplit. Two
-    launches on two streams at once would share them: the switch is for one stream."""
+    any recording plan or dispatch mode (a plan keeps it as a tensor made before the call; ``split_k`` keeps them out
+    of CUDA-graph captures). Two launches on two streams at once would share them: the switch is for one stream."""
     key = (device, split)
     locks = _LOCKS.get(key)
-    if locks is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
     if locks is None:
         from torch.utils._python_dispatch import _disable_current_modes
 
