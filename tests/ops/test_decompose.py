@@ -98,6 +98,17 @@ def test_graph_holds_our_kernels_and_nothing_that_moves_data(traced, case):
     assert seen["cloned_inputs"] == [], "a kernel is taken to write a graph input: Inductor would copy it"
 
 
+def test_kernels_get_only_the_tensors_they_read_or_write(traced):
+    """An absent tensor goes to a kernel as None (a Triton constexpr), never as a stand-in tensor: Inductor's launch
+    of a user kernel asks the driver for every tensor argument's pointer (docs/host-overhead.md). At T = 1 GEMM1
+    routes (logits in; weights, ids and GEMM2's cleared counters out) and GEMM2 sums the slots."""
+    gemm1 = ["a_ptr", "b_ptr", "c_ptr", "count_ptr", "ids_ptr", "logits_ptr", "topk_weights_ptr"]
+    gemm2 = ["a_ptr", "b_ptr", "c_ptr", "count_ptr", "ids_ptr", "sum_ptr", "topk_weights_ptr"]
+    assert traced[("none", 1, False)]["tensor_args"] == [gemm1, gemm2]
+    scaled = [sorted(g + ["b_scale_ptr"]) for g in (gemm1, gemm2)]  # fp8_block: x quantized inside, no a_scale
+    assert traced[("fp8_block", 1, False)]["tensor_args"] == scaled
+
+
 def test_symbolic_T_is_guarded_to_its_token_bucket(traced):
     assert traced[("none", 1, False)]["guards"] == []
     guards = traced[("fp8_block", 24, True)]["guards"]

@@ -78,7 +78,7 @@ def trace(scheme: str, T: int, symbolic: bool, mode: str = "triton", subclass: b
 
     def compiler(gm, example_inputs):
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
-        nodes, cloned_inputs = [], []
+        nodes, cloned_inputs, tensor_args = [], [], []
         for n in gm.graph.nodes:
             if n.op != "call_function":
                 continue
@@ -87,7 +87,8 @@ def trace(scheme: str, T: int, symbolic: bool, mode: str = "triton", subclass: b
                 args = n.kwargs["kwargs"]
                 cloned_inputs += [a for a in n.kwargs["tensors_to_clone"]
                                   if getattr(args[a], "name", None) in inputs]
-        seen.update(nodes=nodes, cloned_inputs=cloned_inputs, guards=[str(g.expr).replace(name, "T") if name else str(g.expr)
+                tensor_args.append(sorted(k for k, v in args.items() if isinstance(v, torch.fx.Node)))
+        seen.update(nodes=nodes, cloned_inputs=cloned_inputs, tensor_args=tensor_args, guards=[str(g.expr).replace(name, "T") if name else str(g.expr)
                                                            for g in env.guards])
         raise _Done
 

@@ -266,7 +266,7 @@ def _moe_gemm_kernel(
         b_ptrs = b_ptr + expert * stride_be + offs_j[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
     else:
         b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
-    if BLOCK_SCALES:
+    if BLOCK_SCALES and not QUANT_A:  # (QUANT_A makes its scales: no a_scale)
         a_scale_ptrs = a_scale_ptr + a_rows * stride_asm
     if BLOCK_SCALES or W_GROUP_SCALE:
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
@@ -569,13 +569,10 @@ def invoke_moe_gemm(
         bk = group_k  # value · scale can leave fp16's range: fp16 scales after the dot
     if pack > 1 and bk % (16 * pack):  # each of the pack dots of a K step needs K >= 16
         raise ValueError(f"BLOCK_K={bk} must be a multiple of {16 * pack} for packed {scheme.name} weights")
-    dummy = a  # never dereferenced (the constexpr flags prune every use); not a buffer the kernel writes (c,
-    #            counts, route's outputs): under torch.compile a written buffer passed twice would cost a copy
-    a_s = a_scale if a_scale is not None else dummy
-    w_s = w_scale if w_scale is not None else dummy
-    b_ = bias if bias is not None else dummy
-    tw = topk_weights.reshape(-1) if topk_weights is not None else dummy
-    a_s_strides = (a_s.stride(0), a_s.stride(1)) if a_scale is not None else (0, 0)
+    # An absent tensor goes in as None: a constexpr to Triton (the flags prune every use), so no launcher asks the
+    # driver for its pointer (a cost of every tensor argument Inductor launches; docs/host-overhead.md)
+    tw = topk_weights.reshape(-1) if topk_weights is not None else None
+    a_s_strides = (a_scale.stride(0), a_scale.stride(1)) if a_scale is not None else (0, 0)
     if w_scale is None:
         w_s_strides = (0, 0, 0)
     else:
@@ -585,7 +582,7 @@ def invoke_moe_gemm(
                     a.device)
     grid = (num_pid_m * cdiv(N, bn), split)
     part, locks = ((torch.empty(grid[0] * split * bn, dtype=torch.float32, device=a.device),
-                    _split_locks(a.device, split)) if split > 1 else (dummy, dummy))
+                    _split_locks(a.device, split)) if split > 1 else (None, None))
     if act is not None:
         activation, alpha, limit = act
         assert activation.gated and N % 2 == 0 and bn % 2 == 0 and topk_weights is None
@@ -596,7 +593,7 @@ def invoke_moe_gemm(
         act_kw = dict(FUSE_ACT=False, ACT="none", SWIGLU_OAI=False, CLAMP=False)
         alpha = limit = 0.0
     zero, zero_max = zero_counts if zero_counts is not None else (None, 0)
-    out, counts = (sum_into.out, sum_into.counts) if sum_into is not None else (dummy, zero if zero_max else dummy)
+    out, counts = (sum_into.out, sum_into.counts) if sum_into is not None else (None, zero if zero_max else None)
     sum_kw, sum_ids = dict(SUM_PAIRS=0, SUM_K=0, SUM_KP2=1, SUM_T=1), None
     if sum_into is not None:
         assert top_k == 1 and act is None and numel > 1
@@ -625,14 +622,12 @@ def invoke_moe_gemm(
         assert c.dtype == torch.float32, "the activation's output rounded to act_dtype is stored in fp32"
         act_round = {torch.bfloat16: "bf16", torch.float16: "fp16"}[act_dtype]
     launch(_moe_gemm_kernel, grid,
-        a, w, c, a_s, w_s, b_, tw,
-        *(t if t is not None else dummy for t in (sorted_ids, expert_ids, num_post_pad)), out, counts,
-        *(t if t is not None else dummy for t in (ids, emap, logits, rbias)),
+        a, w, c, a_scale, w_scale, bias, tw, sorted_ids, expert_ids, num_post_pad, out, counts, ids, emap, logits, rbias,
         N, K, num_pid_m, numel, zero.numel() if zero_max else 0, stride_le, rsf,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         *a_s_strides, *w_s_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, alpha, limit,
-        prefetch if prefetch is not None else dummy, *pf_args, part, locks,
+        prefetch, *pf_args, part, locks,
         GROUP_N=group_n, GROUP_K=group_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
         A_DIV=top_k, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,

@@ -159,10 +159,8 @@ def topk_route(
                      EMULATE_FP8=interpret_mode())
         quant_programs = triton.cdiv(block_t, rows)
     grid = (triton.cdiv(T, block_t), 1 + quant_programs)
-    dummy = router_logits  # read-only: never a buffer the kernel writes (torch.compile would copy it)
-    launch(_topk_route_kernel, grid,
-        router_logits, bias if bias is not None else dummy, weights, ids,
-        *(t if t is not None else dummy for t in (expert_map, sorted_ids, expert_ids, npp, scratch, x, xq, xs)),
+    launch(_topk_route_kernel, grid,  # absent tensors are None: constexprs (gemm.invoke_moe_gemm)
+        router_logits, bias, weights, ids, expert_map, sorted_ids, expert_ids, npp, scratch, x, xq, xs,
         T, router_logits.stride(0), router_logits.stride(1), float(routed_scaling_factor),
         *((x.shape[1], x.stride(0), xq.stride(0), xs.stride(0)) if x is not None else (0, 0, 0, 0)),
         E=E, BLOCK_T=block_t, BM=block_m, HAS_MAP=expert_map is not None,
