@@ -75,3 +75,23 @@ def test_integer_switches_take_their_values_only(monkeypatch, name, read, allowe
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=f"{name} must be {allowed[0]}, {allowed[1]} or {allowed[2]}, got '{bad}'"):
             read()
+
+
+def test_getenv_reads_the_live_environment(monkeypatch):
+    """``getenv`` (the per-call switch reader, cheaper than ``os.environ.get``) gives what ``os.environ.get`` gives
+    for set, empty, non-ASCII and unset names, sees every write and deletion, and falls back to the mapping when
+    ``os.environ`` was replaced by another object."""
+    import os
+
+    from torch_moe_ops._platform import getenv
+
+    name = "TORCH_MOE_OPS_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert getenv(name) == "" and getenv(name, "d") == "d"
+    for value in ("1", "", " off ", "µs-é"):
+        monkeypatch.setenv(name, value)
+        assert getenv(name, "d") == os.environ.get(name, "d") == value
+    monkeypatch.delenv(name)
+    assert getenv(name, "d") == "d"
+    monkeypatch.setattr(os, "environ", {name: "replaced"})
+    assert getenv(name) == "replaced" and getenv("TORCH_MOE_OPS_TEST_UNSET", "d") == "d"

@@ -24,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from .._platform import interpret_mode, swap_ab
+from .._platform import getenv, interpret_mode, swap_ab
 from ..schemes import QuantScheme, cdiv
 
 TUNED_DIR = Path(__file__).with_name("tuned")
@@ -222,7 +221,7 @@ def family(capability) -> str:
 
 
 def tuned_tables() -> dict:
-    return _load_tables(tuple(_tuned_files(os.environ.get(TUNED_DIR_ENV))))
+    return _load_tables(tuple(_tuned_files(getenv(TUNED_DIR_ENV))))
 
 
 @functools.cache
@@ -310,7 +309,7 @@ def get_config(
     index = device.index if device.index is not None else torch.cuda.current_device()
     a_bytes = 1 if scheme.fp8_dot else (dtype.itemsize if dtype is not None else 2)
     return _cuda_config(T, E, N, K, scheme, _block(scheme, block), top_k, device_name(index),
-                        device_family(index), os.environ.get(TUNED_DIR_ENV), bool(invariant), a_bytes,
+                        device_family(index), getenv(TUNED_DIR_ENV), bool(invariant), a_bytes,
                         device_smem(index), block_m, bool(invariant) and swaps(scheme, a_bytes, invariant=True))
 
 
