@@ -59,11 +59,10 @@ def test_mode_switches_refuse_unknown_modes(monkeypatch):
 
 
 
-@pytest.mark.parametrize("name,read,allowed,default", [(P.LOAD_AHEAD_ENV, P.load_ahead, (0, 1, 2), 1),
-                                                       (P.SPLIT_K_ENV, P.split_k, (1, 2, 4), 1)])
+@pytest.mark.parametrize("name,read,allowed,default", [(P.LOAD_AHEAD_ENV, P.load_ahead, (0, 1, 2), 1)])
 def test_integer_switches_take_their_values_only(monkeypatch, name, read, allowed, default):
-    """LOAD_AHEAD 0 / 1 / 2; SPLIT_K 1 / 2 / 4 (counters that may wrap need a power of two): unset or empty gives
-    the default, anything else raises naming the switch and its values."""
+    """LOAD_AHEAD 0 / 1 / 2: unset or empty gives the default, anything else raises naming the switch and its
+    values."""
     monkeypatch.delenv(name, raising=False)
     assert read() == default
     for v in allowed:

@@ -20,7 +20,6 @@ FUSE_ACTIVATION_ENV = "TORCH_MOE_OPS_FUSE_ACTIVATION"  # GEMM1's epilogue applie
 FUSE_SUM_ENV = "TORCH_MOE_OPS_FUSE_SUM"  # GEMM2 sums the k slots: unset at T = 1, "1" up to 16 tokens, "0" never
 PREFETCH_ENV = "TORCH_MOE_OPS_PREFETCH"  # "1": GEMM1 at T = 1 brings GEMM2's weights into L2
 PDL_ENV = "TORCH_MOE_OPS_PDL"  # "1": GEMM2 at T = 1 is launched while GEMM1 runs (programmatic dependent launch)
-SPLIT_K_ENV = "TORCH_MOE_OPS_SPLIT_K"  # "2" / "4": GEMMs at T = 1 split their K steps (opt-in, not timed)
 LOAD_AHEAD_ENV = "TORCH_MOE_OPS_LOAD_AHEAD"  # what decode tiles load a K step ahead: "0" / "1" / "2" (load_ahead)
 FUSE_ROUTING_ENV = "TORCH_MOE_OPS_FUSE_ROUTING"  # "0": fused_moe's GEMM1 does not route the token at T = 1
 SWAP_AB_ENV = "TORCH_MOE_OPS_SWAP_AB"  # "1": weight-converting GEMMs compute the transposed tile (weights as A)
@@ -171,12 +170,6 @@ def load_ahead() -> int:
     fp8_block's block scales and the fp8 row GEMM1 / GEMM2 quantize at T = 1; 2 also the [BK/G, BN] scales of
     wider steps (slower on an H100 for mxfp4 at BLOCK_K 128); 0 none (the A/B). Read when a plan is recorded."""
     return _int_choice(LOAD_AHEAD_ENV, ("0", "1", "2"), "1")
-
-
-def split_k() -> int:
-    """How many splits of their K steps GEMM1 and GEMM2 run at T = 1 (``TORCH_MOE_OPS_SPLIT_K``: 1, the default, 2 or
-    4; docs/kernels.md, "K split in two at T = 1"; not timed yet). Read when a launch plan is recorded."""
-    return _int_choice(SPLIT_K_ENV, ("1", "2", "4"), "1")
 
 
 def fuse_routing() -> bool:

@@ -1,6 +1,5 @@
 """GEMM1's L2 prefetch of GEMM2's weights at T = 1 (``TORCH_MOE_OPS_PREFETCH=1``), GEMM2 as a programmatic
-dependent launch of GEMM1 (``TORCH_MOE_OPS_PDL=1``) and GEMMs split in K at T = 1 (``TORCH_MOE_OPS_SPLIT_K``;
-docs/kernels.md): when each applies. The kernel paths
+dependent launch of GEMM1 (``TORCH_MOE_OPS_PDL=1``; docs/kernels.md): when each applies. The kernel paths
 themselves are PTX (no interpreter): compiled for sm_90a by tools/sm90_compile.py, traced under torch.compile in
 tests/ops/test_decompose.py, run bitwise against the plain path in tests/_kernels/test_plan_cuda.py.
 """
@@ -56,39 +55,3 @@ def test_a_dependent_launch_needs_the_switch_sm90_and_no_tracing(monkeypatch, fl
         assert not plan.tracing()
     else:
         assert gemm.dependent_launch(torch.device(device)) is want
-
-
-@pytest.mark.parametrize("flag,pairs,traced,tiles,steps,want", [
-    (None, True, False, 384, 16, 1), ("2", True, False, 384, 16, 2), ("4", True, False, 384, 16, 4),
-    ("2", False, False, 384, 16, 1), ("2", True, True, 384, 16, 1), ("2", True, False, 1 << 17, 16, 1),
-    ("4", True, False, 384, 3, 1), ("2", True, False, 384, 2, 2)])
-def test_split_k_needs_the_switch_pair_rows_and_room(monkeypatch, flag, pairs, traced, tiles, steps, want):
-    """TORCH_MOE_OPS_SPLIT_K (docs/kernels.md, "K split in two at T = 1"): only pair rows (T = 1, unswapped, not
-    batch-invariant: the caller's ``pairs``), never while tracing for Inductor (counters across launches), at most
-    SPLIT_MAX_TILES tiles, one K step a split at least."""
-    from torch_moe_ops._platform import SPLIT_K_ENV
-
-    if flag is None:
-        monkeypatch.delenv(SPLIT_K_ENV, raising=False)
-    else:
-        monkeypatch.setenv(SPLIT_K_ENV, flag)
-    cpu = torch.device("cpu")
-    if traced:
-        with plan.traced_launches():
-            assert gemm.split_k(pairs, tiles, steps, cpu) == want
-    else:
-        assert gemm.split_k(pairs, tiles, steps, cpu) == want
-
-
-def test_split_k_stays_off_in_a_capture_until_the_counters_exist(monkeypatch):
-    """A CUDA-graph capture must not allocate the split counters (the graph's pool would own them): a capture before
-    the device's first split launch runs unsplit; once they exist, captures split too."""
-    from torch_moe_ops._platform import SPLIT_K_ENV
-
-    monkeypatch.setenv(SPLIT_K_ENV, "2")
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(gemm, "_LOCKS", {})
-    dev = torch.device("cuda", 0)
-    assert gemm.split_k(True, 384, 16, dev) == 1
-    gemm._LOCKS[(dev, 2)] = object()
-    assert gemm.split_k(True, 384, 16, dev) == 2

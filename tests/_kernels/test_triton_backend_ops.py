@@ -120,44 +120,6 @@ def test_loads_a_step_ahead_keep_the_bits(monkeypatch, scheme, T):
     assert outs[0].isfinite().all() and all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-@pytest.mark.parametrize("scheme,activation,dtype,split", [("none", "silu", torch.float32, "4"),
-                                                           ("fp8_block", "silu", torch.float16, "2"),
-                                                           ("int4_w4a16", "silu", torch.bfloat16, "2"),
-                                                           ("mxfp4", "swigluoai", torch.bfloat16, "4")])
-def test_split_k_at_T1_sums_the_splits_once_in_order(monkeypatch, split, scheme, activation, dtype):
-    """TORCH_MOE_OPS_SPLIT_K (docs/kernels.md, "K split in two at T = 1"): GEMM1 and GEMM2 at T = 1 each run their K
-    steps in splits whose fp32 partials the last split adds in split order. The same function as unsplit (fp32:
-    to fp32 rounding), the same bits run to run, non-local pairs (an expert_map hole) zero and counted once by
-    GEMM2's sum, and every counter left a multiple of the split count (the next launch's invariant)."""
-    from torch_moe_ops._kernels import gemm
-    from torch_moe_ops._platform import SPLIT_K_ENV
-
-    E, k, H, I = 5, 2, 160, 128  # GEMM1: 5 K steps of 32 in the interpreter, so 4 splits hold 2, 2, 1 and 0
-    q13, q2, kw = _weights(E, H, I, scheme, activation=activation, bias=True, dtype=dtype)
-    emap = torch.tensor([0, -1, 1, 2, -1], dtype=torch.int32, device=DEV)
-    seen, real = [], gemm.launch
-    monkeypatch.setattr(gemm, "launch", lambda kernel, grid, *a, **kw_: seen.append(kw_["SPLIT_K"]) or
-                        real(kernel, grid, *a, **kw_))
-    for seed in range(1):
-        torch.manual_seed(seed)
-        x = (torch.randn(1, H, device=DEV) * 0.1).to(dtype)
-        logits = torch.randn(1, E, device=DEV)
-        w, ids = moe.topk_route(logits, k)
-        outs = []
-        for flag in ("1", split, split):
-            monkeypatch.setenv(SPLIT_K_ENV, flag)
-            moe.clear_launch_plans()
-            outs.append((moe.fused_moe(x, logits, q13, q2, k, **kw),
-                         moe.fused_experts(x, q13, q2, w, ids, expert_map=emap, **kw)))
-        for one, many, again in zip(*outs):
-            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
-            torch.testing.assert_close(many, one, **tol)
-            assert torch.equal(many, again)
-    assert seen.count(int(split)) == 8 and seen.count(1) == 4, seen  # 2 GEMMs x 2 calls, split twice
-    moe.clear_launch_plans()
-    assert all(int(t.remainder(s).abs().max()) == 0 for (_, s), t in gemm._LOCKS.items())
-
-
 @pytest.mark.parametrize("scheme", ["none", "fp8_block", "fp8_channel", "int4_w4a16"])
 @pytest.mark.parametrize("on_input", [False, True])
 @pytest.mark.parametrize("T", [1, 9])

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .._platform import interpret_mode, load_ahead, pdl as pdl_switch, prefetch_l2, split_k as split_k_switch
+from .._platform import interpret_mode, load_ahead, pdl as pdl_switch, prefetch_l2
 from ..schemes import FP8_MAX, SCALE_EPS, QuantScheme, cdiv
 from ._numerics import _abs_bits, _bf16_round, _from_bits, _quantize, _scale_of, _upcast_emulated
 from .activation import _gated
@@ -134,7 +134,7 @@ def _moe_gemm_kernel(
     N, K, num_pid_m, num_valid_tokens, n_count, stride_le, rsf,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_biase, stride_biasn,
-    act_alpha, act_limit, pf_ptr, pf_bytes, pf_stride_e, pf_per, part_ptr, lock_ptr,
+    act_alpha, act_limit, pf_ptr, pf_bytes, pf_stride_e, pf_per,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_DIV: tl.constexpr, TENSOR_SCALE_COLS: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -151,7 +151,6 @@ def _moe_gemm_kernel(
     GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     QUANT_A: tl.constexpr, A_QMAX: tl.constexpr, A_EPS: tl.constexpr, EMULATE_FP8: tl.constexpr,
     ACT_ROUND: tl.constexpr, PREFETCH: tl.constexpr, GDC: tl.constexpr, LOAD_AHEAD: tl.constexpr,
-    SPLIT_K: tl.constexpr,
 ):
     """PAIRS: where a program's row block gets its pairs. 0: ``sorted_ids`` / ``expert_ids`` / ``num_post_pad``
     (the alignment). 1 and 2, T = 1: pair j alone at row 0 of row block j (its k experts are distinct, so each
@@ -177,11 +176,7 @@ def _moe_gemm_kernel(
     until the launch before it has finished and its writes are visible.
     LOAD_AHEAD (``_platform.load_ahead``): decode tiles (BLOCK_M ≤ 16) load the next K step's plain loads before
     the current step's work; the same values, so the same bits. 1: group scales of steps spanning at most two
-    groups, fp8_block's scales, QUANT_A's row; 2: also the [BK/G, BN] scales of wider steps; 0: none.
-    SPLIT_K (PAIRS > 0, unswapped; docs/kernels.md, "K split in two at T = 1"): program (i, s) of the grid's
-    (tiles, SPLIT_K) runs split s of the K steps and stores row 0 of its fp32 tile into ``part_ptr`` [tiles,
-    SPLIT_K, BN]; the last of a tile's splits to count itself on ``lock_ptr`` [tiles] int32 (counters that only
-    grow, a multiple of SPLIT_K between launches) adds the partials in split order and runs the epilogue."""
+    groups, fp8_block's scales, QUANT_A's row; 2: also the [BK/G, BN] scales of wider steps; 0: none."""
     if GDC == 1:
         gdc_launch_dependents()
     if GDC == 2:
@@ -191,9 +186,6 @@ def _moe_gemm_kernel(
             offs_z = tl.arange(0, ZERO_COUNT)
             tl.store(count_ptr + offs_z, tl.zeros((ZERO_COUNT,), dtype=tl.int32), mask=offs_z < n_count)
     pid_m, pid_n = swizzle(N, num_pid_m, BLOCK_N, GROUP_M)
-    pid_s = 0  # this program's split of the K steps
-    if SPLIT_K > 1:
-        pid_s = tl.program_id(1)
     if PAIRS == 0:
         if SUM_K > 0 and pid_m == 0:  # a token with no local slot is in no tile: its output row is zero
             offs_t = tl.arange(0, SUM_T)
@@ -227,9 +219,6 @@ def _moe_gemm_kernel(
             raw = tl.load(ids_ptr + pid_m)
         offs_token, mask_token = pair_rows(pid_m, num_valid_tokens, BLOCK_M)
         expert = pair_expert(raw, map_ptr, E_IDS, E_LOCAL, HAS_MAP)
-        if SPLIT_K > 1:
-            if (expert == -1) & (pid_s > 0):  # one split stores a non-local pair's zeros (and counts them once)
-                return
 
     if FUSE_ACT:  # gated activation in the epilogue: the tile's columns j pair gate (even j) and up (odd j)
         # of output column pid_n·BN/2 + j/2; c is [rows, N/2], the activation's output.
@@ -271,8 +260,6 @@ def _moe_gemm_kernel(
     if BLOCK_SCALES or W_GROUP_SCALE:
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + (offs_bn // GROUP_N) * stride_bsn
 
-    split_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # K steps a split (all of them unsplit)
-    k_lo = pid_s * split_steps  # this split's first K step (0 unsplit)
     if QUANT_A:  # the pair's one row of a, at row 0 of the tile; the other rows are padding (zeros)
         x_row = a_ptr + (pid_m // A_DIV) * stride_am + offs_k * stride_ak  # [BK]
         row0 = (tl.arange(0, BLOCK_M) == 0)[:, None]  # [BM, 1]
@@ -289,7 +276,7 @@ def _moe_gemm_kernel(
                 amax = tl.maximum(amax, _abs_bits(y.to(tl.float32)))
             a_row_s, a_inv = _scale_of(_from_bits(tl.max(amax, axis=0)), A_QMAX, A_EPS)  # scalars
         if LOAD_AHEAD > 0:
-            y_next = _row_step(x_row, k_lo, K, stride_ak, offs_k, BLOCK_K)  # the K loop's first [BK]: a step ahead
+            y_next = _row_step(x_row, 0, K, stride_ak, offs_k, BLOCK_K)  # the K loop's first [BK]: a step ahead
     B_EVICT: tl.constexpr = "evict_first" if PREFETCH else ""  # GEMM1's weights are read once
     k_steps = tl.cdiv(K, BLOCK_K)
     if PREFETCH:  # a share of GEMM2's weights of this pair's expert (>= 0 here) into L2, nothing waited for; the
@@ -297,14 +284,6 @@ def _moe_gemm_kernel(
         lo = pid_n.to(tl.int64) * pf_per
         k_steps += _prefetch_l2(pf_ptr.to(tl.pointer_type(tl.uint8)) + expert * pf_stride_e, lo,
                                 tl.minimum(lo + pf_per, pf_bytes), 512)
-    k_hi = tl.minimum(k_steps, k_lo + split_steps)  # past this split's last step
-    if SPLIT_K > 1:
-        a_ptrs += k_lo * BLOCK_K * stride_ak
-        if W_PACKED:
-            b_ptrs += k_lo * (BLOCK_K // 2) * stride_bk
-        else:
-            b_ptrs += k_lo * BLOCK_K * stride_bk
-    kb_lo = (k_lo * BLOCK_K) // GROUP_K  # the first step's scale group
     if SWAP_AB:  # the transposed tile: the weights' rows are the MMA's M (operand A, kept in registers)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -320,18 +299,17 @@ def _moe_gemm_kernel(
                                  and W_GROUP_SCALE and BLOCK_M <= 16)
     BLOCK_AHEAD: tl.constexpr = LOAD_AHEAD > 0 and BLOCK_SCALES and BLOCK_M <= 16
     if SCALE_AHEAD and SCALE_IN_K:
-        s_next = _group_scales(b_scale_ptrs, kb_lo * stride_bsk, stride_bsk, K - k_lo * BLOCK_K, GROUP_K, BLOCK_K,
-                               EVEN_K)
+        s_next = _group_scales(b_scale_ptrs, 0, stride_bsk, K, GROUP_K, BLOCK_K, EVEN_K)
     elif SCALE_AHEAD:
-        s_next = tl.load(b_scale_ptrs + kb_lo * stride_bsk)
+        s_next = tl.load(b_scale_ptrs)
     else:
         s_next = 0.0
     if BLOCK_AHEAD:
-        bs_next = tl.load(b_scale_ptrs + kb_lo * stride_bsk)
+        bs_next = tl.load(b_scale_ptrs)
         if not QUANT_A:
-            as_next = tl.load(a_scale_ptrs + kb_lo * stride_ask, mask=mask_token, other=0.0)
-    for kk in range(k_lo, k_hi):
-        k_next = tl.minimum(kk + 1, k_hi - 1) * BLOCK_K  # the next step's first k (past the last: the last's)
+            as_next = tl.load(a_scale_ptrs, mask=mask_token, other=0.0)
+    for kk in range(0, k_steps):
+        k_next = tl.minimum(kk + 1, k_steps - 1) * BLOCK_K  # the next step's first k (past the last: the last's)
         kb_next = k_next // GROUP_K  # its scale group
         if W_PACKED:
             s_cur = s_next
@@ -394,20 +372,6 @@ def _moe_gemm_kernel(
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-    if SPLIT_K > 1:  # row 0's partial out; the tile's last split to finish sums them in split order
-        rows = tl.arange(0, BLOCK_M)[:, None]
-        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-        p_ptrs = part_ptr + tile * (SPLIT_K * BLOCK_N) + tl.arange(0, BLOCK_N)[None, :] + rows * 0  # [BM, BN]: row 0's
-        tl.store(p_ptrs + pid_s * BLOCK_N, acc, mask=rows == 0)
-        tl.debug_barrier()  # every thread's stores happen before the release
-        done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if (done & (SPLIT_K - 1)) != SPLIT_K - 1:  # (SPLIT_K a power of two: the count may wrap)
-            return
-        tl.debug_barrier()  # the acquiring thread's view before any thread's loads
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(p_ptrs + s * BLOCK_N, cache_modifier=".cg")
-        acc = tl.where(rows == 0, acc, 0.0)
     if SWAP_AB:
         acc = tl.trans(acc)  # [BM, BN]
 
@@ -578,11 +542,7 @@ def invoke_moe_gemm(
     else:
         w_s_strides = tuple(w_scale.stride()) + (0,) * (3 - w_scale.dim())
     tensor_cols = w_scale.shape[1] if flags.W_TENSOR_SCALE and w_scale.dim() > 1 else 1
-    split = split_k(pair_ids is not None and not swapped and not invariant, num_pid_m * cdiv(N, bn), cdiv(K, bk),
-                    a.device)
-    grid = (num_pid_m * cdiv(N, bn), split)
-    part, locks = ((torch.empty(grid[0] * split * bn, dtype=torch.float32, device=a.device),
-                    _split_locks(a.device, split)) if split > 1 else (None, None))
+    grid = (num_pid_m * cdiv(N, bn),)
     if act is not None:
         activation, alpha, limit = act
         assert activation.gated and N % 2 == 0 and bn % 2 == 0 and topk_weights is None
@@ -627,7 +587,7 @@ def invoke_moe_gemm(
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         *a_s_strides, *w_s_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, alpha, limit,
-        prefetch, *pf_args, part, locks,
+        prefetch, *pf_args,
         GROUP_N=group_n, GROUP_K=group_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
         A_DIV=top_k, TENSOR_SCALE_COLS=tensor_cols, INTERLEAVED=interleaved,
@@ -640,7 +600,7 @@ def invoke_moe_gemm(
         JOIN_K=joins_k(scheme, config, a.element_size(), swapped), SWAP_AB=swapped,
         ZERO_COUNT=triton.next_power_of_2(zero_max) if zero_max else 0, **sum_kw, **pair_kw,
         QUANT_A=quant_a, A_QMAX=FP8_MAX, A_EPS=SCALE_EPS, EMULATE_FP8=quant_a and interpret_mode(),
-        ACT_ROUND=act_round, PREFETCH=prefetch is not None, GDC=pdl, LOAD_AHEAD=load_ahead(), SPLIT_K=split,
+        ACT_ROUND=act_round, PREFETCH=prefetch is not None, GDC=pdl, LOAD_AHEAD=load_ahead(),
         num_warps=config.num_warps,
         num_stages=config.num_stages, **({"launch_pdl": True} if pdl == 2 else {}),
     )
@@ -659,40 +619,6 @@ def prefetches(w2: torch.Tensor, top_k: int) -> bool:
     ``PREFETCH_MAX_BYTES``."""
     slab = _slab_bytes(w2)
     return prefetch_l2() and not interpret_mode() and slab is not None and top_k * slab <= PREFETCH_MAX_BYTES
-
-
-#: Tiles a split GEMM may have (``split_k``): the counters of each split count, allocated once a device.
-SPLIT_MAX_TILES = 1 << 16
-_LOCKS: dict = {}
-
-
-def split_k(pairs: bool, tiles: int, k_steps: int, device: torch.device) -> int:
-    """How many splits of the K steps a GEMM launch runs (``_moe_gemm_kernel``'s SPLIT_K): ``TORCH_MOE_OPS_SPLIT_K``
-    (1, 2 or 4; off by default: not timed) at T = 1 (``pairs``: one pair a row block, unswapped, not batch-invariant,
-    since the split changes the order of the sums), outside torch.compile's ``triton`` mode (the counters live across
-    launches), with at most ``SPLIT_MAX_TILES`` tiles and at least one K step a split, and not inside a CUDA-graph
-    capture before ``device``'s counters exist (they would live in the graph's pool); else 1."""
-    split = split_k_switch()
-    if split == 1 or not pairs or tracing() or tiles > SPLIT_MAX_TILES or k_steps < split:
-        return 1
-    if (device, split) not in _LOCKS and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return 1
-    return split
-
-
-def _split_locks(device: torch.device, split: int) -> torch.Tensor:
-    """The device's split counters for ``split`` [SPLIT_MAX_TILES] int32: zeros once, then each launch adds
-    ``split`` to each of its tiles' (a multiple of ``split`` between launches, wrapping included). Allocated outside
-    any recording plan or dispatch mode (a plan keeps it as a tensor made before the call; ``split_k`` keeps them out
-    of CUDA-graph captures). Two launches on two streams at once would share them: the switch is for one stream."""
-    key = (device, split)
-    locks = _LOCKS.get(key)
-    if locks is None:
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        with _disable_current_modes():
-            locks = _LOCKS[key] = torch.zeros(SPLIT_MAX_TILES, dtype=torch.int32, device=device)
-    return locks
 
 
 def dependent_launch(device: torch.device) -> bool:
