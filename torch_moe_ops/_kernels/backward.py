@@ -85,7 +85,8 @@ def _moe_dgrad_kernel(
     else:
         w_cols = offs_wn.to(tl.int64) * stride_wc
         s_cols = (offs_wn // GROUP_C) * stride_sc
-    s_base = w_scale_ptr + expert * stride_se
+    if W_PACKED or DEQUANT:  # (no scales otherwise: w_scale_ptr is None)
+        s_base = w_scale_ptr + expert * stride_se
     if UPCAST or FP32_IEEE:  # the dot's dtype: fp32 in the interpreter (its bf16 dot is wrong) and for fp32
         DOT_DT: tl.constexpr = tl.float32
     else:
@@ -272,8 +273,6 @@ def invoke_dgrad(a, a_div, w, out, align, block_m, numel, scheme: QuantScheme, *
         return part
     assert a.stride(-1) == 1 and (d is None or d.stride(-1) == 1)
     flags = scheme.flags
-    dummy = a
-    s = w_scale if w_scale is not None else dummy
     s_strides = (tuple(w_scale.stride()) + (0, 0))[:3] if w_scale is not None else (0, 0, 0)
     group_r, group_c = block if scheme.tiled else (1, 1)
     act_meta = dict(ACT="identity", GATED=False, SWIGLU_OAI=False, CLAMP=False)
@@ -281,8 +280,7 @@ def invoke_dgrad(a, a_div, w, out, align, block_m, numel, scheme: QuantScheme, *
         act_meta = dict(ACT=act.kernel, GATED=act.gated, SWIGLU_OAI=act.swiglu_oai, CLAMP=act.clamps(limit))
     grid = (num_pid_m * cdiv(C, tiles["BLOCK_N"]),)
     _moe_dgrad_kernel[grid](
-        a, w, out if out is not None else dummy, s, rw if rw is not None else dummy, c1 if c1 is not None else dummy,
-        d if d is not None else dummy, part if part is not None else dummy, bias if bias is not None else dummy,
+        a, w, out, w_scale, rw, c1, d, part, bias,  # absent tensors are None: constexprs (gemm.invoke_moe_gemm)
         sorted_ids, expert_ids, num_post_pad, R, C, w.shape[2], num_pid_m, numel, float(alpha), float(limit),
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0) if out is not None else 0,
         c1.stride(0) if c1 is not None else 0, d.stride(0) if d is not None else 0,
