@@ -3,9 +3,8 @@
 # GPU tests of the kernel files (GPU_TESTS, "none" for none; GPU_TESTS_S seconds), then fused_moe's per-kernel
 # split (benchmarks.kernel_split), with each switch variant of AB_ENVS in the same process when given (e.g.
 # "ahead0=LOAD_AHEAD=0 ahead2=LOAD_AHEAD=2", session 16; session 17 timed "split2=SPLIT_K=2 split4=SPLIT_K=4", since
-# removed: docs/kernels.md), then, when
-# AB_TILES is given, the TILES_SCHEMES (default: the 4-bit ones) under its tile variants (e.g.
-# "k256=16x32x256x4x3/16x32x256x4x3"). AB_SHAPES, AB_SCHEMES, AB_TOKENS; each step cut at its *_S seconds.
+# removed: docs/kernels.md), then, when AB_TILES is given, the TILES_SCHEMES (default: the 4-bit ones) under its
+# tile variants (e.g. "k256=16x32x256x4x3/16x32x256x4x3"). AB_SHAPES, AB_SCHEMES, AB_TOKENS; each step cut at its *_S seconds.
 # Results under $OUT (or benchmarks/results/decode-<date>): cuda_tests.log, ab.log + ab/kernel_split.json, tiles.log
 # + tiles/kernel_split.json; the rows are printed. (Session 16's call 1 ran it with AB_ENVS="ahead0=LOAD_AHEAD=0
 # ahead2=LOAD_AHEAD=2" and AB_TILES="k256=... k256s4=... n64k256=...".)

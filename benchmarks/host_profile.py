@@ -20,6 +20,7 @@ import os
 import pstats
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -213,8 +214,6 @@ def main() -> None:
         try:
             row = compiled_split(scheme, T, mode, device, (E, K, H, I) if device == "cuda" else (8, 2, 64, 32))
         except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest of the profile
-            import traceback
-
             row = {"mode": mode, "scheme": scheme, "T": T, "error": repr(exc)[:500],
                    "traceback": traceback.format_exc()[-3000:]}
         codes[f"compiled_{mode}_{scheme}_T{T}.py"] = row.pop("code", "")

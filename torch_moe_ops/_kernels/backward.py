@@ -85,7 +85,7 @@ def _moe_dgrad_kernel(
     else:
         w_cols = offs_wn.to(tl.int64) * stride_wc
         s_cols = (offs_wn // GROUP_C) * stride_sc
-    if W_PACKED or DEQUANT:  # (no scales otherwise: w_scale_ptr is None)
+    if DEQUANT:  # quantized weights, packed ones included (unquantized: no scales, w_scale_ptr is None)
         s_base = w_scale_ptr + expert * stride_se
     if UPCAST or FP32_IEEE:  # the dot's dtype: fp32 in the interpreter (its bf16 dot is wrong) and for fp32
         DOT_DT: tl.constexpr = tl.float32
