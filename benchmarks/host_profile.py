@@ -18,6 +18,7 @@ import io
 import json
 import os
 import pstats
+import random
 import statistics
 import time
 import traceback
@@ -77,7 +78,49 @@ def dispatcher_floors(device: str) -> dict:
                                                os.environ.get("TORCH_MOE_OPS_LAUNCH_PLANS", "1")))
     row["getenv_reads_us"] = per_call_us(lambda: (getenv("TORCH_MOE_OPS_DEBUG", "0"),
                                                   getenv("TORCH_MOE_OPS_LAUNCH_PLANS", "1")))  # _platform.getenv
+    row.update(compiled_schema_floors(device))
     return row
+
+
+def compiled_schema_floors(device: str, layers: int = 4) -> dict:
+    """What the lean twin's schema saves in a compiled graph (docs/host-overhead.md, "The lean op's schema"): a
+    compiled stack of ``layers`` × (op + residual add) whose op, a plain ``Library`` op with an empty kernel, has
+    the public schema (Inductor passes its ~19 arguments with defaults by keyword) or the twin's (tensors
+    positional, one options string); µs per op = (stack − the stack with ``x * 2`` for the op) / ``layers``."""
+    lib = torch.library.Library("moe_schema_floor", "DEF")
+    for name, schema in (("public", MOE_SCHEMA), ("twin", FUSED_MOE.inference_schema)):
+        lib.define(name + schema)
+        lib.impl(name, lambda x, *a, **k: torch.empty_like(x), "CUDA" if device == "cuda" else "CPU")
+        torch.library.register_fake(f"moe_schema_floor::{name}", lambda x, *a, **k: torch.empty_like(x), lib=lib)
+    x = torch.randn(1, H, device=device)
+    logits = torch.randn(1, E, device=device)
+    w = torch.empty(E, 2, 2, device=device)
+    a = op_args(x, logits, w, w, {})
+    ops = torch.ops.moe_schema_floor
+    n = len(FUSED_MOE.positional)
+    twin = FUSED_MOE.inference_args(a)  # (made while tracing, in the package)
+    public = lambda op, a: op(*a[:n], **dict(zip(FUSED_MOE.keyword_only, a[n:])))  # noqa: E731
+    bodies = {"x2": lambda x, r: x * 2,
+              "public": lambda x, r: public(ops.public, a._replace(hidden_states=x, router_logits=r)),
+              "twin": lambda x, r: ops.twin(x, r, *twin[2:])}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    compiled, times = {}, {name: [] for name in bodies}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for name, body in bodies.items():
+            def stack(x, r, body=body):
+                for _ in range(layers):
+                    x = body(x, r) + x
+                return x
+
+            compiled[name] = torch.compile(stack, fullgraph=True, dynamic=True)
+            compiled[name](x, logits)
+        for _ in range(15):  # interleaved rounds, a new order each: the host's drift hits every variant alike
+            for name in random.sample(list(bodies), len(bodies)):
+                times[name].append(per_call_us(lambda: compiled[name](x, logits), repeats=1, sync=sync))
+    stack_us = {name: statistics.median(t) for name, t in times.items()}
+    torch._dynamo.reset()
+    return {f"compiled_{n}_schema_op_us": (stack_us[n] - stack_us["x2"]) / layers for n in ("public", "twin")}
 
 
 def op_args(x, logits, w13, w2, kw: dict):

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 CASES = [("none", 1, False), ("fp8_block", 24, True), ("fp8_channel", 3, False), ("int4_w4a16", 5000, True),
          ("none", 1, False, "opaque"), ("fp8_block", 24, True, "plans"), ("none", 3, False, "triton", True),
-         ("none", 9, True), ("fp8_block", 1, False)]
+         ("none", 9, True), ("int4_w4a16", 5, True, "plans"), ("fp8_block", 1, False)]
 #: Pipeline kernels per scheme (route [+ quantize x for fp8], align, GEMM1, activation [+ quantize], GEMM2, moe_sum).
 KERNELS = {"none": 6, "fp8_block": 6, "fp8_channel": 6, "int4_w4a16": 6}
 #: What may sit between the kernels: allocations, views, shape arithmetic.
@@ -121,6 +121,16 @@ def test_the_other_modes_call_one_op(traced):  # (an unbacked T too: tests/ops/t
     assert traced[("none", 1, False, "opaque")]["nodes"] == ["moe.fused_moe.default"]
     plans = traced[("fp8_block", 24, True, "plans")]
     assert plans["nodes"] == ["moe._fused_moe_inference.default"]
+    # the twin takes its tensors positionally and the rest in one string (Inductor passes no keyword then)
+    twin = plans["twin"]
+    assert twin["kwargs"] == [] and twin["n_args"] == 11, twin
+    assert json.loads(twin["options"]) == dict(
+        top_k=6, renormalize=True, scoring_func="softmax", num_expert_group=0, topk_group=0,
+        routed_scaling_factor=1.0, activation="silu", quant_scheme="fp8_block", block_shape=None,
+        apply_router_weight_on_input=False, activation_alpha=None, activation_limit=None, batch_invariant=False)
+    int4 = traced[("int4_w4a16", 5, True, "plans")]  # a list through the string; T symbolic
+    assert json.loads(int4["twin"]["options"])["block_shape"] == [1, 128], int4
+    assert int4["guards"] == ["6*T <= 2147483647"], int4  # the pair count's int32 bound, no token bucket
     assert "T > 16" not in plans["guards"] and "T <= 64" not in plans["guards"]  # one graph for every T
 
 

@@ -60,13 +60,54 @@ SCHEMAS = {
 SIGNATURES = [F.FUSED_EXPERTS, F.FUSED_MOE, TOPK_ROUTE, EXPERTS_TRAIN, EXPERTS_BACKWARD]
 
 
-def test_the_inference_twins_have_their_public_ops_schemas():
+INFERENCE_SCHEMAS = {
+    "moe::_fused_experts_inference": "moe::_fused_experts_inference(Tensor hidden_states, Tensor w13, Tensor w2, "
+                                     "Tensor topk_weights, Tensor topk_ids, Tensor? w13_scale, Tensor? w2_scale, "
+                                     "Tensor? w13_bias, Tensor? w2_bias, Tensor? expert_map, str options) -> Tensor",
+    "moe::_fused_moe_inference": "moe::_fused_moe_inference(Tensor hidden_states, Tensor router_logits, Tensor w13, "
+                                 "Tensor w2, Tensor? e_score_correction_bias, Tensor? w13_scale, Tensor? w2_scale, "
+                                 "Tensor? w13_bias, Tensor? w2_bias, Tensor? expert_map, str options) -> Tensor",
+}
+
+
+def test_the_inference_twins_take_tensors_positionally_and_the_rest_in_one_string():
+    """No argument with a default: Inductor passes those by keyword, which the dispatcher matches by name on every
+    call (docs/host-overhead.md, "The lean op's schema")."""
     from torch_moe_ops.ops._registry import INFERENCE
 
-    assert sorted(INFERENCE) == ["moe::_fused_experts_inference", "moe::_fused_moe_inference"]
-    for qualname, op in INFERENCE.items():
-        public = qualname.removeprefix("moe::_").removesuffix("_inference")
-        assert str(op._schema) == SCHEMAS[public].replace(f"moe::{public}(", f"{qualname}(", 1)
+    assert {q: str(op._schema) for q, op in INFERENCE.items()} == INFERENCE_SCHEMAS
+
+
+@pytest.mark.parametrize("sig", [F.FUSED_EXPERTS, F.FUSED_MOE], ids=lambda s: s.name)
+def test_the_twins_options_give_back_every_argument(sig):
+    """Each non-tensor argument survives the string exactly: floats (NaN, infinities, values without a short decimal
+    form), None, bools (not ints), lists (as tuples); the twin's generated kernel rebuilds the same ``Args``."""
+    values = dict(top_k=3, renormalize=False, scoring_func="sigmoid", num_expert_group=4, topk_group=2,
+                  routed_scaling_factor=0.1 + 0.2, activation="swigluoai", quant_scheme="int4_w4a16",
+                  block_shape=[1, 64], apply_router_weight_on_input=True, activation_alpha=float("nan"),
+                  activation_limit=float("-inf"), batch_invariant=True)
+    tensors = {n: torch.full((1,), float(i)) for i, n in enumerate(sig.tensors)}
+    a = sig.Args(**tensors, **{n: values[n] for n in sig.names if n not in tensors})
+    got = []
+    twin = sig.inference_function(lambda b: got.append(b), "probe")
+    call = sig.inference_args(a)
+    assert call[:-1] == tuple(tensors.values()) and isinstance(call[-1], str)
+    twin(*call)
+    b = got[0]
+    for name in sig.names:
+        want, have = getattr(a, name), getattr(b, name)
+        if name in tensors:
+            assert have is want, name
+        elif isinstance(want, float) and want != want:
+            assert have != have, name
+        else:
+            assert have == (tuple(want) if isinstance(want, list) else want) and type(have) is type(
+                tuple(want) if isinstance(want, list) else want), (name, have, want)
+
+
+def test_an_options_string_from_another_version_is_refused_by_name():
+    with pytest.raises(RuntimeError, match=r"options must name \['top_k'.*got \['top_k'\]"):
+        F.FUSED_MOE.decode_options('{"top_k":8}')
 
 
 def test_every_moe_schema_is_pinned():

@@ -6,7 +6,8 @@ a graph (``FunctionalTensorMode``), ``decompose(op, sig, body, inference)`` repl
 ``TORCH_MOE_OPS_COMPILE`` (read at trace time):
 
 - ``plans`` (default): the lean inference twin ``moe::_<name>_inference`` (``Signature.define_inference``:
-  a plain ``torch.library`` op, CUDA kernel and fake only), whose kernel is the public op's: checks and launch
+  a plain ``torch.library`` op, CUDA kernel and fake only, its tensors positional and every other argument in
+  one string, so that Inductor's call passes no keyword), whose kernel is the public op's: checks and launch
   plan on its first call of a signature, replay after. The rule runs below autograd (inside the public op's
   autograd forward in a training graph), so gradients still come from the public op's formula.
 - ``triton``: the op's CUDA path run once, at trace time, on the graph's fake tensors, with every
@@ -78,7 +79,7 @@ def decompose(op, sig, body, inference=None) -> None:
         how = _mode(a, sig)
         if how == "plans" and inference is not None:
             with mode:
-                return inference(*args, **kwargs)
+                return inference(*sig.inference_args(a))
         if how != "triton":
             return mode.__torch_dispatch__(overload, types, args, kwargs)
         _specialize_features(a, sig)

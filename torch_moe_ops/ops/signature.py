@@ -12,6 +12,8 @@ and everything derived from them.
 - ``wrapper(positional, doc)``: the public Python function: the first ``positional`` arguments positional,
   the rest keyword-only with the schema's defaults; it calls ``torch.ops.moe.<name>``;
 - ``plan_key(tensor_key, device)``: a generated ``a -> (key, inputs)`` for launch plans;
+- ``define_inference`` / ``inference_args(a)``: the lean twin for compiled graphs, its compact schema (every tensor
+  positional, the other arguments in one ``str options``) and the arguments of a call to it;
 - ``call(a, **named)``: the op called with arguments picked by name;
 - for ``register_autograd``: ``bind`` (setup_context's inputs -> ``Args``), ``save`` / ``saved``,
   ``needs_input_grad`` (by name) and ``grads`` (a dict of gradients by name -> the positional tuple).
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import ast
 import collections
+import functools
+import json
 import linecache
 import re
 from dataclasses import dataclass
@@ -82,6 +86,22 @@ def args(text: str) -> tuple[Arg, ...]:
     return tuple(out)
 
 
+def _concrete(v):
+    """A symbolic scalar guarded to its value (Python's int / float / bool of it); anything else as it is."""
+    for sym, cast in ((torch.SymBool, bool), (torch.SymInt, int), (torch.SymFloat, float)):
+        if isinstance(v, sym):
+            return cast(v)
+    return v
+
+
+def _typed(arg: Arg, v):
+    """A decoded option as the dispatcher would pass it (a JSON number that is a float argument is a float; a
+    list an immutable tuple, since the decoded values are cached and shared)."""
+    if v is None:
+        return v
+    return tuple(v) if arg.sequence else float(v) if arg.type.startswith("float") else v
+
+
 class Signature:
     """An op's arguments and returns; see the module docstring."""
 
@@ -140,12 +160,64 @@ class Signature:
         op.register_fake(self.function(fake, "fake"))
         return op
 
+    # -------------------------------------------------------------------------------------- the lean twin
+    @functools.cached_property
+    def inference_schema(self) -> str:
+        """``(Tensor a, Tensor? b, ..., str options) -> <returns>``: the tensor arguments in schema order, none with
+        a default, then every other argument in one string (``inference_args``). Inductor passes an argument that
+        has a default by keyword, and the dispatcher matches keywords by name on every call: with the public
+        schema a compiled call paid that for ~19 keywords (docs/host-overhead.md, "The lean op's schema")."""
+        assert "options" not in self.names, f"moe::{self.name}: an argument is named 'options'"
+        parts = [f"{a.type} {a.name}" for a in self.args if a.tensor]
+        return f"({', '.join(parts + ['str options'])}) -> {self.returns}"
+
+    def inference_args(self, a) -> tuple:
+        """``Args`` -> the lean twin's arguments: the tensors, then ``options``, the other arguments as a JSON object
+        in schema order (lists as lists; floats exact, NaN and infinities included). Symbolic values are guarded
+        to their values here (they pick kernels, as the sizes do); the string is a constant of the graph, so a
+        graph loaded from torch's caches in another process still says everything."""
+        options = {}
+        for arg in self.args:
+            if not arg.tensor:
+                v = getattr(a, arg.name)
+                options[arg.name] = [_concrete(x) for x in v] if arg.sequence and v is not None else _concrete(v)
+        return (*(getattr(a, n) for n in self.tensors), json.dumps(options, separators=(",", ":")))
+
+    @functools.cached_property
+    def decode_options(self):
+        """``options`` -> the other arguments' values in schema order (cached per string)."""
+        others = tuple(a for a in self.args if not a.tensor)
+
+        @functools.lru_cache(maxsize=1024)
+        def decode(options: str) -> tuple:
+            values = json.loads(options)
+            names = tuple(a.name for a in others)
+            if not isinstance(values, dict) or tuple(values) != names:
+                got = list(values) if isinstance(values, dict) else type(values).__name__
+                raise RuntimeError(f"moe::_{self.name.lstrip('_')}_inference: options must name {list(names)} in "
+                                   f"that order, got {got} (a compiled graph from another version of torch_moe_ops? "
+                                   "torch._inductor.utils.clear_caches() or a fresh cache directory rebuilds it)")
+            return tuple(_typed(a, values[a.name]) for a in others)
+
+        return decode
+
+    def inference_function(self, impl, role: str):
+        """``impl(a: Args)`` behind a function with the lean twin's parameters."""
+        fname = f"_{self.name.lstrip('_')}_{role}"
+        others = [a.name for a in self.args if not a.tensor]
+        source = (f"def {fname}({', '.join(self.tensors)}, options):\n"
+                  f"    {', '.join(others)}, = _decode(options)\n"
+                  f"    return _impl(_new(_Args, ({', '.join(self.names)},)))\n")
+        fn = self._compile(source, fname, impl.__module__, _impl=impl, _decode=self.decode_options)
+        fn.__doc__ = impl.__doc__
+        return fn
+
     def define_inference(self, *, cuda, fake):
-        """The lean inference twin ``moe::_<name>_inference`` (same schema; CUDA kernel and fake only: see
-        ``_registry.define_inference``); returns its ``OpOverload``."""
+        """The lean inference twin ``moe::_<name>_inference`` (``inference_schema``; CUDA kernel and fake only:
+        see ``_registry.define_inference``); returns its ``OpOverload``."""
         name = f"_{self.name.lstrip('_')}_inference"
-        return define_inference(name, self.schema, self.function(cuda, "cuda_inference"),
-                                self.function(fake, "fake_inference"))
+        return define_inference(name, self.inference_schema, self.inference_function(cuda, "cuda_inference"),
+                                self.inference_function(fake, "fake_inference"))
 
     def wrapper(self, positional: int, doc: str, module: str, cuda=None, resolve=None):
         """The public function ``name(<positional args>, *, <the rest>)`` calling ``torch.ops.moe.<name>``.
