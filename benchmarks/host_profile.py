@@ -79,7 +79,30 @@ def dispatcher_floors(device: str) -> dict:
     row["getenv_reads_us"] = per_call_us(lambda: (getenv("TORCH_MOE_OPS_DEBUG", "0"),
                                                   getenv("TORCH_MOE_OPS_LAUNCH_PLANS", "1")))  # _platform.getenv
     row.update(compiled_schema_floors(device))
+    row["layer_python_us"] = layer_python_us(device)
     return row
+
+
+def layer_python_us(device: str) -> float:
+    """``FusedMoE.forward``'s own host time at T = 1 (bf16, this shape): the layer called with the op's kernel
+    replaced by one returning a preallocated tensor (the public function's direct call, patched for the
+    measurement), so what is timed is the layer's checks, argument gathering and the public wrapper."""
+    from torch_moe_ops.layer import FusedMoE
+
+    layer = FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, device=device)
+    w13, w2, _, _ = testing.random_moe_weights(E, H, I, dtype=torch.bfloat16, device=device)
+    layer.load_weights(w13, w2)
+    x = torch.randn(1, H, device=device, dtype=torch.bfloat16)
+    logits = torch.randn(1, E, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    env = moe.fused_moe.__globals__  # the generated wrapper's names (ops/signature.py)
+    saved = {k: env[k] for k in ("_direct_ok", "_cuda")}
+    env.update(_direct_ok=lambda *t: True, _cuda=lambda a: out)
+    try:
+        with torch.no_grad():
+            return per_call_us(lambda: layer(x, logits), calls=500)
+    finally:
+        env.update(saved)
 
 
 def compiled_schema_floors(device: str, layers: int = 4) -> dict:

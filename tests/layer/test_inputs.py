@@ -157,3 +157,24 @@ def test_compiled_wrong_shapes_still_raise():
         fe(torch.randn(8, H, dtype=torch.bfloat16), w, ids)
     with pytest.raises(Exception, match="FusedMoE: hidden_states must be"):
         fe(torch.randn(9, H, dtype=torch.bfloat16), w, ids[:, :1])
+
+
+# ------------------------------------------------------------------------------------ 4. the eager shortcut
+@pytest.mark.parametrize("quant", [None, Fp8Config("channel")], ids=["bf16", "fp8"])
+def test_eager_calls_skip_the_checks_only_when_they_would_pass(monkeypatch, quant):
+    """``FusedMoE._inputs_pass`` decides in ~1 µs what the checks (~13 µs) would: a valid call runs none of them,
+    and every input the checks refuse is sent through them (the messages above come from there). Unquantized
+    layers take their own dtype only; quantized ones bf16, fp16, fp32."""
+    layer = _loaded(quant)
+    x, g = _x(2, 3)
+    ran = []
+    monkeypatch.setattr(layer, "_check_input", lambda h: ran.append(h))
+    layer(x, g)
+    assert ran == [], "a valid call ran the checks"
+    assert layer._inputs_pass(x.float(), g) is (quant is not None) and layer._inputs_pass(x, g.float())
+    bad = [(x[0, 0], g[0, 0]), (x, g[..., :-1]), (x[..., :-1], g), (x, g[:1]), (x[None], g), (x, g.long()),
+           (x.double(), g), (x.tolist(), g), (x, None)]
+    for h, r in bad:
+        assert not layer._inputs_pass(h, r), (getattr(h, "shape", h), getattr(r, "shape", r))
+    layer.reset_parameters()  # a fresh load: forward refuses until the weights are loaded again
+    assert not layer._inputs_pass(x, g)

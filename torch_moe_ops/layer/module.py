@@ -21,7 +21,7 @@ from ..distributed.placement import map_logical_to_physical
 from ..errors import LoadError
 from . import storage, tables, training, weights
 from .calls import FUSED_EXPERTS, FUSED_MOE, TOPK_ROUTE, op
-from .inputs import check_hidden, check_like, restore, tokens
+from .inputs import ACTIVATION_DTYPES, check_hidden, check_like, restore, tokens
 from .loading import Piece, WeightLoader
 from .spec import make_spec
 
@@ -29,6 +29,15 @@ from .spec import make_spec
 def _fact(name: str) -> property:
     """A read-only attribute that is ``layer.spec.<name>`` (the static facts have one home)."""
     return property(lambda self: getattr(self.spec, name))
+
+
+def spec_keywords(s) -> dict:
+    """The keywords of the layer's ``fused_moe`` call that its spec fixes."""
+    return dict(renormalize=s.renormalize, scoring_func=s.scoring_func, num_expert_group=s.num_expert_group,
+                topk_group=s.topk_group, routed_scaling_factor=s.routed_scaling_factor, activation=s.activation,
+                quant_scheme=s.quant_scheme, block_shape=s.block_shape, expert_map=None,
+                apply_router_weight_on_input=s.apply_router_weight_on_input, activation_alpha=s.activation_alpha,
+                activation_limit=s.activation_limit)
 
 
 class FusedMoE(nn.Module):
@@ -131,24 +140,30 @@ class FusedMoE(nn.Module):
         ``shared_experts_input`` (default ``hidden_states``; same leading dims) feeds ``shared_experts``; its
         output is added. Inside, every token tensor is flattened to [T, ...] (a reshape, no host sync)."""
         s = self.spec
-        self._check_ready()
-        self._check_input(hidden_states)
-        check_like(self._where, router_logits, "router_logits", hidden_states, s.num_experts, f"E={s.num_experts}")
+        eager = not torch.compiler.is_compiling()
+        if not (eager and self._inputs_pass(hidden_states, router_logits)):  # the checks that say what is wrong
+            self._check_ready()
+            self._check_input(hidden_states)
+            check_like(self._where, router_logits, "router_logits", hidden_states, s.num_experts,
+                       f"E={s.num_experts}")
         x, logits = tokens(hidden_states), tokens(router_logits)
         if s.parallel is not None:
             out = self._parallel_experts(x, *self.select_experts(logits))
         elif training.saving(s.save_activations):  # route, then the experts keeping GEMM1's output
             out = training.run_experts_saving(self, x, *self.select_experts(logits))
+        elif eager:  # the same call, its tensors read from _parameters and the spec's keywords cached
+            p = self._parameters
+            out = FUSED_MOE.eager(
+                x, logits, p["w13_weight"], p["w2_weight"], s.top_k,
+                e_score_correction_bias=p["e_score_correction_bias"], w13_scale=p["w13_weight_scale"],
+                w2_scale=p["w2_weight_scale"], w13_bias=p["w13_bias"], w2_bias=p["w2_bias"],
+                batch_invariant=self.invariant(), **self._spec_keywords())
         else:  # routing and experts in one op
             out = op(FUSED_MOE)(
-                x, logits, self.w13_weight, self.w2_weight, s.top_k, renormalize=s.renormalize,
-                scoring_func=s.scoring_func, num_expert_group=s.num_expert_group, topk_group=s.topk_group,
-                e_score_correction_bias=self.e_score_correction_bias, routed_scaling_factor=s.routed_scaling_factor,
-                activation=s.activation, quant_scheme=s.quant_scheme, w13_scale=self.w13_weight_scale,
+                x, logits, self.w13_weight, self.w2_weight, s.top_k,
+                e_score_correction_bias=self.e_score_correction_bias, w13_scale=self.w13_weight_scale,
                 w2_scale=self.w2_weight_scale, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
-                block_shape=s.block_shape, expert_map=None, apply_router_weight_on_input=s.apply_router_weight_on_input,
-                activation_alpha=s.activation_alpha, activation_limit=s.activation_limit,
-                batch_invariant=self.invariant())
+                batch_invariant=self.invariant(), **spec_keywords(s))
         out = restore(out, hidden_states)
         if self.shared_experts is not None:
             if shared_experts_input is None:
@@ -180,6 +195,28 @@ class FusedMoE(nn.Module):
         if self.spec.parallel is not None:
             return restore(self._parallel_experts(x, tw, ids), hidden_states)
         return restore(self._run_experts(x, tw, ids), hidden_states)
+
+    def _inputs_pass(self, x, logits) -> bool:
+        """Eager: True when every check of ``forward`` is sure to pass (a ready layer, ``x`` [..., H] in a dtype the
+        layer takes, ``logits`` [..., E] with x's leading dims in a float dtype), read in ~1 µs where the checks take
+        ~13 (CI CPU, session 18). False sends the call through the checks, which raise naming what is wrong."""
+        w13 = self._parameters["w13_weight"]
+        if (not isinstance(x, torch.Tensor) or not isinstance(logits, torch.Tensor) or w13.is_meta
+                or not self.loader.streamer.ready):
+            return False
+        s, shape = self.spec, x.shape
+        if (len(shape) < 2 or shape[-1] != s.hidden_size or logits.shape[:-1] != shape[:-1]
+                or logits.shape[-1] != s.num_experts or logits.dtype not in ACTIVATION_DTYPES):
+            return False
+        return x.dtype == w13.dtype if s.quant_config is None else x.dtype in ACTIVATION_DTYPES
+
+    def _spec_keywords(self) -> dict:
+        """``spec_keywords(self.spec)``, made once per spec object (eager only: Dynamo would see an attribute
+        written in forward)."""
+        cached = self.__dict__.get("_spec_keywords_cache")
+        if cached is None or cached[0] is not self.spec:
+            cached = self.__dict__["_spec_keywords_cache"] = (self.spec, spec_keywords(self.spec))
+        return cached[1]
 
     def _check_input(self, hidden_states) -> None:
         """[..., H]; the dtype the op needs: the weights' (unquantized) or any of bf16/fp16/fp32 (quantized)."""
