@@ -195,8 +195,8 @@ class Signature:
             if not isinstance(values, dict) or tuple(values) != names:
                 got = list(values) if isinstance(values, dict) else type(values).__name__
                 raise RuntimeError(f"moe::_{self.name.lstrip('_')}_inference: options must name {list(names)} in "
-                                   f"that order, got {got} (a compiled graph from another version of torch_moe_ops? "
-                                   "torch._inductor.utils.clear_caches() or a fresh cache directory rebuilds it)")
+                                   f"that order, got {got} (a graph compiled by another version of torch_moe_ops? "
+                                   "removing torch's compile cache, TORCHINDUCTOR_CACHE_DIR, rebuilds it)")
             return tuple(_typed(a, values[a.name]) for a in others)
 
         return decode
