@@ -108,6 +108,8 @@ def test_the_twins_options_give_back_every_argument(sig):
 def test_an_options_string_from_another_version_is_refused_by_name():
     with pytest.raises(RuntimeError, match=r"options must name \['top_k'.*got \['top_k'\]"):
         F.FUSED_MOE.decode_options('{"top_k":8}')
+    with pytest.raises(RuntimeError, match="options must name .* got 'top_k=8', not a JSON object"):
+        F.FUSED_MOE.decode_options("top_k=8")  # not JSON
 
 
 def test_every_moe_schema_is_pinned():

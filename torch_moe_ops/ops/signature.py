@@ -190,10 +190,13 @@ class Signature:
 
         @functools.lru_cache(maxsize=1024)
         def decode(options: str) -> tuple:
-            values = json.loads(options)
+            try:
+                values = json.loads(options)
+            except ValueError:
+                values = None
             names = tuple(a.name for a in others)
             if not isinstance(values, dict) or tuple(values) != names:
-                got = list(values) if isinstance(values, dict) else type(values).__name__
+                got = list(values) if isinstance(values, dict) else f"{options[:80]!r}, not a JSON object"
                 raise RuntimeError(f"moe::_{self.name.lstrip('_')}_inference: options must name {list(names)} in "
                                    f"that order, got {got} (a graph compiled by another version of torch_moe_ops? "
                                    "removing torch's compile cache, TORCHINDUCTOR_CACHE_DIR, rebuilds it)")
