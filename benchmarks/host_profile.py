@@ -79,30 +79,54 @@ def dispatcher_floors(device: str) -> dict:
     row["getenv_reads_us"] = per_call_us(lambda: (getenv("TORCH_MOE_OPS_DEBUG", "0"),
                                                   getenv("TORCH_MOE_OPS_LAUNCH_PLANS", "1")))  # _platform.getenv
     row.update(compiled_schema_floors(device))
-    row["layer_python_us"] = layer_python_us(device)
+    row["layer_python_us"], row["hf_block_python_us"] = python_above_the_op(device)
     return row
 
 
-def layer_python_us(device: str) -> float:
-    """``FusedMoE.forward``'s own host time at T = 1 (bf16, this shape): the layer called with the op's kernel
-    replaced by one returning a preallocated tensor (the public function's direct call, patched for the
-    measurement), so what is timed is the layer's checks, argument gathering and the public wrapper."""
+def python_above_the_op(device: str, dims=(8, 2, 64, 32)) -> tuple[float, float | None]:
+    """Host µs a T = 1 call spends above the op (sizes do not matter; small ones here): ``FusedMoE.forward``
+    (bf16), and the transformers block that ``patch`` makes of a Qwen3-MoE layer (its router, hooks, the layer;
+    None without transformers), each with the op's kernel replaced by one returning a preallocated tensor (the
+    public function's direct call, patched for the measurement): what is timed is their Python and the public
+    wrapper."""
     from torch_moe_ops.layer import FusedMoE
 
-    layer = FusedMoE(E, K, H, I, params_dtype=torch.bfloat16, device=device)
-    w13, w2, _, _ = testing.random_moe_weights(E, H, I, dtype=torch.bfloat16, device=device)
+    e, k, h, i = dims
+    layer = FusedMoE(e, k, h, i, params_dtype=torch.bfloat16, device=device)
+    w13, w2, _, _ = testing.random_moe_weights(e, h, i, dtype=torch.bfloat16, device=device)
     layer.load_weights(w13, w2)
-    x = torch.randn(1, H, device=device, dtype=torch.bfloat16)
-    logits = torch.randn(1, E, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, h, device=device, dtype=torch.bfloat16)
+    logits = torch.randn(1, e, device=device, dtype=torch.bfloat16)
     out = torch.empty_like(x)
     env = moe.fused_moe.__globals__  # the generated wrapper's names (ops/signature.py)
-    saved = {k: env[k] for k in ("_direct_ok", "_cuda")}
+    saved = {n: env[n] for n in ("_direct_ok", "_cuda")}
     env.update(_direct_ok=lambda *t: True, _cuda=lambda a: out)
     try:
         with torch.no_grad():
-            return per_call_us(lambda: layer(x, logits), calls=500)
+            layer_us = per_call_us(lambda: layer(x, logits), calls=500)
+            block = _hf_block(dims, device)
+            block_us = None if block is None else per_call_us(lambda: block(x[None]), calls=500)
+        return layer_us, block_us
     finally:
         env.update(saved)
+
+
+def _hf_block(dims, device):
+    """The patched MoE block of a one-layer Qwen3-MoE with these dims (bf16), or None without transformers."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        return None
+    from torch_moe_ops.integrations.transformers import patch
+    from torch_moe_ops.integrations.transformers.block import MoEBlock
+
+    e, k, h, i = dims
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=64, hidden_size=h, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=h // 4, intermediate_size=2 * i,
+                                  moe_intermediate_size=i, num_experts=e, num_experts_per_tok=k)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+    patch(model)
+    return next(m for m in model.modules() if isinstance(m, MoEBlock))
 
 
 def compiled_schema_floors(device: str, layers: int = 4) -> dict:
