@@ -7,6 +7,7 @@ import torch._dynamo.testing
 from torch import nn
 
 from torch_moe_ops import Fp8Config
+from torch_moe_ops.layer.inputs import ACTIVATION_DTYPES, INDEX_DTYPES
 from torch_moe_ops.testing import sqnr_db
 
 from ._layer import CONFIGS, NAME, QUANT, E, H, K, _loaded, _x
@@ -171,10 +172,18 @@ def test_eager_calls_skip_the_checks_only_when_they_would_pass(monkeypatch, quan
     monkeypatch.setattr(layer, "_check_input", lambda h: ran.append(h))
     layer(x, g)
     assert ran == [], "a valid call ran the checks"
-    assert layer._inputs_pass(x.float(), g) is (quant is not None) and layer._inputs_pass(x, g.float())
+    logits = lambda r: (r, E, ACTIVATION_DTYPES)  # noqa: E731
+    assert layer._inputs_pass(x.float(), logits(g)) is (quant is not None) and layer._inputs_pass(x, logits(g.float()))
     bad = [(x[0, 0], g[0, 0]), (x, g[..., :-1]), (x[..., :-1], g), (x, g[:1]), (x[None], g), (x, g.long()),
            (x.double(), g), (x.tolist(), g), (x, None)]
     for h, r in bad:
-        assert not layer._inputs_pass(h, r), (getattr(h, "shape", h), getattr(r, "shape", r))
+        assert not layer._inputs_pass(h, logits(r)), (getattr(h, "shape", h), getattr(r, "shape", r))
+    tw, ids = layer.select_experts(g)  # forward_experts: the same, with topk_weights [..., k] and topk_ids
+    layer.forward_experts(x, tw, ids)
+    assert ran == [], "a valid forward_experts call ran the checks"
+    args = lambda w, i: ((w, w.shape[-1], ACTIVATION_DTYPES), (i, w.shape[-1], INDEX_DTYPES))  # noqa: E731
+    assert layer._inputs_pass(x, *args(tw, ids)) and layer._inputs_pass(x, *args(tw, ids.long()))
+    for w, i in [(tw, ids[..., :-1]), (tw[:1], ids[:1]), (tw.long(), ids), (tw, ids.float()), (tw, ids.short())]:
+        assert not layer._inputs_pass(x, *args(w, i)), (w.shape, w.dtype, i.shape, i.dtype)
     layer.reset_parameters()  # a fresh load: forward refuses until the weights are loaded again
-    assert not layer._inputs_pass(x, g)
+    assert not layer._inputs_pass(x, (g, E, ACTIVATION_DTYPES))

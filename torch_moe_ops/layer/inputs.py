@@ -90,4 +90,4 @@ def restore(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out if like.dim() <= 2 else out.reshape(*like.shape[:-1], out.shape[-1])
 
 
-__all__ = ["ACTIVATION_DTYPES", "check_hidden", "check_like", "restore", "tokens"]
+__all__ = ["ACTIVATION_DTYPES", "INDEX_DTYPES", "check_hidden", "check_like", "restore", "tokens"]

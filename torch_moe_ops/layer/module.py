@@ -21,7 +21,7 @@ from ..distributed.placement import map_logical_to_physical
 from ..errors import LoadError
 from . import storage, tables, training, weights
 from .calls import FUSED_EXPERTS, FUSED_MOE, TOPK_ROUTE, op
-from .inputs import ACTIVATION_DTYPES, check_hidden, check_like, restore, tokens
+from .inputs import ACTIVATION_DTYPES, INDEX_DTYPES, check_hidden, check_like, restore, tokens
 from .loading import Piece, WeightLoader
 from .spec import make_spec
 
@@ -31,13 +31,18 @@ def _fact(name: str) -> property:
     return property(lambda self: getattr(self.spec, name))
 
 
-def spec_keywords(s) -> dict:
-    """The keywords of the layer's ``fused_moe`` call that its spec fixes."""
-    return dict(renormalize=s.renormalize, scoring_func=s.scoring_func, num_expert_group=s.num_expert_group,
-                topk_group=s.topk_group, routed_scaling_factor=s.routed_scaling_factor, activation=s.activation,
-                quant_scheme=s.quant_scheme, block_shape=s.block_shape, expert_map=None,
+def experts_keywords(s) -> dict:
+    """The keywords of the layer's ``fused_experts`` call that its spec fixes."""
+    return dict(activation=s.activation, quant_scheme=s.quant_scheme, block_shape=s.block_shape,
                 apply_router_weight_on_input=s.apply_router_weight_on_input, activation_alpha=s.activation_alpha,
                 activation_limit=s.activation_limit)
+
+
+def spec_keywords(s) -> dict:
+    """The keywords of the layer's ``fused_moe`` call that its spec fixes: the routing's, then the experts'."""
+    return dict(renormalize=s.renormalize, scoring_func=s.scoring_func, num_expert_group=s.num_expert_group,
+                topk_group=s.topk_group, routed_scaling_factor=s.routed_scaling_factor, expert_map=None,
+                **experts_keywords(s))
 
 
 class FusedMoE(nn.Module):
@@ -141,7 +146,7 @@ class FusedMoE(nn.Module):
         output is added. Inside, every token tensor is flattened to [T, ...] (a reshape, no host sync)."""
         s = self.spec
         eager = not torch.compiler.is_compiling()
-        if not (eager and self._inputs_pass(hidden_states, router_logits)):  # the checks that say what is wrong
+        if not (eager and self._inputs_pass(hidden_states, (router_logits, s.num_experts, ACTIVATION_DTYPES))):
             self._check_ready()
             self._check_input(hidden_states)
             check_like(self._where, router_logits, "router_logits", hidden_states, s.num_experts,
@@ -157,7 +162,7 @@ class FusedMoE(nn.Module):
                 x, logits, p["w13_weight"], p["w2_weight"], s.top_k,
                 e_score_correction_bias=p["e_score_correction_bias"], w13_scale=p["w13_weight_scale"],
                 w2_scale=p["w2_weight_scale"], w13_bias=p["w13_bias"], w2_bias=p["w2_bias"],
-                batch_invariant=self.invariant(), **self._spec_keywords())
+                batch_invariant=self.invariant(), **self._keywords()[0])
         else:  # routing and experts in one op
             out = op(FUSED_MOE)(
                 x, logits, self.w13_weight, self.w2_weight, s.top_k,
@@ -186,36 +191,44 @@ class FusedMoE(nn.Module):
                         topk_ids: torch.Tensor) -> torch.Tensor:
         """The modular form: hidden_states [..., H], topk_weights [..., k], topk_ids [..., k] (same leading
         dims) -> [..., H] (no routing and no shared experts). With ``parallel``, ``topk_ids`` are logical ids."""
-        self._check_ready()
-        self._check_input(hidden_states)
-        check_like(self._where, topk_weights, "topk_weights", hidden_states, None, "k")
-        check_like(self._where, topk_ids, "topk_ids", hidden_states, topk_weights.shape[-1],
-                   f"k={topk_weights.shape[-1]} (like topk_weights)")
+        eager = not torch.compiler.is_compiling()
+        k = topk_weights.shape[-1] if eager and isinstance(topk_weights, torch.Tensor) and topk_weights.dim() else None
+        if k is None or not self._inputs_pass(
+                hidden_states, (topk_weights, k, ACTIVATION_DTYPES), (topk_ids, k, INDEX_DTYPES)):
+            self._check_ready()
+            self._check_input(hidden_states)
+            check_like(self._where, topk_weights, "topk_weights", hidden_states, None, "k")
+            check_like(self._where, topk_ids, "topk_ids", hidden_states, topk_weights.shape[-1],
+                       f"k={topk_weights.shape[-1]} (like topk_weights)")
         x, tw, ids = tokens(hidden_states), tokens(topk_weights), tokens(topk_ids)
         if self.spec.parallel is not None:
             return restore(self._parallel_experts(x, tw, ids), hidden_states)
         return restore(self._run_experts(x, tw, ids), hidden_states)
 
-    def _inputs_pass(self, x, logits) -> bool:
-        """Eager: True when every check of ``forward`` is sure to pass (a ready layer, ``x`` [..., H] in a dtype the
-        layer takes, ``logits`` [..., E] with x's leading dims in a float dtype), read in ~1 µs where the checks take
-        ~13 (CI CPU, session 18). False sends the call through the checks, which raise naming what is wrong."""
+    def _inputs_pass(self, x, *others) -> bool:
+        """Eager: True when every input check of ``forward`` / ``forward_experts`` is sure to pass (a ready layer,
+        ``x`` [..., H] in a dtype the layer takes, each of ``others`` — (tensor, its last size, its dtypes) — with
+        x's leading dims), read in ~1 µs where the checks take ~13 (CI CPU, session 18). False sends the call
+        through the checks, which raise naming what is wrong."""
         w13 = self._parameters["w13_weight"]
-        if (not isinstance(x, torch.Tensor) or not isinstance(logits, torch.Tensor) or w13.is_meta
-                or not self.loader.streamer.ready):
+        if not isinstance(x, torch.Tensor) or w13.is_meta or not self.loader.streamer.ready:
             return False
         s, shape = self.spec, x.shape
-        if (len(shape) < 2 or shape[-1] != s.hidden_size or logits.shape[:-1] != shape[:-1]
-                or logits.shape[-1] != s.num_experts or logits.dtype not in ACTIVATION_DTYPES):
+        if len(shape) < 2 or shape[-1] != s.hidden_size:
             return False
+        for t, last, dtypes in others:
+            if (not isinstance(t, torch.Tensor) or t.shape[:-1] != shape[:-1] or t.shape[-1] != last
+                    or t.dtype not in dtypes):
+                return False
         return x.dtype == w13.dtype if s.quant_config is None else x.dtype in ACTIVATION_DTYPES
 
-    def _spec_keywords(self) -> dict:
-        """``spec_keywords(self.spec)``, made once per spec object (eager only: Dynamo would see an attribute
-        written in forward)."""
-        cached = self.__dict__.get("_spec_keywords_cache")
+    def _keywords(self) -> tuple[dict, dict]:
+        """(``spec_keywords``, ``experts_keywords``) of ``self.spec``, made once per spec object (eager only: Dynamo
+        would see an attribute written in forward)."""
+        cached = self.__dict__.get("_keywords_cache")
         if cached is None or cached[0] is not self.spec:
-            cached = self.__dict__["_spec_keywords_cache"] = (self.spec, spec_keywords(self.spec))
+            s = self.spec
+            cached = self.__dict__["_keywords_cache"] = (s, (spec_keywords(s), experts_keywords(s)))
         return cached[1]
 
     def _check_input(self, hidden_states) -> None:
@@ -236,12 +249,16 @@ class FusedMoE(nn.Module):
         s = self.spec
         if training.saving(s.save_activations):
             return training.run_experts_saving(self, x, topk_weights, topk_ids)
+        if not torch.compiler.is_compiling():  # as in forward: tensors from _parameters, the keywords cached
+            p = self._parameters
+            return FUSED_EXPERTS.eager(
+                x, p["w13_weight"], p["w2_weight"], topk_weights, topk_ids, w13_scale=p["w13_weight_scale"],
+                w2_scale=p["w2_weight_scale"], w13_bias=p["w13_bias"], w2_bias=p["w2_bias"],
+                expert_map=self._buffers["expert_map"], batch_invariant=self.invariant(), **self._keywords()[1])
         return op(FUSED_EXPERTS)(
-            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, activation=s.activation,
-            quant_scheme=s.quant_scheme, w13_scale=self.w13_weight_scale, w2_scale=self.w2_weight_scale,
-            w13_bias=self.w13_bias, w2_bias=self.w2_bias, block_shape=s.block_shape, expert_map=self.expert_map,
-            apply_router_weight_on_input=s.apply_router_weight_on_input, activation_alpha=s.activation_alpha,
-            activation_limit=s.activation_limit, batch_invariant=self.invariant())
+            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, w13_scale=self.w13_weight_scale,
+            w2_scale=self.w2_weight_scale, w13_bias=self.w13_bias, w2_bias=self.w2_bias, expert_map=self.expert_map,
+            batch_invariant=self.invariant(), **experts_keywords(s))
 
     def _parallel_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Logical routing -> an EPLB replica per pair (counted in ``expert_load``) -> dispatch, experts, combine."""
