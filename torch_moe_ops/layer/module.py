@@ -156,19 +156,13 @@ class FusedMoE(nn.Module):
             out = self._parallel_experts(x, *self.select_experts(logits))
         elif training.saving(s.save_activations):  # route, then the experts keeping GEMM1's output
             out = training.run_experts_saving(self, x, *self.select_experts(logits))
-        elif eager:  # the same call, its tensors read from _parameters and the spec's keywords cached
+        else:  # routing and experts in one op (tensors from _parameters: an nn.Module attribute costs ~1 µs eager)
             p = self._parameters
-            out = FUSED_MOE.eager(
+            out = op(FUSED_MOE)(
                 x, logits, p["w13_weight"], p["w2_weight"], s.top_k,
                 e_score_correction_bias=p["e_score_correction_bias"], w13_scale=p["w13_weight_scale"],
                 w2_scale=p["w2_weight_scale"], w13_bias=p["w13_bias"], w2_bias=p["w2_bias"],
-                batch_invariant=self.invariant(), **self._keywords()[0])
-        else:  # routing and experts in one op
-            out = op(FUSED_MOE)(
-                x, logits, self.w13_weight, self.w2_weight, s.top_k,
-                e_score_correction_bias=self.e_score_correction_bias, w13_scale=self.w13_weight_scale,
-                w2_scale=self.w2_weight_scale, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
-                batch_invariant=self.invariant(), **spec_keywords(s))
+                batch_invariant=self.invariant(), **self._keywords(eager)[0])
         out = restore(out, hidden_states)
         if self.shared_experts is not None:
             if shared_experts_input is None:
@@ -222,12 +216,14 @@ class FusedMoE(nn.Module):
                 return False
         return x.dtype == w13.dtype if s.quant_config is None else x.dtype in ACTIVATION_DTYPES
 
-    def _keywords(self) -> tuple[dict, dict]:
-        """(``spec_keywords``, ``experts_keywords``) of ``self.spec``, made once per spec object (eager only: Dynamo
-        would see an attribute written in forward)."""
+    def _keywords(self, eager: bool) -> tuple[dict, dict]:
+        """(``spec_keywords``, ``experts_keywords``) of ``self.spec``; in eager made once per spec object (not under
+        Dynamo, which would see an attribute written in forward)."""
+        s = self.spec
+        if not eager:
+            return spec_keywords(s), experts_keywords(s)
         cached = self.__dict__.get("_keywords_cache")
-        if cached is None or cached[0] is not self.spec:
-            s = self.spec
+        if cached is None or cached[0] is not s:
             cached = self.__dict__["_keywords_cache"] = (s, (spec_keywords(s), experts_keywords(s)))
         return cached[1]
 
@@ -249,16 +245,12 @@ class FusedMoE(nn.Module):
         s = self.spec
         if training.saving(s.save_activations):
             return training.run_experts_saving(self, x, topk_weights, topk_ids)
-        if not torch.compiler.is_compiling():  # as in forward: tensors from _parameters, the keywords cached
-            p = self._parameters
-            return FUSED_EXPERTS.eager(
-                x, p["w13_weight"], p["w2_weight"], topk_weights, topk_ids, w13_scale=p["w13_weight_scale"],
-                w2_scale=p["w2_weight_scale"], w13_bias=p["w13_bias"], w2_bias=p["w2_bias"],
-                expert_map=self._buffers["expert_map"], batch_invariant=self.invariant(), **self._keywords()[1])
+        p = self._parameters  # (as in forward)
         return op(FUSED_EXPERTS)(
-            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, w13_scale=self.w13_weight_scale,
-            w2_scale=self.w2_weight_scale, w13_bias=self.w13_bias, w2_bias=self.w2_bias, expert_map=self.expert_map,
-            batch_invariant=self.invariant(), **experts_keywords(s))
+            x, p["w13_weight"], p["w2_weight"], topk_weights, topk_ids, w13_scale=p["w13_weight_scale"],
+            w2_scale=p["w2_weight_scale"], w13_bias=p["w13_bias"], w2_bias=p["w2_bias"],
+            expert_map=self._buffers["expert_map"], batch_invariant=self.invariant(),
+            **self._keywords(not torch.compiler.is_compiling())[1])
 
     def _parallel_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Logical routing -> an EPLB replica per pair (counted in ``expert_load``) -> dispatch, experts, combine."""
