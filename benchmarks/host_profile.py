@@ -31,6 +31,7 @@ from torch_moe_ops._platform import getenv
 from torch_moe_ops.ops.fused_moe import FUSED_MOE, MOE_SCHEMA, PLANS, _sig
 
 E, K, H, I = 128, 8, 2048, 768
+SMALL = (8, 2, 64, 32)  # (E, k, H, I) of runs that time only the Python or only exercise the code
 
 
 def per_call_us(fn, calls=50, repeats=9, sync=lambda: None) -> float:
@@ -83,7 +84,7 @@ def dispatcher_floors(device: str) -> dict:
     return row
 
 
-def python_above_the_op(device: str, dims=(8, 2, 64, 32)) -> tuple[float, float | None]:
+def python_above_the_op(device: str, dims=SMALL) -> tuple[float, float | None]:
     """Host µs a T = 1 call spends above the op (sizes do not matter; small ones here): ``FusedMoE.forward``
     (bf16), and the transformers block that ``patch`` makes of a Qwen3-MoE layer (its router, hooks, the layer;
     None without transformers), each with the op's kernel replaced by one returning a preallocated tensor (the
@@ -302,7 +303,7 @@ def main() -> None:
         op_args(torch.empty(1, H), torch.empty(1, E), w, w, {})  # replay_split's arguments (CUDA-only otherwise)
     for mode, scheme, T in cases:
         try:
-            row = compiled_split(scheme, T, mode, device, (E, K, H, I) if device == "cuda" else (8, 2, 64, 32))
+            row = compiled_split(scheme, T, mode, device, (E, K, H, I) if device == "cuda" else SMALL)
         except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest of the profile
             row = {"mode": mode, "scheme": scheme, "T": T, "error": repr(exc)[:500],
                    "traceback": traceback.format_exc()[-3000:]}
